@@ -1,0 +1,198 @@
+import { randomUUID } from 'node:crypto';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import {
+  checkSpecFiles,
+  launchVm,
+  probeInstallation,
+  validateSpec,
+  waitForProcessExit,
+  LaunchError,
+  type Installation,
+  type LaunchedVm,
+} from '../launcher/index.js';
+import type { QmpEvent } from '../qmp/index.js';
+import { CliError } from './errors.js';
+import { followFile } from './follow.js';
+import type { Reporter } from './output.js';
+
+export interface RunOptions {
+  specPath: string;
+  installation: Installation;
+  cacheDir: string;
+  /** Seconds the guest gets to power off after the first Ctrl-C. */
+  timeoutSec: number;
+  /** Keep the VM's files here instead of a temporary folder that is removed at the end. */
+  stateDir?: string;
+}
+
+/** What the run command needs from the process: its signals, swappable in tests. */
+export interface RunContext {
+  reporter: Reporter;
+  onSignal(listener: (signal: NodeJS.Signals) => void): () => void;
+}
+
+export const EXIT_CLEAN = 0;
+export const EXIT_FAILED = 1;
+/** The guest did not power off within the timeout and QEMU was quit. */
+export const EXIT_POWEROFF_TIMEOUT = 3;
+/** A second Ctrl-C quit QEMU without waiting for the guest. */
+export const EXIT_FORCED = 130;
+
+const QUIT_EXIT_TIMEOUT_MS = 10_000;
+
+/** Reads and validates a spec file; every problem is reported with its field and fix. */
+export async function loadSpecFile(path: string) {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (cause) {
+    throw new CliError('SPEC_UNREADABLE', `cannot read spec file ${path}: ${(cause as Error).message}`, { cause });
+  }
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch (cause) {
+    throw new CliError(
+      'SPEC_NOT_JSON',
+      `spec file ${path} is not valid JSON (${(cause as Error).message}); fix the file, e.g. check it with: node -e 'JSON.parse(require("fs").readFileSync("${path}","utf8"))'`,
+      { cause },
+    );
+  }
+  const spec = validateSpec(parsed);
+  await checkSpecFiles(spec);
+  return spec;
+}
+
+/**
+ * `vmkeep run`: one VM as a child of this command, with its console on stdout. It ends when
+ * the guest powers off; the first signal asks the guest to power off (ACPI), the second quits
+ * QEMU at once. Resolves to the exit code.
+ */
+export async function runVm(options: RunOptions, ctx: RunContext): Promise<number> {
+  const { reporter } = ctx;
+  const spec = await loadSpecFile(options.specPath);
+
+  reporter.progress(`probing ${options.installation.binary}`);
+  const info = await probeInstallation(options.installation, { cacheDir: options.cacheDir });
+
+  const ownStateDir = options.stateDir === undefined;
+  const stateDir = options.stateDir ?? (await mkdtemp(join(tmpdir(), `vmkeep-run-${spec.name}-`)));
+  await mkdir(stateDir, { recursive: true, mode: 0o700 });
+  const paths = {
+    qmpSocket: join(stateDir, 'qmp.sock'),
+    serialLog: join(stateDir, 'serial.log'),
+    stderrLog: join(stateDir, 'qemu.log'),
+  };
+  // The console is followed from its first byte; QEMU opens the same file when it starts.
+  await writeFile(paths.serialLog, '');
+  const follower = await followFile(paths.serialLog, (line) => reporter.console(line));
+
+  let vm: LaunchedVm | undefined;
+  try {
+    const startedAt = performance.now();
+    reporter.progress(`starting ${spec.name} on QEMU ${info.version}`);
+    vm = await launchVm({
+      spec,
+      uuid: spec.uuid ?? randomUUID(),
+      installation: options.installation,
+      info,
+      paths,
+    });
+    reporter.notice(
+      `${spec.name} running: pid ${vm.pid}, machine ${vm.machineType}, ready in ${Math.round(performance.now() - startedAt)} ms; Ctrl-C powers the guest off`,
+      { vm: spec.name, pid: vm.pid, machineType: vm.machineType, stateDir },
+    );
+    return await superviseUntilEnd(vm, options, ctx);
+  } catch (error) {
+    if (vm !== undefined) await vm.qmp.quit().catch(() => undefined);
+    throw error;
+  } finally {
+    if (vm !== undefined) {
+      await waitForProcessExit(vm.pid, vm.startTime, QUIT_EXIT_TIMEOUT_MS).catch((error: unknown) => {
+        reporter.notice(`QEMU pid ${vm!.pid} did not exit: ${(error as Error).message}`);
+      });
+      vm.qmp.close();
+    }
+    await follower.stop();
+    if (ownStateDir) await rm(stateDir, { recursive: true, force: true });
+  }
+}
+
+type Ending =
+  | { kind: 'guest-shutdown'; event: QmpEvent }
+  | { kind: 'qemu-gone'; reason: string }
+  | { kind: 'timeout' }
+  | { kind: 'forced' };
+
+function assertNever(value: never): never {
+  throw new Error(`unhandled case ${JSON.stringify(value)}`);
+}
+
+async function superviseUntilEnd(vm: LaunchedVm, options: RunOptions, ctx: RunContext): Promise<number> {
+  const { reporter } = ctx;
+  let signals = 0;
+  let timer: NodeJS.Timeout | undefined;
+  let finish!: (ending: Ending) => void;
+  const ended = new Promise<Ending>((resolve) => (finish = resolve));
+
+  const offEvent = vm.qmp.on('event', (event) => {
+    if (event.event === 'SHUTDOWN') finish({ kind: 'guest-shutdown', event });
+  });
+  const offClose = vm.qmp.on('close', (reason) => finish({ kind: 'qemu-gone', reason: reason.message }));
+  const offSignal = ctx.onSignal((signal) => {
+    signals += 1;
+    if (signals === 1) {
+      reporter.notice(
+        `${signal}: asking the guest to power off (ACPI), waiting up to ${options.timeoutSec} s; repeat to stop QEMU at once`,
+      );
+      vm.qmp.systemPowerdown().catch((error: unknown) => {
+        reporter.notice(`system_powerdown failed: ${(error as Error).message}`);
+      });
+      timer = setTimeout(() => finish({ kind: 'timeout' }), options.timeoutSec * 1000);
+    } else {
+      finish({ kind: 'forced' });
+    }
+  });
+
+  try {
+    const ending = await ended;
+    switch (ending.kind) {
+      case 'guest-shutdown': {
+        const data = (ending.event.data ?? {}) as { guest?: boolean; reason?: string };
+        await vm.qmp.quit();
+        const clean = data.guest === true;
+        reporter.result(
+          { vm: vm.spec.name, outcome: clean ? 'powered-off' : 'shutdown', reason: data.reason ?? 'unknown' },
+          clean ? `${vm.spec.name}: guest powered off cleanly` : `${vm.spec.name}: shut down by the host (${data.reason ?? 'unknown'})`,
+        );
+        return clean ? EXIT_CLEAN : EXIT_FAILED;
+      }
+      case 'timeout':
+        await vm.qmp.quit();
+        reporter.failure(
+          'POWEROFF_TIMEOUT',
+          `the guest did not power off within ${options.timeoutSec} s (does it handle ACPI power-button events?); QEMU was quit. Give it longer with --timeout`,
+        );
+        return EXIT_POWEROFF_TIMEOUT;
+      case 'forced':
+        await vm.qmp.quit();
+        reporter.result({ vm: vm.spec.name, outcome: 'quit' }, `${vm.spec.name}: QEMU quit without waiting for the guest`);
+        return EXIT_FORCED;
+      case 'qemu-gone':
+        reporter.failure('QEMU_GONE', `QEMU exited unexpectedly (${ending.reason}); see its log for the cause`);
+        return EXIT_FAILED;
+      default:
+        return assertNever(ending);
+    }
+  } catch (error) {
+    if (error instanceof LaunchError) throw error;
+    throw new CliError('RUN_FAILED', `running ${vm.spec.name} failed: ${(error as Error).message}`, { cause: error });
+  } finally {
+    if (timer !== undefined) clearTimeout(timer);
+    offEvent();
+    offClose();
+    offSignal();
+  }
+}

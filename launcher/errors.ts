@@ -1,0 +1,33 @@
+export type LaunchErrorCode =
+  | 'INVALID_SPEC'
+  | 'UNKNOWN_MACHINE'
+  | 'FILE_NOT_FOUND'
+  | 'PROBE_FAILED'
+  | 'QEMU_EXITED'
+  | 'SPAWN_FAILED'
+  | 'SCOPE_FAILED'
+  | 'TIMEOUT';
+
+/** One thing wrong with a VM spec: `field` is a path like `disks[1].format`. */
+export interface SpecProblem {
+  field: string;
+  message: string;
+  fix: string;
+}
+
+export class LaunchError extends Error {
+  readonly code: LaunchErrorCode;
+  /** Every problem found in a spec (INVALID_SPEC only; empty otherwise). */
+  readonly problems: readonly SpecProblem[];
+
+  constructor(
+    code: LaunchErrorCode,
+    message: string,
+    options?: { cause?: unknown; problems?: readonly SpecProblem[] },
+  ) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'LaunchError';
+    this.code = code;
+    this.problems = options?.problems ?? [];
+  }
+}

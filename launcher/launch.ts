@@ -1,0 +1,104 @@
+import { connectQmp, type QmpClient } from '../qmp/index.js';
+import { buildQemuCommand, type QemuCommand } from './argv.js';
+import { LaunchError } from './errors.js';
+import { resolveMachineType, type Installation, type InstallationInfo } from './installation.js';
+import { isSameProcess } from './process.js';
+import { spawnQemu } from './spawn.js';
+import type { VmSpec } from './spec.js';
+
+export interface LaunchVmOptions {
+  spec: VmSpec;
+  uuid: string;
+  installation: Installation;
+  /** The installation's probe result (probeInstallation). */
+  info: InstallationInfo;
+  paths: { qmpSocket: string; serialLog: string; stderrLog: string };
+  /** Moves the paused QEMU into its scope before any guest code runs (contract point 1). */
+  placeInScope?: (pid: number) => Promise<void>;
+  /** Leave the guest paused after start (default false: `cont` once everything is in place). */
+  stayPaused?: boolean;
+  /** Start as a migration destination (`-incoming defer`); implies stayPaused. */
+  incoming?: 'defer';
+  /** A machine type already resolved and recorded (a refresh keeps the VM's pinned type). */
+  machineType?: string;
+  qmpTimeoutMs?: number;
+}
+
+export interface LaunchedVm {
+  spec: VmSpec;
+  pid: number;
+  startTime: string;
+  machineType: string;
+  command: QemuCommand;
+  qmp: QmpClient;
+}
+
+const EXIT_POLL_MS = 20;
+
+/**
+ * Starts a VM the safe way: QEMU is spawned paused (-S), placed in its scope, its QMP
+ * monitor connected, and only then told to run guest code. If any step fails, the QEMU we
+ * just started is ended: it never ran guest code, so nothing of the guest is lost.
+ */
+export async function launchVm(options: LaunchVmOptions): Promise<LaunchedVm> {
+  const machineType = options.machineType ?? resolveMachineType(options.spec.machine, options.info.machines);
+  const command = buildQemuCommand({
+    spec: options.spec,
+    uuid: options.uuid,
+    installation: options.installation,
+    machineType,
+    paths: options.paths,
+    startPaused: true,
+    ...(options.incoming === undefined ? {} : { incoming: options.incoming }),
+  });
+  const spawned = await spawnQemu(command, {
+    stderrLog: options.paths.stderrLog,
+    readyPath: options.paths.qmpSocket,
+    ...(options.placeInScope === undefined ? {} : { placeInScope: options.placeInScope }),
+  });
+
+  let qmp: QmpClient | undefined;
+  try {
+    qmp = await connectQmp(options.paths.qmpSocket, {
+      ...(options.qmpTimeoutMs === undefined ? {} : { commandTimeoutMs: options.qmpTimeoutMs }),
+    });
+    if (!options.stayPaused && options.incoming === undefined) await qmp.cont();
+  } catch (cause) {
+    qmp?.close();
+    endUnstartedQemu(spawned.pid, spawned.startTime);
+    throw new LaunchError(
+      'SPAWN_FAILED',
+      `QEMU for ${options.spec.name} started (pid ${spawned.pid}) but its monitor ${options.paths.qmpSocket} did not answer: ${(cause as Error).message}; QEMU was ended before running guest code. See ${options.paths.stderrLog}`,
+      { cause },
+    );
+  }
+  return { spec: options.spec, pid: spawned.pid, startTime: spawned.startTime, machineType, command, qmp };
+}
+
+/** Only for a QEMU that is still paused before its first `cont`: no guest state to lose. */
+function endUnstartedQemu(pid: number, startTime: string): void {
+  if (!isSameProcess(pid, startTime)) return;
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    // already gone
+  }
+}
+
+/**
+ * Resolves once the process (PID + start time) is gone or a zombie; rejects after timeoutMs.
+ * Polls /proc, because the QEMU may not be our child (a restarted daemon adopted it).
+ */
+export function waitForProcessExit(pid: number, startTime: string, timeoutMs: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const deadline = Date.now() + timeoutMs;
+    const check = (): void => {
+      if (!isSameProcess(pid, startTime)) return resolve();
+      if (Date.now() >= deadline) {
+        return reject(new LaunchError('TIMEOUT', `process ${pid} still running after ${timeoutMs} ms`));
+      }
+      setTimeout(check, EXIT_POLL_MS);
+    };
+    check();
+  });
+}

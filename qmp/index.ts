@@ -1,0 +1,26 @@
+// Public door of the qmp component: the QMP client, its error type and message types.
+export { QmpError, isQmpError, type QmpErrorCode, type QmpErrorOptions } from './errors.js';
+export { LineDecoder, DEFAULT_MAX_LINE_BYTES, type LineDecoderOptions } from './framing.js';
+export {
+  QmpClient,
+  DEFAULT_COMMAND_TIMEOUT_MS,
+  DEFAULT_GREETING_TIMEOUT_MS,
+  type ExecuteOptions,
+  type QmpClientOptions,
+  type QmpCloseListener,
+  type QmpEventListener,
+  type WaitForEventOptions,
+} from './client.js';
+export { connectQmp, DEFAULT_CONNECT_TIMEOUT_MS, type ConnectQmpOptions } from './connect.js';
+export type {
+  MigrationCapabilityStatus,
+  MigrationInfo,
+  MigrationStats,
+  MigrationStatus,
+  QmpEvent,
+  QmpGreeting,
+  QmpVersionInfo,
+  QmpVersionTriple,
+  RunState,
+  StatusInfo,
+} from './commands.js';

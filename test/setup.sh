@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Brings a fresh machine (Debian bookworm, root) to the point where vmkeep's demo and test
+# suite can run: apt packages, node modules, a build, and the tiny guest image.
+# Idempotent: each step is skipped when its result is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+apt_packages=(qemu-system-x86 qemu-utils busybox-static dbus systemd util-linux iproute2 curl)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    log "missing apt packages: ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}"
+    exit 1
+  fi
+  log "installing apt packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# npm ci only when the lock file changed since the last install.
+stamp=node_modules/.vmkeep-lock-stamp
+if [ ! -f "$stamp" ] || ! cmp -s package-lock.json "$stamp"; then
+  log "installing node modules (npm ci)"
+  npm ci --no-audit --no-fund --loglevel=error
+  cp package-lock.json "$stamp"
+fi
+
+log "building (tsc)"
+npm run --silent build
+
+log "tiny guest image"
+bash test/guest/build-guest.sh >/dev/null

@@ -1,0 +1,93 @@
+// The tiny test guest (see test/guest/build-guest.sh) and helpers to watch its serial console.
+import { accessSync, constants, readFileSync } from 'node:fs';
+import { readFile, stat } from 'node:fs/promises';
+import { delimiter, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { execa } from 'execa';
+
+export interface GuestImage {
+  kernel: string;
+  initrd: string;
+  /** Kernel command line: console on the first serial port, reboot at once on panic. */
+  append: string;
+}
+
+export const GUEST_APPEND = 'console=ttyS0 quiet panic=-1';
+
+const BUILD_SCRIPT = fileURLToPath(new URL('../guest/build-guest.sh', import.meta.url));
+const POLL_MS = 25;
+
+let image: Promise<GuestImage> | undefined;
+
+/** Builds the guest on first use (cached on disk by kernel version); once per process. */
+export function ensureGuestImage(): Promise<GuestImage> {
+  image ??= buildGuest().catch((err: unknown) => {
+    image = undefined;
+    throw err;
+  });
+  return image;
+}
+
+async function buildGuest(): Promise<GuestImage> {
+  const result = await execa('bash', [BUILD_SCRIPT], { reject: false, stdin: 'ignore' });
+  const dir = result.stdout.trim().split('\n').at(-1) ?? '';
+  if (result.exitCode !== 0 || !dir.startsWith('/')) {
+    throw new Error(`building the test guest with ${BUILD_SCRIPT} failed (exit ${String(result.exitCode)}):\n${result.stderr}`);
+  }
+  return { kernel: join(dir, 'vmlinuz'), initrd: join(dir, 'initramfs.gz'), append: GUEST_APPEND };
+}
+
+/** The absolute path of qemu-system-x86_64; integration tests fail (never skip) without it. */
+export function requireQemu(): string {
+  const dirs = (process.env.PATH ?? '').split(delimiter).concat(['/usr/bin', '/usr/local/bin']);
+  for (const dir of dirs) {
+    if (dir === '') continue;
+    const candidate = join(dir, 'qemu-system-x86_64');
+    try {
+      accessSync(candidate, constants.X_OK);
+      return candidate;
+    } catch {
+      // not in this folder
+    }
+  }
+  throw new Error('qemu-system-x86_64 not found: apt-get install qemu-system-x86');
+}
+
+/**
+ * Waits until the serial log contains `pattern`; resolves with the matched text.
+ * Rejects after `timeoutMs` naming the file, the pattern and the last lines seen.
+ */
+export async function waitForSerial(logPath: string, pattern: RegExp | string, timeoutMs: number): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  // A /g or /y pattern would resume from its lastIndex on every poll.
+  const re = typeof pattern === 'string' ? undefined : new RegExp(pattern.source, pattern.flags.replace(/[gy]/g, ''));
+  let lastSize = -1;
+  let text = '';
+  for (;;) {
+    const size = await stat(logPath).then((s) => s.size, () => -1);
+    if (size !== lastSize) {
+      lastSize = size;
+      text = size < 0 ? '' : await readFile(logPath, 'utf8').catch(() => '');
+      const found = re === undefined ? (text.includes(pattern as string) ? (pattern as string) : undefined) : re.exec(text)?.[0];
+      if (found !== undefined) return found;
+    }
+    if (Date.now() >= deadline) {
+      const seen = lastSize < 0 ? '(the file does not exist)' : text.trimEnd().split('\n').slice(-10).join('\n') || '(the file is empty)';
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${String(pattern)} in serial log ${logPath}; last lines:\n${seen}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+  }
+}
+
+/** The highest `GUEST TICK n` in the serial log (0 when there is none yet). */
+export function countTicks(logPath: string): number {
+  let text: string;
+  try {
+    text = readFileSync(logPath, 'utf8');
+  } catch {
+    return 0;
+  }
+  let highest = 0;
+  for (const m of text.matchAll(/GUEST TICK (\d+)/g)) highest = Math.max(highest, Number(m[1]));
+  return highest;
+}

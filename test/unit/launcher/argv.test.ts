@@ -1,0 +1,97 @@
+import { describe, expect, it } from 'vitest';
+import { buildQemuCommand, escapeQemuOptValue, validateSpec, type Installation } from '../../../launcher/index.js';
+
+const UUID = '123e4567-e89b-12d3-a456-426614174000';
+const system: Installation = { name: 'system', binary: '/usr/bin/qemu-system-x86_64', firmwareDirs: [] };
+const paths = { qmpSocket: '/run/vmkeep/vm1/qmp.sock', serialLog: '/var/log/vmkeep/vm1.serial' };
+
+describe('buildQemuCommand', () => {
+  it('builds the exact command line of a kernel spec', () => {
+    const spec = validateSpec({ name: 'vm1', kernel: '/g/vmlinuz', initrd: '/g/initramfs.gz', append: 'console=ttyS0 quiet panic=-1' });
+    expect(buildQemuCommand({ spec, uuid: UUID, installation: system, machineType: 'pc-q35-7.2', paths, startPaused: false })).toEqual({
+      binary: '/usr/bin/qemu-system-x86_64',
+      argv: [
+        '-name', 'guest=vm1',
+        '-uuid', UUID,
+        '-nodefaults', '-no-user-config', '-display', 'none', '-no-shutdown',
+        '-machine', 'pc-q35-7.2,accel=tcg',
+        '-cpu', 'qemu64',
+        '-m', '256',
+        '-smp', '1',
+        '-qmp', 'unix:/run/vmkeep/vm1/qmp.sock,server=on,wait=off',
+        '-serial', 'file:/var/log/vmkeep/vm1.serial',
+        '-kernel', '/g/vmlinuz',
+        '-initrd', '/g/initramfs.gz',
+        '-append', 'console=ttyS0 quiet panic=-1',
+      ],
+      env: {},
+    });
+  });
+
+  it('builds the exact command line of a disk spec on a relocated installation', () => {
+    const spec = validateSpec({
+      name: 'db', memoryMiB: 2048, vcpus: 2, accel: 'kvm', cpu: 'host',
+      disks: [{ path: '/vm/root.qcow2', format: 'qcow2' }, { path: '/vm/seed.img', format: 'raw', readOnly: true }],
+    });
+    const installation: Installation = {
+      name: 'snap', binary: '/snap/vmkeep/12/usr/bin/qemu-system-x86_64', moduleDir: '/snap/vmkeep/12/usr/lib/qemu',
+      firmwareDirs: ['/snap/vmkeep/12/usr/share/qemu', '/snap/vmkeep/12/usr/share/seabios'],
+    };
+    expect(buildQemuCommand({ spec, uuid: UUID, installation, machineType: 'pc-i440fx-7.2', paths, startPaused: true, incoming: 'defer' })).toEqual({
+      binary: '/snap/vmkeep/12/usr/bin/qemu-system-x86_64',
+      argv: [
+        '-name', 'guest=db',
+        '-uuid', UUID,
+        '-nodefaults', '-no-user-config', '-display', 'none', '-no-shutdown',
+        '-machine', 'pc-i440fx-7.2,accel=kvm',
+        '-cpu', 'host',
+        '-m', '2048',
+        '-smp', '2',
+        '-qmp', 'unix:/run/vmkeep/vm1/qmp.sock,server=on,wait=off',
+        '-serial', 'file:/var/log/vmkeep/vm1.serial',
+        '-L', '/snap/vmkeep/12/usr/share/qemu',
+        '-L', '/snap/vmkeep/12/usr/share/seabios',
+        '-drive', 'file=/vm/root.qcow2,format=qcow2,if=virtio',
+        '-drive', 'file=/vm/seed.img,format=raw,if=virtio,readonly=on',
+        '-S',
+        '-incoming', 'defer',
+      ],
+      env: { QEMU_MODULE_DIR: '/snap/vmkeep/12/usr/lib/qemu' },
+    });
+  });
+
+  it('escapes commas where QEMU parses option lists, and only there', () => {
+    // Checked against QEMU 7.2: -qmp unix: and -drive file= split on ",", -serial file:,
+    // -kernel, -initrd and -L take the path verbatim.
+    const spec = validateSpec({ name: 'c', kernel: '/a,b/k', initrd: '/a,b/i', disks: [{ path: '/a,b/d,,.img', format: 'raw' }] });
+    const { argv } = buildQemuCommand({
+      spec, uuid: UUID, installation: { ...system, firmwareDirs: ['/fw,1'] }, machineType: 'pc-q35-7.2',
+      paths: { qmpSocket: '/run/a,b/qmp.sock', serialLog: '/log/a,b.serial' }, startPaused: false,
+    });
+    const after = (flag: string): string | undefined => argv[argv.indexOf(flag) + 1];
+    expect(after('-qmp')).toBe('unix:/run/a,,b/qmp.sock,server=on,wait=off');
+    expect(after('-drive')).toBe('file=/a,,b/d,,,,.img,format=raw,if=virtio');
+    expect(after('-serial')).toBe('file:/log/a,b.serial');
+    expect(after('-kernel')).toBe('/a,b/k');
+    expect(after('-initrd')).toBe('/a,b/i');
+    expect(after('-L')).toBe('/fw,1');
+    expect(escapeQemuOptValue('a,b,,c')).toBe('a,,b,,,,c');
+  });
+
+  it('adds -S and -incoming only when asked', () => {
+    const spec = validateSpec({ name: 'p', kernel: '/k' });
+    const base = { spec, uuid: UUID, installation: system, machineType: 'pc-q35-7.2', paths };
+    const plain = buildQemuCommand({ ...base, startPaused: false }).argv;
+    expect(plain).not.toContain('-S');
+    expect(plain).not.toContain('-incoming');
+    expect(buildQemuCommand({ ...base, startPaused: true }).argv.slice(-1)).toEqual(['-S']);
+    expect(buildQemuCommand({ ...base, startPaused: false, incoming: 'defer' }).argv.slice(-2)).toEqual(['-incoming', 'defer']);
+  });
+
+  it('refuses a malformed uuid or machine type instead of passing it to QEMU', () => {
+    const spec = validateSpec({ name: 'p', kernel: '/k' });
+    const base = { spec, installation: system, paths, startPaused: false };
+    expect(() => buildQemuCommand({ ...base, uuid: 'nope', machineType: 'pc-q35-7.2' })).toThrow(expect.objectContaining({ code: 'INVALID_SPEC' }));
+    expect(() => buildQemuCommand({ ...base, uuid: UUID, machineType: 'q35,accel=kvm' })).toThrow(/machine/);
+  });
+});
