@@ -4,9 +4,13 @@ import { delimiter, isAbsolute, join, resolve } from 'node:path';
 import type { Writable } from 'node:stream';
 import yargs, { type Argv } from 'yargs';
 import type { Installation } from '../launcher/index.js';
-import { CliError } from './errors.js';
+import { CliError, reportError } from './errors.js';
 import { createReporter } from './output.js';
 import { EXIT_FAILED, runVm } from './run.js';
+import { addVmCommands, type DaemonApi } from './vm-commands.js';
+import { runDaemonCommand } from './daemon-command.js';
+import { DEFAULT_SOCKET_PATH } from '../daemon/index.js';
+import { VERSION } from './version.js';
 
 export interface CliIo {
   stdout: Writable;
@@ -14,9 +18,13 @@ export interface CliIo {
   env: NodeJS.ProcessEnv;
   /** Subscribes to SIGINT/SIGTERM; returns the unsubscribe function. */
   onSignal(listener: (signal: NodeJS.Signals) => void): () => void;
+  /** Makes the control-API client for a socket path; default: an ApiClient on that socket. */
+  createApiClient?: (socketPath: string) => DaemonApi;
 }
 
 const EXIT_USAGE = 2;
+/** Thrown from yargs' fail handler to stop the parse once a usage error is reported. */
+const usageFailed = new Error('usage error (reported)');
 
 /** Finds a program the way a shell would; an absolute or relative path is taken as it is. */
 function findProgram(name: string, env: NodeJS.ProcessEnv): string {
@@ -68,11 +76,11 @@ function installationOptions<T>(y: Argv<T>) {
 /** Runs the vmkeep command line; resolves to the process exit code. */
 export async function main(argv: string[], io: CliIo): Promise<number> {
   let exitCode = 0;
-  const parser = yargs(argv)
+  const base = yargs(argv)
     .scriptName('vmkeep')
     .usage('vmkeep: QEMU virtual machines that survive daemon restarts and package upgrades\n\nUsage: $0 <command> [options]')
     .env('VMKEEP')
-    .option('json', { type: 'boolean', default: false, describe: 'machine-readable output: one JSON object per line' })
+    .option('json', { type: 'boolean', default: false, describe: 'machine-readable output: one JSON document (one per line for streams)' })
     .command(
       'run <spec>',
       'run one VM in the foreground from a spec file (no daemon); Ctrl-C powers the guest off, a second Ctrl-C quits QEMU',
@@ -88,10 +96,8 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
             type: 'string',
             describe: "keep the VM's socket, console and QEMU log here (default: a temporary folder, removed at the end)",
           })
-          .check((a) => {
-            if (!Number.isFinite(a.timeout) || a.timeout <= 0) throw new Error('--timeout must be a positive number of seconds');
-            return true;
-          })
+          // A returned message (not a throw) is what yargs treats as a usage error: exit 2.
+          .check((a) => (Number.isFinite(a.timeout) && a.timeout > 0 ? true : '--timeout must be a positive number of seconds'))
           .example('$0 run vm.json', 'boot the VM described in vm.json and show its console')
           .example('$0 run vm.json --json', 'the same, with progress and console lines as JSON'),
       async (a) => {
@@ -114,10 +120,73 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
             { reporter, onSignal: io.onSignal },
           );
         } catch (error) {
-          exitCode = reportError(error, reporter.failure);
+          reportError(error, reporter.failure);
+          exitCode = EXIT_FAILED;
         }
       },
-    )
+    );
+  base.command(
+    'daemon',
+    'run vmkeepd in the foreground (what the vmkeepd service runs); its VMs live in their own scopes and outlive it',
+    (y) =>
+      installationOptions(y)
+        .option('state-dir', {
+          type: 'string',
+          default: io.env.VMKEEP_STATE_DIR ?? (io.env.SNAP_COMMON ? join(io.env.SNAP_COMMON, 'state') : '/var/lib/vmkeep'),
+          defaultDescription: '$SNAP_COMMON/state under a snap, else /var/lib/vmkeep',
+          describe: 'durable records of the VMs (env VMKEEP_STATE_DIR)',
+        })
+        .option('runtime-dir', {
+          type: 'string',
+          default: io.env.VMKEEP_RUNTIME_DIR ?? '/run/vmkeep',
+          describe: 'QMP sockets, consoles and QEMU logs (env VMKEEP_RUNTIME_DIR)',
+        })
+        .option('socket', {
+          type: 'string',
+          default: io.env.VMKEEP_SOCKET ?? DEFAULT_SOCKET_PATH,
+          describe: 'control socket to serve (env VMKEEP_SOCKET)',
+        })
+        .option('socket-group', { type: 'string', describe: 'group allowed to use the control socket (mode 0660)' })
+        .option('slice', { type: 'string', default: 'vmkeep.slice', describe: 'systemd slice of the VM scopes, e.g. machine.slice' })
+        .option('scope', {
+          type: 'boolean',
+          default: true,
+          describe: 'put each QEMU in its own systemd scope; --no-scope keeps them in the daemon\'s cgroup, where they DIE with the daemon service',
+        })
+        .option('bus-address', { type: 'string', describe: 'D-Bus address of the system bus (default DBUS_SYSTEM_BUS_ADDRESS or the standard socket)' })
+        .option('log-level', { type: 'string', default: 'info', choices: ['trace', 'debug', 'info', 'warn', 'error'] }),
+    async (a) => {
+      try {
+        const installation: Installation = {
+          name: 'default',
+          binary: findProgram(a.qemu, io.env),
+          firmwareDirs: a.firmwareDir ?? [],
+          ...(a.moduleDir === undefined ? {} : { moduleDir: a.moduleDir }),
+        };
+        exitCode = await runDaemonCommand(
+          {
+            stateDir: a.stateDir,
+            runtimeDir: a.runtimeDir,
+            socket: a.socket,
+            slice: a.slice,
+            scope: a.scope,
+            logLevel: a.logLevel,
+            ...(a.socketGroup === undefined ? {} : { socketGroup: a.socketGroup }),
+            ...(a.busAddress === undefined ? {} : { busAddress: a.busAddress }),
+          },
+          installation,
+          VERSION,
+          io.onSignal,
+        );
+      } catch (error) {
+        reportError(error, createReporter(false, io.stdout, io.stderr).failure);
+        exitCode = EXIT_FAILED;
+      }
+    },
+  );
+
+  const parser = addVmCommands(base, { io, setExitCode: (code) => (exitCode = code) })
+    .completion('completion', 'print the bash/zsh completion script, e.g. vmkeep completion >> ~/.bashrc')
     .demandCommand(1, 'Name a command; see vmkeep --help')
     .strict()
     .recommendCommands()
@@ -127,24 +196,20 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
     .wrap(Math.min(110, (io.stdout as { columns?: number }).columns ?? 100))
     .exitProcess(false)
     .fail((message, error) => {
-      if (error !== undefined && error !== null) throw error;
+      // yargs passes a message for every usage problem (checks included); an error alone is a bug.
+      if (error === usageFailed || (!message && error !== undefined && error !== null)) throw error;
       io.stderr.write(`vmkeep: ${message}\nRun 'vmkeep --help' for usage.\n`);
       exitCode = EXIT_USAGE;
+      // Without a throw yargs goes on to run the command whose check just failed.
+      throw usageFailed;
     });
 
-  await parser.parseAsync(argv, {}, (error, _parsed, output) => {
-    if (output) (error ? io.stderr : io.stdout).write(`${output}\n`);
-  });
-  return exitCode;
-}
-
-/** Every vmkeep error carries a code; anything else is a bug and says so. */
-function reportError(error: unknown, failure: (code: string, message: string) => void): number {
-  const code = error instanceof Error ? (error as Error & { code?: unknown }).code : undefined;
-  if (error instanceof Error && typeof code === 'string') {
-    failure(code, error.message);
-  } else {
-    failure('INTERNAL', `unexpected error (please report it): ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
+  try {
+    await parser.parseAsync(argv, {}, (error, _parsed, output) => {
+      if (output && error !== usageFailed) (error ? io.stderr : io.stdout).write(`${output}\n`);
+    });
+  } catch (error) {
+    if (error !== usageFailed) throw error;
   }
-  return EXIT_FAILED;
+  return exitCode;
 }

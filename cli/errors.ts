@@ -9,3 +9,13 @@ export class CliError extends Error {
     this.code = code;
   }
 }
+
+/** Prints an error as `code + message`; an error without a code is a bug and says so. */
+export function reportError(error: unknown, failure: (code: string, message: string) => void): void {
+  const code = error instanceof Error ? (error as Error & { code?: unknown }).code : undefined;
+  if (error instanceof Error && typeof code === 'string') {
+    failure(code, error.message);
+  } else {
+    failure('INTERNAL', `unexpected error (please report it): ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
+  }
+}

@@ -42,17 +42,16 @@ export const EXIT_FORCED = 130;
 
 const QUIT_EXIT_TIMEOUT_MS = 10_000;
 
-/** Reads and validates a spec file; every problem is reported with its field and fix. */
-export async function loadSpecFile(path: string) {
+/** Reads a spec file as JSON, unvalidated (the daemon validates what `vmkeep create` sends). */
+export async function readSpecJson(path: string): Promise<unknown> {
   let text: string;
   try {
     text = await readFile(path, 'utf8');
   } catch (cause) {
     throw new CliError('SPEC_UNREADABLE', `cannot read spec file ${path}: ${(cause as Error).message}`, { cause });
   }
-  let parsed: unknown;
   try {
-    parsed = JSON.parse(text);
+    return JSON.parse(text);
   } catch (cause) {
     throw new CliError(
       'SPEC_NOT_JSON',
@@ -60,6 +59,11 @@ export async function loadSpecFile(path: string) {
       { cause },
     );
   }
+}
+
+/** Reads and validates a spec file; every problem is reported with its field and fix. */
+export async function loadSpecFile(path: string) {
+  const parsed = await readSpecJson(path);
   const spec = validateSpec(parsed);
   await checkSpecFiles(spec);
   return spec;

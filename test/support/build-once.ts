@@ -1,9 +1,9 @@
 // Vitest global set-up of the integration project: integration tests run vmkeep's compiled
 // programs (the CLI, drivers inside the private systemd), so compile once before any of them.
 import { execa } from 'execa';
-import { fileURLToPath } from 'node:url';
+import { projectRoot } from './paths.js';
 
-const ROOT = fileURLToPath(new URL('../..', import.meta.url));
+const ROOT = projectRoot();
 
 export default async function buildOnce(): Promise<void> {
   const result = await execa('npx', ['tsc', '-p', 'tsconfig.json'], { cwd: ROOT, reject: false, all: true });

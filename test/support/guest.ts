@@ -2,8 +2,8 @@
 import { accessSync, constants, readFileSync } from 'node:fs';
 import { readFile, stat } from 'node:fs/promises';
 import { delimiter, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
+import { projectRoot } from './paths.js';
 
 export interface GuestImage {
   kernel: string;
@@ -14,7 +14,7 @@ export interface GuestImage {
 
 export const GUEST_APPEND = 'console=ttyS0 quiet panic=-1';
 
-const BUILD_SCRIPT = fileURLToPath(new URL('../guest/build-guest.sh', import.meta.url));
+const BUILD_SCRIPT = join(projectRoot(), 'test', 'guest', 'build-guest.sh');
 const POLL_MS = 25;
 
 let image: Promise<GuestImage> | undefined;

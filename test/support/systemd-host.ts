@@ -6,6 +6,7 @@ import { existsSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { mkdir, readFile, readdir, rename, rm, rmdir, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { projectRoot } from './paths.js';
 
 /** Host directory holding one folder (private /run, console log, pid file) and one JSON state per host. */
 export const SYSTEMD_HOST_STATE_ROOT = '/run/vmkeep-testhost';
@@ -152,16 +153,6 @@ function startTimeOf(pid: number): string | null {
 
 function sameProcessAlive(pid: number, start: string | null): boolean {
   return start !== null && startTimeOf(pid) === start;
-}
-
-function projectRoot(): string {
-  let dir = dirname(fileURLToPath(import.meta.url));
-  while (!existsSync(join(dir, 'package.json'))) {
-    const up = dirname(dir);
-    if (up === dir) throw new Error('systemd-host: cannot find the project root (no package.json above this file)');
-    dir = up;
-  }
-  return dir;
 }
 
 async function waitFor<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined> | T | undefined): Promise<T> {

@@ -1,0 +1,57 @@
+import { readFileSync } from 'node:fs';
+import { pino } from 'pino';
+import { startDaemon, type DaemonOptions } from '../daemon/index.js';
+import { CliError } from './errors.js';
+
+export interface DaemonCommandArgs {
+  stateDir: string;
+  runtimeDir: string;
+  socket: string;
+  socketGroup?: string;
+  slice: string;
+  scope: boolean;
+  busAddress?: string;
+  logLevel: string;
+}
+
+/** A group name or number as a gid (reads /etc/group: Node has no getgrnam). */
+export function resolveGroup(group: string, groupFile = '/etc/group'): number {
+  if (/^\d+$/.test(group)) return Number(group);
+  for (const line of readFileSync(groupFile, 'utf8').split('\n')) {
+    const [name, , gid] = line.split(':');
+    if (name === group && gid !== undefined && /^\d+$/.test(gid)) return Number(gid);
+  }
+  throw new CliError('USAGE', `--socket-group ${group}: no such group in ${groupFile}; create it (groupadd ${group}) or give a numeric gid`);
+}
+
+/** Runs vmkeepd in the foreground until SIGINT/SIGTERM; resolves to the exit code. */
+export async function runDaemonCommand(
+  args: DaemonCommandArgs,
+  installation: DaemonOptions['installation'],
+  version: string,
+  onSignal: (listener: (signal: NodeJS.Signals) => void) => () => void,
+): Promise<number> {
+  // JSON lines on stderr: journald keeps them, and jq reads them.
+  const logger = pino({ name: 'vmkeepd', level: args.logLevel }, pino.destination({ fd: 2, sync: true }));
+  const options: DaemonOptions = {
+    stateDir: args.stateDir,
+    runtimeDir: args.runtimeDir,
+    socketPath: args.socket,
+    slice: args.slice,
+    useScopes: args.scope,
+    installation,
+    version,
+    ...(args.busAddress === undefined ? {} : { busAddress: args.busAddress }),
+    ...(args.socketGroup === undefined ? {} : { socketGid: resolveGroup(args.socketGroup) }),
+  };
+  const daemon = await startDaemon(options, logger);
+  const signal = await new Promise<NodeJS.Signals>((resolve) => {
+    const off = onSignal((s) => {
+      off();
+      resolve(s);
+    });
+  });
+  logger.info({ signal }, 'stopping vmkeepd; VMs keep running');
+  await daemon.close();
+  return 0;
+}

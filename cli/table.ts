@@ -1,0 +1,65 @@
+import type { DaemonEvent, VmView } from '../daemon/index.js';
+
+/** Control characters (terminal escapes) from a daemon or guest string are shown, not obeyed. */
+export function printable(text: string): string {
+  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
+}
+
+/** Columns two spaces apart, left-aligned; the last column is not padded. */
+export function formatTable(header: readonly string[], rows: ReadonlyArray<readonly string[]>): string {
+  const all = [header, ...rows].map((row) => row.map(printable));
+  const widths = header.map((_, i) => Math.max(...all.map((row) => (row[i] ?? '').length)));
+  return all
+    .map((row) => row.map((cell, i) => (i === row.length - 1 ? cell : cell.padEnd(widths[i] ?? 0))).join('  ').trimEnd())
+    .join('\n');
+}
+
+export function formatVmList(vms: readonly VmView[]): string {
+  return formatTable(
+    ['NAME', 'STATE', 'PID', 'QEMU', 'MACHINE', 'SCOPE'],
+    vms.map((vm) => [vm.name, vm.state, vm.pid?.toString() ?? '-', vm.qemuVersion ?? '-', vm.machineType || '-', vm.scope ?? '-']),
+  );
+}
+
+/** `key: value` lines, aligned; absent facts are left out rather than shown empty. */
+export function formatVmStatus(vm: VmView): string {
+  const lines: Array<[string, string | undefined]> = [
+    ['name', vm.name],
+    ['state', vm.state],
+    ['problem', vm.problem],
+    ['pid', vm.pid?.toString()],
+    ['scope', vm.scope],
+    ['qemu', vm.qemuVersion === undefined ? undefined : `${vm.qemuVersion} (installation ${vm.installation})`],
+    ['installation', vm.qemuVersion === undefined ? vm.installation : undefined],
+    ['machine', vm.machineType || undefined],
+    ['memory', `${vm.spec.memoryMiB} MiB`],
+    ['vcpus', String(vm.spec.vcpus)],
+    ['uuid', vm.uuid],
+    ['last exit', vm.lastExit === undefined ? undefined : `${vm.lastExit.reason} at ${vm.lastExit.at}`],
+    ['created', vm.createdAt],
+    ['updated', vm.updatedAt],
+  ];
+  const present = lines.filter((line): line is [string, string] => line[1] !== undefined);
+  const width = Math.max(...present.map(([key]) => key.length)) + 1;
+  return present.map(([key, value]) => `${`${key}:`.padEnd(width)} ${printable(value)}`).join('\n');
+}
+
+/** One event as one human line: time, VM, what happened. */
+export function formatEvent(event: DaemonEvent): string {
+  let what: string;
+  switch (event.type) {
+    case 'vm-state':
+      what = `${event.previous ?? '?'} -> ${event.state ?? '?'}`;
+      break;
+    case 'vm-created':
+      what = 'created';
+      break;
+    case 'vm-deleted':
+      what = 'deleted';
+      break;
+    default:
+      what = String(event.type);
+  }
+  const message = event.message === undefined ? '' : `: ${event.message}`;
+  return printable(`${event.time}  ${event.vm ?? 'vmkeepd'}  ${what}${message}`);
+}

@@ -1,0 +1,224 @@
+import { StringDecoder } from 'node:string_decoder';
+import type { Argv } from 'yargs';
+import { ApiClient, DEFAULT_SOCKET_PATH } from '../daemon/index.js';
+import { isValidVmName } from '../launcher/index.js';
+import type { CliIo } from './app.js';
+import { reportError } from './errors.js';
+import { createReporter } from './output.js';
+import { EXIT_CLEAN, EXIT_FAILED, readSpecJson } from './run.js';
+import { formatEvent, formatVmList, formatVmStatus } from './table.js';
+
+/** What the commands need of the control API; tests may hand in their own. */
+export type DaemonApi = Pick<ApiClient, 'list' | 'get' | 'create' | 'start' | 'stop' | 'delete' | 'qmp' | 'console' | 'events'>;
+
+export interface VmCommandContext {
+  io: CliIo;
+  setExitCode(code: number): void;
+}
+
+interface CommonArgs {
+  json: boolean;
+  socket: string;
+}
+
+/** Writes results: human text, or exactly one JSON document (one per line when streaming). */
+interface Out {
+  json: boolean;
+  document(value: unknown, human: string): void;
+  line(text: string): void;
+}
+
+const NAME_RULE = '1 to 63 characters: lowercase letters, digits, "_", "." and "-", starting with a letter or digit';
+
+function checkName(name: unknown): true | string {
+  return typeof name === 'string' && isValidVmName(name) ? true : `${JSON.stringify(name)} is not a valid VM name: ${NAME_RULE}`;
+}
+
+/** The options every command that talks to vmkeepd takes. */
+function daemonOptions<T>(y: Argv<T>, env: NodeJS.ProcessEnv) {
+  return y.option('socket', {
+    type: 'string',
+    // Read from io.env (not only yargs' process.env) so tests and embedders control it.
+    default: env.VMKEEP_SOCKET ?? DEFAULT_SOCKET_PATH,
+    defaultDescription: DEFAULT_SOCKET_PATH,
+    describe: "vmkeepd's control socket (env VMKEEP_SOCKET)",
+  });
+}
+
+function withName<T>(y: Argv<T>, env: NodeJS.ProcessEnv) {
+  return daemonOptions(y, env)
+    .positional('name', { type: 'string', demandOption: true, describe: 'VM name' })
+    .check((a) => checkName(a.name));
+}
+
+/** Adds create, start, stop, delete, list, status, logs, qmp and events to the parser. */
+export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx: VmCommandContext): Argv<T> {
+  const { io } = ctx;
+  const env = io.env;
+
+  /** Runs one command: its errors become `code + message` and exit 1. */
+  const run = <A extends CommonArgs>(body: (api: DaemonApi, out: Out, a: A) => Promise<number | void>) => async (a: A) => {
+    const reporter = createReporter(a.json, io.stdout, io.stderr);
+    const out: Out = {
+      json: a.json,
+      document: (value, human) => io.stdout.write(a.json ? `${JSON.stringify(value)}\n` : `${human}\n`),
+      line: (text) => io.stdout.write(`${text}\n`),
+    };
+    try {
+      const api = io.createApiClient?.(a.socket) ?? new ApiClient({ socketPath: a.socket });
+      ctx.setExitCode((await body(api, out, a)) ?? EXIT_CLEAN);
+    } catch (error) {
+      reportError(error, reporter.failure);
+      ctx.setExitCode(EXIT_FAILED);
+    }
+  };
+
+  /** Lets Ctrl-C end a stream cleanly. */
+  const untilSignal = async (work: (signal: AbortSignal) => Promise<void>): Promise<void> => {
+    const controller = new AbortController();
+    const off = io.onSignal(() => controller.abort());
+    try {
+      await work(controller.signal);
+    } finally {
+      off();
+    }
+  };
+
+  return parser
+    .command(
+      'create <spec>',
+      'create a VM in vmkeepd from a spec file and start it',
+      (y) =>
+        daemonOptions(y, env)
+          .positional('spec', { type: 'string', demandOption: true, describe: 'VM spec (JSON file)' })
+          .option('start', { type: 'boolean', default: true, describe: 'start the VM once created (--no-start: only create it)' })
+          .example('$0 create vm.json', 'create and start the VM described in vm.json')
+          .example('$0 create vm.json --no-start', 'only record it; start it later with vmkeep start NAME'),
+      run(async (api, out, a: CommonArgs & { spec: string; start: boolean }) => {
+        const vm = await api.create(await readSpecJson(a.spec), { start: a.start });
+        const pid = vm.pid === undefined ? '' : `, pid ${vm.pid}`;
+        out.document(vm, a.start ? `${vm.name}: created, ${vm.state}${pid}` : `${vm.name}: created (${vm.state}); start it with: vmkeep start ${vm.name}`);
+      }),
+    )
+    .command(
+      'start <name>',
+      'start a VM',
+      (y) => withName(y, env),
+      run(async (api, out, a: CommonArgs & { name: string }) => {
+        const vm = await api.start(a.name);
+        out.document(vm, `${vm.name}: ${vm.state}${vm.pid === undefined ? '' : `, pid ${vm.pid}`}`);
+      }),
+    )
+    .command(
+      'stop <name>',
+      'power a VM off through ACPI and wait for the guest (--force: quit QEMU at once)',
+      (y) =>
+        withName(y, env)
+          .option('timeout', { type: 'number', describe: 'seconds the guest gets to power off', defaultDescription: "the daemon's, 60" })
+          .option('force', { type: 'boolean', default: false, describe: 'quit QEMU at once: the guest loses what it had not written to disk' })
+          .check((a) =>
+            a.timeout === undefined || (Number.isFinite(a.timeout) && a.timeout > 0) ? true : '--timeout must be a positive number of seconds',
+          ),
+      run(async (api, out, a: CommonArgs & { name: string; timeout?: number; force: boolean }) => {
+        if (!out.json && !a.force) io.stderr.write(`vmkeep: asking ${a.name} to power off (ACPI) and waiting for the guest\n`);
+        const vm = await api.stop(a.name, { ...(a.timeout === undefined ? {} : { timeoutSec: a.timeout }), ...(a.force ? { force: true } : {}) });
+        out.document(vm, `${vm.name}: ${vm.state}${vm.problem === undefined ? '' : ` (${vm.problem})`}`);
+      }),
+    )
+    .command(
+      'delete <name>',
+      'delete a stopped VM and its record (its disk images are left alone)',
+      (y) => withName(y, env),
+      run(async (api, out, a: CommonArgs & { name: string }) => {
+        await api.delete(a.name);
+        out.document({ deleted: a.name }, `deleted ${a.name}`);
+      }),
+    )
+    .command(
+      ['list', 'ls'],
+      'list the VMs vmkeepd manages',
+      (y) => daemonOptions(y, env),
+      run(async (api, out) => {
+        const vms = await api.list();
+        if (!out.json && vms.length === 0) {
+          io.stderr.write('vmkeep: no VMs yet; create one with: vmkeep create SPEC.json\n');
+          return;
+        }
+        out.document(vms, formatVmList(vms));
+      }),
+    )
+    .command(
+      'status <name>',
+      "show one VM's state, process and QEMU",
+      (y) => withName(y, env),
+      run(async (api, out, a: CommonArgs & { name: string }) => {
+        const vm = await api.get(a.name);
+        out.document(vm, formatVmStatus(vm));
+      }),
+    )
+    .command(
+      'logs <name>',
+      "print a VM's serial console (-f: keep following it, Ctrl-C ends)",
+      (y) => withName(y, env).option('follow', { alias: 'f', type: 'boolean', default: false, describe: 'keep printing what the guest writes' }),
+      run(async (api, out, a: CommonArgs & { name: string; follow: boolean }) => {
+        if (!a.follow) {
+          const log = await api.console(a.name);
+          if (out.json) out.document({ vm: a.name, console: log.toString('utf8') }, '');
+          else io.stdout.write(log);
+          return;
+        }
+        const reporter = createReporter(true, io.stdout, io.stderr);
+        const decoder = new StringDecoder('utf8');
+        let pending = '';
+        await untilSignal((signal) =>
+          api.console(a.name, {
+            follow: true,
+            signal,
+            onData: (chunk) => {
+              if (!out.json) {
+                io.stdout.write(chunk);
+                return;
+              }
+              const lines = (pending + decoder.write(chunk)).split('\n');
+              pending = lines.pop() ?? '';
+              for (const line of lines) reporter.console(line.replace(/\r$/, ''));
+            },
+          }),
+        );
+        const rest = pending + decoder.end();
+        if (out.json && rest !== '') reporter.console(rest);
+      }),
+    )
+    .command(
+      'qmp <name> <command> [arguments]',
+      'run one QMP command on a VM and print its return value as JSON',
+      (y) =>
+        withName(y, env)
+          .positional('command', { type: 'string', demandOption: true, describe: 'QMP command, e.g. query-status' })
+          .positional('arguments', { type: 'string', describe: 'its arguments as a JSON object' })
+          .check((a) => (a.arguments === undefined || parseArguments(a.arguments) !== undefined ? true : `arguments must be a JSON object, e.g. '{"command-line": "info status"}', got ${a.arguments}`))
+          .example('$0 qmp web1 query-status', "the guest's run state")
+          .example(`$0 qmp web1 human-monitor-command '{"command-line":"info mtree"}'`, 'a HMP command through QMP'),
+      run(async (api, out, a: CommonArgs & { name: string; command: string; arguments?: string }) => {
+        const result = await api.qmp(a.name, a.command, a.arguments === undefined ? undefined : parseArguments(a.arguments));
+        out.document(result ?? {}, JSON.stringify(result ?? {}, null, 2));
+      }),
+    )
+    .command(
+      'events',
+      "stream vmkeepd's events, one per line, until Ctrl-C",
+      (y) => daemonOptions(y, env),
+      run(async (api, out) => {
+        await untilSignal((signal) => api.events((event) => out.line(out.json ? JSON.stringify(event) : formatEvent(event)), { signal }));
+      }),
+    );
+}
+
+function parseArguments(text: string): Record<string, unknown> | undefined {
+  try {
+    const value: unknown = JSON.parse(text);
+    return typeof value === 'object' && value !== null && !Array.isArray(value) ? (value as Record<string, unknown>) : undefined;
+  } catch {
+    return undefined;
+  }
+}

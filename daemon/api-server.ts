@@ -1,0 +1,637 @@
+import { randomBytes } from 'node:crypto';
+import { watch, type FSWatcher } from 'node:fs';
+import { chmod, chown, lstat, mkdir, open, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { createServer, STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http';
+import { connect } from 'node:net';
+import { dirname } from 'node:path';
+import type { Duplex } from 'node:stream';
+import { isValidVmName, LaunchError, type LaunchErrorCode, type SpecProblem } from '../launcher/index.js';
+import { QmpError, type QmpErrorCode } from '../qmp/index.js';
+import { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
+import type { DaemonOps, StopOptions } from './model.js';
+
+/** The part of a pino logger the API uses (a pino Logger fits). */
+export interface ApiLogger {
+  debug(fields: object, message: string): void;
+  warn(fields: object, message: string): void;
+  error(fields: object, message: string): void;
+}
+
+export interface ApiServerOptions {
+  socketPath: string;
+  ops: DaemonOps;
+  /** Permission bits of the socket: default 0o600 (root only), or 0o660 when `group` is given. */
+  mode?: number;
+  /** gid that may use the socket: the socket is chowned to it. */
+  group?: number;
+  logger?: ApiLogger;
+}
+
+export interface ApiServer {
+  readonly socketPath: string;
+  /** Stops listening, ends the event and console streams, cuts requests still in flight. */
+  close(): Promise<void>;
+}
+
+const API_PREFIX = '/1.0';
+const MAX_BODY_BYTES = 1024 * 1024;
+
+/** Shown with a 404 so a curl user finds the right path. */
+const API_ROUTES = [
+  'GET /1.0',
+  'GET /1.0/vms',
+  'POST /1.0/vms',
+  'GET /1.0/vms/NAME',
+  'DELETE /1.0/vms/NAME',
+  'POST /1.0/vms/NAME/start',
+  'POST /1.0/vms/NAME/stop',
+  'POST /1.0/vms/NAME/qmp',
+  'GET /1.0/vms/NAME/console[?follow=1]',
+  'GET /1.0/events',
+] as const;
+
+// A body of 1 MiB over a local socket arrives in milliseconds; a request slower than this is stuck.
+const HEADERS_TIMEOUT_MS = 10_000;
+const REQUEST_TIMEOUT_MS = 30_000;
+// A stream reader that stops reading is dropped rather than buffered without bound in the daemon.
+const MAX_STREAM_BACKLOG_BYTES = 4 * 1024 * 1024;
+const CONSOLE_CHUNK_BYTES = 64 * 1024;
+// inotify can miss changes (and does not follow a replaced file); a slow poll backs it up.
+const CONSOLE_POLL_MS = 250;
+const STALE_PROBE_TIMEOUT_MS = 2_000;
+
+const NAME_RULE =
+  'VM names are 1 to 63 characters: lowercase letters, digits, "_", "." and "-", starting with a letter or digit';
+
+const LAUNCH_CODES: Record<LaunchErrorCode, DaemonErrorCode> = {
+  INVALID_SPEC: 'INVALID_SPEC',
+  UNKNOWN_MACHINE: 'INVALID_SPEC',
+  FILE_NOT_FOUND: 'INVALID_SPEC',
+  PROBE_FAILED: 'START_FAILED',
+  QEMU_EXITED: 'START_FAILED',
+  SPAWN_FAILED: 'START_FAILED',
+  SCOPE_FAILED: 'START_FAILED',
+  TIMEOUT: 'START_FAILED',
+};
+
+const QMP_CODES: Record<QmpErrorCode, DaemonErrorCode> = {
+  CONNECT_FAILED: 'UNREACHABLE',
+  CONNECT_TIMEOUT: 'UNREACHABLE',
+  GREETING_TIMEOUT: 'UNREACHABLE',
+  COMMAND_TIMEOUT: 'UNREACHABLE',
+  CLOSED: 'UNREACHABLE',
+  NEGOTIATION_FAILED: 'QMP_FAILED',
+  COMMAND_FAILED: 'QMP_FAILED',
+  EVENT_TIMEOUT: 'QMP_FAILED',
+  ABORTED: 'QMP_FAILED',
+  LINE_TOO_LONG: 'QMP_FAILED',
+  INVALID_JSON: 'QMP_FAILED',
+  PROTOCOL: 'QMP_FAILED',
+  INVALID_ARGUMENT: 'INVALID_REQUEST',
+};
+
+const silentLogger: ApiLogger = { debug() {}, warn() {}, error() {} };
+
+type Params = { name: string };
+type Handler = (req: IncomingMessage, res: ServerResponse, params: Params) => Promise<void>;
+
+interface Route {
+  /** Literal segments, with ':name' for the VM name. */
+  segments: readonly string[];
+  methods: Readonly<Record<string, Handler>>;
+}
+
+interface Context {
+  ops: DaemonOps;
+  logger: ApiLogger;
+  /** Stoppers of the open streams, called when the server closes. */
+  streams: Set<() => void>;
+}
+
+/**
+ * Serves the control API (HTTP/1.1 + JSON) on a unix socket. A stale socket file is replaced
+ * only when nothing answers on it; a live one is an error, never taken over.
+ */
+export async function startApiServer(options: ApiServerOptions): Promise<ApiServer> {
+  const { socketPath, ops } = options;
+  const logger = options.logger ?? silentLogger;
+  const ctx: Context = { ops, logger, streams: new Set() };
+  const routes = buildRoutes(ctx);
+
+  const server = createServer((req, res) => {
+    void dispatch(routes, ctx, req, res);
+  });
+  server.headersTimeout = HEADERS_TIMEOUT_MS;
+  // Counts only until the request is read, so long operations and streams are not cut.
+  server.requestTimeout = REQUEST_TIMEOUT_MS;
+  server.timeout = 0;
+  server.on('clientError', (error: NodeJS.ErrnoException, socket: Duplex) => answerClientError(error, socket, logger));
+
+  await mkdir(dirname(socketPath), { recursive: true });
+  await removeStaleSocket(socketPath);
+  await new Promise<void>((resolve, reject) => {
+    const onError = (error: NodeJS.ErrnoException): void => reject(listenError(error, socketPath));
+    server.once('error', onError);
+    server.listen(socketPath, () => {
+      server.off('error', onError);
+      resolve();
+    });
+  });
+  server.on('error', (error) => logger.error({ err: error, socket: socketPath }, 'control API server error'));
+
+  try {
+    if (options.group !== undefined) await chown(socketPath, -1, options.group);
+    await chmod(socketPath, options.mode ?? (options.group === undefined ? 0o600 : 0o660));
+  } catch (cause) {
+    await closeServer();
+    throw new DaemonError(
+      'PERMISSION_DENIED',
+      `cannot set the owner or mode of ${socketPath}: ${(cause as Error).message}; run vmkeepd as root, or choose a group it belongs to`,
+      { cause },
+    );
+  }
+
+  let closing: Promise<void> | undefined;
+  function closeServer(): Promise<void> {
+    closing ??= new Promise<void>((resolve) => {
+      for (const stop of [...ctx.streams]) stop();
+      // Node unlinks the socket file once the listener is closed.
+      server.close(() => resolve());
+      server.closeAllConnections();
+    });
+    return closing;
+  }
+
+  return { socketPath, close: closeServer };
+}
+
+// ---- socket set-up --------------------------------------------------------------------------
+
+async function removeStaleSocket(path: string): Promise<void> {
+  let isSocket: boolean;
+  try {
+    isSocket = (await lstat(path)).isSocket();
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw error;
+  }
+  if (!isSocket) {
+    throw new DaemonError('SOCKET_IN_USE', `${path} exists and is not a socket; move it away or choose another socket path`);
+  }
+  const answer = await probeSocket(path);
+  if (answer === 'answers') {
+    throw new DaemonError(
+      'SOCKET_IN_USE',
+      `another process answers on ${path} (is another vmkeepd running?); stop it first or choose another socket path`,
+    );
+  }
+  if (answer === 'refused') await unlink(path).catch(ignoreMissing);
+}
+
+/** Connects once: 'refused' means a socket file with no listener left behind by a dead process. */
+function probeSocket(path: string): Promise<'answers' | 'refused' | 'gone'> {
+  return new Promise((resolve, reject) => {
+    const socket = connect(path);
+    // A listener too busy to accept within the timeout is still alive.
+    socket.setTimeout(STALE_PROBE_TIMEOUT_MS, () => finish('answers'));
+    socket.once('connect', () => finish('answers'));
+    socket.once('error', (error: NodeJS.ErrnoException) => {
+      if (error.code === 'ECONNREFUSED') finish('refused');
+      else if (error.code === 'ENOENT') finish('gone');
+      else {
+        socket.destroy();
+        reject(new DaemonError('SOCKET_IN_USE', `cannot check whether ${path} is in use: ${error.message}`, { cause: error }));
+      }
+    });
+    function finish(answer: 'answers' | 'refused' | 'gone'): void {
+      socket.destroy();
+      resolve(answer);
+    }
+  });
+}
+
+function listenError(error: NodeJS.ErrnoException, path: string): Error {
+  if (error.code === 'EADDRINUSE') {
+    return new DaemonError('SOCKET_IN_USE', `${path} was created by another process while vmkeepd started; stop it or choose another socket path`, { cause: error });
+  }
+  if (error.code === 'EACCES' || error.code === 'EPERM') {
+    return new DaemonError('PERMISSION_DENIED', `cannot create the socket ${path}: ${error.message}; run vmkeepd as root or choose a socket path it may write`, { cause: error });
+  }
+  return error;
+}
+
+function ignoreMissing(error: NodeJS.ErrnoException): void {
+  if (error.code !== 'ENOENT') throw error;
+}
+
+// ---- routing --------------------------------------------------------------------------------
+
+function buildRoutes(ctx: Context): Route[] {
+  const { ops } = ctx;
+  return [
+    { segments: ['1.0'], methods: { GET: async (_req, res) => sendJson(res, 200, ops.info()) } },
+    {
+      segments: ['1.0', 'vms'],
+      methods: {
+        GET: async (_req, res) => sendJson(res, 200, await ops.list()),
+        POST: async (req, res) => {
+          const body = await readJsonObject(req, { required: true });
+          checkFields(body, ['spec', 'start']);
+          if (!('spec' in body)) throw invalid('the body needs "spec": the VM spec object, e.g. {"spec": {"name": "web1", "kernel": "/srv/vmlinuz"}}');
+          const start = optionalBoolean(body, 'start');
+          sendJson(res, 201, await ops.create(body.spec, start === undefined ? {} : { start }));
+        },
+      },
+    },
+    {
+      segments: ['1.0', 'vms', ':name'],
+      methods: {
+        GET: async (_req, res, { name }) => sendJson(res, 200, await ops.get(name)),
+        DELETE: async (_req, res, { name }) => {
+          await ops.delete(name);
+          sendJson(res, 200, { deleted: name });
+        },
+      },
+    },
+    {
+      segments: ['1.0', 'vms', ':name', 'start'],
+      methods: {
+        POST: async (req, res, { name }) => {
+          checkFields(await readJsonObject(req, { required: false }), []);
+          sendJson(res, 200, await ops.start(name));
+        },
+      },
+    },
+    {
+      segments: ['1.0', 'vms', ':name', 'stop'],
+      methods: {
+        POST: async (req, res, { name }) => {
+          const body = await readJsonObject(req, { required: false });
+          checkFields(body, ['timeoutSec', 'force']);
+          const stop: StopOptions = {};
+          if (body.timeoutSec !== undefined) {
+            if (typeof body.timeoutSec !== 'number' || !Number.isFinite(body.timeoutSec) || body.timeoutSec <= 0) {
+              throw invalid(`"timeoutSec" must be a positive number of seconds, got ${JSON.stringify(body.timeoutSec)}`);
+            }
+            stop.timeoutSec = body.timeoutSec;
+          }
+          const force = optionalBoolean(body, 'force');
+          if (force !== undefined) stop.force = force;
+          sendJson(res, 200, await ops.stop(name, stop));
+        },
+      },
+    },
+    {
+      segments: ['1.0', 'vms', ':name', 'qmp'],
+      methods: {
+        POST: async (req, res, { name }) => {
+          const body = await readJsonObject(req, { required: true });
+          checkFields(body, ['execute', 'arguments']);
+          if (typeof body.execute !== 'string' || body.execute === '') {
+            throw invalid('the body needs "execute": the QMP command name, e.g. {"execute": "query-status"}');
+          }
+          if (body.arguments !== undefined && !isPlainObject(body.arguments)) {
+            throw invalid('"arguments" must be a JSON object, e.g. {"execute": "human-monitor-command", "arguments": {"command-line": "info mtree"}}');
+          }
+          const result = await ops.qmp(name, body.execute, body.arguments);
+          sendJson(res, 200, { return: result ?? {} });
+        },
+      },
+    },
+    {
+      segments: ['1.0', 'vms', ':name', 'console'],
+      methods: {
+        GET: async (req, res, { name }) => {
+          const follow = parseFollow(req);
+          await streamConsole(ctx, res, name, await ops.consolePath(name), follow);
+        },
+      },
+    },
+    { segments: ['1.0', 'events'], methods: { GET: async (_req, res) => streamEvents(ctx, res) } },
+  ];
+}
+
+async function dispatch(routes: Route[], ctx: Context, req: IncomingMessage, res: ServerResponse): Promise<void> {
+  const started = performance.now();
+  const method = req.method ?? 'GET';
+  const [rawPath = ''] = (req.url ?? '').split('?', 1);
+  res.once('finish', () => {
+    ctx.logger.debug({ method, path: rawPath, status: res.statusCode, ms: Math.round(performance.now() - started) }, 'api request');
+  });
+  try {
+    const { route, name } = matchRoute(routes, rawPath);
+    const handler = route.methods[method];
+    if (handler === undefined) {
+      const allowed = Object.keys(route.methods);
+      res.setHeader('Allow', allowed.join(', '));
+      throw new DaemonError('METHOD_NOT_ALLOWED', `${method} is not allowed on ${rawPath}; use ${allowed.join(' or ')}`);
+    }
+    await handler(req, res, { name: name ?? '' });
+  } catch (error) {
+    sendError(ctx, req, res, error);
+  }
+}
+
+function matchRoute(routes: Route[], path: string): { route: Route; name: string | undefined } {
+  const segments = path.startsWith('/') ? path.split('/').slice(1) : [];
+  // One trailing slash is forgiven (curl users type it); anything else must match exactly.
+  if (segments.length > 1 && segments[segments.length - 1] === '') segments.pop();
+  for (const route of routes) {
+    if (route.segments.length !== segments.length) continue;
+    let name: string | undefined;
+    const matches = route.segments.every((expected, i) => {
+      const actual = segments[i] ?? '';
+      if (expected !== ':name') return expected === actual;
+      name = actual;
+      return actual !== '';
+    });
+    if (matches) return { route, name: name === undefined ? undefined : decodeVmName(name) };
+  }
+  throw new DaemonError('NOT_FOUND', `no such API path: ${path || '(empty)'}; the routes are: ${API_ROUTES.join(', ')}`);
+}
+
+/** A VM name from the URL, checked before any operation sees it. */
+function decodeVmName(raw: string): string {
+  let name: string;
+  try {
+    name = decodeURIComponent(raw);
+  } catch {
+    throw invalid(`the VM name in the path is not valid URL encoding: ${JSON.stringify(raw)}`);
+  }
+  if (!isValidVmName(name)) throw invalid(`${JSON.stringify(name)} is not a valid VM name: ${NAME_RULE}`);
+  return name;
+}
+
+function parseFollow(req: IncomingMessage): boolean {
+  const query = (req.url ?? '').split('?').slice(1).join('?');
+  const value = new URLSearchParams(query).get('follow');
+  if (value === null || value === '0' || value === 'false') return false;
+  if (value === '' || value === '1' || value === 'true') return true;
+  throw invalid(`follow must be 1 or 0, got ${JSON.stringify(value)}`);
+}
+
+// ---- request bodies -------------------------------------------------------------------------
+
+/** Reads a JSON object body of at most MAX_BODY_BYTES; an empty body is {} unless required. */
+async function readJsonObject(req: IncomingMessage, { required }: { required: boolean }): Promise<Record<string, unknown>> {
+  const type = (req.headers['content-type'] ?? '').split(';', 1)[0]!.trim().toLowerCase();
+  // curl -d sends application/x-www-form-urlencoded unless told otherwise: the body decides.
+  if (type !== '' && type !== 'application/json' && !type.endsWith('+json') && type !== 'application/x-www-form-urlencoded') {
+    throw new DaemonError('UNSUPPORTED_MEDIA_TYPE', `the body must be JSON, got Content-Type ${type}; send Content-Type: application/json`);
+  }
+  const declared = Number(req.headers['content-length'] ?? 0);
+  if (declared > MAX_BODY_BYTES) throw bodyTooLarge();
+
+  const text = await readBody(req);
+  if (text.trim() === '') {
+    if (required) throw invalid('the request needs a JSON object body');
+    return {};
+  }
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch (error) {
+    throw invalid(`the body is not valid JSON (${(error as Error).message}); send a JSON object`);
+  }
+  if (!isPlainObject(parsed)) throw invalid(`the body must be a JSON object, got ${Array.isArray(parsed) ? 'an array' : parsed === null ? 'null' : typeof parsed}`);
+  return parsed;
+}
+
+function readBody(req: IncomingMessage): Promise<string> {
+  return new Promise<string>((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    const finish = (error: Error | undefined): void => {
+      req.off('data', onData).off('end', onEnd).off('error', onError);
+      if (error === undefined) resolve(Buffer.concat(chunks).toString('utf8'));
+      else reject(error);
+    };
+    const onData = (chunk: Buffer): void => {
+      size += chunk.length;
+      if (size > MAX_BODY_BYTES) {
+        // Stops reading: the 413 goes out with Connection: close and the socket ends after it.
+        req.pause();
+        finish(bodyTooLarge());
+        return;
+      }
+      chunks.push(chunk);
+    };
+    const onEnd = (): void => finish(undefined);
+    const onError = (cause: Error): void => finish(invalid(`the client went away while sending the body (${cause.message})`));
+    req.on('data', onData).on('end', onEnd).on('error', onError);
+  });
+}
+
+function bodyTooLarge(): DaemonError {
+  return new DaemonError('BODY_TOO_LARGE', `the request body is larger than ${MAX_BODY_BYTES} bytes; a VM spec or QMP command is far smaller`);
+}
+
+/** Unknown fields are refused so a typo ("timeout" for "timeoutSec") is not silently ignored. */
+function checkFields(body: Record<string, unknown>, allowed: readonly string[]): void {
+  const unknown = Object.keys(body).filter((key) => !allowed.includes(key));
+  if (unknown.length > 0) {
+    const known = allowed.length === 0 ? 'this request takes no fields' : `known fields: ${allowed.join(', ')}`;
+    throw invalid(`unknown field${unknown.length === 1 ? '' : 's'} ${unknown.map((k) => JSON.stringify(k)).join(', ')} in the body; ${known}`);
+  }
+}
+
+function optionalBoolean(body: Record<string, unknown>, field: string): boolean | undefined {
+  const value = body[field];
+  if (value === undefined || typeof value === 'boolean') return value;
+  throw invalid(`"${field}" must be true or false, got ${JSON.stringify(value)}`);
+}
+
+function isPlainObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+function invalid(message: string): DaemonError {
+  return new DaemonError('INVALID_REQUEST', message);
+}
+
+// ---- responses ------------------------------------------------------------------------------
+
+function sendJson(res: ServerResponse, status: number, value: unknown): void {
+  const body = `${JSON.stringify(value)}\n`;
+  res.writeHead(status, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), 'Cache-Control': 'no-store' });
+  res.end(body);
+}
+
+interface ApiErrorBody {
+  code: DaemonErrorCode;
+  message: string;
+  /** Every problem of an invalid spec, for a program to show next to each field. */
+  problems?: readonly SpecProblem[];
+}
+
+/** Turns what an operation threw into the API's error; only known error classes speak for themselves. */
+function toApiError(error: unknown): ApiErrorBody | undefined {
+  if (error instanceof DaemonError) return { code: error.code, message: error.message };
+  if (error instanceof LaunchError) {
+    return error.problems.length > 0
+      ? { code: LAUNCH_CODES[error.code], message: error.message, problems: error.problems }
+      : { code: LAUNCH_CODES[error.code], message: error.message };
+  }
+  if (error instanceof QmpError) return { code: QMP_CODES[error.code], message: error.message };
+  return undefined;
+}
+
+function sendError(ctx: Context, req: IncomingMessage, res: ServerResponse, error: unknown): void {
+  let body = toApiError(error);
+  const where = { method: req.method, path: (req.url ?? '').split('?', 1)[0] };
+  if (body === undefined) {
+    // Unknown errors may carry paths or internals: the client gets a reference, the log the details.
+    const reference = randomBytes(4).toString('hex');
+    ctx.logger.error({ err: error, ...where, reference }, 'control API request failed unexpectedly');
+    body = {
+      code: 'INTERNAL',
+      message: `vmkeepd failed unexpectedly handling ${where.method} ${where.path} (reference ${reference}); the details are in its log (journalctl -u vmkeepd)`,
+    };
+  } else if (HTTP_STATUS[body.code] >= 500) {
+    ctx.logger.warn({ err: error, ...where, code: body.code }, body.message);
+  }
+  if (res.headersSent) {
+    // A stream failed after it began: the client can only see the connection end.
+    res.destroy();
+    return;
+  }
+  // The client may still be sending the body we refused: close rather than read the rest.
+  if (body.code === 'BODY_TOO_LARGE') res.setHeader('Connection', 'close');
+  sendJson(res, HTTP_STATUS[body.code] ?? 500, { error: body });
+}
+
+/** Requests that never parsed as HTTP: answer in JSON like every other error, then close. */
+function answerClientError(error: NodeJS.ErrnoException, socket: Duplex, logger: ApiLogger): void {
+  logger.debug({ code: error.code, message: error.message }, 'malformed request on the control socket');
+  if (error.code === 'ECONNRESET' || !socket.writable) {
+    socket.destroy();
+    return;
+  }
+  const status = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;
+  const body = `${JSON.stringify({
+    error: { code: 'INVALID_REQUEST', message: `not a valid HTTP/1.1 request (${STATUS_CODES[status]}); this socket speaks HTTP + JSON, e.g. curl --unix-socket SOCKET http://vmkeep${API_PREFIX}` },
+  })}\n`;
+  socket.end(
+    `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+    () => socket.destroy(),
+  );
+}
+
+// ---- streams --------------------------------------------------------------------------------
+
+/** Registers a stream with the server so close() can end it; returns the promise of its end. */
+function trackStream(ctx: Context, res: ServerResponse, stop: () => void): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const end = (): void => {
+      ctx.streams.delete(end);
+      stop();
+      if (!res.writableEnded) res.end();
+      resolve();
+    };
+    ctx.streams.add(end);
+    res.once('close', end);
+  });
+}
+
+/** True when the client keeps up; a client far behind is dropped. */
+function writeStream(ctx: Context, res: ServerResponse, chunk: string | Buffer, what: string): boolean {
+  if (res.writableLength > MAX_STREAM_BACKLOG_BYTES) {
+    ctx.logger.warn({ backlog: res.writableLength, stream: what }, 'dropping a stream client that does not read');
+    res.destroy();
+    return false;
+  }
+  return res.write(chunk);
+}
+
+/** Resolves when the response can take more, or is gone. */
+function drained(res: ServerResponse): Promise<void> {
+  if (res.destroyed || res.writableEnded) return Promise.resolve();
+  return new Promise<void>((resolve) => {
+    const done = (): void => {
+      res.off('drain', done).off('close', done);
+      resolve();
+    };
+    res.on('drain', done).on('close', done);
+  });
+}
+
+async function streamEvents(ctx: Context, res: ServerResponse): Promise<void> {
+  // Subscribed before the headers go out: a client that has seen the 200 misses nothing.
+  const unsubscribe = ctx.ops.subscribe((event) => {
+    writeStream(ctx, res, `${JSON.stringify(event)}\n`, 'events');
+  });
+  res.writeHead(200, { 'Content-Type': 'application/x-ndjson', 'Cache-Control': 'no-store' });
+  res.flushHeaders();
+  await trackStream(ctx, res, unsubscribe);
+}
+
+async function streamConsole(ctx: Context, res: ServerResponse, name: string, path: string, follow: boolean): Promise<void> {
+  let handle: FileHandle;
+  try {
+    handle = await open(path, 'r');
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') {
+      throw new DaemonError('NOT_FOUND', `${name} has no console log yet: it has not been started (vmkeep start ${name})`, { cause: error });
+    }
+    throw error;
+  }
+  res.writeHead(200, { 'Content-Type': 'text/plain; charset=utf-8', 'Cache-Control': 'no-store', 'X-Content-Type-Options': 'nosniff' });
+  res.flushHeaders();
+
+  let ended = false;
+  let wake: (() => void) | undefined;
+  const poke = (): void => {
+    const resolve = wake;
+    wake = undefined;
+    resolve?.();
+  };
+  let watcher: FSWatcher | undefined;
+  let timer: NodeJS.Timeout | undefined;
+  if (follow) {
+    try {
+      watcher = watch(path, poke);
+      watcher.on('error', () => undefined);
+    } catch {
+      // The poll below still sees every change.
+    }
+    timer = setInterval(poke, CONSOLE_POLL_MS);
+  }
+  const done = trackStream(ctx, res, () => {
+    ended = true;
+    watcher?.close();
+    if (timer !== undefined) clearInterval(timer);
+    poke();
+  });
+
+  const buffer = Buffer.alloc(CONSOLE_CHUNK_BYTES);
+  let position = 0;
+  try {
+    while (!ended) {
+      const { bytesRead } = await handle.read(buffer, 0, CONSOLE_CHUNK_BYTES, position);
+      if (bytesRead > 0) {
+        position += bytesRead;
+        // Copied: the read buffer is reused while the response may still hold the chunk.
+        if (!writeStream(ctx, res, Buffer.from(buffer.subarray(0, bytesRead)), 'console')) await drained(res);
+        continue;
+      }
+      if (!follow) break;
+      // A restarted VM gets a new or truncated log: start again from its first byte.
+      const [current, onDisk] = await Promise.all([handle.stat(), stat(path).catch(() => undefined)]);
+      if (onDisk !== undefined && onDisk.ino !== current.ino) {
+        await handle.close();
+        handle = await open(path, 'r');
+        position = 0;
+        continue;
+      }
+      if (current.size < position) {
+        position = 0;
+        continue;
+      }
+      if (!ended) await new Promise<void>((resolve) => (wake = resolve));
+    }
+  } finally {
+    await handle.close().catch(() => undefined);
+    if (!res.writableEnded && !res.destroyed) res.end();
+  }
+  await done;
+}

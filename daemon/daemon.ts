@@ -1,0 +1,116 @@
+import { mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { execa } from 'execa';
+import type { Logger } from 'pino';
+import { probeInstallation, type Installation } from '../launcher/index.js';
+import { ScopeManager, SCOPE_PREFIX } from '../scope-manager/index.js';
+import { startApiServer } from './api-server.js';
+import { acquireDaemonLock } from './lock.js';
+import { VmManager, type ScopePort } from './manager.js';
+import { RecordStore } from './records.js';
+
+export interface DaemonOptions {
+  stateDir: string;
+  runtimeDir: string;
+  socketPath: string;
+  /** gid that may use the control socket (mode 0660); default: root only (0600). */
+  socketGid?: number;
+  /** Slice of the VM scopes. */
+  slice: string;
+  /** false: --no-scope, every QEMU stays in the daemon's cgroup and dies with it. */
+  useScopes: boolean;
+  busAddress?: string;
+  installation: Installation;
+  version: string;
+}
+
+export interface DaemonHandle {
+  manager: VmManager;
+  /** Ends the daemon: closes the API and every monitor. Never signals a QEMU. */
+  close(): Promise<void>;
+}
+
+/**
+ * Brings vmkeepd up: single-daemon lock, records, scopes, reattach of every VM, control API,
+ * then READY=1 to systemd. Resolves once it serves.
+ */
+export async function startDaemon(options: DaemonOptions, logger: Logger): Promise<DaemonHandle> {
+  await mkdir(options.stateDir, { recursive: true, mode: 0o700 });
+  await mkdir(options.runtimeDir, { recursive: true, mode: 0o700 });
+  const lock = await acquireDaemonLock(options.stateDir);
+  const cleanups: Array<() => Promise<void> | void> = [() => lock.release()];
+  const closeAll = async (): Promise<void> => {
+    for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+  };
+  try {
+    const store = new RecordStore(join(options.stateDir, 'vms'));
+    await store.init();
+
+    let scopes: ScopePort | null = null;
+    if (options.useScopes) {
+      const manager = new ScopeManager(options.busAddress === undefined ? {} : { busAddress: options.busAddress });
+      cleanups.push(() => manager.close());
+      // Fails now, with the alternatives in the message, rather than at the first VM start.
+      await manager.listScopes(SCOPE_PREFIX);
+      scopes = manager;
+    } else {
+      logger.warn('--no-scope: QEMU processes stay in the daemon\'s cgroup and die with it when its service stops');
+    }
+
+    const cacheDir = join(options.stateDir, 'cache');
+    const manager = new VmManager({
+      store,
+      scopes,
+      slice: options.slice,
+      installation: options.installation,
+      probe: (installation) => probeInstallation(installation, { cacheDir }),
+      runtimeDir: options.runtimeDir,
+      logger,
+      info: {
+        version: options.version,
+        pid: process.pid,
+        stateDir: options.stateDir,
+        runtimeDir: options.runtimeDir,
+        startedAt: new Date().toISOString(),
+      },
+    });
+    cleanups.push(() => manager.close());
+    const started = performance.now();
+    await manager.reattachAll();
+    const vms = await manager.list();
+    logger.info(
+      { vms: vms.length, ms: Math.round(performance.now() - started), states: countStates(vms.map((v) => v.state)) },
+      `reattached ${vms.length} VM(s)`,
+    );
+
+    const api = await startApiServer({
+      socketPath: options.socketPath,
+      ops: manager,
+      logger,
+      ...(options.socketGid === undefined ? {} : { group: options.socketGid }),
+    });
+    cleanups.push(() => api.close());
+    await notifyReady(logger);
+    logger.info({ socket: options.socketPath, stateDir: options.stateDir }, 'vmkeepd ready');
+    return { manager, close: closeAll };
+  } catch (error) {
+    await closeAll();
+    throw error;
+  }
+}
+
+function countStates(states: string[]): Record<string, number> {
+  const counts: Record<string, number> = {};
+  for (const state of states) counts[state] = (counts[state] ?? 0) + 1;
+  return counts;
+}
+
+/** READY=1 under a Type=notify unit; systemd-notify needs NotifyAccess=all in the unit. */
+async function notifyReady(logger: Logger): Promise<void> {
+  if (!process.env.NOTIFY_SOCKET) return;
+  const result = await execa('systemd-notify', ['--ready', `--pid=${process.pid}`], { reject: false });
+  if (result.exitCode !== 0) {
+    logger.warn({ stderr: result.stderr }, 'systemd-notify --ready failed; the unit may time out (set NotifyAccess=all)');
+  }
+}
+

@@ -1,0 +1,62 @@
+export type DaemonErrorCode =
+  | 'INVALID_REQUEST'
+  | 'INVALID_SPEC'
+  | 'NOT_FOUND'
+  | 'EXISTS'
+  | 'CONFLICT'
+  | 'UNREACHABLE'
+  | 'RECORD_CORRUPT'
+  | 'RECORD_TOO_NEW'
+  /** A file in the state folder could not be read or written (disk full, permissions, I/O error). */
+  | 'STATE_IO'
+  | 'LOCKED'
+  | 'START_FAILED'
+  | 'STOP_TIMEOUT'
+  | 'QMP_FAILED'
+  | 'INTERNAL'
+  // Requests the API cannot take: each has its own HTTP status so `status = HTTP_STATUS[code]` always.
+  | 'METHOD_NOT_ALLOWED'
+  | 'BODY_TOO_LARGE'
+  | 'UNSUPPORTED_MEDIA_TYPE'
+  // Client side (ApiClient) and socket set-up: the daemon never answers with these.
+  | 'DAEMON_DOWN'
+  | 'DAEMON_TIMEOUT'
+  | 'PERMISSION_DENIED'
+  | 'BAD_RESPONSE'
+  | 'SOCKET_IN_USE';
+
+/** HTTP status of each code: the API's contract with curl users and cloud agents. */
+export const HTTP_STATUS: Record<DaemonErrorCode, number> = {
+  INVALID_REQUEST: 400,
+  INVALID_SPEC: 400,
+  NOT_FOUND: 404,
+  EXISTS: 409,
+  CONFLICT: 409,
+  UNREACHABLE: 503,
+  RECORD_CORRUPT: 500,
+  RECORD_TOO_NEW: 500,
+  STATE_IO: 500,
+  LOCKED: 409,
+  START_FAILED: 500,
+  STOP_TIMEOUT: 504,
+  QMP_FAILED: 502,
+  INTERNAL: 500,
+  METHOD_NOT_ALLOWED: 405,
+  BODY_TOO_LARGE: 413,
+  UNSUPPORTED_MEDIA_TYPE: 415,
+  DAEMON_DOWN: 503,
+  DAEMON_TIMEOUT: 504,
+  PERMISSION_DENIED: 403,
+  BAD_RESPONSE: 502,
+  SOCKET_IN_USE: 409,
+};
+
+export class DaemonError extends Error {
+  readonly code: DaemonErrorCode;
+
+  constructor(code: DaemonErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'DaemonError';
+    this.code = code;
+  }
+}

@@ -1,0 +1,137 @@
+// vmkeepd as a systemd service inside a private systemd: the set-up of the daemon's
+// integration tests and of the demo. The daemon's folders live under /tmp (shared with the
+// host), so the test talks to its control socket and reads serial logs from outside.
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { ApiClient, type VmView } from '../../daemon/index.js';
+import { requireQemu } from './guest.js';
+import { projectRoot } from './paths.js';
+import { requireSystemdHostPrereqs, SystemdHost } from './systemd-host.js';
+
+const VMKEEPD = join(projectRoot(), 'dist', 'cli', 'vmkeepd.js');
+export const DAEMON_UNIT = 'vmkeepd.service';
+
+export interface DaemonHostOptions {
+  name: string;
+  /** false: vmkeepd --no-scope (the negative control: VMs die with the service). */
+  scopes?: boolean;
+}
+
+export class DaemonHost {
+  private constructor(
+    readonly host: SystemdHost,
+    readonly dir: string,
+    readonly socket: string,
+    readonly api: ApiClient,
+  ) {}
+
+  static async boot(options: DaemonHostOptions): Promise<DaemonHost> {
+    requireQemu();
+    requireSystemdHostPrereqs();
+    const dir = await mkdtemp(join(tmpdir(), 'vk-'));
+    const socket = join(dir, 'run', 'vmkeep.sock');
+    const args = [
+      VMKEEPD,
+      '--state-dir', join(dir, 'state'),
+      '--runtime-dir', join(dir, 'run'),
+      '--socket', socket,
+      ...(options.scopes === false ? ['--no-scope'] : []),
+    ];
+    const unit = [
+      '[Unit]',
+      'Description=vmkeep daemon (test)',
+      // The tests restart it many times in a row; systemd's start rate limit would refuse that.
+      'StartLimitIntervalSec=0',
+      '[Service]',
+      'Type=notify',
+      'NotifyAccess=all',
+      `ExecStart=${process.execPath} ${args.join(' ')}`,
+      // The default KillMode (control-group): everything in the service's cgroup dies with it.
+      'KillMode=control-group',
+      'TimeoutStopSec=20',
+      '',
+    ].join('\n');
+    let host: SystemdHost | undefined;
+    try {
+      host = await SystemdHost.boot({ name: options.name, unitFiles: { [DAEMON_UNIT]: unit } });
+      const daemon = new DaemonHost(host, dir, socket, new ApiClient({ socketPath: socket, timeoutMs: 60_000 }));
+      await daemon.systemctl('start', DAEMON_UNIT);
+      return daemon;
+    } catch (error) {
+      await host?.shutdown();
+      await rm(dir, { recursive: true, force: true });
+      throw error;
+    }
+  }
+
+  /** systemctl inside; a failure carries the tail of the daemon's log. */
+  async systemctl(...args: string[]): Promise<string> {
+    try {
+      return await this.host.systemctl(...args);
+    } catch (error) {
+      throw new Error(`${(error as Error).message}\n--- console (vmkeepd log) ---\n${await this.consoleTail(40)}`, { cause: error });
+    }
+  }
+
+  /** Type=notify: systemctl returns once the new daemon has reattached and serves. */
+  restart(): Promise<string> {
+    return this.systemctl('restart', DAEMON_UNIT);
+  }
+
+  /** SIGKILL of everything in the service's cgroup, then a fresh start. */
+  async killAndStart(): Promise<void> {
+    await this.systemctl('kill', '--signal=SIGKILL', DAEMON_UNIT);
+    await this.waitInactive();
+    await this.systemctl('start', DAEMON_UNIT);
+  }
+
+  async stop(): Promise<void> {
+    await this.systemctl('stop', DAEMON_UNIT);
+  }
+
+  async start(): Promise<void> {
+    await this.systemctl('start', DAEMON_UNIT);
+  }
+
+  private async waitInactive(): Promise<void> {
+    const deadline = Date.now() + 20_000;
+    for (;;) {
+      const r = await this.host.exec('systemctl', ['is-active', DAEMON_UNIT]);
+      if (!['active', 'deactivating', 'activating'].includes(r.stdout.trim())) return;
+      if (Date.now() > deadline) throw new Error(`${DAEMON_UNIT} still ${r.stdout.trim()} 20 s after SIGKILL`);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }
+
+  /** The host PID of a QEMU the daemon reports (the daemon sees PIDs of the private namespace). */
+  hostPid(vm: VmView): number {
+    if (vm.pid === undefined) throw new Error(`${vm.name} has no pid (state ${vm.state})`);
+    const pid = this.host.hostPidOf(vm.pid);
+    if (pid === null) throw new Error(`no host PID for ${vm.name}'s pid ${vm.pid}`);
+    return pid;
+  }
+
+  serialLog(name: string): string {
+    return join(this.dir, 'run', 'vms', name, 'serial.log');
+  }
+
+  qmpSocket(name: string): string {
+    return join(this.dir, 'run', 'vms', name, 'qmp.sock');
+  }
+
+  recordFile(name: string): string {
+    return join(this.dir, 'state', 'vms', `${name}.json`);
+  }
+
+  /** The service's console output (vmkeepd's JSON logs), for failure messages. */
+  consoleTail(lines = 60): Promise<string> {
+    return this.host.consoleTail(lines);
+  }
+
+  /** Kills the private systemd's whole pid namespace (every QEMU in it) and removes the folders. */
+  async shutdown(): Promise<void> {
+    await this.host.shutdown();
+    await rm(this.dir, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,288 @@
+// The vmkeep daemon commands, in-process, against a real control API over a fake DaemonOps.
+import { appendFile, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Writable } from 'node:stream';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { main, type CliIo } from '../../../cli/index.js';
+import { ApiClient } from '../../../daemon/api-client.js';
+import { startApiServer, type ApiServer } from '../../../daemon/api-server.js';
+import { FakeDaemonOps } from '../daemon/fake-ops.js';
+import { within } from '../qmp/fake-peer.js';
+
+let dir: string;
+let socketPath: string;
+let ops: FakeDaemonOps;
+let server: ApiServer;
+
+beforeEach(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'vmkeep-cli-'));
+  socketPath = join(dir, 'vmkeep.sock');
+  ops = new FakeDaemonOps(dir);
+  server = await startApiServer({ socketPath, ops });
+});
+
+afterEach(async () => {
+  await server.close();
+  await rm(dir, { recursive: true, force: true });
+});
+
+class Capture extends Writable {
+  text = '';
+  private readonly waiters: Array<{ part: string; resolve: () => void }> = [];
+
+  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: () => void): void {
+    this.text += chunk.toString('utf8');
+    for (const w of this.waiters.splice(0)) (this.text.includes(w.part) ? w.resolve() : this.waiters.push(w));
+    callback();
+  }
+
+  until(part: string): Promise<void> {
+    if (this.text.includes(part)) return Promise.resolve();
+    return within(new Promise<void>((resolve) => this.waiters.push({ part, resolve })), 3000, `${JSON.stringify(part)} in the output`);
+  }
+}
+
+/** Starts the CLI; `signal()` plays the user's Ctrl-C. */
+function start(args: string[], options: { env?: NodeJS.ProcessEnv; socket?: boolean; io?: Partial<CliIo> } = {}) {
+  const stdout = new Capture();
+  const stderr = new Capture();
+  const listeners = new Set<(signal: NodeJS.Signals) => void>();
+  const argv = options.socket === false ? args : [...args, '--socket', socketPath];
+  const exit = main(argv, {
+    stdout,
+    stderr,
+    env: options.env ?? {},
+    onSignal(listener) {
+      listeners.add(listener);
+      return () => listeners.delete(listener);
+    },
+    ...options.io,
+  });
+  return {
+    stdout,
+    stderr,
+    exit: within(exit, 5000, `vmkeep ${args.join(' ')} to end`),
+    signal: () => {
+      for (const listener of listeners) listener('SIGINT');
+    },
+  };
+}
+
+async function vmkeep(args: string[], options: Parameters<typeof start>[1] = {}) {
+  const run = start(args, options);
+  const code = await run.exit;
+  return { code, stdout: run.stdout.text, stderr: run.stderr.text };
+}
+
+describe('list and status', () => {
+  it('list prints a table of the VMs', async () => {
+    ops.addVm('web1', 'running');
+    ops.addVm('db', 'stopped');
+    const { code, stdout, stderr } = await vmkeep(['list']);
+    expect(code).toBe(0);
+    expect(stderr).toBe('');
+    expect(stdout).toBe(
+      [
+        'NAME  STATE    PID   QEMU    MACHINE     SCOPE',
+        'web1  running  4000  7.2.19  pc-q35-7.2  vmkeep-web1.scope',
+        'db    stopped  -     -       pc-q35-7.2  -',
+        '',
+      ].join('\n'),
+    );
+  });
+
+  it('list --json prints exactly one JSON document: the VmView array', async () => {
+    ops.addVm('web1', 'running');
+    const { code, stdout } = await vmkeep(['list', '--json']);
+    expect(code).toBe(0);
+    expect(JSON.parse(stdout)).toEqual([...ops.vms.values()]);
+  });
+
+  it('list with no VMs prints nothing on stdout and the next step on stderr', async () => {
+    const { code, stdout, stderr } = await vmkeep(['list']);
+    expect(code).toBe(0);
+    expect(stdout).toBe('');
+    expect(stderr).toContain('vmkeep create SPEC.json');
+    expect((await vmkeep(['list', '--json'])).stdout).toBe('[]\n');
+  });
+
+  it('status prints key: value lines, --json the VmView', async () => {
+    ops.addVm('web1', 'unreachable', { pid: 77, problem: 'the monitor does not answer' });
+    const { code, stdout } = await vmkeep(['status', 'web1']);
+    expect(code).toBe(0);
+    expect(stdout).toContain('name:         web1\n');
+    expect(stdout).toContain('state:        unreachable\n');
+    expect(stdout).toContain('problem:      the monitor does not answer\n');
+    expect(stdout).toContain('pid:          77\n');
+    expect(stdout).toContain('memory:       256 MiB\n');
+    const json = await vmkeep(['status', 'web1', '--json']);
+    expect(JSON.parse(json.stdout)).toEqual(ops.vms.get('web1'));
+  });
+});
+
+describe('changing VMs', () => {
+  it('create sends the spec file and reports the VM', async () => {
+    const specPath = join(dir, 'web1.json');
+    await writeFile(specPath, JSON.stringify({ name: 'web1', kernel: '/boot/vmlinuz', memoryMiB: 512 }));
+    const { code, stdout } = await vmkeep(['create', specPath]);
+    expect(code).toBe(0);
+    expect(stdout).toBe('web1: created, running, pid 4000\n');
+    expect(ops.calls).toEqual([{ op: 'create', args: [{ name: 'web1', kernel: '/boot/vmlinuz', memoryMiB: 512 }, { start: true }] }]);
+    expect(ops.vms.get('web1')?.spec.memoryMiB).toBe(512);
+  });
+
+  it('create --no-start only creates it', async () => {
+    const specPath = join(dir, 'db.json');
+    await writeFile(specPath, JSON.stringify({ name: 'db', kernel: '/boot/vmlinuz' }));
+    const { code, stdout } = await vmkeep(['create', specPath, '--no-start', '--json']);
+    expect(code).toBe(0);
+    expect(JSON.parse(stdout)).toMatchObject({ name: 'db', state: 'stopped' });
+    expect(ops.calls[0]?.args[1]).toEqual({ start: false });
+  });
+
+  it('start, stop --force --timeout and delete', async () => {
+    ops.addVm('web1', 'stopped');
+    expect(await vmkeep(['start', 'web1'])).toMatchObject({ code: 0, stdout: 'web1: running, pid 4000\n' });
+    const stopped = await vmkeep(['stop', 'web1', '--force', '--timeout', '5']);
+    expect(stopped).toMatchObject({ code: 0, stdout: 'web1: stopped\n' });
+    expect(ops.calls.find((c) => c.op === 'stop')?.args).toEqual(['web1', { timeoutSec: 5, force: true }]);
+    expect(await vmkeep(['delete', 'web1', '--json'])).toMatchObject({ code: 0, stdout: '{"deleted":"web1"}\n' });
+    expect(ops.vms.size).toBe(0);
+  });
+
+  it('qmp prints the return value as JSON', async () => {
+    ops.addVm('web1', 'running');
+    ops.qmpReplies.set('query-status', { status: 'running', running: true });
+    const { code, stdout } = await vmkeep(['qmp', 'web1', 'query-status']);
+    expect(code).toBe(0);
+    expect(JSON.parse(stdout)).toEqual({ status: 'running', running: true });
+    await vmkeep(['qmp', 'web1', 'human-monitor-command', '{"command-line":"info status"}']);
+    expect(ops.calls.at(-1)?.args).toEqual(['web1', 'human-monitor-command', { 'command-line': 'info status' }]);
+  });
+});
+
+describe('streams', () => {
+  it('logs prints the console; logs -f follows it until Ctrl-C', async () => {
+    ops.addVm('web1', 'running');
+    const log = join(dir, 'web1.log');
+    await writeFile(log, 'boot\n');
+    expect(await vmkeep(['logs', 'web1'])).toMatchObject({ code: 0, stdout: 'boot\n' });
+
+    const follow = start(['logs', 'web1', '-f']);
+    await follow.stdout.until('boot\n');
+    await appendFile(log, 'login: ');
+    await follow.stdout.until('login: ');
+    follow.signal();
+    expect(await follow.exit).toBe(0);
+    expect(follow.stdout.text).toBe('boot\nlogin: ');
+  });
+
+  it('events --json prints one event per line until Ctrl-C', async () => {
+    const events = start(['events', '--json']);
+    await within(ops.listenerCountReaches(1), 3000, 'the CLI to subscribe');
+    ops.emit({ type: 'vm-state', vm: 'web1', state: 'running', previous: 'starting' });
+    ops.emit({ type: 'vm-deleted', vm: 'db' });
+    await events.stdout.until('vm-deleted');
+    events.signal();
+    expect(await events.exit).toBe(0);
+    const lines = events.stdout.text.trim().split('\n').map((l) => JSON.parse(l));
+    expect(lines).toMatchObject([{ type: 'vm-state', vm: 'web1', state: 'running' }, { type: 'vm-deleted', vm: 'db' }]);
+    await within(ops.listenerCountReaches(0), 3000, 'the subscription to end');
+  });
+
+  it('events prints one human line per event', async () => {
+    const events = start(['events']);
+    await within(ops.listenerCountReaches(1), 3000, 'the CLI to subscribe');
+    ops.emit({ type: 'vm-state', vm: 'web1', state: 'running', previous: 'starting' });
+    await events.stdout.until('\n');
+    events.signal();
+    expect(await events.exit).toBe(0);
+    expect(events.stdout.text).toMatch(/^\d{4}-\d\d-\d\dT[\d:.]+Z {2}web1 {2}starting -> running\n$/);
+  });
+});
+
+describe('errors and exit codes', () => {
+  it('a daemon error prints its code and message and exits 1; --json prints it as the one document', async () => {
+    const human = await vmkeep(['status', 'nope']);
+    expect(human.code).toBe(1);
+    expect(human.stdout).toBe('');
+    expect(human.stderr).toBe('vmkeep: error [NOT_FOUND]: no VM named "nope"; see vmkeep list\n');
+    const json = await vmkeep(['status', 'nope', '--json']);
+    expect(json.code).toBe(1);
+    expect(JSON.parse(json.stdout)).toMatchObject({ type: 'error', code: 'NOT_FOUND' });
+  });
+
+  it('an invalid spec is refused by the daemon with every problem, exit 1', async () => {
+    const specPath = join(dir, 'bad.json');
+    await writeFile(specPath, JSON.stringify({ name: 'Web 1', vcpus: 0 }));
+    const { code, stderr } = await vmkeep(['create', specPath]);
+    expect(code).toBe(1);
+    expect(stderr).toMatch(/^vmkeep: error \[INVALID_SPEC\]: invalid VM spec \(\d problems\)/);
+    expect(stderr).toContain('vcpus');
+  });
+
+  it('an unreadable or non-JSON spec file fails before the daemon is asked', async () => {
+    expect(await vmkeep(['create', join(dir, 'missing.json')])).toMatchObject({ code: 1, stderr: expect.stringContaining('[SPEC_UNREADABLE]') });
+    await writeFile(join(dir, 'broken.json'), '{ name: ');
+    expect(await vmkeep(['create', join(dir, 'broken.json')])).toMatchObject({ code: 1, stderr: expect.stringContaining('[SPEC_NOT_JSON]') });
+    expect(ops.calls).toEqual([]);
+  });
+
+  it.each([
+    [['status'], 'Not enough non-option arguments'],
+    [['status', 'Web/1'], 'is not a valid VM name'],
+    [['stop', 'web1', '--timeout', '-3'], '--timeout must be a positive number'],
+    [['qmp', 'web1', 'query-status', '[1]'], 'must be a JSON object'],
+    [['frobnicate'], 'Unknown argument'],
+  ])('usage error %j exits 2 and asks nothing of the daemon', async (args, message) => {
+    const { code, stderr } = await vmkeep(args);
+    expect(code).toBe(2);
+    expect(stderr).toContain(message);
+    expect(ops.calls).toEqual([]);
+  });
+
+  it('no daemon on the socket: DAEMON_DOWN with how to start it, exit 1', async () => {
+    const missing = join(dir, 'nothing-here.sock');
+    const { code, stdout, stderr } = await vmkeep(['list', '--socket', missing], { socket: false });
+    expect(code).toBe(1);
+    expect(stdout).toBe('');
+    expect(stderr).toBe(
+      `vmkeep: error [DAEMON_DOWN]: vmkeepd is not running (no answer on ${missing}): start it with \`systemctl start vmkeepd\` or \`vmkeep daemon\`, or point --socket / VMKEEP_SOCKET at it\n`,
+    );
+    // A socket file left behind by a dead daemon (connection refused) is the same case.
+    await server.close();
+    const { rename } = await import('node:fs/promises');
+    const { createServer } = await import('node:net');
+    const old = createServer();
+    await new Promise<void>((resolve) => old.listen(join(dir, 'tmp.sock'), resolve));
+    await rename(join(dir, 'tmp.sock'), socketPath);
+    await new Promise<void>((resolve) => old.close(() => resolve()));
+    server = await startApiServer({ socketPath: join(dir, 'other.sock'), ops });
+    expect(await vmkeep(['list', '--json'])).toMatchObject({ code: 1, stdout: expect.stringContaining('"code":"DAEMON_DOWN"') });
+  });
+
+  it('the socket comes from VMKEEP_SOCKET when --socket is not given', async () => {
+    ops.addVm('web1', 'running');
+    const asked: string[] = [];
+    const { code, stdout } = await vmkeep(['list', '--json'], {
+      socket: false,
+      env: { VMKEEP_SOCKET: socketPath },
+      io: {
+        createApiClient: (path) => {
+          asked.push(path);
+          return new ApiClient({ socketPath: path });
+        },
+      },
+    });
+    expect(code).toBe(0);
+    expect(asked).toEqual([socketPath]);
+    expect(JSON.parse(stdout)).toHaveLength(1);
+  });
+
+  it('completion prints the shell completion script', async () => {
+    const { code, stdout } = await vmkeep(['completion'], { socket: false });
+    expect(code).toBe(0);
+    expect(stdout).toContain('###-begin-vmkeep-completions-###');
+  });
+});

@@ -1,0 +1,161 @@
+// An in-memory DaemonOps: what the control API translates to, without QEMU or systemd.
+import { join } from 'node:path';
+import { validateSpec } from '../../../launcher/index.js';
+import { DaemonError } from '../../../daemon/errors.js';
+import type { DaemonEvent, DaemonInfo, DaemonOps, StopOptions, VmView } from '../../../daemon/model.js';
+
+export interface FakeCall {
+  op: keyof DaemonOps;
+  args: unknown[];
+}
+
+type Listener = (event: DaemonEvent) => void;
+
+export class FakeDaemonOps implements DaemonOps {
+  /** Every operation the API asked for, in order. */
+  readonly calls: FakeCall[] = [];
+  readonly vms = new Map<string, VmView>();
+  /** The next call of an operation throws this instead of doing its work. */
+  readonly failNext = new Map<keyof DaemonOps, unknown>();
+  /** Answers of the qmp operation by command name. */
+  readonly qmpReplies = new Map<string, unknown>();
+  private readonly listeners = new Set<Listener>();
+  private readonly countWaiters: Array<{ count: number; resolve: () => void }> = [];
+  private nextPid = 4000;
+
+  /** Console logs live in `consoleDir/NAME.log` (created by the test when it needs one). */
+  constructor(readonly consoleDir: string) {}
+
+  get listenerCount(): number {
+    return this.listeners.size;
+  }
+
+  /** Resolves once the number of event subscribers is `count`. */
+  listenerCountReaches(count: number): Promise<void> {
+    if (this.listeners.size === count) return Promise.resolve();
+    return new Promise((resolve) => this.countWaiters.push({ count, resolve }));
+  }
+
+  emit(event: Omit<DaemonEvent, 'time'>): void {
+    const full: DaemonEvent = { ...event, time: new Date().toISOString() };
+    for (const listener of this.listeners) listener(full);
+  }
+
+  /** Adds a VM directly, as if the daemon had reattached it. */
+  addVm(name: string, state: VmView['state'], extra: Partial<VmView> = {}): VmView {
+    const now = '2025-01-01T00:00:00.000Z';
+    const vm: VmView = {
+      name,
+      state,
+      spec: validateSpec({ name, kernel: '/boot/vmlinuz' }),
+      uuid: '6f1d3c2e-8c61-4a43-9d44-5d0c3b8e7a10',
+      machineType: 'pc-q35-7.2',
+      installation: 'default',
+      createdAt: now,
+      updatedAt: now,
+      ...(state === 'running' ? { pid: this.nextPid++, scope: `vmkeep-${name}.scope`, qemuVersion: '7.2.19' } : {}),
+      ...extra,
+    };
+    this.vms.set(name, vm);
+    return vm;
+  }
+
+  info(): DaemonInfo {
+    this.record('info', []);
+    return {
+      version: '0.1.0-test',
+      pid: process.pid,
+      stateDir: '/var/lib/vmkeep',
+      runtimeDir: '/run/vmkeep',
+      startedAt: '2025-01-01T00:00:00.000Z',
+      orphanScopes: [],
+    };
+  }
+
+  async list(): Promise<VmView[]> {
+    this.record('list', []);
+    return [...this.vms.values()];
+  }
+
+  async get(name: string): Promise<VmView> {
+    this.record('get', [name]);
+    return this.vm(name);
+  }
+
+  async create(spec: unknown, options: { start?: boolean } = {}): Promise<VmView> {
+    this.record('create', [spec, options]);
+    const valid = validateSpec(spec);
+    if (this.vms.has(valid.name)) throw new DaemonError('EXISTS', `a VM named ${valid.name} exists already`);
+    const vm = this.addVm(valid.name, options.start === false ? 'stopped' : 'running');
+    vm.spec = valid;
+    this.emit({ type: 'vm-created', vm: vm.name });
+    return vm;
+  }
+
+  async start(name: string): Promise<VmView> {
+    this.record('start', [name]);
+    const vm = this.vm(name);
+    if (vm.state === 'running') throw new DaemonError('CONFLICT', `${name} is already running; stop it first (vmkeep stop ${name})`);
+    return this.addVm(name, 'running', { spec: vm.spec });
+  }
+
+  async stop(name: string, options: StopOptions = {}): Promise<VmView> {
+    this.record('stop', [name, options]);
+    const vm = this.vm(name);
+    return this.addVm(name, 'stopped', {
+      spec: vm.spec,
+      lastExit: { reason: options.force ? 'quit by request' : 'guest shutdown', at: '2025-01-01T00:01:00.000Z' },
+    });
+  }
+
+  async delete(name: string): Promise<void> {
+    this.record('delete', [name]);
+    const vm = this.vm(name);
+    if (vm.pid !== undefined) throw new DaemonError('CONFLICT', `${name} has a QEMU (pid ${vm.pid}); stop it first (vmkeep stop ${name})`);
+    this.vms.delete(name);
+  }
+
+  async qmp(name: string, command: string, args?: Record<string, unknown>): Promise<unknown> {
+    this.record('qmp', args === undefined ? [name, command] : [name, command, args]);
+    this.vm(name);
+    return this.qmpReplies.get(command) ?? {};
+  }
+
+  async consolePath(name: string): Promise<string> {
+    this.record('consolePath', [name]);
+    this.vm(name);
+    return join(this.consoleDir, `${name}.log`);
+  }
+
+  subscribe(listener: Listener): () => void {
+    this.record('subscribe', []);
+    this.listeners.add(listener);
+    this.countChanged();
+    return () => {
+      this.listeners.delete(listener);
+      this.countChanged();
+    };
+  }
+
+  private record(op: keyof DaemonOps, args: unknown[]): void {
+    this.calls.push({ op, args });
+    const failure = this.failNext.get(op);
+    if (failure !== undefined) {
+      this.failNext.delete(op);
+      throw failure;
+    }
+  }
+
+  private vm(name: string): VmView {
+    const vm = this.vms.get(name);
+    if (!vm) throw new DaemonError('NOT_FOUND', `no VM named ${JSON.stringify(name)}; see vmkeep list`);
+    return vm;
+  }
+
+  private countChanged(): void {
+    for (const waiter of this.countWaiters.splice(0)) {
+      if (waiter.count === this.listeners.size) waiter.resolve();
+      else this.countWaiters.push(waiter);
+    }
+  }
+}
