@@ -18,7 +18,7 @@ export interface ConsoleOptions {
 }
 
 export const DEFAULT_SOCKET_PATH = '/run/vmkeep/vmkeep.sock';
-export const DEFAULT_CLIENT_TIMEOUT_MS = 30_000;
+const DEFAULT_CLIENT_TIMEOUT_MS = 30_000;
 // Starting a VM probes QEMU, creates a scope and boots to `cont`: minutes on a loaded host.
 const SLOW_OPERATION_TIMEOUT_MS = 5 * 60_000;
 // The daemon's default ACPI wait (StopOptions.timeoutSec) plus room for the quit that follows.

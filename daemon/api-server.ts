@@ -127,6 +127,17 @@ export async function startApiServer(options: ApiServerOptions): Promise<ApiServ
   server.timeout = 0;
   server.on('clientError', (error: NodeJS.ErrnoException, socket: Duplex) => answerClientError(error, socket, logger));
 
+  let closing: Promise<void> | undefined;
+  const closeServer = (): Promise<void> => {
+    closing ??= new Promise<void>((resolve) => {
+      for (const stop of [...ctx.streams]) stop();
+      // Node unlinks the socket file once the listener is closed.
+      server.close(() => resolve());
+      server.closeAllConnections();
+    });
+    return closing;
+  };
+
   await mkdir(dirname(socketPath), { recursive: true });
   await removeStaleSocket(socketPath);
   await new Promise<void>((resolve, reject) => {
@@ -149,17 +160,6 @@ export async function startApiServer(options: ApiServerOptions): Promise<ApiServ
       `cannot set the owner or mode of ${socketPath}: ${(cause as Error).message}; run vmkeepd as root, or choose a group it belongs to`,
       { cause },
     );
-  }
-
-  let closing: Promise<void> | undefined;
-  function closeServer(): Promise<void> {
-    closing ??= new Promise<void>((resolve) => {
-      for (const stop of [...ctx.streams]) stop();
-      // Node unlinks the socket file once the listener is closed.
-      server.close(() => resolve());
-      server.closeAllConnections();
-    });
-    return closing;
   }
 
   return { socketPath, close: closeServer };

@@ -1,4 +1,4 @@
-import { mkdir } from 'node:fs/promises';
+import { chmod, chown, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import type { Logger } from 'pino';
@@ -37,6 +37,11 @@ export interface DaemonHandle {
 export async function startDaemon(options: DaemonOptions, logger: Logger): Promise<DaemonHandle> {
   await mkdir(options.stateDir, { recursive: true, mode: 0o700 });
   await mkdir(options.runtimeDir, { recursive: true, mode: 0o700 });
+  if (options.socketGid !== undefined) {
+    // The group reaches the control socket through this folder; the VMs' own folders stay 0700.
+    await chown(options.runtimeDir, process.getuid?.() ?? 0, options.socketGid);
+    await chmod(options.runtimeDir, 0o750);
+  }
   const lock = await acquireDaemonLock(options.stateDir);
   const cleanups: Array<() => Promise<void> | void> = [() => lock.release()];
   const closeAll = async (): Promise<void> => {

@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { startApiServer, type ApiLogger, type ApiServer } from '../../../daemon/api-server.js';
-import { DaemonError } from '../../../daemon/errors.js';
+import { DaemonError } from '../../../daemon/index.js';
 import { LaunchError } from '../../../launcher/index.js';
 import { QmpError } from '../../../qmp/index.js';
 import { within } from '../qmp/fake-peer.js';

@@ -1,8 +1,7 @@
 // An in-memory DaemonOps: what the control API translates to, without QEMU or systemd.
 import { join } from 'node:path';
 import { validateSpec } from '../../../launcher/index.js';
-import { DaemonError } from '../../../daemon/errors.js';
-import type { DaemonEvent, DaemonInfo, DaemonOps, StopOptions, VmView } from '../../../daemon/model.js';
+import { DaemonError, type DaemonEvent, type DaemonInfo, type DaemonOps, type StopOptions, type VmView } from '../../../daemon/index.js';
 
 export interface FakeCall {
   op: keyof DaemonOps;

@@ -1,0 +1,70 @@
+// The README's demo: vmkeepd as a systemd service (a private systemd when the host's PID 1 is
+// not systemd), two VMs booting the tiny guest, a daemon restart and a SIGKILL of the daemon,
+// and both VMs still running on the same QEMU processes, reattached. Leaves nothing behind.
+import { execa } from 'execa';
+import { join } from 'node:path';
+import { DaemonHost } from '../support/daemon-host.js';
+import { countTicks, ensureGuestImage, waitForSerial } from '../support/guest.js';
+import { projectRoot } from '../support/paths.js';
+
+const CLI = join(projectRoot(), 'dist', 'cli', 'main.js');
+
+function say(text: string): void {
+  process.stdout.write(`\n== ${text}\n`);
+}
+
+async function vmkeep(host: DaemonHost, ...args: string[]): Promise<string> {
+  const result = await execa(process.execPath, [CLI, ...args, '--socket', host.socket], { reject: false });
+  process.stdout.write(`$ vmkeep ${args.join(' ')}\n${result.stdout}${result.stderr ? `\n${result.stderr}` : ''}\n`);
+  if (result.exitCode !== 0) throw new Error(`vmkeep ${args.join(' ')} exited ${result.exitCode}`);
+  return result.stdout;
+}
+
+async function main(): Promise<void> {
+  const guest = await ensureGuestImage();
+  say('booting a private systemd (PID 1 of its own namespaces) with vmkeepd.service inside');
+  const host = await DaemonHost.boot({ name: `demo-${process.pid}` });
+  try {
+    process.stdout.write(`vmkeepd is up; control socket ${host.socket}\n`);
+    say('creating two VMs; each QEMU goes into its own scope, outside the daemon\'s cgroup');
+    for (const name of ['web', 'db']) {
+      await host.api.create({ name, kernel: guest.kernel, initrd: guest.initrd, append: guest.append, memoryMiB: 128 });
+    }
+    for (const name of ['web', 'db']) await waitForSerial(host.serialLog(name), 'GUEST TICK 2', 90_000);
+    await vmkeep(host, 'list');
+    const before = await host.api.list();
+    const ticks = before.map((vm) => countTicks(host.serialLog(vm.name)));
+
+    say('systemctl restart vmkeepd.service (what a package upgrade does)');
+    await host.restart();
+    await vmkeep(host, 'list');
+
+    say('systemctl kill --signal=SIGKILL vmkeepd.service, then start it again (a crash)');
+    await host.killAndStart();
+    await vmkeep(host, 'list');
+
+    const after = await host.api.list();
+    for (const [i, vm] of after.entries()) {
+      const old = before[i]!;
+      await waitForSerial(host.serialLog(vm.name), `GUEST TICK ${ticks[i]! + 3}`, 30_000);
+      const same = vm.pid === old.pid && vm.state === 'running';
+      process.stdout.write(
+        `${vm.name}: pid ${old.pid} -> ${vm.pid}, ${vm.state}, guest ticks ${ticks[i]} -> ${countTicks(host.serialLog(vm.name))}: ${same ? 'kept running, reattached' : 'NOT KEPT'}\n`,
+      );
+      if (!same) throw new Error(`${vm.name} did not survive the daemon restart`);
+    }
+
+    say('stopping both VMs gracefully (ACPI power-off)');
+    await vmkeep(host, 'stop', 'web');
+    await vmkeep(host, 'stop', 'db');
+    await vmkeep(host, 'list');
+    say('done: both VMs survived a restart and a SIGKILL of vmkeepd');
+  } finally {
+    await host.shutdown();
+  }
+}
+
+await main().catch((error: unknown) => {
+  process.stderr.write(`demo failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}\n`);
+  process.exitCode = 1;
+});
