@@ -1,16 +1,33 @@
 // vmkeepd as a systemd service inside a private systemd: the set-up of the daemon's
 // integration tests and of the demo. The daemon's folders live under /tmp (shared with the
 // host), so the test talks to its control socket and reads serial logs from outside.
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ApiClient, type VmView } from '../../daemon/index.js';
+import { isSameProcess, readProcessIdentity } from '../../launcher/index.js';
 import { requireQemu } from './guest.js';
 import { projectRoot } from './paths.js';
 import { requireSystemdHostPrereqs, SystemdHost } from './systemd-host.js';
 
 const VMKEEPD = join(projectRoot(), 'dist', 'cli', 'vmkeepd.js');
 export const DAEMON_UNIT = 'vmkeepd.service';
+const SHIPPED_UNIT = join(projectRoot(), 'snap', 'vmkeepd.service');
+
+/**
+ * The unit the packages ship, so the tests prove its settings (Type=notify, default KillMode),
+ * with the test's command line. The tests restart it many times in a row: systemd's start rate
+ * limit is lifted, and the unit's directories are not managed by systemd here.
+ */
+export function testUnit(shipped: string, execStart: string): string {
+  const lines = shipped
+    .split('\n')
+    .filter((line) => !/^(RuntimeDirectory|RuntimeDirectoryPreserve|StateDirectory|After|Wants)=/.test(line))
+    .map((line) => (line.startsWith('ExecStart=') ? `ExecStart=${execStart}` : line));
+  const unitAt = lines.indexOf('[Unit]');
+  lines.splice(unitAt + 1, 0, 'StartLimitIntervalSec=0');
+  return lines.join('\n');
+}
 
 export interface DaemonHostOptions {
   name: string;
@@ -38,20 +55,7 @@ export class DaemonHost {
       '--socket', socket,
       ...(options.scopes === false ? ['--no-scope'] : []),
     ];
-    const unit = [
-      '[Unit]',
-      'Description=vmkeep daemon (test)',
-      // The tests restart it many times in a row; systemd's start rate limit would refuse that.
-      'StartLimitIntervalSec=0',
-      '[Service]',
-      'Type=notify',
-      'NotifyAccess=all',
-      `ExecStart=${process.execPath} ${args.join(' ')}`,
-      // The default KillMode (control-group): everything in the service's cgroup dies with it.
-      'KillMode=control-group',
-      'TimeoutStopSec=20',
-      '',
-    ].join('\n');
+    const unit = testUnit(await readFile(SHIPPED_UNIT, 'utf8'), `${process.execPath} ${args.join(' ')}`);
     let host: SystemdHost | undefined;
     try {
       host = await SystemdHost.boot({ name: options.name, unitFiles: { [DAEMON_UNIT]: unit } });
@@ -79,10 +83,17 @@ export class DaemonHost {
     return this.systemctl('restart', DAEMON_UNIT);
   }
 
-  /** SIGKILL of everything in the service's cgroup, then a fresh start. */
+  /** SIGKILL of everything in the service's cgroup, then a start (Restart= may have begun one). */
   async killAndStart(): Promise<void> {
+    const mainPid = Number((await this.systemctl('show', '--property=MainPID', '--value', DAEMON_UNIT)).trim());
+    const hostPid = this.host.hostPidOf(mainPid);
+    const identity = hostPid === null ? null : readProcessIdentity(hostPid);
     await this.systemctl('kill', '--signal=SIGKILL', DAEMON_UNIT);
-    await this.waitInactive();
+    const deadline = Date.now() + 20_000;
+    while (identity !== null && isSameProcess(identity.pid, identity.startTime)) {
+      if (Date.now() > deadline) throw new Error(`vmkeepd (pid ${identity.pid}) still alive 20 s after SIGKILL`);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
     await this.systemctl('start', DAEMON_UNIT);
   }
 
@@ -92,16 +103,6 @@ export class DaemonHost {
 
   async start(): Promise<void> {
     await this.systemctl('start', DAEMON_UNIT);
-  }
-
-  private async waitInactive(): Promise<void> {
-    const deadline = Date.now() + 20_000;
-    for (;;) {
-      const r = await this.host.exec('systemctl', ['is-active', DAEMON_UNIT]);
-      if (!['active', 'deactivating', 'activating'].includes(r.stdout.trim())) return;
-      if (Date.now() > deadline) throw new Error(`${DAEMON_UNIT} still ${r.stdout.trim()} 20 s after SIGKILL`);
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
   }
 
   /** The host PID of a QEMU the daemon reports (the daemon sees PIDs of the private namespace). */
