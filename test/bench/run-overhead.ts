@@ -68,7 +68,8 @@ async function timeVmkeepRun(ctx: Ctx, specPath: string, cacheDir: string, label
   });
   child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d));
   let exited = false;
-  const exit = new Promise<void>((resolve) => child.once('exit', () => { exited = true; resolve(); }));
+  let how = '';
+  const exit = new Promise<void>((resolve) => child.once('exit', (code, signal) => { exited = true; how = `code ${code}, signal ${signal}`; resolve(); }));
   const endCli = ctx.cleanup.add(`vmkeep run ${label}`, async () => {
     if (!exited) child.kill('SIGKILL');
     await exit;
@@ -89,7 +90,12 @@ async function timeVmkeepRun(ctx: Ctx, specPath: string, cacheDir: string, label
       exited || lines.some((l) => l.type === 'notice' && String(l.message).includes('power off')) ? true : undefined, 5);
     if (!exited) child.kill('SIGINT');
     await Promise.race([exit, timeout(15_000, `vmkeep run ${label} to exit after two SIGINTs`)]);
-    if (identity !== null) await waitForProcessExit(qemuPid, identity.startTime, 10_000);
+    if (identity !== null) {
+      await waitForProcessExit(qemuPid, identity.startTime, 10_000).catch((error: unknown) => {
+        throw new Error(`QEMU pid ${qemuPid} outlived vmkeep run ${label} (${how}): ${(error as Error).message}; its output:\n` +
+          `${lines.map((l) => JSON.stringify(l)).join('\n')}\n${stderr}`);
+      });
+    }
     await forgetQemu();
     return elapsed;
   } finally {

@@ -113,6 +113,17 @@ describe('what happens while the daemon is away is found when it comes back', ()
   });
 });
 
+describe('scopes no record claims', () => {
+  it('are reported at start and left alone', async () => {
+    const stray = host.host.spawnInside('systemd-run', ['--scope', '--unit=vmkeep-stray', '--quiet', 'sleep', '600'], {});
+    children.push(stray);
+    await waitFor(async () => (await host.host.exec('systemctl', ['is-active', 'vmkeep-stray.scope'])).stdout.trim() === 'active', 'vmkeep-stray.scope to be active', 10_000);
+    await host.restart();
+    expect((await host.api.info()).orphanScopes).toContain('vmkeep-stray.scope');
+    expect((await host.host.exec('systemctl', ['is-active', 'vmkeep-stray.scope'])).stdout.trim()).toBe('active');
+  });
+});
+
 describe('bad input changes nothing', () => {
   it('invalid specs, duplicates and unknown VMs get clear errors; records and VMs stay as they were', async () => {
     await createRunning('keeper');

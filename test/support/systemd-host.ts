@@ -187,7 +187,12 @@ function collect(child: ChildProcess, timeoutMs: number, label: string, input?: 
       clearTimeout(timer);
       resolve({ stdout, stderr, exitCode, signal });
     });
-    if (child.stdin) child.stdin.end(input ?? '');
+    if (child.stdin) {
+      // A command that exits without reading its input makes this write fail (EPIPE); its
+      // exit code is the answer, not that.
+      child.stdin.on('error', () => undefined);
+      child.stdin.end(input ?? '');
+    }
   });
 }
 
