@@ -73,6 +73,19 @@ function installationOptions<T>(y: Argv<T>) {
     });
 }
 
+/** The installation named by --qemu, --module-dir and --firmware-dir. */
+function installationFrom(
+  a: { qemu: string; moduleDir?: string | undefined; firmwareDir?: string[] | undefined },
+  env: NodeJS.ProcessEnv,
+): Installation {
+  return {
+    name: 'default',
+    binary: findProgram(a.qemu, env),
+    firmwareDirs: a.firmwareDir ?? [],
+    ...(a.moduleDir === undefined ? {} : { moduleDir: a.moduleDir }),
+  };
+}
+
 /** Runs the vmkeep command line; resolves to the process exit code. */
 export async function main(argv: string[], io: CliIo): Promise<number> {
   let exitCode = 0;
@@ -103,12 +116,7 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
       async (a) => {
         const reporter = createReporter(a.json, io.stdout, io.stderr);
         try {
-          const installation: Installation = {
-            name: 'default',
-            binary: findProgram(a.qemu, io.env),
-            firmwareDirs: a.firmwareDir ?? [],
-            ...(a.moduleDir === undefined ? {} : { moduleDir: a.moduleDir }),
-          };
+          const installation = installationFrom(a, io.env);
           exitCode = await runVm(
             {
               specPath: a.spec,
@@ -157,12 +165,7 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
         .option('log-level', { type: 'string', default: 'info', choices: ['trace', 'debug', 'info', 'warn', 'error'] }),
     async (a) => {
       try {
-        const installation: Installation = {
-          name: 'default',
-          binary: findProgram(a.qemu, io.env),
-          firmwareDirs: a.firmwareDir ?? [],
-          ...(a.moduleDir === undefined ? {} : { moduleDir: a.moduleDir }),
-        };
+        const installation = installationFrom(a, io.env);
         exitCode = await runDaemonCommand(
           {
             stateDir: a.stateDir,
