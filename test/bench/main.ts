@@ -77,6 +77,8 @@ async function main(): Promise<number> {
     await cleanup.runAll();
   }
 
+  // An interrupted run measured nothing worth keeping: the previous BENCHMARKS.md stays.
+  if (interrupted) return 130;
   const totalSeconds = (performance.now() - started) / 1000;
   const report = renderReport(describeMachine(qemu), sections, totalSeconds);
   const path = join(projectRoot(), 'BENCHMARKS.md');

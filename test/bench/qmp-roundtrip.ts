@@ -7,7 +7,7 @@ import { log, met, systemInstallation, type Cleanup, type Section } from './comm
 import { formatMs, median, percentile } from './stats.js';
 
 const WARMUP = 50;
-const CALLS = 2000;
+const CALLS = 5000;
 const TARGET_MEDIAN_MS = 0.3;
 
 export async function benchQmpRoundTrip(ctx: { guest: GuestImage; workDir: string; cleanup: Cleanup }): Promise<Section> {

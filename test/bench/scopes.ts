@@ -11,8 +11,8 @@ import { formatMs, median, percentile } from './stats.js';
 
 const SCOPE_DRIVER = join(projectRoot(), 'dist', 'test', 'support', 'scope-driver.js');
 const START_DRIVER = join(projectRoot(), 'dist', 'test', 'bench', 'start-driver.js');
-const SCOPE_COUNT = 100;
-const START_PAIRS = 12;
+const SCOPE_COUNT = 200;
+const START_PAIRS = 20;
 const TARGET_SCOPE_MS = 25;
 
 /** Runs a compiled driver inside the host; returns its `result` or throws its error. */
