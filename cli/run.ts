@@ -76,6 +76,32 @@ export async function loadSpecFile(path: string) {
  */
 export async function runVm(options: RunOptions, ctx: RunContext): Promise<number> {
   const { reporter } = ctx;
+  // Listening from the first moment: without a listener, Node ends the process on SIGINT and
+  // a QEMU that is starting in its own session would be left behind unmanaged.
+  // It stays until the end, so a signal during the tear-down cannot kill us half-way either.
+  let starting = true;
+  let interrupted: NodeJS.Signals | undefined;
+  const offSignal = ctx.onSignal((signal) => {
+    if (!starting || interrupted !== undefined) return;
+    reporter.notice(`${signal} while starting: the VM will be quit as soon as its start returns`);
+    interrupted = signal;
+  });
+  try {
+    return await startAndSupervise(options, ctx, () => {
+      starting = false;
+      return interrupted;
+    });
+  } finally {
+    offSignal();
+  }
+}
+
+async function startAndSupervise(
+  options: RunOptions,
+  ctx: RunContext,
+  endEarlySignals: () => NodeJS.Signals | undefined,
+): Promise<number> {
+  const { reporter } = ctx;
   const spec = await loadSpecFile(options.specPath);
 
   reporter.progress(`probing ${options.installation.binary}`);
@@ -104,6 +130,12 @@ export async function runVm(options: RunOptions, ctx: RunContext): Promise<numbe
       info,
       paths,
     });
+    const interrupted = endEarlySignals();
+    if (interrupted !== undefined) {
+      await vm.qmp.quit();
+      reporter.result({ vm: spec.name, outcome: 'interrupted', signal: interrupted }, `${spec.name}: start interrupted by ${interrupted}; QEMU quit`);
+      return EXIT_FORCED;
+    }
     reporter.notice(
       `${spec.name} running: pid ${vm.pid}, machine ${vm.machineType}, ready in ${Math.round(performance.now() - startedAt)} ms; Ctrl-C powers the guest off`,
       { vm: spec.name, pid: vm.pid, machineType: vm.machineType, stateDir },
