@@ -3,6 +3,7 @@ import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import {
+  isSameProcess,
   isValidVmName,
   launchVm,
   readProcessIdentity,
@@ -217,9 +218,7 @@ export class VmManager implements DaemonOps {
   private async onMonitorClosed(entry: VmEntry, why: string): Promise<void> {
     const process = entry.record.process;
     if (!process || entry.stopping) return;
-    const identity = readProcessIdentity(process.pid);
-    const alive = identity !== null && identity.state !== 'Z' && identity.startTime === process.startTime;
-    if (alive) {
+    if (isSameProcess(process.pid, process.startTime)) {
       await this.save(entry, { ...entry.record, state: 'unreachable', problem: `monitor closed (${why}); QEMU still alive` });
       this.scheduleRetry(entry);
       return;
@@ -273,9 +272,7 @@ export class VmManager implements DaemonOps {
   async create(input: unknown, options: { start?: boolean } = {}): Promise<VmView> {
     const spec = validateSpec(input);
     await checkSpecFiles(spec);
-    if (this.vms.has(spec.name)) {
-      throw new DaemonError('EXISTS', `a VM named ${spec.name} exists already; pick another name or delete it first (vmkeep delete ${spec.name})`);
-    }
+    this.refuseExisting(spec.name);
     const info = await this.options.probe(this.options.installation);
     // Resolving now pins the versioned machine type for the VM's whole life (migrations need it).
     const machineType = resolveMachineType(spec.machine, info.machines);
@@ -293,6 +290,8 @@ export class VmManager implements DaemonOps {
       createdAt: now,
       updatedAt: now,
     };
+    // Checked again after the awaits above: two creates of one name may have raced.
+    this.refuseExisting(spec.name);
     const entry: VmEntry = { record, queue: Promise.resolve() };
     this.vms.set(spec.name, entry);
     try {
@@ -354,10 +353,20 @@ export class VmManager implements DaemonOps {
         });
         this.watch(entry, vm.qmp);
       } catch (cause) {
-        const next: VmRecord = { ...entry.record, state: 'exited', lastExit: { reason: 'start failed', at: new Date().toISOString() } };
-        delete next.process;
-        next.problem = (cause as Error).message;
-        await this.save(entry, next);
+        const started = entry.record.process;
+        const next: VmRecord = { ...entry.record, problem: (cause as Error).message };
+        if (started !== undefined && isSameProcess(started.pid, started.startTime)) {
+          // The QEMU runs (e.g. the final record write failed): keep naming it, never orphan it.
+          next.state = 'unreachable';
+          this.scheduleRetry(entry);
+        } else {
+          next.state = 'exited';
+          next.lastExit = { reason: 'start failed', at: new Date().toISOString() };
+          delete next.process;
+        }
+        await this.save(entry, next).catch((error: unknown) =>
+          this.options.logger.error({ vm: name, err: error }, 'could not record the failed start'),
+        );
         throw new DaemonError('START_FAILED', `starting ${name} failed: ${(cause as Error).message}`, { cause });
       }
       return toView(entry.record);
@@ -439,6 +448,12 @@ export class VmManager implements DaemonOps {
   }
 
   // ---- helpers -------------------------------------------------------------------------------
+
+  private refuseExisting(name: string): void {
+    if (this.vms.has(name)) {
+      throw new DaemonError('EXISTS', `a VM named ${name} exists already; pick another name or delete it first (vmkeep delete ${name})`);
+    }
+  }
 
   private entry(name: string): VmEntry {
     const entry = isValidVmName(name) ? this.vms.get(name) : undefined;
