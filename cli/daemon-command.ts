@@ -1,5 +1,4 @@
 import { readFileSync } from 'node:fs';
-import { pino } from 'pino';
 import { startDaemon, type DaemonOptions } from '../daemon/index.js';
 import { CliError } from './errors.js';
 
@@ -31,7 +30,8 @@ export async function runDaemonCommand(
   version: string,
   onSignal: (listener: (signal: NodeJS.Signals) => void) => () => void,
 ): Promise<number> {
-  // JSON lines on stderr: journald keeps them, and jq reads them.
+  // Loaded here: only the daemon needs its logger. JSON lines on stderr: journald keeps them.
+  const { pino } = await import('pino');
   const logger = pino({ name: 'vmkeepd', level: args.logLevel }, pino.destination({ fd: 2, sync: true }));
   const options: DaemonOptions = {
     stateDir: args.stateDir,

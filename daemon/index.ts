@@ -1,6 +1,17 @@
 // The door of vmkeepd: the daemon itself, its control API (server and client) and its model.
-export { startDaemon, type DaemonOptions, type DaemonHandle } from './daemon.js';
-export { VmManager, type ScopePort, type VmManagerOptions } from './manager.js';
+import type { Logger } from 'pino';
+import type { DaemonHandle, DaemonOptions } from './daemon.js';
+
+/**
+ * Starts vmkeepd. The daemon's runtime (D-Bus, QEMU launching, logging) is loaded only here,
+ * so commands that merely talk to the API start fast.
+ */
+export async function startDaemon(options: DaemonOptions, logger: Logger): Promise<DaemonHandle> {
+  const daemon = await import('./daemon.js');
+  return daemon.startDaemon(options, logger);
+}
+export type { DaemonOptions, DaemonHandle } from './daemon.js';
+export type { ScopePort, VmManagerOptions } from './manager.js';
 export { classifyReattach, type ReattachObservation, type ReattachDecision, type ReattachAction } from './reattach.js';
 export { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
 export type { DaemonEvent, DaemonInfo, DaemonOps, ExitInfo, StopOptions, VmState, VmView } from './model.js';

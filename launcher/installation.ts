@@ -1,7 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { execa } from 'execa';
 import { qemuEnvironment } from './env.js';
 import { LaunchError } from './errors.js';
 import { closest } from './similar.js';
@@ -68,6 +67,8 @@ const DEFAULT_PROBE_TIMEOUT_MS = 30_000;
 
 /** Runs a program to completion with execa, never throwing for a non-zero exit. */
 export const execaRunner: ProcessRunner = async (file, args, { env, timeoutMs }) => {
+  // Loaded on first probe only: probes are cached, and execa costs ~150 ms of start-up.
+  const { execa } = await import('execa');
   const result = await execa(file, [...args], {
     env,
     extendEnv: false,
