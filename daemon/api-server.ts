@@ -10,6 +10,9 @@ import { QmpError, type QmpErrorCode } from '../qmp/index.js';
 import { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
 import type { DaemonOps, StopOptions } from './model.js';
 
+/** A day: longer waits are typos, and timers past 2^31 ms would fire at once. */
+const MAX_STOP_TIMEOUT_SEC = 86_400;
+
 /** The part of a pino logger the API uses (a pino Logger fits). */
 export interface ApiLogger {
   debug(fields: object, message: string): void;
@@ -270,8 +273,8 @@ function buildRoutes(ctx: Context): Route[] {
           checkFields(body, ['timeoutSec', 'force']);
           const stop: StopOptions = {};
           if (body.timeoutSec !== undefined) {
-            if (typeof body.timeoutSec !== 'number' || !Number.isFinite(body.timeoutSec) || body.timeoutSec <= 0) {
-              throw invalid(`"timeoutSec" must be a positive number of seconds, got ${JSON.stringify(body.timeoutSec)}`);
+            if (typeof body.timeoutSec !== 'number' || !Number.isFinite(body.timeoutSec) || body.timeoutSec <= 0 || body.timeoutSec > MAX_STOP_TIMEOUT_SEC) {
+              throw invalid(`"timeoutSec" must be a number of seconds from 0 to ${MAX_STOP_TIMEOUT_SEC} (a day), got ${JSON.stringify(body.timeoutSec)}`);
             }
             stop.timeoutSec = body.timeoutSec;
           }

@@ -7,7 +7,7 @@ import { ScopeManager, SCOPE_PREFIX } from '../scope-manager/index.js';
 import { startApiServer } from './api-server.js';
 import { acquireDaemonLock } from './lock.js';
 import { VmManager, type ScopePort } from './manager.js';
-import { RecordStore } from './records.js';
+import { recordsDir, RecordStore } from './records.js';
 
 export interface DaemonOptions {
   stateDir: string;
@@ -48,7 +48,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
     for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
   };
   try {
-    const store = new RecordStore(join(options.stateDir, 'vms'));
+    const store = new RecordStore(recordsDir(options.stateDir));
     await store.init();
 
     let scopes: ScopePort | null = null;

@@ -19,6 +19,7 @@ import { DaemonError } from './errors.js';
 import type { DaemonEvent, DaemonInfo, DaemonOps, StopOptions, VmState, VmView } from './model.js';
 import { classifyReattach, type ReattachObservation } from './reattach.js';
 import type { RecordStore, VmRecord } from './records.js';
+import { scopeUnitName } from '../scope-manager/index.js';
 
 /** The part of the scope manager the daemon uses (null: --no-scope, VMs die with our cgroup). */
 export interface ScopePort {
@@ -55,6 +56,8 @@ interface VmEntry {
   /** Set while the daemon itself ends this QEMU, so its exit is not taken for a crash. */
   stopping?: string;
   retryTimer?: NodeJS.Timeout;
+  /** Reason of a host-side SHUTDOWN event (e.g. host-signal) seen before the monitor closed. */
+  hostShutdown?: string;
 }
 
 /**
@@ -64,6 +67,7 @@ interface VmEntry {
  */
 export class VmManager implements DaemonOps {
   private readonly vms = new Map<string, VmEntry>();
+  private readonly damagedNames = new Set<string>();
   private readonly listeners = new Set<(event: DaemonEvent) => void>();
   private orphanScopes: string[] = [];
   private closed = false;
@@ -76,10 +80,12 @@ export class VmManager implements DaemonOps {
   async reattachAll(): Promise<void> {
     const { records, damaged } = await this.options.store.list();
     for (const bad of damaged) {
+      // The name stays taken: a new VM must not overwrite the file of one that may still run.
+      this.damagedNames.add(bad.name);
       this.options.logger.error({ vm: bad.name, file: bad.file, code: bad.error.code }, bad.error.message);
     }
     for (const record of records) this.vms.set(record.name, { record, queue: Promise.resolve() });
-    await Promise.all(records.map((record) => this.serially(record.name, () => this.reattach(record.name))));
+    await Promise.all(records.map((record) => this.serially(record.name, () => this.reattachIsolated(record.name))));
     await this.findOrphanScopes();
   }
 
@@ -97,6 +103,18 @@ export class VmManager implements DaemonOps {
     }
   }
 
+  /** A VM whose reattach fails is reported unreachable and retried; the others go on. */
+  private async reattachIsolated(name: string): Promise<void> {
+    try {
+      await this.reattach(name);
+    } catch (error) {
+      const entry = this.entry(name);
+      this.options.logger.error({ vm: name, err: error }, `reattach of ${name} failed; retrying later`);
+      entry.record = { ...entry.record, state: 'unreachable', problem: truncate(`reattach failed: ${(error as Error).message}`) };
+      this.scheduleRetry(entry);
+    }
+  }
+
   private async reattach(name: string): Promise<void> {
     const entry = this.entry(name);
     const record = entry.record;
@@ -107,19 +125,24 @@ export class VmManager implements DaemonOps {
       obs.process =
         identity === null || identity.state === 'Z' ? 'gone' : identity.startTime === record.process.startTime ? 'same' : 'recycled';
       if (obs.process === 'same' && this.options.scopes !== null && record.process.scope !== null) {
-        const actual = await this.options.scopes.scopeOfPid(record.process.pid).catch(() => undefined);
-        if (actual !== undefined) {
-          obs.actualScope = actual;
-          obs.recordedScope = record.process.scope;
-          obs.scopeMatches = actual === record.process.scope;
+        obs.recordedScope = record.process.scope;
+        try {
+          obs.actualScope = await this.options.scopes.scopeOfPid(record.process.pid);
+          obs.scopeMatches = obs.actualScope === record.process.scope;
+        } catch (error) {
+          // Unverified is not verified: retried later rather than resumed or finished.
+          obs.actualScope = `unknown (${(error as Error).message})`;
+          obs.scopeMatches = false;
         }
       }
       if (obs.process === 'same' && obs.scopeMatches !== false) {
         try {
           qmp = await this.connect(record);
+          // Listening before asking: an event after the answer is queued behind this reattach.
+          this.watch(entry, qmp);
           obs.monitor = { status: (await qmp.queryStatus()).status };
         } catch (error) {
-          qmp?.close();
+          this.detach(entry);
           qmp = undefined;
           obs.monitor = { error: (error as Error).message };
         }
@@ -134,7 +157,6 @@ export class VmManager implements DaemonOps {
     else next.problem = decision.problem;
     await this.save(entry, next);
 
-    if (qmp) this.watch(entry, qmp);
     switch (decision.action) {
       case 'finish-shutdown':
         await this.finishGuestShutdown(entry);
@@ -156,7 +178,7 @@ export class VmManager implements DaemonOps {
     entry.retryTimer = setTimeout(() => {
       entry.retryTimer = undefined;
       void this.serially(entry.record.name, async () => {
-        if (entry.record.state === 'unreachable' && !this.closed) await this.reattach(entry.record.name);
+        if (entry.record.state === 'unreachable' && !this.closed) await this.reattachIsolated(entry.record.name);
       }).catch((error: unknown) => this.options.logger.warn({ vm: entry.record.name, err: error }, 'reattach retry failed'));
     }, this.options.retryIntervalMs ?? 5_000);
     entry.retryTimer.unref();
@@ -177,7 +199,9 @@ export class VmManager implements DaemonOps {
       );
     });
     qmp.on('close', (reason) => {
-      if (entry.qmp === qmp) entry.qmp = undefined;
+      // Only the current monitor matters: one we let go of on purpose says nothing about QEMU.
+      if (entry.qmp !== qmp) return;
+      entry.qmp = undefined;
       if (this.closed) return;
       void this.serially(name, () => this.onMonitorClosed(entry, reason.message)).catch((error: unknown) =>
         this.options.logger.error({ vm: name, err: error }, 'handling a closed monitor failed'),
@@ -190,6 +214,13 @@ export class VmManager implements DaemonOps {
     const log = this.options.logger.child({ vm: entry.record.name });
     switch (event.event) {
       case 'SHUTDOWN': {
+        if (event.data.guest !== true) {
+          // QEMU itself is ending (a signal, a quit from elsewhere): it exits on its own, and
+          // the closed monitor tells the rest. Not a guest power-off to finish.
+          log.warn({ data: event.data }, 'QEMU is shutting down on the host side');
+          entry.hostShutdown = String(event.data.reason ?? 'unknown');
+          return;
+        }
         log.info({ data: event.data }, 'guest shut down');
         if (entry.stopping) return;
         await this.save(entry, { ...entry.record, state: 'shutdown' });
@@ -207,7 +238,7 @@ export class VmManager implements DaemonOps {
         return;
       case 'GUEST_PANICKED':
         log.error({ data: event.data }, 'guest panicked');
-        await this.save(entry, { ...entry.record, problem: `guest panicked (${JSON.stringify(event.data)})` });
+        await this.save(entry, { ...entry.record, problem: truncate(`guest panicked (${JSON.stringify(event.data)})`) });
         return;
       default:
         return;
@@ -226,7 +257,10 @@ export class VmManager implements DaemonOps {
     const next: VmRecord = {
       ...entry.record,
       state: 'exited',
-      lastExit: { reason: 'QEMU exited unexpectedly', at: new Date().toISOString() },
+      lastExit: {
+        reason: entry.hostShutdown === undefined ? 'QEMU exited unexpectedly' : `QEMU exited (${entry.hostShutdown})`,
+        at: new Date().toISOString(),
+      },
     };
     delete next.process;
     await this.save(entry, next);
@@ -249,8 +283,7 @@ export class VmManager implements DaemonOps {
       delete next.problem;
       await this.save(entry, next);
     } finally {
-      entry.qmp?.close();
-      entry.qmp = undefined;
+      this.detach(entry);
       entry.stopping = undefined;
     }
   }
@@ -277,7 +310,6 @@ export class VmManager implements DaemonOps {
     // Resolving now pins the versioned machine type for the VM's whole life (migrations need it).
     const machineType = resolveMachineType(spec.machine, info.machines);
     const now = new Date().toISOString();
-    const dir = join(this.options.runtimeDir, 'vms', spec.name);
     const record: VmRecord = {
       schema: 1,
       name: spec.name,
@@ -285,7 +317,7 @@ export class VmManager implements DaemonOps {
       spec,
       machineType,
       installation: this.options.installation,
-      paths: { qmpSocket: join(dir, 'qmp.sock'), serialLog: join(dir, 'serial.log'), stderrLog: join(dir, 'qemu.log') },
+      paths: this.vmPaths(spec.name),
       state: 'stopped',
       createdAt: now,
       updatedAt: now,
@@ -313,15 +345,16 @@ export class VmManager implements DaemonOps {
         throw new DaemonError('CONFLICT', `${name} is already ${record.state} (pid ${record.process.pid}); stop it first (vmkeep stop ${name})`);
       }
       const info = await this.options.probe(record.installation);
-      const dir = join(this.options.runtimeDir, 'vms', name);
-      await mkdir(dir, { recursive: true, mode: 0o700 });
+      // Derived, not read from the record: the files removed and truncated here are always ours.
+      const paths = this.vmPaths(name);
+      await mkdir(this.vmDir(name), { recursive: true, mode: 0o700 });
       // Leftovers of the previous QEMU: its socket would be taken for the new one's.
-      await rm(record.paths.qmpSocket, { force: true });
-      await writeFile(record.paths.serialLog, '', { mode: 0o600 });
-      await this.save(entry, { ...record, state: 'starting' });
+      await rm(paths.qmpSocket, { force: true });
+      await writeFile(paths.serialLog, '', { mode: 0o600 });
+      await this.save(entry, { ...record, paths, state: 'starting' });
 
-      const scopes = this.options.scopes;
-      const scopeName = `vmkeep-${name}.scope`;
+      entry.hostShutdown = undefined;
+      const scope = this.options.scopes === null ? null : scopeUnitName(name);
       try {
         const vm = await launchVm({
           spec: record.spec,
@@ -329,37 +362,37 @@ export class VmManager implements DaemonOps {
           installation: record.installation,
           info,
           machineType: record.machineType,
-          paths: record.paths,
+          paths,
+          // Paused until it is recorded and watched: nothing the guest does can go unseen.
+          stayPaused: true,
           placeInScope: async (pid) => {
             const identity = readProcessIdentity(pid);
-            if (identity === null) throw new DaemonError('START_FAILED', `QEMU (pid ${pid}) exited right after it was spawned; see ${record.paths.stderrLog}`);
+            if (identity === null) throw new DaemonError('START_FAILED', `QEMU (pid ${pid}) exited right after it was spawned; see ${paths.stderrLog}`);
             // Recorded before the scope exists: a crash from here on leaves a record that names
             // this QEMU, so the next daemon finds it instead of an orphan.
             await this.save(entry, {
               ...entry.record,
               state: 'starting',
-              process: { pid, startTime: identity.startTime, scope: scopes === null ? null : scopeName },
+              binary: { ...info.identity, version: info.version },
+              process: { pid, startTime: identity.startTime, scope },
             });
-            if (scopes !== null) {
-              await scopes.createScope({ name: scopeName, pids: [pid], slice: this.options.slice, description: `vmkeep VM ${name}` });
+            if (this.options.scopes !== null && scope !== null) {
+              await this.options.scopes.createScope({ name: scope, pids: [pid], slice: this.options.slice, description: `vmkeep VM ${name}` });
             }
           },
         });
-        await this.save(entry, {
-          ...entry.record,
-          state: 'running',
-          binary: { ...info.identity, version: info.version },
-          process: { pid: vm.pid, startTime: vm.startTime, scope: scopes === null ? null : scopeName },
-        });
         this.watch(entry, vm.qmp);
+        await vm.qmp.cont();
+        await this.save(entry, { ...entry.record, state: 'running' });
       } catch (cause) {
         const started = entry.record.process;
-        const next: VmRecord = { ...entry.record, problem: (cause as Error).message };
+        const next: VmRecord = { ...entry.record, problem: truncate((cause as Error).message) };
         if (started !== undefined && isSameProcess(started.pid, started.startTime)) {
-          // The QEMU runs (e.g. the final record write failed): keep naming it, never orphan it.
+          // The QEMU runs (e.g. a record write failed after it started): keep naming it, never orphan it.
           next.state = 'unreachable';
           this.scheduleRetry(entry);
         } else {
+          this.detach(entry);
           next.state = 'exited';
           next.lastExit = { reason: 'start failed', at: new Date().toISOString() };
           delete next.process;
@@ -367,7 +400,11 @@ export class VmManager implements DaemonOps {
         await this.save(entry, next).catch((error: unknown) =>
           this.options.logger.error({ vm: name, err: error }, 'could not record the failed start'),
         );
-        throw new DaemonError('START_FAILED', `starting ${name} failed: ${(cause as Error).message}`, { cause });
+        throw new DaemonError(
+          'START_FAILED',
+          `starting ${name} failed: ${(cause as Error).message}. The VM stays recorded (state ${next.state}); fix the cause and run vmkeep start ${name}, or vmkeep delete ${name}`,
+          { cause },
+        );
       }
       return toView(entry.record);
     });
@@ -387,12 +424,13 @@ export class VmManager implements DaemonOps {
       const timeoutSec = options.timeoutSec ?? DEFAULT_STOP_TIMEOUT_SEC;
       if (entry.record.state !== 'shutdown') {
         const shutdown = entry.qmp.waitForEvent('SHUTDOWN', { timeoutMs: timeoutSec * 1000 });
+        // Handled from the start: if powerdown fails, this wait's rejection must not go unhandled.
+        shutdown.catch(() => undefined);
         entry.stopping = 'stopped by request';
         try {
           await entry.qmp.systemPowerdown();
           await shutdown;
         } catch (cause) {
-          shutdown.catch(() => undefined);
           entry.stopping = undefined;
           throw new DaemonError(
             'STOP_TIMEOUT',
@@ -413,8 +451,9 @@ export class VmManager implements DaemonOps {
         throw new DaemonError('CONFLICT', `${name} has a QEMU (pid ${entry.record.process.pid}, ${entry.record.state}); stop it first (vmkeep stop ${name})`);
       }
       await this.options.store.remove(name);
+      // The folder goes before the name is free: a quick re-create must not lose its new socket.
+      await rm(this.vmDir(name), { recursive: true, force: true });
       this.vms.delete(name);
-      await rm(join(this.options.runtimeDir, 'vms', name), { recursive: true, force: true });
       this.emit({ type: 'vm-deleted', vm: name });
     });
   }
@@ -443,13 +482,32 @@ export class VmManager implements DaemonOps {
     this.closed = true;
     for (const entry of this.vms.values()) {
       if (entry.retryTimer) clearTimeout(entry.retryTimer);
-      entry.qmp?.close();
+      this.detach(entry);
     }
   }
 
   // ---- helpers -------------------------------------------------------------------------------
 
+  private vmDir(name: string): string {
+    return join(this.options.runtimeDir, 'vms', name);
+  }
+
+  private vmPaths(name: string): VmRecord['paths'] {
+    const dir = this.vmDir(name);
+    return { qmpSocket: join(dir, 'qmp.sock'), serialLog: join(dir, 'serial.log'), stderrLog: join(dir, 'qemu.log') };
+  }
+
+  /** Lets go of the VM's monitor without treating the close as news about QEMU. */
+  private detach(entry: VmEntry): void {
+    const qmp = entry.qmp;
+    entry.qmp = undefined;
+    qmp?.close();
+  }
+
   private refuseExisting(name: string): void {
+    if (this.damagedNames.has(name)) {
+      throw new DaemonError('EXISTS', `the record of ${name} is damaged (see the daemon's log) and is kept as it is; repair or move the file ${this.options.store.fileOf(name)} and restart vmkeepd, or pick another name`);
+    }
     if (this.vms.has(name)) {
       throw new DaemonError('EXISTS', `a VM named ${name} exists already; pick another name or delete it first (vmkeep delete ${name})`);
     }
@@ -490,6 +548,13 @@ export class VmManager implements DaemonOps {
       }
     }
   }
+}
+
+const PROBLEM_MAX_CHARS = 500;
+
+/** Problems come from QEMU and from peers: bounded before they go into a record. */
+function truncate(text: string): string {
+  return text.length > PROBLEM_MAX_CHARS ? `${text.slice(0, PROBLEM_MAX_CHARS)}…` : text;
 }
 
 function toView(record: VmRecord): VmView {

@@ -57,20 +57,32 @@ export async function launchVm(options: LaunchVmOptions): Promise<LaunchedVm> {
     ...(options.placeInScope === undefined ? {} : { placeInScope: options.placeInScope }),
   });
 
-  let qmp: QmpClient | undefined;
+  let qmp: QmpClient;
   try {
     qmp = await connectQmp(options.paths.qmpSocket, {
       ...(options.qmpTimeoutMs === undefined ? {} : { commandTimeoutMs: options.qmpTimeoutMs }),
     });
-    if (!options.stayPaused && options.incoming === undefined) await qmp.cont();
   } catch (cause) {
-    qmp?.close();
     endUnstartedQemu(spawned.pid, spawned.startTime);
     throw new LaunchError(
       'SPAWN_FAILED',
       `QEMU for ${options.spec.name} started (pid ${spawned.pid}) but its monitor ${options.paths.qmpSocket} did not answer: ${(cause as Error).message}; QEMU was ended before running guest code. See ${options.paths.stderrLog}`,
       { cause },
     );
+  }
+  if (!options.stayPaused && options.incoming === undefined) {
+    try {
+      await qmp.cont();
+    } catch (cause) {
+      // `cont` may have taken effect (a timeout says nothing): the guest may be running, so it
+      // is left alone and reported, never killed.
+      qmp.close();
+      throw new LaunchError(
+        'SPAWN_FAILED',
+        `QEMU for ${options.spec.name} (pid ${spawned.pid}) did not confirm cont: ${(cause as Error).message}; it was left running. Check it with its monitor ${options.paths.qmpSocket}`,
+        { cause },
+      );
+    }
   }
   return { spec: options.spec, pid: spawned.pid, startTime: spawned.startTime, machineType, command, qmp };
 }

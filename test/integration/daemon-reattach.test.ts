@@ -155,6 +155,8 @@ describe('bad input changes nothing', () => {
     await host.start();
     expect((await host.api.get('keeper')).state).toBe('running');
     await expect(host.api.get('torn')).rejects.toMatchObject({ code: 'NOT_FOUND' });
+    // Its name stays taken: a new VM must not overwrite the record of one that still runs.
+    await expect(host.api.create(spec('torn'))).rejects.toMatchObject({ code: 'EXISTS' });
     expect(await readFile(host.recordFile('torn'), 'utf8')).toBe(text.slice(0, Math.floor(text.length / 2)));
     expect(await host.consoleTail(200)).toMatch(/torn/);
   });

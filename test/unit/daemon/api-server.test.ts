@@ -278,6 +278,8 @@ describe('errors', () => {
     expect(typo.status).toBe(400);
     expect(typo.json.error.message).toContain('known fields: timeoutSec, force');
     expect((await call('POST', '/1.0/vms/web1/stop', { timeoutSec: -1 })).status).toBe(400);
+    // Past 2^31 ms a timer fires at once: such a stop would power off and give up at the same time.
+    expect((await call('POST', '/1.0/vms/web1/stop', { timeoutSec: 1e9 })).status).toBe(400);
     expect((await call('POST', '/1.0/vms/web1/stop', { force: 'yes' })).status).toBe(400);
     expect((await call('POST', '/1.0/vms/web1/qmp', { execute: '' })).status).toBe(400);
     expect((await call('POST', '/1.0/vms/web1/qmp', { execute: 'x', arguments: [1] })).status).toBe(400);
