@@ -1,6 +1,6 @@
-import { accessSync, constants } from 'node:fs';
+import { accessSync, constants, existsSync } from 'node:fs';
 import { homedir } from 'node:os';
-import { delimiter, isAbsolute, join, resolve } from 'node:path';
+import { delimiter, dirname, isAbsolute, join, resolve } from 'node:path';
 import type { Writable } from 'node:stream';
 import yargs, { type Argv } from 'yargs';
 import type { Installation } from '../launcher/index.js';
@@ -73,16 +73,22 @@ function installationOptions<T>(y: Argv<T>) {
     });
 }
 
+// Where distributions put the modules of the QEMU in /usr/bin: named, so that they are pinned
+// per build and a package upgrade cannot swap them under a running QEMU.
+const SYSTEM_MODULE_DIRS = ['/usr/lib/x86_64-linux-gnu/qemu', '/usr/lib/aarch64-linux-gnu/qemu', '/usr/lib64/qemu', '/usr/lib/qemu'];
+
 /** The installation named by --qemu, --module-dir and --firmware-dir. */
 function installationFrom(
   a: { qemu: string; moduleDir?: string | undefined; firmwareDir?: string[] | undefined },
   env: NodeJS.ProcessEnv,
 ): Installation {
+  const binary = findProgram(a.qemu, env);
+  const moduleDir = a.moduleDir ?? (dirname(binary) === '/usr/bin' ? SYSTEM_MODULE_DIRS.find((dir) => existsSync(dir)) : undefined);
   return {
     name: 'default',
-    binary: findProgram(a.qemu, env),
+    binary,
     firmwareDirs: a.firmwareDir ?? [],
-    ...(a.moduleDir === undefined ? {} : { moduleDir: a.moduleDir }),
+    ...(moduleDir === undefined ? {} : { moduleDir }),
   };
 }
 
@@ -162,10 +168,19 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
           describe: 'put each QEMU in its own systemd scope; --no-scope keeps them in the daemon\'s cgroup, where they DIE with the daemon service',
         })
         .option('bus-address', { type: 'string', describe: 'D-Bus address of the system bus (default DBUS_SYSTEM_BUS_ADDRESS or the standard socket)' })
+        .option('installations', {
+          type: 'string',
+          describe: 'JSON file of QEMU installations and the current one per channel (env VMKEEP_INSTALLATIONS); without it, --qemu names the only one',
+        })
+        .option('refresh-policy', {
+          type: 'string',
+          choices: ['manual', 'migrate', 'reboot', 'on-guest-shutdown'],
+          default: 'manual',
+          describe: 'how stale VMs move onto the current installation unless a VM has its own policy; manual only reports',
+        })
         .option('log-level', { type: 'string', default: 'info', choices: ['trace', 'debug', 'info', 'warn', 'error'] }),
     async (a) => {
       try {
-        const installation = installationFrom(a, io.env);
         exitCode = await runDaemonCommand(
           {
             stateDir: a.stateDir,
@@ -176,8 +191,10 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
             logLevel: a.logLevel,
             ...(a.socketGroup === undefined ? {} : { socketGroup: a.socketGroup }),
             ...(a.busAddress === undefined ? {} : { busAddress: a.busAddress }),
+            refreshPolicy: a.refreshPolicy,
+            ...(io.env.VMKEEP_CRASH_AT ? { crashAt: io.env.VMKEEP_CRASH_AT } : {}),
           },
-          installation,
+          a.installations === undefined ? installationFrom(a, io.env) : a.installations,
           VERSION,
           io.onSignal,
         );

@@ -1,5 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { startDaemon, type DaemonOptions } from '../daemon/index.js';
+import type { Installation } from '../launcher/index.js';
+import { loadInstallationsConfig, parseStrategy, singleInstallation } from '../upgrade/index.js';
 import { CliError } from './errors.js';
 
 export interface DaemonCommandArgs {
@@ -11,6 +13,9 @@ export interface DaemonCommandArgs {
   scope: boolean;
   busAddress?: string;
   logLevel: string;
+  refreshPolicy: string;
+  /** Test hook (VMKEEP_CRASH_AT): SIGKILL self at this refresh step. */
+  crashAt?: string;
 }
 
 /** A group name or number as a gid (reads /etc/group: Node has no getgrnam). */
@@ -26,7 +31,8 @@ export function resolveGroup(group: string, groupFile = '/etc/group'): number {
 /** Runs vmkeepd in the foreground until SIGINT/SIGTERM; resolves to the exit code. */
 export async function runDaemonCommand(
   args: DaemonCommandArgs,
-  installation: DaemonOptions['installation'],
+  /** The one installation (--qemu ...), or the path of an installations file. */
+  installations: Installation | string,
   version: string,
   onSignal: (listener: (signal: NodeJS.Signals) => void) => () => void,
 ): Promise<number> {
@@ -34,12 +40,14 @@ export async function runDaemonCommand(
   const { pino } = await import('pino');
   const logger = pino({ name: 'vmkeepd', level: args.logLevel }, pino.destination({ fd: 2, sync: true }));
   const options: DaemonOptions = {
+    installations: typeof installations === 'string' ? await loadInstallationsConfig(installations) : singleInstallation(installations),
+    defaultPolicy: parseStrategy(args.refreshPolicy, '--refresh-policy'),
+    ...(args.crashAt === undefined ? {} : { crashAt: args.crashAt }),
     stateDir: args.stateDir,
     runtimeDir: args.runtimeDir,
     socketPath: args.socket,
     slice: args.slice,
     useScopes: args.scope,
-    installation,
     version,
     ...(args.busAddress === undefined ? {} : { busAddress: args.busAddress }),
     ...(args.socketGroup === undefined ? {} : { socketGid: resolveGroup(args.socketGroup) }),

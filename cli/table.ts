@@ -1,12 +1,12 @@
 import type { DaemonEvent, VmView } from '../daemon/index.js';
 
 /** Control characters (terminal escapes) from a daemon or guest string are shown, not obeyed. */
-function printable(text: string): string {
+export function printable(text: string): string {
   return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
 
 /** Columns two spaces apart, left-aligned; the last column is not padded. */
-function formatTable(header: readonly string[], rows: ReadonlyArray<readonly string[]>): string {
+export function formatTable(header: readonly string[], rows: ReadonlyArray<readonly string[]>): string {
   const all = [header, ...rows].map((row) => row.map(printable));
   const widths = header.map((_, i) => Math.max(...all.map((row) => (row[i] ?? '').length)));
   return all
@@ -56,6 +56,9 @@ export function formatEvent(event: DaemonEvent): string {
       break;
     case 'vm-deleted':
       what = 'deleted';
+      break;
+    case 'refresh':
+      what = `refresh ${event.step ?? '?'} (${event.job ?? '?'})`;
       break;
     default:
       what = String(event.type);

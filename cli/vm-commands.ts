@@ -1,15 +1,22 @@
 import { StringDecoder } from 'node:string_decoder';
 import type { Argv } from 'yargs';
-import { ApiClient, DEFAULT_SOCKET_PATH } from '../daemon/index.js';
+import { ApiClient, DEFAULT_SOCKET_PATH, REFRESH_STRATEGIES, type RefreshJobRequest, type RefreshStrategy } from '../daemon/index.js';
 import { isValidVmName } from '../launcher/index.js';
 import type { CliIo } from './app.js';
 import { reportError } from './errors.js';
 import { createReporter } from './output.js';
 import { EXIT_CLEAN, EXIT_FAILED, readSpecJson } from './run.js';
+import { followRefreshJob } from './refresh-follow.js';
+import { formatUpgradeStatus } from './refresh-view.js';
 import { formatEvent, formatVmList, formatVmStatus } from './table.js';
 
+const STRATEGIES = [...REFRESH_STRATEGIES];
+
 /** What the commands need of the control API; tests may hand in their own. */
-export type DaemonApi = Pick<ApiClient, 'list' | 'get' | 'create' | 'start' | 'stop' | 'delete' | 'qmp' | 'console' | 'events'>;
+export type DaemonApi = Pick<
+  ApiClient,
+  'list' | 'get' | 'create' | 'start' | 'stop' | 'delete' | 'qmp' | 'console' | 'events' | 'refresh' | 'startRefreshJob' | 'refreshJob' | 'upgradeStatus'
+>;
 
 export interface VmCommandContext {
   io: CliIo;
@@ -92,10 +99,16 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
         daemonOptions(y, env)
           .positional('spec', { type: 'string', demandOption: true, describe: 'VM spec (JSON file)' })
           .option('start', { type: 'boolean', default: true, describe: 'start the VM once created (--no-start: only create it)' })
+          .option('channel', { type: 'string', describe: 'installations channel whose current QEMU the VM runs on', defaultDescription: 'default' })
+          .option('policy', { type: 'string', choices: STRATEGIES, describe: "this VM's refresh strategy after a QEMU upgrade", defaultDescription: "the daemon's --refresh-policy" })
           .example('$0 create vm.json', 'create and start the VM described in vm.json')
           .example('$0 create vm.json --no-start', 'only record it; start it later with vmkeep start NAME'),
-      run(async (api, out, a: CommonArgs & { spec: string; start: boolean }) => {
-        const vm = await api.create(await readSpecJson(a.spec), { start: a.start });
+      run(async (api, out, a: CommonArgs & { spec: string; start: boolean; channel?: string; policy?: string }) => {
+        const vm = await api.create(await readSpecJson(a.spec), {
+          start: a.start,
+          ...(a.channel === undefined ? {} : { channel: a.channel }),
+          ...(a.policy === undefined ? {} : { policy: a.policy as RefreshStrategy }),
+        });
         const pid = vm.pid === undefined ? '' : `, pid ${vm.pid}`;
         out.document(vm, a.start ? `${vm.name}: created, ${vm.state}${pid}` : `${vm.name}: created (${vm.state}); start it with: vmkeep start ${vm.name}`);
       }),
@@ -205,6 +218,51 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
       }),
     )
     .command(
+      'refresh [name]',
+      'move running VMs onto the current QEMU installation: live migration, ACPI reboot, or at the next guest shutdown',
+      (y) =>
+        daemonOptions(y, env)
+          .positional('name', { type: 'string', describe: 'VM to refresh (or use --all / --stale)' })
+          .option('all', { type: 'boolean', default: false, describe: 'every VM (current ones are left as they are)' })
+          .option('stale', { type: 'boolean', default: false, describe: 'every stale VM whose strategy is not manual' })
+          .option('strategy', { type: 'string', choices: STRATEGIES, describe: 'how to move each VM', defaultDescription: "each VM's policy" })
+          .option('parallel', { type: 'number', default: 1, describe: 'VMs refreshed at the same time' })
+          .option('timeout', { type: 'number', describe: 'seconds per VM for the migration, or for the guest to power off', defaultDescription: 'migrate 60, reboot 120' })
+          .option('force', { type: 'boolean', default: false, describe: 'reboot: quit a guest that ignores ACPI (it loses unwritten data)' })
+          .option('stop-on-error', { type: 'boolean', default: false, describe: 'begin no further VM once one failed' })
+          .check((a) => {
+            const chosen = [a.name !== undefined, a.all, a.stale].filter(Boolean).length;
+            if (chosen !== 1) return 'name one VM, or give --all or --stale (exactly one of them)';
+            if (a.name !== undefined && checkName(a.name) !== true) return checkName(a.name);
+            if (!Number.isSafeInteger(a.parallel) || a.parallel < 1 || a.parallel > 64) return '--parallel must be a whole number from 1 to 64';
+            if (a.timeout !== undefined && !(Number.isFinite(a.timeout) && a.timeout > 0)) return '--timeout must be a positive number of seconds';
+            return true;
+          })
+          .example('$0 refresh web1 --strategy migrate', 'live-migrate web1 onto the current QEMU (the guest keeps running)')
+          .example('$0 refresh --stale --parallel 2', "refresh every stale VM by its own policy, two at a time")
+          .example('$0 refresh --all --strategy reboot --stop-on-error', 'power-cycle every stale VM onto the new QEMU, halting at the first failure'),
+      run(async (api, out, a: CommonArgs & RefreshArgs) => {
+        const request: RefreshJobRequest = {
+          ...(a.name === undefined ? (a.all ? { all: true } : { stale: true }) : { vms: [a.name] }),
+          ...(a.strategy === undefined ? {} : { strategy: a.strategy as RefreshStrategy }),
+          ...(a.timeout === undefined ? {} : { timeoutSec: a.timeout }),
+          ...(a.force ? { force: true } : {}),
+          ...(a.stopOnError ? { stopOnError: true } : {}),
+          parallel: a.parallel,
+        };
+        return followRefreshJob(api, request, { json: out.json, stdout: io.stdout, stderr: io.stderr, onSignal: io.onSignal });
+      }),
+    )
+    .command(
+      'upgrade-status',
+      'which VMs run an old QEMU (stale), on what, and what their refresh policy will do',
+      (y) => daemonOptions(y, env),
+      run(async (api, out) => {
+        const status = await api.upgradeStatus();
+        out.document(status, formatUpgradeStatus(status));
+      }),
+    )
+    .command(
       'events',
       "stream vmkeepd's events, one per line, until Ctrl-C",
       (y) => daemonOptions(y, env),
@@ -212,6 +270,17 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
         await untilSignal((signal) => api.events((event) => out.line(out.json ? JSON.stringify(event) : formatEvent(event)), { signal }));
       }),
     );
+}
+
+interface RefreshArgs {
+  name?: string;
+  all: boolean;
+  stale: boolean;
+  strategy?: string;
+  parallel: number;
+  timeout?: number;
+  force: boolean;
+  stopOnError: boolean;
 }
 
 function parseArguments(text: string): Record<string, unknown> | undefined {

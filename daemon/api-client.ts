@@ -1,7 +1,10 @@
 import { request, type IncomingMessage } from 'node:http';
 import { StringDecoder } from 'node:string_decoder';
 import { DaemonError, type DaemonErrorCode } from './errors.js';
-import type { DaemonEvent, DaemonInfo, StopOptions, VmView } from './model.js';
+import type {
+  CreateOptions, DaemonEvent, DaemonInfo, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome, StopOptions,
+  UpgradeStatus, VmView,
+} from './model.js';
 
 export interface ApiClientOptions {
   socketPath: string;
@@ -24,6 +27,8 @@ const SLOW_OPERATION_TIMEOUT_MS = 5 * 60_000;
 // The daemon's default ACPI wait (StopOptions.timeoutSec) plus room for the quit that follows.
 const DEFAULT_STOP_WAIT_SEC = 60;
 const STOP_MARGIN_MS = 60_000;
+// The daemon's longest default refresh wait (a reboot's ACPI timeout).
+const DEFAULT_REFRESH_WAIT_SEC = 120;
 // No real answer comes near this; a bigger one is not the vmkeep API.
 const MAX_RESPONSE_BYTES = 64 * 1024 * 1024;
 const MAX_EVENT_LINE_BYTES = 1024 * 1024;
@@ -62,9 +67,27 @@ export class ApiClient {
   }
 
   /** Creates a VM from a spec (validated by the daemon) and starts it unless `start` is false. */
-  create(spec: unknown, options: { start?: boolean } = {}): Promise<VmView> {
-    const body = options.start === undefined ? { spec } : { spec, start: options.start };
-    return this.json({ method: 'POST', path: '/1.0/vms', body, timeoutMs: this.slowTimeout() });
+  create(spec: unknown, options: CreateOptions = {}): Promise<VmView> {
+    return this.json({ method: 'POST', path: '/1.0/vms', body: { spec, ...options }, timeoutMs: this.slowTimeout() });
+  }
+
+  /** Refreshes one VM and waits for the outcome (as long as its timeout allows, and then some). */
+  refresh(name: string, options: Omit<RefreshOptions, 'onStep'> = {}): Promise<RefreshOutcome> {
+    const waitMs = (options.timeoutSec ?? DEFAULT_REFRESH_WAIT_SEC) * 1000;
+    return this.json({ method: 'POST', path: `${vmPath(name)}/refresh`, body: options, timeoutMs: Math.max(this.slowTimeout(), waitMs + STOP_MARGIN_MS) });
+  }
+
+  /** Begins a rolling refresh; its progress comes on the event stream (type "refresh", its id). */
+  startRefreshJob(request: RefreshJobRequest): Promise<RefreshJob> {
+    return this.json({ method: 'POST', path: '/1.0/refresh', body: request, timeoutMs: this.slowTimeout() });
+  }
+
+  refreshJob(id: string): Promise<RefreshJob> {
+    return this.json({ method: 'GET', path: `/1.0/refresh/${encodeURIComponent(id)}`, timeoutMs: this.timeoutMs });
+  }
+
+  upgradeStatus(): Promise<UpgradeStatus> {
+    return this.json({ method: 'GET', path: '/1.0/upgrade-status', timeoutMs: this.slowTimeout() });
   }
 
   start(name: string): Promise<VmView> {
@@ -119,7 +142,7 @@ export class ApiClient {
    * Delivers every daemon event until `signal` aborts (then resolves). If vmkeepd ends the
    * stream (it stopped or restarted), rejects with DAEMON_DOWN: subscribe again to go on.
    */
-  async events(onEvent: (event: DaemonEvent) => void, options: { signal?: AbortSignal } = {}): Promise<void> {
+  async events(onEvent: (event: DaemonEvent) => void, options: { signal?: AbortSignal; onOpen?: () => void } = {}): Promise<void> {
     const decoder = new StringDecoder('utf8');
     let pending = '';
     await this.stream(
@@ -145,6 +168,7 @@ export class ApiClient {
         }
       },
       options.signal,
+      options.onOpen,
     );
   }
 
@@ -214,7 +238,8 @@ export class ApiClient {
   }
 
   /** A long-lived GET: chunks go to onData until the end, the signal, or an error. */
-  private stream(path: string, follow: boolean, onData: (chunk: Buffer) => void, signal: AbortSignal | undefined): Promise<void> {
+  /** `onOpen`: told once the daemon answered 200 (for events: subscribed, nothing missed from then). */
+  private stream(path: string, follow: boolean, onData: (chunk: Buffer) => void, signal: AbortSignal | undefined, onOpen?: () => void): Promise<void> {
     return new Promise<void>((resolve, reject) => {
       if (signal?.aborted) {
         resolve();
@@ -255,6 +280,7 @@ export class ApiClient {
           });
           return;
         }
+        onOpen?.();
         response.on('data', (chunk: Buffer) => {
           if (settled) return;
           try {

@@ -7,8 +7,9 @@ import { dirname } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { isValidVmName, LaunchError, type LaunchErrorCode, type SpecProblem } from '../launcher/index.js';
 import { QmpError, type QmpErrorCode } from '../qmp/index.js';
+import { parseStrategy, UpgradeError, type UpgradeErrorCode } from '../upgrade/index.js';
 import { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
-import type { DaemonOps, StopOptions } from './model.js';
+import type { CreateOptions, DaemonOps, RefreshJobRequest, RefreshOptions, StopOptions } from './model.js';
 
 /** A day: longer waits are typos, and timers past 2^31 ms would fire at once. */
 const MAX_STOP_TIMEOUT_SEC = 86_400;
@@ -91,6 +92,18 @@ const QMP_CODES: Record<QmpErrorCode, DaemonErrorCode> = {
   INVALID_JSON: 'QMP_FAILED',
   PROTOCOL: 'QMP_FAILED',
   INVALID_ARGUMENT: 'INVALID_REQUEST',
+};
+
+const UPGRADE_CODES: Record<UpgradeErrorCode, DaemonErrorCode> = {
+  BAD_CONFIG: 'INVALID_REQUEST',
+  NO_INSTALLATION: 'INVALID_REQUEST',
+  BAD_STRATEGY: 'INVALID_REQUEST',
+  BAD_VERSION: 'REFRESH_REFUSED',
+  OLDER_TARGET: 'REFRESH_REFUSED',
+  MACHINE_TYPE_MISSING: 'REFRESH_REFUSED',
+  PIN_FAILED: 'START_FAILED',
+  MIGRATION_FAILED: 'REFRESH_FAILED',
+  MIGRATION_TIMEOUT: 'REFRESH_FAILED',
 };
 
 const silentLogger: ApiLogger = { debug() {}, warn() {}, error() {} };
@@ -239,10 +252,17 @@ function buildRoutes(ctx: Context): Route[] {
         GET: async (_req, res) => sendJson(res, 200, await ops.list()),
         POST: async (req, res) => {
           const body = await readJsonObject(req, { required: true });
-          checkFields(body, ['spec', 'start']);
+          checkFields(body, ['spec', 'start', 'channel', 'policy']);
           if (!('spec' in body)) throw invalid('the body needs "spec": the VM spec object, e.g. {"spec": {"name": "web1", "kernel": "/srv/vmlinuz"}}');
+          const options: CreateOptions = {};
           const start = optionalBoolean(body, 'start');
-          sendJson(res, 201, await ops.create(body.spec, start === undefined ? {} : { start }));
+          if (start !== undefined) options.start = start;
+          if (body.channel !== undefined) {
+            if (typeof body.channel !== 'string') throw invalid(`"channel" must be a channel name, got ${JSON.stringify(body.channel)}`);
+            options.channel = body.channel;
+          }
+          if (body.policy !== undefined) options.policy = parseStrategy(body.policy, '"policy"');
+          sendJson(res, 201, await ops.create(body.spec, options));
         },
       },
     },
@@ -272,18 +292,53 @@ function buildRoutes(ctx: Context): Route[] {
           const body = await readJsonObject(req, { required: false });
           checkFields(body, ['timeoutSec', 'force']);
           const stop: StopOptions = {};
-          if (body.timeoutSec !== undefined) {
-            if (typeof body.timeoutSec !== 'number' || !Number.isFinite(body.timeoutSec) || body.timeoutSec <= 0 || body.timeoutSec > MAX_STOP_TIMEOUT_SEC) {
-              throw invalid(`"timeoutSec" must be a number of seconds from 0 to ${MAX_STOP_TIMEOUT_SEC} (a day), got ${JSON.stringify(body.timeoutSec)}`);
-            }
-            stop.timeoutSec = body.timeoutSec;
-          }
+          if (body.timeoutSec !== undefined) stop.timeoutSec = timeoutSeconds(body.timeoutSec);
           const force = optionalBoolean(body, 'force');
           if (force !== undefined) stop.force = force;
           sendJson(res, 200, await ops.stop(name, stop));
         },
       },
     },
+    {
+      segments: ['1.0', 'vms', ':name', 'refresh'],
+      methods: {
+        POST: async (req, res, { name }) => {
+          const body = await readJsonObject(req, { required: false });
+          checkFields(body, ['strategy', 'timeoutSec', 'force']);
+          sendJson(res, 200, await ops.refresh(name, refreshOptions(body)));
+        },
+      },
+    },
+    {
+      segments: ['1.0', 'refresh'],
+      methods: {
+        POST: async (req, res) => {
+          const body = await readJsonObject(req, { required: true });
+          checkFields(body, ['vms', 'all', 'stale', 'strategy', 'timeoutSec', 'force', 'parallel', 'stopOnError']);
+          const request: RefreshJobRequest = { ...refreshOptions(body) };
+          if (body.vms !== undefined) {
+            if (!Array.isArray(body.vms) || !body.vms.every((v) => typeof v === 'string')) throw invalid(`"vms" must be a list of VM names, got ${JSON.stringify(body.vms)}`);
+            request.vms = body.vms as string[];
+          }
+          const all = optionalBoolean(body, 'all');
+          const stale = optionalBoolean(body, 'stale');
+          const stopOnError = optionalBoolean(body, 'stopOnError');
+          if (all !== undefined) request.all = all;
+          if (stale !== undefined) request.stale = stale;
+          if (stopOnError !== undefined) request.stopOnError = stopOnError;
+          if (body.parallel !== undefined) {
+            if (typeof body.parallel !== 'number') throw invalid(`"parallel" must be a number, got ${JSON.stringify(body.parallel)}`);
+            request.parallel = body.parallel;
+          }
+          sendJson(res, 202, await ops.startRefreshJob(request));
+        },
+      },
+    },
+    {
+      segments: ['1.0', 'refresh', ':name'],
+      methods: { GET: async (_req, res, { name }) => sendJson(res, 200, ops.refreshJob(name)) },
+    },
+    { segments: ['1.0', 'upgrade-status'], methods: { GET: async (_req, res) => sendJson(res, 200, await ops.upgradeStatus()) } },
     {
       segments: ['1.0', 'vms', ':name', 'qmp'],
       methods: {
@@ -438,6 +493,23 @@ function checkFields(body: Record<string, unknown>, allowed: readonly string[]):
   }
 }
 
+/** strategy, timeoutSec and force, as a refresh of one VM or of many takes them. */
+function refreshOptions(body: Record<string, unknown>): RefreshOptions {
+  const options: RefreshOptions = {};
+  if (body.strategy !== undefined) options.strategy = parseStrategy(body.strategy, '"strategy"');
+  if (body.timeoutSec !== undefined) options.timeoutSec = timeoutSeconds(body.timeoutSec);
+  const force = optionalBoolean(body, 'force');
+  if (force !== undefined) options.force = force;
+  return options;
+}
+
+function timeoutSeconds(value: unknown): number {
+  if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0 || value > MAX_STOP_TIMEOUT_SEC) {
+    throw invalid(`"timeoutSec" must be a number of seconds from 0 to ${MAX_STOP_TIMEOUT_SEC} (a day), got ${JSON.stringify(value)}`);
+  }
+  return value;
+}
+
 function optionalBoolean(body: Record<string, unknown>, field: string): boolean | undefined {
   const value = body[field];
   if (value === undefined || typeof value === 'boolean') return value;
@@ -476,6 +548,7 @@ function toApiError(error: unknown): ApiErrorBody | undefined {
       : { code: LAUNCH_CODES[error.code], message: error.message };
   }
   if (error instanceof QmpError) return { code: QMP_CODES[error.code], message: error.message };
+  if (error instanceof UpgradeError) return { code: UPGRADE_CODES[error.code], message: error.message };
   return undefined;
 }
 

@@ -2,7 +2,8 @@ import { chmod, chown, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import type { Logger } from 'pino';
-import { probeInstallation, type Installation } from '../launcher/index.js';
+import { probeInstallation } from '../launcher/index.js';
+import type { InstallationsConfig, RefreshStrategy } from '../upgrade/index.js';
 import { ScopeManager, SCOPE_PREFIX } from '../scope-manager/index.js';
 import { startApiServer } from './api-server.js';
 import { acquireDaemonLock } from './lock.js';
@@ -20,7 +21,12 @@ export interface DaemonOptions {
   /** false: --no-scope, every QEMU stays in the daemon's cgroup and dies with it. */
   useScopes: boolean;
   busAddress?: string;
-  installation: Installation;
+  /** The installations and which is current per channel. */
+  installations: InstallationsConfig;
+  /** Refresh strategy of VMs that have none of their own (default manual: only report). */
+  defaultPolicy?: RefreshStrategy;
+  /** Test hook: SIGKILL self at this refresh step. */
+  crashAt?: string;
   version: string;
 }
 
@@ -67,7 +73,10 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       store,
       scopes,
       slice: options.slice,
-      installation: options.installation,
+      installations: options.installations,
+      defaultPolicy: options.defaultPolicy ?? 'manual',
+      pinRoot: join(options.stateDir, 'modules'),
+      ...(options.crashAt === undefined ? {} : { crashAt: options.crashAt }),
       probe: (installation) => probeInstallation(installation, { cacheDir }),
       runtimeDir: options.runtimeDir,
       logger,

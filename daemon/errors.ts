@@ -13,6 +13,10 @@ export type DaemonErrorCode =
   | 'START_FAILED'
   | 'STOP_TIMEOUT'
   | 'QMP_FAILED'
+  /** A refresh was not begun: its target cannot take the VM (older QEMU, machine type missing). */
+  | 'REFRESH_REFUSED'
+  /** A refresh was begun and failed; the VM runs as before on its old QEMU. */
+  | 'REFRESH_FAILED'
   | 'INTERNAL'
   // Requests the API cannot take: each has its own HTTP status so `status = HTTP_STATUS[code]` always.
   | 'METHOD_NOT_ALLOWED'
@@ -40,6 +44,8 @@ export const HTTP_STATUS: Record<DaemonErrorCode, number> = {
   START_FAILED: 500,
   STOP_TIMEOUT: 504,
   QMP_FAILED: 502,
+  REFRESH_REFUSED: 409,
+  REFRESH_FAILED: 500,
   INTERNAL: 500,
   METHOD_NOT_ALLOWED: 405,
   BODY_TOO_LARGE: 413,

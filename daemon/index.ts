@@ -14,6 +14,10 @@ export type { DaemonOptions, DaemonHandle } from './daemon.js';
 export type { ScopePort, VmManagerOptions } from './manager.js';
 export { classifyReattach, type ReattachObservation, type ReattachDecision, type ReattachAction } from './reattach.js';
 export { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
-export type { DaemonEvent, DaemonInfo, DaemonOps, ExitInfo, StopOptions, VmState, VmView } from './model.js';
+export type {
+  CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, ExitInfo, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome,
+  RefreshStep, StopOptions, UpgradeStatus, VmState, VmUpgradeStatus, VmView,
+} from './model.js';
 export { ApiClient, DEFAULT_SOCKET_PATH, type ApiClientOptions } from './api-client.js';
 export { startApiServer } from './api-server.js';
+export { REFRESH_STRATEGIES, type RefreshStrategy } from '../upgrade/index.js';

@@ -1,4 +1,4 @@
-import { randomUUID } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
@@ -11,15 +11,25 @@ import {
   validateSpec,
   checkSpecFiles,
   waitForProcessExit,
+  readExe,
   type Installation,
   type InstallationInfo,
+  type LaunchedVm,
 } from '../launcher/index.js';
 import { connectQmp, type QmpClient, type QmpEvent } from '../qmp/index.js';
-import { DaemonError } from './errors.js';
-import type { DaemonEvent, DaemonInfo, DaemonOps, StopOptions, VmState, VmView } from './model.js';
-import { classifyReattach, type ReattachObservation } from './reattach.js';
-import type { RecordStore, VmRecord } from './records.js';
 import { scopeUnitName } from '../scope-manager/index.js';
+import {
+  assessStaleness, checkRefreshTarget, collectPinnedModules, currentInstallation, DEFAULT_CHANNEL, migrateLive,
+  parseStrategy, pinModuleDir, policyOutcome, runRolling, UpgradeError,
+  type InstallationsConfig, type RefreshStrategy, type Staleness,
+} from '../upgrade/index.js';
+import { DaemonError } from './errors.js';
+import type {
+  CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome,
+  StopOptions, UpgradeStatus, VmState, VmUpgradeStatus, VmView,
+} from './model.js';
+import { classifyReattach, type ReattachObservation } from './reattach.js';
+import type { OtherQemu, RecordStore, VmRecord } from './records.js';
 
 /** The part of the scope manager the daemon uses (null: --no-scope, VMs die with our cgroup). */
 export interface ScopePort {
@@ -32,7 +42,14 @@ export interface VmManagerOptions {
   store: RecordStore;
   scopes: ScopePort | null;
   slice: string;
-  installation: Installation;
+  /** The installations and which is current per channel. */
+  installations: InstallationsConfig;
+  /** The refresh strategy of VMs that have none of their own. */
+  defaultPolicy: RefreshStrategy;
+  /** Where module folders are pinned (one copy per installation build). */
+  pinRoot: string;
+  /** Test hook: the daemon SIGKILLs itself on reaching this refresh step (VMKEEP_CRASH_AT). */
+  crashAt?: string;
   /** Probes the installation (cached by binary identity). */
   probe: (installation: Installation) => Promise<InstallationInfo>;
   runtimeDir: string;
@@ -45,6 +62,9 @@ export interface VmManagerOptions {
 }
 
 const DEFAULT_STOP_TIMEOUT_SEC = 60;
+const DEFAULT_MIGRATE_TIMEOUT_SEC = 60;
+const DEFAULT_REBOOT_TIMEOUT_SEC = 120;
+const MAX_JOBS_KEPT = 100;
 const QUIT_EXIT_TIMEOUT_MS = 15_000;
 
 /** One VM in memory: its record (the truth on disk), its monitor, and a queue of operations. */
@@ -69,8 +89,11 @@ export class VmManager implements DaemonOps {
   private readonly vms = new Map<string, VmEntry>();
   private readonly damagedNames = new Set<string>();
   private readonly listeners = new Set<(event: DaemonEvent) => void>();
+  private readonly jobs = new Map<string, RefreshJob>();
   private orphanScopes: string[] = [];
   private closed = false;
+  /** Starts and refreshes under way: pinned module folders are collected only when none are. */
+  private launching = 0;
 
   constructor(private readonly options: VmManagerOptions) {}
 
@@ -87,12 +110,15 @@ export class VmManager implements DaemonOps {
     for (const record of records) this.vms.set(record.name, { record, queue: Promise.resolve() });
     await Promise.all(records.map((record) => this.serially(record.name, () => this.reattachIsolated(record.name))));
     await this.findOrphanScopes();
+    await this.collectPins();
   }
 
   private async findOrphanScopes(): Promise<void> {
     if (this.options.scopes === null) return;
     try {
-      const claimed = new Set([...this.vms.values()].map((e) => e.record.process?.scope).filter(Boolean));
+      const claimed = new Set([...this.vms.values()]
+        .flatMap((e) => [e.record.process?.scope, e.record.refresh?.destination?.scope, e.record.retired?.scope])
+        .filter(Boolean));
       const scopes = await this.options.scopes.listScopes();
       this.orphanScopes = scopes.map((s) => s.name).filter((n) => !claimed.has(n));
       for (const scope of this.orphanScopes) {
@@ -117,6 +143,10 @@ export class VmManager implements DaemonOps {
 
   private async reattach(name: string): Promise<void> {
     const entry = this.entry(name);
+    // A refresh the last daemon left mid-way is finished or rolled back first, so what follows
+    // sees exactly one QEMU of this VM.
+    await this.recoverMigration(entry);
+    await this.settleRetired(entry);
     const record = entry.record;
     const obs: ReattachObservation = { recordedState: record.state, hasProcess: record.process !== undefined };
     let qmp: QmpClient | undefined;
@@ -170,6 +200,12 @@ export class VmManager implements DaemonOps {
         break;
       default:
         break;
+    }
+    if (entry.record.refresh?.strategy === 'reboot' && entry.record.process === undefined) {
+      // The guest powered off for a reboot refresh while we were away: finish it.
+      await this.startNow(entry);
+    } else if (entry.qmp && this.policyOf(entry.record) === 'on-guest-shutdown') {
+      await this.armIfStale(entry);
     }
   }
 
@@ -266,9 +302,18 @@ export class VmManager implements DaemonOps {
     await this.save(entry, next);
   }
 
-  /** With -no-shutdown a powered-off guest leaves QEMU waiting: end it and record why. */
+  /**
+   * With -no-shutdown a powered-off guest leaves QEMU waiting: end it and record why. A VM
+   * with a reboot refresh pending, or stale under the on-guest-shutdown policy, starts again
+   * on the current installation.
+   */
   private async finishGuestShutdown(entry: VmEntry): Promise<void> {
+    const restart = entry.record.refresh?.strategy === 'reboot'
+      || (this.policyOf(entry.record) === 'on-guest-shutdown' && (await this.stalenessOf(entry).catch(() => undefined))?.stale === true);
     await this.endQemu(entry, 'guest shutdown');
+    if (!restart) return;
+    this.options.logger.info({ vm: entry.record.name }, `${entry.record.name} powered off while stale: starting it on the current installation`);
+    await this.startNow(entry);
   }
 
   /** quit over QMP, wait for the process to go, record the reason. The only way we end a QEMU. */
@@ -302,21 +347,26 @@ export class VmManager implements DaemonOps {
     return toView(this.entry(name).record);
   }
 
-  async create(input: unknown, options: { start?: boolean } = {}): Promise<VmView> {
+  async create(input: unknown, options: CreateOptions = {}): Promise<VmView> {
     const spec = validateSpec(input);
     await checkSpecFiles(spec);
     this.refuseExisting(spec.name);
-    const info = await this.options.probe(this.options.installation);
+    const channel = options.channel ?? DEFAULT_CHANNEL;
+    const installation = currentInstallation(this.options.installations, channel);
+    const policy = options.policy === undefined ? undefined : parseStrategy(options.policy, 'policy');
+    const info = await this.options.probe(installation);
     // Resolving now pins the versioned machine type for the VM's whole life (migrations need it).
     const machineType = resolveMachineType(spec.machine, info.machines);
     const now = new Date().toISOString();
     const record: VmRecord = {
-      schema: 1,
+      schema: 2,
       name: spec.name,
       uuid: spec.uuid ?? randomUUID(),
       spec,
       machineType,
-      installation: this.options.installation,
+      installation,
+      channel,
+      ...(policy === undefined ? {} : { policy }),
       paths: this.vmPaths(spec.name),
       state: 'stopped',
       createdAt: now,
@@ -340,74 +390,112 @@ export class VmManager implements DaemonOps {
   start(name: string): Promise<VmView> {
     return this.serially(name, async () => {
       const entry = this.entry(name);
-      const { record } = entry;
-      if (record.process) {
-        throw new DaemonError('CONFLICT', `${name} is already ${record.state} (pid ${record.process.pid}); stop it first (vmkeep stop ${name})`);
+      if (entry.record.process) {
+        throw new DaemonError('CONFLICT', `${name} is already ${entry.record.state} (pid ${entry.record.process.pid}); stop it first (vmkeep stop ${name})`);
       }
-      const info = await this.options.probe(record.installation);
-      // Derived, not read from the record: the files removed and truncated here are always ours.
-      const paths = this.vmPaths(name);
-      await mkdir(this.vmDir(name), { recursive: true, mode: 0o700 });
-      // Leftovers of the previous QEMU: its socket would be taken for the new one's.
-      await rm(paths.qmpSocket, { force: true });
-      await writeFile(paths.serialLog, '', { mode: 0o600 });
-      await this.save(entry, { ...record, paths, state: 'starting' });
-
-      entry.hostShutdown = undefined;
-      const scope = this.options.scopes === null ? null : scopeUnitName(name);
-      try {
-        const vm = await launchVm({
-          spec: record.spec,
-          uuid: record.uuid,
-          installation: record.installation,
-          info,
-          machineType: record.machineType,
-          paths,
-          // Paused until it is recorded and watched: nothing the guest does can go unseen.
-          stayPaused: true,
-          placeInScope: async (pid) => {
-            const identity = readProcessIdentity(pid);
-            if (identity === null) throw new DaemonError('START_FAILED', `QEMU (pid ${pid}) exited right after it was spawned; see ${paths.stderrLog}`);
-            // Recorded before the scope exists: a crash from here on leaves a record that names
-            // this QEMU, so the next daemon finds it instead of an orphan.
-            await this.save(entry, {
-              ...entry.record,
-              state: 'starting',
-              binary: { ...info.identity, version: info.version },
-              process: { pid, startTime: identity.startTime, scope },
-            });
-            if (this.options.scopes !== null && scope !== null) {
-              await this.options.scopes.createScope({ name: scope, pids: [pid], slice: this.options.slice, description: `vmkeep VM ${name}` });
-            }
-          },
-        });
-        this.watch(entry, vm.qmp);
-        await vm.qmp.cont();
-        await this.save(entry, { ...entry.record, state: 'running' });
-      } catch (cause) {
-        const started = entry.record.process;
-        const next: VmRecord = { ...entry.record, problem: truncate((cause as Error).message) };
-        if (started !== undefined && isSameProcess(started.pid, started.startTime)) {
-          // The QEMU runs (e.g. a record write failed after it started): keep naming it, never orphan it.
-          next.state = 'unreachable';
-          this.scheduleRetry(entry);
-        } else {
-          this.detach(entry);
-          next.state = 'exited';
-          next.lastExit = { reason: 'start failed', at: new Date().toISOString() };
-          delete next.process;
-        }
-        await this.save(entry, next).catch((error: unknown) =>
-          this.options.logger.error({ vm: name, err: error }, 'could not record the failed start'),
-        );
-        throw new DaemonError(
-          'START_FAILED',
-          `starting ${name} failed: ${(cause as Error).message}. The VM stays recorded (state ${next.state}); fix the cause and run vmkeep start ${name}, or vmkeep delete ${name}`,
-          { cause },
-        );
-      }
+      await this.startNow(entry);
       return toView(entry.record);
     });
+  }
+
+  /** Starts the VM's QEMU on the installation now current for it. Runs inside the VM's queue. */
+  private async startNow(entry: VmEntry): Promise<void> {
+    const name = entry.record.name;
+    const installation = this.current(entry.record);
+    const info = await this.options.probe(installation);
+    // Derived, not read from the record: the files removed and truncated here are always ours.
+    const paths = this.vmPaths(name);
+    await mkdir(this.vmDir(name), { recursive: true, mode: 0o700 });
+    // Leftovers of the previous QEMU: its socket would be taken for the new one's.
+    await rm(paths.qmpSocket, { force: true });
+    await writeFile(paths.serialLog, '', { mode: 0o600 });
+    await this.save(entry, { ...entry.record, paths, installation, state: 'starting' });
+
+    entry.hostShutdown = undefined;
+    const scope = this.options.scopes === null ? null : scopeUnitName(name);
+    try {
+      checkRefreshTarget({ vm: name, runningVersion: undefined, machineType: entry.record.machineType, target: { name: installation.name, info } });
+      const { vm } = await this.launchQemu(entry, {
+        installation, info, paths, scope, incoming: false,
+        // Recorded before the scope exists: a crash from here on leaves a record that names
+        // this QEMU, so the next daemon finds it instead of an orphan.
+        onSpawned: (proc, moduleDir) => this.save(entry, {
+          ...entry.record,
+          state: 'starting',
+          binary: binaryOf(info, moduleDir),
+          process: proc,
+        }),
+      });
+      this.watch(entry, vm.qmp);
+      await vm.qmp.cont();
+      const next: VmRecord = { ...entry.record, state: 'running' };
+      delete next.refresh;
+      delete next.problem;
+      await this.save(entry, next);
+    } catch (cause) {
+      const started = entry.record.process;
+      const next: VmRecord = { ...entry.record, problem: truncate((cause as Error).message) };
+      delete next.refresh;
+      if (started !== undefined && isSameProcess(started.pid, started.startTime)) {
+        // The QEMU runs (e.g. a record write failed after it started): keep naming it, never orphan it.
+        next.state = 'unreachable';
+        this.scheduleRetry(entry);
+      } else {
+        this.detach(entry);
+        next.state = 'exited';
+        next.lastExit = { reason: 'start failed', at: new Date().toISOString() };
+        delete next.process;
+      }
+      await this.save(entry, next).catch((error: unknown) =>
+        this.options.logger.error({ vm: name, err: error }, 'could not record the failed start'),
+      );
+      throw new DaemonError(
+        'START_FAILED',
+        `starting ${name} failed: ${(cause as Error).message}. The VM stays recorded (state ${next.state}); fix the cause and run vmkeep start ${name}, or vmkeep delete ${name}`,
+        { cause },
+      );
+    }
+  }
+
+  /**
+   * Spawns a QEMU of the VM, paused (or waiting for an incoming migration), its modules pinned,
+   * recorded through `onSpawned` and placed in `scope` before any guest code runs.
+   */
+  private async launchQemu(entry: VmEntry, args: {
+    installation: Installation;
+    info: InstallationInfo;
+    paths: VmRecord['paths'];
+    scope: string | null;
+    incoming: boolean;
+    onSpawned: (proc: NonNullable<VmRecord['process']>, moduleDir: string | undefined) => Promise<void>;
+  }): Promise<{ vm: LaunchedVm; moduleDir: string | undefined }> {
+    const { record } = entry;
+    this.launching++;
+    try {
+      const pinned = await pinModuleDir(args.installation, args.info, this.options.pinRoot);
+      const vm = await launchVm({
+        spec: record.spec,
+        uuid: record.uuid,
+        installation: pinned,
+        info: args.info,
+        machineType: record.machineType,
+        paths: args.paths,
+        // Paused until it is recorded and watched: nothing the guest does can go unseen.
+        stayPaused: true,
+        ...(args.incoming ? { incoming: 'defer' as const } : {}),
+        placeInScope: async (pid) => {
+          const identity = readProcessIdentity(pid);
+          if (identity === null) throw new DaemonError('START_FAILED', `QEMU (pid ${pid}) exited right after it was spawned; see ${args.paths.stderrLog}`);
+          await args.onSpawned({ pid, startTime: identity.startTime, scope: args.scope }, pinned.moduleDir);
+          if (this.options.scopes !== null && args.scope !== null) {
+            await this.options.scopes.createScope({ name: args.scope, pids: [pid], slice: this.options.slice, description: `vmkeep VM ${record.name}` });
+          }
+        },
+      });
+      return { vm, moduleDir: pinned.moduleDir };
+    } finally {
+      this.launching--;
+    }
   }
 
   stop(name: string, options: StopOptions = {}): Promise<VmView> {
@@ -421,27 +509,37 @@ export class VmManager implements DaemonOps {
         await this.endQemu(entry, 'stopped by request (forced)');
         return toView(entry.record);
       }
-      const timeoutSec = options.timeoutSec ?? DEFAULT_STOP_TIMEOUT_SEC;
-      if (entry.record.state !== 'shutdown') {
-        const shutdown = entry.qmp.waitForEvent('SHUTDOWN', { timeoutMs: timeoutSec * 1000 });
-        // Handled from the start: if powerdown fails, this wait's rejection must not go unhandled.
-        shutdown.catch(() => undefined);
-        entry.stopping = 'stopped by request';
-        try {
-          await entry.qmp.systemPowerdown();
-          await shutdown;
-        } catch (cause) {
-          entry.stopping = undefined;
-          throw new DaemonError(
-            'STOP_TIMEOUT',
-            `${name} did not power off within ${timeoutSec} s of the ACPI request and is still running; give it longer (--timeout) or quit QEMU with --force (the guest loses unwritten data)`,
-            { cause },
-          );
-        }
-      }
-      await this.endQemu(entry, 'stopped by request');
+      await this.powerOff(entry, options.timeoutSec ?? DEFAULT_STOP_TIMEOUT_SEC, 'stopped by request');
       return toView(entry.record);
     });
+  }
+
+  /**
+   * ACPI power-off, wait for the guest's SHUTDOWN, then quit QEMU. A guest that does not power
+   * off in time is left running (STOP_TIMEOUT): never killed here (contract point 3).
+   */
+  private async powerOff(entry: VmEntry, timeoutSec: number, reason: string, afterRequest?: () => void): Promise<void> {
+    const qmp = entry.qmp;
+    if (!qmp) throw new DaemonError('UNREACHABLE', `${entry.record.name} has no connected monitor (state ${entry.record.state})`);
+    if (entry.record.state !== 'shutdown') {
+      const shutdown = qmp.waitForEvent('SHUTDOWN', { timeoutMs: timeoutSec * 1000 });
+      // Handled from the start: if powerdown fails, this wait's rejection must not go unhandled.
+      shutdown.catch(() => undefined);
+      entry.stopping = reason;
+      try {
+        await qmp.systemPowerdown();
+        afterRequest?.();
+        await shutdown;
+      } catch (cause) {
+        entry.stopping = undefined;
+        throw new DaemonError(
+          'STOP_TIMEOUT',
+          `${entry.record.name} did not power off within ${timeoutSec} s of the ACPI request and is still running; give it longer (--timeout) or quit QEMU with --force (the guest loses unwritten data)`,
+          { cause },
+        );
+      }
+    }
+    await this.endQemu(entry, reason);
   }
 
   delete(name: string): Promise<void> {
@@ -470,6 +568,415 @@ export class VmManager implements DaemonOps {
 
   async consolePath(name: string): Promise<string> {
     return this.entry(name).record.paths.serialLog;
+  }
+
+  // ---- refresh -------------------------------------------------------------------------------
+
+  refresh(name: string, options: RefreshOptions = {}): Promise<RefreshOutcome> {
+    return this.serially(name, () => this.refreshNow(this.entry(name), options));
+  }
+
+  private async refreshNow(entry: VmEntry, options: RefreshOptions): Promise<RefreshOutcome> {
+    const began = performance.now();
+    const { record } = entry;
+    const name = record.name;
+    const strategy = options.strategy === undefined ? this.policyOf(record) : parseStrategy(options.strategy);
+    const target = this.current(record);
+    const info = await this.options.probe(target);
+    const outcome = (result: RefreshOutcome['result'], message: string, extra: Partial<RefreshOutcome> = {}): RefreshOutcome =>
+      ({ vm: name, strategy, result, totalMs: Math.round(performance.now() - began), message, ...extra });
+    if (!record.process) {
+      return outcome('current', `${name} has no running QEMU (${record.state}); its next start uses installation "${target.name}" (QEMU ${info.version})`);
+    }
+    const status = await this.stalenessOf(entry, target, info);
+    const from = { installation: record.installation.name, pid: record.process.pid, ...(status.runningVersion === undefined ? {} : { version: status.runningVersion }) };
+    if (!status.stale) {
+      return outcome('current', `${name} already runs the current installation "${target.name}" (QEMU ${info.version})`, { from });
+    }
+    if (strategy === 'manual') {
+      return outcome('reported', `${name} is stale (${status.reasons.join('; ')}); its policy is manual, so nothing was done: vmkeep refresh ${name} --strategy migrate|reboot`, { from });
+    }
+    if (strategy === 'on-guest-shutdown') {
+      await this.save(entry, { ...entry.record, policy: 'on-guest-shutdown' });
+      await this.armIfStale(entry);
+      return outcome('armed', `${name} starts on installation "${target.name}" (QEMU ${info.version}) when its guest next powers off or reboots`, { from });
+    }
+    if (!entry.qmp) {
+      throw new DaemonError('UNREACHABLE', `${name}'s monitor does not answer (${record.problem ?? 'not connected'}); it cannot be refreshed until it does`);
+    }
+    if (record.state !== 'running' && record.state !== 'paused') {
+      throw new DaemonError('CONFLICT', `${name} is ${record.state}; only a running or paused VM can be refreshed`);
+    }
+    try {
+      checkRefreshTarget({ vm: name, runningVersion: status.runningVersion, machineType: record.machineType, target: { name: target.name, info } });
+    } catch (cause) {
+      throw new DaemonError('REFRESH_REFUSED', (cause as Error).message, { cause });
+    }
+    const to = { installation: target.name, version: info.version };
+    if (strategy === 'migrate') {
+      const { downtimeMs, pid } = await this.migrateNow(entry, target, info, options);
+      return outcome('migrated', `${name} moved live onto "${target.name}" (QEMU ${info.version}, pid ${pid}); guest paused ${downtimeMs} ms`,
+        { from, to: { ...to, pid }, downtimeMs });
+    }
+    await this.rebootNow(entry, target, options);
+    return outcome('rebooted', `${name} powered off and started on "${target.name}" (QEMU ${info.version}, pid ${entry.record.process?.pid})`,
+      { from, to: { ...to, ...(entry.record.process ? { pid: entry.record.process.pid } : {}) } });
+  }
+
+  /**
+   * Live migration into a new QEMU of the target installation, in its own new scope. Until
+   * the stream completes the source holds the guest and any failure rolls back to it; once it
+   * completed the refresh only goes forward.
+   */
+  private async migrateNow(entry: VmEntry, target: Installation, info: InstallationInfo, options: RefreshOptions): Promise<{ downtimeMs: number; pid: number }> {
+    const name = entry.record.name;
+    const source = entry.record.process as NonNullable<VmRecord['process']>;
+    const sourceQmp = entry.qmp as QmpClient;
+    const generation = randomBytes(4).toString('hex');
+    const destSocket = join(this.vmDir(name), `qmp-${generation}.sock`);
+    const streamSocket = join(this.vmDir(name), `migrate-${generation}.sock`);
+    // ":" cannot occur in a VM name, so this scope never collides with another VM's.
+    const scope = this.options.scopes === null ? null : scopeUnitName(`${name}:${generation}`);
+    await this.save(entry, { ...entry.record, refresh: { strategy: 'migrate', target, startedAt: new Date().toISOString() } });
+    this.crashPoint('migrate:begun');
+
+    let dest: LaunchedVm | undefined;
+    let moduleDir: string | undefined;
+    let downtimeMs = 0;
+    try {
+      const launched = await this.launchQemu(entry, {
+        installation: target, info, scope, incoming: true,
+        paths: { ...entry.record.paths, qmpSocket: destSocket },
+        onSpawned: async (proc) => {
+          const refresh = entry.record.refresh as NonNullable<VmRecord['refresh']>;
+          await this.save(entry, { ...entry.record, refresh: { ...refresh, destination: { ...proc, qmpSocket: destSocket } } });
+          this.crashPoint('migrate:destination-recorded');
+        },
+      });
+      dest = launched.vm;
+      moduleDir = launched.moduleDir;
+      this.crashPoint('migrate:destination-ready');
+      options.onStep?.('migrating', `migrating ${name} to pid ${dest.pid}`);
+      const result = await migrateLive({
+        source: sourceQmp,
+        destination: dest.qmp,
+        socketPath: streamSocket,
+        timeoutMs: (options.timeoutSec ?? DEFAULT_MIGRATE_TIMEOUT_SEC) * 1000,
+        onStatus: (status) => {
+          if (status === 'active') this.crashPoint('migrate:migrating');
+        },
+      });
+      downtimeMs = result.downtimeMs;
+    } catch (cause) {
+      if (!(await handedOver(sourceQmp))) {
+        await this.rollBackMigration(entry, dest, cause);
+        const why = cause instanceof UpgradeError || cause instanceof DaemonError ? cause.message : `${(cause as Error).message}`;
+        throw new DaemonError('REFRESH_FAILED',
+          `live migration of ${name} onto "${target.name}" failed: ${why}. ${name} keeps running on its old QEMU (pid ${source.pid}); the new QEMU was removed (its log: ${entry.record.paths.stderrLog})`,
+          { cause });
+      }
+      this.options.logger.warn({ vm: name, err: cause }, 'the migration reported an error after the source handed over; going forward');
+    }
+    this.crashPoint('migrate:completed');
+    const destination = dest as LaunchedVm;
+    const next: VmRecord = {
+      ...entry.record,
+      process: { pid: destination.pid, startTime: destination.startTime, scope },
+      paths: { ...entry.record.paths, qmpSocket: destSocket },
+      installation: target,
+      binary: binaryOf(info, moduleDir),
+      retired: { ...source, qmpSocket: entry.record.paths.qmpSocket },
+      state: 'running',
+    };
+    delete next.refresh;
+    delete next.problem;
+    this.detach(entry);
+    try {
+      await this.save(entry, next);
+    } catch (error) {
+      // The guest runs in the destination, the record still names the source with the
+      // destination in `refresh`: the retry's reattach rolls forward.
+      destination.qmp.close();
+      entry.record = { ...entry.record, state: 'unreachable', problem: truncate(`migration done, record switch failed: ${(error as Error).message}`) };
+      this.scheduleRetry(entry);
+      throw error;
+    }
+    this.watch(entry, destination.qmp);
+    this.crashPoint('migrate:switched');
+    await this.settleRetired(entry);
+    await rm(streamSocket, { force: true });
+    return { downtimeMs, pid: destination.pid };
+  }
+
+  /** The destination never ran the guest: quit it (or end it if its monitor is gone), forget it. */
+  private async rollBackMigration(entry: VmEntry, dest: LaunchedVm | undefined, cause: unknown): Promise<void> {
+    const recorded = entry.record.refresh?.destination;
+    this.options.logger.warn({ vm: entry.record.name, err: cause }, 'migration failed; removing the destination, the source keeps the guest');
+    await endIdleQemu(dest?.qmp, recorded);
+    if (recorded) await rm(recorded.qmpSocket, { force: true });
+    const next: VmRecord = { ...entry.record, problem: truncate(`last refresh (migrate) failed: ${(cause as Error).message}`) };
+    delete next.refresh;
+    await this.save(entry, next);
+  }
+
+  /** Finishes or rolls back a migration the last daemon left mid-way. */
+  private async recoverMigration(entry: VmEntry): Promise<void> {
+    const refresh = entry.record.refresh;
+    if (refresh?.strategy !== 'migrate') return;
+    const log = this.options.logger.child({ vm: entry.record.name });
+    const dest = refresh.destination;
+    const rollBack = async (why: string): Promise<void> => {
+      log.warn(why);
+      const next: VmRecord = { ...entry.record, problem: truncate(why) };
+      delete next.refresh;
+      await this.save(entry, next);
+    };
+    if (dest === undefined || !isSameProcess(dest.pid, dest.startTime)) {
+      if (dest) await rm(dest.qmpSocket, { force: true });
+      await rollBack('a refresh by migration was interrupted before its new QEMU ran the guest; rolled back, the VM stays on its old QEMU');
+      return;
+    }
+    const destQmp = await connectQmp(dest.qmpSocket, { greetingTimeoutMs: this.options.greetingTimeoutMs ?? 3_000 });
+    try {
+      let status = (await destQmp.queryStatus()).status;
+      const source = entry.record.process;
+      if (status === 'inmigrate' && source && isSameProcess(source.pid, source.startTime)) {
+        const sourceQmp = await connectQmp(entry.record.paths.qmpSocket, { greetingTimeoutMs: this.options.greetingTimeoutMs ?? 3_000 });
+        try {
+          if ((await sourceQmp.queryStatus()).status === 'postmigrate') {
+            // The source has sent everything: the destination is about to run the guest.
+            status = await waitWhileInmigrate(destQmp);
+          } else {
+            await sourceQmp.migrateCancel().catch(() => undefined);
+          }
+        } finally {
+          sourceQmp.close();
+        }
+      }
+      if (status === 'inmigrate') {
+        await endIdleQemu(destQmp, dest);
+        await rm(dest.qmpSocket, { force: true });
+        await rollBack('a refresh by migration was interrupted before the guest was handed over; the new QEMU was removed, the VM stays on its old QEMU');
+        return;
+      }
+      log.info({ status }, 'a refresh by migration was interrupted after the guest was handed over; finishing it');
+      const info = await this.options.probe(refresh.target);
+      const pinned = await pinModuleDir(refresh.target, info, this.options.pinRoot);
+      const next: VmRecord = {
+        ...entry.record,
+        process: { pid: dest.pid, startTime: dest.startTime, scope: dest.scope },
+        paths: { ...entry.record.paths, qmpSocket: dest.qmpSocket },
+        installation: refresh.target,
+        binary: binaryOf(info, pinned.moduleDir),
+        state: 'running',
+      };
+      if (source && isSameProcess(source.pid, source.startTime)) next.retired = { ...source, qmpSocket: entry.record.paths.qmpSocket };
+      delete next.refresh;
+      await this.save(entry, next);
+    } finally {
+      destQmp.close();
+    }
+  }
+
+  /** Quits the source of a finished migration (it waits guest-less in postmigrate). */
+  private async settleRetired(entry: VmEntry): Promise<void> {
+    const retired = entry.record.retired;
+    if (retired === undefined) return;
+    if (isSameProcess(retired.pid, retired.startTime)) {
+      const qmp = await connectQmp(retired.qmpSocket, { greetingTimeoutMs: this.options.greetingTimeoutMs ?? 3_000 });
+      try {
+        const status = (await qmp.queryStatus()).status;
+        if (status !== 'postmigrate') {
+          throw new DaemonError('CONFLICT', `the old QEMU of ${entry.record.name} (pid ${retired.pid}) is ${status}, not postmigrate; left alone, check it by hand`);
+        }
+        await qmp.quit();
+        await waitForProcessExit(retired.pid, retired.startTime, QUIT_EXIT_TIMEOUT_MS);
+      } finally {
+        qmp.close();
+      }
+    }
+    await rm(retired.qmpSocket, { force: true });
+    const next: VmRecord = { ...entry.record };
+    delete next.retired;
+    await this.save(entry, next);
+  }
+
+  private async rebootNow(entry: VmEntry, target: Installation, options: RefreshOptions): Promise<void> {
+    const name = entry.record.name;
+    const timeoutSec = options.timeoutSec ?? DEFAULT_REBOOT_TIMEOUT_SEC;
+    await this.save(entry, { ...entry.record, refresh: { strategy: 'reboot', target, startedAt: new Date().toISOString() } });
+    options.onStep?.('powering-off', `asking ${name}'s guest to power off (ACPI, ${timeoutSec} s)`);
+    try {
+      await this.powerOff(entry, timeoutSec, 'refresh (reboot)', () => this.crashPoint('reboot:powering-off'));
+    } catch (cause) {
+      if (!options.force) {
+        const next: VmRecord = { ...entry.record, problem: truncate(`refresh by reboot: the guest ignored the ACPI power-off for ${timeoutSec} s`) };
+        delete next.refresh;
+        await this.save(entry, next);
+        throw new DaemonError('REFRESH_FAILED',
+          `${name} did not power off within ${timeoutSec} s of the ACPI request; it is left running on its old QEMU (vmkeep never kills a guest unless told). Power it off from inside, retry with a longer --timeout, use --strategy migrate, or --force (the guest loses unwritten data)`,
+          { cause });
+      }
+      await this.endQemu(entry, 'refresh (reboot, forced)');
+    }
+    options.onStep?.('starting', `starting ${name} on "${target.name}"`);
+    await this.startNow(entry);
+  }
+
+  /** For a stale VM whose policy waits for the guest: its reboots become shutdowns we see. */
+  private async armIfStale(entry: VmEntry): Promise<void> {
+    const qmp = entry.qmp;
+    if (!qmp || !(await this.stalenessOf(entry)).stale) return;
+    try {
+      await qmp.execute('set-action', { reboot: 'shutdown' });
+    } catch (error) {
+      this.options.logger.warn({ vm: entry.record.name, err: error }, 'could not turn guest reboots into shutdowns; only a power-off will refresh it');
+    }
+  }
+
+  async startRefreshJob(request: RefreshJobRequest): Promise<RefreshJob> {
+    const modes = [request.vms !== undefined, request.all === true, request.stale === true].filter(Boolean).length;
+    if (modes !== 1) throw new DaemonError('INVALID_REQUEST', 'name the VMs to refresh: exactly one of "vms" (a list), "all": true or "stale": true');
+    const parallel = request.parallel ?? 1;
+    if (!Number.isSafeInteger(parallel) || parallel < 1 || parallel > 64) {
+      throw new DaemonError('INVALID_REQUEST', `parallel must be a whole number from 1 to 64, got ${JSON.stringify(request.parallel)}`);
+    }
+    const strategy = request.strategy === undefined ? undefined : parseStrategy(request.strategy);
+    let vms: string[];
+    if (request.vms !== undefined) {
+      vms = [...new Set(request.vms)];
+      for (const vm of vms) this.entry(vm);
+    } else if (request.all) {
+      vms = [...this.vms.keys()].sort();
+    } else {
+      const status = await this.upgradeStatus();
+      vms = status.vms.filter((v) => v.stale && (strategy ?? v.policy) !== 'manual').map((v) => v.name);
+    }
+    const job: RefreshJob = { id: `refresh-${randomBytes(4).toString('hex')}`, vms, state: 'running', parallel, startedAt: new Date().toISOString(), results: [] };
+    this.jobs.set(job.id, job);
+    for (const old of [...this.jobs.keys()].slice(0, Math.max(0, this.jobs.size - MAX_JOBS_KEPT))) this.jobs.delete(old);
+    let failed = 0;
+    const options: RefreshOptions = {
+      ...(strategy === undefined ? {} : { strategy }),
+      ...(request.timeoutSec === undefined ? {} : { timeoutSec: request.timeoutSec }),
+      ...(request.force === undefined ? {} : { force: request.force }),
+    };
+    void runRolling({
+      vms,
+      parallel,
+      stopOnError: request.stopOnError === true,
+      refresh: (vm) => this.refresh(vm, { ...options, onStep: (step, message) => this.emit({ type: 'refresh', job: job.id, vm, step, message }) }),
+      onStart: (vm) => this.emit({ type: 'refresh', job: job.id, vm, step: 'started', message: `refreshing ${vm}` }),
+      onEnd: (item, done, total) => {
+        if (!item.ok) failed++;
+        this.emit({
+          type: 'refresh', job: job.id, vm: item.vm, step: item.ok ? 'done' : 'failed',
+          message: item.ok ? (item.result as RefreshOutcome).message : (item.error as Error).message,
+          progress: { done, total, failed },
+          ...(item.ok ? { outcome: item.result as RefreshOutcome } : {}),
+        });
+      },
+    }).then(async (results) => {
+      job.results = results.map((r) => ({
+        vm: r.vm, ok: r.ok,
+        ...(r.skipped ? { skipped: true } : {}),
+        ...(r.result ? { outcome: r.result } : {}),
+        ...(r.error ? { error: { code: (r.error as { code?: string }).code ?? 'INTERNAL', message: r.error.message } } : {}),
+      }));
+      for (const r of results.filter((x) => x.skipped)) {
+        this.emit({ type: 'refresh', job: job.id, vm: r.vm, step: 'skipped', message: `${r.vm} skipped: an earlier VM failed (--stop-on-error)` });
+      }
+      job.state = 'done';
+      job.endedAt = new Date().toISOString();
+      const ok = results.filter((r) => r.ok).length;
+      this.emit({ type: 'refresh', job: job.id, step: 'job-done', progress: { done: results.length, total: vms.length, failed: results.length - ok }, message: `${ok} of ${vms.length} VM(s) refreshed` });
+      await this.collectPins();
+    });
+    return job;
+  }
+
+  refreshJob(id: string): RefreshJob {
+    const job = this.jobs.get(id);
+    if (!job) throw new DaemonError('NOT_FOUND', `no refresh job ${JSON.stringify(id)} (jobs are kept until vmkeepd restarts, the last ${MAX_JOBS_KEPT})`);
+    return job;
+  }
+
+  async upgradeStatus(): Promise<UpgradeStatus> {
+    const { installations, defaultPolicy } = this.options;
+    const channels = await Promise.all(Object.entries(installations.current).map(async ([channel, name]) => {
+      const inst = currentInstallation(installations, channel);
+      return { channel, installation: name, binary: inst.binary, version: (await this.options.probe(inst)).version };
+    }));
+    const vms = await Promise.all([...this.vms.values()].map(async (entry): Promise<VmUpgradeStatus> => {
+      const { record } = entry;
+      const target = this.current(record);
+      const info = await this.options.probe(target);
+      const status: Staleness = record.process ? await this.stalenessOf(entry, target, info) : { stale: false, reasons: [], currentVersion: info.version };
+      const policy = this.policyOf(record);
+      const row: VmUpgradeStatus = {
+        name: record.name, state: record.state, channel: record.channel, installation: record.installation.name,
+        currentInstallation: target.name, currentVersion: info.version, stale: status.stale, reasons: status.reasons,
+        policy, outcome: policyOutcome(status.stale, policy),
+      };
+      const runningVersion = status.runningVersion ?? (record.process ? record.binary?.version : undefined);
+      if (runningVersion !== undefined) row.runningVersion = runningVersion;
+      if (record.refresh) row.refreshing = record.refresh.strategy;
+      if (record.process) {
+        row.pid = record.process.pid;
+        const exe = readExe(record.process.pid);
+        if (exe) row.exe = exe.deleted ? `${exe.path} (deleted)` : exe.path;
+      }
+      return row;
+    }));
+    return { defaultPolicy, channels, vms: vms.sort((a, b) => a.name.localeCompare(b.name)) };
+  }
+
+  private async stalenessOf(entry: VmEntry, target?: Installation, info?: InstallationInfo): Promise<Staleness> {
+    const { record } = entry;
+    const installation = target ?? this.current(record);
+    const current = { installation, info: info ?? (await this.options.probe(installation)) };
+    const input: Parameters<typeof assessStaleness>[0] = {
+      launched: { installation: record.installation.name, ...(record.binary ? { binary: record.binary } : {}) },
+      exe: record.process ? readExe(record.process.pid) : null,
+      current,
+    };
+    if (entry.qmp) {
+      try {
+        const { qemu } = await entry.qmp.queryVersion();
+        input.runningVersion = `${qemu.major}.${qemu.minor}.${qemu.micro}`;
+      } catch {
+        // The recorded version stands in.
+      }
+    }
+    return assessStaleness(input);
+  }
+
+  private policyOf(record: VmRecord): RefreshStrategy {
+    return record.policy ?? this.options.defaultPolicy;
+  }
+
+  private current(record: VmRecord): Installation {
+    return currentInstallation(this.options.installations, record.channel);
+  }
+
+  /** Test hook for the crash-at-every-step tests: dies the hardest way, mid-operation. */
+  private crashPoint(step: string): void {
+    if (this.options.crashAt !== step) return;
+    this.options.logger.warn({ step }, `crash point ${step} reached: SIGKILL to self (VMKEEP_CRASH_AT)`);
+    process.kill(process.pid, 'SIGKILL');
+  }
+
+  /** Removes pinned module folders no VM uses; skipped while a start or refresh is under way. */
+  private async collectPins(): Promise<void> {
+    const records = [...this.vms.values()].map((e) => e.record);
+    if (this.launching > 0 || records.some((r) => r.refresh !== undefined)) return;
+    const inUse = new Set(records.filter((r) => r.process || r.retired).map((r) => r.binary?.moduleDir).filter((d): d is string => d !== undefined));
+    try {
+      const removed = await collectPinnedModules(this.options.pinRoot, inUse);
+      if (removed.length > 0) this.options.logger.info({ removed }, `removed ${removed.length} pinned module folder(s) no VM uses`);
+    } catch (error) {
+      this.options.logger.warn({ err: error }, 'could not collect pinned module folders');
+    }
   }
 
   subscribe(listener: (event: DaemonEvent) => void): () => void {
@@ -557,6 +1064,49 @@ function truncate(text: string): string {
   return text.length > PROBLEM_MAX_CHARS ? `${text.slice(0, PROBLEM_MAX_CHARS)}…` : text;
 }
 
+function binaryOf(info: InstallationInfo, moduleDir: string | undefined): NonNullable<VmRecord['binary']> {
+  return { ...info.identity, version: info.version, ...(moduleDir === undefined ? {} : { moduleDir }) };
+}
+
+/** True once the source has sent the guest away (postmigrate): from then on only forward. */
+async function handedOver(source: QmpClient): Promise<boolean> {
+  try {
+    return (await source.queryStatus()).status === 'postmigrate';
+  } catch {
+    return false;
+  }
+}
+
+const INMIGRATE_POLL_MS = 50;
+const INMIGRATE_WAIT_MS = 15_000;
+
+/** Polls a destination whose source has handed over until it leaves `inmigrate`. */
+async function waitWhileInmigrate(dest: QmpClient): Promise<string> {
+  const deadline = Date.now() + INMIGRATE_WAIT_MS;
+  for (;;) {
+    const { status } = await dest.queryStatus();
+    if (status !== 'inmigrate' || Date.now() > deadline) return status;
+    await new Promise((resolve) => setTimeout(resolve, INMIGRATE_POLL_MS));
+  }
+}
+
+/**
+ * Ends a QEMU that never ran the guest (a migration destination before hand-over): `quit` over
+ * its monitor, and if it does not go, SIGKILL, which loses nothing since it holds no guest.
+ */
+async function endIdleQemu(qmp: QmpClient | undefined, proc: OtherQemu | undefined): Promise<void> {
+  if (qmp) {
+    await qmp.quit().catch(() => undefined);
+    qmp.close();
+  }
+  if (!proc || !isSameProcess(proc.pid, proc.startTime)) return;
+  try {
+    await waitForProcessExit(proc.pid, proc.startTime, QUIT_EXIT_TIMEOUT_MS);
+  } catch {
+    if (isSameProcess(proc.pid, proc.startTime)) process.kill(proc.pid, 'SIGKILL');
+  }
+}
+
 function toView(record: VmRecord): VmView {
   const view: VmView = {
     name: record.name,
@@ -565,10 +1115,13 @@ function toView(record: VmRecord): VmView {
     uuid: record.uuid,
     machineType: record.machineType,
     installation: record.installation.name,
+    channel: record.channel,
     createdAt: record.createdAt,
     updatedAt: record.updatedAt,
   };
   if (record.binary) view.qemuVersion = record.binary.version;
+  if (record.policy) view.policy = record.policy;
+  if (record.refresh) view.refreshing = record.refresh.strategy;
   if (record.process) {
     view.pid = record.process.pid;
     if (record.process.scope) view.scope = record.process.scope;

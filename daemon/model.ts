@@ -1,4 +1,5 @@
 import type { VmSpec } from '../launcher/index.js';
+import type { RefreshStrategy } from '../upgrade/index.js';
 
 /**
  * Where a VM stands, as the daemon reports it.
@@ -26,7 +27,12 @@ export interface VmView {
   uuid: string;
   machineType: string;
   installation: string;
+  channel: string;
+  /** This VM's own refresh strategy, if it has one (else the daemon's default policy applies). */
+  policy?: RefreshStrategy;
   qemuVersion?: string;
+  /** A refresh under way (or left by a crash, to be finished or rolled back). */
+  refreshing?: 'migrate' | 'reboot';
   pid?: number;
   scope?: string;
   /** Why the daemon cannot talk to this VM (state unreachable), or what failed last. */
@@ -48,12 +54,100 @@ export interface DaemonInfo {
 
 /** A change the event stream carries, one JSON object per line. */
 export interface DaemonEvent {
-  type: 'vm-state' | 'vm-created' | 'vm-deleted' | 'daemon';
+  type: 'vm-state' | 'vm-created' | 'vm-deleted' | 'daemon' | 'refresh';
   vm?: string;
   state?: VmState;
   previous?: VmState;
   message?: string;
+  /** refresh events: the job, the step (started, migrating, done, failed, skipped, job-done). */
+  job?: string;
+  step?: RefreshStep;
+  progress?: { done: number; total: number; failed: number };
+  outcome?: RefreshOutcome;
   time: string;
+}
+
+export type RefreshStep = 'started' | 'migrating' | 'powering-off' | 'starting' | 'done' | 'failed' | 'skipped' | 'job-done';
+
+export interface RefreshOptions {
+  /** Default: the VM's own policy, else the daemon's. */
+  strategy?: RefreshStrategy;
+  /** Seconds for the migration, or for the guest to power off (reboot); defaults 60 / 120. */
+  timeoutSec?: number;
+  /** reboot: quit a guest that ignores ACPI (it loses unwritten data). */
+  force?: boolean;
+  /** Told of the refresh's steps (for a job's progress). */
+  onStep?: (step: RefreshStep, message: string) => void;
+}
+
+/** What a refresh did to one VM. */
+export interface RefreshOutcome {
+  vm: string;
+  strategy: RefreshStrategy;
+  /** migrated / rebooted: now on the current installation; armed: waits for the guest's own
+   *  shutdown; current: nothing to do; reported: manual policy, nothing done. */
+  result: 'migrated' | 'rebooted' | 'armed' | 'current' | 'reported';
+  from?: { installation: string; version?: string; pid?: number };
+  to?: { installation: string; version: string; pid?: number };
+  /** migrate: QEMU's own figure of the guest's pause. */
+  downtimeMs?: number;
+  /** Wall time of the whole refresh. */
+  totalMs: number;
+  message: string;
+}
+
+export interface RefreshJobRequest {
+  /** Exactly one of vms, all, stale. */
+  vms?: string[];
+  all?: boolean;
+  stale?: boolean;
+  strategy?: RefreshStrategy;
+  parallel?: number;
+  timeoutSec?: number;
+  force?: boolean;
+  stopOnError?: boolean;
+}
+
+export interface RefreshJob {
+  id: string;
+  vms: string[];
+  state: 'running' | 'done';
+  parallel: number;
+  startedAt: string;
+  endedAt?: string;
+  results: Array<{ vm: string; ok: boolean; skipped?: boolean; outcome?: RefreshOutcome; error?: { code: string; message: string } }>;
+}
+
+/** One VM in `upgrade-status`. */
+export interface VmUpgradeStatus {
+  name: string;
+  state: VmState;
+  channel: string;
+  installation: string;
+  runningVersion?: string;
+  currentInstallation: string;
+  currentVersion: string;
+  stale: boolean;
+  reasons: string[];
+  policy: RefreshStrategy;
+  /** What the policy will do, in words. */
+  outcome: string;
+  refreshing?: 'migrate' | 'reboot';
+  pid?: number;
+  exe?: string;
+}
+
+export interface UpgradeStatus {
+  defaultPolicy: RefreshStrategy;
+  channels: Array<{ channel: string; installation: string; binary: string; version: string }>;
+  vms: VmUpgradeStatus[];
+}
+
+export interface CreateOptions {
+  start?: boolean;
+  /** Installations channel (default "default"). */
+  channel?: string;
+  policy?: RefreshStrategy;
 }
 
 export interface StopOptions {
@@ -69,7 +163,7 @@ export interface DaemonOps {
   list(): Promise<VmView[]>;
   get(name: string): Promise<VmView>;
   /** Validates the spec; creates the record; starts the VM unless start is false. */
-  create(spec: unknown, options?: { start?: boolean }): Promise<VmView>;
+  create(spec: unknown, options?: CreateOptions): Promise<VmView>;
   start(name: string): Promise<VmView>;
   stop(name: string, options?: StopOptions): Promise<VmView>;
   /** Only a VM without a running QEMU can be deleted. */
@@ -78,6 +172,12 @@ export interface DaemonOps {
   qmp(name: string, command: string, args?: Record<string, unknown>): Promise<unknown>;
   /** Path of the VM's serial console log. */
   consolePath(name: string): Promise<string>;
+  /** Moves one VM onto the current installation (or reports, or arms, per strategy). */
+  refresh(name: string, options?: RefreshOptions): Promise<RefreshOutcome>;
+  /** Begins a rolling refresh of many VMs; follow it on the event stream by its id. */
+  startRefreshJob(request: RefreshJobRequest): Promise<RefreshJob>;
+  refreshJob(id: string): RefreshJob;
+  upgradeStatus(): Promise<UpgradeStatus>;
   /** Subscribes to state changes; returns the unsubscribe function. */
   subscribe(listener: (event: DaemonEvent) => void): () => void;
 }

@@ -4,6 +4,7 @@ import { basename, dirname, join } from 'node:path';
 import {
   isValidVmName, LaunchError, validateSpec, type BinaryIdentity, type Installation, type VmSpec,
 } from '../launcher/index.js';
+import { DEFAULT_CHANNEL, REFRESH_STRATEGIES, type RefreshStrategy } from '../upgrade/index.js';
 import { DaemonError } from './errors.js';
 import type { ExitInfo, VmState } from './model.js';
 
@@ -12,14 +13,33 @@ import type { ExitInfo, VmState } from './model.js';
  * field) bumps it and adds an entry to RECORD_UPGRADES, so older daemons refuse what they
  * cannot fully read instead of silently dropping fields on their next write.
  */
-export const RECORD_SCHEMA = 1;
+export const RECORD_SCHEMA = 2;
 
 /** A record is a spec plus a few paths (well under 1 MiB); a larger file is not one of ours. */
 export const RECORD_MAX_BYTES = 4 * 1024 * 1024;
 
+/** A QEMU of the VM other than the one it runs on: a migration's destination or retired source. */
+export interface OtherQemu {
+  pid: number;
+  startTime: string;
+  scope: string | null;
+  qmpSocket: string;
+}
+
+/**
+ * A refresh under way, written before its first step, so a daemon that crashed mid-way finishes
+ * or rolls it back. `destination` is set once a migration's new QEMU exists.
+ */
+export interface RefreshInFlight {
+  strategy: 'migrate' | 'reboot';
+  target: Installation;
+  startedAt: string;
+  destination?: OtherQemu;
+}
+
 /** The per-VM durable record, `<stateDir>/vms/<name>.json`. */
 export interface VmRecord {
-  schema: 1;
+  schema: typeof RECORD_SCHEMA;
   name: string;
   uuid: string;
   /** The validated spec. */
@@ -28,8 +48,15 @@ export interface VmRecord {
   machineType: string;
   /** The installation the VM was started on. */
   installation: Installation;
-  /** Identity of the running QEMU's binary at launch. */
-  binary?: BinaryIdentity & { version: string };
+  /** Which installation is current for this VM (installations file, "current"). */
+  channel: string;
+  /** This VM's refresh strategy; absent: the daemon's default policy. */
+  policy?: RefreshStrategy;
+  /** Identity of the running QEMU's binary at launch, and the module folder pinned for it. */
+  binary?: BinaryIdentity & { version: string; moduleDir?: string };
+  refresh?: RefreshInFlight;
+  /** The source of a finished migration, to be quit (it waits in postmigrate, guest-less). */
+  retired?: OtherQemu;
   /** The current QEMU, if any. */
   process?: { pid: number; startTime: string; scope: string | null };
   paths: { qmpSocket: string; serialLog: string; stderrLog: string };
@@ -46,8 +73,10 @@ export type RecordUpgrade = (raw: Record<string, unknown>) => Record<string, unk
 /** `upgrades[n]` upgrades schema n to n + 1. */
 export type RecordUpgrades = Readonly<Record<number, RecordUpgrade>>;
 
-/** No older schema exists yet: schema 1 is the first format vmkeepd wrote. */
-export const RECORD_UPGRADES: RecordUpgrades = {};
+export const RECORD_UPGRADES: RecordUpgrades = {
+  // Schema 2 (upgrades): every VM has a channel; schema 1 knew only one installation.
+  1: (raw) => ({ ...raw, channel: DEFAULT_CHANNEL }),
+};
 
 /** Where the records of a state folder live. */
 export function recordsDir(stateDir: string): string {
@@ -61,8 +90,8 @@ type Obj = Record<string, unknown>;
 
 const VM_STATES: readonly VmState[] = ['starting', 'running', 'paused', 'shutdown', 'stopped', 'exited', 'unreachable'];
 const RECORD_FIELDS = [
-  'schema', 'name', 'uuid', 'spec', 'machineType', 'installation', 'binary', 'process', 'paths', 'state',
-  'lastExit', 'problem', 'createdAt', 'updatedAt',
+  'schema', 'name', 'uuid', 'spec', 'machineType', 'installation', 'channel', 'policy', 'binary', 'refresh', 'retired',
+  'process', 'paths', 'state', 'lastExit', 'problem', 'createdAt', 'updatedAt',
 ] as const;
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 // Same rule as the spec's machine names: it ends up in a comma-separated QEMU option.
@@ -168,8 +197,17 @@ function checkRecord(raw: Obj, expectedName: string, problems: string[]): VmReco
   if (machineType !== undefined && !MACHINE_TYPE_RE.test(machineType)) {
     bad('machineType', `${JSON.stringify(machineType)} is not a machine type name`);
   }
-  const installation = checkInstallation(raw.installation, bad);
+  const installation = checkInstallation(raw.installation, 'installation', bad);
+  const channel = str(raw.channel, 'channel', bad);
+  if (channel !== undefined && !MACHINE_TYPE_RE.test(channel)) bad('channel', `${JSON.stringify(channel)} is not a channel name`);
+  let policy: RefreshStrategy | undefined;
+  if (raw.policy !== undefined) {
+    if ((REFRESH_STRATEGIES as readonly unknown[]).includes(raw.policy)) policy = raw.policy as RefreshStrategy;
+    else bad('policy', `must be one of ${REFRESH_STRATEGIES.join(', ')}, got ${describe(raw.policy)}`);
+  }
   const binary = raw.binary === undefined ? undefined : checkBinary(raw.binary, bad);
+  const refresh = raw.refresh === undefined ? undefined : checkRefresh(raw.refresh, bad);
+  const retired = raw.retired === undefined ? undefined : checkOtherQemu(raw.retired, 'retired', bad);
   const proc = raw.process === undefined ? undefined : checkProcess(raw.process, bad);
   const paths = checkPaths(raw.paths, bad);
   const state = raw.state;
@@ -180,13 +218,17 @@ function checkRecord(raw: Obj, expectedName: string, problems: string[]): VmReco
   const updatedAt = timestamp(raw.updatedAt, 'updatedAt', bad);
 
   if (problems.length > 0 || name === undefined || uuid === undefined || spec === undefined || machineType === undefined
-    || installation === undefined || paths === undefined || createdAt === undefined || updatedAt === undefined) {
+    || installation === undefined || channel === undefined || paths === undefined || createdAt === undefined
+    || updatedAt === undefined) {
     return undefined;
   }
   const record: VmRecord = {
-    schema: RECORD_SCHEMA, name, uuid, spec, machineType, installation, paths, state: state as VmState, createdAt, updatedAt,
+    schema: RECORD_SCHEMA, name, uuid, spec, machineType, installation, channel, paths, state: state as VmState, createdAt, updatedAt,
   };
+  if (policy !== undefined) record.policy = policy;
   if (binary !== undefined) record.binary = binary;
+  if (refresh !== undefined) record.refresh = refresh;
+  if (retired !== undefined) record.retired = retired;
   if (proc !== undefined) record.process = proc;
   if (lastExit !== undefined) record.lastExit = lastExit;
   if (problem !== undefined) record.problem = problem;
@@ -210,17 +252,17 @@ function checkSpec(value: unknown, bad: Bad): VmSpec | undefined {
   }
 }
 
-function checkInstallation(value: unknown, bad: Bad): Installation | undefined {
-  const obj = object(value, 'installation', ['name', 'binary', 'moduleDir', 'firmwareDirs'], bad);
+function checkInstallation(value: unknown, field: string, bad: Bad): Installation | undefined {
+  const obj = object(value, field, ['name', 'binary', 'moduleDir', 'firmwareDirs'], bad);
   if (obj === undefined) return undefined;
-  const name = str(obj.name, 'installation.name', bad);
-  const binary = absPath(obj.binary, 'installation.binary', bad);
-  const moduleDir = obj.moduleDir === undefined ? undefined : absPath(obj.moduleDir, 'installation.moduleDir', bad);
+  const name = str(obj.name, `${field}.name`, bad);
+  const binary = absPath(obj.binary, `${field}.binary`, bad);
+  const moduleDir = obj.moduleDir === undefined ? undefined : absPath(obj.moduleDir, `${field}.moduleDir`, bad);
   let firmwareDirs: string[] | undefined;
   if (!Array.isArray(obj.firmwareDirs)) {
-    bad('installation.firmwareDirs', `must be an array of paths, got ${describe(obj.firmwareDirs)}`);
+    bad(`${field}.firmwareDirs`, `must be an array of paths, got ${describe(obj.firmwareDirs)}`);
   } else {
-    const dirs = obj.firmwareDirs.map((d: unknown, i) => absPath(d, `installation.firmwareDirs[${i}]`, bad));
+    const dirs = obj.firmwareDirs.map((d: unknown, i) => absPath(d, `${field}.firmwareDirs[${i}]`, bad));
     if (dirs.every((d): d is string => d !== undefined)) firmwareDirs = dirs;
   }
   if (name === undefined || binary === undefined || firmwareDirs === undefined) return undefined;
@@ -230,7 +272,7 @@ function checkInstallation(value: unknown, bad: Bad): Installation | undefined {
 }
 
 function checkBinary(value: unknown, bad: Bad): VmRecord['binary'] {
-  const obj = object(value, 'binary', ['path', 'dev', 'ino', 'size', 'mtimeMs', 'version'], bad);
+  const obj = object(value, 'binary', ['path', 'dev', 'ino', 'size', 'mtimeMs', 'version', 'moduleDir'], bad);
   if (obj === undefined) return undefined;
   const path = absPath(obj.path, 'binary.path', bad);
   const dev = count(obj.dev, 'binary.dev', bad);
@@ -239,22 +281,44 @@ function checkBinary(value: unknown, bad: Bad): VmRecord['binary'] {
   const mtimeMs = obj.mtimeMs;
   if (typeof mtimeMs !== 'number' || !Number.isFinite(mtimeMs)) bad('binary.mtimeMs', `must be a number, got ${describe(mtimeMs)}`);
   const version = str(obj.version, 'binary.version', bad);
+  const moduleDir = obj.moduleDir === undefined ? undefined : absPath(obj.moduleDir, 'binary.moduleDir', bad);
   if (path === undefined || dev === undefined || ino === undefined || size === undefined || version === undefined
     || typeof mtimeMs !== 'number' || !Number.isFinite(mtimeMs)) return undefined;
-  return { path, dev, ino, size, mtimeMs, version };
+  return { path, dev, ino, size, mtimeMs, version, ...(moduleDir === undefined ? {} : { moduleDir }) };
 }
 
-function checkProcess(value: unknown, bad: Bad): VmRecord['process'] {
-  const obj = object(value, 'process', ['pid', 'startTime', 'scope'], bad);
+function checkRefresh(value: unknown, bad: Bad): RefreshInFlight | undefined {
+  const obj = object(value, 'refresh', ['strategy', 'target', 'startedAt', 'destination'], bad);
+  if (obj === undefined) return undefined;
+  const strategy = obj.strategy;
+  if (strategy !== 'migrate' && strategy !== 'reboot') bad('refresh.strategy', `must be migrate or reboot, got ${describe(strategy)}`);
+  const target = checkInstallation(obj.target, 'refresh.target', bad);
+  const startedAt = timestamp(obj.startedAt, 'refresh.startedAt', bad);
+  const destination = obj.destination === undefined ? undefined : checkOtherQemu(obj.destination, 'refresh.destination', bad);
+  if ((strategy !== 'migrate' && strategy !== 'reboot') || target === undefined || startedAt === undefined) return undefined;
+  if (obj.destination !== undefined && destination === undefined) return undefined;
+  return { strategy, target, startedAt, ...(destination === undefined ? {} : { destination }) };
+}
+
+function checkOtherQemu(value: unknown, field: string, bad: Bad): OtherQemu | undefined {
+  const obj = object(value, field, ['pid', 'startTime', 'scope', 'qmpSocket'], bad);
+  if (obj === undefined) return undefined;
+  const proc = checkProcess({ pid: obj.pid, startTime: obj.startTime, scope: obj.scope }, bad, field);
+  const qmpSocket = absPath(obj.qmpSocket, `${field}.qmpSocket`, bad);
+  return proc === undefined || qmpSocket === undefined ? undefined : { ...proc, qmpSocket };
+}
+
+function checkProcess(value: unknown, bad: Bad, field = 'process'): VmRecord['process'] {
+  const obj = object(value, field, ['pid', 'startTime', 'scope'], bad);
   if (obj === undefined) return undefined;
   const pid = obj.pid;
   const pidOk = typeof pid === 'number' && Number.isSafeInteger(pid) && pid > 0;
-  if (!pidOk) bad('process.pid', `must be a whole number > 0, got ${describe(pid)}`);
-  const startTime = str(obj.startTime, 'process.startTime', bad);
-  if (startTime !== undefined && !/^\d+$/.test(startTime)) bad('process.startTime', `must be digits (field 22 of /proc/PID/stat), got ${describe(startTime)}`);
+  if (!pidOk) bad(`${field}.pid`, `must be a whole number > 0, got ${describe(pid)}`);
+  const startTime = str(obj.startTime, `${field}.startTime`, bad);
+  if (startTime !== undefined && !/^\d+$/.test(startTime)) bad(`${field}.startTime`, `must be digits (field 22 of /proc/PID/stat), got ${describe(startTime)}`);
   const scope = obj.scope;
   const scopeOk = scope === null || (typeof scope === 'string' && scope !== '');
-  if (!scopeOk) bad('process.scope', `must be a unit name or null, got ${describe(scope)}`);
+  if (!scopeOk) bad(`${field}.scope`, `must be a unit name or null, got ${describe(scope)}`);
   if (!pidOk || startTime === undefined || !/^\d+$/.test(startTime) || !scopeOk) return undefined;
   return { pid: pid as number, startTime, scope: scope as string | null };
 }

@@ -29,7 +29,7 @@ const MACHINE_RE = /^[a-z0-9][a-z0-9._-]{0,63}$/;
 /**
  * QemuOpts escaping: inside a comma-separated option value a literal comma is written ",,".
  * Only for values QEMU parses as option lists (-drive, -qmp unix:); -kernel, -initrd,
- * -append, -L and -serial file: take their argument verbatim.
+ * -append and -L take their argument verbatim.
  */
 export function escapeQemuOptValue(value: string): string {
   return value.replaceAll(',', ',,');
@@ -60,7 +60,10 @@ export function buildQemuCommand(input: BuildQemuCommandInput): QemuCommand {
     '-m', String(spec.memoryMiB),
     '-smp', String(spec.vcpus),
     '-qmp', `unix:${escapeQemuOptValue(paths.qmpSocket)},server=on,wait=off`,
-    '-serial', `file:${paths.serialLog}`,
+    // Appended, not truncated: a migration's destination writes on where its source stopped
+    // (the caller empties the file before a fresh start).
+    '-chardev', `file,id=serial0,path=${escapeQemuOptValue(paths.serialLog)},append=on`,
+    '-serial', 'chardev:serial0',
     ...firmwareArgs,
   ];
   if (spec.kernel !== undefined) argv.push('-kernel', spec.kernel);

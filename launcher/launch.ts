@@ -17,7 +17,7 @@ export interface LaunchVmOptions {
   placeInScope?: (pid: number) => Promise<void>;
   /** Leave the guest paused after start (default false: `cont` once everything is in place). */
   stayPaused?: boolean;
-  /** Start as a migration destination (`-incoming defer`); implies stayPaused. */
+  /** Start as a migration destination (`-incoming defer`): it runs the guest once the stream completes. */
   incoming?: 'defer';
   /** A machine type already resolved and recorded (a refresh keeps the VM's pinned type). */
   machineType?: string;
@@ -48,7 +48,10 @@ export async function launchVm(options: LaunchVmOptions): Promise<LaunchedVm> {
     installation: options.installation,
     machineType,
     paths: options.paths,
-    startPaused: true,
+    // A migration destination runs no guest code before the incoming stream completes (and the
+    // stream starts only once it is in its scope), so it may start the guest by itself then:
+    // that keeps the daemon's reaction time out of the guest's downtime.
+    startPaused: options.incoming === undefined,
     ...(options.incoming === undefined ? {} : { incoming: options.incoming }),
   });
   const spawned = await spawnQemu(command, {

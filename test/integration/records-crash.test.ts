@@ -115,7 +115,7 @@ describe('a record rewritten in a loop and killed with SIGKILL', () => {
   function version(letter: 'a' | 'b'): VmRecord {
     const disks = Array.from({ length: 16 }, (_, i) => ({ path: `/${letter.repeat(3980)}/disk-${i}.img`, format: 'raw' }));
     return {
-      schema: 1,
+      schema: 2, channel: 'default',
       name: 'web',
       uuid: '123e4567-e89b-12d3-a456-426614174000',
       spec: validateSpec({ name: 'web', disks }),

@@ -1,7 +1,10 @@
 // An in-memory DaemonOps: what the control API translates to, without QEMU or systemd.
 import { join } from 'node:path';
 import { validateSpec } from '../../../launcher/index.js';
-import { DaemonError, type DaemonEvent, type DaemonInfo, type DaemonOps, type StopOptions, type VmView } from '../../../daemon/index.js';
+import {
+  DaemonError, type CreateOptions, type DaemonEvent, type DaemonInfo, type DaemonOps, type RefreshJob, type RefreshJobRequest,
+  type RefreshOptions, type RefreshOutcome, type StopOptions, type UpgradeStatus, type VmView,
+} from '../../../daemon/index.js';
 
 export interface FakeCall {
   op: keyof DaemonOps;
@@ -50,6 +53,7 @@ export class FakeDaemonOps implements DaemonOps {
       uuid: '6f1d3c2e-8c61-4a43-9d44-5d0c3b8e7a10',
       machineType: 'pc-q35-7.2',
       installation: 'default',
+      channel: 'default',
       createdAt: now,
       updatedAt: now,
       ...(state === 'running' ? { pid: this.nextPid++, scope: `vmkeep-${name}.scope`, qemuVersion: '7.2.19' } : {}),
@@ -81,7 +85,7 @@ export class FakeDaemonOps implements DaemonOps {
     return this.vm(name);
   }
 
-  async create(spec: unknown, options: { start?: boolean } = {}): Promise<VmView> {
+  async create(spec: unknown, options: CreateOptions = {}): Promise<VmView> {
     this.record('create', [spec, options]);
     const valid = validateSpec(spec);
     if (this.vms.has(valid.name)) throw new DaemonError('EXISTS', `a VM named ${valid.name} exists already`);
@@ -124,6 +128,72 @@ export class FakeDaemonOps implements DaemonOps {
     this.record('consolePath', [name]);
     this.vm(name);
     return join(this.consoleDir, `${name}.log`);
+  }
+
+  /** Every running VM counts as stale; a refresh "migrates" it at once. */
+  async refresh(name: string, options: RefreshOptions = {}): Promise<RefreshOutcome> {
+    this.record('refresh', [name, options]);
+    const vm = this.vm(name);
+    const strategy = options.strategy ?? 'manual';
+    if (vm.state !== 'running' || strategy === 'manual') {
+      return { vm: name, strategy, result: vm.state === 'running' ? 'reported' : 'current', totalMs: 0, message: `${name}: nothing done` };
+    }
+    const moved = this.addVm(name, 'running', { spec: vm.spec, installation: 'new', qemuVersion: '7.2.22' });
+    return {
+      vm: name, strategy, result: 'migrated', totalMs: 500, downtimeMs: 12, message: `${name} migrated`,
+      from: { installation: vm.installation, version: vm.qemuVersion ?? '7.2.19' }, to: { installation: 'new', version: '7.2.22', pid: moved.pid as number },
+    };
+  }
+
+  readonly jobs = new Map<string, RefreshJob>();
+
+  /** Runs the refreshes one by one right away and emits the events a real job would. */
+  async startRefreshJob(request: RefreshJobRequest): Promise<RefreshJob> {
+    this.record('startRefreshJob', [request]);
+    const vms = request.vms ?? [...this.vms.keys()].filter((n) => request.all || this.vms.get(n)?.state === 'running');
+    const job: RefreshJob = { id: `refresh-${this.jobs.size + 1}`, vms, state: 'running', parallel: request.parallel ?? 1, startedAt: '2025-01-01T00:00:00.000Z', results: [] };
+    this.jobs.set(job.id, job);
+    setImmediate(() => {
+      void (async () => {
+        let failed = 0;
+        for (const [i, vm] of vms.entries()) {
+          this.emit({ type: 'refresh', job: job.id, vm, step: 'started' });
+          try {
+            const outcome = await this.refresh(vm, request.strategy === undefined ? {} : { strategy: request.strategy });
+            job.results.push({ vm, ok: true, outcome });
+            this.emit({ type: 'refresh', job: job.id, vm, step: 'done', outcome, progress: { done: i + 1, total: vms.length, failed } });
+          } catch (error) {
+            failed++;
+            job.results.push({ vm, ok: false, error: { code: (error as DaemonError).code ?? 'INTERNAL', message: (error as Error).message } });
+            this.emit({ type: 'refresh', job: job.id, vm, step: 'failed', message: (error as Error).message, progress: { done: i + 1, total: vms.length, failed } });
+          }
+        }
+        job.state = 'done';
+        this.emit({ type: 'refresh', job: job.id, step: 'job-done', progress: { done: vms.length, total: vms.length, failed } });
+      })();
+    });
+    return { ...job, results: [] };
+  }
+
+  refreshJob(id: string): RefreshJob {
+    this.record('refreshJob', [id]);
+    const job = this.jobs.get(id);
+    if (!job) throw new DaemonError('NOT_FOUND', `no refresh job ${JSON.stringify(id)}`);
+    return job;
+  }
+
+  async upgradeStatus(): Promise<UpgradeStatus> {
+    this.record('upgradeStatus', []);
+    return {
+      defaultPolicy: 'manual',
+      channels: [{ channel: 'default', installation: 'new', binary: '/usr/bin/qemu-system-x86_64', version: '7.2.22' }],
+      vms: [...this.vms.values()].map((vm) => ({
+        name: vm.name, state: vm.state, channel: vm.channel, installation: vm.installation, currentInstallation: 'new', currentVersion: '7.2.22',
+        stale: vm.installation !== 'new' && vm.state === 'running', reasons: vm.installation !== 'new' && vm.state === 'running' ? ['it runs an old binary'] : [],
+        policy: 'manual', outcome: 'nothing',
+        ...(vm.qemuVersion === undefined ? {} : { runningVersion: vm.qemuVersion }),
+      })),
+    };
   }
 
   subscribe(listener: Listener): () => void {

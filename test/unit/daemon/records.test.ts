@@ -21,7 +21,7 @@ afterEach(() => {
 
 function sample(name = 'web', patch: Partial<VmRecord> = {}): VmRecord {
   return {
-    schema: 1,
+    schema: 2, channel: 'default',
     name,
     uuid: '123e4567-e89b-12d3-a456-426614174000',
     spec: validateSpec({ name, kernel: '/boot/vmlinuz', append: 'console=ttyS0', memoryMiB: 256 }),
@@ -170,11 +170,11 @@ describe('parseRecord', () => {
   });
 
   it('refuses a newer schema with RECORD_TOO_NEW and says what to do', () => {
-    const newer = { ...sample(), schema: 2, somethingNew: { x: 1 } };
+    const newer = { ...sample(), schema: 3, somethingNew: { x: 1 } };
     const err = caught(() => parseRecord(text(newer), '/state/vms/web.json'));
     expect(err.code).toBe('RECORD_TOO_NEW');
     expect(err.message).toMatch(
-      /^record \/state\/vms\/web\.json was written by a newer vmkeepd \(schema 2, this one reads up to 1\): upgrade vmkeep.*or restore/);
+      /^record \/state\/vms\/web\.json was written by a newer vmkeepd \(schema 3, this one reads up to 2\): upgrade vmkeep.*or restore/);
   });
 });
 
@@ -189,13 +189,22 @@ describe('schema upgrades', () => {
       const { vmName, pid, startTime, scope, ...rest } = raw;
       return { ...rest, name: vmName, process: { pid, startTime, scope } };
     },
+    ...RECORD_UPGRADES,
   };
 
+  it('reads a schema 1 record (one installation, no channel) as channel "default"', () => {
+    const { channel, ...v1 } = JSON.parse(text(sample())) as Record<string, unknown>;
+    expect(channel).toBe('default');
+    expect(parseRecord(JSON.stringify({ ...v1, schema: 1 }), 'web.json')).toEqual(sample());
+    // A schema 1 record could not hold a channel: one written with it is not a real schema 1 record.
+    expect(caught(() => parseRecord(JSON.stringify({ ...v1, schema: 1, policy: 'sometimes' }), 'web.json')).message).toContain('field "policy"');
+  });
+
   it('brings an older record up to the current schema', () => {
-    expect(RECORD_SCHEMA).toBe(1);
+    expect(RECORD_SCHEMA).toBe(2);
     const old = v0();
     const upgraded = upgradeRecord(old, upgrades, 'web.json');
-    expect(upgraded.schema).toBe(1);
+    expect(upgraded.schema).toBe(2);
     expect(upgraded.name).toBe('web');
     expect(old.schema).toBe(0); // the input is left as it was
     expect(parseRecord(text(v0()), 'web.json', upgrades)).toEqual(sample());
@@ -207,7 +216,7 @@ describe('schema upgrades', () => {
   });
 
   it('refuses a schema it has no upgrade for, and a failing upgrade, as RECORD_CORRUPT', () => {
-    expect(RECORD_UPGRADES).toEqual({});
+    expect(Object.keys(RECORD_UPGRADES)).toEqual(['1']);
     const missing = caught(() => parseRecord(text(v0()), 'web.json'));
     expect(missing.code).toBe('RECORD_CORRUPT');
     expect(missing.message).toMatch(/no upgrade from schema 0 to 1/);
@@ -217,7 +226,7 @@ describe('schema upgrades', () => {
     expect(failing.message).toMatch(/could not be upgraded from schema 0 to 1 \(boom\)/);
 
     // An upgrade that produces a bad shape is caught by validation afterwards.
-    const sloppy = caught(() => parseRecord(text(v0()), 'web.json', { 0: (raw) => raw }));
+    const sloppy = caught(() => parseRecord(text(v0()), 'web.json', { ...RECORD_UPGRADES, 0: (raw) => raw }));
     expect(sloppy.message).toContain('field "vmName"');
   });
 });
@@ -299,7 +308,7 @@ describe('RecordStore', () => {
     await store.put(sample('a'));
     const damaged: Record<string, string> = {
       'c.json': text(sample('c')).slice(0, 200),
-      'd.json': text({ ...sample('d'), schema: 2 }),
+      'd.json': text({ ...sample('d'), schema: 3 }),
       'e.json': text(sample('other')),
       'Bad Name.json': text(sample()),
     };

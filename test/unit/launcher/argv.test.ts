@@ -19,7 +19,8 @@ describe('buildQemuCommand', () => {
         '-m', '256',
         '-smp', '1',
         '-qmp', 'unix:/run/vmkeep/vm1/qmp.sock,server=on,wait=off',
-        '-serial', 'file:/var/log/vmkeep/vm1.serial',
+        '-chardev', 'file,id=serial0,path=/var/log/vmkeep/vm1.serial,append=on',
+        '-serial', 'chardev:serial0',
         '-kernel', '/g/vmlinuz',
         '-initrd', '/g/initramfs.gz',
         '-append', 'console=ttyS0 quiet panic=-1',
@@ -48,7 +49,8 @@ describe('buildQemuCommand', () => {
         '-m', '2048',
         '-smp', '2',
         '-qmp', 'unix:/run/vmkeep/vm1/qmp.sock,server=on,wait=off',
-        '-serial', 'file:/var/log/vmkeep/vm1.serial',
+        '-chardev', 'file,id=serial0,path=/var/log/vmkeep/vm1.serial,append=on',
+        '-serial', 'chardev:serial0',
         '-L', '/snap/vmkeep/12/usr/share/qemu',
         '-L', '/snap/vmkeep/12/usr/share/seabios',
         '-drive', 'file=/vm/root.qcow2,format=qcow2,if=virtio',
@@ -61,7 +63,7 @@ describe('buildQemuCommand', () => {
   });
 
   it('escapes commas where QEMU parses option lists, and only there', () => {
-    // Checked against QEMU 7.2: -qmp unix: and -drive file= split on ",", -serial file:,
+    // Checked against QEMU 7.2: -qmp unix:, -chardev path= and -drive file= split on ",";
     // -kernel, -initrd and -L take the path verbatim.
     const spec = validateSpec({ name: 'c', kernel: '/a,b/k', initrd: '/a,b/i', disks: [{ path: '/a,b/d,,.img', format: 'raw' }] });
     const { argv } = buildQemuCommand({
@@ -71,7 +73,7 @@ describe('buildQemuCommand', () => {
     const after = (flag: string): string | undefined => argv[argv.indexOf(flag) + 1];
     expect(after('-qmp')).toBe('unix:/run/a,,b/qmp.sock,server=on,wait=off');
     expect(after('-drive')).toBe('file=/a,,b/d,,,,.img,format=raw,if=virtio');
-    expect(after('-serial')).toBe('file:/log/a,b.serial');
+    expect(after('-chardev')).toBe('file,id=serial0,path=/log/a,,b.serial,append=on');
     expect(after('-kernel')).toBe('/a,b/k');
     expect(after('-initrd')).toBe('/a,b/i');
     expect(after('-L')).toBe('/fw,1');

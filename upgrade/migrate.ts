@@ -1,0 +1,89 @@
+import { isQmpError, type MigrationInfo, type QmpClient } from '../qmp/index.js';
+import { UpgradeError } from './errors.js';
+
+export interface LiveMigrationOptions {
+  source: QmpClient;
+  /** Started with `-incoming defer`, already in its own scope. */
+  destination: QmpClient;
+  /** Unix socket path the destination listens on for the stream. */
+  socketPath: string;
+  timeoutMs: number;
+  /** Bytes per second; QEMU's default cap (128 MiB/s) makes a same-host move needlessly slow. */
+  maxBandwidth?: number;
+  /** Told each MIGRATION status the source reports (setup, active, completed, ...). */
+  onStatus?: (status: string) => void;
+}
+
+export interface MigrationResult {
+  /** QEMU's own figures (ms): the guest was paused for `downtimeMs`. */
+  downtimeMs: number;
+  totalMs: number;
+  setupMs?: number;
+  transferredBytes?: number;
+}
+
+const DEFAULT_MAX_BANDWIDTH = 4 * 1024 * 1024 * 1024;
+const END_STATES = new Set(['completed', 'failed', 'cancelled']);
+
+/**
+ * Moves a running guest from `source` to `destination` over a unix socket and waits for the
+ * end. On failure or timeout the migration is cancelled and the source keeps running (QEMU
+ * resumes it); the destination is the caller's to clean up. Completion is taken from the
+ * source's MIGRATION events, with query-migrate as the authority on the outcome.
+ */
+export async function migrateLive(options: LiveMigrationOptions): Promise<MigrationResult> {
+  const { source, destination, socketPath, timeoutMs } = options;
+  const uri = `unix:${socketPath}`;
+  try {
+    await source.migrateSetCapabilities([{ capability: 'events', state: true }]);
+    await source.migrateSetParameters({ 'max-bandwidth': options.maxBandwidth ?? DEFAULT_MAX_BANDWIDTH });
+    await destination.migrateIncoming(uri);
+  } catch (cause) {
+    throw new UpgradeError('MIGRATION_FAILED', `the migration could not be set up: ${(cause as Error).message}; nothing was sent, the VM keeps running on its old QEMU`, { cause });
+  }
+
+  const abort = new AbortController();
+  const off = source.on('event', (event) => {
+    if (event.event === 'MIGRATION') options.onStatus?.(String((event.data as { status?: unknown }).status));
+  });
+  const ended = source.waitForEvent('MIGRATION', {
+    timeoutMs,
+    signal: abort.signal,
+    predicate: (event) => END_STATES.has(String((event.data as { status?: unknown }).status)),
+  });
+  ended.catch(() => undefined);
+  try {
+    try {
+      await source.migrate(uri);
+    } catch (cause) {
+      throw new UpgradeError('MIGRATION_FAILED', `QEMU refused the migration: ${(cause as Error).message}; the VM keeps running on its old QEMU`, { cause });
+    }
+    try {
+      await ended;
+    } catch (cause) {
+      await source.migrateCancel().catch(() => undefined);
+      if (!isQmpError(cause) || cause.code !== 'EVENT_TIMEOUT') {
+        throw new UpgradeError('MIGRATION_FAILED', `the migration broke off: ${(cause as Error).message}`, { cause });
+      }
+      throw new UpgradeError('MIGRATION_TIMEOUT',
+        `the migration did not finish within ${timeoutMs / 1000} s and was cancelled; the VM keeps running on its old QEMU. A busy guest dirties memory faster than it can be copied: retry when it is quieter, or with a longer --timeout`,
+        { cause });
+    }
+    const info = await source.queryMigrate();
+    if (info.status !== 'completed') {
+      throw new UpgradeError('MIGRATION_FAILED',
+        `the migration ended ${info.status ?? 'without a status'}${info['error-desc'] ? `: ${info['error-desc']}` : ''}; the VM keeps running on its old QEMU`);
+    }
+    return resultOf(info);
+  } finally {
+    abort.abort();
+    off();
+  }
+}
+
+function resultOf(info: MigrationInfo): MigrationResult {
+  const result: MigrationResult = { downtimeMs: info.downtime ?? 0, totalMs: info['total-time'] ?? 0 };
+  if (info['setup-time'] !== undefined) result.setupMs = info['setup-time'];
+  if (info.ram?.transferred !== undefined) result.transferredBytes = info.ram.transferred;
+  return result;
+}
