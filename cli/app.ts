@@ -192,7 +192,7 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
             ...(a.socketGroup === undefined ? {} : { socketGroup: a.socketGroup }),
             ...(a.busAddress === undefined ? {} : { busAddress: a.busAddress }),
             refreshPolicy: a.refreshPolicy,
-            ...(io.env.VMKEEP_CRASH_AT ? { crashAt: io.env.VMKEEP_CRASH_AT } : {}),
+            ...(io.env.VMKEEPD_CRASH_AT ? { crashAt: io.env.VMKEEPD_CRASH_AT } : {}),
           },
           a.installations === undefined ? installationFrom(a, io.env) : a.installations,
           VERSION,

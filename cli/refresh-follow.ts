@@ -1,6 +1,7 @@
 import type { Writable } from 'node:stream';
 import type { DaemonEvent, RefreshJobRequest } from '../daemon/index.js';
 import { formatJobSummary, formatRefreshEvent, progressBar } from './refresh-view.js';
+import { printable } from './table.js';
 import type { DaemonApi } from './vm-commands.js';
 
 export interface FollowIo {
@@ -31,6 +32,7 @@ export async function followRefreshJob(api: DaemonApi, request: RefreshJobReques
   let bar = '';
   const clearBar = (): void => {
     if (bar !== '') io.stderr.write(`\r${' '.repeat(bar.length)}\r`);
+    bar = '';
   };
   const show = (event: DaemonEvent): void => {
     if (io.json) {
@@ -59,13 +61,13 @@ export async function followRefreshJob(api: DaemonApi, request: RefreshJobReques
     const job = await api.startRefreshJob(request);
     jobId = job.id;
     if (io.json) io.stdout.write(`${JSON.stringify({ type: 'refresh-job', job })}\n`);
-    else io.stderr.write(`vmkeep: refresh ${job.id}: ${job.vms.length} VM(s)${job.vms.length > 0 ? ` (${job.vms.join(', ')})` : ''}, ${job.parallel} at a time\n`);
+    else io.stderr.write(`${printable(`vmkeep: refresh ${job.id}: ${job.vms.length} VM(s)${job.vms.length > 0 ? ` (${job.vms.join(', ')})` : ''}, ${job.parallel} at a time`)}\n`);
     if (job.vms.length === 0) controller.abort();
     for (const event of early.splice(0)) onEvent(event);
     await stream;
     clearBar();
     if (detached) {
-      io.stderr.write(`vmkeep: stopped following; refresh ${job.id} goes on in vmkeepd (vmkeep events shows it)\n`);
+      io.stderr.write(`${printable(`vmkeep: stopped following; refresh ${job.id} goes on in vmkeepd (vmkeep events shows it)`)}\n`);
       return EXIT_DETACHED;
     }
     const final = await api.refreshJob(job.id);

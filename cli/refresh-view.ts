@@ -19,7 +19,7 @@ export function formatUpgradeStatus(status: UpgradeStatus): string {
   const reasons = status.vms.filter((vm) => vm.stale).map((vm) => `  ${vm.name}: ${vm.reasons.join('; ')}${vm.exe ? ` [exe ${vm.exe}]` : ''}`);
   return [
     ...channels.map(printable),
-    `default policy: ${status.defaultPolicy}`,
+    printable(`default policy: ${status.defaultPolicy}`),
     '',
     status.vms.length === 0 ? 'no VMs' : table,
     ...(reasons.length > 0 ? ['', 'stale because:', ...reasons.map(printable)] : []),
@@ -56,12 +56,16 @@ export function outcomeLine(outcome: RefreshOutcome): string {
   const seconds = `${(outcome.totalMs / 1000).toFixed(1)} s`;
   switch (outcome.result) {
     case 'migrated':
-      return `migrated onto ${outcome.to?.installation} (QEMU ${outcome.to?.version}), guest paused ${outcome.downtimeMs} ms, ${seconds}`;
+      return `migrated onto ${target(outcome)}${outcome.downtimeMs === undefined ? '' : `, guest paused ${outcome.downtimeMs} ms`}, ${seconds}`;
     case 'rebooted':
-      return `rebooted onto ${outcome.to?.installation} (QEMU ${outcome.to?.version}), ${seconds}`;
+      return `rebooted onto ${target(outcome)}, ${seconds}`;
     default:
       return outcome.message;
   }
+}
+
+function target(outcome: RefreshOutcome): string {
+  return outcome.to === undefined ? 'the current installation' : `${outcome.to.installation} (QEMU ${outcome.to.version})`;
 }
 
 /** `[=========>          ] 3/7, 1 failed` */
@@ -76,6 +80,6 @@ export function formatJobSummary(job: RefreshJob): string {
   const failed = job.results.filter((r) => !r.ok && !r.skipped);
   const skipped = job.results.filter((r) => r.skipped).length;
   const lines = [`refresh ${job.id}: ${ok} of ${job.vms.length} VM(s) done${failed.length > 0 ? `, ${failed.length} failed` : ''}${skipped > 0 ? `, ${skipped} skipped` : ''}`];
-  for (const r of failed) lines.push(`  ${r.vm}: [${r.error?.code}] ${r.error?.message}`);
+  for (const r of failed) lines.push(`  ${r.vm}: ${r.error === undefined ? 'failed' : `[${r.error.code}] ${r.error.message}`}`);
   return lines.map(printable).join('\n');
 }

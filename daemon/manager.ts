@@ -48,7 +48,7 @@ export interface VmManagerOptions {
   defaultPolicy: RefreshStrategy;
   /** Where module folders are pinned (one copy per installation build). */
   pinRoot: string;
-  /** Test hook: the daemon SIGKILLs itself on reaching this refresh step (VMKEEP_CRASH_AT). */
+  /** Test hook: the daemon SIGKILLs itself on reaching this refresh step (VMKEEPD_CRASH_AT). */
   crashAt?: string;
   /** Probes the installation (cached by binary identity). */
   probe: (installation: Installation) => Promise<InstallationInfo>;
@@ -238,8 +238,11 @@ export class VmManager implements DaemonOps {
       // Only the current monitor matters: one we let go of on purpose says nothing about QEMU.
       if (entry.qmp !== qmp) return;
       entry.qmp = undefined;
-      if (this.closed) return;
-      void this.serially(name, () => this.onMonitorClosed(entry, reason.message)).catch((error: unknown) =>
+      // A QEMU the daemon is ending itself (quit) closes its monitor as it goes: not news.
+      if (this.closed || entry.stopping) return;
+      // The handler runs later, in the VM's queue: by then the record may name another QEMU.
+      const process = entry.record.process;
+      void this.serially(name, () => this.onMonitorClosed(entry, process, reason.message)).catch((error: unknown) =>
         this.options.logger.error({ vm: name, err: error }, 'handling a closed monitor failed'),
       );
     });
@@ -282,9 +285,9 @@ export class VmManager implements DaemonOps {
   }
 
   /** A closed monitor is a question, not an answer: look at the process. */
-  private async onMonitorClosed(entry: VmEntry, why: string): Promise<void> {
-    const process = entry.record.process;
-    if (!process || entry.stopping) return;
+  private async onMonitorClosed(entry: VmEntry, process: VmRecord['process'], why: string): Promise<void> {
+    const now = entry.record.process;
+    if (!process || !now || now.pid !== process.pid || now.startTime !== process.startTime || entry.stopping) return;
     if (isSameProcess(process.pid, process.startTime)) {
       await this.save(entry, { ...entry.record, state: 'unreachable', problem: `monitor closed (${why}); QEMU still alive` });
       this.scheduleRetry(entry);
@@ -962,7 +965,7 @@ export class VmManager implements DaemonOps {
   /** Test hook for the crash-at-every-step tests: dies the hardest way, mid-operation. */
   private crashPoint(step: string): void {
     if (this.options.crashAt !== step) return;
-    this.options.logger.warn({ step }, `crash point ${step} reached: SIGKILL to self (VMKEEP_CRASH_AT)`);
+    this.options.logger.warn({ step }, `crash point ${step} reached: SIGKILL to self (VMKEEPD_CRASH_AT)`);
     process.kill(process.pid, 'SIGKILL');
   }
 

@@ -48,9 +48,10 @@ interface Exit {
  * daemon can exit, crash or restart without QEMU noticing.
  */
 export async function spawnQemu(command: QemuCommand, options: SpawnOptions): Promise<SpawnedQemu> {
-  if (options.placeInScope !== undefined && !command.argv.includes('-S')) {
+  // A migration destination (-incoming) runs no guest code until a stream it is sent completes.
+  if (options.placeInScope !== undefined && !command.argv.includes('-S') && !command.argv.includes('-incoming')) {
     throw new LaunchError('SPAWN_FAILED',
-      'refusing to start QEMU without -S when it must be moved into a scope: it would run guest code in the daemon\'s cgroup; fix: build the command with startPaused: true');
+      'refusing to start QEMU without -S when it must be moved into a scope: it would run guest code in the daemon\'s cgroup; fix: build the command with startPaused: true (or as a migration destination)');
   }
   if (options.readyPath !== undefined && existsSync(options.readyPath)) {
     throw new LaunchError('SPAWN_FAILED',

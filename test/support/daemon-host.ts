@@ -33,6 +33,10 @@ export interface DaemonHostOptions {
   name: string;
   /** false: vmkeepd --no-scope (the negative control: VMs die with the service). */
   scopes?: boolean;
+  /** More vmkeepd arguments (e.g. --installations FILE). */
+  args?: string[];
+  /** Folder for the daemon's state and runtime (default: a new temp folder, removed at shutdown). */
+  dir?: string;
 }
 
 export class DaemonHost {
@@ -46,7 +50,7 @@ export class DaemonHost {
   static async boot(options: DaemonHostOptions): Promise<DaemonHost> {
     requireQemu();
     requireSystemdHostPrereqs();
-    const dir = await mkdtemp(join(tmpdir(), 'vk-'));
+    const dir = options.dir ?? (await mkdtemp(join(tmpdir(), 'vk-')));
     const socket = join(dir, 'run', 'vmkeep.sock');
     const args = [
       VMKEEPD,
@@ -54,6 +58,7 @@ export class DaemonHost {
       '--runtime-dir', join(dir, 'run'),
       '--socket', socket,
       ...(options.scopes === false ? ['--no-scope'] : []),
+      ...(options.args ?? []),
     ];
     const unit = testUnit(await readFile(SHIPPED_UNIT, 'utf8'), `${process.execPath} ${args.join(' ')}`);
     let host: SystemdHost | undefined;
@@ -103,6 +108,17 @@ export class DaemonHost {
 
   async start(): Promise<void> {
     await this.systemctl('start', DAEMON_UNIT);
+  }
+
+  /** Sets (or with undefined, removes) a variable the daemon gets from its next start on. */
+  async setDaemonEnv(name: string, value: string | undefined): Promise<void> {
+    if (value === undefined) await this.systemctl('unset-environment', name);
+    else await this.systemctl('set-environment', `${name}=${value}`);
+  }
+
+  /** The VM's record as the daemon last wrote it. */
+  async record(name: string): Promise<Record<string, any>> {
+    return JSON.parse(await readFile(this.recordFile(name), 'utf8')) as Record<string, any>;
   }
 
   /** The host PID of a QEMU the daemon reports (the daemon sees PIDs of the private namespace). */

@@ -146,6 +146,8 @@ export class FakeDaemonOps implements DaemonOps {
   }
 
   readonly jobs = new Map<string, RefreshJob>();
+  /** While set, a job begun from now on waits for it before its first VM: lets a test act while the job runs. */
+  holdJobs: Promise<void> | undefined;
 
   /** Runs the refreshes one by one right away and emits the events a real job would. */
   async startRefreshJob(request: RefreshJobRequest): Promise<RefreshJob> {
@@ -153,8 +155,10 @@ export class FakeDaemonOps implements DaemonOps {
     const vms = request.vms ?? [...this.vms.keys()].filter((n) => request.all || this.vms.get(n)?.state === 'running');
     const job: RefreshJob = { id: `refresh-${this.jobs.size + 1}`, vms, state: 'running', parallel: request.parallel ?? 1, startedAt: '2025-01-01T00:00:00.000Z', results: [] };
     this.jobs.set(job.id, job);
+    const hold = this.holdJobs;
     setImmediate(() => {
       void (async () => {
+        if (hold !== undefined) await hold;
         let failed = 0;
         for (const [i, vm] of vms.entries()) {
           this.emit({ type: 'refresh', job: job.id, vm, step: 'started' });
