@@ -172,6 +172,8 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
           type: 'string',
           describe: 'JSON file of QEMU installations and the current one per channel (env VMKEEP_INSTALLATIONS); without it, --qemu names the only one',
         })
+        // Hidden test hook (env VMKEEP_TEST_CRASH_AT): vmkeepd SIGKILLs itself at this refresh step.
+        .option('test-crash-at', { type: 'string', hidden: true })
         .option('refresh-policy', {
           type: 'string',
           choices: ['manual', 'migrate', 'reboot', 'on-guest-shutdown'],
@@ -192,7 +194,7 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
             ...(a.socketGroup === undefined ? {} : { socketGroup: a.socketGroup }),
             ...(a.busAddress === undefined ? {} : { busAddress: a.busAddress }),
             refreshPolicy: a.refreshPolicy,
-            ...(io.env.VMKEEPD_CRASH_AT ? { crashAt: io.env.VMKEEPD_CRASH_AT } : {}),
+            ...(a.testCrashAt === undefined ? {} : { crashAt: a.testCrashAt }),
           },
           a.installations === undefined ? installationFrom(a, io.env) : a.installations,
           VERSION,

@@ -14,7 +14,7 @@ export interface DaemonCommandArgs {
   busAddress?: string;
   logLevel: string;
   refreshPolicy: string;
-  /** Test hook (VMKEEPD_CRASH_AT): SIGKILL self at this refresh step. */
+  /** Test hook (VMKEEP_TEST_CRASH_AT): SIGKILL self at this refresh step. */
   crashAt?: string;
 }
 

@@ -48,7 +48,7 @@ export interface VmManagerOptions {
   defaultPolicy: RefreshStrategy;
   /** Where module folders are pinned (one copy per installation build). */
   pinRoot: string;
-  /** Test hook: the daemon SIGKILLs itself on reaching this refresh step (VMKEEPD_CRASH_AT). */
+  /** Test hook: the daemon SIGKILLs itself on reaching this refresh step (VMKEEP_TEST_CRASH_AT). */
   crashAt?: string;
   /** Probes the installation (cached by binary identity). */
   probe: (installation: Installation) => Promise<InstallationInfo>;
@@ -965,7 +965,7 @@ export class VmManager implements DaemonOps {
   /** Test hook for the crash-at-every-step tests: dies the hardest way, mid-operation. */
   private crashPoint(step: string): void {
     if (this.options.crashAt !== step) return;
-    this.options.logger.warn({ step }, `crash point ${step} reached: SIGKILL to self (VMKEEPD_CRASH_AT)`);
+    this.options.logger.warn({ step }, `crash point ${step} reached: SIGKILL to self (VMKEEP_TEST_CRASH_AT)`);
     process.kill(process.pid, 'SIGKILL');
   }
 

@@ -1,6 +1,6 @@
 // `npm run bench`: runs every benchmark on real QEMU and a private systemd, prints progress on
 // stderr and writes BENCHMARKS.md at the project root. Everything it starts is ended, even on
-// failure or Ctrl-C. BENCH_ONLY=qmp,run,scope,start,reattach runs a subset (for development).
+// failure or Ctrl-C. BENCH_ONLY=qmp,run,scope,start,reattach,refresh runs a subset (for development).
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -10,13 +10,14 @@ import type { SystemdHost } from '../support/systemd-host.js';
 import { Cleanup, log, type Section } from './common.js';
 import { benchQmpRoundTrip } from './qmp-roundtrip.js';
 import { benchReattach } from './reattach.js';
+import { benchRefresh } from './refresh.js';
 import { describeMachine, renderReport } from './report.js';
 import { benchRunOverhead } from './run-overhead.js';
 import { benchScopeCreation, benchStartWithScope, bootBenchHost } from './scopes.js';
 
 // The whole bench should stay under about 6 minutes on a 2-core machine.
 const TOTAL_BUDGET_MS = 6 * 60_000;
-const ALL = ['qmp', 'run', 'scope', 'start', 'reattach'] as const;
+const ALL = ['qmp', 'run', 'scope', 'start', 'reattach', 'refresh'] as const;
 type Name = (typeof ALL)[number];
 
 async function main(): Promise<number> {
@@ -73,6 +74,7 @@ async function main(): Promise<number> {
       const budgetMs = Math.max(60_000, TOTAL_BUDGET_MS - (performance.now() - started) - 20_000);
       await attempt('5. Reattach after a daemon restart', () => benchReattach({ guest, cleanup, budgetMs }));
     }
+    if (wanted('refresh')) await attempt('6. Refresh by live migration', () => benchRefresh({ guest, cleanup }));
   } finally {
     await cleanup.runAll();
   }
