@@ -1,9 +1,15 @@
 // The README's demo: vmkeepd as a systemd service (a private systemd when the host's PID 1 is
 // not systemd), two VMs booting the tiny guest, a daemon restart and a SIGKILL of the daemon,
-// and both VMs still running on the same QEMU processes, reattached. Leaves nothing behind.
+// and both VMs still running on the same QEMU processes, reattached. Then a QEMU package
+// upgrade: the VMs go stale, one moves live onto the new QEMU, one reboots onto it.
+// Leaves nothing behind.
 import { execa } from 'execa';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { readExe } from '../../launcher/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
+import { copiedInstallation, systemInstallation, writeInstallations } from '../support/installations.js';
 import { countTicks, ensureGuestImage, waitForSerial } from '../support/guest.js';
 import { projectRoot } from '../support/paths.js';
 
@@ -22,8 +28,12 @@ async function vmkeep(host: DaemonHost, ...args: string[]): Promise<string> {
 
 async function main(): Promise<void> {
   const guest = await ensureGuestImage();
+  const dir = await mkdtemp(join(tmpdir(), 'vmkeep-demo-'));
+  const a = systemInstallation('qemu-a');
+  const installations = join(dir, 'installations.json');
+  await writeInstallations(installations, [a], a.name);
   say('booting a private systemd (PID 1 of its own namespaces) with vmkeepd.service inside');
-  const host = await DaemonHost.boot({ name: `demo-${process.pid}` });
+  const host = await DaemonHost.boot({ name: `demo-${process.pid}`, dir: join(dir, 'daemon'), args: ['--installations', installations] });
   try {
     process.stdout.write(`vmkeepd is up; control socket ${host.socket}\n`);
     say('creating two VMs; each QEMU goes into its own scope, outside the daemon\'s cgroup');
@@ -54,13 +64,34 @@ async function main(): Promise<void> {
       if (!same) throw new Error(`${vm.name} did not survive the daemon restart`);
     }
 
+    say('"upgrading the QEMU package": installation qemu-b (another binary, its own modules) becomes current, vmkeepd restarts');
+    const b = await copiedInstallation('qemu-b', dir);
+    await writeInstallations(installations, [a, b], b.name);
+    await host.restart();
+    await vmkeep(host, 'upgrade-status');
+
+    say('refresh web by live migration (the guest keeps running), db by an ACPI reboot');
+    const webTicks = countTicks(host.serialLog('web'));
+    await vmkeep(host, 'refresh', 'web', '--strategy', 'migrate');
+    await vmkeep(host, 'refresh', 'db', '--strategy', 'reboot');
+    await waitForSerial(host.serialLog('web'), `GUEST TICK ${webTicks + 2}`, 30_000);
+    await waitForSerial(host.serialLog('db'), 'GUEST READY', 60_000);
+    const boots = (await readFile(host.serialLog('web'), 'utf8')).match(/GUEST READY/g)?.length ?? 0;
+    for (const vm of await host.api.list()) {
+      process.stdout.write(`${vm.name}: pid ${vm.pid} runs ${readExe(host.hostPid(vm))?.path}\n`);
+    }
+    process.stdout.write(`web: guest ticks ${webTicks} -> ${countTicks(host.serialLog('web'))}, booted ${boots} time(s): ${boots === 1 ? 'moved without a reboot' : 'REBOOTED'}\n`);
+    if (boots !== 1) throw new Error('web rebooted during its live migration');
+    await vmkeep(host, 'upgrade-status');
+
     say('stopping both VMs gracefully (ACPI power-off)');
     await vmkeep(host, 'stop', 'web');
     await vmkeep(host, 'stop', 'db');
     await vmkeep(host, 'list');
-    say('done: both VMs survived a restart and a SIGKILL of vmkeepd');
+    say('done: both VMs survived a restart and a SIGKILL of vmkeepd, and moved onto the upgraded QEMU');
   } finally {
     await host.shutdown();
+    await rm(dir, { recursive: true, force: true });
   }
 }
 
