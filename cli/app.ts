@@ -172,6 +172,11 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
           type: 'string',
           describe: 'JSON file of QEMU installations and the current one per channel (env VMKEEP_INSTALLATIONS); without it, --qemu names the only one',
         })
+        .option('refresh-at-start', {
+          type: 'boolean',
+          default: false,
+          describe: 'once reattached, refresh every stale VM whose policy is not manual (for a package\'s post-upgrade restart)',
+        })
         // Hidden test hook (env VMKEEP_TEST_CRASH_AT): vmkeepd SIGKILLs itself at this refresh step.
         .option('test-crash-at', { type: 'string', hidden: true })
         .option('refresh-policy', {
@@ -194,6 +199,7 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
             ...(a.socketGroup === undefined ? {} : { socketGroup: a.socketGroup }),
             ...(a.busAddress === undefined ? {} : { busAddress: a.busAddress }),
             refreshPolicy: a.refreshPolicy,
+            refreshAtStart: a.refreshAtStart,
             ...(a.testCrashAt === undefined ? {} : { crashAt: a.testCrashAt }),
           },
           a.installations === undefined ? installationFrom(a, io.env) : a.installations,

@@ -14,6 +14,7 @@ export interface DaemonCommandArgs {
   busAddress?: string;
   logLevel: string;
   refreshPolicy: string;
+  refreshAtStart: boolean;
   /** Test hook (VMKEEP_TEST_CRASH_AT): SIGKILL self at this refresh step. */
   crashAt?: string;
 }
@@ -42,6 +43,7 @@ export async function runDaemonCommand(
   const options: DaemonOptions = {
     installations: typeof installations === 'string' ? await loadInstallationsConfig(installations) : singleInstallation(installations),
     defaultPolicy: parseStrategy(args.refreshPolicy, '--refresh-policy'),
+    refreshAtStart: args.refreshAtStart,
     ...(args.crashAt === undefined ? {} : { crashAt: args.crashAt }),
     stateDir: args.stateDir,
     runtimeDir: args.runtimeDir,

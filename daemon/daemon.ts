@@ -25,6 +25,8 @@ export interface DaemonOptions {
   installations: InstallationsConfig;
   /** Refresh strategy of VMs that have none of their own (default manual: only report). */
   defaultPolicy?: RefreshStrategy;
+  /** After reattaching, refresh every stale VM whose policy is not manual (a package's restart). */
+  refreshAtStart?: boolean;
   /** Test hook: SIGKILL self at this refresh step. */
   crashAt?: string;
   version: string;
@@ -106,10 +108,26 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
     cleanups.push(() => api.close());
     await notifyReady(logger);
     logger.info({ socket: options.socketPath, stateDir: options.stateDir }, 'vmkeepd ready');
+    await reportStale(manager, logger, options.refreshAtStart === true);
     return { manager, close: closeAll };
   } catch (error) {
     await closeAll();
     throw error;
+  }
+}
+
+/** Logs every stale VM; with refreshAtStart, begins the rolling refresh the policies ask for. */
+async function reportStale(manager: VmManager, logger: Logger, refresh: boolean): Promise<void> {
+  try {
+    const status = await manager.upgradeStatus();
+    for (const vm of status.vms.filter((v) => v.stale || v.warnings !== undefined)) {
+      logger.warn({ vm: vm.name, reasons: vm.reasons, warnings: vm.warnings, policy: vm.policy }, `${vm.name} is stale: ${vm.outcome}`);
+    }
+    if (!refresh) return;
+    const job = await manager.startRefreshJob({ stale: true });
+    logger.info({ job: job.id, vms: job.vms }, `refresh at start: ${job.vms.length} stale VM(s) to move by their policy`);
+  } catch (error) {
+    logger.error({ err: error }, 'could not check the VMs for staleness at start');
   }
 }
 

@@ -1,4 +1,5 @@
 import { randomBytes, randomUUID } from 'node:crypto';
+import { existsSync } from 'node:fs';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
@@ -17,7 +18,7 @@ import {
   type LaunchedVm,
 } from '../launcher/index.js';
 import { connectQmp, type QmpClient, type QmpEvent } from '../qmp/index.js';
-import { scopeUnitName } from '../scope-manager/index.js';
+import { scopeUnitName, type CreateScopeOptions } from '../scope-manager/index.js';
 import {
   assessStaleness, checkRefreshTarget, collectPinnedModules, currentInstallation, DEFAULT_CHANNEL, migrateLive,
   parseStrategy, pinModuleDir, policyOutcome, runRolling, UpgradeError,
@@ -33,7 +34,7 @@ import type { OtherQemu, RecordStore, VmRecord } from './records.js';
 
 /** The part of the scope manager the daemon uses (null: --no-scope, VMs die with our cgroup). */
 export interface ScopePort {
-  createScope(options: { name: string; pids: number[]; slice?: string; description?: string }): Promise<unknown>;
+  createScope(options: CreateScopeOptions): Promise<unknown>;
   scopeOfPid(pid: number): Promise<string | null>;
   listScopes(prefix?: string): Promise<Array<{ name: string }>>;
 }
@@ -60,6 +61,9 @@ export interface VmManagerOptions {
   /** How often an unreachable VM's monitor is tried again. */
   retryIntervalMs?: number;
 }
+
+/** The unit whose stop powers every guest off at host shutdown (snap/vmkeep-guests.service). */
+export const GUESTS_UNIT = 'vmkeep-guests.service';
 
 const DEFAULT_STOP_TIMEOUT_SEC = 60;
 const DEFAULT_MIGRATE_TIMEOUT_SEC = 60;
@@ -491,7 +495,15 @@ export class VmManager implements DaemonOps {
           if (identity === null) throw new DaemonError('START_FAILED', `QEMU (pid ${pid}) exited right after it was spawned; see ${args.paths.stderrLog}`);
           await args.onSpawned({ pid, startTime: identity.startTime, scope: args.scope }, pinned.moduleDir);
           if (this.options.scopes !== null && args.scope !== null) {
-            await this.options.scopes.createScope({ name: args.scope, pids: [pid], slice: this.options.slice, description: `vmkeep VM ${record.name}` });
+            await this.options.scopes.createScope({
+              name: args.scope,
+              pids: [pid],
+              slice: this.options.slice,
+              description: `vmkeep VM ${record.name}`,
+              // At host shutdown units stop in reverse order: the guests unit powers every guest
+              // off (ACPI) before any VM scope is stopped, which would SIGTERM its QEMU.
+              properties: { After: { signature: 'as', value: [GUESTS_UNIT] } },
+            });
           }
         },
       });
@@ -928,6 +940,11 @@ export class VmManager implements DaemonOps {
         row.pid = record.process.pid;
         const exe = readExe(record.process.pid);
         if (exe) row.exe = exe.deleted ? `${exe.path} (deleted)` : exe.path;
+        if (exe && (exe.deleted || !existsSync(exe.path))) {
+          // A package manager (snapd dropping an old revision, dpkg replacing the file) took the
+          // binary away: this QEMU runs from memory and nothing can start that build again.
+          row.warnings = [`its QEMU binary ${exe.path} is gone from disk (removed or replaced by a package upgrade, e.g. a snap revision snapd no longer keeps); it keeps running, but refresh it soon: vmkeep refresh ${record.name} --strategy migrate`];
+        }
       }
       return row;
     }));

@@ -135,6 +135,8 @@ export interface VmUpgradeStatus {
   refreshing?: 'migrate' | 'reboot';
   pid?: number;
   exe?: string;
+  /** What needs attention beyond staleness, e.g. the running binary is gone from disk. */
+  warnings?: string[];
 }
 
 export interface UpgradeStatus {
