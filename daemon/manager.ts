@@ -82,6 +82,8 @@ interface VmEntry {
   retryTimer?: NodeJS.Timeout;
   /** Reason of a host-side SHUTDOWN event (e.g. host-signal) seen before the monitor closed. */
   hostShutdown?: string;
+  /** An operator's stop asked this QEMU's guest to power off (kept after a stop timeout). */
+  stopAsked?: boolean;
 }
 
 /**
@@ -98,6 +100,7 @@ export class VmManager implements DaemonOps {
   private closed = false;
   /** Starts and refreshes under way: pinned module folders are collected only when none are. */
   private launching = 0;
+  private pinLock: Promise<void> = Promise.resolve();
 
   constructor(private readonly options: VmManagerOptions) {}
 
@@ -150,7 +153,7 @@ export class VmManager implements DaemonOps {
     // A refresh the last daemon left mid-way is finished or rolled back first, so what follows
     // sees exactly one QEMU of this VM.
     await this.recoverMigration(entry);
-    await this.settleRetired(entry);
+    await this.settleRetiredSafely(entry);
     const record = entry.record;
     const obs: ReattachObservation = { recordedState: record.state, hasProcess: record.process !== undefined };
     let qmp: QmpClient | undefined;
@@ -242,9 +245,9 @@ export class VmManager implements DaemonOps {
       // Only the current monitor matters: one we let go of on purpose says nothing about QEMU.
       if (entry.qmp !== qmp) return;
       entry.qmp = undefined;
-      // A QEMU the daemon is ending itself (quit) closes its monitor as it goes: not news.
-      if (this.closed || entry.stopping) return;
-      // The handler runs later, in the VM's queue: by then the record may name another QEMU.
+      if (this.closed) return;
+      // The handler runs later, in the VM's queue: by then the record may name another QEMU
+      // (or none, when the daemon itself quit this one), and then the close is no news.
       const process = entry.record.process;
       void this.serially(name, () => this.onMonitorClosed(entry, process, reason.message)).catch((error: unknown) =>
         this.options.logger.error({ vm: name, err: error }, 'handling a closed monitor failed'),
@@ -267,7 +270,7 @@ export class VmManager implements DaemonOps {
         log.info({ data: event.data }, 'guest shut down');
         if (entry.stopping) return;
         await this.save(entry, { ...entry.record, state: 'shutdown' });
-        await this.finishGuestShutdown(entry);
+        await this.finishGuestShutdown(entry, String(event.data.reason ?? ''));
         return;
       }
       case 'STOP':
@@ -291,7 +294,7 @@ export class VmManager implements DaemonOps {
   /** A closed monitor is a question, not an answer: look at the process. */
   private async onMonitorClosed(entry: VmEntry, process: VmRecord['process'], why: string): Promise<void> {
     const now = entry.record.process;
-    if (!process || !now || now.pid !== process.pid || now.startTime !== process.startTime || entry.stopping) return;
+    if (!process || !now || now.pid !== process.pid || now.startTime !== process.startTime) return;
     if (isSameProcess(process.pid, process.startTime)) {
       await this.save(entry, { ...entry.record, state: 'unreachable', problem: `monitor closed (${why}); QEMU still alive` });
       this.scheduleRetry(entry);
@@ -314,9 +317,13 @@ export class VmManager implements DaemonOps {
    * with a reboot refresh pending, or stale under the on-guest-shutdown policy, starts again
    * on the current installation.
    */
-  private async finishGuestShutdown(entry: VmEntry): Promise<void> {
-    const restart = entry.record.refresh?.strategy === 'reboot'
-      || (this.policyOf(entry.record) === 'on-guest-shutdown' && (await this.stalenessOf(entry).catch(() => undefined))?.stale === true);
+  private async finishGuestShutdown(entry: VmEntry, reason = ''): Promise<void> {
+    // A power-off the operator asked for (a stop that timed out, then the guest obeyed late)
+    // is not the guest's own: it stays off.
+    const asked = entry.stopAsked === true;
+    // guest-reset: a reboot that set-action turned into a shutdown (only armed VMs do that).
+    const restart = !asked && (entry.record.refresh?.strategy === 'reboot' || reason === 'guest-reset'
+      || (this.policyOf(entry.record) === 'on-guest-shutdown' && (await this.stalenessOf(entry).catch(() => undefined))?.stale === true));
     await this.endQemu(entry, 'guest shutdown');
     if (!restart) return;
     this.options.logger.info({ vm: entry.record.name }, `${entry.record.name} powered off while stale: starting it on the current installation`);
@@ -333,6 +340,8 @@ export class VmManager implements DaemonOps {
       const next: VmRecord = { ...entry.record, state: 'stopped', lastExit: { reason, at: new Date().toISOString() } };
       delete next.process;
       delete next.problem;
+      // An operator's stop ends a pending reboot refresh too: the VM stays off.
+      if (entry.stopAsked) delete next.refresh;
       await this.save(entry, next);
     } finally {
       this.detach(entry);
@@ -400,6 +409,7 @@ export class VmManager implements DaemonOps {
       if (entry.record.process) {
         throw new DaemonError('CONFLICT', `${name} is already ${entry.record.state} (pid ${entry.record.process.pid}); stop it first (vmkeep stop ${name})`);
       }
+      this.refuseWhileMigrating(entry);
       await this.startNow(entry);
       return toView(entry.record);
     });
@@ -419,6 +429,7 @@ export class VmManager implements DaemonOps {
     await this.save(entry, { ...entry.record, paths, installation, state: 'starting' });
 
     entry.hostShutdown = undefined;
+    entry.stopAsked = false;
     const scope = this.options.scopes === null ? null : scopeUnitName(name);
     try {
       checkRefreshTarget({ vm: name, runningVersion: undefined, machineType: entry.record.machineType, target: { name: installation.name, info } });
@@ -479,6 +490,7 @@ export class VmManager implements DaemonOps {
     const { record } = entry;
     this.launching++;
     try {
+      await this.pinLock;
       const pinned = await pinModuleDir(args.installation, args.info, this.options.pinRoot);
       const vm = await launchVm({
         spec: record.spec,
@@ -524,6 +536,7 @@ export class VmManager implements DaemonOps {
         await this.endQemu(entry, 'stopped by request (forced)');
         return toView(entry.record);
       }
+      entry.stopAsked = true;
       await this.powerOff(entry, options.timeoutSec ?? DEFAULT_STOP_TIMEOUT_SEC, 'stopped by request');
       return toView(entry.record);
     });
@@ -600,6 +613,7 @@ export class VmManager implements DaemonOps {
     const info = await this.options.probe(target);
     const outcome = (result: RefreshOutcome['result'], message: string, extra: Partial<RefreshOutcome> = {}): RefreshOutcome =>
       ({ vm: name, strategy, result, totalMs: Math.round(performance.now() - began), message, ...extra });
+    this.refuseWhileMigrating(entry);
     if (!record.process) {
       return outcome('current', `${name} has no running QEMU (${record.state}); its next start uses installation "${target.name}" (QEMU ${info.version})`);
     }
@@ -683,14 +697,26 @@ export class VmManager implements DaemonOps {
       });
       downtimeMs = result.downtimeMs;
     } catch (cause) {
-      if (!(await handedOver(sourceQmp))) {
+      // Which QEMU holds the guest decides, never the error: a destination that already runs it
+      // must not be ended, whatever failed around it.
+      const way = dest === undefined ? 'back' : await decideMigration(sourceQmp, dest.qmp);
+      if (way === 'back') {
         await this.rollBackMigration(entry, dest, cause);
-        const why = cause instanceof UpgradeError || cause instanceof DaemonError ? cause.message : `${(cause as Error).message}`;
         throw new DaemonError('REFRESH_FAILED',
-          `live migration of ${name} onto "${target.name}" failed: ${why}. ${name} keeps running on its old QEMU (pid ${source.pid}); the new QEMU was removed (its log: ${entry.record.paths.stderrLog})`,
+          `live migration of ${name} onto "${target.name}" failed: ${(cause as Error).message}. ${name} keeps running on its old QEMU (pid ${source.pid}); the new QEMU was removed (its log: ${entry.record.paths.stderrLog})`,
           { cause });
       }
-      this.options.logger.warn({ vm: name, err: cause }, 'the migration reported an error after the source handed over; going forward');
+      if (way === 'unknown') {
+        // Both stay, the record names both: the retry's reattach finishes or rolls back.
+        dest?.qmp.close();
+        this.detach(entry);
+        entry.record = { ...entry.record, state: 'unreachable', problem: truncate(`migration outcome unknown: ${(cause as Error).message}`) };
+        this.scheduleRetry(entry);
+        throw new DaemonError('REFRESH_FAILED',
+          `live migration of ${name} failed and it cannot be told yet which QEMU holds the guest (${(cause as Error).message}); both are kept and vmkeepd settles it when their monitors answer`,
+          { cause });
+      }
+      this.options.logger.warn({ vm: name, err: cause }, 'the migration reported an error after the guest was handed over; going forward');
     }
     this.crashPoint('migrate:completed');
     const destination = dest as LaunchedVm;
@@ -700,7 +726,7 @@ export class VmManager implements DaemonOps {
       paths: { ...entry.record.paths, qmpSocket: destSocket },
       installation: target,
       binary: binaryOf(info, moduleDir),
-      retired: { ...source, qmpSocket: entry.record.paths.qmpSocket },
+      retired: retiredOf(entry.record),
       state: 'running',
     };
     delete next.refresh;
@@ -718,7 +744,15 @@ export class VmManager implements DaemonOps {
     }
     this.watch(entry, destination.qmp);
     this.crashPoint('migrate:switched');
-    await this.settleRetired(entry);
+    // Events of the destination before it was watched are lost: its status says what they were.
+    const { status } = await destination.qmp.queryStatus();
+    if (status === 'shutdown') {
+      await this.save(entry, { ...entry.record, state: 'shutdown' });
+      await this.finishGuestShutdown(entry);
+    } else if (status === 'paused') {
+      await this.save(entry, { ...entry.record, state: 'paused' });
+    }
+    await this.settleRetiredSafely(entry);
     await rm(streamSocket, { force: true });
     return { downtimeMs, pid: destination.pid };
   }
@@ -753,28 +787,26 @@ export class VmManager implements DaemonOps {
     }
     const destQmp = await connectQmp(dest.qmpSocket, { greetingTimeoutMs: this.options.greetingTimeoutMs ?? 3_000 });
     try {
-      let status = (await destQmp.queryStatus()).status;
       const source = entry.record.process;
-      if (status === 'inmigrate' && source && isSameProcess(source.pid, source.startTime)) {
-        const sourceQmp = await connectQmp(entry.record.paths.qmpSocket, { greetingTimeoutMs: this.options.greetingTimeoutMs ?? 3_000 });
-        try {
-          if ((await sourceQmp.queryStatus()).status === 'postmigrate') {
-            // The source has sent everything: the destination is about to run the guest.
-            status = await waitWhileInmigrate(destQmp);
-          } else {
-            await sourceQmp.migrateCancel().catch(() => undefined);
-          }
-        } finally {
-          sourceQmp.close();
-        }
+      const sourceAlive = source !== undefined && isSameProcess(source.pid, source.startTime);
+      const sourceQmp = sourceAlive ? await connectQmp(entry.record.paths.qmpSocket, { greetingTimeoutMs: this.options.greetingTimeoutMs ?? 3_000 }) : undefined;
+      let way: 'forward' | 'back' | 'unknown';
+      try {
+        way = await decideMigration(sourceQmp, destQmp);
+      } finally {
+        sourceQmp?.close();
       }
-      if (status === 'inmigrate') {
+      if (way === 'unknown') {
+        // Retried: reattachIsolated marks the VM unreachable; neither QEMU is touched.
+        throw new DaemonError('UNREACHABLE', 'an interrupted migration cannot be settled yet: which QEMU holds the guest is not known');
+      }
+      if (way === 'back') {
         await endIdleQemu(destQmp, dest);
         await rm(dest.qmpSocket, { force: true });
         await rollBack('a refresh by migration was interrupted before the guest was handed over; the new QEMU was removed, the VM stays on its old QEMU');
         return;
       }
-      log.info({ status }, 'a refresh by migration was interrupted after the guest was handed over; finishing it');
+      log.info('a refresh by migration was interrupted after the guest was handed over; finishing it');
       const info = await this.options.probe(refresh.target);
       const pinned = await pinModuleDir(refresh.target, info, this.options.pinRoot);
       const next: VmRecord = {
@@ -785,7 +817,7 @@ export class VmManager implements DaemonOps {
         binary: binaryOf(info, pinned.moduleDir),
         state: 'running',
       };
-      if (source && isSameProcess(source.pid, source.startTime)) next.retired = { ...source, qmpSocket: entry.record.paths.qmpSocket };
+      if (sourceAlive) next.retired = retiredOf(entry.record);
       delete next.refresh;
       await this.save(entry, next);
     } finally {
@@ -816,6 +848,18 @@ export class VmManager implements DaemonOps {
     await this.save(entry, next);
   }
 
+  /** settleRetired, its failure recorded as the VM's problem: the guest runs fine meanwhile. */
+  private async settleRetiredSafely(entry: VmEntry): Promise<void> {
+    try {
+      await this.settleRetired(entry);
+    } catch (error) {
+      const retired = entry.record.retired;
+      this.options.logger.warn({ vm: entry.record.name, err: error }, 'could not end the old QEMU of a finished migration; kept recorded, tried again at the next start of vmkeepd');
+      await this.save(entry, { ...entry.record, problem: truncate(`old QEMU (pid ${retired?.pid}) of the last migration not ended yet: ${(error as Error).message}`) })
+        .catch(() => undefined);
+    }
+  }
+
   private async rebootNow(entry: VmEntry, target: Installation, options: RefreshOptions): Promise<void> {
     const name = entry.record.name;
     const timeoutSec = options.timeoutSec ?? DEFAULT_REBOOT_TIMEOUT_SEC;
@@ -838,11 +882,19 @@ export class VmManager implements DaemonOps {
     await this.startNow(entry);
   }
 
+  /** A migration's other QEMU is still recorded: nothing may start or move until it is settled. */
+  private refuseWhileMigrating(entry: VmEntry): void {
+    const other = entry.record.retired ?? entry.record.refresh?.destination;
+    if (other === undefined) return;
+    throw new DaemonError('CONFLICT',
+      `${entry.record.name} still has the other QEMU of a migration recorded (pid ${other.pid}); vmkeepd settles it at its next start (systemctl restart vmkeepd), or check that process by hand`);
+  }
+
   /** For a stale VM whose policy waits for the guest: its reboots become shutdowns we see. */
   private async armIfStale(entry: VmEntry): Promise<void> {
     const qmp = entry.qmp;
-    if (!qmp || !(await this.stalenessOf(entry)).stale) return;
     try {
+      if (!qmp || !(await this.stalenessOf(entry)).stale) return;
       await qmp.execute('set-action', { reboot: 'shutdown' });
     } catch (error) {
       this.options.logger.warn({ vm: entry.record.name, err: error }, 'could not turn guest reboots into shutdowns; only a power-off will refresh it');
@@ -869,7 +921,8 @@ export class VmManager implements DaemonOps {
     }
     const job: RefreshJob = { id: `refresh-${randomBytes(4).toString('hex')}`, vms, state: 'running', parallel, startedAt: new Date().toISOString(), results: [] };
     this.jobs.set(job.id, job);
-    for (const old of [...this.jobs.keys()].slice(0, Math.max(0, this.jobs.size - MAX_JOBS_KEPT))) this.jobs.delete(old);
+    const finished = [...this.jobs.values()].filter((j) => j.state === 'done');
+    for (const old of finished.slice(0, Math.max(0, this.jobs.size - MAX_JOBS_KEPT))) this.jobs.delete(old.id);
     let failed = 0;
     const options: RefreshOptions = {
       ...(strategy === undefined ? {} : { strategy }),
@@ -901,11 +954,14 @@ export class VmManager implements DaemonOps {
       for (const r of results.filter((x) => x.skipped)) {
         this.emit({ type: 'refresh', job: job.id, vm: r.vm, step: 'skipped', message: `${r.vm} skipped: an earlier VM failed (--stop-on-error)` });
       }
-      job.state = 'done';
-      job.endedAt = new Date().toISOString();
       const ok = results.filter((r) => r.ok).length;
       this.emit({ type: 'refresh', job: job.id, step: 'job-done', progress: { done: results.length, total: vms.length, failed: results.length - ok }, message: `${ok} of ${vms.length} VM(s) refreshed` });
       await this.collectPins();
+    }).catch((error: unknown) => {
+      this.options.logger.error({ job: job.id, err: error }, 'a refresh job failed unexpectedly');
+    }).finally(() => {
+      job.state = 'done';
+      job.endedAt = new Date().toISOString();
     });
     return job;
   }
@@ -922,7 +978,16 @@ export class VmManager implements DaemonOps {
       const inst = currentInstallation(installations, channel);
       return { channel, installation: name, binary: inst.binary, version: (await this.options.probe(inst)).version };
     }));
-    const vms = await Promise.all([...this.vms.values()].map(async (entry): Promise<VmUpgradeStatus> => {
+    const vms = await Promise.all([...this.vms.values()].map((entry) => this.vmUpgradeStatus(entry).catch((error: unknown): VmUpgradeStatus => ({
+      name: entry.record.name, state: entry.record.state, channel: entry.record.channel, installation: entry.record.installation.name,
+      currentInstallation: '?', currentVersion: '?', stale: false, reasons: [], policy: this.policyOf(entry.record),
+      outcome: 'unknown', warnings: [`cannot be assessed: ${(error as Error).message}`],
+    }))));
+    return { defaultPolicy, channels, vms: vms.sort((a, b) => a.name.localeCompare(b.name)) };
+  }
+
+  private async vmUpgradeStatus(entry: VmEntry): Promise<VmUpgradeStatus> {
+    {
       const { record } = entry;
       const target = this.current(record);
       const info = await this.options.probe(target);
@@ -947,8 +1012,7 @@ export class VmManager implements DaemonOps {
         }
       }
       return row;
-    }));
-    return { defaultPolicy, channels, vms: vms.sort((a, b) => a.name.localeCompare(b.name)) };
+    }
   }
 
   private async stalenessOf(entry: VmEntry, target?: Installation, info?: InstallationInfo): Promise<Staleness> {
@@ -987,16 +1051,21 @@ export class VmManager implements DaemonOps {
   }
 
   /** Removes pinned module folders no VM uses; skipped while a start or refresh is under way. */
-  private async collectPins(): Promise<void> {
-    const records = [...this.vms.values()].map((e) => e.record);
-    if (this.launching > 0 || records.some((r) => r.refresh !== undefined)) return;
-    const inUse = new Set(records.filter((r) => r.process || r.retired).map((r) => r.binary?.moduleDir).filter((d): d is string => d !== undefined));
-    try {
+  private collectPins(): Promise<void> {
+    // Serialised with the pinning in launchQemu: a launch counts itself, then waits for this.
+    this.pinLock = this.pinLock.then(async () => {
+      const records = [...this.vms.values()].map((e) => e.record);
+      // A damaged record may name a running QEMU whose folder we cannot see: keep everything.
+      if (this.launching > 0 || this.damagedNames.size > 0 || records.some((r) => r.refresh?.strategy === 'migrate')) return;
+      const inUse = new Set(records
+        .flatMap((r) => [r.process ? r.binary?.moduleDir : undefined, r.retired?.moduleDir])
+        .filter((d): d is string => d !== undefined));
       const removed = await collectPinnedModules(this.options.pinRoot, inUse);
       if (removed.length > 0) this.options.logger.info({ removed }, `removed ${removed.length} pinned module folder(s) no VM uses`);
-    } catch (error) {
+    }).catch((error: unknown) => {
       this.options.logger.warn({ err: error }, 'could not collect pinned module folders');
-    }
+    });
+    return this.pinLock;
   }
 
   subscribe(listener: (event: DaemonEvent) => void): () => void {
@@ -1088,27 +1157,53 @@ function binaryOf(info: InstallationInfo, moduleDir: string | undefined): NonNul
   return { ...info.identity, version: info.version, ...(moduleDir === undefined ? {} : { moduleDir }) };
 }
 
-/** True once the source has sent the guest away (postmigrate): from then on only forward. */
-async function handedOver(source: QmpClient): Promise<boolean> {
+/** The VM's current QEMU as the retired source of a finished migration. */
+function retiredOf(record: VmRecord): OtherQemu {
+  const proc = record.process as NonNullable<VmRecord['process']>;
+  return { ...proc, qmpSocket: record.paths.qmpSocket, ...(record.binary?.moduleDir ? { moduleDir: record.binary.moduleDir } : {}) };
+}
+
+const IN_FLIGHT = new Set(['setup', 'active', 'pre-switchover', 'device', 'cancelling', 'wait-unplug', 'postcopy-active', 'postcopy-paused', 'postcopy-recover']);
+const SETTLE_POLL_MS = 50;
+const SETTLE_WAIT_MS = 30_000;
+
+/**
+ * Which way an unfinished migration goes, from the QEMUs themselves: `back` only when the
+ * source still holds the guest (its stream cancelled and settled, the destination still
+ * waiting in `inmigrate`); `forward` when the destination has it; `unknown` when either
+ * cannot be read (then nothing may be ended).
+ */
+async function decideMigration(source: QmpClient | undefined, dest: QmpClient): Promise<'forward' | 'back' | 'unknown'> {
   try {
-    return (await source.queryStatus()).status === 'postmigrate';
+    if (source !== undefined) {
+      let info = await source.queryMigrate();
+      if (IN_FLIGHT.has(String(info.status))) {
+        // A cancel races with completion: only the settled state counts.
+        await source.migrateCancel().catch(() => undefined);
+        info = await poll(() => source.queryMigrate(), (i) => !IN_FLIGHT.has(String(i.status)));
+      }
+      const handedOver = info.status === 'completed' || (await source.queryStatus()).status === 'postmigrate';
+      if (handedOver) {
+        const { status } = await poll(() => dest.queryStatus(), (s) => s.status !== 'inmigrate');
+        return status === 'inmigrate' ? 'unknown' : 'forward';
+      }
+    }
+    return (await dest.queryStatus()).status === 'inmigrate' ? 'back' : 'forward';
   } catch {
-    return false;
+    return 'unknown';
   }
 }
 
-const INMIGRATE_POLL_MS = 50;
-const INMIGRATE_WAIT_MS = 15_000;
-
-/** Polls a destination whose source has handed over until it leaves `inmigrate`. */
-async function waitWhileInmigrate(dest: QmpClient): Promise<string> {
-  const deadline = Date.now() + INMIGRATE_WAIT_MS;
+/** Asks until `done` holds or SETTLE_WAIT_MS pass; returns the last answer either way. */
+async function poll<T>(ask: () => Promise<T>, done: (answer: T) => boolean): Promise<T> {
+  const deadline = Date.now() + SETTLE_WAIT_MS;
   for (;;) {
-    const { status } = await dest.queryStatus();
-    if (status !== 'inmigrate' || Date.now() > deadline) return status;
-    await new Promise((resolve) => setTimeout(resolve, INMIGRATE_POLL_MS));
+    const answer = await ask();
+    if (done(answer) || Date.now() > deadline) return answer;
+    await new Promise((resolve) => setTimeout(resolve, SETTLE_POLL_MS));
   }
 }
+
 
 /**
  * Ends a QEMU that never ran the guest (a migration destination before hand-over): `quit` over

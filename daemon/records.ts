@@ -24,6 +24,8 @@ export interface OtherQemu {
   startTime: string;
   scope: string | null;
   qmpSocket: string;
+  /** Its pinned module folder (kept while it lives). */
+  moduleDir?: string;
 }
 
 /**
@@ -301,11 +303,12 @@ function checkRefresh(value: unknown, bad: Bad): RefreshInFlight | undefined {
 }
 
 function checkOtherQemu(value: unknown, field: string, bad: Bad): OtherQemu | undefined {
-  const obj = object(value, field, ['pid', 'startTime', 'scope', 'qmpSocket'], bad);
+  const obj = object(value, field, ['pid', 'startTime', 'scope', 'qmpSocket', 'moduleDir'], bad);
   if (obj === undefined) return undefined;
   const proc = checkProcess({ pid: obj.pid, startTime: obj.startTime, scope: obj.scope }, bad, field);
   const qmpSocket = absPath(obj.qmpSocket, `${field}.qmpSocket`, bad);
-  return proc === undefined || qmpSocket === undefined ? undefined : { ...proc, qmpSocket };
+  const moduleDir = obj.moduleDir === undefined ? undefined : absPath(obj.moduleDir, `${field}.moduleDir`, bad);
+  return proc === undefined || qmpSocket === undefined ? undefined : { ...proc, qmpSocket, ...(moduleDir === undefined ? {} : { moduleDir }) };
 }
 
 function checkProcess(value: unknown, bad: Bad, field = 'process'): VmRecord['process'] {
