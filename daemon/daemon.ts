@@ -137,12 +137,16 @@ function countStates(states: string[]): Record<string, number> {
   return counts;
 }
 
-/** READY=1 under a Type=notify unit; systemd-notify needs NotifyAccess=all in the unit. */
+/**
+ * READY=1 under a Type=notify unit. Run as root, systemd-notify sends with our PID (--pid), so
+ * the default NotifyAccess=main accepts it (as in the unit snapd writes); snap/vmkeepd.service
+ * sets NotifyAccess=all for a daemon that does not run as root.
+ */
 async function notifyReady(logger: Logger): Promise<void> {
   if (!process.env.NOTIFY_SOCKET) return;
   const result = await execa('systemd-notify', ['--ready', `--pid=${process.pid}`], { reject: false });
   if (result.exitCode !== 0) {
-    logger.warn({ stderr: result.stderr }, 'systemd-notify --ready failed; the unit may time out (set NotifyAccess=all)');
+    logger.warn({ stderr: result.stderr }, 'systemd-notify --ready failed; the unit may time out (run vmkeepd as root, or set NotifyAccess=all)');
   }
 }
 

@@ -955,13 +955,15 @@ export class VmManager implements DaemonOps {
         this.emit({ type: 'refresh', job: job.id, vm: r.vm, step: 'skipped', message: `${r.vm} skipped: an earlier VM failed (--stop-on-error)` });
       }
       const ok = results.filter((r) => r.ok).length;
+      job.state = 'done';
+      job.endedAt = new Date().toISOString();
       this.emit({ type: 'refresh', job: job.id, step: 'job-done', progress: { done: results.length, total: vms.length, failed: results.length - ok }, message: `${ok} of ${vms.length} VM(s) refreshed` });
       await this.collectPins();
     }).catch((error: unknown) => {
       this.options.logger.error({ job: job.id, err: error }, 'a refresh job failed unexpectedly');
     }).finally(() => {
       job.state = 'done';
-      job.endedAt = new Date().toISOString();
+      job.endedAt ??= new Date().toISOString();
     });
     return job;
   }

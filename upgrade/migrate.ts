@@ -10,6 +10,8 @@ export interface LiveMigrationOptions {
   timeoutMs: number;
   /** Bytes per second; QEMU's default cap (128 MiB/s) makes a same-host move needlessly slow. */
   maxBandwidth?: number;
+  /** The longest pause QEMU may plan for the final copy (ms); default 20. */
+  downtimeLimitMs?: number;
   /** Told each MIGRATION status the source reports (setup, active, completed, ...). */
   onStatus?: (status: string) => void;
 }
@@ -23,6 +25,10 @@ export interface MigrationResult {
 }
 
 const DEFAULT_MAX_BANDWIDTH = 4 * 1024 * 1024 * 1024;
+const DEFAULT_DOWNTIME_LIMIT_MS = 20;
+// QEMU 7.2 may answer query-migrate with zero figures right after its `completed` event.
+const FIGURES_POLL_MS = 20;
+const FIGURES_WAIT_MS = 2_000;
 const END_STATES = new Set(['completed', 'failed', 'cancelled']);
 
 /**
@@ -36,7 +42,12 @@ export async function migrateLive(options: LiveMigrationOptions): Promise<Migrat
   const uri = `unix:${socketPath}`;
   try {
     await source.migrateSetCapabilities([{ capability: 'events', state: true }]);
-    await source.migrateSetParameters({ 'max-bandwidth': options.maxBandwidth ?? DEFAULT_MAX_BANDWIDTH });
+    await source.migrateSetParameters({
+      'max-bandwidth': options.maxBandwidth ?? DEFAULT_MAX_BANDWIDTH,
+      // QEMU's default (300 ms) lets it stop the guest early with much left to copy; a tighter
+      // bound makes it iterate a little longer while the guest runs, for a shorter pause.
+      'downtime-limit': options.downtimeLimitMs ?? DEFAULT_DOWNTIME_LIMIT_MS,
+    });
     await destination.migrateIncoming(uri);
   } catch (cause) {
     throw new UpgradeError('MIGRATION_FAILED', `the migration could not be set up: ${(cause as Error).message}; nothing was sent, the VM keeps running on its old QEMU`, { cause });
@@ -69,7 +80,7 @@ export async function migrateLive(options: LiveMigrationOptions): Promise<Migrat
         `the migration did not finish within ${timeoutMs / 1000} s and was cancelled; the VM keeps running on its old QEMU. A busy guest dirties memory faster than it can be copied: retry when it is quieter, or with a longer --timeout`,
         { cause });
     }
-    const info = await source.queryMigrate();
+    const info = await completedFigures(source);
     if (info.status !== 'completed') {
       throw new UpgradeError('MIGRATION_FAILED',
         `the migration ended ${info.status ?? 'without a status'}${info['error-desc'] ? `: ${info['error-desc']}` : ''}; the VM keeps running on its old QEMU`);
@@ -78,6 +89,16 @@ export async function migrateLive(options: LiveMigrationOptions): Promise<Migrat
   } finally {
     abort.abort();
     off();
+  }
+}
+
+/** query-migrate, asked again (briefly) while a completed migration still reports no times. */
+async function completedFigures(source: QmpClient): Promise<MigrationInfo> {
+  const deadline = Date.now() + FIGURES_WAIT_MS;
+  for (;;) {
+    const info = await source.queryMigrate();
+    if (info.status !== 'completed' || (info['total-time'] ?? 0) > 0 || Date.now() > deadline) return info;
+    await new Promise((resolve) => setTimeout(resolve, FIGURES_POLL_MS));
   }
 }
 

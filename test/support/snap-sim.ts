@@ -1,0 +1,129 @@
+// A snap installed the way snapd lays it out, without snapd: /snap/vmkeep/<rev> folders (each
+// with its own QEMU copy, node and this project), a `current` link, $SNAP_COMMON, a fake
+// snapctl, and the service unit shaped like the one snapd generates for apps.vmkeepd. A
+// "refresh" is done the way snapd does it: stop the unit, kill what remains in its cgroup,
+// switch `current`, start the unit.
+import { chmod, copyFile, cp, mkdir, readlink, rename, symlink, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { requireQemu } from './guest.js';
+import { SYSTEM_FIRMWARE_DIRS, SYSTEM_MODULE_DIR } from './installations.js';
+import { projectRoot } from './paths.js';
+
+export const SNAP_UNIT = 'snap.vmkeep.vmkeepd.service';
+
+export interface SnapLayout {
+  root: string;
+  /** /snap/vmkeep in the layout */
+  snapDir: string;
+  common: string;
+  /** The folder of a revision, i.e. its $SNAP. */
+  revision(rev: string): string;
+}
+
+export function snapLayout(root: string): SnapLayout {
+  const snapDir = join(root, 'snap', 'vmkeep');
+  return { root, snapDir, common: join(root, 'var', 'snap', 'vmkeep', 'common'), revision: (rev) => join(snapDir, rev) };
+}
+
+/** Installs revision `rev`: its own copy of QEMU and its modules, node, the launcher, vmkeep. */
+export async function installRevision(layout: SnapLayout, rev: string): Promise<void> {
+  const snap = layout.revision(rev);
+  await mkdir(join(snap, 'usr', 'bin'), { recursive: true });
+  await mkdir(join(snap, 'bin'), { recursive: true });
+  await mkdir(join(snap, 'lib'), { recursive: true });
+  await copyFile(requireQemu(), join(snap, 'usr', 'bin', 'qemu-system-x86_64'));
+  await chmod(join(snap, 'usr', 'bin', 'qemu-system-x86_64'), 0o755);
+  await cp(SYSTEM_MODULE_DIR, join(snap, 'usr', 'lib', 'x86_64-linux-gnu', 'qemu'), { recursive: true });
+  // Firmware is large and read-only: the revision links to the system's copies.
+  for (const dir of SYSTEM_FIRMWARE_DIRS) {
+    await mkdir(join(snap, dir, '..'), { recursive: true });
+    await symlink(dir, join(snap, dir));
+  }
+  await symlink(process.execPath, join(snap, 'bin', 'node'));
+  await copyFile(join(projectRoot(), 'snap', 'local', 'vmkeepd-launch'), join(snap, 'bin', 'vmkeepd-launch'));
+  await chmod(join(snap, 'bin', 'vmkeepd-launch'), 0o755);
+  await symlink(projectRoot(), join(snap, 'lib', 'vmkeep'));
+}
+
+/** Points `current` at `rev` atomically (a new link renamed over the old one), as snapd does. */
+export async function switchCurrent(layout: SnapLayout, rev: string): Promise<void> {
+  const temp = join(layout.snapDir, '.current.new');
+  await symlink(rev, temp);
+  await rename(temp, join(layout.snapDir, 'current'));
+}
+
+export async function currentRevision(layout: SnapLayout): Promise<string> {
+  return readlink(join(layout.snapDir, 'current'));
+}
+
+/** snapctl get/set over a flat file of key=value lines in $SNAP_COMMON. */
+async function writeFakeSnapctl(layout: SnapLayout): Promise<string> {
+  const bin = join(layout.root, 'fakebin');
+  await mkdir(bin, { recursive: true });
+  const store = join(layout.common, '.snapctl');
+  await writeFile(join(bin, 'snapctl'), `#!/bin/bash
+# Fake snapctl of the simulated snap: get KEY / set KEY=VALUE... over ${store}.
+touch '${store}'
+case "$1" in
+  get) grep -m1 "^$2=" '${store}' | cut -d= -f2- || true ;;
+  set) shift; for kv in "$@"; do grep -v "^\${kv%%=*}=" '${store}' > '${store}.new' || true; echo "$kv" >> '${store}.new'; mv '${store}.new' '${store}'; done ;;
+  *) echo "fake snapctl: $1 not supported" >&2; exit 1 ;;
+esac
+`, { mode: 0o755 });
+  return bin;
+}
+
+/**
+ * `snap run vmkeep.vmkeepd` for the unit: the revision `current` points at when the service
+ * starts, with the variables snapd sets. Extra vmkeepd arguments (e.g. --no-scope) follow.
+ */
+async function writeSnapRun(layout: SnapLayout, fakeBin: string, extraArgs: string[]): Promise<string> {
+  const path = join(layout.root, 'snap-run-vmkeepd');
+  await writeFile(path, `#!/bin/bash
+set -euo pipefail
+rev=$(readlink '${layout.snapDir}/current')
+export SNAP='${layout.snapDir}'/$rev SNAP_REVISION=$rev SNAP_NAME=vmkeep SNAP_COMMON='${layout.common}'
+export SNAP_DATA='${join(layout.root, 'var', 'snap', 'vmkeep')}'/$rev
+export PATH=$SNAP/bin:'${fakeBin}':$PATH
+exec "$SNAP/bin/vmkeepd-launch" ${extraArgs.map((a) => `'${a}'`).join(' ')}
+`, { mode: 0o755 });
+  return path;
+}
+
+/**
+ * The unit snapd writes for a `daemon: notify` app with restart-condition on-failure and
+ * stop-mode sigterm-all (KillMode=control-group), with the layout's `snap run`.
+ */
+export async function prepareSnapUnit(layout: SnapLayout, extraArgs: string[] = []): Promise<string> {
+  const fakeBin = await writeFakeSnapctl(layout);
+  const run = await writeSnapRun(layout, fakeBin, extraArgs);
+  await mkdir(layout.common, { recursive: true });
+  return `[Unit]
+# Auto-generated, DO NOT EDIT (the shape snapd writes)
+Description=Service for snap application vmkeep.vmkeepd
+StartLimitIntervalSec=0
+X-Snappy=yes
+
+[Service]
+EnvironmentFile=-/etc/environment
+ExecStart=${run}
+SyslogIdentifier=vmkeep.vmkeepd
+Restart=on-failure
+RestartSec=1
+WorkingDirectory=${layout.common}
+TimeoutStartSec=300
+TimeoutStopSec=30
+Type=notify
+KillMode=control-group
+KillSignal=SIGTERM
+
+[Install]
+WantedBy=multi-user.target
+`;
+}
+
+/** `snap set vmkeep KEY=VALUE` through the fake snapctl. */
+export async function snapSet(layout: SnapLayout, key: string, value: string): Promise<void> {
+  const { execa } = await import('execa');
+  await execa(join(layout.root, 'fakebin', 'snapctl'), ['set', `${key}=${value}`]);
+}

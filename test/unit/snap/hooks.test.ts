@@ -1,0 +1,323 @@
+// The snap's hooks and the service launcher, run by bash as snapd would run them, outside a snap:
+// fake snapctl and node on PATH, SNAP/SNAP_COMMON/SNAP_REVISION in a temp folder (sandbox.ts).
+import { existsSync } from 'node:fs';
+import { mkdir, readdir, readFile, symlink, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Writable } from 'node:stream';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { main } from '../../../cli/index.js';
+import { parseInstallationsConfig } from '../../../upgrade/index.js';
+import { makeSandbox, type Sandbox } from './sandbox.js';
+
+let box: Sandbox;
+
+beforeEach(async () => {
+  box = await makeSandbox('12');
+});
+
+afterEach(async () => {
+  await box.cleanup();
+});
+
+const STRATEGY_ERROR = (got: string) =>
+  `vmkeep: refresh.strategy must be one of manual, migrate, reboot, on-guest-shutdown; got ${got}. Fix: snap set vmkeep refresh.strategy=migrate`;
+const TIMEOUT_ERROR = (got: string) =>
+  `vmkeep: shutdown.timeout must be a whole number of seconds from 1 to 3600; got ${got}. Fix: snap set vmkeep shutdown.timeout=60`;
+
+describe('configure hook', () => {
+  it.each<Record<string, string>>([
+    { 'refresh.strategy': 'manual', 'shutdown.timeout': '60' },
+    { 'refresh.strategy': 'migrate', 'shutdown.timeout': '1' },
+    { 'refresh.strategy': 'reboot', 'shutdown.timeout': '3600' },
+    { 'refresh.strategy': 'on-guest-shutdown', 'shutdown.timeout': '120' },
+    {},
+  ])('accepts %o', async (options) => {
+    await box.setOptions(options);
+    const result = await box.run('hooks/configure');
+    expect(result).toMatchObject({ exitCode: 0, stderr: '' });
+  });
+
+  it.each(['fast', 'Migrate', 'migrate ', 'live'])('refuses refresh.strategy=%j with the values and the fix', async (bad) => {
+    await box.setOptions({ 'refresh.strategy': bad, 'shutdown.timeout': '60' });
+    const result = await box.run('hooks/configure');
+    expect(result.exitCode).toBe(1);
+    expect(result.stderr.trim()).toBe(STRATEGY_ERROR(bad));
+  });
+
+  it.each(['0', '-5', 'abc', '1.5', '3601', '60s', '007', '99999999999999999999999'])(
+    'refuses shutdown.timeout=%j with the range and the fix',
+    async (bad) => {
+      await box.setOptions({ 'refresh.strategy': 'manual', 'shutdown.timeout': bad });
+      const result = await box.run('hooks/configure');
+      expect(result.exitCode).toBe(1);
+      expect(result.stderr.trim()).toBe(TIMEOUT_ERROR(bad));
+    },
+  );
+
+  it('restarts a running vmkeepd when refresh.strategy differs from what it started with', async () => {
+    await writeFile(join(box.common, 'vmkeepd-options'), 'refresh.strategy=manual\n');
+    await box.setOptions({ 'refresh.strategy': 'migrate', 'shutdown.timeout': '60' });
+    const result = await box.run('hooks/configure', { FAKE_SERVICE_STATE: 'active' });
+    expect(result.exitCode).toBe(0);
+    expect(result.stderr).toContain('refresh.strategy is now migrate (was manual)');
+    expect(await box.snapctlCalls()).toContain('restart vmkeep.vmkeepd');
+  });
+
+  it.each([
+    { what: 'the daemon started with the same strategy', startedWith: 'migrate', state: 'active' },
+    { what: 'the operator stopped the daemon', startedWith: 'manual', state: 'inactive' },
+    { what: 'the daemon never ran', startedWith: undefined, state: 'active' },
+  ])('does not restart vmkeepd when $what', async ({ startedWith, state }) => {
+    if (startedWith !== undefined) await writeFile(join(box.common, 'vmkeepd-options'), `refresh.strategy=${startedWith}\n`);
+    await box.setOptions({ 'refresh.strategy': 'migrate', 'shutdown.timeout': '60' });
+    const result = await box.run('hooks/configure', { FAKE_SERVICE_STATE: state });
+    expect(result).toMatchObject({ exitCode: 0, stderr: '' });
+    expect((await box.snapctlCalls()).filter((call) => call.startsWith('restart'))).toEqual([]);
+  });
+});
+
+describe('install hook', () => {
+  it('sets the defaults when the options are unset', async () => {
+    const result = await box.run('hooks/install');
+    expect(result.exitCode).toBe(0);
+    expect(await box.options()).toEqual({ 'refresh.strategy': 'manual', 'shutdown.timeout': '60' });
+  });
+
+  it('keeps values already set (e.g. gadget defaults)', async () => {
+    await box.setOptions({ 'refresh.strategy': 'migrate', 'shutdown.timeout': '300' });
+    const result = await box.run('hooks/install');
+    expect(result.exitCode).toBe(0);
+    expect(await box.options()).toEqual({ 'refresh.strategy': 'migrate', 'shutdown.timeout': '300' });
+    expect((await box.snapctlCalls()).filter((call) => call.startsWith('set'))).toEqual([]);
+  });
+
+  it('sets only the missing one', async () => {
+    await box.setOptions({ 'shutdown.timeout': '300' });
+    expect((await box.run('hooks/install')).exitCode).toBe(0);
+    expect(await box.options()).toEqual({ 'refresh.strategy': 'manual', 'shutdown.timeout': '300' });
+  });
+
+  it('leaves values the configure hook accepts', async () => {
+    expect((await box.run('hooks/install')).exitCode).toBe(0);
+    expect((await box.run('hooks/configure')).exitCode).toBe(0);
+  });
+});
+
+/** What the launcher should list for a revision rooted at `root`. */
+function installationAt(name: string, root: string) {
+  return {
+    name,
+    binary: join(root, 'usr/bin/qemu-system-x86_64'),
+    moduleDir: join(root, 'usr/lib/x86_64-linux-gnu/qemu'),
+    firmwareDirs: [join(root, 'usr/share/qemu'), join(root, 'usr/share/seabios'), join(root, 'usr/lib/ipxe/qemu')],
+  };
+}
+
+async function readInstallations(box: Sandbox) {
+  const file = join(box.common, 'installations.json');
+  return parseInstallationsConfig(await readFile(file, 'utf8'), file);
+}
+
+describe('vmkeepd launcher', () => {
+  it('makes this revision current, keeps an older revision still installed, drops one snapd removed', async () => {
+    const rev11 = await box.addRevision('11');
+    await mkdir(join(box.revisions, '9')); // a revision folder without its QEMU: not an installation
+    await symlink('12', join(box.revisions, 'current'));
+    // What the launcher of revision 11 wrote; revision 10 has been discarded since.
+    await writeFile(
+      join(box.common, 'installations.json'),
+      JSON.stringify({ installations: [installationAt('rev-10', join(box.revisions, '10')), installationAt('rev-11', rev11)], current: { default: 'rev-11' } }),
+    );
+    await box.setOptions({ 'refresh.strategy': 'migrate' });
+
+    const result = await box.run('local/vmkeepd-launch');
+
+    expect(result.exitCode).toBe(0);
+    expect(await readInstallations(box)).toEqual({
+      installations: [installationAt('rev-12', box.snap), installationAt('rev-11', rev11)],
+      current: { default: 'rev-12' },
+    });
+    expect(result.stderr).toContain('older revisions still installed: rev-11; refresh.strategy=migrate');
+    // Written by temp file and rename: nothing else is left in $SNAP_COMMON.
+    expect((await readdir(box.common)).sort()).toEqual(['installations.json', 'vmkeepd-options']);
+    expect(await readFile(join(box.common, 'vmkeepd-options'), 'utf8')).toBe('refresh.strategy=migrate\n');
+  });
+
+  it('execs vmkeepd with the state in $SNAP_COMMON, the installations file and the refresh policy', async () => {
+    await box.setOptions({ 'refresh.strategy': 'reboot' });
+    expect((await box.run('local/vmkeepd-launch')).exitCode).toBe(0);
+    expect(await box.nodeCalls()).toEqual([
+      [
+        join(box.snap, 'lib/vmkeep/dist/cli/vmkeepd.js'),
+        '--state-dir', join(box.common, 'state'),
+        '--runtime-dir', '/run/vmkeep',
+        '--socket', '/run/vmkeep/vmkeep.sock',
+        '--installations', join(box.common, 'installations.json'),
+        '--refresh-policy', 'reboot',
+        '--refresh-at-start',
+      ],
+    ]);
+  });
+
+  it('starts with manual when refresh.strategy is unset', async () => {
+    expect((await box.run('local/vmkeepd-launch')).exitCode).toBe(0);
+    const [argv] = await box.nodeCalls();
+    expect(argv?.[argv.indexOf('--refresh-policy') + 1]).toBe('manual');
+  });
+
+  it('starts with manual, and says so, when refresh.strategy holds a value configure would refuse', async () => {
+    await box.setOptions({ 'refresh.strategy': 'yolo' });
+    const result = await box.run('local/vmkeepd-launch');
+    expect(result.exitCode).toBe(0);
+    expect(result.stderr).toContain('refresh.strategy=yolo is not one of manual, migrate, reboot, on-guest-shutdown; starting with manual');
+    const [argv] = await box.nodeCalls();
+    expect(argv?.[argv.indexOf('--refresh-policy') + 1]).toBe('manual');
+  });
+
+  it('still starts vmkeepd, with manual, when snapctl fails', async () => {
+    const result = await box.run('local/vmkeepd-launch', { FAKE_SNAPCTL_FAIL: '1' });
+    expect(result.exitCode).toBe(0);
+    expect(result.stderr).toContain('cannot read refresh.strategy (snapctl failed); starting with manual');
+    const [argv] = await box.nodeCalls();
+    expect(argv?.[argv.indexOf('--refresh-policy') + 1]).toBe('manual');
+  });
+
+  it('names a local revision (x1) validly and lists only itself on a fresh install', async () => {
+    const local = await makeSandbox('x1');
+    try {
+      expect((await local.run('local/vmkeepd-launch')).exitCode).toBe(0);
+      expect(await readInstallations(local)).toEqual({ installations: [installationAt('rev-x1', local.snap)], current: { default: 'rev-x1' } });
+    } finally {
+      await local.cleanup();
+    }
+  });
+
+  it('refuses to run outside a snap', async () => {
+    const result = await box.run('local/vmkeepd-launch', { SNAP_COMMON: '' });
+    expect(result.exitCode).not.toBe(0);
+    expect(result.stderr).toContain('SNAP_COMMON');
+    expect(await box.nodeCalls()).toEqual([]);
+  });
+
+  it('passes only flags vmkeepd knows', async () => {
+    await box.setOptions({ 'refresh.strategy': 'migrate' });
+    expect((await box.run('local/vmkeepd-launch')).exitCode).toBe(0);
+    const [argv] = await box.nodeCalls();
+    const help = await helpOf(['daemon']);
+    for (const flag of (argv ?? []).filter((arg) => arg.startsWith('--'))) expect(help, `vmkeep daemon --help names ${flag}`).toContain(flag);
+  });
+});
+
+describe('post-refresh hook', () => {
+  it('reports the revision it came from and that vmkeepd applies the policy at its start', async () => {
+    await writeFile(
+      join(box.common, 'installations.json'),
+      JSON.stringify({ installations: [installationAt('rev-11', join(box.revisions, '11'))], current: { default: 'rev-11' } }, null, 2),
+    );
+    await box.setOptions({ 'refresh.strategy': 'migrate' });
+    const result = await box.run('hooks/post-refresh');
+    expect(result.exitCode).toBe(0);
+    expect(result.stdout).toContain('refreshed from revision 11 to 12');
+    expect(result.stdout).toContain('vmkeepd applies refresh.strategy=migrate to them when it starts');
+  });
+
+  it('exits 0 when it cannot tell (no installations file, snapctl failing)', async () => {
+    const result = await box.run('hooks/post-refresh', { FAKE_SNAPCTL_FAIL: '1' });
+    expect(result.exitCode).toBe(0);
+    expect(result.stdout).toContain('refreshed from revision unknown to 12');
+  });
+});
+
+describe('remove hook', () => {
+  const HOOK_SOCKET = '/run/vmkeep/remove-hook.sock';
+
+  async function addRecords(...names: string[]): Promise<void> {
+    await mkdir(join(box.common, 'state', 'vms'), { recursive: true });
+    for (const name of names) await writeFile(join(box.common, 'state', 'vms', `${name}.json`), '{}');
+    await writeFile(join(box.common, 'installations.json'), '{}');
+  }
+
+  it('does nothing without VM records', async () => {
+    const result = await box.run('hooks/remove');
+    expect(result.exitCode).toBe(0);
+    expect(result.stderr).toContain('no VM records');
+    expect(await box.nodeCalls()).toEqual([]);
+  });
+
+  it('starts a short-lived vmkeepd when none runs, powers every guest off with shutdown.timeout, then stops it', async () => {
+    await addRecords('web1', 'db1');
+    await box.setOptions({ 'shutdown.timeout': '90' });
+    const result = await box.run('hooks/remove', { FAKE_NODE_DAEMON: 'serve' });
+    expect(result.exitCode).toBe(0);
+    expect(result.stderr).toContain('vmkeepd is not running');
+    expect(result.stderr).toContain('every guest powered off');
+
+    const calls = await box.nodeCalls();
+    const daemon = calls.find((argv) => argv[0]?.endsWith('/vmkeepd.js'));
+    expect(daemon).toEqual([
+      join(box.snap, 'lib/vmkeep/dist/cli/vmkeepd.js'),
+      '--state-dir', join(box.common, 'state'),
+      '--runtime-dir', '/run/vmkeep',
+      '--socket', HOOK_SOCKET,
+      '--installations', join(box.common, 'installations.json'),
+      '--refresh-policy', 'manual',
+      '--log-level', 'warn',
+    ]);
+    const stops = calls.filter((argv) => argv[1] === 'stop');
+    expect(stops).toEqual([[join(box.snap, 'lib/vmkeep/dist/cli/main.js'), 'stop', '--all', '--timeout', '90', '--socket', HOOK_SOCKET]]);
+    // The short-lived daemon got SIGTERM before the hook ended.
+    expect(await readFile(join(box.fakeDir, 'daemon-signals'), 'utf8')).toBe('SIGTERM\n');
+    expect(existsSync(join(box.fakeDir, 'serving'))).toBe(false);
+  });
+
+  it('uses a vmkeepd that answers on the main socket and starts none', async () => {
+    await addRecords('web1');
+    const result = await box.run('hooks/remove', { FAKE_MAIN_SOCKET_ANSWERS: '/run/vmkeep/vmkeep.sock' });
+    expect(result.exitCode).toBe(0);
+    const calls = await box.nodeCalls();
+    expect(calls.some((argv) => argv[0]?.endsWith('/vmkeepd.js'))).toBe(false);
+    // shutdown.timeout unset: 60 s.
+    expect(calls.filter((argv) => argv[1] === 'stop')).toEqual([
+      [join(box.snap, 'lib/vmkeep/dist/cli/main.js'), 'stop', '--all', '--timeout', '60', '--socket', '/run/vmkeep/vmkeep.sock'],
+    ]);
+  });
+
+  it('names the guests left running and still exits 0 when some ignore ACPI', async () => {
+    await addRecords('web1');
+    const result = await box.run('hooks/remove', { FAKE_NODE_DAEMON: 'serve', FAKE_STOP_STATUS: '3' });
+    expect(result.exitCode).toBe(0);
+    expect(result.stderr).toContain('some guests did not power off within 60 s and are left RUNNING');
+    expect(await readFile(join(box.fakeDir, 'daemon-signals'), 'utf8')).toBe('SIGTERM\n');
+  });
+
+  it('says so and exits 0 when the short-lived vmkeepd dies before serving', async () => {
+    await addRecords('web1');
+    const result = await box.run('hooks/remove', { FAKE_NODE_DAEMON: 'exit', FAKE_DAEMON_STATUS: '1' });
+    expect(result.exitCode).toBe(0);
+    expect(result.stderr).toContain('the short-lived vmkeepd exited (status 1) before it served; the guests are left running');
+    expect((await box.nodeCalls()).some((argv) => argv[1] === 'stop')).toBe(false);
+  });
+
+  it('calls the CLI only with options it knows', async () => {
+    for (const flag of ['--all', '--timeout', '--socket']) expect(await helpOf(['stop'])).toContain(flag);
+    for (const flag of ['--json', '--socket']) expect(await helpOf(['list'])).toContain(flag);
+    for (const flag of ['--state-dir', '--runtime-dir', '--socket', '--installations', '--refresh-policy', '--log-level', '--qemu', '--module-dir', '--firmware-dir']) {
+      expect(await helpOf(['daemon'])).toContain(flag);
+    }
+  });
+});
+
+/** `vmkeep COMMAND --help`, in-process (no daemon needed). */
+async function helpOf(command: string[]): Promise<string> {
+  let text = '';
+  const sink = () =>
+    new Writable({
+      write(chunk: Buffer, _encoding, callback) {
+        text += chunk.toString('utf8');
+        callback();
+      },
+    });
+  const code = await main([...command, '--help'], { stdout: sink(), stderr: sink(), env: {}, onSignal: () => () => {} });
+  expect(code, `vmkeep ${command.join(' ')} --help exits 0`).toBe(0);
+  return text;
+}
