@@ -92,6 +92,18 @@ function installationFrom(
   };
 }
 
+/** Removes from `args` the options that came from VMKEEP_* variables and the command does not have. */
+function dropForeignEnvOptions(args: Record<string, unknown>, known: Record<string, unknown>, env: NodeJS.ProcessEnv): void {
+  for (const name of Object.keys(env)) {
+    if (!name.startsWith('VMKEEP_') || name.includes('__')) continue;
+    const kebab = name.slice('VMKEEP_'.length).toLowerCase().replaceAll('_', '-');
+    const camel = kebab.replace(/-([a-z0-9])/g, (_, c: string) => c.toUpperCase());
+    if (known[kebab] !== undefined || known[camel] !== undefined) continue;
+    delete args[kebab];
+    delete args[camel];
+  }
+}
+
 /** Runs the vmkeep command line; resolves to the process exit code. */
 export async function main(argv: string[], io: CliIo): Promise<number> {
   let exitCode = 0;
@@ -139,6 +151,12 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
         }
       },
     );
+  // VMKEEP_* variables that name no option of the command at hand (VMKEEP_QEMU for `list`, a
+  // unit's VMKEEP_SHUTDOWN_TIMEOUT) are dropped before validation: only what a person typed is
+  // refused as an unknown argument.
+  // getOptions() exists at run time (yargs 18) but not in @types/yargs 17.
+  const optionsOf = base as unknown as { getOptions(): { key: Record<string, unknown> } };
+  base.middleware((args) => dropForeignEnvOptions(args, optionsOf.getOptions().key, process.env), true);
   base.command(
     'daemon',
     'run vmkeepd in the foreground (what the vmkeepd service runs); its VMs live in their own scopes and outlive it',

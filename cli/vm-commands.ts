@@ -5,12 +5,14 @@ import { isValidVmName } from '../launcher/index.js';
 import type { CliIo } from './app.js';
 import { reportError } from './errors.js';
 import { createReporter } from './output.js';
-import { EXIT_CLEAN, EXIT_FAILED, readSpecJson } from './run.js';
+import { EXIT_CLEAN, EXIT_FAILED, EXIT_POWEROFF_TIMEOUT, readSpecJson } from './run.js';
 import { followRefreshJob } from './refresh-follow.js';
 import { formatUpgradeStatus } from './refresh-view.js';
 import { formatEvent, formatVmList, formatVmStatus } from './table.js';
 
 const STRATEGIES = [...REFRESH_STRATEGIES];
+/** vmkeepd's own default for a stop; `stop --all` passes it explicitly so its messages can name it. */
+const DEFAULT_STOP_TIMEOUT_SEC = 60;
 
 /** What the commands need of the control API; tests may hand in their own. */
 export type DaemonApi = Pick<
@@ -123,16 +125,25 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
       }),
     )
     .command(
-      'stop <name>',
-      'power a VM off through ACPI and wait for the guest (--force: quit QEMU at once)',
+      'stop [name]',
+      'power a VM off through ACPI and wait for the guest (--force: quit QEMU at once; --all: every VM, as at host shutdown)',
       (y) =>
-        withName(y, env)
+        daemonOptions(y, env)
+          .positional('name', { type: 'string', describe: 'VM name (or --all)' })
+          .option('all', { type: 'boolean', default: false, describe: 'power off every VM that has a QEMU, all at once; guests still running at the end are named' })
           .option('timeout', { type: 'number', describe: 'seconds the guest gets to power off', defaultDescription: "the daemon's, 60" })
           .option('force', { type: 'boolean', default: false, describe: 'quit QEMU at once: the guest loses what it had not written to disk' })
-          .check((a) =>
-            a.timeout === undefined || (Number.isFinite(a.timeout) && a.timeout > 0) ? true : '--timeout must be a positive number of seconds',
-          ),
-      run(async (api, out, a: CommonArgs & { name: string; timeout?: number; force: boolean }) => {
+          .check((a) => {
+            if ((a.name !== undefined) === a.all) return 'name one VM or give --all (exactly one of them)';
+            if (a.name !== undefined && checkName(a.name) !== true) return checkName(a.name);
+            // Contract point 3: powering every guest off never hard-kills one.
+            if (a.all && a.force) return '--all never forces a guest off; quit one that ignores ACPI with: vmkeep stop NAME --force';
+            return a.timeout === undefined || (Number.isFinite(a.timeout) && a.timeout > 0) ? true : '--timeout must be a positive number of seconds';
+          })
+          .example('$0 stop web1', 'ACPI power-off of web1, waiting up to 60 s for the guest')
+          .example('$0 stop --all --timeout 120', 'what vmkeep-guests.service runs at host shutdown'),
+      run(async (api, out, a: CommonArgs & { name?: string; all: boolean; timeout?: number; force: boolean }) => {
+        if (a.name === undefined) return stopAll(api, out, io, a.timeout ?? DEFAULT_STOP_TIMEOUT_SEC);
         if (!out.json && !a.force) io.stderr.write(`vmkeep: asking ${a.name} to power off (ACPI) and waiting for the guest\n`);
         const vm = await api.stop(a.name, { ...(a.timeout === undefined ? {} : { timeoutSec: a.timeout }), ...(a.force ? { force: true } : {}) });
         out.document(vm, `${vm.name}: ${vm.state}${vm.problem === undefined ? '' : ` (${vm.problem})`}`);
@@ -270,6 +281,65 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
         await untilSignal((signal) => api.events((event) => out.line(out.json ? JSON.stringify(event) : formatEvent(event)), { signal }));
       }),
     );
+}
+
+type StopResult =
+  | { vm: string; result: 'stopped'; state: string }
+  | { vm: string; result: 'timeout' | 'failed'; code: string; message: string };
+
+/**
+ * `stop --all`: every VM with a QEMU gets its ACPI request at once and the same timeout (host
+ * shutdown waits for the slowest guest, not for the sum). A line per VM as each one ends; the
+ * guests still running at the end are named in one stderr line, so the journal shows which
+ * ones systemd will stop the hard way. Exit 0: all powered off; 3: some ignored the request;
+ * 1: some could not be asked (e.g. an unreachable monitor).
+ */
+async function stopAll(api: DaemonApi, out: Out, io: CliIo, timeoutSec: number): Promise<number> {
+  const names = (await api.list()).filter((vm) => vm.pid !== undefined).map((vm) => vm.name);
+  if (!out.json) {
+    io.stderr.write(
+      names.length === 0
+        ? 'vmkeep: no VM has a running QEMU; nothing to power off\n'
+        : `vmkeep: asking ${names.length} VM${names.length === 1 ? '' : 's'} to power off (ACPI), waiting up to ${timeoutSec} s: ${names.join(', ')}\n`,
+    );
+  }
+  const results = await Promise.all(
+    names.map(async (name): Promise<StopResult> => {
+      let result: StopResult;
+      try {
+        const vm = await api.stop(name, { timeoutSec });
+        result = { vm: name, result: 'stopped', state: vm.state };
+      } catch (error) {
+        const code = (error as { code?: unknown }).code;
+        result = {
+          vm: name,
+          result: code === 'STOP_TIMEOUT' ? 'timeout' : 'failed',
+          code: typeof code === 'string' ? code : 'INTERNAL',
+          message: error instanceof Error ? error.message : String(error),
+        };
+      }
+      out.line(out.json ? JSON.stringify({ type: 'vm', ...result }) : stopLine(result, timeoutSec));
+      return result;
+    }),
+  );
+  const left = results.filter((r) => r.result !== 'stopped');
+  const summary = {
+    type: 'result',
+    timeoutSec,
+    stopped: results.filter((r) => r.result === 'stopped').map((r) => r.vm),
+    timedOut: left.filter((r) => r.result === 'timeout').map((r) => r.vm),
+    failed: left.filter((r) => r.result === 'failed').map((r) => r.vm),
+    stillRunning: left.map((r) => r.vm),
+  };
+  if (out.json) out.line(JSON.stringify(summary));
+  if (left.length > 0) io.stderr.write(`vmkeep: still running after ${timeoutSec} s: ${summary.stillRunning.join(', ')}\n`);
+  return summary.failed.length > 0 ? EXIT_FAILED : summary.timedOut.length > 0 ? EXIT_POWEROFF_TIMEOUT : EXIT_CLEAN;
+}
+
+function stopLine(r: StopResult, timeoutSec: number): string {
+  if (r.result === 'stopped') return `${r.vm}: ${r.state}`;
+  if (r.result === 'timeout') return `${r.vm}: did not power off within ${timeoutSec} s; left running`;
+  return `${r.vm}: could not be asked to power off [${r.code}]: ${r.message}`;
 }
 
 interface RefreshArgs {

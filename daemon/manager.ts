@@ -514,7 +514,7 @@ export class VmManager implements DaemonOps {
               description: `vmkeep VM ${record.name}`,
               // At host shutdown units stop in reverse order: the guests unit powers every guest
               // off (ACPI) before any VM scope is stopped, which would SIGTERM its QEMU.
-              properties: { After: { signature: 'as', value: [GUESTS_UNIT] } },
+              properties: { Before: { signature: 'as', value: [GUESTS_UNIT] } },
             });
           }
         },

@@ -1,7 +1,7 @@
 // vmkeepd as a systemd service inside a private systemd: the set-up of the daemon's
 // integration tests and of the demo. The daemon's folders live under /tmp (shared with the
 // host), so the test talks to its control socket and reads serial logs from outside.
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ApiClient, type VmView } from '../../daemon/index.js';
@@ -11,8 +11,12 @@ import { projectRoot } from './paths.js';
 import { requireSystemdHostPrereqs, SystemdHost } from './systemd-host.js';
 
 const VMKEEPD = join(projectRoot(), 'dist', 'cli', 'vmkeepd.js');
+const VMKEEP_CLI = join(projectRoot(), 'dist', 'cli', 'main.js');
 export const DAEMON_UNIT = 'vmkeepd.service';
 const SHIPPED_UNIT = join(projectRoot(), 'snap', 'vmkeepd.service');
+/** Powers every guest off when it stops (host shutdown); see snap/vmkeep-guests.service. */
+export const GUESTS_UNIT = 'vmkeep-guests.service';
+const SHIPPED_GUESTS_UNIT = join(projectRoot(), 'snap', GUESTS_UNIT);
 
 /**
  * The unit the packages ship, so the tests prove its settings (Type=notify, default KillMode),
@@ -29,6 +33,24 @@ export function testUnit(shipped: string, execStart: string): string {
   return lines.join('\n');
 }
 
+/**
+ * Rewrites the program of each named Exec line of a shipped unit (e.g. `/usr/bin/vmkeep` into
+ * `node dist/cli/main.js`), keeping its arguments, so a test runs the shipped command line.
+ * Throws when the unit has no such line or it does not start with the expected program.
+ */
+export function rewriteExec(shipped: string, rewrites: Partial<Record<'ExecStart' | 'ExecStop', { from: string; to: string; append?: string }>>): string {
+  let text = shipped;
+  for (const [key, { from, to, append }] of Object.entries(rewrites)) {
+    const prefix = `${key}=${from}`;
+    const lines = text.split('\n');
+    const at = lines.findIndex((line) => line === prefix || line.startsWith(`${prefix} `));
+    if (at < 0) throw new Error(`the unit has no line starting with ${prefix}`);
+    lines[at] = `${key}=${to}${lines[at]!.slice(prefix.length)}${append === undefined ? '' : ` ${append}`}`;
+    text = lines.join('\n');
+  }
+  return text;
+}
+
 export interface DaemonHostOptions {
   name: string;
   /** false: vmkeepd --no-scope (the negative control: VMs die with the service). */
@@ -37,6 +59,13 @@ export interface DaemonHostOptions {
   args?: string[];
   /** Folder for the daemon's state and runtime (default: a new temp folder, removed at shutdown). */
   dir?: string;
+  /**
+   * Also install the shipped vmkeep-guests.service (its ExecStop runs this build's CLI on the
+   * test's socket); installed, not started: start it with systemctl('start', GUESTS_UNIT).
+   */
+  guestsUnit?: boolean;
+  /** With guestsUnit: VMKEEP_SHUTDOWN_TIMEOUT, set by a drop-in as an administrator would (default 8). */
+  guestsTimeoutSec?: number;
 }
 
 export class DaemonHost {
@@ -63,7 +92,19 @@ export class DaemonHost {
     const unit = testUnit(await readFile(SHIPPED_UNIT, 'utf8'), `${process.execPath} ${args.join(' ')}`);
     let host: SystemdHost | undefined;
     try {
-      host = await SystemdHost.boot({ name: options.name, unitFiles: { [DAEMON_UNIT]: unit } });
+      const guests = options.guestsUnit === true
+        ? rewriteExec(await readFile(SHIPPED_GUESTS_UNIT, 'utf8'), {
+          ExecStop: { from: '/usr/bin/vmkeep', to: `${process.execPath} ${VMKEEP_CLI}`, append: `--socket ${socket}` },
+        })
+        : undefined;
+      host = await SystemdHost.boot({ name: options.name, unitFiles: { [DAEMON_UNIT]: unit, ...(guests === undefined ? {} : { [GUESTS_UNIT]: guests }) } });
+      if (guests !== undefined) {
+        const timeoutSec = options.guestsTimeoutSec ?? 8;
+        const dropIns = join(host.unitDir, `${GUESTS_UNIT}.d`);
+        await mkdir(dropIns, { recursive: true });
+        await writeFile(join(dropIns, 'test-timeout.conf'), `[Service]\nEnvironment=VMKEEP_SHUTDOWN_TIMEOUT=${timeoutSec}\nTimeoutStopSec=${timeoutSec + 20}\n`);
+        await host.systemctl('daemon-reload');
+      }
       const daemon = new DaemonHost(host, dir, socket, new ApiClient({ socketPath: socket, timeoutMs: 60_000 }));
       await daemon.systemctl('start', DAEMON_UNIT);
       return daemon;
@@ -133,6 +174,11 @@ export class DaemonHost {
     return join(this.dir, 'run', 'vms', name, 'serial.log');
   }
 
+  /** QEMU's own stderr (e.g. "terminating on signal 15"). */
+  qemuLog(name: string): string {
+    return join(this.dir, 'run', 'vms', name, 'qemu.log');
+  }
+
   qmpSocket(name: string): string {
     return join(this.dir, 'run', 'vms', name, 'qmp.sock');
   }
@@ -144,6 +190,16 @@ export class DaemonHost {
   /** The service's console output (vmkeepd's JSON logs), for failure messages. */
   consoleTail(lines = 60): Promise<string> {
     return this.host.consoleTail(lines);
+  }
+
+  /**
+   * The private host's orderly shutdown (`systemctl exit`: every unit stopped in dependency order,
+   * as at a host shutdown); resolves with its whole console output, read before anything is
+   * removed. shutdown() still has to follow, to remove what is left.
+   */
+  async exitHost(timeoutMs = 60_000): Promise<string> {
+    await this.host.exit(timeoutMs);
+    return readFile(this.host.consoleLog, 'utf8');
   }
 
   /** Kills the private systemd's whole pid namespace (every QEMU in it) and removes the folders. */

@@ -509,6 +509,26 @@ export class SystemdHost {
   }
 
   /**
+   * The host's own orderly shutdown: `systemctl exit` inside (every unit stopped in dependency
+   * order, then PID 1 exits), resolved once PID 1 is gone. Unlike shutdown({graceful}), it
+   * throws when the exit takes longer than `timeoutMs`, and it tears nothing down: the console
+   * log stays readable until shutdown().
+   */
+  async exit(timeoutMs = 30_000): Promise<void> {
+    if (!sameProcessAlive(this.state.pid1, this.state.pid1Start)) throw new Error(`private systemd "${this.name}" is not running`);
+    const began = Date.now();
+    // systemctl may be cut off while the manager goes down; PID 1's end is the answer.
+    const request = await this.exec('systemctl', ['exit'], { timeoutMs }).catch((err: Error) => err);
+    if (!(request instanceof Error) && request.exitCode !== 0 && sameProcessAlive(this.state.pid1, this.state.pid1Start)) {
+      throw new Error(`systemctl exit in ${this.name} failed (exit ${request.exitCode ?? request.signal}):\n${request.stdout}${request.stderr}`);
+    }
+    // Then `script` too, so the console log holds everything PID 1's console got.
+    await waitFor(`private systemd "${this.name}" (PID ${this.state.pid1}) to exit after systemctl exit`, Math.max(0, timeoutMs - (Date.now() - began)), () =>
+      sameProcessAlive(this.state.pid1, this.state.pid1Start) || sameProcessAlive(this.state.scriptPid, this.state.scriptStart) ? undefined : true,
+    );
+  }
+
+  /**
    * SIGKILLs PID 1 (the kernel then kills its whole pid namespace), waits until every process is
    * gone, removes the cgroups deepest first and the private /run. `graceful` first tries
    * `systemctl exit` inside. Idempotent; never throws.

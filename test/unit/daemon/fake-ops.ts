@@ -19,6 +19,10 @@ export class FakeDaemonOps implements DaemonOps {
   readonly vms = new Map<string, VmView>();
   /** The next call of an operation throws this instead of doing its work. */
   readonly failNext = new Map<keyof DaemonOps, unknown>();
+  /** Every stop of the VM of that name throws this (e.g. a STOP_TIMEOUT for a guest that ignores ACPI). */
+  readonly stopFailures = new Map<string, unknown>();
+  /** While set, every stop waits for it before it answers: lets a test see stops in flight together. */
+  holdStops: Promise<void> | undefined;
   /** Answers of the qmp operation by command name. */
   readonly qmpReplies = new Map<string, unknown>();
   private readonly listeners = new Set<Listener>();
@@ -105,6 +109,8 @@ export class FakeDaemonOps implements DaemonOps {
   async stop(name: string, options: StopOptions = {}): Promise<VmView> {
     this.record('stop', [name, options]);
     const vm = this.vm(name);
+    if (this.holdStops !== undefined) await this.holdStops;
+    if (this.stopFailures.has(name)) throw this.stopFailures.get(name);
     return this.addVm(name, 'stopped', {
       spec: vm.spec,
       lastExit: { reason: options.force ? 'quit by request' : 'guest shutdown', at: '2025-01-01T00:01:00.000Z' },
