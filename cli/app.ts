@@ -195,6 +195,11 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
           default: false,
           describe: 'once reattached, refresh every stale VM whose policy is not manual (for a package\'s post-upgrade restart)',
         })
+        .option('guests-unit', {
+          type: 'string',
+          describe: 'the unit whose stop powers every guest off at host shutdown; each VM scope is ordered Before= it',
+          defaultDescription: 'vmkeep-guests.service',
+        })
         // Hidden test hook (env VMKEEP_TEST_CRASH_AT): vmkeepd SIGKILLs itself at this refresh step.
         .option('test-crash-at', { type: 'string', hidden: true })
         .option('refresh-policy', {
@@ -218,6 +223,7 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
             ...(a.busAddress === undefined ? {} : { busAddress: a.busAddress }),
             refreshPolicy: a.refreshPolicy,
             refreshAtStart: a.refreshAtStart,
+            ...(a.guestsUnit === undefined ? {} : { guestsUnit: a.guestsUnit }),
             ...(a.testCrashAt === undefined ? {} : { crashAt: a.testCrashAt }),
           },
           a.installations === undefined ? installationFrom(a, io.env) : a.installations,

@@ -15,6 +15,7 @@ export interface DaemonCommandArgs {
   logLevel: string;
   refreshPolicy: string;
   refreshAtStart: boolean;
+  guestsUnit?: string;
   /** Test hook (VMKEEP_TEST_CRASH_AT): SIGKILL self at this refresh step. */
   crashAt?: string;
 }
@@ -44,6 +45,7 @@ export async function runDaemonCommand(
     installations: typeof installations === 'string' ? await loadInstallationsConfig(installations) : singleInstallation(installations),
     defaultPolicy: parseStrategy(args.refreshPolicy, '--refresh-policy'),
     refreshAtStart: args.refreshAtStart,
+    ...(args.guestsUnit === undefined ? {} : { guestsUnit: args.guestsUnit }),
     ...(args.crashAt === undefined ? {} : { crashAt: args.crashAt }),
     stateDir: args.stateDir,
     runtimeDir: args.runtimeDir,

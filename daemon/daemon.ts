@@ -27,6 +27,8 @@ export interface DaemonOptions {
   defaultPolicy?: RefreshStrategy;
   /** After reattaching, refresh every stale VM whose policy is not manual (a package's restart). */
   refreshAtStart?: boolean;
+  /** The unit whose stop powers the guests off at host shutdown (default vmkeep-guests.service). */
+  guestsUnit?: string;
   /** Test hook: SIGKILL self at this refresh step. */
   crashAt?: string;
   version: string;
@@ -79,6 +81,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       defaultPolicy: options.defaultPolicy ?? 'manual',
       pinRoot: join(options.stateDir, 'modules'),
       ...(options.crashAt === undefined ? {} : { crashAt: options.crashAt }),
+      ...(options.guestsUnit === undefined ? {} : { guestsUnit: options.guestsUnit }),
       probe: (installation) => probeInstallation(installation, { cacheDir }),
       runtimeDir: options.runtimeDir,
       logger,

@@ -49,6 +49,8 @@ export interface VmManagerOptions {
   defaultPolicy: RefreshStrategy;
   /** Where module folders are pinned (one copy per installation build). */
   pinRoot: string;
+  /** The unit whose stop powers the guests off at host shutdown; VM scopes stop after it. */
+  guestsUnit?: string;
   /** Test hook: the daemon SIGKILLs itself on reaching this refresh step (VMKEEP_TEST_CRASH_AT). */
   crashAt?: string;
   /** Probes the installation (cached by binary identity). */
@@ -63,7 +65,7 @@ export interface VmManagerOptions {
 }
 
 /** The unit whose stop powers every guest off at host shutdown (snap/vmkeep-guests.service). */
-export const GUESTS_UNIT = 'vmkeep-guests.service';
+export const DEFAULT_GUESTS_UNIT = 'vmkeep-guests.service';
 
 const DEFAULT_STOP_TIMEOUT_SEC = 60;
 const DEFAULT_MIGRATE_TIMEOUT_SEC = 60;
@@ -514,7 +516,7 @@ export class VmManager implements DaemonOps {
               description: `vmkeep VM ${record.name}`,
               // At host shutdown units stop in reverse order: the guests unit powers every guest
               // off (ACPI) before any VM scope is stopped, which would SIGTERM its QEMU.
-              properties: { Before: { signature: 'as', value: [GUESTS_UNIT] } },
+              properties: { Before: { signature: 'as', value: [this.options.guestsUnit ?? DEFAULT_GUESTS_UNIT] } },
             });
           }
         },

@@ -155,6 +155,7 @@ describe('vmkeepd launcher', () => {
         '--installations', join(box.common, 'installations.json'),
         '--refresh-policy', 'reboot',
         '--refresh-at-start',
+        '--guests-unit', 'snap.vmkeep.guests.service',
       ],
     ]);
   });
