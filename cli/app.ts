@@ -93,12 +93,14 @@ function installationFrom(
 }
 
 /** Removes from `args` the options that came from VMKEEP_* variables and the command does not have. */
-function dropForeignEnvOptions(args: Record<string, unknown>, known: Record<string, unknown>, env: NodeJS.ProcessEnv): void {
+function dropForeignEnvOptions(args: Record<string, unknown>, known: Record<string, unknown>, env: NodeJS.ProcessEnv, argv: readonly string[]): void {
   for (const name of Object.keys(env)) {
     if (!name.startsWith('VMKEEP_') || name.includes('__')) continue;
     const kebab = name.slice('VMKEEP_'.length).toLowerCase().replaceAll('_', '-');
     const camel = kebab.replace(/-([a-z0-9])/g, (_, c: string) => c.toUpperCase());
     if (known[kebab] !== undefined || known[camel] !== undefined) continue;
+    // Typed on the command line too: left for the parser to refuse.
+    if (argv.some((arg) => arg === `--${kebab}` || arg.startsWith(`--${kebab}=`))) continue;
     delete args[kebab];
     delete args[camel];
   }
@@ -156,7 +158,7 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
   // refused as an unknown argument.
   // getOptions() exists at run time (yargs 18) but not in @types/yargs 17.
   const optionsOf = base as unknown as { getOptions(): { key: Record<string, unknown> } };
-  base.middleware((args) => dropForeignEnvOptions(args, optionsOf.getOptions().key, process.env), true);
+  base.middleware((args) => dropForeignEnvOptions(args, optionsOf.getOptions().key, process.env, argv), true);
   base.command(
     'daemon',
     'run vmkeepd in the foreground (what the vmkeepd service runs); its VMs live in their own scopes and outlive it',

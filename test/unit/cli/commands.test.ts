@@ -1,79 +1,21 @@
 // The vmkeep daemon commands, in-process, against a real control API over a fake DaemonOps.
-import { appendFile, mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { appendFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { main, type CliIo } from '../../../cli/index.js';
+import { beforeEach, describe, expect, it } from 'vitest';
 import { ApiClient } from '../../../daemon/index.js';
-import { startApiServer, type ApiServer } from '../../../daemon/api-server.js';
+import { startApiServer } from '../../../daemon/api-server.js';
 import { FakeDaemonOps } from '../daemon/fake-ops.js';
 import { within } from '../qmp/fake-peer.js';
+import { useCliHarness } from './harness.js';
 
+const cli = useCliHarness('vmkeep-cli-');
 let dir: string;
 let socketPath: string;
 let ops: FakeDaemonOps;
-let server: ApiServer;
-
-beforeEach(async () => {
-  dir = await mkdtemp(join(tmpdir(), 'vmkeep-cli-'));
-  socketPath = join(dir, 'vmkeep.sock');
-  ops = new FakeDaemonOps(dir);
-  server = await startApiServer({ socketPath, ops });
+beforeEach(() => {
+  ({ dir, socketPath, ops } = cli);
 });
-
-afterEach(async () => {
-  await server.close();
-  await rm(dir, { recursive: true, force: true });
-});
-
-class Capture extends Writable {
-  text = '';
-  private readonly waiters: Array<{ part: string; resolve: () => void }> = [];
-
-  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: () => void): void {
-    this.text += chunk.toString('utf8');
-    for (const w of this.waiters.splice(0)) (this.text.includes(w.part) ? w.resolve() : this.waiters.push(w));
-    callback();
-  }
-
-  until(part: string): Promise<void> {
-    if (this.text.includes(part)) return Promise.resolve();
-    return within(new Promise<void>((resolve) => this.waiters.push({ part, resolve })), 3000, `${JSON.stringify(part)} in the output`);
-  }
-}
-
-/** Starts the CLI; `signal()` plays the user's Ctrl-C. */
-function start(args: string[], options: { env?: NodeJS.ProcessEnv; socket?: boolean; io?: Partial<CliIo> } = {}) {
-  const stdout = new Capture();
-  const stderr = new Capture();
-  const listeners = new Set<(signal: NodeJS.Signals) => void>();
-  const argv = options.socket === false ? args : [...args, '--socket', socketPath];
-  const exit = main(argv, {
-    stdout,
-    stderr,
-    env: options.env ?? {},
-    onSignal(listener) {
-      listeners.add(listener);
-      return () => listeners.delete(listener);
-    },
-    ...options.io,
-  });
-  return {
-    stdout,
-    stderr,
-    exit: within(exit, 5000, `vmkeep ${args.join(' ')} to end`),
-    signal: () => {
-      for (const listener of listeners) listener('SIGINT');
-    },
-  };
-}
-
-async function vmkeep(args: string[], options: Parameters<typeof start>[1] = {}) {
-  const run = start(args, options);
-  const code = await run.exit;
-  return { code, stdout: run.stdout.text, stderr: run.stderr.text };
-}
+const { start, vmkeep } = cli;
 
 describe('list and status', () => {
   it('list prints a table of the VMs', async () => {
@@ -251,15 +193,32 @@ describe('errors and exit codes', () => {
       `vmkeep: error [DAEMON_DOWN]: vmkeepd is not running (no answer on ${missing}): start it with \`systemctl start vmkeepd\` or \`vmkeep daemon\`, or point --socket / VMKEEP_SOCKET at it\n`,
     );
     // A socket file left behind by a dead daemon (connection refused) is the same case.
-    await server.close();
+    await cli.server.close();
     const { rename } = await import('node:fs/promises');
     const { createServer } = await import('node:net');
     const old = createServer();
     await new Promise<void>((resolve) => old.listen(join(dir, 'tmp.sock'), resolve));
     await rename(join(dir, 'tmp.sock'), socketPath);
     await new Promise<void>((resolve) => old.close(() => resolve()));
-    server = await startApiServer({ socketPath: join(dir, 'other.sock'), ops });
+    cli.server = await startApiServer({ socketPath: join(dir, 'other.sock'), ops });
     expect(await vmkeep(['list', '--json'])).toMatchObject({ code: 1, stdout: expect.stringContaining('"code":"DAEMON_DOWN"') });
+  });
+
+  it('VMKEEP_* variables of other commands (or of a unit) are ignored; an unknown option typed is refused', async () => {
+    ops.addVm('web1', 'running');
+    // The parser reads the process environment itself.
+    const saved = { qemu: process.env.VMKEEP_QEMU, timeout: process.env.VMKEEP_SHUTDOWN_TIMEOUT };
+    process.env.VMKEEP_QEMU = '/opt/qemu/bin/qemu-system-x86_64';
+    process.env.VMKEEP_SHUTDOWN_TIMEOUT = '60';
+    try {
+      expect(await vmkeep(['list'])).toMatchObject({ code: 0, stderr: '' });
+      expect(await vmkeep(['list', '--qemu', '/x'])).toMatchObject({ code: 2, stderr: expect.stringContaining('Unknown argument: qemu') });
+    } finally {
+      for (const [key, value] of [['VMKEEP_QEMU', saved.qemu], ['VMKEEP_SHUTDOWN_TIMEOUT', saved.timeout]] as const) {
+        if (value === undefined) delete process.env[key];
+        else process.env[key] = value;
+      }
+    }
   });
 
   it('the socket comes from VMKEEP_SOCKET when --socket is not given', async () => {

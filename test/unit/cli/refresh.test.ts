@@ -1,89 +1,28 @@
 // vmkeep refresh, upgrade-status and create --channel/--policy, in-process, against a real
 // control API over the fake DaemonOps.
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { main, type CliIo } from '../../../cli/index.js';
-import { ApiClient, DaemonError, startApiServer, type DaemonEvent } from '../../../daemon/index.js';
+import { ApiClient, DaemonError, type DaemonEvent } from '../../../daemon/index.js';
 import { FakeDaemonOps } from '../daemon/fake-ops.js';
 import { within } from '../qmp/fake-peer.js';
+import { useCliHarness } from './harness.js';
 
+const cli = useCliHarness('vmkeep-cli-refresh-');
 let dir: string;
 let socketPath: string;
 let ops: FakeDaemonOps;
-let server: Awaited<ReturnType<typeof startApiServer>>;
+beforeEach(() => {
+  ({ dir, socketPath, ops } = cli);
+});
+const { start, vmkeep } = cli;
 /** Lets a job held by `holdJobs()` go on; called again in afterEach so no job hangs. */
 let releaseJobs: () => void = () => undefined;
-
-beforeEach(async () => {
-  dir = await mkdtemp(join(tmpdir(), 'vmkeep-cli-refresh-'));
-  socketPath = join(dir, 'vmkeep.sock');
-  ops = new FakeDaemonOps(dir);
-  server = await startApiServer({ socketPath, ops });
-});
-
-afterEach(async () => {
-  releaseJobs();
-  await server.close();
-  await rm(dir, { recursive: true, force: true });
-});
+afterEach(() => releaseJobs());
 
 /** Jobs begun from now on wait before their first VM until `releaseJobs()`. */
 function holdJobs(): void {
   ops.holdJobs = new Promise<void>((resolve) => (releaseJobs = resolve));
-}
-
-class Capture extends Writable {
-  text = '';
-  private readonly waiters: Array<{ part: string; resolve: () => void }> = [];
-
-  constructor(readonly isTTY = false) {
-    super();
-  }
-
-  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: () => void): void {
-    this.text += chunk.toString('utf8');
-    for (const w of this.waiters.splice(0)) (this.text.includes(w.part) ? w.resolve() : this.waiters.push(w));
-    callback();
-  }
-
-  until(part: string): Promise<void> {
-    if (this.text.includes(part)) return Promise.resolve();
-    return within(new Promise<void>((resolve) => this.waiters.push({ part, resolve })), 3000, `${JSON.stringify(part)} in the output`);
-  }
-}
-
-/** Starts the CLI; `signal()` plays the user's Ctrl-C. */
-function start(args: string[], options: { tty?: boolean; io?: Partial<CliIo> } = {}) {
-  const stdout = new Capture();
-  const stderr = new Capture(options.tty ?? false);
-  const listeners = new Set<(signal: NodeJS.Signals) => void>();
-  const exit = main([...args, '--socket', socketPath], {
-    stdout,
-    stderr,
-    env: {},
-    onSignal(listener) {
-      listeners.add(listener);
-      return () => listeners.delete(listener);
-    },
-    ...options.io,
-  });
-  return {
-    stdout,
-    stderr,
-    exit: within(exit, 5000, `vmkeep ${args.join(' ')} to end`),
-    signal: () => {
-      for (const listener of listeners) listener('SIGINT');
-    },
-  };
-}
-
-async function vmkeep(args: string[], options: Parameters<typeof start>[1] = {}) {
-  const run = start(args, options);
-  const code = await run.exit;
-  return { code, stdout: run.stdout.text, stderr: run.stderr.text };
 }
 
 function jsonLines(text: string): Array<Record<string, unknown>> {
@@ -317,7 +256,7 @@ describe('following the job', () => {
     holdJobs();
     const run = start(['refresh', 'web1', '--strategy', 'migrate']);
     await run.stderr.until('vmkeep: refresh refresh-1:');
-    await server.close();
+    await cli.server.close();
     expect(await run.exit).toBe(1);
     expect(run.stderr.text).toContain('vmkeep: error [DAEMON_DOWN]: vmkeepd ended the stream GET /1.0/events');
   });

@@ -1,50 +1,22 @@
 // `vmkeep stop --all` (what vmkeep-guests.service runs at host shutdown), in-process against a
 // real control API over a fake DaemonOps; and that `stop NAME` kept its behaviour.
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { main } from '../../../cli/index.js';
+import { beforeEach, describe, expect, it } from 'vitest';
 import { DaemonError, type StopOptions, type VmView } from '../../../daemon/index.js';
-import { startApiServer, type ApiServer } from '../../../daemon/api-server.js';
 import { FakeDaemonOps } from '../daemon/fake-ops.js';
 import { within } from '../qmp/fake-peer.js';
+import { useCliHarness } from './harness.js';
 
+const cli = useCliHarness('vmkeep-stop-');
 let dir: string;
 let socketPath: string;
 let ops: FakeDaemonOps;
-let server: ApiServer;
-
-beforeEach(async () => {
-  dir = await mkdtemp(join(tmpdir(), 'vmkeep-stop-'));
-  socketPath = join(dir, 'vmkeep.sock');
-  ops = new FakeDaemonOps(dir);
-  server = await startApiServer({ socketPath, ops });
+beforeEach(() => {
+  ({ dir, socketPath, ops } = cli);
 });
-
-afterEach(async () => {
-  await server.close();
-  await rm(dir, { recursive: true, force: true });
-});
-
-class Capture extends Writable {
-  text = '';
-  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: () => void): void {
-    this.text += chunk.toString('utf8');
-    callback();
-  }
-}
 
 async function vmkeep(args: string[], socket = socketPath) {
-  const stdout = new Capture();
-  const stderr = new Capture();
-  const code = await within(
-    main([...args, '--socket', socket], { stdout, stderr, env: {}, onSignal: () => () => undefined }),
-    5000,
-    `vmkeep ${args.join(' ')} to end`,
-  );
-  return { code, stdout: stdout.text, stderr: stderr.text };
+  return cli.vmkeep(args, { socket });
 }
 
 const stopCalls = () => ops.calls.filter((c) => c.op === 'stop');
