@@ -20,7 +20,7 @@ import {
 import { connectQmp, type QmpClient, type QmpEvent } from '../qmp/index.js';
 import { scopeUnitName, type CreateScopeOptions } from '../scope-manager/index.js';
 import {
-  assessStaleness, checkRefreshTarget, collectPinnedModules, currentInstallation, DEFAULT_CHANNEL, migrateLive,
+  assessStaleness, checkRefreshTarget, collectPinnedModules, currentInstallation, decideMigration, DEFAULT_CHANNEL, migrateLive,
   parseStrategy, pinModuleDir, policyOutcome, runRolling, UpgradeError,
   type InstallationsConfig, type RefreshStrategy, type Staleness,
 } from '../upgrade/index.js';
@@ -1166,48 +1166,6 @@ function retiredOf(record: VmRecord): OtherQemu {
   const proc = record.process as NonNullable<VmRecord['process']>;
   return { ...proc, qmpSocket: record.paths.qmpSocket, ...(record.binary?.moduleDir ? { moduleDir: record.binary.moduleDir } : {}) };
 }
-
-const IN_FLIGHT = new Set(['setup', 'active', 'pre-switchover', 'device', 'cancelling', 'wait-unplug', 'postcopy-active', 'postcopy-paused', 'postcopy-recover']);
-const SETTLE_POLL_MS = 50;
-const SETTLE_WAIT_MS = 30_000;
-
-/**
- * Which way an unfinished migration goes, from the QEMUs themselves: `back` only when the
- * source still holds the guest (its stream cancelled and settled, the destination still
- * waiting in `inmigrate`); `forward` when the destination has it; `unknown` when either
- * cannot be read (then nothing may be ended).
- */
-async function decideMigration(source: QmpClient | undefined, dest: QmpClient): Promise<'forward' | 'back' | 'unknown'> {
-  try {
-    if (source !== undefined) {
-      let info = await source.queryMigrate();
-      if (IN_FLIGHT.has(String(info.status))) {
-        // A cancel races with completion: only the settled state counts.
-        await source.migrateCancel().catch(() => undefined);
-        info = await poll(() => source.queryMigrate(), (i) => !IN_FLIGHT.has(String(i.status)));
-      }
-      const handedOver = info.status === 'completed' || (await source.queryStatus()).status === 'postmigrate';
-      if (handedOver) {
-        const { status } = await poll(() => dest.queryStatus(), (s) => s.status !== 'inmigrate');
-        return status === 'inmigrate' ? 'unknown' : 'forward';
-      }
-    }
-    return (await dest.queryStatus()).status === 'inmigrate' ? 'back' : 'forward';
-  } catch {
-    return 'unknown';
-  }
-}
-
-/** Asks until `done` holds or SETTLE_WAIT_MS pass; returns the last answer either way. */
-async function poll<T>(ask: () => Promise<T>, done: (answer: T) => boolean): Promise<T> {
-  const deadline = Date.now() + SETTLE_WAIT_MS;
-  for (;;) {
-    const answer = await ask();
-    if (done(answer) || Date.now() > deadline) return answer;
-    await new Promise((resolve) => setTimeout(resolve, SETTLE_POLL_MS));
-  }
-}
-
 
 /**
  * Ends a QEMU that never ran the guest (a migration destination before hand-over): `quit` over

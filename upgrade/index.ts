@@ -11,5 +11,5 @@ export {
   parseStrategy, checkRefreshTarget, policyOutcome, REFRESH_STRATEGIES, type RefreshStrategy,
 } from './policy.js';
 export { pinModuleDir, collectPinnedModules, pinnedModuleDirName } from './modules.js';
-export { migrateLive, type LiveMigrationOptions, type MigrationResult } from './migrate.js';
+export { migrateLive, decideMigration, type LiveMigrationOptions, type MigrationResult } from './migrate.js';
 export { runRolling, type RollingItemResult, type RollingOptions } from './rolling.js';

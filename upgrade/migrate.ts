@@ -93,13 +93,8 @@ export async function migrateLive(options: LiveMigrationOptions): Promise<Migrat
 }
 
 /** query-migrate, asked again (briefly) while a completed migration still reports no times. */
-async function completedFigures(source: QmpClient): Promise<MigrationInfo> {
-  const deadline = Date.now() + FIGURES_WAIT_MS;
-  for (;;) {
-    const info = await source.queryMigrate();
-    if (info.status !== 'completed' || (info['total-time'] ?? 0) > 0 || Date.now() > deadline) return info;
-    await new Promise((resolve) => setTimeout(resolve, FIGURES_POLL_MS));
-  }
+function completedFigures(source: QmpClient): Promise<MigrationInfo> {
+  return poll(() => source.queryMigrate(), (info) => info.status !== 'completed' || (info['total-time'] ?? 0) > 0, FIGURES_WAIT_MS, FIGURES_POLL_MS);
 }
 
 function resultOf(info: MigrationInfo): MigrationResult {
@@ -107,4 +102,45 @@ function resultOf(info: MigrationInfo): MigrationResult {
   if (info['setup-time'] !== undefined) result.setupMs = info['setup-time'];
   if (info.ram?.transferred !== undefined) result.transferredBytes = info.ram.transferred;
   return result;
+}
+
+const IN_FLIGHT = new Set(['setup', 'active', 'pre-switchover', 'device', 'cancelling', 'wait-unplug', 'postcopy-active', 'postcopy-paused', 'postcopy-recover']);
+const SETTLE_POLL_MS = 50;
+const SETTLE_WAIT_MS = 30_000;
+
+/**
+ * Which way an unfinished migration goes, from the QEMUs themselves: `back` only when the
+ * source still holds the guest (its stream cancelled and settled, the destination still
+ * waiting in `inmigrate`); `forward` when the destination has it; `unknown` when either
+ * cannot be read (then nothing may be ended). `source` is undefined when its QEMU is gone.
+ */
+export async function decideMigration(source: QmpClient | undefined, dest: QmpClient): Promise<'forward' | 'back' | 'unknown'> {
+  try {
+    if (source !== undefined) {
+      let info = await source.queryMigrate();
+      if (IN_FLIGHT.has(String(info.status))) {
+        // A cancel races with completion: only the settled state counts.
+        await source.migrateCancel().catch(() => undefined);
+        info = await poll(() => source.queryMigrate(), (i) => !IN_FLIGHT.has(String(i.status)), SETTLE_WAIT_MS, SETTLE_POLL_MS);
+      }
+      const handedOver = info.status === 'completed' || (await source.queryStatus()).status === 'postmigrate';
+      if (handedOver) {
+        const { status } = await poll(() => dest.queryStatus(), (s) => s.status !== 'inmigrate', SETTLE_WAIT_MS, SETTLE_POLL_MS);
+        return status === 'inmigrate' ? 'unknown' : 'forward';
+      }
+    }
+    return (await dest.queryStatus()).status === 'inmigrate' ? 'back' : 'forward';
+  } catch {
+    return 'unknown';
+  }
+}
+
+/** Asks until `done` holds or `waitMs` pass; returns the last answer either way. */
+async function poll<T>(ask: () => Promise<T>, done: (answer: T) => boolean, waitMs: number, everyMs: number): Promise<T> {
+  const deadline = Date.now() + waitMs;
+  for (;;) {
+    const answer = await ask();
+    if (done(answer) || Date.now() > deadline) return answer;
+    await new Promise((resolve) => setTimeout(resolve, everyMs));
+  }
 }
