@@ -129,7 +129,10 @@ export async function decideMigration(source: QmpClient | undefined, dest: QmpCl
         return status === 'inmigrate' ? 'unknown' : 'forward';
       }
     }
-    return (await dest.queryStatus()).status === 'inmigrate' ? 'back' : 'forward';
+    const destWaits = (await dest.queryStatus()).status === 'inmigrate';
+    if (destWaits) return 'back';
+    // The source kept the guest, yet the destination runs one too: no side may be ended.
+    return source === undefined ? 'forward' : 'unknown';
   } catch {
     return 'unknown';
   }

@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import type { QmpClient } from '../../../qmp/index.js';
-import { migrateLive, UpgradeError, type LiveMigrationOptions, type MigrationResult } from '../../../upgrade/index.js';
+import { decideMigration, migrateLive, UpgradeError, type LiveMigrationOptions, type MigrationResult } from '../../../upgrade/index.js';
 import { negotiatedPair, within, type FakeQmpPeer } from '../qmp/fake-peer.js';
 
 const SOCKET = '/run/vmkeep/web.migrate.sock';
@@ -178,5 +178,207 @@ describe('migrateLive', () => {
     const err = await failure(outcome, 'migrateLive to fail');
     expect(err.code).toBe('MIGRATION_FAILED');
     expect(err.message).toContain('the migration broke off');
+  });
+});
+
+type Decision = Awaited<ReturnType<typeof decideMigration>>;
+
+/** Takes the next command, checks its name, and answers it (a value, or a QMP error). */
+async function answer(peer: FakeQmpPeer, execute: string, value: unknown, where: string): Promise<void> {
+  const cmd = await peer.nextCommand(`${execute} on the ${where}`);
+  expect(cmd.execute, `command sent to the ${where}`).toBe(execute);
+  peer.reply(cmd.id, value);
+}
+
+/** Takes the next command, checks its name, and answers it with a QMP error. */
+async function answerError(peer: FakeQmpPeer, execute: string, where: string): Promise<void> {
+  const cmd = await peer.nextCommand(`${execute} on the ${where}`);
+  expect(cmd.execute, `command sent to the ${where}`).toBe(execute);
+  peer.replyError(cmd.id, 'GenericError', 'scripted failure');
+}
+
+/**
+ * Nothing else was sent on this monitor: a marker command sent now must be the next one
+ * the peer sees (commands arrive in order, so this needs no waiting for absence).
+ */
+async function expectNoMoreCommands(client: QmpClient, peer: FakeQmpPeer, where: string): Promise<void> {
+  const marker = client.execute('query-name');
+  const cmd = await peer.nextCommand(`the marker command on the ${where}`);
+  expect(cmd.execute, `a command decideMigration sent to the ${where} after deciding`).toBe('query-name');
+  peer.reply(cmd.id, {});
+  await marker;
+}
+
+const RUNNING = { status: 'running', running: true };
+const INMIGRATE = { status: 'inmigrate', running: false };
+const POSTMIGRATE = { status: 'postmigrate', running: false };
+
+function decide(source: QmpClient | undefined, dest: QmpClient): () => Promise<Decision> {
+  const deciding = decideMigration(source, dest);
+  return () => within(deciding, 3000, 'decideMigration to decide');
+}
+
+describe('decideMigration', () => {
+  it('cancels a migration in flight, waits for it to settle, and goes back while the destination waits', async () => {
+    const src = await pair();
+    const dst = await pair();
+    const result = decide(src.client, dst.client);
+    await answer(src.peer, 'query-migrate', { status: 'active' }, 'source');
+    await answer(src.peer, 'migrate_cancel', {}, 'source');
+    // Still settling: asked again until it leaves the in-flight states.
+    await answer(src.peer, 'query-migrate', { status: 'cancelling' }, 'source');
+    await answer(src.peer, 'query-migrate', { status: 'cancelled' }, 'source');
+    await answer(src.peer, 'query-status', RUNNING, 'source');
+    await answer(dst.peer, 'query-status', INMIGRATE, 'destination');
+    expect(await result()).toBe('back');
+    await expectNoMoreCommands(src.client, src.peer, 'source');
+    await expectNoMoreCommands(dst.client, dst.peer, 'destination');
+  });
+
+  it('still goes back when migrate_cancel itself fails but the migration settles cancelled', async () => {
+    const src = await pair();
+    const dst = await pair();
+    const result = decide(src.client, dst.client);
+    await answer(src.peer, 'query-migrate', { status: 'setup' }, 'source');
+    await answerError(src.peer, 'migrate_cancel', 'source');
+    await answer(src.peer, 'query-migrate', { status: 'cancelled' }, 'source');
+    await answer(src.peer, 'query-status', RUNNING, 'source');
+    await answer(dst.peer, 'query-status', INMIGRATE, 'destination');
+    expect(await result()).toBe('back');
+  });
+
+  it('goes forward when the cancel loses the race, once the destination leaves inmigrate', async () => {
+    const src = await pair();
+    const dst = await pair();
+    const result = decide(src.client, dst.client);
+    await answer(src.peer, 'query-migrate', { status: 'active' }, 'source');
+    await answer(src.peer, 'migrate_cancel', {}, 'source');
+    await answer(src.peer, 'query-migrate', { status: 'completed' }, 'source');
+    // Completed on the source: the destination has the guest even while it still loads it,
+    // so its first inmigrate must not read as "idle, go back".
+    await answer(dst.peer, 'query-status', INMIGRATE, 'destination');
+    await answer(dst.peer, 'query-status', RUNNING, 'destination');
+    expect(await result()).toBe('forward');
+    // `completed` alone decides the hand-over: the source is not asked for its run state.
+    await expectNoMoreCommands(src.client, src.peer, 'source');
+    await expectNoMoreCommands(dst.client, dst.peer, 'destination');
+  });
+
+  it.each([
+    ['no status at all', {}],
+    ["status 'none'", { status: 'none' }],
+  ])('with no migration in flight (%s) and the source in postmigrate, waits for the destination and goes forward', async (_label, info) => {
+    const src = await pair();
+    const dst = await pair();
+    const result = decide(src.client, dst.client);
+    await answer(src.peer, 'query-migrate', info, 'source');
+    // No cancel: the next command is the source's run state.
+    await answer(src.peer, 'query-status', POSTMIGRATE, 'source');
+    await answer(dst.peer, 'query-status', INMIGRATE, 'destination');
+    await answer(dst.peer, 'query-status', INMIGRATE, 'destination');
+    await answer(dst.peer, 'query-status', RUNNING, 'destination');
+    expect(await result()).toBe('forward');
+    await expectNoMoreCommands(src.client, src.peer, 'source');
+  });
+
+  it('goes back after a failed migration while the source runs and the destination waits', async () => {
+    const src = await pair();
+    const dst = await pair();
+    const result = decide(src.client, dst.client);
+    await answer(src.peer, 'query-migrate', { status: 'failed', 'error-desc': 'Unable to write to socket: Broken pipe' }, 'source');
+    // `failed` is settled: no migrate_cancel, straight to the run state.
+    await answer(src.peer, 'query-status', RUNNING, 'source');
+    await answer(dst.peer, 'query-status', INMIGRATE, 'destination');
+    expect(await result()).toBe('back');
+    await expectNoMoreCommands(src.client, src.peer, 'source');
+  });
+
+  describe('with the source QEMU gone', () => {
+    it('goes back while the destination is still in inmigrate', async () => {
+      const dst = await pair();
+      const result = decide(undefined, dst.client);
+      await answer(dst.peer, 'query-status', INMIGRATE, 'destination');
+      expect(await result()).toBe('back');
+      await expectNoMoreCommands(dst.client, dst.peer, 'destination');
+    });
+
+    it('goes forward when the destination runs the guest', async () => {
+      const dst = await pair();
+      const result = decide(undefined, dst.client);
+      await answer(dst.peer, 'query-status', RUNNING, 'destination');
+      expect(await result()).toBe('forward');
+    });
+
+    it('is unknown when the destination cannot be read either', async () => {
+      const dst = await pair();
+      const result = decide(undefined, dst.client);
+      await answerError(dst.peer, 'query-status', 'destination');
+      expect(await result()).toBe('unknown');
+    });
+  });
+
+  describe('is unknown when a monitor cannot be read', () => {
+    it('the destination hangs up while it is polled after the hand-over', async () => {
+      const src = await pair();
+      const dst = await pair();
+      const result = decide(src.client, dst.client);
+      await answer(src.peer, 'query-migrate', { status: 'completed' }, 'source');
+      await answer(dst.peer, 'query-status', INMIGRATE, 'destination');
+      await dst.peer.nextCommand('query-status asked again on the destination');
+      dst.peer.hangUp();
+      expect(await result()).toBe('unknown');
+    });
+
+    it('the destination answers query-status with an error after a cancelled migration', async () => {
+      const src = await pair();
+      const dst = await pair();
+      const result = decide(src.client, dst.client);
+      await answer(src.peer, 'query-migrate', { status: 'cancelled' }, 'source');
+      await answer(src.peer, 'query-status', RUNNING, 'source');
+      await answerError(dst.peer, 'query-status', 'destination');
+      expect(await result()).toBe('unknown');
+    });
+
+    it('the destination answers query-status with an error while it is polled after the hand-over', async () => {
+      const src = await pair();
+      const dst = await pair();
+      const result = decide(src.client, dst.client);
+      await answer(src.peer, 'query-migrate', { status: 'none' }, 'source');
+      await answer(src.peer, 'query-status', POSTMIGRATE, 'source');
+      await answerError(dst.peer, 'query-status', 'destination');
+      expect(await result()).toBe('unknown');
+    });
+
+    it('the source hangs up while the cancelled migration is settling', async () => {
+      const src = await pair();
+      const dst = await pair();
+      const result = decide(src.client, dst.client);
+      await answer(src.peer, 'query-migrate', { status: 'active' }, 'source');
+      await answer(src.peer, 'migrate_cancel', {}, 'source');
+      await src.peer.nextCommand('query-migrate on the source after the cancel');
+      src.peer.hangUp();
+      expect(await result()).toBe('unknown');
+      // Neither side is read as idle: the destination was never asked.
+      await expectNoMoreCommands(dst.client, dst.peer, 'destination');
+    });
+
+    it('the source answers query-migrate with an error', async () => {
+      const src = await pair();
+      const dst = await pair();
+      const result = decide(src.client, dst.client);
+      await answerError(src.peer, 'query-migrate', 'source');
+      expect(await result()).toBe('unknown');
+      await expectNoMoreCommands(dst.client, dst.peer, 'destination');
+    });
+
+    it('the source answers query-status with an error', async () => {
+      const src = await pair();
+      const dst = await pair();
+      const result = decide(src.client, dst.client);
+      await answer(src.peer, 'query-migrate', { status: 'cancelled' }, 'source');
+      await answerError(src.peer, 'query-status', 'source');
+      expect(await result()).toBe('unknown');
+      await expectNoMoreCommands(dst.client, dst.peer, 'destination');
+    });
   });
 });
