@@ -1,9 +1,19 @@
-import semver from 'semver';
+import { createRequire } from 'node:module';
+import type { SemVer } from 'semver';
 import { UpgradeError } from './errors.js';
 
+// semver is loaded on the first comparison: the CLI imports this component for its strategy
+// names only, and every import counts in a command's start-up time.
+const require = createRequire(import.meta.url);
+let semver: typeof import('semver') | undefined;
+function lib(): typeof import('semver') {
+  semver ??= require('semver') as typeof import('semver');
+  return semver;
+}
+
 /** QEMU reports `7.2.22` or `8.2.2 (Debian ...)`: the first x.y[.z] is its version. */
-function toSemver(version: string): semver.SemVer {
-  const parsed = semver.coerce(version);
+function toSemver(version: string): SemVer {
+  const parsed = lib().coerce(version);
   if (parsed === null) {
     throw new UpgradeError('BAD_VERSION', `cannot read a QEMU version from ${JSON.stringify(version)}; probe the installation again (vmkeep upgrade-status)`);
   }
@@ -12,5 +22,5 @@ function toSemver(version: string): semver.SemVer {
 
 /** -1, 0 or 1 as `a` is older than, the same as or newer than `b`. */
 export function compareQemuVersions(a: string, b: string): -1 | 0 | 1 {
-  return semver.compare(toSemver(a), toSemver(b));
+  return lib().compare(toSemver(a), toSemver(b));
 }

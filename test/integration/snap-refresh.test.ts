@@ -83,6 +83,8 @@ describe('a snap refresh, the way snapd does it', () => {
     const rev11 = join(snap.layout.revision('11'), 'usr', 'bin', 'qemu-system-x86_64');
     const rev12 = join(snap.layout.revision('12'), 'usr', 'bin', 'qemu-system-x86_64');
     for (const { pid } of before.values()) expect(readExe(pid)?.path).toBe(rev11);
+    // The launcher names the snap's guests service, so at host shutdown each scope stops after it.
+    expect(await snap.host.systemctl('show', '--property=Before', '--value', 'vmkeep-s1.scope')).toContain('snap.vmkeep.guests.service');
 
     // First a refresh with the default strategy (manual): everything survives and is reported.
     await snapdRefresh(snap, '12');
