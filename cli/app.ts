@@ -99,8 +99,9 @@ function dropForeignEnvOptions(args: Record<string, unknown>, known: Record<stri
     const kebab = name.slice('VMKEEP_'.length).toLowerCase().replaceAll('_', '-');
     const camel = kebab.replace(/-([a-z0-9])/g, (_, c: string) => c.toUpperCase());
     if (known[kebab] !== undefined || known[camel] !== undefined) continue;
-    // Typed on the command line too: left for the parser to refuse.
-    if (argv.some((arg) => arg === `--${kebab}` || arg.startsWith(`--${kebab}=`))) continue;
+    // Typed on the command line too (in any spelling): left for the parser to refuse.
+    const typed = [kebab, camel, `no-${kebab}`];
+    if (argv.some((arg) => typed.some((t) => arg === `--${t}` || arg.startsWith(`--${t}=`)))) continue;
     delete args[kebab];
     delete args[camel];
   }

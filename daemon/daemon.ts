@@ -124,7 +124,8 @@ async function reportStale(manager: VmManager, logger: Logger, refresh: boolean)
   try {
     const status = await manager.upgradeStatus();
     for (const vm of status.vms.filter((v) => v.stale || v.warnings !== undefined)) {
-      logger.warn({ vm: vm.name, reasons: vm.reasons, warnings: vm.warnings, policy: vm.policy }, `${vm.name} is stale: ${vm.outcome}`);
+      const what = vm.stale ? `${vm.name} is stale: ${vm.outcome}` : `${vm.name}: ${vm.warnings?.join('; ')}`;
+      logger.warn({ vm: vm.name, reasons: vm.reasons, warnings: vm.warnings, policy: vm.policy }, what);
     }
     if (!refresh) return;
     const job = await manager.startRefreshJob({ stale: true });

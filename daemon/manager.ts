@@ -324,8 +324,8 @@ export class VmManager implements DaemonOps {
     // is not the guest's own: it stays off.
     const asked = entry.stopAsked === true;
     // guest-reset: a reboot that set-action turned into a shutdown (only armed VMs do that).
-    const restart = !asked && (entry.record.refresh?.strategy === 'reboot' || reason === 'guest-reset'
-      || (this.policyOf(entry.record) === 'on-guest-shutdown' && (await this.stalenessOf(entry).catch(() => undefined))?.stale === true));
+    const restart = reason === 'guest-reset' || (!asked && (entry.record.refresh?.strategy === 'reboot'
+      || (this.policyOf(entry.record) === 'on-guest-shutdown' && (await this.stalenessOf(entry).catch(() => undefined))?.stale === true)));
     await this.endQemu(entry, 'guest shutdown');
     if (!restart) return;
     this.options.logger.info({ vm: entry.record.name }, `${entry.record.name} powered off while stale: starting it on the current installation`);
@@ -678,9 +678,10 @@ export class VmManager implements DaemonOps {
       const launched = await this.launchQemu(entry, {
         installation: target, info, scope, incoming: true,
         paths: { ...entry.record.paths, qmpSocket: destSocket },
-        onSpawned: async (proc) => {
+        onSpawned: async (proc, pinnedDir) => {
           const refresh = entry.record.refresh as NonNullable<VmRecord['refresh']>;
-          await this.save(entry, { ...entry.record, refresh: { ...refresh, destination: { ...proc, qmpSocket: destSocket } } });
+          const destination = { ...proc, qmpSocket: destSocket, ...(pinnedDir === undefined ? {} : { moduleDir: pinnedDir }) };
+          await this.save(entry, { ...entry.record, refresh: { ...refresh, destination } });
           this.crashPoint('migrate:destination-recorded');
         },
       });
@@ -810,13 +811,14 @@ export class VmManager implements DaemonOps {
       }
       log.info('a refresh by migration was interrupted after the guest was handed over; finishing it');
       const info = await this.options.probe(refresh.target);
-      const pinned = await pinModuleDir(refresh.target, info, this.options.pinRoot);
+      // The folder the destination was launched with; re-pinned only for an older record.
+      const moduleDir = dest.moduleDir ?? (await pinModuleDir(refresh.target, info, this.options.pinRoot)).moduleDir;
       const next: VmRecord = {
         ...entry.record,
         process: { pid: dest.pid, startTime: dest.startTime, scope: dest.scope },
         paths: { ...entry.record.paths, qmpSocket: dest.qmpSocket },
         installation: refresh.target,
-        binary: binaryOf(info, pinned.moduleDir),
+        binary: binaryOf(info, moduleDir),
         state: 'running',
       };
       if (sourceAlive) next.retired = retiredOf(entry.record);

@@ -123,8 +123,13 @@ export async function decideMigration(source: QmpClient | undefined, dest: QmpCl
         await source.migrateCancel().catch(() => undefined);
         info = await poll(() => source.queryMigrate(), (i) => !IN_FLIGHT.has(String(i.status)), SETTLE_WAIT_MS, SETTLE_POLL_MS);
       }
-      const handedOver = info.status === 'completed' || (await source.queryStatus()).status === 'postmigrate';
-      if (handedOver) {
+      if (IN_FLIGHT.has(String(info.status))) return 'unknown';
+      // The run state decides, not query-migrate: a QEMU that was itself a migration's
+      // destination reports that incoming one as `completed` until it sends one of its own.
+      // finish-migrate is the instant between the last copy and postmigrate (or a resume).
+      const { status: sourceState } = await poll(() => source.queryStatus(), (s) => s.status !== 'finish-migrate', SETTLE_WAIT_MS, SETTLE_POLL_MS);
+      if (sourceState === 'finish-migrate') return 'unknown';
+      if (sourceState === 'postmigrate') {
         const { status } = await poll(() => dest.queryStatus(), (s) => s.status !== 'inmigrate', SETTLE_WAIT_MS, SETTLE_POLL_MS);
         return status === 'inmigrate' ? 'unknown' : 'forward';
       }

@@ -62,8 +62,10 @@ describe('a deb-style package upgrade', () => {
       const pid = host.hostPid(vm);
       before.set(vm.name, { pid, startTime: readProcessIdentity(pid)?.startTime ?? '' });
     }
+    const daemonBefore = (await host.api.info()).pid;
     await upgradePackageFiles();
     await host.systemctl('try-restart', 'vmkeepd.service');
+    expect((await host.api.info()).pid, 'try-restart started a new vmkeepd').not.toBe(daemonBefore);
 
     const status = await host.api.upgradeStatus();
     for (const name of VMS) {

@@ -22,13 +22,13 @@ afterEach(async () => {
 const STRATEGY_ERROR = (got: string) =>
   `vmkeep: refresh.strategy must be one of manual, migrate, reboot, on-guest-shutdown; got ${got}. Fix: snap set vmkeep refresh.strategy=migrate`;
 const TIMEOUT_ERROR = (got: string) =>
-  `vmkeep: shutdown.timeout must be a whole number of seconds from 1 to 3600; got ${got}. Fix: snap set vmkeep shutdown.timeout=60`;
+  `vmkeep: shutdown.timeout must be a whole number of seconds from 1 to 1500; got ${got}. Fix: snap set vmkeep shutdown.timeout=60`;
 
 describe('configure hook', () => {
   it.each<Record<string, string>>([
     { 'refresh.strategy': 'manual', 'shutdown.timeout': '60' },
     { 'refresh.strategy': 'migrate', 'shutdown.timeout': '1' },
-    { 'refresh.strategy': 'reboot', 'shutdown.timeout': '3600' },
+    { 'refresh.strategy': 'reboot', 'shutdown.timeout': '1500' },
     { 'refresh.strategy': 'on-guest-shutdown', 'shutdown.timeout': '120' },
     {},
   ])('accepts %o', async (options) => {
@@ -44,7 +44,7 @@ describe('configure hook', () => {
     expect(result.stderr.trim()).toBe(STRATEGY_ERROR(bad));
   });
 
-  it.each(['0', '-5', 'abc', '1.5', '3601', '60s', '007', '99999999999999999999999'])(
+  it.each(['0', '-5', 'abc', '1.5', '1501', '3600', '60s', '007', '99999999999999999999999'])(
     'refuses shutdown.timeout=%j with the range and the fix',
     async (bad) => {
       await box.setOptions({ 'refresh.strategy': 'manual', 'shutdown.timeout': bad });

@@ -254,14 +254,27 @@ describe('decideMigration', () => {
     await answer(src.peer, 'query-migrate', { status: 'active' }, 'source');
     await answer(src.peer, 'migrate_cancel', {}, 'source');
     await answer(src.peer, 'query-migrate', { status: 'completed' }, 'source');
-    // Completed on the source: the destination has the guest even while it still loads it,
-    // so its first inmigrate must not read as "idle, go back".
+    // The run state decides; finish-migrate is the instant before postmigrate.
+    await answer(src.peer, 'query-status', { status: 'finish-migrate', running: false }, 'source');
+    await answer(src.peer, 'query-status', POSTMIGRATE, 'source');
+    // Handed over: the destination has the guest even while it still loads it, so its first
+    // inmigrate must not read as "idle, go back".
     await answer(dst.peer, 'query-status', INMIGRATE, 'destination');
     await answer(dst.peer, 'query-status', RUNNING, 'destination');
     expect(await result()).toBe('forward');
-    // `completed` alone decides the hand-over: the source is not asked for its run state.
     await expectNoMoreCommands(src.client, src.peer, 'source');
     await expectNoMoreCommands(dst.client, dst.peer, 'destination');
+  });
+
+  it("goes back for a source that was itself a migration's destination (its query-migrate still says completed)", async () => {
+    const src = await pair();
+    const dst = await pair();
+    const result = decide(src.client, dst.client);
+    // QEMU keeps reporting the incoming migration that brought the guest here.
+    await answer(src.peer, 'query-migrate', { status: 'completed' }, 'source');
+    await answer(src.peer, 'query-status', RUNNING, 'source');
+    await answer(dst.peer, 'query-status', INMIGRATE, 'destination');
+    expect(await result()).toBe('back');
   });
 
   it.each([
@@ -323,6 +336,7 @@ describe('decideMigration', () => {
       const dst = await pair();
       const result = decide(src.client, dst.client);
       await answer(src.peer, 'query-migrate', { status: 'completed' }, 'source');
+      await answer(src.peer, 'query-status', POSTMIGRATE, 'source');
       await answer(dst.peer, 'query-status', INMIGRATE, 'destination');
       await dst.peer.nextCommand('query-status asked again on the destination');
       dst.peer.hangUp();
