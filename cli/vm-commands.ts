@@ -1,6 +1,8 @@
 import { StringDecoder } from 'node:string_decoder';
 import type { Argv } from 'yargs';
-import { ApiClient, DEFAULT_SOCKET_PATH, REFRESH_STRATEGIES, type RefreshJobRequest, type RefreshStrategy } from '../daemon/index.js';
+import {
+  ApiClient, DEFAULT_SOCKET_PATH, openOfflineGuests, REFRESH_STRATEGIES, type OfflineGuests, type RefreshJobRequest, type RefreshStrategy,
+} from '../daemon/index.js';
 import { isValidVmName } from '../launcher/index.js';
 import type { CliIo } from './app.js';
 import { reportError } from './errors.js';
@@ -133,8 +135,13 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
           .option('all', { type: 'boolean', default: false, describe: 'power off every VM that has a QEMU, all at once; guests still running at the end are named' })
           .option('timeout', { type: 'number', describe: 'seconds the guest gets to power off', defaultDescription: "the daemon's, 60" })
           .option('force', { type: 'boolean', default: false, describe: 'quit QEMU at once: the guest loses what it had not written to disk' })
+          .option('state-dir', {
+            type: 'string',
+            describe: "with --all: if vmkeepd does not answer, power the guests off straight from its records in DIR, under its lock (vmkeep-guests.service at host shutdown)",
+          })
           .check((a) => {
             if ((a.name !== undefined) === a.all) return 'name one VM or give --all (exactly one of them)';
+            if (a.stateDir !== undefined && !a.all) return '--state-dir goes with --all';
             if (a.name !== undefined && checkName(a.name) !== true) return checkName(a.name);
             // Contract point 3: powering every guest off never hard-kills one.
             if (a.all && a.force) return '--all never forces a guest off; quit one that ignores ACPI with: vmkeep stop NAME --force';
@@ -142,8 +149,22 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
           })
           .example('$0 stop web1', 'ACPI power-off of web1, waiting up to 60 s for the guest')
           .example('$0 stop --all --timeout 120', 'what vmkeep-guests.service runs at host shutdown'),
-      run(async (api, out, a: CommonArgs & { name?: string; all: boolean; timeout?: number; force: boolean }) => {
-        if (a.name === undefined) return stopAll(api, out, io, a.timeout ?? DEFAULT_STOP_TIMEOUT_SEC);
+      run(async (api, out, a: CommonArgs & { name?: string; all: boolean; timeout?: number; force: boolean; stateDir?: string }) => {
+        if (a.name === undefined) {
+          const timeoutSec = a.timeout ?? DEFAULT_STOP_TIMEOUT_SEC;
+          try {
+            return await stopAll(api, out, io, timeoutSec);
+          } catch (error) {
+            if (a.stateDir === undefined || (error as { code?: unknown }).code !== 'DAEMON_DOWN') throw error;
+            io.stderr.write(`vmkeep: vmkeepd does not answer; powering the guests off straight from the records in ${a.stateDir}\n`);
+            const offline = await openOfflineGuests(a.stateDir);
+            try {
+              return await stopAll(offline, out, io, timeoutSec);
+            } finally {
+              await offline.close();
+            }
+          }
+        }
         if (!out.json && !a.force) io.stderr.write(`vmkeep: asking ${a.name} to power off (ACPI) and waiting for the guest\n`);
         const vm = await api.stop(a.name, { ...(a.timeout === undefined ? {} : { timeoutSec: a.timeout }), ...(a.force ? { force: true } : {}) });
         out.document(vm, `${vm.name}: ${vm.state}${vm.problem === undefined ? '' : ` (${vm.problem})`}`);
@@ -294,7 +315,10 @@ type StopResult =
  * ones systemd will stop the hard way. Exit 0: all powered off; 3: some ignored the request;
  * 1: some could not be asked (e.g. an unreachable monitor).
  */
-async function stopAll(api: DaemonApi, out: Out, io: CliIo, timeoutSec: number): Promise<number> {
+/** What stopAll needs: the daemon's API, or the records while it is down. */
+type GuestStopper = Pick<OfflineGuests, 'list' | 'stop'>;
+
+async function stopAll(api: GuestStopper, out: Out, io: CliIo, timeoutSec: number): Promise<number> {
   const names = (await api.list()).filter((vm) => vm.pid !== undefined).map((vm) => vm.name);
   if (!out.json) {
     io.stderr.write(

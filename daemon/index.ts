@@ -11,6 +11,13 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
   return daemon.startDaemon(options, logger);
 }
 export type { DaemonOptions, DaemonHandle } from './daemon.js';
+export type { OfflineGuests } from './offline.js';
+
+/** Powering guests off straight from the records while vmkeepd is down (loaded on demand). */
+export async function openOfflineGuests(stateDir: string): Promise<import('./offline.js').OfflineGuests> {
+  const offline = await import('./offline.js');
+  return offline.openOfflineGuests(stateDir);
+}
 export type { ScopePort, VmManagerOptions } from './manager.js';
 export { classifyReattach, type ReattachObservation, type ReattachDecision, type ReattachAction } from './reattach.js';
 export { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';

@@ -98,6 +98,23 @@ describe('host shutdown', () => {
     expect(ms).toBeGreaterThanOrEqual(TIMEOUT_SEC * 1000);
   });
 
+  it('with vmkeepd down at shutdown, the guests unit powers the guests off from the records', async () => {
+    const host = await bootWithGuests(`hsddown-${process.pid}`, ['web', 'db']);
+    await host.systemctl('start', GUESTS_UNIT);
+    // vmkeepd is gone (crashed, or stopped mid-upgrade) when the host shuts down.
+    await host.stop();
+
+    const { log } = await shutDown(host);
+
+    expect(log).toMatch(/vmkeepd does not answer; powering the guests off straight from the records/);
+    await expectPoweredOff(host, 'web', log);
+    await expectPoweredOff(host, 'db', log);
+    // The records say what happened, for the next vmkeepd.
+    for (const vm of ['web', 'db']) {
+      expect(await host.record(vm)).toMatchObject({ state: 'stopped', lastExit: { reason: expect.stringMatching(/vmkeepd was down/) } });
+    }
+  });
+
   it('negative control: without vmkeep-guests.service started, the shutdown SIGTERMs the QEMUs and no guest powers off', async () => {
     const host = await bootWithGuests(`hsdneg-${process.pid}`, ['web', 'db']);
     expect((await host.host.exec('systemctl', ['is-active', GUESTS_UNIT])).stdout.trim()).toBe('inactive');

@@ -95,7 +95,7 @@ export class DaemonHost {
       const guests = options.guestsUnit === true
         ? rewriteExec(await readFile(SHIPPED_GUESTS_UNIT, 'utf8'), {
           ExecStop: { from: '/usr/bin/vmkeep', to: `${process.execPath} ${VMKEEP_CLI}`, append: `--socket ${socket}` },
-        })
+        }).replace('--state-dir /var/lib/vmkeep', `--state-dir ${join(dir, 'state')}`)
         : undefined;
       host = await SystemdHost.boot({ name: options.name, unitFiles: { [DAEMON_UNIT]: unit, ...(guests === undefined ? {} : { [GUESTS_UNIT]: guests }) } });
       if (guests !== undefined) {

@@ -24,6 +24,18 @@ const deafTimeout = (seconds: number) =>
   new DaemonError('STOP_TIMEOUT', `deaf did not power off within ${seconds} s of the ACPI request and is still running`);
 
 describe('stop --all', () => {
+  it('with vmkeepd down and --state-dir, goes to the records under the daemon lock (none here: nothing to do)', async () => {
+    const stateDir = join(dir, 'state');
+    const down = join(dir, 'nobody.sock');
+    const { code, stderr } = await vmkeep(['stop', '--all', '--timeout', '5', '--state-dir', stateDir], down);
+    expect(code).toBe(0);
+    expect(stderr).toContain(`vmkeepd does not answer; powering the guests off straight from the records in ${stateDir}`);
+    expect(stderr).toContain('no VM has a running QEMU; nothing to power off');
+    // Without --state-dir the same is an error: nothing may be done behind a daemon's back.
+    expect((await vmkeep(['stop', '--all', '--timeout', '5'], down)).code).toBe(1);
+    expect((await vmkeep(['stop', 'web', '--state-dir', stateDir])).code).toBe(2);
+  });
+
   it('asks every VM with a QEMU at once, prints a line per VM and exits 0 when all powered off', async () => {
     ops.addVm('web', 'running');
     ops.addVm('db', 'running');
