@@ -30,34 +30,15 @@ case $1 in
 esac
 `;
 
-// node: logs each invocation's argv as one line (fields split by \\x1f). vmkeepd.js exits at once,
-// or with FAKE_NODE_DAEMON=serve "serves" its --socket (a marker file) until SIGTERM, at most 10 s.
-// main.js: `list` answers on a serving socket or on FAKE_MAIN_SOCKET_ANSWERS; `stop` exits with
-// FAKE_STOP_STATUS.
+// node: logs each invocation's argv as one line (fields split by \\x1f). vmkeepd.js exits with
+// FAKE_DAEMON_STATUS; main.js `stop` exits with FAKE_STOP_STATUS.
 const FAKE_NODE = `#!/bin/bash
 dir=\${FAKE_DIR:?}
 (IFS=$'\\x1f'; printf '%s\\n' "$*") >>"$dir/node.log"
-socket=
-prev=
-for arg in "$@"; do
-  if [[ $prev == --socket ]]; then socket=$arg; fi
-  prev=$arg
-done
 case \${1##*/} in
-  vmkeepd.js)
-    if [[ \${FAKE_NODE_DAEMON:-} != serve ]]; then exit "\${FAKE_DAEMON_STATUS:-0}"; fi
-    trap 'echo SIGTERM >>"$dir/daemon-signals"; rm -f "$dir/serving"; exit 0' TERM
-    printf '%s' "$socket" >"$dir/serving"
-    for ((i = 0; i < 200; i++)); do sleep 0.05; done
-    rm -f "$dir/serving"
-    exit 0 ;;
+  vmkeepd.js) exit "\${FAKE_DAEMON_STATUS:-0}" ;;
   main.js)
     case $2 in
-      list)
-        if [[ -n $socket && $socket == "\${FAKE_MAIN_SOCKET_ANSWERS:-}" ]]; then exit 0; fi
-        if [[ -f $dir/serving && $(<"$dir/serving") == "$socket" ]]; then exit 0; fi
-        echo "vmkeep: vmkeepd is not running (no answer on $socket)" >&2
-        exit 1 ;;
       stop) exit "\${FAKE_STOP_STATUS:-0}" ;;
     esac ;;
 esac
