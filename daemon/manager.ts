@@ -214,7 +214,7 @@ export class VmManager implements DaemonOps {
       // The guest powered off for a reboot refresh while we were away: finish it.
       await this.startNow(entry);
     } else if (entry.qmp && this.policyOf(entry.record) === 'on-guest-shutdown') {
-      await this.armIfStale(entry);
+      await this.armGuestReboots(entry);
     }
   }
 
@@ -447,6 +447,9 @@ export class VmManager implements DaemonOps {
         }),
       });
       this.watch(entry, vm.qmp);
+      // Armed before the guest runs, so a QEMU replaced on disk while vmkeepd keeps running
+      // still moves at the guest's next reboot.
+      if (this.policyOf(entry.record) === 'on-guest-shutdown') await this.armGuestReboots(entry);
       await vm.qmp.cont();
       const next: VmRecord = { ...entry.record, state: 'running' };
       delete next.refresh;
@@ -629,7 +632,7 @@ export class VmManager implements DaemonOps {
     }
     if (strategy === 'on-guest-shutdown') {
       await this.save(entry, { ...entry.record, policy: 'on-guest-shutdown' });
-      await this.armIfStale(entry);
+      await this.armGuestReboots(entry);
       return outcome('armed', `${name} starts on installation "${target.name}" (QEMU ${info.version}) when its guest next powers off or reboots`, { from });
     }
     if (!entry.qmp) {
@@ -894,11 +897,15 @@ export class VmManager implements DaemonOps {
       `${entry.record.name} still has the other QEMU of a migration recorded (pid ${other.pid}); vmkeepd settles it at its next start (systemctl restart vmkeepd), or check that process by hand`);
   }
 
-  /** For a stale VM whose policy waits for the guest: its reboots become shutdowns we see. */
-  private async armIfStale(entry: VmEntry): Promise<void> {
+  /**
+   * For a VM whose policy waits for the guest: its reboots become shutdowns we see (reason
+   * guest-reset), and each starts it again on the installation current then. Armed whether or
+   * not it is stale now: its binary may be replaced while vmkeepd runs on.
+   */
+  private async armGuestReboots(entry: VmEntry): Promise<void> {
     const qmp = entry.qmp;
     try {
-      if (!qmp || !(await this.stalenessOf(entry)).stale) return;
+      if (!qmp) return;
       await qmp.execute('set-action', { reboot: 'shutdown' });
     } catch (error) {
       this.options.logger.warn({ vm: entry.record.name, err: error }, 'could not turn guest reboots into shutdowns; only a power-off will refresh it');
