@@ -13,6 +13,7 @@ import {
   checkSpecFiles,
   waitForProcessExit,
   readExe,
+  type ExeInfo,
   type Installation,
   type InstallationInfo,
   type LaunchedVm,
@@ -1016,7 +1017,7 @@ export class VmManager implements DaemonOps {
       if (record.refresh) row.refreshing = record.refresh.strategy;
       if (record.process) {
         row.pid = record.process.pid;
-        const exe = readExe(record.process.pid);
+        const exe = exeOf(record);
         if (exe) row.exe = exe.deleted ? `${exe.path} (deleted)` : exe.path;
         if (exe && (exe.deleted || !existsSync(exe.path))) {
           // A package manager (snapd dropping an old revision, dpkg replacing the file) took the
@@ -1034,7 +1035,7 @@ export class VmManager implements DaemonOps {
     const current = { installation, info: info ?? (await this.options.probe(installation)) };
     const input: Parameters<typeof assessStaleness>[0] = {
       launched: { installation: record.installation.name, ...(record.binary ? { binary: record.binary } : {}) },
-      exe: record.process ? readExe(record.process.pid) : null,
+      exe: exeOf(record),
       current,
     };
     if (entry.qmp) {
@@ -1137,6 +1138,12 @@ export class VmManager implements DaemonOps {
 
   /** Writes the record durably, then updates memory and tells subscribers. */
   private async save(entry: VmEntry, next: VmRecord): Promise<void> {
+    // Once closed, the lock may already belong to the next vmkeepd: an operation still under way
+    // here must not overwrite what that daemon reads and writes. It fails, the record stays as
+    // it was, and the next daemon finishes or rolls back from there.
+    if (this.closed) {
+      throw new DaemonError('DAEMON_DOWN', `vmkeepd is stopping; ${next.name}'s record is left as it was for the next vmkeepd`);
+    }
     const previous = entry.record.state;
     const record = { ...next, updatedAt: new Date().toISOString() };
     await this.options.store.put(record);
@@ -1164,6 +1171,12 @@ const PROBLEM_MAX_CHARS = 500;
 /** Problems come from QEMU and from peers: bounded before they go into a record. */
 function truncate(text: string): string {
   return text.length > PROBLEM_MAX_CHARS ? `${text.slice(0, PROBLEM_MAX_CHARS)}…` : text;
+}
+
+/** The binary of the VM's recorded QEMU, only while that PID is still that process (contract 7). */
+function exeOf(record: VmRecord): ExeInfo | null {
+  const proc = record.process;
+  return proc !== undefined && isSameProcess(proc.pid, proc.startTime) ? readExe(proc.pid) : null;
 }
 
 function binaryOf(info: InstallationInfo, moduleDir: string | undefined): NonNullable<VmRecord['binary']> {

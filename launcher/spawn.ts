@@ -48,10 +48,12 @@ interface Exit {
  * daemon can exit, crash or restart without QEMU noticing.
  */
 export async function spawnQemu(command: QemuCommand, options: SpawnOptions): Promise<SpawnedQemu> {
-  // A migration destination (-incoming) runs no guest code until a stream it is sent completes.
-  if (options.placeInScope !== undefined && !command.argv.includes('-S') && !command.argv.includes('-incoming')) {
+  // A migration destination waiting with `-incoming defer` runs no guest code until it is told
+  // where to listen (after placement) and a stream completes; any other -incoming listens at once.
+  const deferred = command.argv.some((arg, i) => arg === '-incoming' && command.argv[i + 1] === 'defer');
+  if (options.placeInScope !== undefined && !command.argv.includes('-S') && !deferred) {
     throw new LaunchError('SPAWN_FAILED',
-      'refusing to start QEMU without -S when it must be moved into a scope: it would run guest code in the daemon\'s cgroup; fix: build the command with startPaused: true (or as a migration destination)');
+      'refusing to start QEMU without -S when it must be moved into a scope: it would run guest code in the daemon\'s cgroup; fix: build the command with startPaused: true (or as a migration destination with incoming: \'defer\')');
   }
   if (options.readyPath !== undefined && existsSync(options.readyPath)) {
     throw new LaunchError('SPAWN_FAILED',
