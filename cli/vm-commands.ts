@@ -1,7 +1,7 @@
 import { StringDecoder } from 'node:string_decoder';
 import type { Argv } from 'yargs';
 import {
-  ApiClient, DEFAULT_SOCKET_PATH, openOfflineGuests, REFRESH_STRATEGIES, type OfflineGuests, type RefreshJobRequest, type RefreshStrategy,
+  ApiClient, DEFAULT_SOCKET_PATH, DEFAULT_STOP_TIMEOUT_SEC, openOfflineGuests, REFRESH_STRATEGIES, type OfflineGuests, type RefreshJobRequest, type RefreshStrategy,
 } from '../daemon/index.js';
 import { isValidVmName } from '../launcher/index.js';
 import type { CliIo } from './app.js';
@@ -14,7 +14,6 @@ import { formatEvent, formatVmList, formatVmStatus } from './table.js';
 
 const STRATEGIES = [...REFRESH_STRATEGIES];
 /** vmkeepd's own default for a stop; `stop --all` passes it explicitly so its messages can name it. */
-const DEFAULT_STOP_TIMEOUT_SEC = 60;
 
 /** What the commands need of the control API; tests may hand in their own. */
 export type DaemonApi = Pick<

@@ -1,6 +1,7 @@
 import { request, type IncomingMessage } from 'node:http';
 import { StringDecoder } from 'node:string_decoder';
 import { DaemonError, type DaemonErrorCode } from './errors.js';
+import { DEFAULT_STOP_TIMEOUT_SEC } from './model.js';
 import type {
   CreateOptions, DaemonEvent, DaemonInfo, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome, StopOptions,
   UpgradeStatus, VmView,
@@ -24,8 +25,7 @@ export const DEFAULT_SOCKET_PATH = '/run/vmkeep/vmkeep.sock';
 const DEFAULT_CLIENT_TIMEOUT_MS = 30_000;
 // Starting a VM probes QEMU, creates a scope and boots to `cont`: minutes on a loaded host.
 const SLOW_OPERATION_TIMEOUT_MS = 5 * 60_000;
-// The daemon's default ACPI wait (StopOptions.timeoutSec) plus room for the quit that follows.
-const DEFAULT_STOP_WAIT_SEC = 60;
+// Room, beyond the guest's ACPI wait, for the quit that follows and the answer.
 const STOP_MARGIN_MS = 60_000;
 // The daemon's longest default refresh wait (a reboot's ACPI timeout).
 const DEFAULT_REFRESH_WAIT_SEC = 120;
@@ -96,7 +96,7 @@ export class ApiClient {
 
   /** Waits as long as the guest is given to power off, and then some. */
   stop(name: string, options: StopOptions = {}): Promise<VmView> {
-    const waitMs = options.force ? 0 : (options.timeoutSec ?? DEFAULT_STOP_WAIT_SEC) * 1000;
+    const waitMs = options.force ? 0 : (options.timeoutSec ?? DEFAULT_STOP_TIMEOUT_SEC) * 1000;
     return this.json({
       method: 'POST',
       path: `${vmPath(name)}/stop`,

@@ -26,6 +26,7 @@ import {
   type InstallationsConfig, type RefreshStrategy, type Staleness,
 } from '../upgrade/index.js';
 import { DaemonError } from './errors.js';
+import { DEFAULT_STOP_TIMEOUT_SEC } from './model.js';
 import type {
   CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome,
   StopOptions, UpgradeStatus, VmState, VmUpgradeStatus, VmView,
@@ -68,7 +69,6 @@ export interface VmManagerOptions {
 /** The unit whose stop powers every guest off at host shutdown (snap/vmkeep-guests.service). */
 export const DEFAULT_GUESTS_UNIT = 'vmkeep-guests.service';
 
-const DEFAULT_STOP_TIMEOUT_SEC = 60;
 const DEFAULT_MIGRATE_TIMEOUT_SEC = 60;
 const DEFAULT_REBOOT_TIMEOUT_SEC = 120;
 const MAX_JOBS_KEPT = 100;

@@ -152,8 +152,11 @@ export interface CreateOptions {
   policy?: RefreshStrategy;
 }
 
+/** Seconds a guest gets to power off after the ACPI request, unless the caller says otherwise. */
+export const DEFAULT_STOP_TIMEOUT_SEC = 60;
+
 export interface StopOptions {
-  /** Seconds the guest gets to power off after ACPI; default 60. */
+  /** Seconds the guest gets to power off after ACPI; default DEFAULT_STOP_TIMEOUT_SEC. */
   timeoutSec?: number;
   /** quit QEMU at once (the guest loses what it had not written). */
   force?: boolean;
