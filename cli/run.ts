@@ -9,10 +9,11 @@ import {
   validateSpec,
   waitForProcessExit,
   LaunchError,
+  QUIT_EXIT_TIMEOUT_MS,
   type Installation,
   type LaunchedVm,
 } from '../launcher/index.js';
-import type { QmpEvent } from '../qmp/index.js';
+import { ACPI_REPEAT_MS, powerDownGuest, type QmpEvent } from '../qmp/index.js';
 import { CliError } from './errors.js';
 import { followFile } from './follow.js';
 import type { Reporter } from './output.js';
@@ -39,8 +40,6 @@ export const EXIT_FAILED = 1;
 export const EXIT_POWEROFF_TIMEOUT = 3;
 /** A second Ctrl-C quit QEMU without waiting for the guest. */
 export const EXIT_FORCED = 130;
-
-const QUIT_EXIT_TIMEOUT_MS = 10_000;
 
 /** Reads a spec file as JSON, unvalidated (the daemon validates what `vmkeep create` sends). */
 export async function readSpecJson(path: string): Promise<unknown> {
@@ -97,6 +96,30 @@ export async function runVm(options: RunOptions, ctx: RunContext): Promise<numbe
 }
 
 async function startAndSupervise(
+  options: RunOptions,
+  outer: RunContext,
+  endEarlySignals: () => NodeJS.Signals | undefined,
+): Promise<number> {
+  // The result (or failure) is the last line: it waits until the console follower has printed
+  // everything the guest wrote (QEMU is gone by then) and stopped.
+  const deferred: Array<() => void> = [];
+  const reporter: Reporter = {
+    ...outer.reporter,
+    progress: (message, fields) => outer.reporter.progress(message, fields),
+    notice: (message, fields) => outer.reporter.notice(message, fields),
+    console: (line) => outer.reporter.console(line),
+    failure: (code, message) => void deferred.push(() => outer.reporter.failure(code, message)),
+    result: (fields, human) => void deferred.push(() => outer.reporter.result(fields, human)),
+  };
+  const ctx: RunContext = { reporter, onSignal: (listener) => outer.onSignal(listener) };
+  try {
+    return await startAndSuperviseWith(options, ctx, endEarlySignals);
+  } finally {
+    for (const report of deferred) report();
+  }
+}
+
+async function startAndSuperviseWith(
   options: RunOptions,
   ctx: RunContext,
   endEarlySignals: () => NodeJS.Signals | undefined,
@@ -169,7 +192,8 @@ function assertNever(value: never): never {
 async function superviseUntilEnd(vm: LaunchedVm, options: RunOptions, ctx: RunContext): Promise<number> {
   const { reporter } = ctx;
   let signals = 0;
-  let timer: NodeJS.Timeout | undefined;
+  // Once an ending is decided, a late failure of the power-off wait is no news.
+  let over = false;
   let finish!: (ending: Ending) => void;
   const ended = new Promise<Ending>((resolve) => (finish = resolve));
 
@@ -181,12 +205,18 @@ async function superviseUntilEnd(vm: LaunchedVm, options: RunOptions, ctx: RunCo
     signals += 1;
     if (signals === 1) {
       reporter.notice(
-        `${signal}: asking the guest to power off (ACPI), waiting up to ${options.timeoutSec} s; repeat to stop QEMU at once`,
+        `${signal}: asking the guest to power off (ACPI, pressed again every ${ACPI_REPEAT_MS / 1000} s until it acts), waiting up to ${options.timeoutSec} s; repeat to stop QEMU at once`,
       );
-      vm.qmp.systemPowerdown().catch((error: unknown) => {
-        reporter.notice(`system_powerdown failed: ${(error as Error).message}`);
+      powerDownGuest(vm.qmp, {
+        timeoutMs: options.timeoutSec * 1000,
+        onPress: (press) => {
+          if (press > 1) reporter.notice(`pressed the power button again (${press}): the guest has not acted yet (still booting?)`);
+        },
+      }).catch((error: unknown) => {
+        if (over) return;
+        reporter.notice((error as Error).message);
+        finish({ kind: 'timeout' });
       });
-      timer = setTimeout(() => finish({ kind: 'timeout' }), options.timeoutSec * 1000);
     } else {
       finish({ kind: 'forced' });
     }
@@ -194,6 +224,7 @@ async function superviseUntilEnd(vm: LaunchedVm, options: RunOptions, ctx: RunCo
 
   try {
     const ending = await ended;
+    over = true;
     switch (ending.kind) {
       case 'guest-shutdown': {
         const data = (ending.event.data ?? {}) as { guest?: boolean; reason?: string };
@@ -226,7 +257,6 @@ async function superviseUntilEnd(vm: LaunchedVm, options: RunOptions, ctx: RunCo
     if (error instanceof LaunchError) throw error;
     throw new CliError('RUN_FAILED', `running ${vm.spec.name} failed: ${(error as Error).message}`, { cause: error });
   } finally {
-    if (timer !== undefined) clearTimeout(timer);
     offEvent();
     offClose();
     offSignal();

@@ -4,6 +4,7 @@ import {
   ApiClient, DEFAULT_SOCKET_PATH, DEFAULT_STOP_TIMEOUT_SEC, openOfflineGuests, REFRESH_STRATEGIES, type OfflineGuests, type RefreshJobRequest, type RefreshStrategy,
 } from '../daemon/index.js';
 import { isValidVmName } from '../launcher/index.js';
+import { ACPI_REPEAT_MS } from '../qmp/index.js';
 import type { CliIo } from './app.js';
 import { reportError } from './errors.js';
 import { createReporter } from './output.js';
@@ -164,7 +165,10 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
             }
           }
         }
-        if (!out.json && !a.force) io.stderr.write(`vmkeep: asking ${a.name} to power off (ACPI) and waiting for the guest\n`);
+        if (!out.json && !a.force) {
+          const timeoutSec = a.timeout ?? DEFAULT_STOP_TIMEOUT_SEC;
+          io.stderr.write(`vmkeep: asking ${a.name} to power off (ACPI), pressing the button again every ${ACPI_REPEAT_MS / 1000} s until the guest acts (a booting guest misses the first press), for up to ${timeoutSec} s\n`);
+        }
         const vm = await api.stop(a.name, { ...(a.timeout === undefined ? {} : { timeoutSec: a.timeout }), ...(a.force ? { force: true } : {}) });
         out.document(vm, `${vm.name}: ${vm.state}${vm.problem === undefined ? '' : ` (${vm.problem})`}`);
       }),

@@ -5,7 +5,7 @@ import { createServer, STATUS_CODES, type IncomingMessage, type ServerResponse }
 import { connect } from 'node:net';
 import { dirname } from 'node:path';
 import type { Duplex } from 'node:stream';
-import { isValidVmName, LaunchError, type LaunchErrorCode, type SpecProblem } from '../launcher/index.js';
+import { describeValue, isValidVmName, LaunchError, VM_NAME_RULE, type LaunchErrorCode, type SpecProblem } from '../launcher/index.js';
 import { QmpError, type QmpErrorCode } from '../qmp/index.js';
 import { parseStrategy, UpgradeError, type UpgradeErrorCode } from '../upgrade/index.js';
 import { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
@@ -40,20 +40,6 @@ export interface ApiServer {
 const API_PREFIX = '/1.0';
 const MAX_BODY_BYTES = 1024 * 1024;
 
-/** Shown with a 404 so a curl user finds the right path. */
-const API_ROUTES = [
-  'GET /1.0',
-  'GET /1.0/vms',
-  'POST /1.0/vms',
-  'GET /1.0/vms/NAME',
-  'DELETE /1.0/vms/NAME',
-  'POST /1.0/vms/NAME/start',
-  'POST /1.0/vms/NAME/stop',
-  'POST /1.0/vms/NAME/qmp',
-  'GET /1.0/vms/NAME/console[?follow=1]',
-  'GET /1.0/events',
-] as const;
-
 // A body of 1 MiB over a local socket arrives in milliseconds; a request slower than this is stuck.
 const HEADERS_TIMEOUT_MS = 10_000;
 const REQUEST_TIMEOUT_MS = 30_000;
@@ -63,9 +49,6 @@ const CONSOLE_CHUNK_BYTES = 64 * 1024;
 // inotify can miss changes (and does not follow a replaced file); a slow poll backs it up.
 const CONSOLE_POLL_MS = 250;
 const STALE_PROBE_TIMEOUT_MS = 2_000;
-
-const NAME_RULE =
-  'VM names are 1 to 63 characters: lowercase letters, digits, "_", "." and "-", starting with a letter or digit';
 
 const LAUNCH_CODES: Record<LaunchErrorCode, DaemonErrorCode> = {
   INVALID_SPEC: 'INVALID_SPEC',
@@ -258,7 +241,7 @@ function buildRoutes(ctx: Context): Route[] {
           const start = optionalBoolean(body, 'start');
           if (start !== undefined) options.start = start;
           if (body.channel !== undefined) {
-            if (typeof body.channel !== 'string') throw invalid(`"channel" must be a channel name, got ${JSON.stringify(body.channel)}`);
+            if (typeof body.channel !== 'string') throw invalid(`"channel" must be a channel name, got ${describeValue(body.channel)}`);
             options.channel = body.channel;
           }
           if (body.policy !== undefined) options.policy = parseStrategy(body.policy, '"policy"');
@@ -317,7 +300,7 @@ function buildRoutes(ctx: Context): Route[] {
           checkFields(body, ['vms', 'all', 'stale', 'strategy', 'timeoutSec', 'force', 'parallel', 'stopOnError']);
           const request: RefreshJobRequest = { ...refreshOptions(body) };
           if (body.vms !== undefined) {
-            if (!Array.isArray(body.vms) || !body.vms.every((v) => typeof v === 'string')) throw invalid(`"vms" must be a list of VM names, got ${JSON.stringify(body.vms)}`);
+            if (!Array.isArray(body.vms) || !body.vms.every((v) => typeof v === 'string')) throw invalid(`"vms" must be a list of VM names, got ${describeValue(body.vms)}`);
             request.vms = body.vms as string[];
           }
           const all = optionalBoolean(body, 'all');
@@ -327,7 +310,7 @@ function buildRoutes(ctx: Context): Route[] {
           if (stale !== undefined) request.stale = stale;
           if (stopOnError !== undefined) request.stopOnError = stopOnError;
           if (body.parallel !== undefined) {
-            if (typeof body.parallel !== 'number') throw invalid(`"parallel" must be a number, got ${JSON.stringify(body.parallel)}`);
+            if (typeof body.parallel !== 'number') throw invalid(`"parallel" must be a number, got ${describeValue(body.parallel)}`);
             request.parallel = body.parallel;
           }
           sendJson(res, 202, await ops.startRefreshJob(request));
@@ -405,7 +388,13 @@ function matchRoute(routes: Route[], path: string): { route: Route; name: string
     });
     if (matches) return { route, name: name === undefined ? undefined : decodeVmName(name) };
   }
-  throw new DaemonError('NOT_FOUND', `no such API path: ${path || '(empty)'}; the routes are: ${API_ROUTES.join(', ')}`);
+  throw new DaemonError('NOT_FOUND', `no such API path: ${path.slice(0, 200) || '(empty)'}; the routes are: ${routeList(routes).join(', ')}`);
+}
+
+/** Every route with its methods, for a 404 that helps a curl user: made from the table itself. */
+function routeList(routes: Route[]): string[] {
+  return routes.flatMap((route) => Object.keys(route.methods).map((method) =>
+    `${method} /${route.segments.map((s) => (s === ':name' ? 'NAME' : s)).join('/')}`));
 }
 
 /** A VM name from the URL, checked before any operation sees it. */
@@ -416,7 +405,7 @@ function decodeVmName(raw: string): string {
   } catch {
     throw invalid(`the VM name in the path is not valid URL encoding: ${JSON.stringify(raw)}`);
   }
-  if (!isValidVmName(name)) throw invalid(`${JSON.stringify(name)} is not a valid VM name: ${NAME_RULE}`);
+  if (!isValidVmName(name)) throw invalid(`${describeValue(name)} is not a valid VM name: VM names are ${VM_NAME_RULE}`);
   return name;
 }
 
@@ -425,7 +414,7 @@ function parseFollow(req: IncomingMessage): boolean {
   const value = new URLSearchParams(query).get('follow');
   if (value === null || value === '0' || value === 'false') return false;
   if (value === '' || value === '1' || value === 'true') return true;
-  throw invalid(`follow must be 1 or 0, got ${JSON.stringify(value)}`);
+  throw invalid(`follow must be 1 or 0, got ${describeValue(value)}`);
 }
 
 // ---- request bodies -------------------------------------------------------------------------
@@ -505,7 +494,7 @@ function refreshOptions(body: Record<string, unknown>): RefreshOptions {
 
 function timeoutSeconds(value: unknown): number {
   if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0 || value > MAX_STOP_TIMEOUT_SEC) {
-    throw invalid(`"timeoutSec" must be a number of seconds from 0 to ${MAX_STOP_TIMEOUT_SEC} (a day), got ${JSON.stringify(value)}`);
+    throw invalid(`"timeoutSec" must be a number of seconds from 0 to ${MAX_STOP_TIMEOUT_SEC} (a day), got ${describeValue(value)}`);
   }
   return value;
 }
@@ -513,7 +502,7 @@ function timeoutSeconds(value: unknown): number {
 function optionalBoolean(body: Record<string, unknown>, field: string): boolean | undefined {
   const value = body[field];
   if (value === undefined || typeof value === 'boolean') return value;
-  throw invalid(`"${field}" must be true or false, got ${JSON.stringify(value)}`);
+  throw invalid(`"${field}" must be true or false, got ${describeValue(value)}`);
 }
 
 function isPlainObject(value: unknown): value is Record<string, unknown> {

@@ -7,7 +7,8 @@ import type { InstallationsConfig, RefreshStrategy } from '../upgrade/index.js';
 import { ScopeManager, SCOPE_PREFIX } from '../scope-manager/index.js';
 import { startApiServer } from './api-server.js';
 import { acquireDaemonLock } from './lock.js';
-import { VmManager, type ScopePort } from './manager.js';
+import { VmManager } from './manager.js';
+import type { ScopePort } from './ports.js';
 import { recordsDir, RecordStore } from './records.js';
 
 export interface DaemonOptions {
@@ -95,7 +96,9 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
     });
     cleanups.push(() => manager.close());
     const started = performance.now();
-    await manager.reattachAll();
+    // A VM whose monitor is slow to answer (held by another client, a hung QEMU) goes on
+    // reattaching after READY in its own lock; it does not keep every request waiting.
+    await manager.reattachAll(READY_WAIT_MS);
     const vms = await manager.list();
     logger.info(
       { vms: vms.length, ms: Math.round(performance.now() - started), states: countStates(vms.map((v) => v.state)) },
@@ -118,6 +121,9 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
     throw error;
   }
 }
+
+/** The longest vmkeepd waits for its VMs' reattach before it serves the API and reports ready. */
+const READY_WAIT_MS = 1_000;
 
 /** Logs every stale VM; with refreshAtStart, begins the rolling refresh the policies ask for. */
 async function reportStale(manager: VmManager, logger: Logger, refresh: boolean): Promise<void> {

@@ -4,6 +4,10 @@ export type DaemonErrorCode =
   | 'NOT_FOUND'
   | 'EXISTS'
   | 'CONFLICT'
+  /** Another operation on the same VM runs now; the message names it and since when. */
+  | 'BUSY'
+  /** QEMU itself refused the spec at start (not a kernel, too much memory, ...): a user error. */
+  | 'SPEC_REJECTED'
   | 'UNREACHABLE'
   | 'RECORD_CORRUPT'
   | 'RECORD_TOO_NEW'
@@ -36,6 +40,8 @@ export const HTTP_STATUS: Record<DaemonErrorCode, number> = {
   NOT_FOUND: 404,
   EXISTS: 409,
   CONFLICT: 409,
+  BUSY: 409,
+  SPEC_REJECTED: 422,
   UNREACHABLE: 503,
   RECORD_CORRUPT: 500,
   RECORD_TOO_NEW: 500,

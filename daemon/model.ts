@@ -38,6 +38,8 @@ export interface VmView {
   /** Why the daemon cannot talk to this VM (state unreachable), or what failed last. */
   problem?: string;
   lastExit?: ExitInfo;
+  /** The operation that holds the VM now (a start, a refresh, the reattach after a restart). */
+  operation?: { kind: string; step?: string; since: string };
   createdAt: string;
   updatedAt: string;
 }
@@ -50,11 +52,13 @@ export interface DaemonInfo {
   startedAt: string;
   /** Scopes with vmkeep's prefix that no record claims (reported, never touched). */
   orphanScopes: string[];
+  /** Record files that cannot be read: their VMs are left alone and their names stay taken. */
+  damagedRecords: Array<{ name: string; file: string; problem: string }>;
 }
 
 /** A change the event stream carries, one JSON object per line. */
 export interface DaemonEvent {
-  type: 'vm-state' | 'vm-created' | 'vm-deleted' | 'daemon' | 'refresh';
+  type: 'vm-state' | 'vm-created' | 'vm-deleted' | 'vm-power' | 'daemon' | 'refresh';
   vm?: string;
   state?: VmState;
   previous?: VmState;

@@ -1,4 +1,9 @@
+import type { QmpClient } from '../qmp/index.js';
+import { recoverMigration, settleRetiredSafely } from './migration.js';
 import type { ExitInfo, VmState } from './model.js';
+import type { VmRecord } from './records.js';
+import type { VmCore } from './vm-core.js';
+import { truncate, type VmEntry } from './vm-entry.js';
 
 /** What the daemon found about one recorded VM at start (gathered by adapters). */
 export interface ReattachObservation {
@@ -46,8 +51,8 @@ const PAUSED_STATUSES = new Set([
 ]);
 
 /**
- * Decides, from what was observed, what a recorded VM is after a daemon restart (contract
- * point 4: every record ends reattached, exited while away, or unreachable).
+ * Decides, from what was observed, what a recorded VM is after a daemon restart (ARCHITECTURE.md,
+ * invariant 4: every record ends reattached, exited while away, or unreachable).
  */
 export function classifyReattach(obs: ReattachObservation): ReattachDecision {
   if (!obs.hasProcess) {
@@ -101,3 +106,89 @@ export function classifyReattach(obs: ReattachObservation): ReattachDecision {
       return { state: 'paused', action: 'watch', dropProcess: false, problem: `unexpected QEMU status ${monitor.status}` };
   }
 }
+
+/** A VM whose reattach fails is reported unreachable and retried; the others go on. */
+export async function reattachIsolated(core: VmCore, entry: VmEntry): Promise<void> {
+  try {
+    await reattachVm(core, entry);
+  } catch (error) {
+    core.options.logger.error({ vm: entry.record.name, err: error }, `reattach of ${entry.record.name} failed; retrying later`);
+    entry.record = { ...entry.record, state: 'unreachable', problem: truncate(`reattach failed: ${(error as Error).message}`) };
+    core.scheduleRetry(entry);
+  }
+}
+
+/** Observes the recorded QEMU (adapters), lets classifyReattach decide, then acts on the decision. */
+async function reattachVm(core: VmCore, entry: VmEntry): Promise<void> {
+  const { qemu, scopes, logger } = core.options;
+  const name = entry.record.name;
+  // A refresh the last daemon left mid-way is finished or rolled back first, so what follows
+  // sees exactly one QEMU of this VM.
+  await recoverMigration(core, entry);
+  await settleRetiredSafely(core, entry);
+  const record = entry.record;
+  const obs: ReattachObservation = { recordedState: record.state, hasProcess: record.process !== undefined };
+  if (record.process) {
+    const identity = qemu.identity(record.process.pid);
+    obs.process =
+      identity === null || identity.state === 'Z' ? 'gone' : identity.startTime === record.process.startTime ? 'same' : 'recycled';
+    if (obs.process === 'same' && scopes !== null && record.process.scope !== null) {
+      obs.recordedScope = record.process.scope;
+      try {
+        obs.actualScope = await scopes.scopeOfPid(record.process.pid);
+        obs.scopeMatches = obs.actualScope === record.process.scope;
+      } catch (error) {
+        // Unverified is not verified: retried later rather than resumed or finished.
+        obs.actualScope = `unknown (${(error as Error).message})`;
+        obs.scopeMatches = false;
+      }
+    }
+    if (obs.process === 'same' && identity !== null && STOPPED_STATES.has(identity.state)) {
+      // A stopped process never greets: no need to wait for the greeting timeout to know it.
+      obs.monitor = { error: `QEMU (pid ${record.process.pid}) is stopped (state ${identity.state}, e.g. SIGSTOP)` };
+    } else if (obs.process === 'same' && obs.scopeMatches !== false) {
+      let qmp: QmpClient | undefined;
+      try {
+        qmp = await core.connect(record.paths.qmpSocket);
+        // Listening before asking: an event after the answer is queued behind this reattach.
+        core.watch(entry, qmp);
+        obs.monitor = { status: (await qmp.queryStatus()).status };
+      } catch (error) {
+        core.detach(entry);
+        obs.monitor = { error: (error as Error).message };
+      }
+    }
+  }
+  const decision = classifyReattach(obs);
+  logger.info({ vm: name, observed: obs, decision }, `reattach ${name}: ${decision.state}`);
+  const next: VmRecord = { ...record, state: decision.state };
+  if (decision.dropProcess) delete next.process;
+  if (decision.lastExit) next.lastExit = { ...decision.lastExit, at: new Date().toISOString() };
+  if (decision.problem === undefined) delete next.problem;
+  else next.problem = decision.problem;
+  await core.observe(entry, next);
+
+  switch (decision.action) {
+    case 'finish-shutdown':
+      await core.finishGuestShutdown(entry);
+      break;
+    case 'finish-start':
+      await entry.qmp?.cont();
+      await core.observe(entry, { ...entry.record, state: 'running' });
+      break;
+    case 'retry':
+      core.scheduleRetry(entry);
+      break;
+    default:
+      break;
+  }
+  if (entry.record.refresh?.strategy === 'reboot' && entry.record.process === undefined) {
+    // The guest powered off for a reboot refresh while we were away: finish it.
+    await core.startNow(entry);
+  } else if (entry.qmp && core.policyOf(entry.record) === 'on-guest-shutdown') {
+    await core.armGuestReboots(entry);
+  }
+}
+
+/** /proc run states of a process that cannot answer until someone resumes it. */
+const STOPPED_STATES = new Set(['T', 't']);

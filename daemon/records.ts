@@ -1,7 +1,9 @@
 import { randomBytes } from 'node:crypto';
+import { constants } from 'node:fs';
 import { chmod, mkdir, open, readdir, rename, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import {
+  describeValue, SIMPLE_NAME_RE, UUID_RE, VM_NAME_RULE,
   isValidVmName, LaunchError, validateSpec, type BinaryIdentity, type Installation, type VmSpec,
 } from '../launcher/index.js';
 import { DEFAULT_CHANNEL, REFRESH_STRATEGIES, type RefreshStrategy } from '../upgrade/index.js';
@@ -95,9 +97,6 @@ const RECORD_FIELDS = [
   'schema', 'name', 'uuid', 'spec', 'machineType', 'installation', 'channel', 'policy', 'binary', 'refresh', 'retired',
   'process', 'paths', 'state', 'lastExit', 'problem', 'createdAt', 'updatedAt',
 ] as const;
-const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
-// Same rule as the spec's machine names: it ends up in a comma-separated QEMU option.
-const MACHINE_TYPE_RE = /^[a-z0-9][a-z0-9._-]{0,63}$/;
 
 /**
  * Parses and validates one record file's text. `fileName` is the file's path (or base name):
@@ -189,19 +188,19 @@ function checkRecord(raw: Obj, expectedName: string, problems: string[]): VmReco
     else if (name !== expectedName) bad('name', `is ${JSON.stringify(name)} but the file is named ${expectedName}.json`);
   }
   const uuid = str(raw.uuid, 'uuid', bad);
-  if (uuid !== undefined && !UUID_RE.test(uuid)) bad('uuid', `${JSON.stringify(uuid)} is not a lowercase UUID`);
+  if (uuid !== undefined && !(UUID_RE.test(uuid) && uuid === uuid.toLowerCase())) bad('uuid', `${JSON.stringify(uuid)} is not a lowercase UUID`);
 
   const spec = checkSpec(raw.spec, bad);
   if (spec !== undefined && name !== undefined && spec.name !== name) {
     bad('spec.name', `is ${JSON.stringify(spec.name)} but the record is for ${JSON.stringify(name)}`);
   }
   const machineType = str(raw.machineType, 'machineType', bad);
-  if (machineType !== undefined && !MACHINE_TYPE_RE.test(machineType)) {
+  if (machineType !== undefined && !SIMPLE_NAME_RE.test(machineType)) {
     bad('machineType', `${JSON.stringify(machineType)} is not a machine type name`);
   }
   const installation = checkInstallation(raw.installation, 'installation', bad);
   const channel = str(raw.channel, 'channel', bad);
-  if (channel !== undefined && !MACHINE_TYPE_RE.test(channel)) bad('channel', `${JSON.stringify(channel)} is not a channel name`);
+  if (channel !== undefined && !SIMPLE_NAME_RE.test(channel)) bad('channel', `${JSON.stringify(channel)} is not a channel name`);
   let policy: RefreshStrategy | undefined;
   if (raw.policy !== undefined) {
     if ((REFRESH_STRATEGIES as readonly unknown[]).includes(raw.policy)) policy = raw.policy as RefreshStrategy;
@@ -422,6 +421,9 @@ export interface RecordFs {
   syncDir(path: string): Promise<void>;
 }
 
+/** The error code readFile throws for a path that is not a regular file (a FIFO, device, folder). */
+export const NOT_REGULAR = 'ENOTREG';
+
 export const nodeRecordFs: RecordFs = {
   async mkdir(path, mode) {
     await mkdir(path, { recursive: true, mode });
@@ -441,8 +443,11 @@ export const nodeRecordFs: RecordFs = {
   unlink: (path) => unlink(path),
   readdir: (path) => readdir(path),
   async readFile(path, maxBytes) {
-    const fh = await open(path, 'r');
+    // Not followed, never blocking: a symlink, a FIFO or a device planted among the records must
+    // neither hang vmkeepd's start nor make it read elsewhere.
+    const fh = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
     try {
+      if (!(await fh.stat()).isFile()) throw Object.assign(new Error(`${path} is not a regular file`), { code: NOT_REGULAR });
       const buffer = Buffer.alloc(maxBytes + 1);
       let length = 0;
       while (length < buffer.length) {
@@ -647,6 +652,10 @@ export class RecordStore {
       bytes = await this.fs.readFile(file, RECORD_MAX_BYTES);
     } catch (err) {
       if (isMissing(err)) return null;
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === NOT_REGULAR || code === 'ELOOP') {
+        throw corrupt(file, [code === 'ELOOP' ? 'is a symbolic link, which vmkeepd does not follow' : 'is not a regular file (a FIFO, device or folder)'], err);
+      }
       throw new DaemonError('STATE_IO', `could not read ${file} (${errText(err)}): check its permissions; the VM is left alone`, { cause: err });
     }
     if (bytes.length > RECORD_MAX_BYTES) throw corrupt(file, [`is larger than ${RECORD_MAX_BYTES} bytes`]);
@@ -662,6 +671,6 @@ export class RecordStore {
 
 function checkName(name: string): void {
   if (typeof name !== 'string' || !isValidVmName(name)) {
-    throw new DaemonError('INVALID_REQUEST', `${JSON.stringify(name)} is not a valid VM name: use 1 to 63 lowercase letters, digits, "_", "." and "-", starting with a letter or digit`);
+    throw new DaemonError('INVALID_REQUEST', `${describeValue(name)} is not a valid VM name: ${VM_NAME_RULE}`);
   }
 }

@@ -1,4 +1,5 @@
 import { LaunchError } from './errors.js';
+import { SIMPLE_NAME_RE, UUID_RE } from './names.js';
 import { installationRunContext, type Installation } from './installation.js';
 import type { VmSpec } from './spec.js';
 
@@ -23,8 +24,6 @@ export interface BuildQemuCommandInput {
   incoming?: 'defer';
 }
 
-const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
-const MACHINE_RE = /^[a-z0-9][a-z0-9._-]{0,63}$/;
 
 /**
  * QemuOpts escaping: inside a comma-separated option value a literal comma is written ",,".
@@ -41,7 +40,7 @@ export function buildQemuCommand(input: BuildQemuCommandInput): QemuCommand {
   if (!UUID_RE.test(input.uuid)) {
     throw new LaunchError('INVALID_SPEC', `uuid: ${JSON.stringify(input.uuid)} is not a UUID; fix: pass the UUID stored in the VM's record`);
   }
-  if (!MACHINE_RE.test(machineType)) {
+  if (!SIMPLE_NAME_RE.test(machineType)) {
     throw new LaunchError('INVALID_SPEC', `machine: ${JSON.stringify(machineType)} is not a machine type; fix: pass the result of resolveMachineType()`);
   }
   const { firmwareArgs, env } = installationRunContext(installation);

@@ -1,6 +1,7 @@
 export { LaunchError, type LaunchErrorCode, type SpecProblem } from './errors.js';
+export { isValidVmName, vmNameProblem, describeValue, VM_NAME_RULE, SIMPLE_NAME_RE, UUID_RE } from './names.js';
 export {
-  validateSpec, isValidVmName, formatSpecProblems, SPEC_DEFAULTS, SPEC_LIMITS,
+  validateSpec, formatSpecProblems, SPEC_DEFAULTS, SPEC_LIMITS,
   type VmSpec, type DiskSpec, type DiskFormat, type Accel,
 } from './spec.js';
 export { checkSpecFiles } from './files.js';
@@ -13,4 +14,4 @@ export {
 export { buildQemuCommand, escapeQemuOptValue, type QemuCommand, type BuildQemuCommandInput } from './argv.js';
 export { parseProcStat, readProcessIdentity, isSameProcess, readExe, type ProcessIdentity, type ExeInfo } from './process.js';
 export { spawnQemu, type SpawnOptions, type SpawnedQemu } from './spawn.js';
-export { launchVm, waitForProcessExit, type LaunchVmOptions, type LaunchedVm } from './launch.js';
+export { launchVm, waitForProcessExit, QUIT_EXIT_TIMEOUT_MS, type LaunchVmOptions, type LaunchedVm } from './launch.js';

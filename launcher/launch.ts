@@ -35,6 +35,9 @@ export interface LaunchedVm {
 
 const EXIT_POLL_MS = 20;
 
+/** How long a QEMU gets to exit after `quit` (or after its guest powered off) before it is reported. */
+export const QUIT_EXIT_TIMEOUT_MS = 15_000;
+
 /**
  * Starts a VM the safe way: QEMU is spawned paused (-S), placed in its scope, its QMP
  * monitor connected, and only then told to run guest code. If any step fails, the QEMU we

@@ -1,4 +1,5 @@
 import { LaunchError, type SpecProblem } from './errors.js';
+import { describeValue, SIMPLE_NAME_RE, UUID_RE, VM_NAME_MAX_LENGTH, VM_NAME_RULE, vmNameProblem } from './names.js';
 import { closest } from './similar.js';
 
 export type Accel = 'tcg' | 'kvm';
@@ -35,7 +36,7 @@ export const SPEC_DEFAULTS = {
 } as const satisfies Partial<VmSpec>;
 
 export const SPEC_LIMITS = {
-  nameMaxLength: 63,
+  nameMaxLength: VM_NAME_MAX_LENGTH,
   memoryMiB: { min: 16, max: 1_048_576 },
   vcpus: { min: 1, max: 64 },
   maxDisks: 16,
@@ -49,12 +50,8 @@ const SPEC_FIELDS = [
 ] as const;
 const DISK_FIELDS = ['path', 'format', 'readOnly'] as const;
 
-const NAME_RULE =
-  '1 to 63 characters: lowercase letters, digits, "_", "." and "-", starting with a letter or digit, without ".."';
-// Machine and CPU names go into comma-separated QEMU options: no commas, no "=", nothing exotic.
-const MACHINE_RE = /^[a-z0-9][a-z0-9._-]{0,63}$/;
+// CPU names go into comma-separated QEMU options: no commas, no "=", nothing exotic.
 const CPU_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
-const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
 /**
  * Checks a VM spec (e.g. parsed JSON) and returns it with defaults filled in.
@@ -63,7 +60,7 @@ const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/
  */
 export function validateSpec(input: unknown): VmSpec {
   if (!isRecord(input)) {
-    throw invalid([{ field: 'spec', message: `must be an object, got ${describe(input)}`, fix: 'pass a JSON object with at least "name" and "kernel" or "disks"' }]);
+    throw invalid([{ field: 'spec', message: `must be an object, got ${describeValue(input)}`, fix: 'pass a JSON object with at least "name" and "kernel" or "disks"' }]);
   }
   const problems: SpecProblem[] = [];
   const add = (field: string, message: string, fix: string): void => {
@@ -75,7 +72,7 @@ export function validateSpec(input: unknown): VmSpec {
   const name = checkName(input.name, add);
   const memoryMiB = checkInteger(input.memoryMiB, 'memoryMiB', SPEC_DEFAULTS.memoryMiB, SPEC_LIMITS.memoryMiB, 'MiB of guest RAM', add);
   const vcpus = checkInteger(input.vcpus, 'vcpus', SPEC_DEFAULTS.vcpus, SPEC_LIMITS.vcpus, 'virtual CPUs', add);
-  const machine = checkPattern(input.machine, 'machine', SPEC_DEFAULTS.machine, MACHINE_RE,
+  const machine = checkPattern(input.machine, 'machine', SPEC_DEFAULTS.machine, SIMPLE_NAME_RE,
     'use a machine type such as "q35", "pc" or "pc-q35-7.2" (`qemu-system-x86_64 -machine help` lists them)', add);
   const cpu = checkPattern(input.cpu, 'cpu', SPEC_DEFAULTS.cpu, CPU_RE,
     'use a CPU model name such as "qemu64" or "host" (`qemu-system-x86_64 -cpu help` lists them); CPU flags are not supported', add);
@@ -113,11 +110,6 @@ export function validateSpec(input: unknown): VmSpec {
   return spec;
 }
 
-/** True when `name` may be used as a VM name (systemd unit names, file names). */
-export function isValidVmName(name: string): boolean {
-  return nameProblem(name) === undefined;
-}
-
 /** Formats problems as the INVALID_SPEC message: one `field: what; fix: how` per line. */
 export function formatSpecProblems(problems: readonly SpecProblem[]): string {
   const lines = problems.map((p) => `  ${p.field}: ${p.message}; fix: ${p.fix}`);
@@ -135,14 +127,6 @@ function isRecord(value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null && !Array.isArray(value);
 }
 
-function describe(value: unknown): string {
-  if (value === null) return 'null';
-  if (Array.isArray(value)) return 'an array';
-  if (typeof value === 'string') return `the string ${JSON.stringify(value.length > 40 ? `${value.slice(0, 40)}...` : value)}`;
-  if (typeof value === 'number' || typeof value === 'boolean') return `${typeof value} ${String(value)}`;
-  return typeof value;
-}
-
 function reportUnknownFields(obj: Record<string, unknown>, known: readonly string[], prefix: string, add: Add): void {
   for (const key of Object.keys(obj)) {
     if (known.includes(key)) continue;
@@ -152,27 +136,17 @@ function reportUnknownFields(obj: Record<string, unknown>, known: readonly strin
   }
 }
 
-function nameProblem(name: string): string | undefined {
-  if (name.length === 0) return 'is empty';
-  if (name.length > SPEC_LIMITS.nameMaxLength) return `is ${name.length} characters long, the limit is ${SPEC_LIMITS.nameMaxLength}`;
-  const bad = [...new Set(name.replace(/[a-z0-9_.-]/g, ''))];
-  if (bad.length > 0) return `contains characters that are not allowed: ${bad.map((c) => JSON.stringify(c)).join(' ')}`;
-  if (!/^[a-z0-9]/.test(name)) return `starts with ${JSON.stringify(name[0])}`;
-  if (name.includes('..')) return 'contains ".."';
-  return undefined;
-}
-
 function checkName(value: unknown, add: Add): string | undefined {
   if (value === undefined) {
-    add('name', 'is required', `give a name of ${NAME_RULE}`);
+    add('name', 'is required', `give a name of ${VM_NAME_RULE}`);
     return undefined;
   }
   if (typeof value !== 'string') {
-    add('name', `must be a string, got ${describe(value)}`, `give a name of ${NAME_RULE}`);
+    add('name', `must be a string, got ${describeValue(value)}`, `give a name of ${VM_NAME_RULE}`);
     return undefined;
   }
-  const problem = nameProblem(value);
-  if (problem !== undefined) add('name', problem, `use ${NAME_RULE}`);
+  const problem = vmNameProblem(value);
+  if (problem !== undefined) add('name', problem, `use ${VM_NAME_RULE}`);
   return value;
 }
 
@@ -182,7 +156,7 @@ function checkInteger(
   if (value === undefined) return fallback;
   const fix = `use a whole number of ${unit} from ${range.min} to ${range.max} (default ${fallback})`;
   if (typeof value !== 'number' || !Number.isInteger(value)) {
-    add(field, `must be a whole number, got ${describe(value)}`, fix);
+    add(field, `must be a whole number, got ${describeValue(value)}`, fix);
   } else if (value < range.min || value > range.max) {
     add(field, `${value} is out of range`, fix);
   }
@@ -192,7 +166,7 @@ function checkInteger(
 function checkPattern(value: unknown, field: string, fallback: string, re: RegExp, fix: string, add: Add): string {
   if (value === undefined) return fallback;
   if (typeof value !== 'string') {
-    add(field, `must be a string, got ${describe(value)}`, fix);
+    add(field, `must be a string, got ${describeValue(value)}`, fix);
     return fallback;
   }
   if (!re.test(value)) add(field, `${JSON.stringify(value)} is not a valid name`, fix);
@@ -202,7 +176,7 @@ function checkPattern(value: unknown, field: string, fallback: string, re: RegEx
 function checkAccel(value: unknown, add: Add): Accel {
   if (value === undefined) return SPEC_DEFAULTS.accel;
   if (value === 'tcg' || value === 'kvm') return value;
-  add('accel', `must be "tcg" or "kvm", got ${describe(value)}`, 'use "tcg" (default, works everywhere) or "kvm" (only where a real boot under KVM was proven)');
+  add('accel', `must be "tcg" or "kvm", got ${describeValue(value)}`, 'use "tcg" (default, works everywhere) or "kvm" (only where a real boot under KVM was proven)');
   return SPEC_DEFAULTS.accel;
 }
 
@@ -210,7 +184,7 @@ function checkPath(value: unknown, field: string, add: Add): string | undefined 
   if (value === undefined) return undefined;
   const fix = 'give an absolute path (starting with "/") to an existing file';
   if (typeof value !== 'string') {
-    add(field, `must be a string, got ${describe(value)}`, fix);
+    add(field, `must be a string, got ${describeValue(value)}`, fix);
   } else if (!value.startsWith('/')) {
     add(field, `${JSON.stringify(value)} is not an absolute path`, fix);
   } else if (/[\0\n]/.test(value)) {
@@ -227,7 +201,7 @@ function checkAppend(value: unknown, add: Add): string | undefined {
   if (value === undefined) return undefined;
   const fix = `give the kernel command line as one string of at most ${SPEC_LIMITS.appendMaxLength} characters`;
   if (typeof value !== 'string') {
-    add('append', `must be a string, got ${describe(value)}`, fix);
+    add('append', `must be a string, got ${describeValue(value)}`, fix);
   } else if (value.includes('\0')) {
     add('append', 'contains a NUL character', fix);
   } else if (value.length > SPEC_LIMITS.appendMaxLength) {
@@ -241,14 +215,14 @@ function checkAppend(value: unknown, add: Add): string | undefined {
 function checkUuid(value: unknown, add: Add): string | undefined {
   if (value === undefined) return undefined;
   if (typeof value === 'string' && UUID_RE.test(value)) return value.toLowerCase();
-  add('uuid', `${describe(value)} is not a UUID`, 'use the form 123e4567-e89b-12d3-a456-426614174000, or leave it out to get a generated one');
+  add('uuid', `${describeValue(value)} is not a UUID`, 'use the form 123e4567-e89b-12d3-a456-426614174000, or leave it out to get a generated one');
   return undefined;
 }
 
 function checkDisks(value: unknown, add: Add): DiskSpec[] {
   if (value === undefined) return [];
   if (!Array.isArray(value)) {
-    add('disks', `must be an array, got ${describe(value)}`, 'give a list like [{ "path": "/var/lib/vm/a.qcow2", "format": "qcow2" }]');
+    add('disks', `must be an array, got ${describeValue(value)}`, 'give a list like [{ "path": "/var/lib/vm/a.qcow2", "format": "qcow2" }]');
     return [];
   }
   if (value.length > SPEC_LIMITS.maxDisks) {
@@ -259,7 +233,7 @@ function checkDisks(value: unknown, add: Add): DiskSpec[] {
   value.forEach((entry: unknown, i) => {
     const field = `disks[${i}]`;
     if (!isRecord(entry)) {
-      add(field, `must be an object, got ${describe(entry)}`, 'give { "path": ..., "format": "raw" | "qcow2", "readOnly"?: true|false }');
+      add(field, `must be an object, got ${describeValue(entry)}`, 'give { "path": ..., "format": "raw" | "qcow2", "readOnly"?: true|false }');
       return;
     }
     reportUnknownFields(entry, DISK_FIELDS, `${field}.`, add);
@@ -267,11 +241,11 @@ function checkDisks(value: unknown, add: Add): DiskSpec[] {
     if (entry.path === undefined) add(`${field}.path`, 'is required', 'give the absolute path of the disk image');
     const format = entry.format;
     if (format !== 'raw' && format !== 'qcow2') {
-      add(`${field}.format`, format === undefined ? 'is required' : `must be "raw" or "qcow2", got ${describe(format)}`,
+      add(`${field}.format`, format === undefined ? 'is required' : `must be "raw" or "qcow2", got ${describeValue(format)}`,
         'set "format" explicitly: QEMU guessing the format of a raw image is a security hole');
     }
     if (entry.readOnly !== undefined && typeof entry.readOnly !== 'boolean') {
-      add(`${field}.readOnly`, `must be true or false, got ${describe(entry.readOnly)}`, 'use true or false (default false)');
+      add(`${field}.readOnly`, `must be true or false, got ${describeValue(entry.readOnly)}`, 'use true or false (default false)');
     }
     if (path !== undefined) {
       const earlier = firstIndexOfPath.get(path);

@@ -11,7 +11,7 @@ import {
   type StatusInfo,
 } from './commands.js';
 import { QmpError } from './errors.js';
-import { LineDecoder } from './framing.js';
+import { LineDecoder, OVERSIZED_LINE } from './framing.js';
 import { encodeCommand, parseMessage, type QmpMessage } from './protocol.js';
 
 export const DEFAULT_COMMAND_TIMEOUT_MS = 10_000;
@@ -132,7 +132,12 @@ export class QmpClient {
     this.stream = stream;
     this.opts = opts;
     this.label = opts.label;
-    this.decoder = new LineDecoder(opts.maxLineBytes === undefined ? {} : { maxLineBytes: opts.maxLineBytes });
+    this.decoder = new LineDecoder({
+      ...(opts.maxLineBytes === undefined ? {} : { maxLineBytes: opts.maxLineBytes }),
+      // A reply may legitimately be huge (a memory dump through human-monitor-command): it is
+      // dropped and only its command fails. Anything else that long is not QMP.
+      skipOversized: () => this.greetingInfo !== undefined && this.pending.size > 0,
+    });
     this.closed = new Promise((resolve) => {
       this.resolveClosed = resolve;
     });
@@ -320,6 +325,11 @@ export class QmpClient {
     await this.execute('system_powerdown', undefined, opts);
   }
 
+  /** What QEMU does on guest events; vmkeep turns reboots into shutdowns it can see. */
+  async setAction(actions: { reboot?: 'reset' | 'shutdown'; shutdown?: 'poweroff' | 'pause'; panic?: 'pause' | 'shutdown' | 'none' }, opts?: ExecuteOptions): Promise<void> {
+    await this.execute('set-action', actions, opts);
+  }
+
   /** Asks QEMU to exit. The connection closing after the command was sent counts as success. */
   async quit(opts?: ExecuteOptions): Promise<void> {
     await this.send('quit', undefined, opts ?? {}, true);
@@ -457,6 +467,10 @@ export class QmpClient {
       // A listener may have closed the client, or a line may have been fatal.
       if (this.reason) return;
       if (line.trim() === '') continue;
+      if (line === OVERSIZED_LINE) {
+        this.failOldestPending();
+        continue;
+      }
       let message: QmpMessage;
       try {
         message = parseMessage(line);
@@ -467,6 +481,18 @@ export class QmpClient {
       this.dispatch(message, line);
     }
   };
+
+  /** Replies come in command order: a reply that was too long belongs to the oldest command. */
+  private failOldestPending(): void {
+    const oldest = Math.min(...this.pending.keys());
+    const pending = this.pending.get(oldest);
+    if (!pending) return;
+    this.pending.delete(oldest);
+    clearTimeout(pending.timer);
+    pending.reject(new QmpError('LINE_TOO_LONG',
+      `the reply to '${pending.command}' was longer than ${this.decoder.maxLineBytes} bytes and was dropped; the connection stays open. Ask for less (a smaller range or a narrower query)`,
+      { command: pending.command }));
+  }
 
   private dispatch(message: QmpMessage, line: string): void {
     if (!this.greetingInfo) {

@@ -7,7 +7,19 @@ const NEWLINE = 0x0a;
 export interface LineDecoderOptions {
   /** Longest line accepted, in bytes, not counting the '\n'. Default 1 MiB. */
   maxLineBytes?: number;
+  /**
+   * Asked when a line grows past the limit: true skips that line up to its '\n' and reports
+   * it as an `OVERSIZED_LINE` marker in the returned lines (a huge but legitimate reply, e.g.
+   * a human-monitor-command dump) instead of failing for good. Bytes skipped are bounded by
+   * `maxSkipBytes`; past that the decoder fails as when this says false.
+   */
+  skipOversized?: () => boolean;
+  /** Default 64 x maxLineBytes. */
+  maxSkipBytes?: number;
 }
+
+/** Stands in `push()`'s result for a line that was too long and was skipped. */
+export const OVERSIZED_LINE = '\u0000oversized';
 
 /**
  * Splits a byte stream into '\n'-terminated lines. Pure: no I/O, no timers.
@@ -22,6 +34,10 @@ export class LineDecoder {
   private parts: Buffer[] = [];
   private partBytes = 0;
   private failure: QmpError | undefined;
+  private readonly skipOversized: () => boolean;
+  private readonly maxSkipBytes: number;
+  /** Bytes of an overlong line discarded so far; -1 when not skipping. */
+  private skipped = -1;
 
   constructor(options: LineDecoderOptions = {}) {
     const max = options.maxLineBytes ?? DEFAULT_MAX_LINE_BYTES;
@@ -29,6 +45,8 @@ export class LineDecoder {
       throw new RangeError(`maxLineBytes must be a positive integer, got ${String(max)}`);
     }
     this.maxLineBytes = max;
+    this.skipOversized = options.skipOversized ?? (() => false);
+    this.maxSkipBytes = options.maxSkipBytes ?? 64 * max;
   }
 
   /** Bytes of the incomplete line held so far. */
@@ -47,8 +65,22 @@ export class LineDecoder {
     while (start < chunk.length) {
       const newline = chunk.indexOf(NEWLINE, start);
       const end = newline === -1 ? chunk.length : newline;
+      if (this.skipped >= 0) {
+        this.skipped += end - start;
+        if (this.skipped > this.maxSkipBytes) throw this.fail(this.skipped + this.maxLineBytes);
+        if (newline === -1) break;
+        this.skipped = -1;
+        lines.push(OVERSIZED_LINE);
+        start = newline + 1;
+        continue;
+      }
       const lineBytes = this.partBytes + (end - start);
-      if (lineBytes > this.maxLineBytes) throw this.fail(lineBytes);
+      if (lineBytes > this.maxLineBytes) {
+        if (!this.skipOversized()) throw this.fail(lineBytes);
+        this.reset();
+        this.skipped = lineBytes - (end - start);
+        continue;
+      }
       if (newline === -1) {
         // Copy: a subarray would pin the whole (possibly much larger) chunk in memory.
         this.parts.push(Buffer.from(chunk.subarray(start)));
@@ -71,13 +103,17 @@ export class LineDecoder {
     this.partBytes = 0;
   }
 
+  /** Whether an overlong line is being skipped (its '\n' not seen yet). */
+  get skipping(): boolean {
+    return this.skipped >= 0;
+  }
+
   private fail(lineBytes: number): QmpError {
     this.reset();
     this.failure = new QmpError(
       'LINE_TOO_LONG',
-      `QMP peer sent a line of more than ${this.maxLineBytes} bytes (at least ${lineBytes} so far). ` +
-        'QEMU never sends lines that long, so the peer is not a sane QMP monitor; the connection was closed. ' +
-        'Check that the socket belongs to the VM\'s QEMU.',
+      `QMP peer sent a line of more than ${this.maxLineBytes} bytes (at least ${lineBytes} so far) where no reply ` +
+        'was expected or past any sane size; the connection was closed. Check that the socket belongs to the VM\'s QEMU.',
     );
     return this.failure;
   }

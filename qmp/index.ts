@@ -2,6 +2,11 @@
 export { QmpError, isQmpError, type QmpErrorCode, type QmpErrorOptions } from './errors.js';
 export { LineDecoder, DEFAULT_MAX_LINE_BYTES, type LineDecoderOptions } from './framing.js';
 export {
+  QMP_EVENT, dispatchMonitorEvent, shutdownData, migrationStatus,
+  type MonitorCallbacks, type ShutdownData, type ResetData,
+} from './events.js';
+export { powerDownGuest, ACPI_REPEAT_MS, type PowerDownOptions } from './power.js';
+export {
   QmpClient,
   DEFAULT_COMMAND_TIMEOUT_MS,
   DEFAULT_GREETING_TIMEOUT_MS,

@@ -1,6 +1,6 @@
 import { readFile } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
-import type { Installation } from '../launcher/index.js';
+import { SIMPLE_NAME_RE, type Installation } from '../launcher/index.js';
 import { UpgradeError } from './errors.js';
 
 /** The channel of a VM that names none. */
@@ -17,7 +17,6 @@ export interface InstallationsConfig {
   current: Record<string, string>;
 }
 
-const NAME_RE = /^[a-z0-9][a-z0-9._-]{0,63}$/;
 
 /**
  * Parses an installations file (JSON). Every problem is named with its field and the fix;
@@ -51,7 +50,7 @@ export function parseInstallationsConfig(text: string, file: string): Installati
     problems.push(`"current" must map a channel to an installation name, e.g. {"${DEFAULT_CHANNEL}": "${installations[0]?.name ?? 'qemu'}"}`);
   } else {
     for (const [channel, name] of Object.entries(raw.current)) {
-      if (!NAME_RE.test(channel)) problems.push(`current: channel ${JSON.stringify(channel)} must match ${NAME_RE}`);
+      if (!SIMPLE_NAME_RE.test(channel)) problems.push(`current: channel ${JSON.stringify(channel)} must match ${SIMPLE_NAME_RE}`);
       else if (typeof name !== 'string' || !installations.some((inst) => inst.name === name)) {
         problems.push(`current.${channel} is ${JSON.stringify(name)}, which names no installation (have: ${installations.map((i) => i.name).join(', ') || 'none'})`);
       } else current[channel] = name;
@@ -72,7 +71,7 @@ function checkInstallation(value: unknown, at: string, problems: string[]): Inst
     if (!['name', 'binary', 'moduleDir', 'firmwareDirs'].includes(key)) problems.push(`${at}: unknown field "${key}"`);
   }
   const { name, binary, moduleDir, firmwareDirs = [] } = value;
-  if (typeof name !== 'string' || !NAME_RE.test(name)) problems.push(`${at}.name must match ${NAME_RE}, got ${JSON.stringify(name)}`);
+  if (typeof name !== 'string' || !SIMPLE_NAME_RE.test(name)) problems.push(`${at}.name must match ${SIMPLE_NAME_RE}, got ${JSON.stringify(name)}`);
   if (!absolute(binary)) problems.push(`${at}.binary must be an absolute path, got ${JSON.stringify(binary)}`);
   if (moduleDir !== undefined && !absolute(moduleDir)) problems.push(`${at}.moduleDir must be an absolute path, got ${JSON.stringify(moduleDir)}`);
   if (!Array.isArray(firmwareDirs) || !firmwareDirs.every(absolute)) {

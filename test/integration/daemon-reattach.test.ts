@@ -154,7 +154,9 @@ describe('bad input changes nothing', () => {
     await writeFile(host.recordFile('torn'), text.slice(0, Math.floor(text.length / 2)));
     await host.start();
     expect((await host.api.get('keeper')).state).toBe('running');
-    await expect(host.api.get('torn')).rejects.toMatchObject({ code: 'NOT_FOUND' });
+    // Visible, not invisible: the API names the damaged file and how to repair it.
+    await expect(host.api.get('torn')).rejects.toMatchObject({ code: 'RECORD_CORRUPT', message: expect.stringContaining(host.recordFile('torn')) });
+    expect((await host.api.info()).damagedRecords).toEqual([expect.objectContaining({ name: 'torn', file: host.recordFile('torn') })]);
     // Its name stays taken: a new VM must not overwrite the record of one that still runs.
     await expect(host.api.create(spec('torn'))).rejects.toMatchObject({ code: 'EXISTS' });
     expect(await readFile(host.recordFile('torn'), 'utf8')).toBe(text.slice(0, Math.floor(text.length / 2)));

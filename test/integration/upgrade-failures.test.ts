@@ -78,7 +78,8 @@ function qemusOf(name: string): number[] {
 
 /** Exactly one QEMU of the VM runs, it is the one the record names, and the guest ticks on. */
 async function expectOneRunning(name: string): Promise<VmView> {
-  const vm = await host.api.get(name);
+  // A migration whose outcome could not be read yet at the restart is settled by a retry.
+  const vm = await waitForVm(host.api, name, (v) => v.state !== 'unreachable' && v.operation === undefined, 'settled (not unreachable)', 30_000);
   expect(vm.state, `${name}: ${vm.problem ?? ''}`).toBe('running');
   expect(qemusOf(name)).toEqual([host.hostPid(vm)]);
   const record = await host.record(name);

@@ -124,9 +124,25 @@ export class DaemonHost {
     }
   }
 
-  /** Type=notify: systemctl returns once the new daemon has reattached and serves. */
-  restart(): Promise<string> {
-    return this.systemctl('restart', DAEMON_UNIT);
+  /** Type=notify: systemctl returns once the new daemon serves; then every reattach is awaited. */
+  async restart(): Promise<string> {
+    const out = await this.systemctl('restart', DAEMON_UNIT);
+    await this.reattached();
+    return out;
+  }
+
+  /**
+   * vmkeepd reports ready after a bounded wait: a VM whose monitor is slow goes on reattaching
+   * in the background. Tests that look at states right after a start wait for that to end.
+   */
+  async reattached(timeoutMs = 30_000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const busy = (await this.api.list()).filter((vm) => vm.operation?.kind === 'reattach').map((vm) => vm.name);
+      if (busy.length === 0) return;
+      if (Date.now() > deadline) throw new Error(`still reattaching after ${timeoutMs} ms: ${busy.join(', ')}`);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
   }
 
   /** SIGKILL of everything in the service's cgroup, then a start (Restart= may have begun one). */
@@ -141,6 +157,7 @@ export class DaemonHost {
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
     await this.systemctl('start', DAEMON_UNIT);
+    await this.reattached();
   }
 
   async stop(): Promise<void> {
@@ -149,6 +166,7 @@ export class DaemonHost {
 
   async start(): Promise<void> {
     await this.systemctl('start', DAEMON_UNIT);
+    await this.reattached();
   }
 
   /** Sets (or with undefined, removes) a variable the daemon gets from its next start on. */

@@ -158,7 +158,7 @@ describe('stop NAME is unchanged', () => {
     expect(await vmkeep(['stop', 'web'])).toEqual({
       code: 0,
       stdout: 'web: stopped\n',
-      stderr: 'vmkeep: asking web to power off (ACPI) and waiting for the guest\n',
+      stderr: 'vmkeep: asking web to power off (ACPI), pressing the button again every 2 s until the guest acts (a booting guest misses the first press), for up to 60 s\n',
     });
     expect(stopCalls().map((c) => c.args)).toEqual([['web', {}]]);
 

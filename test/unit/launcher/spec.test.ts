@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -153,11 +154,24 @@ describe('checkSpecFiles', () => {
     dir = undefined;
   });
 
+  it('refuses a FIFO, a device and a file that is not a kernel at once, without blocking on the FIFO', async () => {
+    dir = await mkdtemp(join(tmpdir(), 'vmkeep-spec-'));
+    const fifo = join(dir, 'fifo');
+    execFileSync('mkfifo', [fifo]);
+    const text = join(dir, 'notes.txt');
+    await writeFile(text, 'not a kernel at all, just some words that are long enough '.repeat(20));
+    const problems = async (kernel: string): Promise<string> =>
+      checkSpecFiles(validateSpec({ name: 'a', kernel })).then(() => 'accepted', (err: unknown) => (err as LaunchError).message);
+    expect(await problems(fifo)).toContain('is not a regular file');
+    expect(await problems('/dev/zero')).toContain('is not a regular file');
+    expect(await problems(text)).toContain('is not a Linux kernel image');
+  });
+
   it('passes when every file exists and lists every missing one otherwise', async () => {
     dir = await mkdtemp(join(tmpdir(), 'vmkeep-spec-'));
     const kernel = join(dir, 'vmlinuz');
     const disk = join(dir, 'disk.img');
-    await writeFile(kernel, 'k');
+    await writeFile(kernel, bzImageHeader());
     await writeFile(disk, 'd');
     await expect(checkSpecFiles(validateSpec({ name: 'a', kernel, disks: [{ path: disk, format: 'raw' }] }))).resolves.toBeUndefined();
 
@@ -169,3 +183,10 @@ describe('checkSpecFiles', () => {
     expect(error?.message).not.toContain('kernel:');
   });
 });
+
+/** The smallest file with an x86 Linux boot header ("HdrS" at 0x202). */
+function bzImageHeader(): Buffer {
+  const header = Buffer.alloc(0x210);
+  header.write('HdrS', 0x202, 'latin1');
+  return header;
+}

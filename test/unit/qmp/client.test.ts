@@ -443,16 +443,54 @@ describe('hostile peer', () => {
     return err;
   }
 
-  it('a line over the limit (no newline yet) -> LINE_TOO_LONG, connection closed', async () => {
-    const err = await expectFatal((peer) => peer.sendRaw(Buffer.alloc(2048, 0x61)), 'LINE_TOO_LONG', { maxLineBytes: 1024 });
-    expect(err.message).toMatch(/more than 1024 bytes/);
+  async function expectClosedWithoutPending(send: (peer: FakeQmpPeer) => void, options = {}): Promise<QmpError> {
+    const { client, peer } = await pair(options);
+    const closed = client.whenClosed();
+    send(peer);
+    const reason = await within(closed, 2000, 'the client to close on an overlong line');
+    await within(peer.clientGone, 2000, 'the client to drop the connection');
+    return reason;
+  }
+
+  it('a line over the limit when no reply is due -> LINE_TOO_LONG, connection closed', async () => {
+    const reason = await expectClosedWithoutPending((peer) => peer.sendRaw(Buffer.alloc(2048, 0x61)), { maxLineBytes: 1024 });
+    expect(reason.code).toBe('LINE_TOO_LONG');
+    expect(reason.message).toMatch(/more than 1024 bytes/);
   });
 
   it('the default 1 MiB limit is enforced across many chunks', async () => {
-    await expectFatal((peer) => {
+    const reason = await expectClosedWithoutPending((peer) => {
       const chunk = Buffer.alloc(64 * 1024, 0x20);
       for (let i = 0; i < 17; i++) peer.sendRaw(chunk);
-    }, 'LINE_TOO_LONG');
+    });
+    expect(reason.code).toBe('LINE_TOO_LONG');
+  });
+
+  it('an overlong reply fails only its own command; the connection stays and answers the next', async () => {
+    const { client, peer } = await pair({ maxLineBytes: 1024 });
+    const closes: string[] = [];
+    client.on('close', (r) => closes.push(r.code));
+    const big = client.execute('human-monitor-command', { 'command-line': 'xp /200000xg 0' });
+    const cmd = await peer.nextCommand();
+    peer.sendRaw(`{"return": "${'0'.repeat(4096)}", "id": ${cmd.id}}\r\n`);
+    const err = await rejection(big, 'the oversized reply');
+    expect(err.code).toBe('LINE_TOO_LONG');
+    expect(err.message).toMatch(/reply to 'human-monitor-command' was longer than 1024 bytes/);
+    const next = client.queryStatus();
+    const status = await peer.nextCommand();
+    peer.reply(status.id, { status: 'running', running: true });
+    expect((await next).status).toBe('running');
+    expect(closes).toEqual([]);
+    expect(client.isClosed).toBe(false);
+  });
+
+  it('an overlong reply past the skip bound (64 x the limit, no newline) still closes the connection', async () => {
+    const { client, peer } = await pair({ maxLineBytes: 1024 });
+    const pending = client.execute('query-status');
+    await peer.nextCommand();
+    for (let i = 0; i < 70; i++) peer.sendRaw(Buffer.alloc(1024, 0x61));
+    expect((await rejection(pending, 'the pending command')).code).toBe('LINE_TOO_LONG');
+    await within(peer.clientGone, 2000, 'the client to drop the connection');
   });
 
   it('invalid JSON -> INVALID_JSON, connection closed', async () => {

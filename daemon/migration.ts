@@ -1,0 +1,245 @@
+// Refresh by live migration: moving the guest into a new QEMU on the same host, rolling back
+// when the old QEMU still holds it, and settling what a crash left mid-way (ARCHITECTURE.md,
+// "Refresh by migration"). Which QEMU holds the guest always decides, never the error.
+import { randomBytes } from 'node:crypto';
+import { rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { QUIT_EXIT_TIMEOUT_MS, type Installation, type InstallationInfo, type LaunchedVm } from '../launcher/index.js';
+import type { QmpClient } from '../qmp/index.js';
+import { scopeUnitName } from '../scope-manager/index.js';
+import { decideMigration, migrateLive, pinModuleDir } from '../upgrade/index.js';
+import { DaemonError } from './errors.js';
+import type { RefreshOptions } from './model.js';
+import type { QemuPort } from './ports.js';
+import type { OtherQemu, VmRecord } from './records.js';
+import type { VmCore } from './vm-core.js';
+import { binaryOf, retiredOf, truncate, type VmEntry } from './vm-entry.js';
+
+export const DEFAULT_MIGRATE_TIMEOUT_SEC = 60;
+
+/**
+ * Live migration into a new QEMU of the target installation, in its own new scope. Until the
+ * stream completes the source holds the guest and any failure rolls back to it; once it
+ * completed the refresh only goes forward.
+ */
+export async function migrateNow(core: VmCore, entry: VmEntry, target: Installation, info: InstallationInfo, options: RefreshOptions): Promise<{ downtimeMs: number; pid: number }> {
+  const name = entry.record.name;
+  const source = entry.record.process as NonNullable<VmRecord['process']>;
+  const sourceQmp = entry.qmp as QmpClient;
+  const generation = randomBytes(4).toString('hex');
+  const destSocket = join(core.vmDir(name), `qmp-${generation}.sock`);
+  const streamSocket = join(core.vmDir(name), `migrate-${generation}.sock`);
+  // ":" cannot occur in a VM name, so this scope never collides with another VM's.
+  const scope = core.options.scopes === null ? null : scopeUnitName(`${name}:${generation}`);
+  await core.record(entry, { ...entry.record, refresh: { strategy: 'migrate', target, startedAt: new Date().toISOString() } });
+  core.crashPoint('migrate:begun');
+
+  let dest: LaunchedVm | undefined;
+  let moduleDir: string | undefined;
+  let downtimeMs = 0;
+  try {
+    const launched = await core.launchQemu(entry, {
+      installation: target, info, scope, incoming: true,
+      paths: { ...entry.record.paths, qmpSocket: destSocket },
+      onSpawned: async (proc, pinnedDir) => {
+        const refresh = entry.record.refresh as NonNullable<VmRecord['refresh']>;
+        const destination = { ...proc, qmpSocket: destSocket, ...(pinnedDir === undefined ? {} : { moduleDir: pinnedDir }) };
+        await core.record(entry, { ...entry.record, refresh: { ...refresh, destination } });
+        core.crashPoint('migrate:destination-recorded');
+      },
+    });
+    dest = launched.vm;
+    moduleDir = launched.moduleDir;
+    core.crashPoint('migrate:destination-ready');
+    entry.lock.setStep('migrating');
+    options.onStep?.('migrating', `migrating ${name} to pid ${dest.pid}`);
+    const result = await migrateLive({
+      source: sourceQmp,
+      destination: dest.qmp,
+      socketPath: streamSocket,
+      timeoutMs: (options.timeoutSec ?? DEFAULT_MIGRATE_TIMEOUT_SEC) * 1000,
+      onStatus: (status) => {
+        if (status === 'active') core.crashPoint('migrate:migrating');
+      },
+    });
+    downtimeMs = result.downtimeMs;
+  } catch (cause) {
+    const way = dest === undefined ? 'back' : await decideMigration(sourceQmp, dest.qmp);
+    if (way === 'back') {
+      await rollBackMigration(core, entry, dest, cause);
+      throw new DaemonError('REFRESH_FAILED',
+        `live migration of ${name} onto "${target.name}" failed: ${(cause as Error).message}. ${name} keeps running on its old QEMU (pid ${source.pid}); the new QEMU was removed (its log: ${entry.record.paths.stderrLog})`,
+        { cause });
+    }
+    if (way === 'unknown') {
+      // Both stay, the record names both: the retry's reattach finishes or rolls back.
+      dest?.qmp.close();
+      core.detach(entry);
+      entry.record = { ...entry.record, state: 'unreachable', problem: truncate(`migration outcome unknown: ${(cause as Error).message}`) };
+      core.scheduleRetry(entry);
+      throw new DaemonError('REFRESH_FAILED',
+        `live migration of ${name} failed and it cannot be told yet which QEMU holds the guest (${(cause as Error).message}); both are kept and vmkeepd settles it when their monitors answer`,
+        { cause });
+    }
+    core.options.logger.warn({ vm: name, err: cause }, 'the migration reported an error after the guest was handed over; going forward');
+  }
+  core.crashPoint('migrate:completed');
+  const destination = dest as LaunchedVm;
+  const next: VmRecord = {
+    ...entry.record,
+    process: { pid: destination.pid, startTime: destination.startTime, scope },
+    paths: { ...entry.record.paths, qmpSocket: destSocket },
+    installation: target,
+    binary: binaryOf(info, moduleDir),
+    retired: retiredOf(entry.record),
+    state: 'running',
+  };
+  delete next.refresh;
+  delete next.problem;
+  core.detach(entry);
+  try {
+    await core.record(entry, next);
+  } catch (error) {
+    // The guest runs in the destination, the record still names the source with the
+    // destination in `refresh`: the retry's reattach rolls forward.
+    destination.qmp.close();
+    entry.record = { ...entry.record, state: 'unreachable', problem: truncate(`migration done, record switch failed: ${(error as Error).message}`) };
+    core.scheduleRetry(entry);
+    throw error;
+  }
+  core.watch(entry, destination.qmp);
+  core.crashPoint('migrate:switched');
+  // Events of the destination before it was watched are lost: its status says what they were.
+  const { status } = await destination.qmp.queryStatus();
+  if (status === 'shutdown') {
+    await core.observe(entry, { ...entry.record, state: 'shutdown' });
+    await core.finishGuestShutdown(entry);
+  } else if (status === 'paused') {
+    await core.observe(entry, { ...entry.record, state: 'paused' });
+  }
+  await settleRetiredSafely(core, entry);
+  await rm(streamSocket, { force: true });
+  return { downtimeMs, pid: destination.pid };
+}
+
+/** The destination never ran the guest: quit it (or end it if its monitor is gone), forget it. */
+async function rollBackMigration(core: VmCore, entry: VmEntry, dest: LaunchedVm | undefined, cause: unknown): Promise<void> {
+  const recorded = entry.record.refresh?.destination;
+  core.options.logger.warn({ vm: entry.record.name, err: cause }, 'migration failed; removing the destination, the source keeps the guest');
+  await endIdleQemu(core.options.qemu, dest?.qmp, recorded);
+  if (recorded) await rm(recorded.qmpSocket, { force: true });
+  const next: VmRecord = { ...entry.record, problem: truncate(`last refresh (migrate) failed: ${(cause as Error).message}`) };
+  delete next.refresh;
+  await core.observe(entry, next);
+}
+
+/** Finishes or rolls back a migration the last daemon left mid-way. */
+export async function recoverMigration(core: VmCore, entry: VmEntry): Promise<void> {
+  const refresh = entry.record.refresh;
+  if (refresh?.strategy !== 'migrate') return;
+  const { qemu } = core.options;
+  const log = core.options.logger.child({ vm: entry.record.name });
+  const dest = refresh.destination;
+  const rollBack = async (why: string): Promise<void> => {
+    log.warn(why);
+    const next: VmRecord = { ...entry.record, problem: truncate(why) };
+    delete next.refresh;
+    await core.observe(entry, next);
+  };
+  if (dest === undefined || !qemu.isSame(dest.pid, dest.startTime)) {
+    if (dest) await rm(dest.qmpSocket, { force: true });
+    await rollBack('a refresh by migration was interrupted before its new QEMU ran the guest; rolled back, the VM stays on its old QEMU');
+    return;
+  }
+  const destQmp = await core.connect(dest.qmpSocket);
+  try {
+    const source = entry.record.process;
+    const sourceAlive = source !== undefined && qemu.isSame(source.pid, source.startTime);
+    const sourceQmp = sourceAlive ? await core.connect(entry.record.paths.qmpSocket) : undefined;
+    let way: 'forward' | 'back' | 'unknown';
+    try {
+      way = await decideMigration(sourceQmp, destQmp);
+    } finally {
+      sourceQmp?.close();
+    }
+    if (way === 'unknown') {
+      // Retried: reattachIsolated marks the VM unreachable; neither QEMU is touched.
+      throw new DaemonError('UNREACHABLE', 'an interrupted migration cannot be settled yet: which QEMU holds the guest is not known');
+    }
+    if (way === 'back') {
+      await endIdleQemu(qemu, destQmp, dest);
+      await rm(dest.qmpSocket, { force: true });
+      await rollBack('a refresh by migration was interrupted before the guest was handed over; the new QEMU was removed, the VM stays on its old QEMU');
+      return;
+    }
+    log.info('a refresh by migration was interrupted after the guest was handed over; finishing it');
+    const info = await core.options.probe(refresh.target);
+    // The folder the destination was launched with; re-pinned only for an older record.
+    const moduleDir = dest.moduleDir ?? (await pinModuleDir(refresh.target, info, core.options.pinRoot)).moduleDir;
+    const next: VmRecord = {
+      ...entry.record,
+      process: { pid: dest.pid, startTime: dest.startTime, scope: dest.scope },
+      paths: { ...entry.record.paths, qmpSocket: dest.qmpSocket },
+      installation: refresh.target,
+      binary: binaryOf(info, moduleDir),
+      state: 'running',
+    };
+    if (sourceAlive) next.retired = retiredOf(entry.record);
+    delete next.refresh;
+    await core.observe(entry, next);
+  } finally {
+    destQmp.close();
+  }
+}
+
+/** Quits the source of a finished migration (it waits guest-less in postmigrate). */
+async function settleRetired(core: VmCore, entry: VmEntry): Promise<void> {
+  const retired = entry.record.retired;
+  if (retired === undefined) return;
+  const { qemu } = core.options;
+  if (qemu.isSame(retired.pid, retired.startTime)) {
+    const qmp = await core.connect(retired.qmpSocket);
+    try {
+      const status = (await qmp.queryStatus()).status;
+      if (status !== 'postmigrate') {
+        throw new DaemonError('CONFLICT', `the old QEMU of ${entry.record.name} (pid ${retired.pid}) is ${status}, not postmigrate; left alone, check it by hand`);
+      }
+      await qmp.quit();
+      await qemu.waitForExit(retired.pid, retired.startTime, QUIT_EXIT_TIMEOUT_MS);
+    } finally {
+      qmp.close();
+    }
+  }
+  await rm(retired.qmpSocket, { force: true });
+  const next: VmRecord = { ...entry.record };
+  delete next.retired;
+  await core.observe(entry, next);
+}
+
+/** settleRetired, its failure recorded as the VM's problem: the guest runs fine meanwhile. */
+export async function settleRetiredSafely(core: VmCore, entry: VmEntry): Promise<void> {
+  try {
+    await settleRetired(core, entry);
+  } catch (error) {
+    const retired = entry.record.retired;
+    core.options.logger.warn({ vm: entry.record.name, err: error }, 'could not end the old QEMU of a finished migration; kept recorded, tried again at the next start of vmkeepd');
+    await core.observe(entry, { ...entry.record, problem: truncate(`old QEMU (pid ${retired?.pid}) of the last migration not ended yet: ${(error as Error).message}`) });
+  }
+}
+
+/**
+ * Ends a QEMU that never ran the guest (a migration destination before hand-over): `quit` over
+ * its monitor, and if it does not go, SIGKILL, which loses nothing since it holds no guest.
+ */
+async function endIdleQemu(qemu: QemuPort, qmp: QmpClient | undefined, proc: OtherQemu | undefined): Promise<void> {
+  if (qmp) {
+    await qmp.quit().catch(() => undefined);
+    qmp.close();
+  }
+  if (!proc || !qemu.isSame(proc.pid, proc.startTime)) return;
+  try {
+    await qemu.waitForExit(proc.pid, proc.startTime, QUIT_EXIT_TIMEOUT_MS);
+  } catch {
+    if (qemu.isSame(proc.pid, proc.startTime)) qemu.kill(proc.pid);
+  }
+}
