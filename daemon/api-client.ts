@@ -45,6 +45,9 @@ interface Call {
  * the daemon's own code and message, or DAEMON_DOWN / DAEMON_TIMEOUT / PERMISSION_DENIED /
  * BAD_RESPONSE when the socket itself is the problem.
  */
+/** How long a read cut off by a daemon going away is retried against the next one. */
+const READ_RETRY_MS = 10_000;
+
 export class ApiClient {
   readonly socketPath: string;
   private readonly timeoutMs: number;
@@ -178,9 +181,27 @@ export class ApiClient {
     return Math.max(this.timeoutMs, SLOW_OPERATION_TIMEOUT_MS);
   }
 
-  /** One request with a JSON answer; a status >= 400 becomes the daemon's DaemonError. */
+  /**
+   * One request with a JSON answer; a status >= 400 becomes the daemon's DaemonError. A read
+   * that a daemon going away cut off (a restart, an upgrade) is asked again of the next one for
+   * a few seconds; a daemon that is simply not running fails at once.
+   */
   private async json<T>(call: Call): Promise<T> {
-    const { response, body } = await this.exchange(call);
+    const deadline = Date.now() + READ_RETRY_MS;
+    let wentAway = false;
+    let exchanged: { response: IncomingMessage; body: Buffer };
+    for (let attempt = 1; ; attempt++) {
+      try {
+        exchanged = await this.exchange(call);
+        break;
+      } catch (error) {
+        const cause = (error as { cause?: NodeJS.ErrnoException }).cause?.code;
+        if (cause === 'ECONNRESET' || cause === 'EPIPE') wentAway = true;
+        if (call.method !== 'GET' || !wentAway || (error as DaemonError).code !== 'DAEMON_DOWN' || Date.now() > deadline) throw error;
+        await new Promise((resolve) => setTimeout(resolve, Math.min(50 * attempt, 500)));
+      }
+    }
+    const { response, body } = exchanged;
     const text = body.toString('utf8');
     let parsed: unknown;
     try {

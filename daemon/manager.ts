@@ -65,6 +65,11 @@ export interface VmManagerOptions {
   healthIntervalMs?: number;
 }
 
+/** A failure as the API reports it: ours keep their code, anything else (the file system) is a start failure. */
+function asDaemonError(error: unknown): DaemonError {
+  return error instanceof DaemonError ? error : new DaemonError('START_FAILED', (error as Error).message, { cause: error });
+}
+
 /** The unit whose stop powers every guest off at host shutdown (snap/vmkeep-guests.service). */
 export const DEFAULT_GUESTS_UNIT = 'vmkeep-guests.service';
 
@@ -273,6 +278,7 @@ export class VmManager implements DaemonOps, VmCore {
     // second request) that comes meanwhile waits for it or is refused, never runs in between.
     return entry.lock.run('create', async () => {
       try {
+        this.refuseWhenClosed(spec.name);
         await this.options.store.put(record);
       } catch (error) {
         this.vms.delete(spec.name);
@@ -284,7 +290,7 @@ export class VmManager implements DaemonOps, VmCore {
         await this.startNow(entry);
       } catch (error) {
         const kept = !(await this.forgetFailedCreate(entry));
-        const { code, message } = error as DaemonError;
+        const { code, message } = asDaemonError(error);
         throw new DaemonError(code, kept
           ? `${message}. Its QEMU runs, so ${spec.name} stays recorded (state ${entry.record.state}); see vmkeep status ${spec.name}`
           : `${message}. Nothing was kept: fix the cause and create ${spec.name} again`, { cause: error });
@@ -294,10 +300,12 @@ export class VmManager implements DaemonOps, VmCore {
 
   /** A create whose start failed leaves nothing behind, unless a QEMU of it runs after all. */
   private async forgetFailedCreate(entry: VmEntry): Promise<boolean> {
-    if (entry.record.process !== undefined) return false;
+    // A closing daemon leaves the record to the next one, which sees what runs.
+    if (entry.record.process !== undefined || this.closed) return false;
     const name = entry.record.name;
     try {
       await this.options.store.remove(name);
+      this.refuseWhenClosed(name);
       await rm(this.vmDir(name), { recursive: true, force: true });
       this.vms.delete(name);
       this.emit({ type: 'vm-deleted', vm: name });
@@ -308,7 +316,7 @@ export class VmManager implements DaemonOps, VmCore {
     }
   }
 
-  start(name: string): Promise<VmView> {
+  async start(name: string): Promise<VmView> {
     const entry = this.entry(name);
     return entry.lock.run('start', async () => {
       this.requireLive(entry);
@@ -319,7 +327,7 @@ export class VmManager implements DaemonOps, VmCore {
       try {
         await this.startNow(entry);
       } catch (error) {
-        const { code, message } = error as DaemonError;
+        const { code, message } = asDaemonError(error);
         throw new DaemonError(code, `${message}. ${name} stays recorded (state ${entry.record.state}): fix the cause and run vmkeep start ${name}, or vmkeep delete ${name}`, { cause: error });
       }
     }, { refuseIfBusy: true }).then(() => toView(entry));
@@ -428,7 +436,7 @@ export class VmManager implements DaemonOps, VmCore {
     });
   }
 
-  stop(name: string, options: StopOptions = {}): Promise<VmView> {
+  async stop(name: string, options: StopOptions = {}): Promise<VmView> {
     const entry = this.entry(name);
     // Queued, never refused: a stop (host shutdown included) must happen once the VM is free.
     return entry.lock.run('stop', async () => {
@@ -480,15 +488,17 @@ export class VmManager implements DaemonOps, VmCore {
     await this.endQemu(entry, reason);
   }
 
-  delete(name: string): Promise<void> {
+  async delete(name: string): Promise<void> {
     const entry = this.entry(name);
     return entry.lock.run('delete', async () => {
       this.requireLive(entry);
       if (entry.record.process) {
         throw new DaemonError('CONFLICT', `${name} has a QEMU (pid ${entry.record.process.pid}, ${entry.record.state}); stop it first (vmkeep stop ${name})`);
       }
+      this.refuseWhenClosed(name);
       await this.options.store.remove(name);
       // The folder goes before the name is free: a quick re-create must not lose its new socket.
+      this.refuseWhenClosed(name);
       await rm(this.vmDir(name), { recursive: true, force: true });
       this.vms.delete(name);
       this.emit({ type: 'vm-deleted', vm: name });
@@ -511,7 +521,7 @@ export class VmManager implements DaemonOps, VmCore {
 
   // ---- refresh -------------------------------------------------------------------------------
 
-  refresh(name: string, options: RefreshOptions = {}): Promise<RefreshOutcome> {
+  async refresh(name: string, options: RefreshOptions = {}): Promise<RefreshOutcome> {
     const entry = this.entry(name);
     return entry.lock.run('refresh', () => {
       this.requireLive(entry);
@@ -707,14 +717,18 @@ export class VmManager implements DaemonOps, VmCore {
     }
   }
 
+  /**
+   * Once closed, the lock may already belong to the next vmkeepd: an operation still under way
+   * here must not change what that daemon reads and writes. It fails, the record stays as it
+   * was, and the next daemon finishes or rolls back from there.
+   */
+  private refuseWhenClosed(name: string): void {
+    if (this.closed) throw new DaemonError('DAEMON_DOWN', `vmkeepd is stopping; ${name}'s record is left as it was for the next vmkeepd`);
+  }
+
   /** An intent: written durably first, then memory and subscribers. Throws; memory unchanged then. */
   async record(entry: VmEntry, next: VmRecord): Promise<void> {
-    // Once closed, the lock may already belong to the next vmkeepd: an operation still under way
-    // here must not overwrite what that daemon reads and writes. It fails, the record stays as
-    // it was, and the next daemon finishes or rolls back from there.
-    if (this.closed) {
-      throw new DaemonError('DAEMON_DOWN', `vmkeepd is stopping; ${next.name}'s record is left as it was for the next vmkeepd`);
-    }
+    this.refuseWhenClosed(next.name);
     const record = { ...next, updatedAt: new Date().toISOString() };
     await this.options.store.put(record);
     entry.unsaved = undefined;

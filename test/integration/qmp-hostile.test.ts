@@ -148,20 +148,34 @@ describe('QMP client against a hostile unix-socket peer', () => {
     await within((await firstConn()).gone, 3000, 'the client to drop the flooding connection');
   });
 
-  it('a 2 MiB reply line mid-command -> LINE_TOO_LONG to the command and to close listeners', async () => {
-    const { path, firstConn } = await fakeServer(async (conn) => {
+  it('a 2 MiB reply line mid-command fails that command only; the next command is answered', async () => {
+    const { path } = await fakeServer(async (conn) => {
       await conn.handshake();
-      await conn.nextCommand('query-status');
-      conn.socket.write(`{"return": "${'x'.repeat(TWO_MIB)}`);
+      const first = await conn.nextCommand('query-status');
+      conn.socket.write(`{"return": "${'x'.repeat(TWO_MIB)}", "id": ${JSON.stringify(first.id)}}\r\n`);
+      const second = await conn.nextCommand('query-status');
+      conn.socket.write(`${JSON.stringify({ return: { status: 'running', running: true }, id: second.id })}\r\n`);
     });
     const client = await connectQmp(path);
     clients.push(client);
-    expect(client.oobEnabled).toBe(true);
     const closeReasons: string[] = [];
     client.on('close', (reason) => closeReasons.push(reason.code));
     const err = await rejection(client.queryStatus(), 'queryStatus answered by a 2 MiB line');
     expect(err.code).toBe('LINE_TOO_LONG');
-    expect(closeReasons).toEqual(['LINE_TOO_LONG']);
+    expect(err.message).toMatch(/was dropped; the connection stays open/);
+    expect((await within(client.queryStatus(), 3000, 'the next query-status')).status).toBe('running');
+    expect(closeReasons).toEqual([]);
+  });
+
+  it('a 2 MiB line with no newline and no command waiting -> LINE_TOO_LONG, connection dropped', async () => {
+    const { path, firstConn } = await fakeServer(async (conn) => {
+      await conn.handshake();
+      conn.socket.write(`{"event": "${'x'.repeat(TWO_MIB)}`);
+    });
+    const client = await connectQmp(path);
+    clients.push(client);
+    const reason = await within(client.whenClosed(), 5000, 'the client to close on the overlong line');
+    expect(reason.code).toBe('LINE_TOO_LONG');
     await within((await firstConn()).gone, 3000, 'the client to drop the connection');
   });
 

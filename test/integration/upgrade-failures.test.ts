@@ -68,7 +68,9 @@ function qemusOf(name: string): number[] {
     try {
       const args = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
       const identity = readProcessIdentity(Number(entry));
-      if (args.includes(`guest=${name}`) && identity !== null && identity.state !== 'Z') pids.push(Number(entry));
+      // This test's host only: other test runs on the machine may have VMs of the same name.
+      const ours = args.some((arg) => arg.includes(host.serialLog(name)));
+      if (args.includes(`guest=${name}`) && ours && identity !== null && identity.state !== 'Z') pids.push(Number(entry));
     } catch {
       // gone meanwhile
     }

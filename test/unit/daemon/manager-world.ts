@@ -10,10 +10,38 @@ import { RecordStore, type RecordFs, type RecordFileHandle } from '../../../daem
 import type { Installation, InstallationInfo } from '../../../launcher/index.js';
 import { FakeQemuHost } from './fake-qemu.js';
 
-/** Records in memory; `full` makes every write fail with ENOSPC, as a full disk does. */
+/**
+ * Records in memory; `full` makes every write fail with ENOSPC, as a full disk does. Each
+ * daemon gets its own view (`forDaemon`): a restart fences the previous one, whose operations
+ * still under way then fail as they would in a process that is gone.
+ */
 export class MemoryRecordFs implements RecordFs {
   readonly files = new Map<string, Buffer>();
   full = false;
+  private generation = 0;
+
+  forDaemon(): RecordFs {
+    const mine = ++this.generation;
+    const alive = (): void => {
+      if (this.generation !== mine) throw Object.assign(new Error('this vmkeepd is gone'), { code: 'EIO' });
+    };
+    const fenced = <A extends unknown[], R>(f: (...args: A) => Promise<R>) => async (...args: A): Promise<R> => {
+      alive();
+      return f(...args);
+    };
+    return {
+      mkdir: fenced(() => this.mkdir()),
+      create: fenced(async (path: string) => {
+        const handle = await this.create(path);
+        return { ...handle, write: fenced((data: Uint8Array) => handle.write(data)) };
+      }),
+      rename: fenced((from: string, to: string) => this.rename(from, to)),
+      unlink: fenced((path: string) => this.unlink(path)),
+      readdir: fenced((path: string) => this.readdir(path)),
+      readFile: fenced((path: string, max: number) => this.readFile(path, max)),
+      syncDir: fenced(() => this.syncDir()),
+    };
+  }
 
   async mkdir(): Promise<void> {}
 
@@ -95,7 +123,7 @@ export async function openWorld(options: { healthIntervalMs?: number; retryInter
     manager: undefined as unknown as VmManager,
     async restart() {
       await world.manager?.close();
-      const store = new RecordStore(recordsDir, fs);
+      const store = new RecordStore(recordsDir, fs.forDaemon());
       await store.init();
       world.manager = new VmManager({
         store,
