@@ -143,7 +143,7 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
             if ((a.name !== undefined) === a.all) return 'name one VM or give --all (exactly one of them)';
             if (a.stateDir !== undefined && !a.all) return '--state-dir goes with --all';
             if (a.name !== undefined && checkName(a.name) !== true) return checkName(a.name);
-            // Contract point 3: powering every guest off never hard-kills one.
+            // ARCHITECTURE.md invariant 3: powering every guest off never hard-kills one.
             if (a.all && a.force) return '--all never forces a guest off; quit one that ignores ACPI with: vmkeep stop NAME --force';
             return a.timeout === undefined || (Number.isFinite(a.timeout) && a.timeout > 0) ? true : '--timeout must be a positive number of seconds';
           })

@@ -1,7 +1,7 @@
 import { request, type IncomingMessage } from 'node:http';
 import { StringDecoder } from 'node:string_decoder';
 import { DaemonError, type DaemonErrorCode } from './errors.js';
-import { DEFAULT_STOP_TIMEOUT_SEC } from './model.js';
+import { DEFAULT_MIGRATE_TIMEOUT_SEC, DEFAULT_REBOOT_TIMEOUT_SEC, DEFAULT_STOP_TIMEOUT_SEC } from './model.js';
 import type {
   CreateOptions, DaemonEvent, DaemonInfo, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome, StopOptions,
   UpgradeStatus, VmView,
@@ -28,7 +28,7 @@ const SLOW_OPERATION_TIMEOUT_MS = 5 * 60_000;
 // Room, beyond the guest's ACPI wait, for the quit that follows and the answer.
 const STOP_MARGIN_MS = 60_000;
 // The daemon's longest default refresh wait (a reboot's ACPI timeout).
-const DEFAULT_REFRESH_WAIT_SEC = 120;
+const DEFAULT_REFRESH_WAIT_SEC = Math.max(DEFAULT_MIGRATE_TIMEOUT_SEC, DEFAULT_REBOOT_TIMEOUT_SEC);
 // No real answer comes near this; a bigger one is not the vmkeep API.
 const MAX_RESPONSE_BYTES = 64 * 1024 * 1024;
 const MAX_EVENT_LINE_BYTES = 1024 * 1024;

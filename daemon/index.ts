@@ -27,5 +27,4 @@ export type {
   RefreshStep, StopOptions, UpgradeStatus, VmState, VmUpgradeStatus, VmView,
 } from './model.js';
 export { ApiClient, DEFAULT_SOCKET_PATH, type ApiClientOptions } from './api-client.js';
-export { startApiServer } from './api-server.js';
 export { REFRESH_STRATEGIES, type RefreshStrategy } from '../upgrade/index.js';

@@ -17,7 +17,7 @@ import {
   type InstallationsConfig, type RefreshStrategy,
 } from '../upgrade/index.js';
 import { DaemonError } from './errors.js';
-import { DEFAULT_STOP_TIMEOUT_SEC } from './model.js';
+import { DEFAULT_REBOOT_TIMEOUT_SEC, DEFAULT_STOP_TIMEOUT_SEC, MONITOR_GREETING_TIMEOUT_MS } from './model.js';
 import type {
   CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome,
   StopOptions, UpgradeStatus, VmView,
@@ -73,8 +73,6 @@ function asDaemonError(error: unknown): DaemonError {
 /** The unit whose stop powers every guest off at host shutdown (snap/vmkeep-guests.service). */
 export const DEFAULT_GUESTS_UNIT = 'vmkeep-guests.service';
 
-const DEFAULT_REBOOT_TIMEOUT_SEC = 120;
-
 /**
  * The daemon's VM bookkeeping: reattach at start, create/start/stop/delete, refresh. Never
  * signals a QEMU except `quit` over QMP on an explicit stop or a finished guest shutdown
@@ -99,7 +97,7 @@ export class VmManager implements DaemonOps, VmCore {
       defaultPolicy: o.defaultPolicy, pinRoot: o.pinRoot, guestsUnit: o.guestsUnit ?? DEFAULT_GUESTS_UNIT,
       ...(o.crashAt === undefined ? {} : { crashAt: o.crashAt }),
       probe: o.probe, runtimeDir: o.runtimeDir, logger: o.logger,
-      greetingTimeoutMs: o.greetingTimeoutMs ?? 3_000,
+      greetingTimeoutMs: o.greetingTimeoutMs ?? MONITOR_GREETING_TIMEOUT_MS,
       retryIntervalMs: o.retryIntervalMs ?? 5_000,
       healthIntervalMs: o.healthIntervalMs ?? 5_000,
     };

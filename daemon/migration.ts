@@ -9,13 +9,11 @@ import type { QmpClient } from '../qmp/index.js';
 import { scopeUnitName } from '../scope-manager/index.js';
 import { decideMigration, migrateLive, pinModuleDir } from '../upgrade/index.js';
 import { DaemonError } from './errors.js';
-import type { RefreshOptions } from './model.js';
+import { DEFAULT_MIGRATE_TIMEOUT_SEC, type RefreshOptions } from './model.js';
 import type { QemuPort } from './ports.js';
 import type { OtherQemu, VmRecord } from './records.js';
 import type { VmCore } from './vm-core.js';
 import { binaryOf, retiredOf, truncate, type VmEntry } from './vm-entry.js';
-
-export const DEFAULT_MIGRATE_TIMEOUT_SEC = 60;
 
 /**
  * Live migration into a new QEMU of the target installation, in its own new scope. Until the

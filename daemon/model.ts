@@ -76,7 +76,7 @@ export type RefreshStep = 'started' | 'migrating' | 'powering-off' | 'starting' 
 export interface RefreshOptions {
   /** Default: the VM's own policy, else the daemon's. */
   strategy?: RefreshStrategy;
-  /** Seconds for the migration, or for the guest to power off (reboot); defaults 60 / 120. */
+  /** Seconds for the migration, or for the guest to power off (reboot); DEFAULT_MIGRATE_TIMEOUT_SEC / DEFAULT_REBOOT_TIMEOUT_SEC. */
   timeoutSec?: number;
   /** reboot: quit a guest that ignores ACPI (it loses unwritten data). */
   force?: boolean;
@@ -158,6 +158,12 @@ export interface CreateOptions {
 
 /** Seconds a guest gets to power off after the ACPI request, unless the caller says otherwise. */
 export const DEFAULT_STOP_TIMEOUT_SEC = 60;
+/** Seconds a live migration may take, unless the caller says otherwise. */
+export const DEFAULT_MIGRATE_TIMEOUT_SEC = 60;
+/** Seconds a reboot refresh gives the guest to power off, unless the caller says otherwise. */
+export const DEFAULT_REBOOT_TIMEOUT_SEC = 120;
+/** How long vmkeepd waits for a monitor's greeting before it calls the VM unreachable (retried). */
+export const MONITOR_GREETING_TIMEOUT_MS = 3_000;
 
 export interface StopOptions {
   /** Seconds the guest gets to power off after ACPI; default DEFAULT_STOP_TIMEOUT_SEC. */

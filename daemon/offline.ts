@@ -1,8 +1,8 @@
-import { isSameProcess, waitForProcessExit } from '../launcher/index.js';
-import { connectQmp } from '../qmp/index.js';
+import { isSameProcess, QUIT_EXIT_TIMEOUT_MS, waitForProcessExit } from '../launcher/index.js';
+import { connectQmp, powerDownGuest } from '../qmp/index.js';
 import { DaemonError } from './errors.js';
 import { acquireDaemonLock, type DaemonLock } from './lock.js';
-import type { VmState } from './model.js';
+import { MONITOR_GREETING_TIMEOUT_MS, type VmState } from './model.js';
 import { recordsDir, RecordStore, type VmRecord } from './records.js';
 
 /** The part of the API `vmkeep stop --all` needs, served straight from the records. */
@@ -13,15 +13,13 @@ export interface OfflineGuests {
   close(): Promise<void>;
 }
 
-const GREETING_TIMEOUT_MS = 3_000;
-const QUIT_EXIT_TIMEOUT_MS = 15_000;
 
 /**
  * Powering guests off while vmkeepd is down (a host shutdown after it crashed or before it was
  * ready): vmkeepd's own lock is taken, so this never races a daemon (LOCKED names the one that
  * runs), and each recorded QEMU that is still the same process gets an ACPI power-off, its
  * guest the timeout, then `quit` once it powered off; the record says so. A guest that ignores
- * ACPI is left running (STOP_TIMEOUT), never killed (contract point 3).
+ * ACPI is left running (STOP_TIMEOUT), never killed (ARCHITECTURE.md, invariant 3).
  */
 export async function openOfflineGuests(stateDir: string): Promise<OfflineGuests> {
   const lock: DaemonLock = await acquireDaemonLock(stateDir);
@@ -44,16 +42,13 @@ export async function openOfflineGuests(stateDir: string): Promise<OfflineGuests
       if (record === undefined) throw new DaemonError('NOT_FOUND', `no record of a VM named ${JSON.stringify(name)}`);
       const proc = record.process;
       if (proc === undefined || !alive(record)) return { name, state: record.state };
-      const qmp = await connectQmp(record.paths.qmpSocket, { greetingTimeoutMs: GREETING_TIMEOUT_MS });
+      const qmp = await connectQmp(record.paths.qmpSocket, { greetingTimeoutMs: MONITOR_GREETING_TIMEOUT_MS });
       try {
         if ((await qmp.queryStatus()).status !== 'shutdown') {
-          const shutdown = qmp.waitForEvent('SHUTDOWN', { timeoutMs: timeoutSec * 1000 });
-          shutdown.catch(() => undefined);
-          await qmp.systemPowerdown();
           try {
-            await shutdown;
+            await powerDownGuest(qmp, { timeoutMs: timeoutSec * 1000 });
           } catch (cause) {
-            throw new DaemonError('STOP_TIMEOUT', `${name} did not power off within ${timeoutSec} s of the ACPI request and is still running`, { cause });
+            throw new DaemonError('STOP_TIMEOUT', `${name} did not power off within ${timeoutSec} s of the ACPI request and is still running (${(cause as Error).message})`, { cause });
           }
         }
         await qmp.quit();

@@ -13,7 +13,7 @@ export interface LaunchVmOptions {
   /** The installation's probe result (probeInstallation). */
   info: InstallationInfo;
   paths: { qmpSocket: string; serialLog: string; stderrLog: string };
-  /** Moves the paused QEMU into its scope before any guest code runs (contract point 1). */
+  /** Moves the paused QEMU into its scope before any guest code runs (ARCHITECTURE.md, invariant 1). */
   placeInScope?: (pid: number) => Promise<void>;
   /** Leave the guest paused after start (default false: `cont` once everything is in place). */
   stayPaused?: boolean;

@@ -4,7 +4,7 @@ import { QMP_EVENT } from './events.js';
 
 /**
  * How often the ACPI power button is pressed again while the guest has not acted: a guest
- * still booting has no ACPI handler yet and drops the first press (README, "Stopping VMs").
+ * still booting has no ACPI handler yet and drops the first press (ARCHITECTURE.md, "Operations").
  */
 export const ACPI_REPEAT_MS = 2_000;
 

@@ -131,10 +131,10 @@ export class ScopeManager {
    * block its name (a failed scope that still has processes is kept: systemd never collects a
    * populated cgroup). SendSIGKILL=no, so stopping the scope (a forced stop, an operator's
    * `systemctl stop`) sends SIGTERM only and does not escalate to SIGKILL after TimeoutStopSec:
-   * a QEMU that does not exit stays running in a `failed` scope, to be reported (contract point
-   * 3). Only an explicit killScope(name, 'SIGKILL') kills hard (and, at host power-off, systemd's
+   * a QEMU that does not exit stays running in a `failed` scope, to be reported (ARCHITECTURE.md,
+   * invariant 3). Only an explicit killScope(name, 'SIGKILL') kills hard (and, at host power-off, systemd's
    * final kill of all remaining processes). No AddRef: nothing of the scope may depend on the
-   * daemon's bus connection (contract point 2).
+   * daemon's bus connection (ARCHITECTURE.md, invariant 2).
    */
   async createScope(options: CreateScopeOptions): Promise<CreatedScope> {
     const { name, pids } = options;

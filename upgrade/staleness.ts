@@ -1,4 +1,4 @@
-import type { BinaryIdentity, ExeInfo, Installation, InstallationInfo } from '../launcher/index.js';
+import { sameBinary, type BinaryIdentity, type ExeInfo, type Installation, type InstallationInfo } from '../launcher/index.js';
 import { compareQemuVersions } from './version.js';
 
 export interface StalenessInput {
@@ -37,8 +37,7 @@ export function assessStaleness(input: StalenessInput): Staleness {
     }
   } else if (launched.binary === undefined) {
     reasons.push('the binary it was started from is unknown');
-  } else if (launched.binary.dev !== target.dev || launched.binary.ino !== target.ino
-    || launched.binary.size !== target.size || launched.binary.mtimeMs !== target.mtimeMs) {
+  } else if (!sameBinary(launched.binary, target)) {
     reasons.push(`it was started from ${launched.binary.path} (recorded identity), which is not the current installation "${current.installation.name}" (${target.path})`);
   }
   const result: Staleness = { stale: reasons.length > 0, reasons, currentVersion: current.info.version };

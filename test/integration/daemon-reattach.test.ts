@@ -1,4 +1,4 @@
-// Contract points 4, 7, 9 with vmkeepd as a real service and real QEMUs: what happens while the
+// ARCHITECTURE.md invariants 4, 7, 9 with vmkeepd as a real service and real QEMUs: what happens while the
 // daemon is away is found when it comes back, and bad input changes nothing.
 import { type ChildProcess } from 'node:child_process';
 import { connect } from 'node:net';

@@ -1,4 +1,4 @@
-// Contract points 1, 2, 4: vmkeepd as a real systemd service; VMs are real QEMUs booting the
+// ARCHITECTURE.md invariants 1, 2, 4: vmkeepd as a real systemd service; VMs are real QEMUs booting the
 // tiny guest. Restarting or SIGKILLing the daemon never touches them; without scopes (the
 // negative control) they die with the service.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';

@@ -1,4 +1,4 @@
-// Contract point 3 at host shutdown: with vmkeep-guests.service (the shipped unit) active, the
+// ARCHITECTURE.md invariant 3 at host shutdown: with vmkeep-guests.service (the shipped unit) active, the
 // private systemd's own shutdown (`systemctl exit`) powers every guest off through ACPI before
 // any VM scope is stopped; a guest that ignores ACPI is named in the log after the timeout.
 // Negative control: without that unit the shutdown stops the scopes at once (SIGTERM to QEMU)

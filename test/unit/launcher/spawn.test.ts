@@ -1,4 +1,4 @@
-// spawnQemu's guard of contract point 1, checked before anything is spawned.
+// spawnQemu's guard of ARCHITECTURE.md invariant 1, checked before anything is spawned.
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
