@@ -1,7 +1,6 @@
 // The failure paths of a refresh, for real: a new QEMU that cannot start, targets that cannot
 // take the VM, a guest that ignores ACPI, and vmkeepd SIGKILLed at every step of a migration
 // and of a reboot. Each ends with exactly one QEMU per VM, named by its record, guest running.
-import { readdirSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -60,30 +59,12 @@ async function makeCurrent(name: string): Promise<void> {
   await host.restart();
 }
 
-/** Host PIDs of the live QEMUs of a VM, found by their command line, not by what vmkeepd says. */
-function qemusOf(name: string): number[] {
-  const pids: number[] = [];
-  for (const entry of readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
-    try {
-      const args = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
-      const identity = readProcessIdentity(Number(entry));
-      // This test's host only: other test runs on the machine may have VMs of the same name.
-      const ours = args.some((arg) => arg.includes(host.serialLog(name)));
-      if (args.includes(`guest=${name}`) && ours && identity !== null && identity.state !== 'Z') pids.push(Number(entry));
-    } catch {
-      // gone meanwhile
-    }
-  }
-  return pids;
-}
-
 /** Exactly one QEMU of the VM runs, it is the one the record names, and the guest ticks on. */
 async function expectOneRunning(name: string): Promise<VmView> {
   // A migration whose outcome could not be read yet at the restart is settled by a retry.
   const vm = await waitForVm(host.api, name, (v) => v.state !== 'unreachable' && v.operation === undefined, 'settled (not unreachable)', 30_000);
   expect(vm.state, `${name}: ${vm.problem ?? ''}`).toBe('running');
-  expect(qemusOf(name)).toEqual([host.hostPid(vm)]);
+  expect(host.qemusOf(name)).toEqual([host.hostPid(vm)]);
   const record = await host.record(name);
   expect(record.refresh).toBeUndefined();
   expect(record.retired).toBeUndefined();
