@@ -11,8 +11,8 @@
 // Host safety (a booted Debian would otherwise touch the host):
 // - units that act on the kernel or devices (udev, sysctl, modules, binfmt, remount, kernel file
 //   systems, networkd...) are masked in the root before it is ever booted;
-// - nspawn runs inside `unshare --pid --fork --kill-child --mount --mount-proc`: if the test
-//   dies, the kernel ends every process of the root; nspawn's own /run and /tmp are private
+// - nspawn runs inside `setpriv --pdeathsig KILL unshare --pid --fork --kill-child --mount
+//   --mount-proc`: if the test dies, the kernel ends every process of the root; nspawn's own /run and /tmp are private
 //   tmpfs (else it writes /run/systemd/nspawn and /tmp/nspawn-* on the host);
 // - the wrapper moves itself into its own cgroups first, removed at shutdown deepest first.
 import { createHash } from 'node:crypto';
@@ -113,6 +113,10 @@ export async function ensureDebianRoot(): Promise<string> {
       if (!existsSync(join(dir, 'complete'))) throw error;
     });
     await writeFile(join(dir, 'complete'), `${JSON.stringify(RECIPE, null, 2)}\n`);
+    // Roots of older recipes are never used again.
+    for (const entry of readdirSync(CACHE_ROOT)) {
+      if (/^[0-9a-f]{16}$/.test(entry) && entry !== recipeKey()) await rm(join(CACHE_ROOT, entry), { recursive: true, force: true });
+    }
     return root;
   } finally {
     await rm(building, { recursive: true, force: true });
@@ -167,8 +171,10 @@ export class DebianRoot {
     const consoleLog = join(workDir, 'console.log');
     const out = openSync(consoleLog, 'a');
     const binds = (options.binds ?? []).map((b) => `--bind${b.readOnly ? '-ro' : ''}=${b.host}:${b.inside}`);
-    const wrapper = spawn('unshare', [
-      '--pid', '--fork', '--kill-child', '--mount', '--mount-proc', '--propagation', 'private',
+    // setpriv --pdeathsig: if this test process dies, the kernel SIGKILLs the wrapper, whose
+    // --kill-child then ends the whole root.
+    const wrapper = spawn('setpriv', [
+      '--pdeathsig', 'KILL', 'unshare', '--pid', '--fork', '--kill-child', '--mount', '--mount-proc', '--propagation', 'private',
       'sh', '-c', BOOT_SCRIPT, 'sh', cg2, cg1, lower, join(workDir, 'upper'), join(workDir, 'ovwork'), join(workDir, 'merged'), ...binds,
     ], { stdio: ['ignore', out, out], detached: true });
     closeSync(out);
