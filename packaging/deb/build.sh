@@ -96,7 +96,22 @@ done
 
 cp "$root/snap/vmkeepd.service" "$root/snap/vmkeep-guests.service" "$stage/lib/systemd/system/"
 chmod 0644 "$stage/lib/systemd/system/"*.service
-[[ -f $root/LICENSE ]] && cp "$root/LICENSE" "$stage/usr/share/doc/vmkeep/copyright"
+cat > "$stage/usr/share/doc/vmkeep/copyright" <<COPYRIGHT
+Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: vmkeep
+
+Files: *
+License: Apache-2.0
+ On Debian systems the full text is in /usr/share/common-licenses/Apache-2.0.
+
+Files: usr/lib/vmkeep/node/*
+License: MIT and others
+ Node.js $NODE_VERSION, the official build; its licenses are in node-LICENSE here.
+
+Files: usr/lib/vmkeep/node_modules/*
+License: various (MIT, ISC, Apache-2.0)
+ Each module's license file is in its folder.
+COPYRIGHT
 
 size=$(du -sk --exclude=DEBIAN "$stage" | cut -f1)
 sed -e "s/@VERSION@/$version/" -e "s/@SIZE@/$size/" -e "s/@NODE_VERSION@/$NODE_VERSION/" "$here/control.in" > "$stage/DEBIAN/control"
