@@ -7,7 +7,8 @@
 //   3. a real QEMU package upgrade inside the root (7.2 -> 10.0 from bookworm-backports):
 //      VMs stale with both versions, `vmkeep refresh --stale --strategy migrate` moves them onto
 //      10.0 live, guests never rebooted;
-//   4. apt remove vmkeep: every guest powered off by ACPI first, no QEMU killed;
+//   4. apt remove vmkeep: every guest powered off by ACPI first, no QEMU killed; apt purge
+//      keeps the VM records unless VMKEEP_PURGE_STATE=yes;
 //   5. negative control: the same packages with a unit running vmkeepd --no-scope (VMs in the
 //      service's cgroup) lose the VM on the upgrade of step 2.
 import { existsSync, readFileSync } from 'node:fs';
@@ -215,7 +216,7 @@ describe('the .deb on a fresh Debian bookworm, installed, upgraded and removed w
     }
   }, 400_000);
 
-  it('4. apt remove vmkeep: every guest powered off by ACPI first, no QEMU killed', async () => {
+  it('4. apt remove vmkeep: every guest powered off by ACPI first, no QEMU killed; apt purge keeps the records', async () => {
     await root.sh('apt-get remove -y -q vmkeep', { env: APT_ENV, timeoutMs: 300_000 });
     expect(existsSync(root.path('/usr/bin/vmkeep')), '/usr/bin/vmkeep removed').toBe(false);
     expect((await root.exec(['systemctl', 'is-active', 'vmkeepd.service'])).stdout.trim()).not.toBe('active');
@@ -227,6 +228,12 @@ describe('the .deb on a fresh Debian bookworm, installed, upgraded and removed w
     }
     const qemus = await root.exec(['pgrep', '-c', 'qemu-system']);
     expect(qemus.stdout.trim(), 'no QEMU left').toBe('0');
+
+    // A purge keeps the VM records unless asked (the ask is in the negative control below).
+    const purged = await root.exec(['apt-get', 'purge', '-y', '-q', 'vmkeep'], { env: APT_ENV });
+    expect(purged.exitCode, purged.stderr).toBe(0);
+    expect(purged.stdout + purged.stderr).toContain('kept its state in /var/lib/vmkeep');
+    expect(existsSync(root.path('/var/lib/vmkeep/vms/deb1.json')), 'the records are kept').toBe(true);
   }, 300_000);
 });
 
@@ -253,5 +260,8 @@ describe('5. negative control: a unit that keeps the VMs in the service\'s cgrou
     expect(vms.startTime(old.pid), 'the QEMU died with the service').toBeNull();
     const vm = await vms.api.get('deb1');
     expect(vm.state).not.toBe('running');
+
+    await root.sh('apt-get purge -y -q vmkeep', { env: { ...APT_ENV, VMKEEP_PURGE_STATE: 'yes' }, timeoutMs: 300_000 });
+    expect(existsSync(root.path('/var/lib/vmkeep')), 'VMKEEP_PURGE_STATE=yes: the state is removed').toBe(false);
   }, 400_000);
 });
