@@ -11,6 +11,7 @@ import { addVmCommands, type DaemonApi } from './vm-commands.js';
 import { runDaemonCommand } from './daemon-command.js';
 import { DEFAULT_SOCKET_PATH } from '../daemon/index.js';
 import { VERSION } from './version.js';
+import { formatVersion, versionReport, versionRequest } from './version-command.js';
 
 export interface CliIo {
   stdout: Writable;
@@ -108,8 +109,9 @@ function dropForeignEnvOptions(args: Record<string, unknown>, known: Record<stri
 }
 
 /** Runs the vmkeep command line; resolves to the process exit code. */
-export async function main(argv: string[], io: CliIo): Promise<number> {
+export async function main(givenArgv: string[], io: CliIo): Promise<number> {
   let exitCode = 0;
+  const argv = versionRequest(givenArgv) ?? givenArgv;
   const base = yargs(argv)
     .scriptName('vmkeep')
     .usage('vmkeep: QEMU virtual machines that survive daemon restarts and package upgrades\n\nUsage: $0 <command> [options]')
@@ -160,6 +162,26 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
   // getOptions() exists at run time (yargs 18) but not in @types/yargs 17.
   const optionsOf = base as unknown as { getOptions(): { key: Record<string, unknown> } };
   base.middleware((args) => dropForeignEnvOptions(args, optionsOf.getOptions().key, process.env, argv), true);
+  base.command(
+    'version',
+    'print vmkeep\'s version (also --version); with --json, also the QEMU installations it sees',
+    (y) =>
+      installationOptions(y).option('installations', {
+        type: 'string',
+        describe: 'JSON file of QEMU installations to report (env VMKEEP_INSTALLATIONS); without it, --qemu names the only one',
+      }),
+    async (a) => {
+      const report = await versionReport(
+        a.json,
+        {
+          ...(a.installations === undefined ? {} : { installationsFile: a.installations }),
+          single: () => installationFrom(a, io.env),
+        },
+        a.cacheDir ?? defaultCacheDir(io.env),
+      );
+      io.stdout.write(a.json ? `${JSON.stringify(report)}\n` : `${formatVersion(report)}\n`);
+    },
+  );
   base.command(
     'daemon',
     'run vmkeepd in the foreground (what the vmkeepd service runs); its VMs live in their own scopes and outlive it',

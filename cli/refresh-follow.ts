@@ -59,9 +59,11 @@ export async function followRefreshJob(api: DaemonApi, request: RefreshJobReques
     const stream = api.events(onEvent, { signal: controller.signal, onOpen: opened });
     await Promise.race([open, stream]);
     const job = await api.startRefreshJob(request);
-    jobId = job.id;
     if (io.json) io.stdout.write(`${JSON.stringify({ type: 'refresh-job', job })}\n`);
     else io.stderr.write(`${printable(`vmkeep: refresh ${job.id}: ${job.vms.length} VM(s)${job.vms.length > 0 ? ` (${job.vms.join(', ')})` : ''}, ${job.parallel} at a time`)}\n`);
+    // Events keep arriving in `early` until jobId is set: the job's lines come after these.
+    await reportSkipped(api, request, job.vms, io);
+    jobId = job.id;
     if (job.vms.length === 0) controller.abort();
     for (const event of early.splice(0)) onEvent(event);
     await stream;
@@ -77,5 +79,23 @@ export async function followRefreshJob(api: DaemonApi, request: RefreshJobReques
   } finally {
     offSignal();
     controller.abort();
+  }
+}
+
+/**
+ * `--stale` without --strategy moves each VM by its own policy, so stale VMs whose policy is
+ * manual are not in the job: name them and say how to include them, rather than a bare "0 VM(s)".
+ */
+async function reportSkipped(api: DaemonApi, request: RefreshJobRequest, inJob: readonly string[], io: FollowIo): Promise<void> {
+  if (request.stale !== true || request.strategy !== undefined) return;
+  const status = await api.upgradeStatus();
+  const skipped = status.vms.filter((v) => v.stale && !inJob.includes(v.name)).map((v) => ({ name: v.name, policy: v.policy }));
+  if (skipped.length === 0) return;
+  const hint = 'refresh them with --strategy migrate (live) or --strategy reboot, or give them a policy';
+  if (io.json) {
+    io.stdout.write(`${JSON.stringify({ type: 'skipped', vms: skipped, hint })}\n`);
+  } else {
+    const names = skipped.map((v) => `${v.name} (${v.policy})`).join(', ');
+    io.stderr.write(`${printable(`vmkeep: ${skipped.length} stale VM(s) skipped by their policy: ${names}; ${hint}`)}\n`);
   }
 }

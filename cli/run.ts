@@ -3,10 +3,9 @@ import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
-  checkSpecFiles,
+  validateSpecAndFiles,
   launchVm,
   probeInstallation,
-  validateSpec,
   waitForProcessExit,
   LaunchError,
   QUIT_EXIT_TIMEOUT_MS,
@@ -62,10 +61,7 @@ export async function readSpecJson(path: string): Promise<unknown> {
 
 /** Reads and validates a spec file; every problem is reported with its field and fix. */
 export async function loadSpecFile(path: string) {
-  const parsed = await readSpecJson(path);
-  const spec = validateSpec(parsed);
-  await checkSpecFiles(spec);
-  return spec;
+  return validateSpecAndFiles(await readSpecJson(path));
 }
 
 /**

@@ -9,9 +9,10 @@ import type { CliIo } from './app.js';
 import { reportError } from './errors.js';
 import { createReporter } from './output.js';
 import { EXIT_CLEAN, EXIT_FAILED, EXIT_POWEROFF_TIMEOUT, readSpecJson } from './run.js';
+import { followConsole } from './console-follow.js';
 import { followRefreshJob } from './refresh-follow.js';
 import { formatUpgradeStatus } from './refresh-view.js';
-import { formatEvent, formatVmList, formatVmStatus } from './table.js';
+import { formatEvent, formatVmList, formatVmStatus, printable } from './table.js';
 
 const STRATEGIES = [...REFRESH_STRATEGIES];
 /** vmkeepd's own default for a stop; `stop --all` passes it explicitly so its messages can name it. */
@@ -206,7 +207,7 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
     )
     .command(
       'logs <name>',
-      "print a VM's serial console (-f: keep following it, Ctrl-C ends)",
+      "print a VM's serial console (-f: keep following it, across vmkeepd restarts; Ctrl-C ends)",
       (y) => withName(y, env).option('follow', { alias: 'f', type: 'boolean', default: false, describe: 'keep printing what the guest writes' }),
       run(async (api, out, a: CommonArgs & { name: string; follow: boolean }) => {
         if (!a.follow) {
@@ -219,9 +220,9 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
         const decoder = new StringDecoder('utf8');
         let pending = '';
         await untilSignal((signal) =>
-          api.console(a.name, {
-            follow: true,
+          followConsole(api, a.name, {
             signal,
+            onNotice: (text) => io.stderr.write(`vmkeep: ${printable(text)}\n`),
             onData: (chunk) => {
               if (!out.json) {
                 io.stdout.write(chunk);

@@ -7,7 +7,7 @@ import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import {
-  checkSpecFiles, isValidVmName, LaunchError, QUIT_EXIT_TIMEOUT_MS, resolveMachineType, validateSpec,
+  isValidVmName, LaunchError, QUIT_EXIT_TIMEOUT_MS, resolveMachineType, validateSpecAndFiles,
   type Installation, type InstallationInfo, type LaunchedVm,
 } from '../launcher/index.js';
 import { isQmpError, powerDownGuest, type QmpClient } from '../qmp/index.js';
@@ -244,9 +244,9 @@ export class VmManager implements DaemonOps, VmCore {
   }
 
   async create(input: unknown, options: CreateOptions = {}): Promise<VmView> {
-    const spec = validateSpec(input);
+    // Every problem at once: the files a spec names are checked even when other fields are wrong.
+    const spec = await validateSpecAndFiles(input);
     this.refuseExisting(spec.name);
-    await checkSpecFiles(spec);
     const channel = options.channel ?? DEFAULT_CHANNEL;
     const installation = currentInstallation(this.options.installations, channel);
     const policy = options.policy === undefined ? undefined : parseStrategy(options.policy, 'policy');

@@ -1,7 +1,8 @@
 import { constants } from 'node:fs';
 import { access, open, stat } from 'node:fs/promises';
-import { LaunchError } from './errors.js';
-import type { VmSpec } from './spec.js';
+import { isAbsolute } from 'node:path';
+import { LaunchError, type SpecProblem } from './errors.js';
+import { formatSpecProblems, validateSpec, type VmSpec } from './spec.js';
 
 /**
  * Checks that the files a spec names exist and are readable (disks that are not
@@ -9,21 +10,71 @@ import type { VmSpec } from './spec.js';
  * Reports every missing file at once with LaunchError('FILE_NOT_FOUND').
  */
 export async function checkSpecFiles(spec: VmSpec): Promise<void> {
+  const problems = await fileProblems(spec);
+  if (problems.length > 0) {
+    throw new LaunchError('FILE_NOT_FOUND',
+      `VM "${spec.name}" cannot start, files are missing or inaccessible:\n${problems.map((p) => `  ${p.field}: ${p.message}`).join('\n')}\n` +
+      'fix: create the files or correct the paths in the spec');
+  }
+}
+
+/**
+ * validateSpec() and checkSpecFiles() in one: the files the input names are checked even when
+ * other fields are wrong, and every problem comes in one INVALID_SPEC error (files alone keep
+ * FILE_NOT_FOUND), so a user fixes everything in one go.
+ */
+export async function validateSpecAndFiles(input: unknown): Promise<VmSpec> {
+  let spec: VmSpec | undefined;
+  let invalid: LaunchError | undefined;
+  try {
+    spec = validateSpec(input);
+  } catch (error) {
+    if (!(error instanceof LaunchError) || error.code !== 'INVALID_SPEC') throw error;
+    invalid = error;
+  }
+  if (spec !== undefined) {
+    await checkSpecFiles(spec);
+    return spec;
+  }
+  const problems = [...(invalid as LaunchError).problems, ...(await fileProblems(namedFiles(input)))];
+  throw new LaunchError('INVALID_SPEC', formatSpecProblems(problems), { problems });
+}
+
+interface NamedFiles {
+  kernel?: string | undefined;
+  initrd?: string | undefined;
+  disks: ReadonlyArray<{ path: string; readOnly: boolean } | undefined>;
+}
+
+/** The absolute file paths an unvalidated spec names (others are already reported as invalid). */
+function namedFiles(input: unknown): NamedFiles {
+  const record = (typeof input === 'object' && input !== null ? input : {}) as Record<string, unknown>;
+  const path = (value: unknown): string | undefined => (typeof value === 'string' && isAbsolute(value) ? value : undefined);
+  const disks = Array.isArray(record.disks) ? record.disks : [];
+  return {
+    kernel: path(record.kernel),
+    initrd: path(record.initrd),
+    disks: disks.map((d: unknown) => {
+      const disk = (typeof d === 'object' && d !== null ? d : {}) as Record<string, unknown>;
+      const p = path(disk.path);
+      return p === undefined ? undefined : { path: p, readOnly: disk.readOnly === true };
+    }),
+  };
+}
+
+async function fileProblems(spec: NamedFiles): Promise<SpecProblem[]> {
   const wanted: { field: string; path: string; write: boolean; kernel?: boolean }[] = [];
   if (spec.kernel !== undefined) wanted.push({ field: 'kernel', path: spec.kernel, write: false, kernel: true });
   if (spec.initrd !== undefined) wanted.push({ field: 'initrd', path: spec.initrd, write: false });
-  spec.disks.forEach((d, i) => wanted.push({ field: `disks[${i}].path`, path: d.path, write: !d.readOnly }));
-
-  const problems: string[] = [];
+  spec.disks.forEach((d, i) => {
+    if (d !== undefined) wanted.push({ field: `disks[${i}].path`, path: d.path, write: !d.readOnly });
+  });
+  const problems: SpecProblem[] = [];
   for (const { field, path, write, kernel } of wanted) {
     const problem = (await fileProblem(path, write)) ?? (kernel ? await kernelProblem(path) : undefined);
-    if (problem !== undefined) problems.push(`  ${field}: ${path} ${problem}`);
+    if (problem !== undefined) problems.push({ field, message: `${path} ${problem}`, fix: 'create the file or correct the path' });
   }
-  if (problems.length > 0) {
-    throw new LaunchError('FILE_NOT_FOUND',
-      `VM "${spec.name}" cannot start, files are missing or inaccessible:\n${problems.join('\n')}\n` +
-      'fix: create the files or correct the paths in the spec');
-  }
+  return problems;
 }
 
 async function fileProblem(path: string, write: boolean): Promise<string | undefined> {

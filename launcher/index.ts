@@ -4,7 +4,7 @@ export {
   validateSpec, formatSpecProblems, SPEC_DEFAULTS, SPEC_LIMITS,
   type VmSpec, type DiskSpec, type DiskFormat, type Accel,
 } from './spec.js';
-export { checkSpecFiles } from './files.js';
+export { checkSpecFiles, validateSpecAndFiles } from './files.js';
 export {
   probeInstallation, readBinaryIdentity, sameBinary, parseQemuVersion, parseMachineHelp, resolveMachineType,
   execaRunner,

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-apt_packages=(qemu-system-x86 qemu-utils busybox-static dbus systemd util-linux iproute2 curl)
+# mmdebstrap and systemd-container (systemd-nspawn): the .deb test's fresh Debian root.
+apt_packages=(qemu-system-x86 qemu-utils busybox-static dbus systemd util-linux iproute2 curl mmdebstrap systemd-container)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -3,7 +3,6 @@
 // and both VMs still running on the same QEMU processes, reattached. Then a QEMU package
 // upgrade: the VMs go stale, one moves live onto the new QEMU, one reboots onto it.
 // Leaves nothing behind.
-import { execa } from 'execa';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -11,19 +10,19 @@ import { readExe } from '../../launcher/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
 import { copiedInstallation, systemInstallation, writeInstallations } from '../support/installations.js';
 import { countTicks, ensureGuestImage, waitForSerial } from '../support/guest.js';
-import { projectRoot } from '../support/paths.js';
-
-const CLI = join(projectRoot(), 'dist', 'cli', 'main.js');
+import { showVmkeep } from './cli.js';
 
 function say(text: string): void {
   process.stdout.write(`\n== ${text}\n`);
 }
 
-async function vmkeep(host: DaemonHost, ...args: string[]): Promise<string> {
-  const result = await execa(process.execPath, [CLI, ...args, '--socket', host.socket], { reject: false });
-  process.stdout.write(`$ vmkeep ${args.join(' ')}\n${result.stdout}${result.stderr ? `\n${result.stderr}` : ''}\n`);
-  if (result.exitCode !== 0) throw new Error(`vmkeep ${args.join(' ')} exited ${result.exitCode}`);
-  return result.stdout;
+function vmkeep(host: DaemonHost, ...args: string[]): Promise<string> {
+  return showVmkeep(host.socket, ...args);
+}
+
+/** vmkeepd's PID as systemd reports it (MainPID), in the same pid namespace as the VMs' PIDs. */
+async function daemonPid(host: DaemonHost): Promise<string> {
+  return (await host.systemctl('show', '--property=MainPID', '--value', 'vmkeepd.service')).trim();
 }
 
 async function main(): Promise<void> {
@@ -35,7 +34,8 @@ async function main(): Promise<void> {
   say('booting a private systemd (PID 1 of its own namespaces) with vmkeepd.service inside');
   const host = await DaemonHost.boot({ name: `demo-${process.pid}`, dir: join(dir, 'daemon'), args: ['--installations', installations] });
   try {
-    process.stdout.write(`vmkeepd is up; control socket ${host.socket}\n`);
+    process.stdout.write(`vmkeepd is up, pid ${await daemonPid(host)}; control socket ${host.socket}\n`);
+    process.stdout.write('(every PID shown is as seen inside the private systemd\'s pid namespace, as vmkeep list shows them)\n');
     say('creating two VMs; each QEMU goes into its own scope, outside the daemon\'s cgroup');
     for (const name of ['web', 'db']) {
       await host.api.create({ name, kernel: guest.kernel, initrd: guest.initrd, append: guest.append, memoryMiB: 128 });
@@ -46,11 +46,15 @@ async function main(): Promise<void> {
     const ticks = before.map((vm) => countTicks(host.serialLog(vm.name)));
 
     say('systemctl restart vmkeepd.service (what a package upgrade does)');
+    let pid = await daemonPid(host);
     await host.restart();
+    process.stdout.write(`vmkeepd pid ${pid} -> ${await daemonPid(host)}\n`);
     await vmkeep(host, 'list');
 
     say('systemctl kill --signal=SIGKILL vmkeepd.service, then start it again (a crash)');
+    pid = await daemonPid(host);
     await host.killAndStart();
+    process.stdout.write(`vmkeepd pid ${pid} (SIGKILLed) -> ${await daemonPid(host)}\n`);
     await vmkeep(host, 'list');
 
     const after = await host.api.list();
@@ -67,6 +71,10 @@ async function main(): Promise<void> {
     say('"upgrading the QEMU package": installation qemu-b (another binary, its own modules) becomes current, vmkeepd restarts');
     const b = await copiedInstallation('qemu-b', dir);
     await writeInstallations(installations, [a, b], b.name);
+    process.stdout.write(
+      'qemu-b is a copy of this machine\'s QEMU build at another path, with its own modules: both report the same version\n' +
+      '(this machine has one QEMU version; the real 7.2 -> 10.0 upgrade with apt is in test/integration/deb-apt.test.ts)\n',
+    );
     await host.restart();
     await vmkeep(host, 'upgrade-status');
 

@@ -3,18 +3,15 @@
 // (revision 12) the way snapd does it; the VMs are alive and stale; they are refreshed by live
 // migration and are current, each with its guest downtime. Runs in a private systemd with the
 // snap's own launcher and a unit shaped like snapd's. Leaves nothing behind.
-import { execa } from 'execa';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ApiClient } from '../../daemon/index.js';
 import { isSameProcess, readExe, readProcessIdentity } from '../../launcher/index.js';
 import { ensureGuestImage, waitForSerial } from '../support/guest.js';
-import { projectRoot } from '../support/paths.js';
 import { installRevision, prepareSnapUnit, snapLayout, SNAP_UNIT, switchCurrent } from '../support/snap-sim.js';
 import { SystemdHost } from '../support/systemd-host.js';
-
-const CLI = join(projectRoot(), 'dist', 'cli', 'main.js');
+import { showVmkeep } from './cli.js';
 const VMS = ['web', 'db', 'cache'];
 
 function say(text: string): void {
@@ -36,31 +33,32 @@ async function main(): Promise<void> {
     const socket = join(host.runDir, 'vmkeep', 'vmkeep.sock');
     const serial = (vm: string): string => join(host?.runDir ?? '', 'vmkeep', 'vms', vm, 'serial.log');
     const api = new ApiClient({ socketPath: socket, timeoutMs: 60_000 });
-    const vmkeep = async (...args: string[]): Promise<string> => {
-      const result = await execa(process.execPath, [CLI, ...args, '--socket', socket], { reject: false });
-      process.stdout.write(`$ vmkeep ${args.join(' ')}\n${result.stdout}${result.stderr ? `\n${result.stderr}` : ''}\n`);
-      if (result.exitCode !== 0) throw new Error(`vmkeep ${args.join(' ')} exited ${result.exitCode}`);
-      return result.stdout;
-    };
+    const vmkeep = (...args: string[]): Promise<string> => showVmkeep(socket, ...args);
+    const daemonPid = async (): Promise<string> => ((await host?.systemctl('show', '--property=MainPID', '--value', SNAP_UNIT)) ?? '').trim();
+    process.stdout.write(`vmkeepd is up, pid ${await daemonPid()} (every PID shown is as seen inside the private systemd, as vmkeep list shows them)\n`);
 
     say(`starting ${VMS.length} VMs on version A's QEMU`);
     await Promise.all(VMS.map((name) => api.create({ name, kernel: guest.kernel, initrd: guest.initrd, append: guest.append, memoryMiB: 128 })));
     for (const name of VMS) await waitForSerial(serial(name), 'GUEST READY', 120_000);
-    const before = new Map<string, { pid: number; startTime: string }>();
+    // The host PID identifies the process for the checks; the demo prints the daemon's view.
+    const before = new Map<string, { pid: number; hostPid: number; startTime: string }>();
     for (const vm of await api.list()) {
-      const pid = host.hostPidOf(vm.pid as number) as number;
-      before.set(vm.name, { pid, startTime: readProcessIdentity(pid)?.startTime ?? '' });
+      const hostPid = host.hostPidOf(vm.pid as number) as number;
+      before.set(vm.name, { pid: vm.pid as number, hostPid, startTime: readProcessIdentity(hostPid)?.startTime ?? '' });
     }
     await vmkeep('list');
 
     say('snap refresh to "version B" (revision 12), as snapd does it: stop the service, kill what is left in its cgroup, switch current, start');
+    const pidA = await daemonPid();
     await host.systemctl('stop', SNAP_UNIT);
     await host.systemctl('kill', '--signal=SIGKILL', SNAP_UNIT).catch(() => undefined);
     await switchCurrent(layout, '12');
     await host.systemctl('start', SNAP_UNIT);
+    process.stdout.write(`vmkeepd pid ${pidA} (version A) -> ${await daemonPid()} (version B)\n`);
+    process.stdout.write('(revision 12 carries a copy of the same QEMU build as revision 11: the versions match, the binaries differ;\n the real 7.2 -> 10.0 upgrade with apt is in test/integration/deb-apt.test.ts)\n');
     for (const [name, old] of before) {
-      const alive = isSameProcess(old.pid, old.startTime);
-      process.stdout.write(`${name}: QEMU pid ${old.pid} ${alive ? 'still running' : 'GONE'}, binary ${readExe(old.pid)?.path ?? '?'}\n`);
+      const alive = isSameProcess(old.hostPid, old.startTime);
+      process.stdout.write(`${name}: QEMU pid ${old.pid} ${alive ? 'still running' : 'GONE'}, binary ${readExe(old.hostPid)?.path ?? '?'}\n`);
       if (!alive) throw new Error(`${name} did not survive the refresh`);
     }
     await vmkeep('upgrade-status');

@@ -27,7 +27,7 @@ const SHIPPED_GUESTS_UNIT = join(projectRoot(), 'snap', GUESTS_UNIT);
 export function testUnit(shipped: string, execStart: string): string {
   const lines = shipped
     .split('\n')
-    .filter((line) => !/^(RuntimeDirectory|RuntimeDirectoryPreserve|StateDirectory|After|Wants)=/.test(line))
+    .filter((line) => !/^(RuntimeDirectory|RuntimeDirectoryPreserve|StateDirectory|After|Wants|StartLimitIntervalSec|StartLimitBurst)=/.test(line))
     .map((line) => (line.startsWith('ExecStart=') ? `ExecStart=${execStart}` : line));
   const unitAt = lines.indexOf('[Unit]');
   lines.splice(unitAt + 1, 0, 'StartLimitIntervalSec=0');

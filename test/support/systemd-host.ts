@@ -95,7 +95,7 @@ function checkName(name: string): void {
 }
 
 /** Mount point of the host's cgroup2 hierarchy (/sys/fs/cgroup/unified in hybrid mode). */
-function cgroup2Mount(): string | null {
+export function cgroup2Mount(): string | null {
   for (const line of readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
     const [left, right] = line.split(' - ');
     if (right?.split(' ')[0] === 'cgroup2') return left?.split(' ')[4] ?? null;
@@ -143,7 +143,7 @@ function safeRead(path: string): string {
 }
 
 /** Field 22 of /proc/PID/stat, or null when the process is gone. Identifies a process, not just a PID. */
-function startTimeOf(pid: number): string | null {
+export function startTimeOf(pid: number): string | null {
   const stat = safeRead(`/proc/${pid}/stat`);
   const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   // fields[0] is field 3 (state); a zombie is already dead for our purposes.
@@ -151,11 +151,11 @@ function startTimeOf(pid: number): string | null {
   return fields[19] ?? null;
 }
 
-function sameProcessAlive(pid: number, start: string | null): boolean {
+export function sameProcessAlive(pid: number, start: string | null): boolean {
   return start !== null && startTimeOf(pid) === start;
 }
 
-async function waitFor<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined> | T | undefined): Promise<T> {
+export async function waitFor<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined> | T | undefined): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const value = await probe();
@@ -165,7 +165,7 @@ async function waitFor<T>(what: string, timeoutMs: number, probe: () => Promise<
   }
 }
 
-function run(cmd: string, args: string[], timeoutMs: number): Promise<ExecResult> {
+export function run(cmd: string, args: string[], timeoutMs: number): Promise<ExecResult> {
   return collect(spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], detached: true }), timeoutMs, `${cmd} ${args.join(' ')}`);
 }
 
@@ -577,13 +577,13 @@ async function readState(file: string): Promise<HostState | null> {
   }
 }
 
-function cgroupPopulated(dir: string): boolean | null {
+export function cgroupPopulated(dir: string): boolean | null {
   const events = safeRead(join(dir, 'cgroup.events'));
   if (events === '') return null;
   return /^populated 1$/m.test(events);
 }
 
-function mountsUnder(dir: string): string[] {
+export function mountsUnder(dir: string): string[] {
   return safeRead('/proc/self/mountinfo')
     .split('\n')
     .map((line) => line.split(' ')[4]?.replace(/\\040/g, ' '))
@@ -610,7 +610,7 @@ function leftoversOf(state: HostState): string[] {
   return found;
 }
 
-async function cgroupDirsDeepestFirst(dir: string): Promise<string[]> {
+export async function cgroupDirsDeepestFirst(dir: string): Promise<string[]> {
   const out: string[] = [];
   const entries = await readdir(dir, { withFileTypes: true }).catch(() => []);
   for (const e of entries) {

@@ -120,6 +120,26 @@ describe('streams', () => {
     expect(follow.stdout.text).toBe('boot\nlogin: ');
   });
 
+  it('logs -f follows on across a vmkeepd restart, without repeating what it printed', async () => {
+    ops.addVm('web1', 'running');
+    const log = join(dir, 'web1.log');
+    await writeFile(log, 'boot\n');
+    const follow = start(['logs', 'web1', '-f']);
+    await follow.stdout.until('boot\n');
+    // vmkeepd stops (its streams end), the guest writes on meanwhile, vmkeepd is back.
+    await cli.server.close();
+    await follow.stderr.until('vmkeepd went away');
+    await appendFile(log, 'tick 1\n');
+    cli.server = await startApiServer({ socketPath, ops });
+    await follow.stdout.until('tick 1\n');
+    await follow.stderr.until('vmkeepd is back');
+    await appendFile(log, 'tick 2\n');
+    await follow.stdout.until('tick 2\n');
+    follow.signal();
+    expect(await follow.exit).toBe(0);
+    expect(follow.stdout.text).toBe('boot\ntick 1\ntick 2\n');
+  });
+
   it('events --json prints one event per line until Ctrl-C', async () => {
     const events = start(['events', '--json']);
     await within(ops.listenerCountReaches(1), 3000, 'the CLI to subscribe');

@@ -84,6 +84,34 @@ describe('refresh of one VM', () => {
   });
 });
 
+describe('refresh --stale and the manual policy', () => {
+  it('names the stale VMs it skipped by their policy and how to include them', async () => {
+    ops.addVm('web1', 'running');
+    ops.addVm('db', 'running');
+    const { code, stdout, stderr } = await vmkeep(['refresh', '--stale']);
+    expect(code).toBe(0);
+    expect(stderr).toContain('vmkeep: 2 stale VM(s) skipped by their policy: web1 (manual), db (manual); refresh them with --strategy migrate');
+    expect(stdout).toBe('refresh refresh-1: 0 of 0 VM(s) done\n');
+  });
+
+  it('--json: one "skipped" line with the VMs and their policies', async () => {
+    ops.addVm('web1', 'running');
+    const { code, stdout, stderr } = await vmkeep(['refresh', '--stale', '--json']);
+    expect(code).toBe(0);
+    expect(stderr).toBe('');
+    const lines = stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+    // (the empty job's own job-done event may come before the result or not)
+    expect(lines.map((l) => l.type).filter((t) => t !== 'refresh')).toEqual(['refresh-job', 'skipped', 'result']);
+    expect(lines[1]).toMatchObject({ vms: [{ name: 'web1', policy: 'manual' }] });
+  });
+
+  it('says nothing more when a strategy is given (every stale VM is in the job)', async () => {
+    ops.addVm('web1', 'running');
+    const { stderr } = await vmkeep(['refresh', '--stale', '--strategy', 'migrate']);
+    expect(stderr).not.toContain('skipped');
+  });
+});
+
 describe('refresh of many VMs', () => {
   it('refresh --all --parallel 2 --json: JSON lines only, the job, its events, the result', async () => {
     ops.addVm('web1', 'running');

@@ -159,7 +159,10 @@ export class FakeDaemonOps implements DaemonOps {
   /** Runs the refreshes one by one right away and emits the events a real job would. */
   async startRefreshJob(request: RefreshJobRequest): Promise<RefreshJob> {
     this.record('startRefreshJob', [request]);
-    const vms = request.vms ?? [...this.vms.keys()].filter((n) => request.all || this.vms.get(n)?.state === 'running');
+    // As vmkeepd: --stale without a strategy leaves out the VMs whose policy is manual (all of them here).
+    const vms = request.stale === true && request.strategy === undefined
+      ? []
+      : (request.vms ?? [...this.vms.keys()].filter((n) => request.all || this.vms.get(n)?.state === 'running'));
     const job: RefreshJob = { id: `refresh-${this.jobs.size + 1}`, vms, state: 'running', parallel: request.parallel ?? 1, startedAt: '2025-01-01T00:00:00.000Z', results: [] };
     this.jobs.set(job.id, job);
     const hold = this.holdJobs;

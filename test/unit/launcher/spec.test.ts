@@ -3,7 +3,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { checkSpecFiles, LaunchError, validateSpec, type SpecProblem } from '../../../launcher/index.js';
+import { checkSpecFiles, LaunchError, validateSpec, validateSpecAndFiles, type SpecProblem } from '../../../launcher/index.js';
 
 const kernelSpec = { name: 'vm1', kernel: '/boot/vmlinuz' };
 
@@ -181,6 +181,23 @@ describe('checkSpecFiles', () => {
     expect(error?.message).toContain(`initrd: ${join(dir, 'nope.gz')} does not exist`);
     expect(error?.message).toContain(`disks[0].path: ${dir} is a directory`);
     expect(error?.message).not.toContain('kernel:');
+  });
+
+  it('validateSpecAndFiles: missing files come with the other problems, in one INVALID_SPEC error', async () => {
+    dir = await mkdtemp(join(tmpdir(), 'vmkeep-spec-'));
+    const error = await validateSpecAndFiles({ name: 'a', vcpus: 0, kernel: join(dir, 'vmlinuz'), disks: [{ path: join(dir, 'd.img'), format: 'vmdk' }] })
+      .then(() => undefined, (err: unknown) => err as LaunchError);
+    expect(error?.code).toBe('INVALID_SPEC');
+    expect(error?.problems.map((p) => p.field).sort()).toEqual(['disks[0].format', 'disks[0].path', 'kernel', 'vcpus']);
+    expect(error?.message).toContain(`kernel: ${join(dir, 'vmlinuz')} does not exist`);
+  });
+
+  it('validateSpecAndFiles: a valid spec with missing files still fails with FILE_NOT_FOUND; a good one passes', async () => {
+    dir = await mkdtemp(join(tmpdir(), 'vmkeep-spec-'));
+    const kernel = join(dir, 'vmlinuz');
+    await expect(validateSpecAndFiles({ name: 'a', kernel })).rejects.toMatchObject({ code: 'FILE_NOT_FOUND' });
+    await writeFile(kernel, bzImageHeader());
+    await expect(validateSpecAndFiles({ name: 'a', kernel })).resolves.toMatchObject({ name: 'a', kernel });
   });
 });
 
