@@ -1,6 +1,6 @@
 // `npm run bench`: runs every benchmark on real QEMU and a private systemd, prints progress on
 // stderr and writes BENCHMARKS.md at the project root. Everything it starts is ended, even on
-// failure or Ctrl-C. BENCH_ONLY=qmp,run,scope,start,reattach,refresh runs a subset (for development).
+// failure or Ctrl-C. BENCH_ONLY=qmp,run,scope,start,reattach,refresh,faults runs a subset (for development).
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -8,6 +8,7 @@ import { ensureGuestImage, requireQemu } from '../support/guest.js';
 import { projectRoot } from '../support/paths.js';
 import type { SystemdHost } from '../support/systemd-host.js';
 import { Cleanup, log, type Section } from './common.js';
+import { benchFaults } from './faults.js';
 import { benchQmpRoundTrip } from './qmp-roundtrip.js';
 import { benchReattach } from './reattach.js';
 import { benchRefresh } from './refresh.js';
@@ -17,7 +18,7 @@ import { benchScopeCreation, benchStartWithScope, bootBenchHost } from './scopes
 
 // The whole bench should stay under about 6 minutes on a 2-core machine.
 const TOTAL_BUDGET_MS = 6 * 60_000;
-const ALL = ['qmp', 'run', 'scope', 'start', 'reattach', 'refresh'] as const;
+const ALL = ['qmp', 'run', 'scope', 'start', 'reattach', 'refresh', 'faults'] as const;
 type Name = (typeof ALL)[number];
 
 async function main(): Promise<number> {
@@ -75,6 +76,7 @@ async function main(): Promise<number> {
       await attempt('5. Reattach after a daemon restart', () => benchReattach({ guest, cleanup, budgetMs }));
     }
     if (wanted('refresh')) await attempt('6. Refresh by live migration', () => benchRefresh({ guest, cleanup }));
+    if (wanted('faults')) await attempt('7. Fault harness', () => benchFaults());
   } finally {
     await cleanup.runAll();
   }
