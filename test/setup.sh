@@ -36,3 +36,7 @@ npm run --silent build
 
 log "tiny guest image"
 bash test/guest/build-guest.sh >/dev/null
+
+# A real second QEMU (10.0) beside the system's 7.2, for the upgrade tests, demo and bench.
+log "QEMU from bookworm-backports (private apt state; the host's sources are not changed)"
+bash test/support/fetch-qemu-backports.sh >/dev/null

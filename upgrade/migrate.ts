@@ -134,8 +134,16 @@ export async function decideMigration(source: QmpClient | undefined, dest: QmpCl
         return status === 'inmigrate' ? 'unknown' : 'forward';
       }
     }
-    const destWaits = (await dest.queryStatus()).status === 'inmigrate';
-    if (destWaits) return 'back';
+    let destStatus: string;
+    try {
+      destStatus = (await dest.queryStatus()).status;
+    } catch (error) {
+      // The source holds the guest (its stream settled, not postmigrate) and the destination's
+      // monitor closed: it exited, as a QEMU does when its incoming stream fails (10.0 at once).
+      if (source !== undefined && isQmpError(error) && error.code === 'CLOSED') return 'back';
+      throw error;
+    }
+    if (destStatus === 'inmigrate') return 'back';
     // The source kept the guest, yet the destination runs one too: no side may be ended.
     return source === undefined ? 'forward' : 'unknown';
   } catch {

@@ -1,9 +1,12 @@
-// Two (or more) QEMU installations made from the Debian QEMU, the way a package upgrade
-// presents them to vmkeepd: a second copy of the binary at another path with its own module
-// folder, and an installations file whose "current" the test switches.
+// QEMU installations the way a package upgrade presents them to vmkeepd: the system's QEMU
+// (7.2), a real newer one (10.0 from bookworm-backports, unpacked into the test cache), a copy
+// of the system binary at another path (a same-version rebuild), and an installations file
+// whose "current" the test switches.
 import { chmod, copyFile, cp, mkdir, rename, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { execa } from 'execa';
 import { requireQemu } from './guest.js';
+import { projectRoot } from './paths.js';
 
 export const SYSTEM_MODULE_DIR = '/usr/lib/x86_64-linux-gnu/qemu';
 // A copied Debian QEMU looks for firmware next to itself: these are where the packages put it.
@@ -19,6 +22,35 @@ export interface TestInstallation {
 /** The system QEMU as installation `name`, its modules named so that they are pinned. */
 export function systemInstallation(name: string): TestInstallation {
   return { name, binary: requireQemu(), moduleDir: SYSTEM_MODULE_DIR, firmwareDirs: [] };
+}
+
+const FETCH_BACKPORTS = join(projectRoot(), 'test', 'support', 'fetch-qemu-backports.sh');
+let backportsRoot: Promise<string> | undefined;
+
+/**
+ * QEMU 10.0 from Debian's bookworm-backports, unpacked into test/.cache by
+ * fetch-qemu-backports.sh (run by test/setup.sh; fetched here on first use if missing).
+ * Its firmware is its own data package's, then the host's SeaBIOS and iPXE ROMs.
+ */
+export async function backportsInstallation(name: string): Promise<TestInstallation> {
+  backportsRoot ??= (async () => {
+    const result = await execa('bash', [FETCH_BACKPORTS], { reject: false, stdin: 'ignore' });
+    const root = result.stdout.trim().split('\n').at(-1) ?? '';
+    if (result.exitCode !== 0 || !root.startsWith('/')) {
+      throw new Error(`fetching QEMU from bookworm-backports with ${FETCH_BACKPORTS} failed (exit ${String(result.exitCode)}); it needs apt-get and the Debian archive (run bash test/setup.sh as root):\n${result.stderr}`);
+    }
+    return root;
+  })().catch((error: unknown) => {
+    backportsRoot = undefined;
+    throw error;
+  });
+  const root = await backportsRoot;
+  return {
+    name,
+    binary: join(root, 'usr', 'bin', 'qemu-system-x86_64'),
+    moduleDir: join(root, 'usr', 'lib', 'x86_64-linux-gnu', 'qemu'),
+    firmwareDirs: [join(root, 'usr', 'share', 'qemu'), '/usr/share/seabios', '/usr/lib/ipxe/qemu'],
+  };
 }
 
 /** A copy of the system QEMU and its modules under `dir`: another file, another inode. */

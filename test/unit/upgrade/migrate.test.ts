@@ -294,6 +294,26 @@ describe('decideMigration', () => {
     await expectNoMoreCommands(src.client, src.peer, 'source');
   });
 
+  it('goes back when the source holds the guest and the destination exited (its monitor closed)', async () => {
+    const src = await pair();
+    const dst = await pair();
+    const result = decide(src.client, dst.client);
+    await answer(src.peer, 'query-migrate', { status: 'cancelled' }, 'source');
+    await answer(src.peer, 'query-status', RUNNING, 'source');
+    // QEMU 10.0 exits as soon as its incoming stream fails.
+    await dst.peer.nextCommand('query-status on the destination');
+    dst.peer.hangUp();
+    expect(await result()).toBe('back');
+  });
+
+  it('stays unknown when the source is gone and the destination exited too', async () => {
+    const dst = await pair();
+    const result = decide(undefined, dst.client);
+    await dst.peer.nextCommand('query-status on the destination');
+    dst.peer.hangUp();
+    expect(await result()).toBe('unknown');
+  });
+
   it('goes back after a failed migration while the source runs and the destination waits', async () => {
     const src = await pair();
     const dst = await pair();
