@@ -7,6 +7,9 @@ import {
   isSameProcess,
   isValidVmName,
   launchVm,
+  launchCprDestination,
+  memoryBackendOf,
+  withMemoryDefault,
   readProcessIdentity,
   resolveMachineType,
   validateSpec,
@@ -17,11 +20,12 @@ import {
   type Installation,
   type InstallationInfo,
   type LaunchedVm,
+  type LaunchVmOptions,
 } from '../launcher/index.js';
 import { connectQmp, type QmpClient, type QmpEvent } from '../qmp/index.js';
 import { scopeUnitName, type CreateScopeOptions } from '../scope-manager/index.js';
 import {
-  assessStaleness, checkRefreshTarget, collectPinnedModules, currentInstallation, decideMigration, DEFAULT_CHANNEL, migrateLive,
+  assessStaleness, checkRefreshTarget, chooseLiveStrategy, collectPinnedModules, cprTransfer, currentInstallation, decideMigration, DEFAULT_CHANNEL, migrateLive,
   parseStrategy, pinModuleDir, policyOutcome, runRolling, UpgradeError,
   type InstallationsConfig, type RefreshStrategy, type Staleness,
 } from '../upgrade/index.js';
@@ -367,13 +371,15 @@ export class VmManager implements DaemonOps {
   }
 
   async create(input: unknown, options: CreateOptions = {}): Promise<VmView> {
-    const spec = validateSpec(input);
+    let spec = validateSpec(input);
     await checkSpecFiles(spec);
     this.refuseExisting(spec.name);
     const channel = options.channel ?? DEFAULT_CHANNEL;
     const installation = currentInstallation(this.options.installations, channel);
     const policy = options.policy === undefined ? undefined : parseStrategy(options.policy, 'policy');
     const info = await this.options.probe(installation);
+    // Decided now and recorded: memfd-shared where this installation can do cpr-transfer.
+    spec = withMemoryDefault(spec, info);
     // Resolving now pins the versioned machine type for the VM's whole life (migrations need it).
     const machineType = resolveMachineType(spec.machine, info.machines);
     const now = new Date().toISOString();
@@ -485,20 +491,23 @@ export class VmManager implements DaemonOps {
    * Spawns a QEMU of the VM, paused (or waiting for an incoming migration), its modules pinned,
    * recorded through `onSpawned` and placed in `scope` before any guest code runs.
    */
-  private async launchQemu(entry: VmEntry, args: {
+  private async launchQemu<T extends { pid: number } = LaunchedVm>(entry: VmEntry, args: {
     installation: Installation;
     info: InstallationInfo;
     paths: VmRecord['paths'];
     scope: string | null;
     incoming: boolean;
     onSpawned: (proc: NonNullable<VmRecord['process']>, moduleDir: string | undefined) => Promise<void>;
-  }): Promise<{ vm: LaunchedVm; moduleDir: string | undefined }> {
+    /** How to start it (default launchVm; a cpr-transfer destination has its own). */
+    launch?: (options: LaunchVmOptions) => Promise<T>;
+  }): Promise<{ vm: T; moduleDir: string | undefined }> {
     const { record } = entry;
     this.launching++;
     try {
       await this.pinLock;
       const pinned = await pinModuleDir(args.installation, args.info, this.options.pinRoot);
-      const vm = await launchVm({
+      const launch = args.launch ?? (launchVm as unknown as (options: LaunchVmOptions) => Promise<T>);
+      const vm = await launch({
         spec: record.spec,
         uuid: record.uuid,
         installation: pinned,
@@ -614,7 +623,7 @@ export class VmManager implements DaemonOps {
     const began = performance.now();
     const { record } = entry;
     const name = record.name;
-    const strategy = options.strategy === undefined ? this.policyOf(record) : parseStrategy(options.strategy);
+    let strategy = options.strategy === undefined ? this.policyOf(record) : parseStrategy(options.strategy);
     const target = this.current(record);
     const info = await this.options.probe(target);
     const outcome = (result: RefreshOutcome['result'], message: string, extra: Partial<RefreshOutcome> = {}): RefreshOutcome =>
@@ -648,9 +657,18 @@ export class VmManager implements DaemonOps {
       throw new DaemonError('REFRESH_REFUSED', (cause as Error).message, { cause });
     }
     const to = { installation: target.name, version: info.version };
-    if (strategy === 'migrate') {
-      const { downtimeMs, pid } = await this.migrateNow(entry, target, info, options);
-      return outcome('migrated', `${name} moved live onto "${target.name}" (QEMU ${info.version}, pid ${pid}); guest paused ${downtimeMs} ms`,
+    let why = '';
+    if (strategy === 'auto' || strategy === 'cpr') {
+      try {
+        ({ strategy, why } = chooseLiveStrategy(strategy, { vm: name, memoryBackend: memoryBackendOf(record.spec), runningVersion: status.runningVersion, targetVersion: info.version }));
+      } catch (cause) {
+        throw new DaemonError('REFRESH_REFUSED', (cause as Error).message, { cause });
+      }
+    }
+    if (strategy === 'migrate' || strategy === 'cpr') {
+      const { downtimeMs, pid } = await this.migrateNow(entry, target, info, options, strategy);
+      const how = strategy === 'cpr' ? 'handed over live (cpr-transfer: RAM not copied)' : 'moved live';
+      return outcome('migrated', `${name} ${how} onto "${target.name}" (QEMU ${info.version}, pid ${pid}); guest paused ${downtimeMs} ms${why === '' ? '' : ` (${strategy}: ${why})`}`,
         { from, to: { ...to, pid }, downtimeMs });
     }
     await this.rebootNow(entry, target, options);
@@ -663,54 +681,71 @@ export class VmManager implements DaemonOps {
    * the stream completes the source holds the guest and any failure rolls back to it; once it
    * completed the refresh only goes forward.
    */
-  private async migrateNow(entry: VmEntry, target: Installation, info: InstallationInfo, options: RefreshOptions): Promise<{ downtimeMs: number; pid: number }> {
+  private async migrateNow(entry: VmEntry, target: Installation, info: InstallationInfo, options: RefreshOptions, mode: 'migrate' | 'cpr' = 'migrate'): Promise<{ downtimeMs: number; pid: number }> {
     const name = entry.record.name;
     const source = entry.record.process as NonNullable<VmRecord['process']>;
     const sourceQmp = entry.qmp as QmpClient;
     const generation = randomBytes(4).toString('hex');
     const destSocket = join(this.vmDir(name), `qmp-${generation}.sock`);
     const streamSocket = join(this.vmDir(name), `migrate-${generation}.sock`);
+    const cprSocket = join(this.vmDir(name), `cpr-${generation}.sock`);
     // ":" cannot occur in a VM name, so this scope never collides with another VM's.
     const scope = this.options.scopes === null ? null : scopeUnitName(`${name}:${generation}`);
-    await this.save(entry, { ...entry.record, refresh: { strategy: 'migrate', target, startedAt: new Date().toISOString() } });
-    this.crashPoint('migrate:begun');
+    await this.save(entry, { ...entry.record, refresh: { strategy: mode, target, startedAt: new Date().toISOString() } });
+    this.crashPoint(`${mode}:begun`);
 
     let dest: LaunchedVm | undefined;
+    // A cpr destination's monitor answers only once the source has connected: until then its process.
+    let pending: { pid: number; startTime: string } | undefined;
     let moduleDir: string | undefined;
     let downtimeMs = 0;
     try {
-      const launched = await this.launchQemu(entry, {
+      const common = {
         installation: target, info, scope, incoming: true,
         paths: { ...entry.record.paths, qmpSocket: destSocket },
-        onSpawned: async (proc, pinnedDir) => {
+        onSpawned: async (proc: NonNullable<VmRecord['process']>, pinnedDir: string | undefined) => {
           const refresh = entry.record.refresh as NonNullable<VmRecord['refresh']>;
           const destination = { ...proc, qmpSocket: destSocket, ...(pinnedDir === undefined ? {} : { moduleDir: pinnedDir }) };
           await this.save(entry, { ...entry.record, refresh: { ...refresh, destination } });
-          this.crashPoint('migrate:destination-recorded');
+          this.crashPoint(`${mode}:destination-recorded`);
         },
-      });
-      dest = launched.vm;
-      moduleDir = launched.moduleDir;
-      this.crashPoint('migrate:destination-ready');
-      options.onStep?.('migrating', `migrating ${name} to pid ${dest.pid}`);
-      const result = await migrateLive({
-        source: sourceQmp,
-        destination: dest.qmp,
-        socketPath: streamSocket,
-        timeoutMs: (options.timeoutSec ?? DEFAULT_MIGRATE_TIMEOUT_SEC) * 1000,
-        onStatus: (status) => {
-          if (status === 'active') this.crashPoint('migrate:migrating');
-        },
-      });
+      };
+      const timeoutMs = (options.timeoutSec ?? DEFAULT_MIGRATE_TIMEOUT_SEC) * 1000;
+      const onStatus = (status: string): void => {
+        if (status === 'active') this.crashPoint(`${mode}:migrating`);
+      };
+      let result;
+      if (mode === 'cpr') {
+        const channels = { cprSocket, mainSocket: streamSocket };
+        const launched = await this.launchQemu(entry, { ...common, launch: (o) => launchCprDestination({ ...o, channels }) });
+        pending = launched.vm;
+        moduleDir = launched.moduleDir;
+        this.crashPoint('cpr:destination-ready');
+        options.onStep?.('migrating', `handing ${name} over (cpr-transfer) to pid ${pending.pid}`);
+        result = await cprTransfer({
+          source: sourceQmp, channels, destinationQmpSocket: destSocket, timeoutMs, onStatus,
+          onDestination: (qmp) => { dest = { ...launched.vm, qmp }; },
+        });
+      } else {
+        const launched = await this.launchQemu(entry, common);
+        dest = launched.vm;
+        moduleDir = launched.moduleDir;
+        this.crashPoint('migrate:destination-ready');
+        options.onStep?.('migrating', `migrating ${name} to pid ${dest.pid}`);
+        result = await migrateLive({ source: sourceQmp, destination: dest.qmp, socketPath: streamSocket, timeoutMs, onStatus });
+      }
       downtimeMs = result.downtimeMs;
     } catch (cause) {
       // Which QEMU holds the guest decides, never the error: a destination that already runs it
-      // must not be ended, whatever failed around it.
+      // must not be ended, whatever failed around it. A cpr destination without a monitor never
+      // got the guest's state.
       const way = dest === undefined ? 'back' : await decideMigration(sourceQmp, dest.qmp);
+      if (way === 'back' && dest === undefined && pending !== undefined) await endIdleQemu(undefined, entry.record.refresh?.destination, true);
+      if (way === 'back') await rm(cprSocket, { force: true });
       if (way === 'back') {
         await this.rollBackMigration(entry, dest, cause);
         throw new DaemonError('REFRESH_FAILED',
-          `live migration of ${name} onto "${target.name}" failed: ${(cause as Error).message}. ${name} keeps running on its old QEMU (pid ${source.pid}); the new QEMU was removed (its log: ${entry.record.paths.stderrLog})`,
+          `${mode === 'cpr' ? 'cpr-transfer' : 'live migration'} of ${name} onto "${target.name}" failed: ${(cause as Error).message}. ${name} keeps running on its old QEMU (pid ${source.pid}); the new QEMU was removed (its log: ${entry.record.paths.stderrLog})`,
           { cause });
       }
       if (way === 'unknown') {
@@ -725,8 +760,8 @@ export class VmManager implements DaemonOps {
       }
       this.options.logger.warn({ vm: name, err: cause }, 'the migration reported an error after the guest was handed over; going forward');
     }
-    this.crashPoint('migrate:completed');
-    const destination = dest as LaunchedVm;
+    this.crashPoint(`${mode}:completed`);
+    const destination = dest as unknown as LaunchedVm;
     const next: VmRecord = {
       ...entry.record,
       process: { pid: destination.pid, startTime: destination.startTime, scope },
@@ -750,7 +785,7 @@ export class VmManager implements DaemonOps {
       throw error;
     }
     this.watch(entry, destination.qmp);
-    this.crashPoint('migrate:switched');
+    this.crashPoint(`${mode}:switched`);
     // Events of the destination before it was watched are lost: its status says what they were.
     const { status } = await destination.qmp.queryStatus();
     if (status === 'shutdown') {
@@ -761,6 +796,7 @@ export class VmManager implements DaemonOps {
     }
     await this.settleRetiredSafely(entry);
     await rm(streamSocket, { force: true });
+    await rm(cprSocket, { force: true });
     return { downtimeMs, pid: destination.pid };
   }
 
@@ -770,7 +806,7 @@ export class VmManager implements DaemonOps {
     this.options.logger.warn({ vm: entry.record.name, err: cause }, 'migration failed; removing the destination, the source keeps the guest');
     await endIdleQemu(dest?.qmp, recorded);
     if (recorded) await rm(recorded.qmpSocket, { force: true });
-    const next: VmRecord = { ...entry.record, problem: truncate(`last refresh (migrate) failed: ${(cause as Error).message}`) };
+    const next: VmRecord = { ...entry.record, problem: truncate(`last refresh (${entry.record.refresh?.strategy ?? 'migrate'}) failed: ${(cause as Error).message}`) };
     delete next.refresh;
     await this.save(entry, next);
   }
@@ -778,7 +814,7 @@ export class VmManager implements DaemonOps {
   /** Finishes or rolls back a migration the last daemon left mid-way. */
   private async recoverMigration(entry: VmEntry): Promise<void> {
     const refresh = entry.record.refresh;
-    if (refresh?.strategy !== 'migrate') return;
+    if (refresh?.strategy !== 'migrate' && refresh?.strategy !== 'cpr') return;
     const log = this.options.logger.child({ vm: entry.record.name });
     const dest = refresh.destination;
     const rollBack = async (why: string): Promise<void> => {
@@ -790,6 +826,14 @@ export class VmManager implements DaemonOps {
     if (dest === undefined || !isSameProcess(dest.pid, dest.startTime)) {
       if (dest) await rm(dest.qmpSocket, { force: true });
       await rollBack('a refresh by migration was interrupted before its new QEMU ran the guest; rolled back, the VM stays on its old QEMU');
+      return;
+    }
+    if (refresh.strategy === 'cpr' && !existsSync(dest.qmpSocket)) {
+      // A cpr destination creates its monitor only once it has the source's cpr state: without
+      // one it holds nothing of the guest (the source still runs it, or resumes it once the
+      // stream breaks off), and it never ran guest code.
+      await endIdleQemu(undefined, dest, true);
+      await rollBack('a refresh by cpr-transfer was interrupted before its new QEMU had the guest; the new QEMU was removed, the VM stays on its old QEMU');
       return;
     }
     const destQmp = await connectQmp(dest.qmpSocket, { greetingTimeoutMs: this.options.greetingTimeoutMs ?? 3_000 });
@@ -1070,7 +1114,7 @@ export class VmManager implements DaemonOps {
     this.pinLock = this.pinLock.then(async () => {
       const records = [...this.vms.values()].map((e) => e.record);
       // A damaged record may name a running QEMU whose folder we cannot see: keep everything.
-      if (this.launching > 0 || this.damagedNames.size > 0 || records.some((r) => r.refresh?.strategy === 'migrate')) return;
+      if (this.launching > 0 || this.damagedNames.size > 0 || records.some((r) => r.refresh?.strategy === 'migrate' || r.refresh?.strategy === 'cpr')) return;
       const inUse = new Set(records
         .flatMap((r) => [r.process ? r.binary?.moduleDir : undefined, r.retired?.moduleDir])
         .filter((d): d is string => d !== undefined));
@@ -1193,17 +1237,24 @@ function retiredOf(record: VmRecord): OtherQemu {
  * Ends a QEMU that never ran the guest (a migration destination before hand-over): `quit` over
  * its monitor, and if it does not go, SIGKILL, which loses nothing since it holds no guest.
  */
-async function endIdleQemu(qmp: QmpClient | undefined, proc: OtherQemu | undefined): Promise<void> {
+async function endIdleQemu(qmp: QmpClient | undefined, proc: OtherQemu | undefined, noMonitor = false): Promise<void> {
   if (qmp) {
     await qmp.quit().catch(() => undefined);
     qmp.close();
   }
   if (!proc || !isSameProcess(proc.pid, proc.startTime)) return;
-  try {
-    await waitForProcessExit(proc.pid, proc.startTime, QUIT_EXIT_TIMEOUT_MS);
-  } catch {
-    if (isSameProcess(proc.pid, proc.startTime)) process.kill(proc.pid, 'SIGKILL');
+  // A cpr destination without its monitor waits for the source for ever: there is nothing to
+  // wait for (noMonitor).
+  if (!noMonitor) {
+    try {
+      await waitForProcessExit(proc.pid, proc.startTime, QUIT_EXIT_TIMEOUT_MS);
+      return;
+    } catch {
+      // still there: ended below
+    }
   }
+  if (isSameProcess(proc.pid, proc.startTime)) process.kill(proc.pid, 'SIGKILL');
+  await waitForProcessExit(proc.pid, proc.startTime, QUIT_EXIT_TIMEOUT_MS).catch(() => undefined);
 }
 
 function toView(record: VmRecord): VmView {

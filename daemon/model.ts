@@ -32,7 +32,7 @@ export interface VmView {
   policy?: RefreshStrategy;
   qemuVersion?: string;
   /** A refresh under way (or left by a crash, to be finished or rolled back). */
-  refreshing?: 'migrate' | 'reboot';
+  refreshing?: 'migrate' | 'cpr' | 'reboot';
   pid?: number;
   scope?: string;
   /** Why the daemon cannot talk to this VM (state unreachable), or what failed last. */
@@ -132,7 +132,7 @@ export interface VmUpgradeStatus {
   policy: RefreshStrategy;
   /** What the policy will do, in words. */
   outcome: string;
-  refreshing?: 'migrate' | 'reboot';
+  refreshing?: 'migrate' | 'cpr' | 'reboot';
   pid?: number;
   exe?: string;
   /** What needs attention beyond staleness, e.g. the running binary is gone from disk. */

@@ -3,7 +3,6 @@
 // move from 10.0 back to 7.2), a guest that ignores ACPI, and vmkeepd SIGKILLed at every step
 // of a 7.2 -> 10.0 migration and of a reboot. Each ends with exactly one QEMU per VM, named by
 // its record, guest running.
-import { readdirSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -11,6 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonError, type VmView } from '../../daemon/index.js';
 import { isSameProcess, readExe, readProcessIdentity } from '../../launcher/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
+import { describePids, qemuPidsOf } from '../support/qemu-procs.js';
 import { waitForVm } from '../support/vm-wait.js';
 import { countTicks, ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
 import {
@@ -58,29 +58,12 @@ async function makeCurrent(name: string): Promise<void> {
   await host.restart();
 }
 
-/** Host PIDs of the live QEMUs of a VM, found by their command line, not by what vmkeepd says. */
-function qemusOf(name: string): number[] {
-  const pids: number[] = [];
-  for (const entry of readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
-    try {
-      const args = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
-      const identity = readProcessIdentity(Number(entry));
-      if (args.includes(`guest=${name}`) && identity !== null && identity.state !== 'Z') pids.push(Number(entry));
-    } catch {
-      // gone meanwhile
-    }
-  }
-  return pids;
-}
-
 /** Exactly one QEMU of the VM runs, it is the one the record names, and the guest ticks on. */
 async function expectOneRunning(name: string): Promise<VmView> {
   const vm = await host.api.get(name);
   expect(vm.state, `${name}: ${vm.problem ?? ''}`).toBe('running');
-  const pids = qemusOf(name);
-  const describePids = async (): Promise<string> => `${pids.map((pid) => `${pid}: ${readFileSync(`/proc/${pid}/cgroup`, 'utf8').trim()} ${readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[0]}`).join('\n')}\n--- daemon ---\n${await host.consoleTail(60)}`;
-  if (pids.length !== 1) expect(pids, await describePids()).toEqual([host.hostPid(vm)]);
+  const pids = qemuPidsOf(name);
+  if (pids.length !== 1) expect(pids, `${describePids(pids)}\n--- daemon ---\n${await host.consoleTail(60)}`).toEqual([host.hostPid(vm)]);
   expect(pids).toEqual([host.hostPid(vm)]);
   const record = await host.record(name);
   expect(record.refresh).toBeUndefined();

@@ -44,6 +44,7 @@ async function start(options: Partial<LiveMigrationOptions> = {}) {
 
 /** Answers the set-up commands and the migrate command, checking each one's name and arguments. */
 async function handshake(src: FakeQmpPeer, dst: FakeQmpPeer, bandwidth = 4 * 1024 * 1024 * 1024): Promise<void> {
+  await normalMode(src);
   const caps = await src.nextCommand('migrate-set-capabilities on the source');
   expect(caps.execute).toBe('migrate-set-capabilities');
   expect(caps.arguments).toEqual({ capabilities: [{ capability: 'events', state: true }] });
@@ -60,6 +61,15 @@ async function handshake(src: FakeQmpPeer, dst: FakeQmpPeer, bandwidth = 4 * 102
   expect(migrate.execute).toBe('migrate');
   expect(migrate.arguments).toEqual({ uri: URI });
   src.reply(migrate.id);
+}
+
+/** The first command: the source's migration mode set back to normal (a 7.2 refuses it: no matter). */
+async function normalMode(src: FakeQmpPeer, refuse = false): Promise<void> {
+  const mode = await src.nextCommand('migrate-set-parameters (mode) on the source');
+  expect(mode.execute).toBe('migrate-set-parameters');
+  expect(mode.arguments).toEqual({ mode: 'normal' });
+  if (refuse) src.replyError(mode.id, 'GenericError', "Parameter 'mode' is unexpected");
+  else src.reply(mode.id);
 }
 
 async function failure(outcome: Promise<{ ok: true; value: MigrationResult } | { ok: false; error: unknown }>, what: string): Promise<UpgradeError> {
