@@ -666,10 +666,10 @@ export class VmManager implements DaemonOps {
       }
     }
     if (strategy === 'migrate' || strategy === 'cpr') {
-      const { downtimeMs, pid } = await this.migrateNow(entry, target, info, options, strategy);
+      const { downtimeMs, migrationMs, pid } = await this.migrateNow(entry, target, info, options, strategy);
       const how = strategy === 'cpr' ? 'handed over live (cpr-transfer: RAM not copied)' : 'moved live';
       return outcome('migrated', `${name} ${how} onto "${target.name}" (QEMU ${info.version}, pid ${pid}); guest paused ${downtimeMs} ms${why === '' ? '' : ` (${strategy}: ${why})`}`,
-        { from, to: { ...to, pid }, downtimeMs });
+        { from, to: { ...to, pid }, downtimeMs, migrationMs, ...(why === '' ? {} : { reason: why }) });
     }
     await this.rebootNow(entry, target, options);
     return outcome('rebooted', `${name} powered off and started on "${target.name}" (QEMU ${info.version}, pid ${entry.record.process?.pid})`,
@@ -681,7 +681,7 @@ export class VmManager implements DaemonOps {
    * the stream completes the source holds the guest and any failure rolls back to it; once it
    * completed the refresh only goes forward.
    */
-  private async migrateNow(entry: VmEntry, target: Installation, info: InstallationInfo, options: RefreshOptions, mode: 'migrate' | 'cpr' = 'migrate'): Promise<{ downtimeMs: number; pid: number }> {
+  private async migrateNow(entry: VmEntry, target: Installation, info: InstallationInfo, options: RefreshOptions, mode: 'migrate' | 'cpr' = 'migrate'): Promise<{ downtimeMs: number; migrationMs: number; pid: number }> {
     const name = entry.record.name;
     const source = entry.record.process as NonNullable<VmRecord['process']>;
     const sourceQmp = entry.qmp as QmpClient;
@@ -699,6 +699,7 @@ export class VmManager implements DaemonOps {
     let pending: { pid: number; startTime: string } | undefined;
     let moduleDir: string | undefined;
     let downtimeMs = 0;
+    let migrationMs = 0;
     try {
       const common = {
         installation: target, info, scope, incoming: true,
@@ -735,6 +736,7 @@ export class VmManager implements DaemonOps {
         result = await migrateLive({ source: sourceQmp, destination: dest.qmp, socketPath: streamSocket, timeoutMs, onStatus });
       }
       downtimeMs = result.downtimeMs;
+      migrationMs = result.totalMs;
     } catch (cause) {
       // Which QEMU holds the guest decides, never the error: a destination that already runs it
       // must not be ended, whatever failed around it. A cpr destination without a monitor never
@@ -797,7 +799,7 @@ export class VmManager implements DaemonOps {
     await this.settleRetiredSafely(entry);
     await rm(streamSocket, { force: true });
     await rm(cprSocket, { force: true });
-    return { downtimeMs, pid: destination.pid };
+    return { downtimeMs, migrationMs, pid: destination.pid };
   }
 
   /** The destination never ran the guest: quit it (or end it if its monitor is gone), forget it. */

@@ -89,8 +89,12 @@ export interface RefreshOutcome {
   result: 'migrated' | 'rebooted' | 'armed' | 'current' | 'reported';
   from?: { installation: string; version?: string; pid?: number };
   to?: { installation: string; version: string; pid?: number };
-  /** migrate: QEMU's own figure of the guest's pause. */
+  /** migrate, cpr: QEMU's own figure of the guest's pause. */
   downtimeMs?: number;
+  /** migrate, cpr: QEMU's own total time of the migration (from its start on the source to completion). */
+  migrationMs?: number;
+  /** auto or cpr: why this strategy was taken (cpr possible, or what ruled it out). */
+  reason?: string;
   /** Wall time of the whole refresh. */
   totalMs: number;
   message: string;

@@ -77,8 +77,9 @@ async function makeCurrent(name: string): Promise<void> {
 async function expectOneRunning(name: string): Promise<VmView> {
   const vm = await host.api.get(name);
   expect(vm.state, `${name}: ${vm.problem ?? ''}`).toBe('running');
-  const pids = qemuPidsOf(name);
+  const pids = qemuPidsOf(name, host.dir);
   if (pids.length !== 1) expect(pids, `${describePids(pids)}\n--- daemon ---\n${await host.consoleTail(60)}`).toEqual([host.hostPid(vm)]);
+  expect(pids).toEqual([host.hostPid(vm)]);
   const record = await host.record(name);
   expect(record.refresh).toBeUndefined();
   expect(record.retired).toBeUndefined();
@@ -135,7 +136,7 @@ describe('refresh by cpr-transfer', () => {
     await waitForSerial(host.serialLog('twin'), `GUEST FILLED ${FILL_MIB} MiB`, 1_000);
     const old = await snapshot('cpr1');
 
-    const cpr = await peakMemoryGrowth('cpr1', () => host.api.refresh('cpr1', { strategy: 'cpr' }));
+    const cpr = await peakMemoryGrowth('cpr1', host.dir, () => host.api.refresh('cpr1', { strategy: 'cpr' }));
     expect(cpr.result).toMatchObject({ vm: 'cpr1', strategy: 'cpr', result: 'migrated', from: { installation: 'b' }, to: { installation: 'b2' } });
     expect(cpr.result.message).toMatch(/cpr-transfer: RAM not copied/);
     await waitForProcessExit(old.pid, old.startTime, 15_000);
@@ -145,7 +146,7 @@ describe('refresh by cpr-transfer', () => {
     expect(readExe(host.hostPid(vm))?.path).toBe(b2.binary);
 
     // Negative control: the same guest, RAM filled the same way, moved by a plain migration.
-    const mig = await peakMemoryGrowth('twin', () => host.api.refresh('twin', { strategy: 'migrate' }));
+    const mig = await peakMemoryGrowth('twin', host.dir, () => host.api.refresh('twin', { strategy: 'migrate' }));
     expect(mig.result).toMatchObject({ strategy: 'migrate', result: 'migrated' });
     await expectOneRunning('twin');
     const report = `cpr: +${cpr.growthMiB.toFixed(1)} MiB over ${cpr.baseMiB.toFixed(1)} MiB, ${cpr.result.totalMs} ms (downtime ${cpr.result.downtimeMs} ms); ` +

@@ -62,7 +62,7 @@ async function makeCurrent(name: string): Promise<void> {
 async function expectOneRunning(name: string): Promise<VmView> {
   const vm = await host.api.get(name);
   expect(vm.state, `${name}: ${vm.problem ?? ''}`).toBe('running');
-  const pids = qemuPidsOf(name);
+  const pids = qemuPidsOf(name, host.dir);
   if (pids.length !== 1) expect(pids, `${describePids(pids)}\n--- daemon ---\n${await host.consoleTail(60)}`).toEqual([host.hostPid(vm)]);
   expect(pids).toEqual([host.hostPid(vm)]);
   const record = await host.record(name);

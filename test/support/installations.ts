@@ -33,6 +33,17 @@ let backportsRoot: Promise<string> | undefined;
  * Its firmware is its own data package's, then the host's SeaBIOS and iPXE ROMs.
  */
 export async function backportsInstallation(name: string): Promise<TestInstallation> {
+  const root = await backportsQemuRoot();
+  return {
+    name,
+    binary: join(root, 'usr', 'bin', 'qemu-system-x86_64'),
+    moduleDir: join(root, SYSTEM_MODULE_DIR),
+    firmwareDirs: [join(root, 'usr', 'share', 'qemu'), '/usr/share/seabios', '/usr/lib/ipxe/qemu'],
+  };
+}
+
+/** The folder the bookworm-backports QEMU packages are unpacked in (a Debian file tree). */
+export function backportsQemuRoot(): Promise<string> {
   backportsRoot ??= (async () => {
     const result = await execa('bash', [FETCH_BACKPORTS], { reject: false, stdin: 'ignore' });
     const root = result.stdout.trim().split('\n').at(-1) ?? '';
@@ -44,13 +55,7 @@ export async function backportsInstallation(name: string): Promise<TestInstallat
     backportsRoot = undefined;
     throw error;
   });
-  const root = await backportsRoot;
-  return {
-    name,
-    binary: join(root, 'usr', 'bin', 'qemu-system-x86_64'),
-    moduleDir: join(root, 'usr', 'lib', 'x86_64-linux-gnu', 'qemu'),
-    firmwareDirs: [join(root, 'usr', 'share', 'qemu'), '/usr/share/seabios', '/usr/lib/ipxe/qemu'],
-  };
+  return backportsRoot;
 }
 
 /**

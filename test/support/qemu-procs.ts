@@ -4,15 +4,19 @@
 import { readdirSync, readFileSync } from 'node:fs';
 import { readProcessIdentity } from '../../launcher/index.js';
 
-/** Host PIDs of the live (not zombie) QEMUs started for VM `name` (`-name guest=NAME`). */
-export function qemuPidsOf(name: string): number[] {
+/**
+ * Host PIDs of the live (not zombie) QEMUs started for VM `name` (`-name guest=NAME`) whose
+ * command line names a file under `dir` (the test's own folder: other tests on the same host
+ * may run VMs of the same name).
+ */
+export function qemuPidsOf(name: string, dir: string): number[] {
   const pids: number[] = [];
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     try {
       const args = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
       const identity = readProcessIdentity(Number(entry));
-      if (args.includes(`guest=${name}`) && identity !== null && identity.state !== 'Z') pids.push(Number(entry));
+      if (args.includes(`guest=${name}`) && args.some((arg) => arg.includes(`${dir}/`)) && identity !== null && identity.state !== 'Z') pids.push(Number(entry));
     } catch {
       // gone meanwhile
     }
@@ -44,11 +48,11 @@ export function pssKiB(pid: number): number {
 }
 
 /**
- * Runs `work` while sampling the summed Pss of VM `name`'s QEMUs (every few ms, new ones
+ * Runs `work` while sampling the summed Pss of VM `name`'s QEMUs (those of `dir`, as qemuPidsOf) (every few ms, new ones
  * included as they appear); the growth is the peak over the sum before `work` began.
  */
-export async function peakMemoryGrowth<T>(name: string, work: () => Promise<T>): Promise<{ result: T; growthMiB: number; baseMiB: number }> {
-  const sum = (): number => qemuPidsOf(name).reduce((total, pid) => total + pssKiB(pid), 0);
+export async function peakMemoryGrowth<T>(name: string, dir: string, work: () => Promise<T>): Promise<{ result: T; growthMiB: number; baseMiB: number }> {
+  const sum = (): number => qemuPidsOf(name, dir).reduce((total, pid) => total + pssKiB(pid), 0);
   const base = sum();
   let peak = base;
   let running = true;
