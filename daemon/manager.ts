@@ -741,7 +741,8 @@ export class VmManager implements DaemonOps {
       // Which QEMU holds the guest decides, never the error: a destination that already runs it
       // must not be ended, whatever failed around it. A cpr destination without a monitor never
       // got the guest's state.
-      const way = dest === undefined ? 'back' : await decideMigration(sourceQmp, dest.qmp);
+      const way = dest !== undefined ? await decideMigration(sourceQmp, dest.qmp)
+        : pending !== undefined ? await decideMigration(sourceQmp, 'no-monitor') : 'back';
       if (way === 'back' && dest === undefined && pending !== undefined) await endIdleQemu(undefined, entry.record.refresh?.destination, true);
       if (way === 'back') await rm(cprSocket, { force: true });
       if (way === 'back') {
@@ -832,8 +833,17 @@ export class VmManager implements DaemonOps {
     }
     if (refresh.strategy === 'cpr' && !existsSync(dest.qmpSocket)) {
       // A cpr destination creates its monitor only once it has the source's cpr state: without
-      // one it holds nothing of the guest (the source still runs it, or resumes it once the
-      // stream breaks off), and it never ran guest code.
+      // one it holds nothing of the guest, once the source has settled holding it.
+      const source = entry.record.process;
+      const sourceQmp = source !== undefined && isSameProcess(source.pid, source.startTime)
+        ? await connectQmp(entry.record.paths.qmpSocket, { greetingTimeoutMs: this.options.greetingTimeoutMs ?? 3_000 }) : undefined;
+      let way: 'forward' | 'back' | 'unknown';
+      try {
+        way = await decideMigration(sourceQmp, 'no-monitor');
+      } finally {
+        sourceQmp?.close();
+      }
+      if (way !== 'back') throw new DaemonError('UNREACHABLE', 'an interrupted cpr refresh cannot be settled yet: which QEMU holds the guest is not known');
       await endIdleQemu(undefined, dest, true);
       await rollBack('a refresh by cpr-transfer was interrupted before its new QEMU had the guest; the new QEMU was removed, the VM stays on its old QEMU');
       return;

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-apt_packages=(qemu-system-x86 qemu-utils busybox-static dbus systemd util-linux iproute2 curl)
+apt_packages=(qemu-system-x86 qemu-utils busybox-static dbus systemd util-linux iproute2 curl debian-archive-keyring)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

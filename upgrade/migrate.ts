@@ -202,9 +202,10 @@ const SETTLE_WAIT_MS = 30_000;
  * Which way an unfinished migration goes, from the QEMUs themselves: `back` only when the
  * source still holds the guest (its stream cancelled and settled, the destination still
  * waiting in `inmigrate`); `forward` when the destination has it; `unknown` when either
- * cannot be read (then nothing may be ended). `source` is undefined when its QEMU is gone.
+ * cannot be read (then nothing may be ended). `source` is undefined when its QEMU is gone;
+ * `dest` is 'no-monitor' for a cpr-transfer destination that has not created its monitor.
  */
-export async function decideMigration(source: QmpClient | undefined, dest: QmpClient): Promise<'forward' | 'back' | 'unknown'> {
+export async function decideMigration(source: QmpClient | undefined, dest: QmpClient | 'no-monitor'): Promise<'forward' | 'back' | 'unknown'> {
   try {
     if (source !== undefined) {
       let info = await source.queryMigrate();
@@ -220,10 +221,14 @@ export async function decideMigration(source: QmpClient | undefined, dest: QmpCl
       const { status: sourceState } = await poll(() => source.queryStatus(), (s) => s.status !== 'finish-migrate', SETTLE_WAIT_MS, SETTLE_POLL_MS);
       if (sourceState === 'finish-migrate') return 'unknown';
       if (sourceState === 'postmigrate') {
+        if (dest === 'no-monitor') return 'unknown';
         const { status } = await poll(() => dest.queryStatus(), (s) => s.status !== 'inmigrate', SETTLE_WAIT_MS, SETTLE_POLL_MS);
         return status === 'inmigrate' ? 'unknown' : 'forward';
       }
     }
+    // A cpr destination creates its monitor only once it has read the cpr state: without one it
+    // cannot hold the guest (the settled source still runs it, or it is lost with the source).
+    if (dest === 'no-monitor') return 'back';
     let destStatus: string;
     try {
       destStatus = (await dest.queryStatus()).status;

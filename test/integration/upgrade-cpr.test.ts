@@ -229,4 +229,11 @@ describe('vmkeepd killed at each step of a cpr refresh', () => {
     await crashDuring(vm, step);
     where(await expectOneRunning(vm));
   });
+
+  it('at cpr:migrating (the transfer goes on without the daemon): one QEMU, on either side', async () => {
+    // crashc1 is still on b after the roll-backs above; b2 is current.
+    await crashDuring('crashc1', 'cpr:migrating');
+    const vm = await expectOneRunning('crashc1');
+    expect([b.binary, b2.binary]).toContain(readExe(host.hostPid(vm))?.path);
+  });
 });

@@ -236,7 +236,7 @@ const RUNNING = { status: 'running', running: true };
 const INMIGRATE = { status: 'inmigrate', running: false };
 const POSTMIGRATE = { status: 'postmigrate', running: false };
 
-function decide(source: QmpClient | undefined, dest: QmpClient): () => Promise<Decision> {
+function decide(source: QmpClient | undefined, dest: QmpClient | 'no-monitor'): () => Promise<Decision> {
   const deciding = decideMigration(source, dest);
   return () => within(deciding, 3000, 'decideMigration to decide');
 }
@@ -327,6 +327,20 @@ describe('decideMigration', () => {
     await dst.peer.nextCommand('query-status on the destination');
     dst.peer.hangUp();
     expect(await result()).toBe('back');
+  });
+
+  it('a cpr destination without a monitor: back once the source settled holding the guest, unknown when it handed over', async () => {
+    const src = await pair();
+    const back = decide(src.client, 'no-monitor');
+    await answer(src.peer, 'query-migrate', { status: 'active' }, 'source');
+    await answer(src.peer, 'migrate_cancel', {}, 'source');
+    await answer(src.peer, 'query-migrate', { status: 'cancelled' }, 'source');
+    await answer(src.peer, 'query-status', RUNNING, 'source');
+    expect(await back()).toBe('back');
+    const over = decide(src.client, 'no-monitor');
+    await answer(src.peer, 'query-migrate', { status: 'completed' }, 'source');
+    await answer(src.peer, 'query-status', POSTMIGRATE, 'source');
+    expect(await over()).toBe('unknown');
   });
 
   it('stays unknown when the source is gone and the destination exited too', async () => {
