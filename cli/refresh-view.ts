@@ -55,8 +55,11 @@ function refreshEventText(event: DaemonEvent): string | undefined {
 export function outcomeLine(outcome: RefreshOutcome): string {
   const seconds = `${(outcome.totalMs / 1000).toFixed(1)} s`;
   switch (outcome.result) {
-    case 'migrated':
-      return `migrated onto ${target(outcome)}${outcome.downtimeMs === undefined ? '' : `, guest paused ${outcome.downtimeMs} ms`}, ${seconds}`;
+    case 'migrated': {
+      const how = outcome.strategy === 'cpr' ? 'handed over (cpr-transfer, RAM not copied)' : 'migrated';
+      const why = outcome.strategy === 'migrate' && outcome.reason !== undefined ? ` (${outcome.reason})` : '';
+      return `${how} onto ${target(outcome)}${outcome.downtimeMs === undefined ? '' : `, guest paused ${outcome.downtimeMs} ms`}, ${seconds}${why}`;
+    }
     case 'rebooted':
       return `rebooted onto ${target(outcome)}, ${seconds}`;
     default:

@@ -275,6 +275,7 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
             return true;
           })
           .example('$0 refresh web1 --strategy migrate', 'live-migrate web1 onto the current QEMU (the guest keeps running)')
+          .example('$0 refresh web1 --strategy cpr', 'hand web1 over to the current QEMU without copying its RAM (QEMU >= 10.0 on both sides, memfd-shared RAM)')
           .example('$0 refresh --stale --parallel 2', "refresh every stale VM by its own policy, two at a time")
           .example('$0 refresh --all --strategy reboot --stop-on-error', 'power-cycle every stale VM onto the new QEMU, halting at the first failure'),
       run(async (api, out, a: CommonArgs & RefreshArgs) => {

@@ -7,13 +7,13 @@ import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import {
-  isValidVmName, LaunchError, QUIT_EXIT_TIMEOUT_MS, resolveMachineType, validateSpecAndFiles,
+  isValidVmName, LaunchError, memoryBackendOf, QUIT_EXIT_TIMEOUT_MS, resolveMachineType, validateSpecAndFiles, withMemoryDefault,
   type Installation, type InstallationInfo, type LaunchedVm,
 } from '../launcher/index.js';
 import { isQmpError, powerDownGuest, type QmpClient } from '../qmp/index.js';
 import { scopeUnitName } from '../scope-manager/index.js';
 import {
-  checkRefreshTarget, currentInstallation, DEFAULT_CHANNEL, parseStrategy,
+  checkRefreshTarget, chooseLiveStrategy, currentInstallation, DEFAULT_CHANNEL, parseStrategy,
   type InstallationsConfig, type RefreshStrategy,
 } from '../upgrade/index.js';
 import { DaemonError } from './errors.js';
@@ -31,7 +31,7 @@ import { RefreshJobs } from './refresh-jobs.js';
 import { planRefresh } from './refresh-plan.js';
 import { startHealthChecks, superviseMonitor } from './supervision.js';
 import { stalenessOf, upgradeStatus } from './upgrade-status.js';
-import type { CoreOptions, LaunchArgs, VmCore } from './vm-core.js';
+import type { CoreOptions, Launch, LaunchArgs, VmCore } from './vm-core.js';
 import { binaryOf, newEntry, toView, truncate, type VmEntry } from './vm-entry.js';
 
 export type { ScopePort, QemuPort } from './ports.js';
@@ -245,12 +245,14 @@ export class VmManager implements DaemonOps, VmCore {
 
   async create(input: unknown, options: CreateOptions = {}): Promise<VmView> {
     // Every problem at once: the files a spec names are checked even when other fields are wrong.
-    const spec = await validateSpecAndFiles(input);
+    let spec = await validateSpecAndFiles(input);
     this.refuseExisting(spec.name);
     const channel = options.channel ?? DEFAULT_CHANNEL;
     const installation = currentInstallation(this.options.installations, channel);
     const policy = options.policy === undefined ? undefined : parseStrategy(options.policy, 'policy');
     const info = await this.options.probe(installation);
+    // Decided now and recorded: memfd-shared where this installation can do cpr-transfer.
+    spec = withMemoryDefault(spec, info);
     // Resolving now pins the versioned machine type for the VM's whole life (migrations need it).
     const machineType = resolveMachineType(spec.machine, info.machines);
     const now = new Date().toISOString();
@@ -399,11 +401,14 @@ export class VmManager implements DaemonOps, VmCore {
    * Spawns a QEMU of the VM, paused (or waiting for an incoming migration), its modules pinned,
    * recorded through `onSpawned` and placed in `scope` before any guest code runs.
    */
-  async launchQemu(entry: VmEntry, args: LaunchArgs): Promise<{ vm: LaunchedVm; moduleDir: string | undefined }> {
+  async launchQemu(entry: VmEntry, args: LaunchArgs): Promise<{ vm: LaunchedVm; moduleDir: string | undefined }>;
+  async launchQemu<T extends { pid: number }>(entry: VmEntry, args: LaunchArgs, launch: Launch<T>): Promise<{ vm: T; moduleDir: string | undefined }>;
+  async launchQemu<T extends { pid: number }>(entry: VmEntry, args: LaunchArgs, launch?: Launch<T>): Promise<{ vm: T | LaunchedVm; moduleDir: string | undefined }> {
     const { record } = entry;
     const { qemu, scopes } = this.options;
+    const start: Launch<T | LaunchedVm> = launch ?? ((options) => qemu.launch(options));
     return this.pins.whileLaunching(args.installation, args.info, async (pinned) => {
-      const vm = await qemu.launch({
+      const vm = await start({
         spec: record.spec,
         uuid: record.uuid,
         installation: pinned,
@@ -567,9 +572,20 @@ export class VmManager implements DaemonOps, VmCore {
         await this.armGuestReboots(entry);
         return outcome('armed', plan.message, fromField);
       case 'migrate': {
-        const { downtimeMs, pid } = await migrateNow(this, entry, target, info, options);
-        return outcome('migrated', `${name} moved live onto "${target.name}" (QEMU ${info.version}, pid ${pid}); guest paused ${downtimeMs} ms`,
-          { ...fromField, to: { ...to, pid }, downtimeMs });
+        // auto and cpr hand the guest's RAM over where both QEMUs can, else copy it (auto only).
+        let mode: 'migrate' | 'cpr' = 'migrate';
+        let why = '';
+        if (strategy === 'auto' || strategy === 'cpr') {
+          try {
+            ({ strategy: mode, why } = chooseLiveStrategy(strategy, { vm: name, memoryBackend: memoryBackendOf(record.spec), runningVersion: status?.runningVersion, targetVersion: info.version }));
+          } catch (cause) {
+            throw new DaemonError('REFRESH_REFUSED', (cause as Error).message, { cause });
+          }
+        }
+        const { downtimeMs, migrationMs, pid } = await migrateNow(this, entry, target, info, options, mode);
+        const how = mode === 'cpr' ? 'handed over live (cpr-transfer: RAM not copied)' : 'moved live';
+        return outcome('migrated', `${name} ${how} onto "${target.name}" (QEMU ${info.version}, pid ${pid}); guest paused ${downtimeMs} ms${why === '' ? '' : ` (${mode}: ${why})`}`,
+          { ...fromField, to: { ...to, pid }, downtimeMs, migrationMs, ...(why === '' ? {} : { reason: why }) });
       }
       case 'reboot':
         await this.rebootNow(entry, target, options);

@@ -4,10 +4,11 @@
 import { randomBytes } from 'node:crypto';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { existsSync } from 'node:fs';
 import { QUIT_EXIT_TIMEOUT_MS, type Installation, type InstallationInfo, type LaunchedVm } from '../launcher/index.js';
 import type { QmpClient } from '../qmp/index.js';
 import { scopeUnitName } from '../scope-manager/index.js';
-import { decideMigration, migrateLive, pinModuleDir } from '../upgrade/index.js';
+import { cprTransfer, decideMigration, migrateLive, pinModuleDir, type MigrationResult } from '../upgrade/index.js';
 import { DaemonError } from './errors.js';
 import { DEFAULT_MIGRATE_TIMEOUT_SEC, type RefreshOptions } from './model.js';
 import type { QemuPort } from './ports.js';
@@ -16,62 +17,81 @@ import type { VmCore } from './vm-core.js';
 import { binaryOf, retiredOf, truncate, type VmEntry } from './vm-entry.js';
 
 /**
- * Live migration into a new QEMU of the target installation, in its own new scope. Until the
- * stream completes the source holds the guest and any failure rolls back to it; once it
- * completed the refresh only goes forward.
+ * Live migration (mode migrate: RAM copied; cpr: RAM handed over in a shared memfd) into a new
+ * QEMU of the target installation, in its own new scope. Until the stream completes the source
+ * holds the guest and any failure rolls back to it; once it completed the refresh only goes forward.
  */
-export async function migrateNow(core: VmCore, entry: VmEntry, target: Installation, info: InstallationInfo, options: RefreshOptions): Promise<{ downtimeMs: number; pid: number }> {
+export async function migrateNow(core: VmCore, entry: VmEntry, target: Installation, info: InstallationInfo, options: RefreshOptions, mode: 'migrate' | 'cpr' = 'migrate'): Promise<{ downtimeMs: number; migrationMs: number; pid: number }> {
   const name = entry.record.name;
+  const { qemu } = core.options;
   const source = entry.record.process as NonNullable<VmRecord['process']>;
   const sourceQmp = entry.qmp as QmpClient;
   const generation = randomBytes(4).toString('hex');
   const destSocket = join(core.vmDir(name), `qmp-${generation}.sock`);
   const streamSocket = join(core.vmDir(name), `migrate-${generation}.sock`);
+  const cprSocket = join(core.vmDir(name), `cpr-${generation}.sock`);
   // ":" cannot occur in a VM name, so this scope never collides with another VM's.
   const scope = core.options.scopes === null ? null : scopeUnitName(`${name}:${generation}`);
-  await core.record(entry, { ...entry.record, refresh: { strategy: 'migrate', target, startedAt: new Date().toISOString() } });
-  core.crashPoint('migrate:begun');
+  await core.record(entry, { ...entry.record, refresh: { strategy: mode, target, startedAt: new Date().toISOString() } });
+  core.crashPoint(`${mode}:begun`);
 
   let dest: LaunchedVm | undefined;
+  // A cpr destination's monitor answers only once the source has connected: until then its process.
+  let pending: { pid: number; startTime: string } | undefined;
   let moduleDir: string | undefined;
-  let downtimeMs = 0;
+  let result: MigrationResult | undefined;
   try {
-    const launched = await core.launchQemu(entry, {
+    const args = {
       installation: target, info, scope, incoming: true,
       paths: { ...entry.record.paths, qmpSocket: destSocket },
-      onSpawned: async (proc, pinnedDir) => {
+      onSpawned: async (proc: NonNullable<VmRecord['process']>, pinnedDir: string | undefined) => {
         const refresh = entry.record.refresh as NonNullable<VmRecord['refresh']>;
         const destination = { ...proc, qmpSocket: destSocket, ...(pinnedDir === undefined ? {} : { moduleDir: pinnedDir }) };
         await core.record(entry, { ...entry.record, refresh: { ...refresh, destination } });
-        core.crashPoint('migrate:destination-recorded');
+        core.crashPoint(`${mode}:destination-recorded`);
       },
-    });
-    dest = launched.vm;
-    moduleDir = launched.moduleDir;
-    core.crashPoint('migrate:destination-ready');
-    entry.lock.setStep('migrating');
-    options.onStep?.('migrating', `migrating ${name} to pid ${dest.pid}`);
-    const result = await migrateLive({
-      source: sourceQmp,
-      destination: dest.qmp,
-      socketPath: streamSocket,
-      timeoutMs: (options.timeoutSec ?? DEFAULT_MIGRATE_TIMEOUT_SEC) * 1000,
-      onStatus: (status) => {
-        if (status === 'active') core.crashPoint('migrate:migrating');
-      },
-    });
-    downtimeMs = result.downtimeMs;
+    };
+    const timeoutMs = (options.timeoutSec ?? DEFAULT_MIGRATE_TIMEOUT_SEC) * 1000;
+    const onStatus = (status: string): void => {
+      if (status === 'active') core.crashPoint(`${mode}:migrating`);
+    };
+    entry.lock.setStep(mode === 'cpr' ? 'handing over (cpr-transfer)' : 'migrating');
+    if (mode === 'cpr') {
+      const channels = { cprSocket, mainSocket: streamSocket };
+      const launched = await core.launchQemu(entry, args, (o) => qemu.launchCpr({ ...o, channels }));
+      pending = launched.vm;
+      moduleDir = launched.moduleDir;
+      core.crashPoint('cpr:destination-ready');
+      options.onStep?.('migrating', `handing ${name} over (cpr-transfer) to pid ${pending.pid}`);
+      result = await cprTransfer({
+        source: sourceQmp, channels, destinationQmpSocket: destSocket, timeoutMs, onStatus,
+        onDestination: (qmp) => { dest = { ...launched.vm, qmp }; },
+      });
+    } else {
+      const launched = await core.launchQemu(entry, args);
+      dest = launched.vm;
+      moduleDir = launched.moduleDir;
+      core.crashPoint('migrate:destination-ready');
+      options.onStep?.('migrating', `migrating ${name} to pid ${dest.pid}`);
+      result = await migrateLive({ source: sourceQmp, destination: dest.qmp, socketPath: streamSocket, timeoutMs, onStatus });
+    }
   } catch (cause) {
-    const way = dest === undefined ? 'back' : await decideMigration(sourceQmp, dest.qmp);
+    // Which QEMU holds the guest decides, never the error. A cpr destination without a monitor
+    // never got the guest's state.
+    const destination = dest as LaunchedVm | undefined;
+    const way = destination !== undefined ? await decideMigration(sourceQmp, destination.qmp)
+      : pending !== undefined ? await decideMigration(sourceQmp, 'no-monitor') : 'back';
     if (way === 'back') {
-      await rollBackMigration(core, entry, dest, cause);
+      if (destination === undefined && pending !== undefined) await endIdleQemu(qemu, undefined, entry.record.refresh?.destination, true);
+      await rm(cprSocket, { force: true });
+      await rollBackMigration(core, entry, destination, cause);
       throw new DaemonError('REFRESH_FAILED',
-        `live migration of ${name} onto "${target.name}" failed: ${(cause as Error).message}. ${name} keeps running on its old QEMU (pid ${source.pid}); the new QEMU was removed (its log: ${entry.record.paths.stderrLog})`,
+        `${mode === 'cpr' ? 'cpr-transfer' : 'live migration'} of ${name} onto "${target.name}" failed: ${(cause as Error).message}. ${name} keeps running on its old QEMU (pid ${source.pid}); the new QEMU was removed (its log: ${entry.record.paths.stderrLog})`,
         { cause });
     }
     if (way === 'unknown') {
       // Both stay, the record names both: the retry's reattach finishes or rolls back.
-      dest?.qmp.close();
+      (dest as LaunchedVm | undefined)?.qmp.close();
       core.detach(entry);
       entry.record = { ...entry.record, state: 'unreachable', problem: truncate(`migration outcome unknown: ${(cause as Error).message}`) };
       core.scheduleRetry(entry);
@@ -81,8 +101,8 @@ export async function migrateNow(core: VmCore, entry: VmEntry, target: Installat
     }
     core.options.logger.warn({ vm: name, err: cause }, 'the migration reported an error after the guest was handed over; going forward');
   }
-  core.crashPoint('migrate:completed');
-  const destination = dest as LaunchedVm;
+  core.crashPoint(`${mode}:completed`);
+  const destination = dest as unknown as LaunchedVm;
   const next: VmRecord = {
     ...entry.record,
     process: { pid: destination.pid, startTime: destination.startTime, scope },
@@ -106,7 +126,7 @@ export async function migrateNow(core: VmCore, entry: VmEntry, target: Installat
     throw error;
   }
   core.watch(entry, destination.qmp);
-  core.crashPoint('migrate:switched');
+  core.crashPoint(`${mode}:switched`);
   // Events of the destination before it was watched are lost: its status says what they were.
   const { status } = await destination.qmp.queryStatus();
   if (status === 'shutdown') {
@@ -117,7 +137,8 @@ export async function migrateNow(core: VmCore, entry: VmEntry, target: Installat
   }
   await settleRetiredSafely(core, entry);
   await rm(streamSocket, { force: true });
-  return { downtimeMs, pid: destination.pid };
+  await rm(cprSocket, { force: true });
+  return { downtimeMs: result?.downtimeMs ?? 0, migrationMs: result?.totalMs ?? 0, pid: destination.pid };
 }
 
 /** The destination never ran the guest: quit it (or end it if its monitor is gone), forget it. */
@@ -126,7 +147,7 @@ async function rollBackMigration(core: VmCore, entry: VmEntry, dest: LaunchedVm 
   core.options.logger.warn({ vm: entry.record.name, err: cause }, 'migration failed; removing the destination, the source keeps the guest');
   await endIdleQemu(core.options.qemu, dest?.qmp, recorded);
   if (recorded) await rm(recorded.qmpSocket, { force: true });
-  const next: VmRecord = { ...entry.record, problem: truncate(`last refresh (migrate) failed: ${(cause as Error).message}`) };
+  const next: VmRecord = { ...entry.record, problem: truncate(`last refresh (${entry.record.refresh?.strategy ?? 'migrate'}) failed: ${(cause as Error).message}`) };
   delete next.refresh;
   await core.observe(entry, next);
 }
@@ -134,7 +155,7 @@ async function rollBackMigration(core: VmCore, entry: VmEntry, dest: LaunchedVm 
 /** Finishes or rolls back a migration the last daemon left mid-way. */
 export async function recoverMigration(core: VmCore, entry: VmEntry): Promise<void> {
   const refresh = entry.record.refresh;
-  if (refresh?.strategy !== 'migrate') return;
+  if (refresh?.strategy !== 'migrate' && refresh?.strategy !== 'cpr') return;
   const { qemu } = core.options;
   const log = core.options.logger.child({ vm: entry.record.name });
   const dest = refresh.destination;
@@ -147,6 +168,22 @@ export async function recoverMigration(core: VmCore, entry: VmEntry): Promise<vo
   if (dest === undefined || !qemu.isSame(dest.pid, dest.startTime)) {
     if (dest) await rm(dest.qmpSocket, { force: true });
     await rollBack('a refresh by migration was interrupted before its new QEMU ran the guest; rolled back, the VM stays on its old QEMU');
+    return;
+  }
+  if (refresh.strategy === 'cpr' && !existsSync(dest.qmpSocket)) {
+    // A cpr destination creates its monitor only once it has the source's cpr state: without
+    // one it holds nothing of the guest, once the source has settled holding it.
+    const source = entry.record.process;
+    const sourceQmp = source !== undefined && qemu.isSame(source.pid, source.startTime) ? await core.connect(entry.record.paths.qmpSocket) : undefined;
+    let way: 'forward' | 'back' | 'unknown';
+    try {
+      way = await decideMigration(sourceQmp, 'no-monitor');
+    } finally {
+      sourceQmp?.close();
+    }
+    if (way !== 'back') throw new DaemonError('UNREACHABLE', 'an interrupted cpr refresh cannot be settled yet: which QEMU holds the guest is not known');
+    await endIdleQemu(qemu, undefined, dest, true);
+    await rollBack('a refresh by cpr-transfer was interrupted before its new QEMU had the guest; the new QEMU was removed, the VM stays on its old QEMU');
     return;
   }
   const destQmp = await core.connect(dest.qmpSocket);
@@ -227,17 +264,23 @@ export async function settleRetiredSafely(core: VmCore, entry: VmEntry): Promise
 
 /**
  * Ends a QEMU that never ran the guest (a migration destination before hand-over): `quit` over
- * its monitor, and if it does not go, SIGKILL, which loses nothing since it holds no guest.
+ * its monitor, and if it does not go, SIGKILL, which loses nothing since it holds no guest. A
+ * cpr destination without its monitor (`noMonitor`) waits for the source for ever: SIGKILL at once.
  */
-async function endIdleQemu(qemu: QemuPort, qmp: QmpClient | undefined, proc: OtherQemu | undefined): Promise<void> {
+async function endIdleQemu(qemu: QemuPort, qmp: QmpClient | undefined, proc: OtherQemu | undefined, noMonitor = false): Promise<void> {
   if (qmp) {
     await qmp.quit().catch(() => undefined);
     qmp.close();
   }
   if (!proc || !qemu.isSame(proc.pid, proc.startTime)) return;
-  try {
-    await qemu.waitForExit(proc.pid, proc.startTime, QUIT_EXIT_TIMEOUT_MS);
-  } catch {
-    if (qemu.isSame(proc.pid, proc.startTime)) qemu.kill(proc.pid);
+  if (!noMonitor) {
+    try {
+      await qemu.waitForExit(proc.pid, proc.startTime, QUIT_EXIT_TIMEOUT_MS);
+      return;
+    } catch {
+      // still there: ended below
+    }
   }
+  if (qemu.isSame(proc.pid, proc.startTime)) qemu.kill(proc.pid);
+  await qemu.waitForExit(proc.pid, proc.startTime, QUIT_EXIT_TIMEOUT_MS).catch(() => undefined);
 }

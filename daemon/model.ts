@@ -32,7 +32,7 @@ export interface VmView {
   policy?: RefreshStrategy;
   qemuVersion?: string;
   /** A refresh under way (or left by a crash, to be finished or rolled back). */
-  refreshing?: 'migrate' | 'reboot';
+  refreshing?: 'migrate' | 'cpr' | 'reboot';
   pid?: number;
   scope?: string;
   /** Why the daemon cannot talk to this VM (state unreachable), or what failed last. */
@@ -93,8 +93,12 @@ export interface RefreshOutcome {
   result: 'migrated' | 'rebooted' | 'armed' | 'current' | 'reported';
   from?: { installation: string; version?: string; pid?: number };
   to?: { installation: string; version: string; pid?: number };
-  /** migrate: QEMU's own figure of the guest's pause. */
+  /** migrate, cpr: QEMU's own figure of the guest's pause. */
   downtimeMs?: number;
+  /** migrate, cpr: QEMU's own total time of the migration (from its start on the source to completion). */
+  migrationMs?: number;
+  /** auto or cpr: why this strategy was taken (cpr possible, or what ruled it out). */
+  reason?: string;
   /** Wall time of the whole refresh. */
   totalMs: number;
   message: string;
@@ -136,7 +140,7 @@ export interface VmUpgradeStatus {
   policy: RefreshStrategy;
   /** What the policy will do, in words. */
   outcome: string;
-  refreshing?: 'migrate' | 'reboot';
+  refreshing?: 'migrate' | 'cpr' | 'reboot';
   pid?: number;
   exe?: string;
   /** What needs attention beyond staleness, e.g. the running binary is gone from disk. */

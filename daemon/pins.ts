@@ -27,7 +27,7 @@ export class ModulePins {
     this.lock = this.lock.then(async () => {
       const { records, damagedRecords } = current();
       // A damaged record may name a running QEMU whose folder we cannot see: keep everything.
-      if (this.launching > 0 || damagedRecords > 0 || records.some((r) => r.refresh?.strategy === 'migrate')) return;
+      if (this.launching > 0 || damagedRecords > 0 || records.some((r) => r.refresh?.strategy === 'migrate' || r.refresh?.strategy === 'cpr')) return;
       const inUse = new Set(records
         .flatMap((r) => [r.process ? r.binary?.moduleDir : undefined, r.retired?.moduleDir])
         .filter((d): d is string => d !== undefined));

@@ -1,8 +1,8 @@
 // The adapters the VM manager acts through, passed in so unit tests run it against a fake
 // QEMU and a fake systemd (ARCHITECTURE.md, "Side effects at the edges").
 import {
-  isSameProcess, launchVm, readExe, readProcessIdentity, waitForProcessExit,
-  type ExeInfo, type LaunchedVm, type LaunchVmOptions, type ProcessIdentity,
+  isSameProcess, launchCprDestination, launchVm, readExe, readProcessIdentity, waitForProcessExit,
+  type CprChannels, type ExeInfo, type LaunchedVm, type LaunchVmOptions, type PendingVm, type ProcessIdentity,
 } from '../launcher/index.js';
 import { connectQmp, type QmpClient } from '../qmp/index.js';
 import type { CreateScopeOptions } from '../scope-manager/index.js';
@@ -18,6 +18,8 @@ export interface ScopePort {
 export interface QemuPort {
   /** Spawns a QEMU paused, placed in its scope, its monitor connected (launcher's launchVm). */
   launch(options: LaunchVmOptions): Promise<LaunchedVm>;
+  /** Spawns a cpr-transfer destination: it has no monitor until the source hands over. */
+  launchCpr(options: Omit<LaunchVmOptions, 'incoming' | 'stayPaused'> & { channels: CprChannels }): Promise<PendingVm>;
   connect(socketPath: string, options: { greetingTimeoutMs: number }): Promise<QmpClient>;
   /** PID + start time + run state from /proc, or null when no such process. */
   identity(pid: number): ProcessIdentity | null;
@@ -30,6 +32,7 @@ export interface QemuPort {
 
 export const realQemu: QemuPort = {
   launch: launchVm,
+  launchCpr: launchCprDestination,
   connect: (socketPath, options) => connectQmp(socketPath, options),
   identity: readProcessIdentity,
   isSame: isSameProcess,

@@ -35,7 +35,7 @@ export interface OtherQemu {
  * or rolls it back. `destination` is set once a migration's new QEMU exists.
  */
 export interface RefreshInFlight {
-  strategy: 'migrate' | 'reboot';
+  strategy: 'migrate' | 'cpr' | 'reboot';
   target: Installation;
   startedAt: string;
   destination?: OtherQemu;
@@ -292,11 +292,11 @@ function checkRefresh(value: unknown, bad: Bad): RefreshInFlight | undefined {
   const obj = object(value, 'refresh', ['strategy', 'target', 'startedAt', 'destination'], bad);
   if (obj === undefined) return undefined;
   const strategy = obj.strategy;
-  if (strategy !== 'migrate' && strategy !== 'reboot') bad('refresh.strategy', `must be migrate or reboot, got ${describe(strategy)}`);
+  if (strategy !== 'migrate' && strategy !== 'cpr' && strategy !== 'reboot') bad('refresh.strategy', `must be migrate, cpr or reboot, got ${describe(strategy)}`);
   const target = checkInstallation(obj.target, 'refresh.target', bad);
   const startedAt = timestamp(obj.startedAt, 'refresh.startedAt', bad);
   const destination = obj.destination === undefined ? undefined : checkOtherQemu(obj.destination, 'refresh.destination', bad);
-  if ((strategy !== 'migrate' && strategy !== 'reboot') || target === undefined || startedAt === undefined) return undefined;
+  if ((strategy !== 'migrate' && strategy !== 'cpr' && strategy !== 'reboot') || target === undefined || startedAt === undefined) return undefined;
   if (obj.destination !== undefined && destination === undefined) return undefined;
   return { strategy, target, startedAt, ...(destination === undefined ? {} : { destination }) };
 }

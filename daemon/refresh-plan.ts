@@ -22,6 +22,7 @@ export interface RefreshFacts {
 export type RefreshPlan =
   | { action: 'nothing'; result: 'current' | 'reported'; message: string }
   | { action: 'arm'; message: string }
+  /** A live move: migrate, or for cpr and auto whatever live way both QEMUs allow. */
   | { action: 'migrate' }
   | { action: 'reboot' }
   | { action: 'refuse'; code: Extract<DaemonErrorCode, 'UNREACHABLE' | 'CONFLICT' | 'REFRESH_REFUSED'>; message: string };
@@ -48,5 +49,5 @@ export function planRefresh(f: RefreshFacts): RefreshPlan {
     return { action: 'refuse', code: 'CONFLICT', message: `${f.vm} is ${f.state}; only a running or paused VM can be refreshed` };
   }
   if (f.targetRefusal !== undefined) return { action: 'refuse', code: 'REFRESH_REFUSED', message: f.targetRefusal };
-  return { action: f.strategy === 'migrate' ? 'migrate' : 'reboot' };
+  return { action: f.strategy === 'reboot' ? 'reboot' : 'migrate' };
 }

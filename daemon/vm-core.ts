@@ -2,7 +2,7 @@
 // status) may ask of it. The manager implements it; the parts import only this type, so the
 // dependencies inside daemon/ point one way (ARCHITECTURE.md, "daemon/").
 import type { Logger } from 'pino';
-import type { Installation, InstallationInfo, LaunchedVm } from '../launcher/index.js';
+import type { Installation, InstallationInfo, LaunchedVm, LaunchVmOptions } from '../launcher/index.js';
 import type { QmpClient } from '../qmp/index.js';
 import type { InstallationsConfig, RefreshStrategy } from '../upgrade/index.js';
 import type { DaemonEvent } from './model.js';
@@ -38,6 +38,9 @@ export interface LaunchArgs {
   onSpawned: (proc: NonNullable<VmRecord['process']>, moduleDir: string | undefined) => Promise<void>;
 }
 
+/** How a QEMU is started: QemuPort.launch by default; a cpr-transfer destination has its own. */
+export type Launch<T> = (options: LaunchVmOptions) => Promise<T>;
+
 export interface VmCore {
   readonly options: CoreOptions;
   readonly isClosed: boolean;
@@ -50,6 +53,7 @@ export interface VmCore {
   detach(entry: VmEntry): void;
   connect(socketPath: string): Promise<QmpClient>;
   launchQemu(entry: VmEntry, args: LaunchArgs): Promise<{ vm: LaunchedVm; moduleDir: string | undefined }>;
+  launchQemu<T extends { pid: number }>(entry: VmEntry, args: LaunchArgs, launch: Launch<T>): Promise<{ vm: T; moduleDir: string | undefined }>;
   startNow(entry: VmEntry): Promise<void>;
   endQemu(entry: VmEntry, reason: string): Promise<void>;
   finishGuestShutdown(entry: VmEntry, reason?: string): Promise<void>;

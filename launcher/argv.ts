@@ -1,7 +1,14 @@
 import { LaunchError } from './errors.js';
 import { SIMPLE_NAME_RE, UUID_RE } from './names.js';
 import { installationRunContext, type Installation } from './installation.js';
+import { memoryBackendOf, supportsCprTransfer } from './memory.js';
 import type { VmSpec } from './spec.js';
+
+/** The two listening sockets of a cpr-transfer destination: the cpr state first, then the stream. */
+export interface CprChannels {
+  cprSocket: string;
+  mainSocket: string;
+}
 
 export interface QemuCommand {
   binary: string;
@@ -20,8 +27,19 @@ export interface BuildQemuCommandInput {
   paths: { qmpSocket: string; serialLog: string };
   /** Adds -S: QEMU waits for `cont` before running guest code. */
   startPaused: boolean;
-  /** Adds -incoming defer: a migration destination waiting for migrate-incoming. */
-  incoming?: 'defer';
+  /**
+   * `defer`: a migration destination waiting for migrate-incoming. CprChannels: a cpr-transfer
+   * destination, listening on both sockets from its start (it has no monitor until the source
+   * has connected the cpr channel).
+   */
+  incoming?: 'defer' | CprChannels;
+  /** The installation's probed version: decides the options only newer QEMUs know. */
+  version?: string;
+}
+
+/** The -incoming JSON of one cpr-transfer channel; the same address the source's migrate names. */
+export function cprChannel(type: 'cpr' | 'main', path: string): Record<string, unknown> {
+  return { 'channel-type': type, addr: { transport: 'socket', type: 'unix', path } };
 }
 
 
@@ -32,6 +50,24 @@ export interface BuildQemuCommandInput {
  */
 export function escapeQemuOptValue(value: string): string {
   return value.replaceAll(',', ',,');
+}
+
+const RAM_ID = 'ram0';
+
+/** Guest RAM as a shared memfd, which cpr-transfer hands over instead of copying. */
+function memoryObject(spec: VmSpec): string[] {
+  if (memoryBackendOf(spec) !== 'memfd-shared') return [];
+  return ['-object', `memory-backend-memfd,id=${RAM_ID},size=${spec.memoryMiB}M,share=on`];
+}
+
+/**
+ * aux-ram-share=on puts QEMU's other RAM (ROMs, video memory) in shared memory too, which
+ * cpr-transfer needs; QEMUs older than 10.0 do not know the option (and cannot do cpr).
+ */
+function memoryMachineOptions(input: BuildQemuCommandInput): string {
+  if (memoryBackendOf(input.spec) !== 'memfd-shared') return '';
+  const aux = input.version !== undefined && supportsCprTransfer(input.version) ? ',aux-ram-share=on' : '';
+  return `,memory-backend=${RAM_ID}${aux}`;
 }
 
 /** The exact QEMU command line for a VM. Pure: same input, same command. */
@@ -54,7 +90,8 @@ export function buildQemuCommand(input: BuildQemuCommandInput): QemuCommand {
     // A guest power-off leaves QEMU waiting in status "shutdown" instead of exiting, so a
     // shutdown that happens while the daemon is away is still seen when it comes back.
     '-no-shutdown',
-    '-machine', `${machineType},accel=${spec.accel}`,
+    '-machine', `${machineType},accel=${spec.accel}${memoryMachineOptions(input)}`,
+    ...memoryObject(spec),
     '-cpu', spec.cpu,
     '-m', String(spec.memoryMiB),
     '-smp', String(spec.vcpus),
@@ -74,6 +111,11 @@ export function buildQemuCommand(input: BuildQemuCommandInput): QemuCommand {
   }
   if (input.startPaused) argv.push('-S');
   if (input.incoming === 'defer') argv.push('-incoming', 'defer');
+  else if (input.incoming !== undefined) {
+    // The cpr channel must come first: QEMU reads the cpr state before anything else.
+    argv.push('-incoming', JSON.stringify(cprChannel('cpr', input.incoming.cprSocket)));
+    argv.push('-incoming', JSON.stringify(cprChannel('main', input.incoming.mainSocket)));
+  }
 
   return { binary: installation.binary, argv, env };
 }

@@ -2,8 +2,9 @@ export { LaunchError, type LaunchErrorCode, type SpecProblem } from './errors.js
 export { isValidVmName, vmNameProblem, describeValue, VM_NAME_RULE, SIMPLE_NAME_RE, UUID_RE } from './names.js';
 export {
   validateSpec, formatSpecProblems, SPEC_DEFAULTS, SPEC_LIMITS,
-  type VmSpec, type DiskSpec, type DiskFormat, type Accel,
+  MEMORY_BACKENDS, type VmSpec, type DiskSpec, type DiskFormat, type Accel, type MemoryBackend,
 } from './spec.js';
+export { supportsCprTransfer, withMemoryDefault, memoryBackendOf } from './memory.js';
 export { checkSpecFiles, validateSpecAndFiles } from './files.js';
 export {
   probeInstallation, readBinaryIdentity, sameBinary, parseQemuVersion, parseMachineHelp, resolveMachineType,
@@ -11,7 +12,7 @@ export {
   type Installation, type BinaryIdentity, type MachineType, type InstallationInfo, type ProbeOptions,
   type ProcessRunner, type RunResult,
 } from './installation.js';
-export { buildQemuCommand, escapeQemuOptValue, type QemuCommand, type BuildQemuCommandInput } from './argv.js';
+export { buildQemuCommand, escapeQemuOptValue, cprChannel, type QemuCommand, type BuildQemuCommandInput, type CprChannels } from './argv.js';
 export { parseProcStat, readProcessIdentity, isSameProcess, readExe, type ProcessIdentity, type ExeInfo } from './process.js';
 export { spawnQemu, type SpawnOptions, type SpawnedQemu } from './spawn.js';
-export { launchVm, waitForProcessExit, QUIT_EXIT_TIMEOUT_MS, type LaunchVmOptions, type LaunchedVm } from './launch.js';
+export { launchVm, launchCprDestination, waitForProcessExit, QUIT_EXIT_TIMEOUT_MS, type LaunchVmOptions, type LaunchedVm, type PendingVm } from './launch.js';

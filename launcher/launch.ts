@@ -1,5 +1,5 @@
 import { connectQmp, type QmpClient } from '../qmp/index.js';
-import { buildQemuCommand, type QemuCommand } from './argv.js';
+import { buildQemuCommand, type CprChannels, type QemuCommand } from './argv.js';
 import { LaunchError } from './errors.js';
 import { resolveMachineType, type Installation, type InstallationInfo } from './installation.js';
 import { isSameProcess } from './process.js';
@@ -56,6 +56,7 @@ export async function launchVm(options: LaunchVmOptions): Promise<LaunchedVm> {
     // that keeps the daemon's reaction time out of the guest's downtime.
     startPaused: options.incoming === undefined,
     ...(options.incoming === undefined ? {} : { incoming: options.incoming }),
+    version: options.info.version,
   });
   const spawned = await spawnQemu(command, {
     stderrLog: options.paths.stderrLog,
@@ -91,6 +92,44 @@ export async function launchVm(options: LaunchVmOptions): Promise<LaunchedVm> {
     }
   }
   return { spec: options.spec, pid: spawned.pid, startTime: spawned.startTime, machineType, command, qmp };
+}
+
+/** A cpr-transfer destination, spawned and placed, whose monitor comes up only once its source connects. */
+export interface PendingVm {
+  spec: VmSpec;
+  pid: number;
+  startTime: string;
+  machineType: string;
+  command: QemuCommand;
+  channels: CprChannels;
+}
+
+/**
+ * Starts the destination of a cpr-transfer: the VM's devices, the installation's binary, and
+ * both -incoming channels. QEMU waits for the cpr state before it even creates its monitor, so
+ * the start counts as done once it listens on the cpr socket; it is placed in its scope then,
+ * before any stream can arrive (it runs guest code only once the stream completed). Connecting
+ * its monitor is the transfer's business (after the source's migrate).
+ */
+export async function launchCprDestination(options: Omit<LaunchVmOptions, 'incoming' | 'stayPaused'> & { channels: CprChannels }): Promise<PendingVm> {
+  const machineType = options.machineType ?? resolveMachineType(options.spec.machine, options.info.machines);
+  const command = buildQemuCommand({
+    spec: options.spec,
+    uuid: options.uuid,
+    installation: options.installation,
+    machineType,
+    paths: options.paths,
+    startPaused: false,
+    incoming: options.channels,
+    version: options.info.version,
+  });
+  const spawned = await spawnQemu(command, {
+    stderrLog: options.paths.stderrLog,
+    readyPath: options.channels.cprSocket,
+    readyWhen: 'listening',
+    ...(options.placeInScope === undefined ? {} : { placeInScope: options.placeInScope }),
+  });
+  return { spec: options.spec, pid: spawned.pid, startTime: spawned.startTime, machineType, command, channels: options.channels };
 }
 
 /** Only for a QEMU that is still paused before its first `cont`: no guest state to lose. */

@@ -25,6 +25,13 @@ export interface SpawnOptions {
   placeInScope?: (pid: number) => Promise<void>;
   /** How long QEMU gets to answer on readyPath (default 15 s). */
   spawnTimeoutMs?: number;
+  /**
+   * `answers` (default): readyPath is the QMP socket and must answer a command. `listening`:
+   * readyPath is a socket QEMU listens on that must not be connected to here (a cpr-transfer
+   * destination's cpr channel: it has no monitor until its source connects there); it is
+   * ready once the socket exists.
+   */
+  readyWhen?: 'answers' | 'listening';
 }
 
 export interface SpawnedQemu {
@@ -50,7 +57,9 @@ interface Exit {
 export async function spawnQemu(command: QemuCommand, options: SpawnOptions): Promise<SpawnedQemu> {
   // A migration destination waiting with `-incoming defer` runs no guest code until it is told
   // where to listen (after placement) and a stream completes; any other -incoming listens at once.
-  const deferred = command.argv.some((arg, i) => arg === '-incoming' && command.argv[i + 1] === 'defer');
+  // A cpr-transfer destination runs no guest code either before its stream, which the source
+  // sends only when told to, after placement.
+  const deferred = command.argv.some((arg, i) => arg === '-incoming' && (command.argv[i + 1] === 'defer' || isCprChannelArg(command.argv[i + 1])));
   if (options.placeInScope !== undefined && !command.argv.includes('-S') && !deferred) {
     throw new LaunchError('SPAWN_FAILED',
       'refusing to start QEMU without -S when it must be moved into a scope: it would run guest code in the daemon\'s cgroup; fix: build the command with startPaused: true (or as a migration destination with incoming: \'defer\')');
@@ -119,7 +128,7 @@ export async function spawnQemu(command: QemuCommand, options: SpawnOptions): Pr
   };
 
   const timeoutMs = options.spawnTimeoutMs ?? DEFAULT_SPAWN_TIMEOUT_MS;
-  const outcome = await waitForReady(options.readyPath, exited, failedToSpawn, timeoutMs);
+  const outcome = await waitForReady(options.readyPath, options.readyWhen ?? 'answers', exited, failedToSpawn, timeoutMs);
   if (outcome === 'exited' && exit !== undefined) {
     await abandon();
     throw await describeExit(exit);
@@ -161,13 +170,25 @@ export async function spawnQemu(command: QemuCommand, options: SpawnOptions): Pr
   return { pid, startTime: identity.startTime };
 }
 
+/** An -incoming argument naming a cpr channel (JSON form). */
+function isCprChannelArg(arg: string | undefined): boolean {
+  if (arg === undefined || !arg.startsWith('{')) return false;
+  try {
+    return (JSON.parse(arg) as { 'channel-type'?: unknown })['channel-type'] === 'cpr';
+  } catch {
+    return false;
+  }
+}
+
 async function waitForReady(
-  readyPath: string | undefined, exited: Promise<Exit>, failed: Promise<Error>, timeoutMs: number,
+  readyPath: string | undefined, readyWhen: 'answers' | 'listening', exited: Promise<Exit>, failed: Promise<Error>, timeoutMs: number,
 ): Promise<'ready' | 'exited' | 'error' | 'timeout'> {
   const cancel = { done: false };
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<'timeout'>((resolve) => { timer = setTimeout(() => resolve('timeout'), timeoutMs); });
-  const ready = readyPath === undefined ? Promise.resolve('ready' as const) : waitForMainLoop(readyPath, cancel);
+  const ready = readyPath === undefined
+    ? Promise.resolve('ready' as const)
+    : readyWhen === 'listening' ? waitForPath(readyPath, cancel) : waitForMainLoop(readyPath, cancel);
   try {
     return await Promise.race([
       exited.then(() => 'exited' as const),
@@ -198,6 +219,12 @@ async function waitForMainLoop(path: string, cancel: { done: boolean }): Promise
 }
 
 const MAX_READY_BYTES = 64 * 1024;
+
+/** Resolves once `path` exists (a socket QEMU bound), without connecting to it. */
+async function waitForPath(path: string, cancel: { done: boolean }): Promise<'ready'> {
+  while (!cancel.done && !existsSync(path)) await delay(READY_POLL_MS);
+  return 'ready';
+}
 
 /** One minimal monitor session: greeting, qmp_capabilities, any reply; then disconnect. */
 function answersCommand(path: string, cancel: { done: boolean }): Promise<boolean> {

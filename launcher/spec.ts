@@ -4,6 +4,14 @@ import { closest } from './similar.js';
 
 export type Accel = 'tcg' | 'kvm';
 export type DiskFormat = 'raw' | 'qcow2';
+/**
+ * Where guest RAM lives. `anonymous`: QEMU's private memory (a live migration copies it).
+ * `memfd-shared`: a shared memfd, which a cpr-transfer refresh hands to the new QEMU instead of
+ * copying it (QEMU >= 10.0); the cost is that the RAM is shared memory (counted as Shmem, not
+ * swapped like anonymous memory, and never merged by KSM).
+ */
+export type MemoryBackend = 'anonymous' | 'memfd-shared';
+export const MEMORY_BACKENDS: readonly MemoryBackend[] = ['anonymous', 'memfd-shared'];
 
 export interface DiskSpec {
   path: string;
@@ -24,6 +32,8 @@ export interface VmSpec {
   append?: string;
   disks: DiskSpec[];
   uuid?: string;
+  /** Absent: decided when the VM is created (memfd-shared where the installation can do cpr-transfer). */
+  memory?: { backend: MemoryBackend };
 }
 
 export const SPEC_DEFAULTS = {
@@ -46,8 +56,9 @@ export const SPEC_LIMITS = {
 } as const;
 
 const SPEC_FIELDS = [
-  'name', 'memoryMiB', 'vcpus', 'machine', 'accel', 'cpu', 'kernel', 'initrd', 'append', 'disks', 'uuid',
+  'name', 'memoryMiB', 'vcpus', 'machine', 'accel', 'cpu', 'kernel', 'initrd', 'append', 'disks', 'uuid', 'memory',
 ] as const;
+const MEMORY_FIELDS = ['backend'] as const;
 const DISK_FIELDS = ['path', 'format', 'readOnly'] as const;
 
 // CPU names go into comma-separated QEMU options: no commas, no "=", nothing exotic.
@@ -82,6 +93,7 @@ export function validateSpec(input: unknown): VmSpec {
   const append = checkAppend(input.append, add);
   const disks = checkDisks(input.disks, add);
   const uuid = checkUuid(input.uuid, add);
+  const memory = checkMemory(input.memory, add);
 
   if (input.kernel === undefined) {
     if (input.initrd !== undefined) add('initrd', 'is given without a kernel', 'set "kernel" as well, or remove "initrd"');
@@ -107,6 +119,7 @@ export function validateSpec(input: unknown): VmSpec {
   if (initrd !== undefined) spec.initrd = initrd;
   if (append !== undefined) spec.append = append;
   if (uuid !== undefined) spec.uuid = uuid;
+  if (memory !== undefined) spec.memory = memory;
   return spec;
 }
 
@@ -217,6 +230,22 @@ function checkUuid(value: unknown, add: Add): string | undefined {
   if (typeof value === 'string' && UUID_RE.test(value)) return value.toLowerCase();
   add('uuid', `${describeValue(value)} is not a UUID`, 'use the form 123e4567-e89b-12d3-a456-426614174000, or leave it out to get a generated one');
   return undefined;
+}
+
+function checkMemory(value: unknown, add: Add): VmSpec['memory'] {
+  if (value === undefined) return undefined;
+  const fix = `give { "backend": ${MEMORY_BACKENDS.map((b) => `"${b}"`).join(' | ')} }, or leave "memory" out for the installation's default (the size is memoryMiB)`;
+  if (!isRecord(value)) {
+    add('memory', `must be an object, got ${describeValue(value)}`, fix);
+    return undefined;
+  }
+  reportUnknownFields(value, MEMORY_FIELDS, 'memory.', add);
+  const backend = value.backend;
+  if (!(MEMORY_BACKENDS as readonly unknown[]).includes(backend)) {
+    add('memory.backend', backend === undefined ? 'is required' : `must be one of ${MEMORY_BACKENDS.join(', ')}, got ${describeValue(backend)}`, fix);
+    return undefined;
+  }
+  return { backend: backend as MemoryBackend };
 }
 
 function checkDisks(value: unknown, add: Add): DiskSpec[] {

@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-# mmdebstrap and systemd-container (systemd-nspawn): the .deb test's fresh Debian root.
-apt_packages=(qemu-system-x86 qemu-utils busybox-static dbus systemd util-linux iproute2 curl mmdebstrap systemd-container)
+# mmdebstrap and systemd-container (systemd-nspawn): the .deb test's fresh Debian root;
+# debian-archive-keyring: QEMU 10.0 from bookworm-backports for the upgrade tests.
+apt_packages=(qemu-system-x86 qemu-utils busybox-static dbus systemd util-linux iproute2 curl mmdebstrap systemd-container debian-archive-keyring)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -37,3 +38,7 @@ npm run --silent build
 
 log "tiny guest image"
 bash test/guest/build-guest.sh >/dev/null
+
+# A real second QEMU (10.0) beside the system's 7.2, for the upgrade tests, demo and bench.
+log "QEMU from bookworm-backports (private apt state; the host's sources are not changed)"
+bash test/support/fetch-qemu-backports.sh >/dev/null

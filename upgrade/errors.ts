@@ -7,7 +7,8 @@ export type UpgradeErrorCode =
   | 'PIN_FAILED'
   | 'MIGRATION_FAILED'
   | 'MIGRATION_TIMEOUT'
-  | 'BAD_STRATEGY';
+  | 'BAD_STRATEGY'
+  | 'CPR_UNAVAILABLE';
 
 /** Every failure of the upgrade component: a code to branch on, a message that says the fix. */
 export class UpgradeError extends Error {

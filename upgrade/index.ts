@@ -8,8 +8,8 @@ export {
 } from './config.js';
 export { assessStaleness, type Staleness, type StalenessInput } from './staleness.js';
 export {
-  parseStrategy, checkRefreshTarget, policyOutcome, REFRESH_STRATEGIES, type RefreshStrategy,
+  parseStrategy, checkRefreshTarget, policyOutcome, cprBlocker, chooseLiveStrategy, REFRESH_STRATEGIES, type RefreshStrategy,
 } from './policy.js';
 export { pinModuleDir, collectPinnedModules, pinnedModuleDirName } from './modules.js';
-export { migrateLive, decideMigration, type LiveMigrationOptions, type MigrationResult } from './migrate.js';
+export { migrateLive, cprTransfer, decideMigration, type LiveMigrationOptions, type CprTransferOptions, type MigrationResult } from './migrate.js';
 export { runRolling, type RollingItemResult, type RollingOptions } from './rolling.js';

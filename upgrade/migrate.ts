@@ -1,4 +1,6 @@
-import { isQmpError, type MigrationInfo, type QmpClient } from '../qmp/index.js';
+import { existsSync } from 'node:fs';
+import { cprChannel, type CprChannels } from '../launcher/index.js';
+import { connectQmp, isQmpError, type MigrationInfo, type QmpClient } from '../qmp/index.js';
 import { UpgradeError } from './errors.js';
 
 export interface LiveMigrationOptions {
@@ -40,6 +42,9 @@ const END_STATES = new Set(['completed', 'failed', 'cancelled']);
 export async function migrateLive(options: LiveMigrationOptions): Promise<MigrationResult> {
   const { source, destination, socketPath, timeoutMs } = options;
   const uri = `unix:${socketPath}`;
+  // A cpr-transfer that a crashed daemon left set up must not turn this into one; QEMUs before
+  // 8.2 have no migration mode at all (and refuse the parameter).
+  await source.migrateSetParameters({ mode: 'normal' }).catch(() => undefined);
   try {
     await source.migrateSetCapabilities([{ capability: 'events', state: true }]);
     await source.migrateSetParameters({
@@ -53,6 +58,18 @@ export async function migrateLive(options: LiveMigrationOptions): Promise<Migrat
     throw new UpgradeError('MIGRATION_FAILED', `the migration could not be set up: ${(cause as Error).message}; nothing was sent, the VM keeps running on its old QEMU`, { cause });
   }
 
+  return awaitMigration(source, () => source.migrate(uri), options);
+}
+
+/**
+ * Starts the migration (`start`) and waits for its end on the source: MIGRATION events for
+ * progress, query-migrate as the authority. Cancelled on failure or timeout (the source then
+ * resumes the guest).
+ */
+async function awaitMigration(
+  source: QmpClient, start: () => Promise<void>, options: { timeoutMs: number; onStatus?: (status: string) => void; whileWaiting?: (ended: Promise<unknown>) => Promise<void> },
+): Promise<MigrationResult> {
+  const { timeoutMs } = options;
   const abort = new AbortController();
   const off = source.on('event', (event) => {
     if (event.event === 'MIGRATION') options.onStatus?.(String((event.data as { status?: unknown }).status));
@@ -65,11 +82,12 @@ export async function migrateLive(options: LiveMigrationOptions): Promise<Migrat
   ended.catch(() => undefined);
   try {
     try {
-      await source.migrate(uri);
+      await start();
     } catch (cause) {
       throw new UpgradeError('MIGRATION_FAILED', `QEMU refused the migration: ${(cause as Error).message}; the VM keeps running on its old QEMU`, { cause });
     }
     try {
+      await options.whileWaiting?.(ended);
       await ended;
     } catch (cause) {
       await source.migrateCancel().catch(() => undefined);
@@ -92,6 +110,78 @@ export async function migrateLive(options: LiveMigrationOptions): Promise<Migrat
   }
 }
 
+export interface CprTransferOptions {
+  source: QmpClient;
+  /** Started by launchCprDestination, already in its own scope, listening on both channels. */
+  channels: CprChannels;
+  /** The destination's QMP socket: it exists only once the source has connected the cpr channel. */
+  destinationQmpSocket: string;
+  timeoutMs: number;
+  onStatus?: (status: string) => void;
+  /** Given the destination's monitor as soon as it answers, so a failure can still be settled by asking it. */
+  onDestination: (qmp: QmpClient) => void;
+  /** Set on the destination's monitor (default: the client's own). */
+  qmpTimeoutMs?: number;
+}
+
+const DEST_MONITOR_POLL_MS = 10;
+
+/**
+ * A refresh that hands the guest's RAM over instead of copying it (QEMU >= 10.0, RAM in a shared
+ * memfd): the source sends its cpr state (the memfd included) over the cpr channel, the
+ * destination finishes its start with that memory and takes the device state over the main
+ * channel. A failure before completion leaves the source running the guest (QEMU resumes it);
+ * the destination is the caller's to remove. The source's migration mode is set back to normal
+ * on failure, so a later plain migration is one.
+ */
+export async function cprTransfer(options: CprTransferOptions): Promise<MigrationResult> {
+  const { source, channels } = options;
+  try {
+    await source.migrateSetCapabilities([{ capability: 'events', state: true }]);
+    await source.migrateSetParameters({ mode: 'cpr-transfer' });
+  } catch (cause) {
+    await source.migrateSetParameters({ mode: 'normal' }).catch(() => undefined);
+    throw new UpgradeError('MIGRATION_FAILED', `the cpr-transfer could not be set up: ${(cause as Error).message}; nothing was sent, the VM keeps running on its old QEMU`, { cause });
+  }
+  try {
+    return await awaitMigration(source, async () => {
+      await source.execute('migrate', { channels: [cprChannel('main', channels.mainSocket), cprChannel('cpr', channels.cprSocket)] });
+    }, {
+      timeoutMs: options.timeoutMs,
+      ...(options.onStatus === undefined ? {} : { onStatus: options.onStatus }),
+      // The destination's monitor appears once it has read the cpr state; it is connected while
+      // the stream runs, and a stream that ends first (failed) stops the wait.
+      whileWaiting: async (ended) => {
+        const stop = { done: false };
+        ended.then(() => { stop.done = true; }, () => { stop.done = true; });
+        const qmp = await connectWhenListening(options.destinationQmpSocket, stop, options.timeoutMs, options.qmpTimeoutMs);
+        if (qmp !== undefined) options.onDestination(qmp);
+      },
+    });
+  } catch (error) {
+    await source.migrateSetParameters({ mode: 'normal' }).catch(() => undefined);
+    throw error;
+  }
+}
+
+/** Connects to a monitor socket that does not exist yet; undefined when `stop` came first. */
+async function connectWhenListening(path: string, stop: { done: boolean }, timeoutMs: number, commandTimeoutMs?: number): Promise<QmpClient | undefined> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  while (!stop.done && Date.now() < deadline) {
+    if (existsSync(path)) {
+      try {
+        return await connectQmp(path, commandTimeoutMs === undefined ? {} : { commandTimeoutMs });
+      } catch (error) {
+        last = error;
+      }
+    }
+    await new Promise((resolve) => setTimeout(resolve, DEST_MONITOR_POLL_MS));
+  }
+  if (stop.done) return undefined;
+  throw new UpgradeError('MIGRATION_FAILED', `the cpr-transfer destination's monitor ${path} did not answer within ${timeoutMs / 1000} s${last === undefined ? '' : `: ${(last as Error).message}`}`);
+}
+
 /** query-migrate, asked again (briefly) while a completed migration still reports no times. */
 function completedFigures(source: QmpClient): Promise<MigrationInfo> {
   return poll(() => source.queryMigrate(), (info) => info.status !== 'completed' || (info['total-time'] ?? 0) > 0, FIGURES_WAIT_MS, FIGURES_POLL_MS);
@@ -112,9 +202,10 @@ const SETTLE_WAIT_MS = 30_000;
  * Which way an unfinished migration goes, from the QEMUs themselves: `back` only when the
  * source still holds the guest (its stream cancelled and settled, the destination still
  * waiting in `inmigrate`); `forward` when the destination has it; `unknown` when either
- * cannot be read (then nothing may be ended). `source` is undefined when its QEMU is gone.
+ * cannot be read (then nothing may be ended). `source` is undefined when its QEMU is gone;
+ * `dest` is 'no-monitor' for a cpr-transfer destination that has not created its monitor.
  */
-export async function decideMigration(source: QmpClient | undefined, dest: QmpClient): Promise<'forward' | 'back' | 'unknown'> {
+export async function decideMigration(source: QmpClient | undefined, dest: QmpClient | 'no-monitor'): Promise<'forward' | 'back' | 'unknown'> {
   try {
     if (source !== undefined) {
       let info = await source.queryMigrate();
@@ -130,12 +221,24 @@ export async function decideMigration(source: QmpClient | undefined, dest: QmpCl
       const { status: sourceState } = await poll(() => source.queryStatus(), (s) => s.status !== 'finish-migrate', SETTLE_WAIT_MS, SETTLE_POLL_MS);
       if (sourceState === 'finish-migrate') return 'unknown';
       if (sourceState === 'postmigrate') {
+        if (dest === 'no-monitor') return 'unknown';
         const { status } = await poll(() => dest.queryStatus(), (s) => s.status !== 'inmigrate', SETTLE_WAIT_MS, SETTLE_POLL_MS);
         return status === 'inmigrate' ? 'unknown' : 'forward';
       }
     }
-    const destWaits = (await dest.queryStatus()).status === 'inmigrate';
-    if (destWaits) return 'back';
+    // A cpr destination creates its monitor only once it has read the cpr state: without one it
+    // cannot hold the guest (the settled source still runs it, or it is lost with the source).
+    if (dest === 'no-monitor') return 'back';
+    let destStatus: string;
+    try {
+      destStatus = (await dest.queryStatus()).status;
+    } catch (error) {
+      // The source holds the guest (its stream settled, not postmigrate) and the destination's
+      // monitor closed: it exited, as a QEMU does when its incoming stream fails (10.0 at once).
+      if (source !== undefined && isQmpError(error) && error.code === 'CLOSED') return 'back';
+      throw error;
+    }
+    if (destStatus === 'inmigrate') return 'back';
     // The source kept the guest, yet the destination runs one too: no side may be ended.
     return source === undefined ? 'forward' : 'unknown';
   } catch {

@@ -1,16 +1,40 @@
-import type { InstallationInfo } from '../launcher/index.js';
+import { supportsCprTransfer, type InstallationInfo, type MemoryBackend } from '../launcher/index.js';
 import { UpgradeError } from './errors.js';
 import { compareQemuVersions } from './version.js';
 
 /**
  * How a stale VM moves onto the current installation.
+ * - auto: cpr where both QEMUs and the VM's memory allow it, else migrate
+ * - cpr: cpr-transfer into a new QEMU, guest RAM handed over (not copied); the guest keeps running
  * - migrate: live migration into a new QEMU; the guest keeps running
  * - reboot: ACPI power-off, then a start on the current installation
  * - on-guest-shutdown: waits for the guest's own power-off or reboot, then starts on the current one
  * - manual: only reported
  */
-export type RefreshStrategy = 'migrate' | 'reboot' | 'on-guest-shutdown' | 'manual';
-export const REFRESH_STRATEGIES: readonly RefreshStrategy[] = ['migrate', 'reboot', 'on-guest-shutdown', 'manual'];
+export type RefreshStrategy = 'auto' | 'cpr' | 'migrate' | 'reboot' | 'on-guest-shutdown' | 'manual';
+export const REFRESH_STRATEGIES: readonly RefreshStrategy[] = ['auto', 'cpr', 'migrate', 'reboot', 'on-guest-shutdown', 'manual'];
+
+/** Why cpr cannot move this VM, or undefined when it can. */
+export function cprBlocker(input: { memoryBackend: MemoryBackend; runningVersion: string | undefined; targetVersion: string }): string | undefined {
+  if (input.memoryBackend !== 'memfd-shared') return 'its RAM is not a shared memfd (created with memory.backend anonymous, or before vmkeep chose memfd-shared)';
+  if (input.runningVersion === undefined) return 'the running QEMU\'s version is not known';
+  if (!supportsCprTransfer(input.runningVersion)) return `it runs QEMU ${input.runningVersion}, and cpr-transfer needs 10.0 or newer on both sides`;
+  if (!supportsCprTransfer(input.targetVersion)) return `the current installation is QEMU ${input.targetVersion}, and cpr-transfer needs 10.0 or newer on both sides`;
+  return undefined;
+}
+
+/**
+ * The live strategy `auto` stands for, and why: cpr where it can work (no copy of guest RAM),
+ * else migrate. An explicit `cpr` that cannot work is refused before anything is touched.
+ */
+export function chooseLiveStrategy(requested: 'auto' | 'cpr', input: Parameters<typeof cprBlocker>[0] & { vm: string }): { strategy: 'cpr' | 'migrate'; why: string } {
+  const blocker = cprBlocker(input);
+  if (blocker === undefined) return { strategy: 'cpr', why: 'both QEMUs support cpr-transfer and its RAM is a shared memfd: handed over, not copied' };
+  if (requested === 'cpr') {
+    throw new UpgradeError('CPR_UNAVAILABLE', `${input.vm} cannot be refreshed by cpr: ${blocker}; use --strategy migrate (copies its RAM) or auto (picks what works)`);
+  }
+  return { strategy: 'migrate', why: `cpr is not possible: ${blocker}` };
+}
 
 export function parseStrategy(value: unknown, what = 'strategy'): RefreshStrategy {
   if (typeof value === 'string' && (REFRESH_STRATEGIES as readonly string[]).includes(value)) return value as RefreshStrategy;
@@ -45,6 +69,10 @@ export function checkRefreshTarget(input: {
 export function policyOutcome(stale: boolean, strategy: RefreshStrategy): string {
   if (!stale) return 'nothing (current)';
   switch (strategy) {
+    case 'auto':
+      return 'move live onto the current installation on the next refresh (cpr where possible, else migrate)';
+    case 'cpr':
+      return 'hand over live (cpr-transfer, RAM not copied) onto the current installation on the next refresh';
     case 'migrate':
       return 'live-migrate onto the current installation on the next refresh';
     case 'reboot':

@@ -34,7 +34,7 @@ export async function benchFaults(): Promise<Section> {
   const real = await runHarness('test/integration/fault-harness.test.ts', { VMKEEP_FAULT_REAL_SEQUENCES: String(REAL_SEQUENCES) },
     /fault harness \(real QEMU\): (\d+) sequences, (\d+) operations, (\d+) faults, (\d+) invariant violations/);
   return {
-    title: '7. Fault harness',
+    title: '8. Fault harness',
     rows: [row('fake QEMU (test/unit/daemon/fault-harness.test.ts)', unit), row('real QEMU + systemd (test/integration/fault-harness.test.ts)', real)],
     notes: [
       'Seeded random sequences of create, start, stop, delete, refresh and QMP calls on three VMs, concurrently, with faults at random points: vmkeepd restarted or SIGKILLed, the state folder full (fake only), a QEMU SIGSTOPped or killed, a burst of STOP/RESUME events, a QMP reply over the line limit. After each sequence: what the API lists equals the records on disk, at most one QEMU per VM and none without a record, every VM reported running has a live QEMU with that PID, no orphan scope, no acknowledged delete comes back.',

@@ -1,7 +1,8 @@
 // `npm run bench`: runs every benchmark on real QEMU and a private systemd, prints progress on
 // stderr and writes BENCHMARKS.md at the project root. Everything it starts is ended, even on
-// failure or Ctrl-C. BENCH_ONLY=qmp,run,scope,start,reattach,refresh,faults runs a subset (for development).
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+// failure or Ctrl-C. BENCH_ONLY=qmp,run,scope,start,reattach,refresh,strategies,faults runs a subset
+// and updates only those sections of BENCHMARKS.md.
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ensureGuestImage, requireQemu } from '../support/guest.js';
@@ -12,13 +13,14 @@ import { benchFaults } from './faults.js';
 import { benchQmpRoundTrip } from './qmp-roundtrip.js';
 import { benchReattach } from './reattach.js';
 import { benchRefresh } from './refresh.js';
-import { describeMachine, renderReport } from './report.js';
+import { describeMachine, mergeReport, renderReport } from './report.js';
+import { benchStrategies } from './strategies.js';
 import { benchRunOverhead } from './run-overhead.js';
 import { benchScopeCreation, benchStartWithScope, bootBenchHost } from './scopes.js';
 
 // The whole bench should stay under about 6 minutes on a 2-core machine.
 const TOTAL_BUDGET_MS = 6 * 60_000;
-const ALL = ['qmp', 'run', 'scope', 'start', 'reattach', 'refresh', 'faults'] as const;
+const ALL = ['qmp', 'run', 'scope', 'start', 'reattach', 'refresh', 'strategies', 'faults'] as const;
 type Name = (typeof ALL)[number];
 
 async function main(): Promise<number> {
@@ -76,7 +78,8 @@ async function main(): Promise<number> {
       await attempt('5. Reattach after a daemon restart', () => benchReattach({ guest, cleanup, budgetMs }));
     }
     if (wanted('refresh')) await attempt('6. Refresh by live migration', () => benchRefresh({ guest, cleanup }));
-    if (wanted('faults')) await attempt('7. Fault harness', () => benchFaults());
+    if (wanted('strategies')) await attempt('7. Refresh strategies on a real upgrade (QEMU 7.2 -> 10.0, cpr-transfer)', () => benchStrategies({ guest, cleanup }));
+    if (wanted('faults')) await attempt('8. Fault harness', () => benchFaults());
   } finally {
     await cleanup.runAll();
   }
@@ -84,8 +87,10 @@ async function main(): Promise<number> {
   // An interrupted run measured nothing worth keeping: the previous BENCHMARKS.md stays.
   if (interrupted) return 130;
   const totalSeconds = (performance.now() - started) / 1000;
-  const report = renderReport(describeMachine(qemu), sections, totalSeconds);
   const path = join(projectRoot(), 'BENCHMARKS.md');
+  const rendered = renderReport(describeMachine(qemu), sections, totalSeconds);
+  const previous = only === undefined ? undefined : await readFile(path, 'utf8').catch(() => undefined);
+  const report = previous === undefined ? rendered : mergeReport(previous, rendered);
   await writeFile(path, report);
   log(`wrote ${path} in ${totalSeconds.toFixed(0)} s${failed > 0 ? `; ${failed} benchmark(s) FAILED` : ''}`);
   return failed > 0 ? 1 : 0;

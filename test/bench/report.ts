@@ -66,3 +66,24 @@ export function renderReport(machine: Machine, sections: Section[], totalSeconds
   }
   return `${out.join('\n').trimEnd()}\n`;
 }
+
+/**
+ * A subset run (BENCH_ONLY) updates only its own sections of the existing report: the others
+ * keep their figures (and the header says which sections are newer than its date).
+ */
+export function mergeReport(previous: string, partial: string): string {
+  const split = (text: string): { head: string; sections: Array<[string, string]> } => {
+    const parts = text.split(/^(?=## )/m);
+    const head = parts[0] ?? '';
+    return { head, sections: parts.slice(1).map((part) => [part.split('\n')[0] ?? '', part]) };
+  };
+  const old = split(previous);
+  const fresh = split(partial);
+  const freshByTitle = new Map(fresh.sections);
+  const merged = old.sections.map(([title, body]) => freshByTitle.get(title) ?? body);
+  for (const [title, body] of fresh.sections) if (!old.sections.some(([t]) => t === title)) merged.push(body);
+  const updated = fresh.sections.map(([title]) => title.replace(/^## /, '').split('.')[0]).join(', ');
+  const date = /^- Date: (\S+)/m.exec(partial)?.[1] ?? '';
+  const head = old.head.replace(/^(- Date: .*?)(; section\(s\) [^\n]* updated [^\n]*)?$/m, `$1; section(s) ${updated} updated ${date}`);
+  return `${head}${merged.map((body) => `${body.trimEnd()}\n\n`).join('')}`.trimEnd() + '\n';
+}

@@ -1,14 +1,16 @@
 // The README's demo: vmkeepd as a systemd service (a private systemd when the host's PID 1 is
 // not systemd), two VMs booting the tiny guest, a daemon restart and a SIGKILL of the daemon,
-// and both VMs still running on the same QEMU processes, reattached. Then a QEMU package
-// upgrade: the VMs go stale, one moves live onto the new QEMU, one reboots onto it.
+// and both VMs still running on the same QEMU processes, reattached. Then a real QEMU package
+// upgrade, 7.2 -> 10.0: the VMs go stale, one moves live onto the new QEMU, one reboots onto it.
+// Then a rebuild of 10.0 is installed: a VM created on 10.0 (RAM in a shared memfd) is handed
+// over by cpr-transfer without copying its RAM, the others migrate (`--strategy auto` says why).
 // Leaves nothing behind.
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { readExe } from '../../launcher/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
-import { copiedInstallation, systemInstallation, writeInstallations } from '../support/installations.js';
+import { backportsInstallation, copiedInstallation, systemInstallation, writeInstallations } from '../support/installations.js';
 import { countTicks, ensureGuestImage, waitForSerial } from '../support/guest.js';
 import { showVmkeep } from './cli.js';
 
@@ -68,8 +70,8 @@ async function main(): Promise<void> {
       if (!same) throw new Error(`${vm.name} did not survive the daemon restart`);
     }
 
-    say('"upgrading the QEMU package": installation qemu-b (another binary, its own modules) becomes current, vmkeepd restarts');
-    const b = await copiedInstallation('qemu-b', dir);
+    say('"upgrading the QEMU package" from 7.2 to 10.0: installation qemu-b (QEMU 10.0 from bookworm-backports) becomes current, vmkeepd restarts');
+    const b = await backportsInstallation('qemu-b');
     await writeInstallations(installations, [a, b], b.name);
     process.stdout.write(
       'qemu-b is a copy of this machine\'s QEMU build at another path, with its own modules: both report the same version\n' +
@@ -92,11 +94,27 @@ async function main(): Promise<void> {
     if (boots !== 1) throw new Error('web rebooted during its live migration');
     await vmkeep(host, 'upgrade-status');
 
-    say('stopping both VMs gracefully (ACPI power-off)');
-    await vmkeep(host, 'stop', 'web');
-    await vmkeep(host, 'stop', 'db');
+    say('a VM created on QEMU 10.0 gets its RAM in a shared memfd (memory.backend memfd-shared, the default where cpr-transfer works)');
+    await host.api.create({ name: 'app', kernel: guest.kernel, initrd: guest.initrd, append: `${guest.append} vmkeep.fill_mib=64`, memoryMiB: 256 });
+    await waitForSerial(host.serialLog('app'), 'GUEST READY', 90_000);
+    process.stdout.write(`app: memory ${JSON.stringify((await host.api.get('app')).spec.memory)}; web: memory ${JSON.stringify((await host.api.get('web')).spec.memory)} (created on 7.2)\n`);
+
+    say('a rebuild of QEMU 10.0 (qemu-b2, another file) becomes current; refresh --stale --strategy auto: cpr where it can work, else migrate');
+    const b2 = await copiedInstallation('qemu-b2', dir, b);
+    await writeInstallations(installations, [a, b, b2], b2.name);
+    await host.restart();
+    const appTicks = countTicks(host.serialLog('app'));
+    await vmkeep(host, 'refresh', '--stale', '--strategy', 'auto');
+    await waitForSerial(host.serialLog('app'), `GUEST TICK ${appTicks + 2}`, 30_000);
+    const appBoots = (await readFile(host.serialLog('app'), 'utf8')).match(/GUEST READY/g)?.length ?? 0;
+    process.stdout.write(`app: guest ticks ${appTicks} -> ${countTicks(host.serialLog('app'))}, booted ${appBoots} time(s): ${appBoots === 1 ? 'handed over without a reboot or a copy of its RAM' : 'REBOOTED'}\n`);
+    if (appBoots !== 1) throw new Error('app rebooted during its cpr refresh');
     await vmkeep(host, 'list');
-    say('done: both VMs survived a restart and a SIGKILL of vmkeepd, and moved onto the upgraded QEMU');
+
+    say('stopping the VMs gracefully (ACPI power-off)');
+    await vmkeep(host, 'stop', '--all');
+    await vmkeep(host, 'list');
+    say('done: both VMs survived a restart and a SIGKILL of vmkeepd, moved from QEMU 7.2 onto 10.0, and onto its rebuild (app by cpr-transfer)');
   } finally {
     await host.shutdown();
     await rm(dir, { recursive: true, force: true });

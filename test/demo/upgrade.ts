@@ -1,6 +1,6 @@
 // `npm run demo:upgrade`, the package maintainer's demo: "version A" of the vmkeep snap
-// (revision 11) is installed and runs three VMs; the snap is refreshed to "version B"
-// (revision 12) the way snapd does it; the VMs are alive and stale; they are refreshed by live
+// (revision 11, with QEMU 7.2) is installed and runs three VMs; the snap is refreshed to
+// "version B" (revision 12, with QEMU 10.0 from bookworm-backports) the way snapd does it; the VMs are alive and stale; they are refreshed by live
 // migration and are current, each with its guest downtime. Runs in a private systemd with the
 // snap's own launcher and a unit shaped like snapd's. Leaves nothing behind.
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { ApiClient } from '../../daemon/index.js';
 import { isSameProcess, readExe, readProcessIdentity } from '../../launcher/index.js';
 import { ensureGuestImage, waitForSerial } from '../support/guest.js';
+import { backportsQemuRoot } from '../support/installations.js';
 import { installRevision, prepareSnapUnit, snapLayout, SNAP_UNIT, switchCurrent } from '../support/snap-sim.js';
 import { SystemdHost } from '../support/systemd-host.js';
 import { showVmkeep } from './cli.js';
@@ -24,9 +25,9 @@ async function main(): Promise<void> {
   const layout = snapLayout(root);
   let host: SystemdHost | undefined;
   try {
-    say('installing "version A" of the vmkeep snap (revision 11) and starting its service in a private systemd');
+    say('installing "version A" of the vmkeep snap (revision 11, QEMU 7.2) and starting its service in a private systemd');
     await installRevision(layout, '11');
-    await installRevision(layout, '12');
+    await installRevision(layout, '12', await backportsQemuRoot());
     await switchCurrent(layout, '11');
     host = await SystemdHost.boot({ name: `updemo-${process.pid}`, unitFiles: { [SNAP_UNIT]: await prepareSnapUnit(layout) } });
     await host.systemctl('start', SNAP_UNIT);
@@ -48,7 +49,7 @@ async function main(): Promise<void> {
     }
     await vmkeep('list');
 
-    say('snap refresh to "version B" (revision 12), as snapd does it: stop the service, kill what is left in its cgroup, switch current, start');
+    say('snap refresh to "version B" (revision 12, QEMU 10.0), as snapd does it: stop the service, kill what is left in its cgroup, switch current, start');
     const pidA = await daemonPid();
     await host.systemctl('stop', SNAP_UNIT);
     await host.systemctl('kill', '--signal=SIGKILL', SNAP_UNIT).catch(() => undefined);

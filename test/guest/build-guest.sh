@@ -173,6 +173,17 @@ else
   done
 fi
 
+# "vmkeep.fill_mib=N": the guest writes N MiB of non-zero data into its RAM (the initramfs's
+# own ramfs) before READY, so a test can tell a refresh that copies guest RAM from one that
+# hands it over. One random MiB, repeated: cheap to make, never all zero.
+fill=$(sed -n 's/.*vmkeep\.fill_mib=\([0-9]*\).*/\1/p' /proc/cmdline)
+if [ -n "$fill" ]; then
+  dd if=/dev/urandom of=/fill.1m bs=1024 count=1024 2>/dev/null
+  i=0
+  while [ "$i" -lt "$fill" ]; do cat /fill.1m; i=$((i + 1)); done >/fill.bin
+  echo "GUEST FILLED $fill MiB"
+fi
+
 echo "GUEST READY"
 n=0
 while true; do

@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonError } from '../../daemon/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
 import { ensureGuestImage, type GuestImage } from '../support/guest.js';
+import { qemuPidsOf } from '../support/qemu-procs.js';
 
 const SEQUENCES = Number(process.env.VMKEEP_FAULT_REAL_SEQUENCES ?? 2);
 const OPS_PER_SEQUENCE = 14;
@@ -82,7 +83,7 @@ describe('fault harness (real QEMU, real systemd)', () => {
         else {
           tally.faults++;
           const vm = await host.api.get(name).catch(() => undefined);
-          const pid = vm?.pid === undefined ? undefined : host.qemusOf(name)[0];
+          const pid = vm?.pid === undefined ? undefined : qemuPidsOf(name, host.dir)[0];
           const fault = pick(['kill-daemon', 'restart-daemon', 'sigstop', 'sigcont', 'kill-qemu', 'events', 'huge'] as const);
           switch (fault) {
             case 'kill-daemon':
@@ -127,7 +128,7 @@ describe('fault harness (real QEMU, real systemd)', () => {
       const onDisk = (await host.recordNames()).sort();
       expect(listed.map((v) => v.name).sort(), `seed ${seed}: listed vs on disk`).toEqual(onDisk);
       for (const name of NAMES) {
-        const live = host.qemusOf(name);
+        const live = qemuPidsOf(name, host.dir);
         const vm = listed.find((v) => v.name === name);
         if (live.length > 1) problems.push(`${name}: ${live.length} QEMUs run`);
         if (live.length > 0 && vm === undefined) problems.push(`${name}: a QEMU runs without a record`);

@@ -1,7 +1,9 @@
 // A package upgrade, end to end, for real: vmkeepd as a service in a private systemd, guests
-// running on installation "a" (the Debian QEMU), then the "upgrade": installation "b" (a copy
-// at another path, its own modules) becomes current and the service restarts. Every guest
-// survives and is reported stale; each strategy then moves one onto "b".
+// running on installation "a" (Debian's QEMU 7.2), then the "upgrade": installation "b" (QEMU
+// 10.0 from bookworm-backports) becomes current and the service restarts. Every guest
+// survives and is reported stale; each strategy then moves one onto "b". A same-version
+// rebuild ("c", a copy of 7.2 at another path with its own modules) is moved onto too.
+import { readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -12,19 +14,20 @@ import { isSameProcess, launchVm, probeInstallation, readExe, readProcessIdentit
 import { DaemonHost } from '../support/daemon-host.js';
 import { countTicks, ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
 import {
-  copiedInstallation, replaceModules, restoreModules, systemInstallation, writeInstallations, type TestInstallation,
+  backportsInstallation, copiedInstallation, replaceModules, restoreModules, systemInstallation, writeInstallations, type TestInstallation,
 } from '../support/installations.js';
 import { projectRoot } from '../support/paths.js';
 import { waitForVm } from '../support/vm-wait.js';
 
 const CLI = join(projectRoot(), 'dist', 'cli', 'main.js');
-const FIRST = ['mig', 'reb', 'ogs', 'away', 'roll1', 'roll2', 'roll3'];
+const FIRST = ['mig', 'reb', 'ogs', 'away', 'rebuild', 'roll1', 'roll2', 'roll3'];
 
 let guest: GuestImage;
 let dir: string;
 let host: DaemonHost;
 let a: TestInstallation;
 let b: TestInstallation;
+let c: TestInstallation;
 let installationsFile: string;
 /** pid + start time of each VM's QEMU before the upgrade (host pid namespace). */
 const before = new Map<string, { pid: number; startTime: string }>();
@@ -33,9 +36,10 @@ beforeAll(async () => {
   guest = await ensureGuestImage();
   dir = await mkdtemp(join(tmpdir(), 'vk-upg-'));
   a = systemInstallation('a');
-  b = await copiedInstallation('b', dir);
+  b = await backportsInstallation('b');
+  c = await copiedInstallation('c', dir);
   installationsFile = join(dir, 'installations.json');
-  await writeInstallations(installationsFile, [a, b], 'a');
+  await writeInstallations(installationsFile, [a, b, c], 'a');
   host = await DaemonHost.boot({ name: `upg-${process.pid}`, dir: join(dir, 'daemon'), args: ['--installations', installationsFile] });
 });
 
@@ -71,7 +75,7 @@ describe('a package upgrade with running guests', () => {
     }
 
     // The upgrade: "b" becomes current, and the package's maintainer script restarts the service.
-    await writeInstallations(installationsFile, [a, b], 'b');
+    await writeInstallations(installationsFile, [a, b, c], 'b');
     await host.restart();
 
     const status = await host.api.upgradeStatus();
@@ -99,7 +103,8 @@ describe('a package upgrade with running guests', () => {
     const old = before.get('mig') as { pid: number; startTime: string };
     const ticks = await tickAfter('mig', countTicks(host.serialLog('mig')));
     const outcome = await host.api.refresh('mig', { strategy: 'migrate' });
-    expect(outcome).toMatchObject({ vm: 'mig', result: 'migrated', from: { installation: 'a' }, to: { installation: 'b' } });
+    // A real version change: 7.2 -> 10.0, the machine type 7.2's alias resolved to kept.
+    expect(outcome).toMatchObject({ vm: 'mig', result: 'migrated', from: { installation: 'a', version: expect.stringMatching(/^7\.2\./) }, to: { installation: 'b', version: expect.stringMatching(/^10\.0\./) } });
     expect(outcome.downtimeMs).toEqual(expect.any(Number));
     expect(outcome.downtimeMs).toBeLessThan(5_000);
 
@@ -108,6 +113,9 @@ describe('a package upgrade with running guests', () => {
     expect(vm).toMatchObject({ state: 'running', installation: 'b' });
     expect(vm.scope).toMatch(/^vmkeep-mig:[0-9a-f]+\.scope$/);
     expect(exeOf(vm)).toEqual(expect.objectContaining({ path: b.binary, deleted: false }));
+    expect(vm.machineType).toBe('pc-q35-7.2');
+    expect(vm.qemuVersion).toMatch(/^10\.0\./);
+    expect(readFileSync(`/proc/${host.hostPid(vm)}/cmdline`, 'utf8').split('\0')).toContain('pc-q35-7.2,accel=tcg');
     // Same guest, still ticking: no second boot on its console.
     await tickAfter('mig', ticks + 1);
     const console = await readFile(host.serialLog('mig'), 'utf8');
@@ -118,29 +126,39 @@ describe('a package upgrade with running guests', () => {
     expect((await host.api.upgradeStatus()).vms.find((v) => v.name === 'mig')?.stale).toBe(false);
   });
 
-  it("a stale QEMU keeps loading its own modules after the installation's files are replaced", async () => {
-    // Negative control, started first: a QEMU of b that loads from b's module folder itself.
-    const control = join(dir, 'control');
-    await mkdir(control, { recursive: true });
-    const vm = await launchVm({
-      spec: { ...(await host.api.get('mig')).spec, name: 'control' },
-      uuid: '0b6c9a3e-2f1d-4c8e-9a7b-5d4e3f2a1b0c',
-      installation: b,
-      info: await probeInstallation(b, { cacheDir: join(dir, 'probe-cache') }),
-      paths: { qmpSocket: join(control, 'qmp.sock'), serialLog: join(control, 'serial.log'), stderrLog: join(control, 'qemu.log') },
-      stayPaused: true,
-    });
+  it("a same-version rebuild (a copy of 7.2 elsewhere): the VM moves onto it and keeps loading its own modules after the files are replaced", async () => {
+    await writeInstallations(installationsFile, [a, b, c], 'c');
+    await host.restart();
     try {
-      // The "package" replaces b's module files; mig runs b with b's modules pinned at launch.
-      await replaceModules(b.moduleDir as string);
-      const props = await host.api.qmp('mig', 'device-list-properties', { typename: 'qxl-vga' });
-      expect(Array.isArray(props) && props.length > 0).toBe(true);
-      await expect(vm.qmp.execute('device-list-properties', { typename: 'qxl-vga' })).rejects.toThrow(/qxl-vga/);
+      const outcome = await host.api.refresh('rebuild', { strategy: 'migrate' });
+      expect(outcome).toMatchObject({ result: 'migrated', to: { installation: 'c' } });
+      expect(outcome.from?.version).toBe(outcome.to?.version);
+      // Negative control, started first: a QEMU of c that loads from c's module folder itself.
+      const control = join(dir, 'control');
+      await mkdir(control, { recursive: true });
+      const vm = await launchVm({
+        spec: { ...(await host.api.get('rebuild')).spec, name: 'control' },
+        uuid: '0b6c9a3e-2f1d-4c8e-9a7b-5d4e3f2a1b0c',
+        installation: c,
+        info: await probeInstallation(c, { cacheDir: join(dir, 'probe-cache') }),
+        paths: { qmpSocket: join(control, 'qmp.sock'), serialLog: join(control, 'serial.log'), stderrLog: join(control, 'qemu.log') },
+        stayPaused: true,
+      });
+      try {
+        // The "package" replaces c's module files; rebuild runs c with c's modules pinned at launch.
+        await replaceModules(c.moduleDir as string);
+        const props = await host.api.qmp('rebuild', 'device-list-properties', { typename: 'qxl-vga' });
+        expect(Array.isArray(props) && props.length > 0).toBe(true);
+        await expect(vm.qmp.execute('device-list-properties', { typename: 'qxl-vga' })).rejects.toThrow(/qxl-vga/);
+      } finally {
+        await restoreModules(c.moduleDir as string);
+        await vm.qmp.quit().catch(() => undefined);
+        vm.qmp.close();
+        await waitForProcessExit(vm.pid, vm.startTime, 15_000);
+      }
     } finally {
-      await restoreModules(b.moduleDir as string);
-      await vm.qmp.quit().catch(() => undefined);
-      vm.qmp.close();
-      await waitForProcessExit(vm.pid, vm.startTime, 15_000);
+      await writeInstallations(installationsFile, [a, b, c], 'b');
+      await host.restart();
     }
   });
 
@@ -193,7 +211,7 @@ describe('a package upgrade with running guests', () => {
     expect(lines.at(-1)?.type).toBe('result');
     expect(job.vms).toEqual([...FIRST].sort());
     const results = new Map(job.results.map((r) => [r.vm, r]));
-    for (const name of ['roll1', 'roll2', 'roll3']) expect(results.get(name)?.outcome?.result).toBe('migrated');
+    for (const name of ['rebuild', 'roll1', 'roll2', 'roll3']) expect(results.get(name)?.outcome?.result).toBe('migrated');
     for (const name of ['mig', 'reb', 'ogs', 'away']) expect(results.get(name)?.outcome?.result).toBe('current');
     const done = lines.filter((l) => l.step === 'done');
     expect(done.map((l) => l.progress.done)).toEqual(FIRST.map((_, i) => i + 1));

@@ -1,6 +1,8 @@
 // The failure paths of a refresh, for real: a new QEMU that cannot start, targets that cannot
-// take the VM, a guest that ignores ACPI, and vmkeepd SIGKILLed at every step of a migration
-// and of a reboot. Each ends with exactly one QEMU per VM, named by its record, guest running.
+// take the VM (with the real pair QEMU 7.2 "a" and 10.0 "b": a machine type 10.0 dropped, a
+// move from 10.0 back to 7.2), a guest that ignores ACPI, and vmkeepd SIGKILLed at every step
+// of a 7.2 -> 10.0 migration and of a reboot. Each ends with exactly one QEMU per VM, named by
+// its record, guest running.
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -8,13 +10,16 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonError, type VmView } from '../../daemon/index.js';
 import { isSameProcess, readExe, readProcessIdentity } from '../../launcher/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
+import { describePids, qemuPidsOf } from '../support/qemu-procs.js';
 import { waitForVm } from '../support/vm-wait.js';
 import { countTicks, ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
 import {
-  copiedInstallation, fakeInstallation, systemInstallation, writeInstallations, type TestInstallation,
+  backportsInstallation, fakeInstallation, systemInstallation, writeInstallations, type TestInstallation,
 } from '../support/installations.js';
 
-const VMS = ['victim', 'deaf', 'crash1', 'crash2', 'crash3'];
+const VMS = ['victim', 'deaf', 'crash1', 'crash2', 'crash3', 'oldtype'];
+// A machine type QEMU 7.2 has and 10.0 no longer offers.
+const DROPPED_MACHINE = 'pc-i440fx-2.3';
 
 let guest: GuestImage;
 let dir: string;
@@ -28,14 +33,8 @@ beforeAll(async () => {
   guest = await ensureGuestImage();
   dir = await mkdtemp(join(tmpdir(), 'vk-upgf-'));
   a = systemInstallation('a');
-  b = await copiedInstallation('b', dir);
-  all = [
-    a,
-    b,
-    await fakeInstallation('broken', dir, { failStart: true }),
-    await fakeInstallation('older', dir, { version: '6.0.0' }),
-    await fakeInstallation('nomachine', dir, { dropMachine: 'pc-q35-7.2' }),
-  ];
+  b = await backportsInstallation('b');
+  all = [a, b, await fakeInstallation('broken', dir, { failStart: true })];
   installationsFile = join(dir, 'installations.json');
   await writeInstallations(installationsFile, all, 'a');
   host = await DaemonHost.boot({ name: `upgf-${process.pid}`, dir: join(dir, 'daemon'), args: ['--installations', installationsFile] });
@@ -50,7 +49,7 @@ afterAll(async () => {
 
 function spec(name: string): Record<string, unknown> {
   const append = name === 'deaf' ? `${guest.append} vmkeep.ignore_acpi` : guest.append;
-  return { name, kernel: guest.kernel, initrd: guest.initrd, append, memoryMiB: 128 };
+  return { name, kernel: guest.kernel, initrd: guest.initrd, append, memoryMiB: 128, ...(name === 'oldtype' ? { machine: DROPPED_MACHINE } : {}) };
 }
 
 /** "Upgrade the package": another installation becomes current, the service restarts. */
@@ -64,7 +63,9 @@ async function expectOneRunning(name: string): Promise<VmView> {
   // A migration whose outcome could not be read yet at the restart is settled by a retry.
   const vm = await waitForVm(host.api, name, (v) => v.state !== 'unreachable' && v.operation === undefined, 'settled (not unreachable)', 30_000);
   expect(vm.state, `${name}: ${vm.problem ?? ''}`).toBe('running');
-  expect(host.qemusOf(name)).toEqual([host.hostPid(vm)]);
+  const pids = qemuPidsOf(name, host.dir);
+  if (pids.length !== 1) expect(pids, `${describePids(pids)}\n--- daemon ---\n${await host.consoleTail(60)}`).toEqual([host.hostPid(vm)]);
+  expect(pids).toEqual([host.hostPid(vm)]);
   const record = await host.record(name);
   expect(record.refresh).toBeUndefined();
   expect(record.retired).toBeUndefined();
@@ -93,12 +94,12 @@ describe('a refresh that cannot be done changes nothing', () => {
     expect(after.problem).toMatch(/this build is broken|exited/);
   });
 
-  it('an older QEMU, or one without the pinned machine type, is refused before anything starts', async () => {
-    await makeCurrent('older');
-    await refreshFails('victim', { strategy: 'migrate' }, 'REFRESH_REFUSED', /older \(6\.0\.0\)/);
-    await makeCurrent('nomachine');
-    await refreshFails('victim', { strategy: 'reboot' }, 'REFRESH_REFUSED', /pc-q35-7\.2/);
-    expect(await expectOneRunning('victim')).toMatchObject({ installation: 'a' });
+  it('a QEMU without the pinned machine type (10.0 dropped pc-i440fx-2.3) is refused before anything starts', async () => {
+    await makeCurrent('b');
+    for (const strategy of ['migrate', 'reboot'] as const) {
+      await refreshFails('oldtype', { strategy }, 'REFRESH_REFUSED', /pinned to machine type pc-i440fx-2\.3, which the current installation "b" \(QEMU 10\.0\.\d+\) does not have/);
+    }
+    expect(await expectOneRunning('oldtype')).toMatchObject({ installation: 'a', machineType: DROPPED_MACHINE });
   });
 
   it('a guest that ignores ACPI is left running and reported; only --force quits it', async () => {
@@ -158,5 +159,18 @@ describe('vmkeepd killed at each step of a refresh', () => {
     await waitForVm(host.api, 'victim', (v) => v.state === 'running' && v.installation === 'b', 'running again on installation b');
     await waitForSerial(host.serialLog('victim'), 'GUEST READY', 60_000);
     onNew(await expectOneRunning('victim'));
+  });
+});
+
+describe('a move onto an older QEMU', () => {
+  it('a VM on 10.0 is not moved back to 7.2 by any strategy; it keeps running on 10.0', async () => {
+    // deaf was moved onto b (10.0) above; "a" (7.2) becomes current, as a package downgrade would.
+    await makeCurrent('a');
+    for (const strategy of ['migrate', 'reboot'] as const) {
+      await refreshFails('deaf', { strategy }, 'REFRESH_REFUSED', /runs QEMU 10\.0\.\d+, and the current installation "a" is older \(7\.2\.\d+\)/);
+    }
+    const vm = await expectOneRunning('deaf');
+    expect(vm).toMatchObject({ installation: 'b' });
+    expect(readExe(host.hostPid(vm))?.path).toBe(b.binary);
   });
 });

@@ -1,7 +1,6 @@
 // vmkeepd as a systemd service inside a private systemd: the set-up of the daemon's
 // integration tests and of the demo. The daemon's folders live under /tmp (shared with the
 // host), so the test talks to its control socket and reads serial logs from outside.
-import { readdirSync, readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -187,26 +186,6 @@ export class DaemonHost {
     const pid = this.host.hostPidOf(vm.pid);
     if (pid === null) throw new Error(`no host PID for ${vm.name}'s pid ${vm.pid}`);
     return pid;
-  }
-
-  /**
-   * Host PIDs of the live QEMUs of a VM of this host, found by their command line in /proc, not
-   * by what vmkeepd says (other test hosts on the machine may have VMs of the same name).
-   */
-  qemusOf(name: string): number[] {
-    const pids: number[] = [];
-    for (const entry of readdirSync('/proc')) {
-      if (!/^\d+$/.test(entry)) continue;
-      try {
-        const args = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
-        const identity = readProcessIdentity(Number(entry));
-        const ours = args.includes(`guest=${name}`) && args.some((arg) => arg.includes(this.serialLog(name)));
-        if (ours && identity !== null && identity.state !== 'Z') pids.push(Number(entry));
-      } catch {
-        // gone meanwhile
-      }
-    }
-    return pids;
   }
 
   serialLog(name: string): string {

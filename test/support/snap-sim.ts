@@ -4,6 +4,7 @@
 // "refresh" is done the way snapd does it: stop the unit, kill what remains in its cgroup,
 // switch `current`, start the unit.
 import { chmod, copyFile, cp, mkdir, readlink, rename, symlink, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { requireQemu } from './guest.js';
 import { SYSTEM_FIRMWARE_DIRS, SYSTEM_MODULE_DIR } from './installations.js';
@@ -25,19 +26,24 @@ export function snapLayout(root: string): SnapLayout {
   return { root, snapDir, common: join(root, 'var', 'snap', 'vmkeep', 'common'), revision: (rev) => join(snapDir, rev) };
 }
 
-/** Installs revision `rev`: its own copy of QEMU and its modules, node, the launcher, vmkeep. */
-export async function installRevision(layout: SnapLayout, rev: string): Promise<void> {
+/**
+ * Installs revision `rev`: its own copy of QEMU and its modules, node, the launcher, vmkeep.
+ * The QEMU is the system's, or the one unpacked at `qemuRoot` (a Debian package tree, e.g. QEMU
+ * 10.0 from backportsInstallation), whose own data folder then replaces the system's.
+ */
+export async function installRevision(layout: SnapLayout, rev: string, qemuRoot?: string): Promise<void> {
   const snap = layout.revision(rev);
   await mkdir(join(snap, 'usr', 'bin'), { recursive: true });
   await mkdir(join(snap, 'bin'), { recursive: true });
   await mkdir(join(snap, 'lib'), { recursive: true });
-  await copyFile(requireQemu(), join(snap, 'usr', 'bin', 'qemu-system-x86_64'));
+  await copyFile(qemuRoot === undefined ? requireQemu() : join(qemuRoot, 'usr', 'bin', 'qemu-system-x86_64'), join(snap, 'usr', 'bin', 'qemu-system-x86_64'));
   await chmod(join(snap, 'usr', 'bin', 'qemu-system-x86_64'), 0o755);
-  await cp(SYSTEM_MODULE_DIR, join(snap, 'usr', 'lib', 'x86_64-linux-gnu', 'qemu'), { recursive: true });
-  // Firmware is large and read-only: the revision links to the system's copies.
+  await cp(qemuRoot === undefined ? SYSTEM_MODULE_DIR : join(qemuRoot, SYSTEM_MODULE_DIR), join(snap, 'usr', 'lib', 'x86_64-linux-gnu', 'qemu'), { recursive: true });
+  // Firmware is large and read-only: the revision links to the system's copies (or the package tree's own).
   for (const dir of SYSTEM_FIRMWARE_DIRS) {
     await mkdir(join(snap, dir, '..'), { recursive: true });
-    await symlink(dir, join(snap, dir));
+    const own = qemuRoot === undefined ? undefined : join(qemuRoot, dir);
+    await symlink(own !== undefined && existsSync(own) ? own : dir, join(snap, dir));
   }
   await symlink(process.execPath, join(snap, 'bin', 'node'));
   await copyFile(join(projectRoot(), 'snap', 'local', 'vmkeepd-launch'), join(snap, 'bin', 'vmkeepd-launch'));

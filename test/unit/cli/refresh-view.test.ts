@@ -77,6 +77,13 @@ describe('outcomeLine', () => {
     expect(outcomeLine(MIGRATED)).toBe('migrated onto new (QEMU 8.0.4), guest paused 37 ms, 1.2 s');
   });
 
+  it('cpr: says the RAM was handed over; a migration auto chose says why cpr was not possible', () => {
+    expect(outcomeLine({ ...MIGRATED, strategy: 'cpr', reason: 'both QEMUs support cpr-transfer' }))
+      .toBe('handed over (cpr-transfer, RAM not copied) onto new (QEMU 8.0.4), guest paused 37 ms, 1.2 s');
+    expect(outcomeLine({ ...MIGRATED, strategy: 'migrate', reason: 'cpr is not possible: its RAM is not a shared memfd' }))
+      .toBe('migrated onto new (QEMU 8.0.4), guest paused 37 ms, 1.2 s (cpr is not possible: its RAM is not a shared memfd)');
+  });
+
   it('rebooted: target, QEMU version and wall time', () => {
     expect(outcomeLine(REBOOTED)).toBe('rebooted onto new (QEMU 8.0.4), 45.0 s');
   });

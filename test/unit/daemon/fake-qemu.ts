@@ -286,6 +286,11 @@ export class FakeQemuHost implements QemuPort {
     return { spec: options.spec, pid, startTime: q.startTime, machineType: options.machineType ?? 'pc-q35-7.2', command: { binary: options.installation.binary, args: [], env: {} } as never, qmp };
   }
 
+  /** cpr-transfer needs a shared-memory QEMU 10: the integration tests cover it. */
+  async launchCpr(): Promise<never> {
+    throw new LaunchError('QEMU_EXITED', 'the fake QEMU host does not do cpr-transfer');
+  }
+
   async connect(socketPath: string, _options: { greetingTimeoutMs: number }): Promise<QmpClient> {
     const q = [...this.qemus.values()].find((x) => x.alive && x.qmpSocket === socketPath);
     if (q === undefined) throw new QmpError('CONNECT_FAILED', `Cannot connect to ${socketPath}: ENOENT`);

@@ -90,6 +90,34 @@ describe('buildQemuCommand', () => {
     expect(buildQemuCommand({ ...base, startPaused: false, incoming: 'defer' }).argv.slice(-2)).toEqual(['-incoming', 'defer']);
   });
 
+  it('puts memfd-shared RAM in a shared memfd backend, with aux-ram-share only on a QEMU that knows it (>= 10.0)', () => {
+    const spec = validateSpec({ name: 'p', kernel: '/k', memoryMiB: 1024, memory: { backend: 'memfd-shared' } });
+    const base = { spec, uuid: UUID, installation: system, machineType: 'pc-q35-7.2', paths, startPaused: false };
+    const on10 = buildQemuCommand({ ...base, version: '10.0.2' }).argv;
+    expect(on10).toEqual(expect.arrayContaining(['-machine', 'pc-q35-7.2,accel=tcg,memory-backend=ram0,aux-ram-share=on']));
+    expect(on10.slice(on10.indexOf('-object'), on10.indexOf('-object') + 2)).toEqual(['-object', 'memory-backend-memfd,id=ram0,size=1024M,share=on']);
+    expect(buildQemuCommand({ ...base, version: '9.2.0' }).argv).toContain('pc-q35-7.2,accel=tcg,memory-backend=ram0');
+    for (const backend of [undefined, 'anonymous']) {
+      const plain = validateSpec({ name: 'p', kernel: '/k', ...(backend === undefined ? {} : { memory: { backend } }) });
+      const argv = buildQemuCommand({ ...base, spec: plain, version: '10.0.2' }).argv;
+      expect(argv).not.toContain('-object');
+      expect(argv).toContain('pc-q35-7.2,accel=tcg');
+    }
+  });
+
+  it('a cpr-transfer destination listens on both channels, cpr first, in the JSON form', () => {
+    const spec = validateSpec({ name: 'p', kernel: '/k', memory: { backend: 'memfd-shared' } });
+    const argv = buildQemuCommand({
+      spec, uuid: UUID, installation: system, machineType: 'pc-q35-7.2', paths, startPaused: false, version: '10.0.2',
+      incoming: { cprSocket: '/run/vmkeep/p/cpr-1.sock', mainSocket: '/run/vmkeep/p/migrate-1.sock' },
+    }).argv;
+    expect(argv.slice(-4)).toEqual([
+      '-incoming', '{"channel-type":"cpr","addr":{"transport":"socket","type":"unix","path":"/run/vmkeep/p/cpr-1.sock"}}',
+      '-incoming', '{"channel-type":"main","addr":{"transport":"socket","type":"unix","path":"/run/vmkeep/p/migrate-1.sock"}}',
+    ]);
+    expect(argv).not.toContain('-S');
+  });
+
   it('refuses a malformed uuid or machine type instead of passing it to QEMU', () => {
     const spec = validateSpec({ name: 'p', kernel: '/k' });
     const base = { spec, installation: system, paths, startPaused: false };

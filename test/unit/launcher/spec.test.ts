@@ -121,9 +121,19 @@ describe('validateSpec', () => {
   });
 
   it('rejects unknown fields and suggests the close known one', () => {
-    const [problem] = problemsOf({ ...kernelSpec, memory: 512 });
-    expect(problem).toEqual({ field: 'memory', message: 'is not a known field', fix: 'remove it, or did you mean "memoryMiB"?' });
+    const [problem] = problemsOf({ ...kernelSpec, memoryMB: 512 });
+    expect(problem).toEqual({ field: 'memoryMB', message: 'is not a known field', fix: 'remove it, or did you mean "memoryMiB"?' });
     expect(problemsOf({ ...kernelSpec, zzzzzzzz: 1 })[0]?.fix).toContain('known fields: name, memoryMiB');
+  });
+
+  it('takes memory.backend anonymous or memfd-shared, and leaves it out when not given (decided at create)', () => {
+    expect(validateSpec(kernelSpec).memory).toBeUndefined();
+    for (const backend of ['anonymous', 'memfd-shared']) expect(validateSpec({ ...kernelSpec, memory: { backend } }).memory).toEqual({ backend });
+    expect(problemsOf({ ...kernelSpec, memory: 512 })[0]).toMatchObject({ field: 'memory', message: 'must be an object, got number 512' });
+    expect(problemsOf({ ...kernelSpec, memory: 512 })[0]?.fix).toContain('the size is memoryMiB');
+    expect(problemsOf({ ...kernelSpec, memory: { backend: 'hugepages' } })[0]).toMatchObject({ field: 'memory.backend' });
+    expect(problemsOf({ ...kernelSpec, memory: {} })[0]).toMatchObject({ field: 'memory.backend', message: 'is required' });
+    expect(problemsOf({ ...kernelSpec, memory: { backend: 'anonymous', size: 1 } })[0]).toMatchObject({ field: 'memory.size' });
   });
 
   it('rejects a non-object', () => {

@@ -1,7 +1,11 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { createServer, type Server } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { QmpClient } from '../../../qmp/index.js';
-import { decideMigration, migrateLive, UpgradeError, type LiveMigrationOptions, type MigrationResult } from '../../../upgrade/index.js';
-import { negotiatedPair, within, type FakeQmpPeer } from '../qmp/fake-peer.js';
+import { cprTransfer, decideMigration, migrateLive, UpgradeError, type LiveMigrationOptions, type MigrationResult } from '../../../upgrade/index.js';
+import { GREETING_NO_OOB, negotiatedPair, within, type FakeQmpPeer } from '../qmp/fake-peer.js';
 
 const SOCKET = '/run/vmkeep/web.migrate.sock';
 const URI = `unix:${SOCKET}`;
@@ -43,7 +47,8 @@ async function start(options: Partial<LiveMigrationOptions> = {}) {
 }
 
 /** Answers the set-up commands and the migrate command, checking each one's name and arguments. */
-async function handshake(src: FakeQmpPeer, dst: FakeQmpPeer, bandwidth = 4 * 1024 * 1024 * 1024): Promise<void> {
+async function handshake(src: FakeQmpPeer, dst: FakeQmpPeer, bandwidth = 4 * 1024 * 1024 * 1024, refuseMode = false): Promise<void> {
+  await normalMode(src, refuseMode);
   const caps = await src.nextCommand('migrate-set-capabilities on the source');
   expect(caps.execute).toBe('migrate-set-capabilities');
   expect(caps.arguments).toEqual({ capabilities: [{ capability: 'events', state: true }] });
@@ -62,6 +67,15 @@ async function handshake(src: FakeQmpPeer, dst: FakeQmpPeer, bandwidth = 4 * 102
   src.reply(migrate.id);
 }
 
+/** The first command: the source's migration mode set back to normal (a 7.2 refuses it: no matter). */
+async function normalMode(src: FakeQmpPeer, refuse = false): Promise<void> {
+  const mode = await src.nextCommand('migrate-set-parameters (mode) on the source');
+  expect(mode.execute).toBe('migrate-set-parameters');
+  expect(mode.arguments).toEqual({ mode: 'normal' });
+  if (refuse) src.replyError(mode.id, 'GenericError', "Parameter 'mode' is unexpected");
+  else src.reply(mode.id);
+}
+
 async function failure(outcome: Promise<{ ok: true; value: MigrationResult } | { ok: false; error: unknown }>, what: string): Promise<UpgradeError> {
   const settled = await within(outcome, 3000, what);
   if (settled.ok) throw new Error(`expected ${what} to fail, but it resolved with ${JSON.stringify(settled.value)}`);
@@ -70,6 +84,15 @@ async function failure(outcome: Promise<{ ok: true; value: MigrationResult } | {
 }
 
 describe('migrateLive', () => {
+  it('goes on when the source (QEMU 7.2) has no migration mode to set back to normal', async () => {
+    const { src, dst, outcome } = await start();
+    await handshake(src.peer, dst.peer, undefined, true);
+    src.peer.event('MIGRATION', { status: 'completed' });
+    const query = await src.peer.nextCommand('query-migrate on the source');
+    src.peer.reply(query.id, { status: 'completed', downtime: 2, 'total-time': 500 });
+    expect(await within(outcome, 2000, 'migrateLive to resolve')).toEqual({ ok: true, value: { downtimeMs: 2, totalMs: 500 } });
+  });
+
   it('migrates over unix:<socketPath> and returns QEMU\'s figures from query-migrate', async () => {
     const { src, dst, statuses, outcome } = await start();
     await handshake(src.peer, dst.peer);
@@ -213,7 +236,7 @@ const RUNNING = { status: 'running', running: true };
 const INMIGRATE = { status: 'inmigrate', running: false };
 const POSTMIGRATE = { status: 'postmigrate', running: false };
 
-function decide(source: QmpClient | undefined, dest: QmpClient): () => Promise<Decision> {
+function decide(source: QmpClient | undefined, dest: QmpClient | 'no-monitor'): () => Promise<Decision> {
   const deciding = decideMigration(source, dest);
   return () => within(deciding, 3000, 'decideMigration to decide');
 }
@@ -292,6 +315,40 @@ describe('decideMigration', () => {
     await answer(dst.peer, 'query-status', RUNNING, 'destination');
     expect(await result()).toBe('forward');
     await expectNoMoreCommands(src.client, src.peer, 'source');
+  });
+
+  it('goes back when the source holds the guest and the destination exited (its monitor closed)', async () => {
+    const src = await pair();
+    const dst = await pair();
+    const result = decide(src.client, dst.client);
+    await answer(src.peer, 'query-migrate', { status: 'cancelled' }, 'source');
+    await answer(src.peer, 'query-status', RUNNING, 'source');
+    // QEMU 10.0 exits as soon as its incoming stream fails.
+    await dst.peer.nextCommand('query-status on the destination');
+    dst.peer.hangUp();
+    expect(await result()).toBe('back');
+  });
+
+  it('a cpr destination without a monitor: back once the source settled holding the guest, unknown when it handed over', async () => {
+    const src = await pair();
+    const back = decide(src.client, 'no-monitor');
+    await answer(src.peer, 'query-migrate', { status: 'active' }, 'source');
+    await answer(src.peer, 'migrate_cancel', {}, 'source');
+    await answer(src.peer, 'query-migrate', { status: 'cancelled' }, 'source');
+    await answer(src.peer, 'query-status', RUNNING, 'source');
+    expect(await back()).toBe('back');
+    const over = decide(src.client, 'no-monitor');
+    await answer(src.peer, 'query-migrate', { status: 'completed' }, 'source');
+    await answer(src.peer, 'query-status', POSTMIGRATE, 'source');
+    expect(await over()).toBe('unknown');
+  });
+
+  it('stays unknown when the source is gone and the destination exited too', async () => {
+    const dst = await pair();
+    const result = decide(undefined, dst.client);
+    await dst.peer.nextCommand('query-status on the destination');
+    dst.peer.hangUp();
+    expect(await result()).toBe('unknown');
   });
 
   it('goes back after a failed migration while the source runs and the destination waits', async () => {
@@ -394,5 +451,114 @@ describe('decideMigration', () => {
       expect(await result()).toBe('unknown');
       await expectNoMoreCommands(dst.client, dst.peer, 'destination');
     });
+  });
+});
+
+describe('cprTransfer', () => {
+  const channels = { cprSocket: '/run/vmkeep/web/cpr-1.sock', mainSocket: '/run/vmkeep/web/migrate-1.sock' };
+  const servers: Server[] = [];
+  const dirs: string[] = [];
+  afterEach(() => {
+    for (const server of servers.splice(0)) server.close();
+    for (const dir of dirs.splice(0)) rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** A monitor socket that appears only when called, as a cpr destination's does once its source connected. */
+  function destinationMonitor(): { path: string; appear: () => Promise<void> } {
+    const dir = mkdtempSync(join(tmpdir(), 'vk-cpr-unit-'));
+    dirs.push(dir);
+    const path = join(dir, 'qmp.sock');
+    return {
+      path,
+      appear: () => new Promise((resolve) => {
+        const server = createServer((socket) => {
+          socket.write(`${JSON.stringify(GREETING_NO_OOB)}\n`);
+          socket.on('data', (data) => {
+            for (const line of data.toString().split('\n').filter((l) => l !== '')) {
+              const { id } = JSON.parse(line) as { id?: unknown };
+              socket.write(`${JSON.stringify({ return: {}, id })}\n`);
+            }
+          });
+        });
+        servers.push(server);
+        server.listen(path, () => resolve());
+      }),
+    };
+  }
+
+  async function cprStart(timeoutMs = 2000) {
+    const src = await pair();
+    const monitor = destinationMonitor();
+    const destinations: QmpClient[] = [];
+    const outcome = cprTransfer({
+      source: src.client, channels, destinationQmpSocket: monitor.path, timeoutMs,
+      onDestination: (qmp) => { destinations.push(qmp); clients.push(qmp); },
+    }).then((value) => ({ ok: true as const, value }), (error: unknown) => ({ ok: false as const, error }));
+    return { src, monitor, destinations, outcome };
+  }
+
+  async function cprSetUp(src: FakeQmpPeer): Promise<void> {
+    await answer(src, 'migrate-set-capabilities', {}, 'source');
+    const mode = await src.nextCommand('migrate-set-parameters (cpr-transfer) on the source');
+    expect(mode.arguments).toEqual({ mode: 'cpr-transfer' });
+    src.reply(mode.id);
+  }
+
+  async function expectNormalModeAgain(src: FakeQmpPeer): Promise<void> {
+    const mode = await src.nextCommand('the mode set back to normal on the source');
+    expect([mode.execute, mode.arguments]).toEqual(['migrate-set-parameters', { mode: 'normal' }]);
+    src.reply(mode.id);
+  }
+
+  it('sends migrate with both channels, connects the destination monitor once it appears, and returns QEMU\'s figures', async () => {
+    const { src, monitor, destinations, outcome } = await cprStart();
+    await cprSetUp(src.peer);
+    const migrate = await src.peer.nextCommand('migrate on the source');
+    expect(migrate.arguments).toEqual({ channels: [
+      { 'channel-type': 'main', addr: { transport: 'socket', type: 'unix', path: channels.mainSocket } },
+      { 'channel-type': 'cpr', addr: { transport: 'socket', type: 'unix', path: channels.cprSocket } },
+    ] });
+    src.peer.reply(migrate.id);
+    await monitor.appear();
+    src.peer.event('MIGRATION', { status: 'completed' });
+    const query = await src.peer.nextCommand('query-migrate on the source');
+    src.peer.reply(query.id, { status: 'completed', downtime: 1, 'total-time': 66, ram: { transferred: 78599 } });
+    expect(await within(outcome, 3000, 'cprTransfer to resolve')).toEqual({ ok: true, value: { downtimeMs: 1, totalMs: 66, transferredBytes: 78599 } });
+    expect(destinations).toHaveLength(1);
+  });
+
+  it('the source refuses: MIGRATION_FAILED, no destination monitor, the mode set back to normal', async () => {
+    const { src, destinations, outcome } = await cprStart();
+    await cprSetUp(src.peer);
+    const migrate = await src.peer.nextCommand('migrate on the source');
+    src.peer.replyError(migrate.id, 'GenericError', 'Memory region pc.rom is not compatible with CPR');
+    await expectNormalModeAgain(src.peer);
+    const err = await failure(outcome, 'cprTransfer to fail');
+    expect(err.code).toBe('MIGRATION_FAILED');
+    expect(err.message).toMatch(/QEMU refused the migration: .*not compatible with CPR.*keeps running on its old QEMU/);
+    expect(destinations).toEqual([]);
+  });
+
+  it('the stream fails before the destination has a monitor: the wait for it stops, MIGRATION_FAILED, mode normal', async () => {
+    const { src, destinations, outcome } = await cprStart();
+    await cprSetUp(src.peer);
+    const migrate = await src.peer.nextCommand('migrate on the source');
+    src.peer.reply(migrate.id);
+    src.peer.event('MIGRATION', { status: 'failed' });
+    const query = await src.peer.nextCommand('query-migrate on the source');
+    src.peer.reply(query.id, { status: 'failed', 'error-desc': 'cpr channel: Connection reset by peer' });
+    await expectNormalModeAgain(src.peer);
+    const err = await failure(outcome, 'cprTransfer to fail');
+    expect(err.message).toContain('ended failed: cpr channel: Connection reset by peer');
+    expect(destinations).toEqual([]);
+  });
+
+  it('a source without cpr-transfer (it refuses the mode) fails before anything is sent', async () => {
+    const { src, outcome } = await cprStart();
+    await answer(src.peer, 'migrate-set-capabilities', {}, 'source');
+    await answerError(src.peer, 'migrate-set-parameters', 'source');
+    await expectNormalModeAgain(src.peer);
+    const err = await failure(outcome, 'cprTransfer to fail');
+    expect(err.message).toMatch(/could not be set up.*nothing was sent/);
   });
 });

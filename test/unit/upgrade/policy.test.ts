@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import type { InstallationInfo, MachineType } from '../../../launcher/index.js';
 import {
-  checkRefreshTarget, parseStrategy, policyOutcome, REFRESH_STRATEGIES, UpgradeError,
+  checkRefreshTarget, chooseLiveStrategy, cprBlocker, parseStrategy, policyOutcome, REFRESH_STRATEGIES, UpgradeError,
 } from '../../../upgrade/index.js';
 
 function info(version: string, names: string[]): InstallationInfo {
@@ -24,14 +24,14 @@ function thrown(fn: () => unknown): UpgradeError {
 describe('parseStrategy', () => {
   it('accepts every known strategy', () => {
     for (const s of REFRESH_STRATEGIES) expect(parseStrategy(s)).toBe(s);
-    expect(REFRESH_STRATEGIES).toEqual(['migrate', 'reboot', 'on-guest-shutdown', 'manual']);
+    expect(REFRESH_STRATEGIES).toEqual(['auto', 'cpr', 'migrate', 'reboot', 'on-guest-shutdown', 'manual']);
   });
 
   it('refuses anything else with BAD_STRATEGY, naming the value, the field and the choices', () => {
     for (const value of ['Migrate', 'kill', '', undefined, 3, null, ['migrate']]) {
       const err = thrown(() => parseStrategy(value, '--strategy'));
       expect(err.code).toBe('BAD_STRATEGY');
-      expect(err.message).toContain(`--strategy ${JSON.stringify(value)} is not one of migrate, reboot, on-guest-shutdown, manual`);
+      expect(err.message).toContain(`--strategy ${JSON.stringify(value)} is not one of auto, cpr, migrate, reboot, on-guest-shutdown, manual`);
     }
   });
 });
@@ -96,5 +96,38 @@ describe('policyOutcome', () => {
     expect(policyOutcome(true, 'reboot')).toMatch(/power off \(ACPI\)/);
     expect(policyOutcome(true, 'on-guest-shutdown')).toMatch(/when the guest next powers off/);
     expect(policyOutcome(true, 'manual')).toMatch(/by hand/);
+  });
+});
+
+describe('chooseLiveStrategy (auto and cpr)', () => {
+  const ok = { vm: 'web', memoryBackend: 'memfd-shared' as const, runningVersion: '10.0.2', targetVersion: '10.1.0' };
+
+  it('picks cpr where both QEMUs are 10.0 or newer and the RAM is a shared memfd, and says why', () => {
+    for (const requested of ['auto', 'cpr'] as const) {
+      const choice = chooseLiveStrategy(requested, ok);
+      expect(choice.strategy).toBe('cpr');
+      expect(choice.why).toMatch(/handed over, not copied/);
+    }
+  });
+
+  it.each([
+    [{ memoryBackend: 'anonymous' as const }, /RAM is not a shared memfd/],
+    [{ runningVersion: '7.2.22' }, /runs QEMU 7\.2\.22, and cpr-transfer needs 10\.0/],
+    [{ runningVersion: undefined }, /version is not known/],
+    [{ targetVersion: '9.2.0' }, /current installation is QEMU 9\.2\.0/],
+  ])('auto falls back to migrate, naming the reason; cpr is refused with CPR_UNAVAILABLE (%o)', (change, reason) => {
+    const input = { ...ok, ...change };
+    const choice = chooseLiveStrategy('auto', input);
+    expect(choice.strategy).toBe('migrate');
+    expect(choice.why).toMatch(reason);
+    const err = thrown(() => chooseLiveStrategy('cpr', input));
+    expect(err.code).toBe('CPR_UNAVAILABLE');
+    expect(err.message).toMatch(reason);
+    expect(err.message).toMatch(/--strategy migrate/);
+    expect(cprBlocker(input)).toMatch(reason);
+  });
+
+  it('has no blocker when cpr can work', () => {
+    expect(cprBlocker(ok)).toBeUndefined();
   });
 });
