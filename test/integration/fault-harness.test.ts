@@ -4,6 +4,7 @@
 // oversized QMP reply), and the invariants checked from outside after each sequence. Seeded;
 // VMKEEP_FAULT_REAL_SEQUENCES sets how many (CI runs a bounded number, npm run bench more).
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { seededRandom } from '../support/seeded-random.js';
 import { DaemonError } from '../../daemon/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
 import { ensureGuestImage, type GuestImage } from '../support/guest.js';
@@ -38,17 +39,6 @@ function continueProcess(pid: number): void {
   }
 }
 
-function random(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 function spec(name: string): Record<string, unknown> {
   return { name, kernel: guest.kernel, initrd: guest.initrd, append: guest.append, memoryMiB: 96 };
 }
@@ -58,7 +48,7 @@ describe('fault harness (real QEMU, real systemd)', () => {
     const tally = { sequences: 0, operations: 0, faults: 0 };
     for (let seq = 0; seq < SEQUENCES; seq++) {
       const seed = 7000 + seq;
-      const rnd = random(seed);
+      const rnd = seededRandom(seed);
       const pick = <T>(items: readonly T[]): T => items[Math.floor(rnd() * items.length)] as T;
       const lastAck = new Map<string, 'create' | 'delete'>();
       const unexpected: string[] = [];

@@ -4,6 +4,7 @@
 // checked. Seeded: a failure prints its seed; VMKEEP_FAULT_SEED=N reruns exactly that one, and
 // VMKEEP_FAULT_SEQUENCES sets how many run (npm run bench runs more).
 import { afterEach, describe, expect, it } from 'vitest';
+import { seededRandom } from '../../support/seeded-random.js';
 import { DaemonError } from '../../../daemon/index.js';
 import { openWorld, type World } from './manager-world.js';
 
@@ -16,18 +17,6 @@ const EXPECTED_CODES = new Set([
   'START_FAILED', 'SPEC_REJECTED', 'QMP_FAILED', 'REFRESH_FAILED', 'REFRESH_REFUSED',
 ]);
 
-/** mulberry32: small, seedable, good enough to pick operations. */
-function random(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 interface Tally { sequences: number; operations: number; faults: number; violations: number }
 
 let world: World | undefined;
@@ -37,7 +26,7 @@ afterEach(async () => {
 });
 
 async function runSequence(seed: number, tally: Tally): Promise<void> {
-  const rnd = random(seed);
+  const rnd = seededRandom(seed);
   const pick = <T>(items: readonly T[]): T => items[Math.floor(rnd() * items.length)] as T;
   const w = await openWorld({ retryIntervalMs: 20, healthIntervalMs: 25 });
   world = w;
