@@ -21,7 +21,7 @@ export interface DaemonCommandArgs {
 }
 
 /** A group name or number as a gid (reads /etc/group: Node has no getgrnam). */
-export function resolveGroup(group: string, groupFile = '/etc/group'): number {
+function resolveGroup(group: string, groupFile = '/etc/group'): number {
   if (/^\d+$/.test(group)) return Number(group);
   for (const line of readFileSync(groupFile, 'utf8').split('\n')) {
     const [name, , gid] = line.split(':');

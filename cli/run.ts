@@ -38,7 +38,7 @@ export const EXIT_FAILED = 1;
 /** The guest did not power off within the timeout and QEMU was quit. */
 export const EXIT_POWEROFF_TIMEOUT = 3;
 /** A second Ctrl-C quit QEMU without waiting for the guest. */
-export const EXIT_FORCED = 130;
+const EXIT_FORCED = 130;
 
 /** Reads a spec file as JSON, unvalidated (the daemon validates what `vmkeep create` sends). */
 export async function readSpecJson(path: string): Promise<unknown> {
@@ -60,7 +60,7 @@ export async function readSpecJson(path: string): Promise<unknown> {
 }
 
 /** Reads and validates a spec file; every problem is reported with its field and fix. */
-export async function loadSpecFile(path: string) {
+async function loadSpecFile(path: string) {
   return validateSpecAndFiles(await readSpecJson(path));
 }
 

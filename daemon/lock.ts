@@ -39,7 +39,7 @@ export interface DaemonLock {
  * a pid file naming another live process (same PID and start time) also refuses the lock;
  * that covers daemons in the same PID namespace. Keep vmkeepd in the host's namespaces.
  */
-export function daemonLockName(realStateDir: string): string {
+function daemonLockName(realStateDir: string): string {
   return `\0vmkeepd:${createHash('sha256').update(realStateDir).digest('hex').slice(0, 24)}`;
 }
 

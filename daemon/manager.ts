@@ -71,7 +71,7 @@ function asDaemonError(error: unknown): DaemonError {
 }
 
 /** The unit whose stop powers every guest off at host shutdown (snap/vmkeep-guests.service). */
-export const DEFAULT_GUESTS_UNIT = 'vmkeep-guests.service';
+const DEFAULT_GUESTS_UNIT = 'vmkeep-guests.service';
 
 /**
  * The daemon's VM bookkeeping: reattach at start, create/start/stop/delete, refresh. Never

@@ -18,7 +18,7 @@ import type { ExitInfo, VmState } from './model.js';
 export const RECORD_SCHEMA = 2;
 
 /** A record is a spec plus a few paths (well under 1 MiB); a larger file is not one of ours. */
-export const RECORD_MAX_BYTES = 4 * 1024 * 1024;
+const RECORD_MAX_BYTES = 4 * 1024 * 1024;
 
 /** A QEMU of the VM other than the one it runs on: a migration's destination or retired source. */
 export interface OtherQemu {
@@ -422,7 +422,7 @@ export interface RecordFs {
 }
 
 /** The error code readFile throws for a path that is not a regular file (a FIFO, device, folder). */
-export const NOT_REGULAR = 'ENOTREG';
+const NOT_REGULAR = 'ENOTREG';
 
 export const nodeRecordFs: RecordFs = {
   async mkdir(path, mode) {

@@ -6,7 +6,7 @@ import type { VmCore } from './vm-core.js';
 import { truncate, type VmEntry } from './vm-entry.js';
 
 /** A health check waits this long for query-status before it calls the monitor hung. */
-export const HEALTH_TIMEOUT_MS = 2_000;
+const HEALTH_TIMEOUT_MS = 2_000;
 
 /** Makes `qmp` the VM's monitor: its events and its close are handled in the VM's lock. */
 export function superviseMonitor(core: VmCore, entry: VmEntry, qmp: QmpClient): void {
