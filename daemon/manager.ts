@@ -542,7 +542,7 @@ export class VmManager implements DaemonOps, VmCore {
     const outcome = (result: RefreshOutcome['result'], message: string, extra: Partial<RefreshOutcome> = {}): RefreshOutcome =>
       ({ vm: name, strategy, result, totalMs: Math.round(performance.now() - began), message, ...extra });
     this.refuseWhileMigrating(entry);
-    const status = record.process ? await stalenessOf(this, entry, target, info) : undefined;
+    const status = record.process ? await stalenessOf(this, entry, target, info, true) : undefined;
     let targetRefusal: string | undefined;
     try {
       checkRefreshTarget({ vm: name, runningVersion: status?.runningVersion, machineType: record.machineType, target: { name: target.name, info } });
@@ -585,7 +585,7 @@ export class VmManager implements DaemonOps, VmCore {
         const { downtimeMs, migrationMs, pid } = await migrateNow(this, entry, target, info, options, mode);
         const how = mode === 'cpr' ? 'handed over live (cpr-transfer: RAM not copied)' : 'moved live';
         return outcome('migrated', `${name} ${how} onto "${target.name}" (QEMU ${info.version}, pid ${pid}); guest paused ${downtimeMs} ms${why === '' ? '' : ` (${mode}: ${why})`}`,
-          { ...fromField, to: { ...to, pid }, downtimeMs, migrationMs, ...(why === '' ? {} : { reason: why }) });
+          { ...fromField, strategy: mode, to: { ...to, pid }, downtimeMs, migrationMs, ...(why === '' ? {} : { reason: why }) });
       }
       case 'reboot':
         await this.rebootNow(entry, target, options);

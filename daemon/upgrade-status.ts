@@ -48,17 +48,32 @@ async function vmUpgradeStatus(core: VmCore, entry: VmEntry): Promise<VmUpgradeS
   return row;
 }
 
+/** How long a refresh waits for the running QEMU's own query-version before using the recorded one. */
+const LIVE_VERSION_TIMEOUT_MS = 1_000;
+
 /**
  * Whether the VM's running QEMU is the installation now current for it, from /proc and the
- * identity recorded at launch (its version was read then: a QEMU cannot change its version).
+ * identity recorded at launch. With `askQemu` (a refresh, about to act on it) the running QEMU's
+ * own version is asked, briefly: the installation's probe may not be what runs. Reports never
+ * ask: a hung QEMU must not slow them.
  */
-export async function stalenessOf(core: VmCore, entry: VmEntry, target?: Installation, info?: InstallationInfo): Promise<Staleness> {
+export async function stalenessOf(core: VmCore, entry: VmEntry, target?: Installation, info?: InstallationInfo, askQemu = false): Promise<Staleness> {
   const { record } = entry;
   const installation = target ?? core.current(record);
   const current = { installation, info: info ?? (await core.options.probe(installation)) };
+  let runningVersion: string | undefined;
+  if (askQemu && entry.qmp && !entry.hung) {
+    try {
+      const { qemu } = await entry.qmp.queryVersion({ timeoutMs: LIVE_VERSION_TIMEOUT_MS });
+      runningVersion = `${qemu.major}.${qemu.minor}.${qemu.micro}`;
+    } catch {
+      // The recorded version stands in.
+    }
+  }
   return assessStaleness({
     launched: { installation: record.installation.name, ...(record.binary ? { binary: record.binary } : {}) },
     exe: exeOf(core.options.qemu, record),
     current,
+    ...(runningVersion === undefined ? {} : { runningVersion }),
   });
 }
