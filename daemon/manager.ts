@@ -13,6 +13,7 @@ import {
   checkSpecFiles,
   waitForProcessExit,
   readExe,
+  readRunningExe,
   type ExeInfo,
   type Installation,
   type InstallationInfo,
@@ -1019,7 +1020,7 @@ export class VmManager implements DaemonOps {
         row.pid = record.process.pid;
         const exe = exeOf(record);
         if (exe) row.exe = exe.deleted ? `${exe.path} (deleted)` : exe.path;
-        if (exe && (exe.deleted || !existsSync(exe.path))) {
+        if (exe && status.stale && (exe.deleted || !existsSync(exe.path))) {
           // A package manager (snapd dropping an old revision, dpkg replacing the file) took the
           // binary away: this QEMU runs from memory and nothing can start that build again.
           row.warnings = [`its QEMU binary ${exe.path} is gone from disk (removed or replaced by a package upgrade, e.g. a snap revision snapd no longer keeps); it keeps running, but refresh it soon: vmkeep refresh ${record.name} --strategy migrate`];
@@ -1035,7 +1036,8 @@ export class VmManager implements DaemonOps {
     const current = { installation, info: info ?? (await this.options.probe(installation)) };
     const input: Parameters<typeof assessStaleness>[0] = {
       launched: { installation: record.installation.name, ...(record.binary ? { binary: record.binary } : {}) },
-      exe: exeOf(record),
+      // Hashed (once per binary) only when it is not the current file itself.
+      exe: record.process ? await readRunningExe(record.process.pid, record.process.startTime, current.info.identity) : null,
       current,
     };
     if (entry.qmp) {

@@ -12,5 +12,8 @@ export {
 } from './installation.js';
 export { buildQemuCommand, escapeQemuOptValue, type QemuCommand, type BuildQemuCommandInput } from './argv.js';
 export { parseProcStat, readProcessIdentity, isSameProcess, readExe, type ProcessIdentity, type ExeInfo } from './process.js';
+export {
+  hashFile, hashRunningBinary, readRunningExe, cachedContentHash, rememberContentHash, type FileStatKey,
+} from './content.js';
 export { spawnQemu, type SpawnOptions, type SpawnedQemu } from './spawn.js';
 export { launchVm, waitForProcessExit, type LaunchVmOptions, type LaunchedVm } from './launch.js';

@@ -10,7 +10,7 @@ import { isSameProcess, readExe, readProcessIdentity } from '../../launcher/inde
 import { DaemonHost } from '../support/daemon-host.js';
 import { countTicks, ensureGuestImage, requireQemu, waitForSerial, type GuestImage } from '../support/guest.js';
 import {
-  replaceModules, restoreModules, SYSTEM_FIRMWARE_DIRS, SYSTEM_MODULE_DIR, writeInstallations, type TestInstallation,
+  copyQemuAsBuild, replaceModules, restoreModules, SYSTEM_FIRMWARE_DIRS, SYSTEM_MODULE_DIR, writeInstallations, type TestInstallation,
 } from '../support/installations.js';
 
 const VMS = ['deb1', 'deb2'];
@@ -50,8 +50,8 @@ afterAll(async () => {
 /** What dpkg does with each file of the new version: write beside it, rename over it. */
 async function upgradePackageFiles(): Promise<void> {
   const staged = `${pkg.binary}.dpkg-new`;
-  await copyFile(requireQemu(), staged);
-  await chmod(staged, 0o755);
+  // The new version is another build: vmkeep tells binaries apart by their bytes.
+  await copyQemuAsBuild(staged, 'deb 2');
   await rename(staged, pkg.binary);
   await replaceModules(pkg.moduleDir as string);
 }

@@ -1,7 +1,7 @@
 // Two (or more) QEMU installations made from the Debian QEMU, the way a package upgrade
 // presents them to vmkeepd: a second copy of the binary at another path with its own module
 // folder, and an installations file whose "current" the test switches.
-import { chmod, copyFile, cp, mkdir, rename, readdir, writeFile } from 'node:fs/promises';
+import { appendFile, chmod, copyFile, cp, mkdir, rename, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { requireQemu } from './guest.js';
 
@@ -21,13 +21,23 @@ export function systemInstallation(name: string): TestInstallation {
   return { name, binary: requireQemu(), moduleDir: SYSTEM_MODULE_DIR, firmwareDirs: [] };
 }
 
-/** A copy of the system QEMU and its modules under `dir`: another file, another inode. */
+/**
+ * Writes a copy of the system QEMU at `target` that is another build by content: vmkeep
+ * identifies a binary by its bytes, so a plain copy would be the same QEMU. The marker goes
+ * after the ELF image, which the loader never reads: the copy runs exactly like the original.
+ */
+export async function copyQemuAsBuild(target: string, build: string): Promise<void> {
+  await copyFile(requireQemu(), target);
+  await appendFile(target, `\nvmkeep test build ${build}\n`);
+  await chmod(target, 0o755);
+}
+
+/** A copy of the system QEMU (another build by content) and its modules under `dir`. */
 export async function copiedInstallation(name: string, dir: string): Promise<TestInstallation> {
   const root = join(dir, name);
   await mkdir(root, { recursive: true });
   const binary = join(root, 'qemu-system-x86_64');
-  await copyFile(requireQemu(), binary);
-  await chmod(binary, 0o755);
+  await copyQemuAsBuild(binary, name);
   const moduleDir = join(root, 'modules');
   await cp(SYSTEM_MODULE_DIR, moduleDir, { recursive: true });
   return { name, binary, moduleDir, firmwareDirs: SYSTEM_FIRMWARE_DIRS };
