@@ -28,7 +28,7 @@ let api: ApiClient;
 /** Host PID and start time of each VM's QEMU started under v1. */
 const v1Qemu = new Map<string, { pid: number; startTime: string }>();
 let v1Root = '';
-/** How long each `systemctl restart` of a unit took (container replaced, conmon's READY). */
+/** How long each `systemctl restart` of a unit took (old container stopped, new one started). */
 const restartMs: number[] = [];
 
 beforeAll(async () => {
@@ -50,7 +50,7 @@ afterAll(async () => {
   expect(left.filter((l) => !/^(container vmkeepd(-noscope)?|image localhost\/vmkeep(-base)?:\S+)$/.test(l))).toEqual([]);
 });
 
-/** Waits until a vmkeepd other than `notPid` answers on the socket (conmon's READY comes first). */
+/** Waits until a vmkeepd other than `notPid` answers on the socket (the unit is Type=exec). */
 async function waitForDaemon(client: ApiClient, notPid: number | undefined, what: string, timeoutMs = 60_000): Promise<number> {
   const deadline = Date.now() + timeoutMs;
   let last = '';
@@ -142,6 +142,16 @@ describe.sequential('vmkeepd as a container, upgraded by replacing the container
       expect(ppid).toBe(oci.host.pid1);
     }
   }, 180_000);
+
+  it('2b. vmkeepd crashes in its container: the unit (Restart=on-failure) starts a new one; the VMs run on', async () => {
+    const { pid } = await api.info();
+    const daemon = oci.host.hostPidOf(pid);
+    expect(daemon, 'vmkeepd\'s host PID').not.toBeNull();
+    process.kill(daemon as number, 'SIGKILL');
+    await waitForDaemon(api, pid, 'a new vmkeepd after the crash');
+    expect(await oci.host.systemctl('show', '--property=NRestarts', '--value', UNIT)).toBe('1\n');
+    await expectSurvivedAndTicking();
+  }, 120_000);
 
   it('3. v3 (other QEMU bytes): stale; v1 and v2 removed; a stale QEMU still loads a module; refresh by migration moves them', async () => {
     // v3's root: v1's with another build of the QEMU binary (bytes after the ELF image).
