@@ -68,6 +68,9 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       cleanups.push(() => manager.close());
       // Fails now, with the alternatives in the message, rather than at the first VM start.
       await manager.listScopes(SCOPE_PREFIX);
+      // In a container without --pid=host every recorded PID would name another process or none
+      // (reattach would misjudge every VM) and no QEMU could be placed in a scope: refuse to run.
+      await manager.checkPidNamespace();
       scopes = manager;
     } else {
       logger.warn('--no-scope: QEMU processes stay in the daemon\'s cgroup and die with it when its service stops');

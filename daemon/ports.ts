@@ -1,7 +1,7 @@
 // The adapters the VM manager acts through, passed in so unit tests run it against a fake
 // QEMU and a fake systemd (ARCHITECTURE.md, "Side effects at the edges").
 import {
-  isSameProcess, launchCprDestination, launchVm, readExe, readProcessIdentity, waitForProcessExit,
+  isSameProcess, launchCprDestination, launchVm, readProcessIdentity, readRunningExe, waitForProcessExit,
   type CprChannels, type ExeInfo, type LaunchedVm, type LaunchVmOptions, type PendingVm, type ProcessIdentity,
 } from '../launcher/index.js';
 import { connectQmp, type QmpClient } from '../qmp/index.js';
@@ -25,7 +25,11 @@ export interface QemuPort {
   identity(pid: number): ProcessIdentity | null;
   isSame(pid: number, startTime: string): boolean;
   waitForExit(pid: number, startTime: string, timeoutMs: number): Promise<void>;
-  exe(pid: number): ExeInfo | null;
+  /**
+   * The binary a QEMU (PID + start time) runs, or null when it is not that process any more;
+   * hashed by content unless it is `current`'s very file (same device and inode).
+   */
+  exe(pid: number, startTime: string, current?: { dev: number; ino: number }): Promise<ExeInfo | null>;
   /** Only for a QEMU that holds no guest (a destination before hand-over), after an identity check. */
   kill(pid: number): void;
 }
@@ -37,6 +41,6 @@ export const realQemu: QemuPort = {
   identity: readProcessIdentity,
   isSame: isSameProcess,
   waitForExit: waitForProcessExit,
-  exe: readExe,
+  exe: readRunningExe,
   kill: (pid) => process.kill(pid, 'SIGKILL'),
 };

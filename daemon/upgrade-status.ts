@@ -37,9 +37,9 @@ async function vmUpgradeStatus(core: VmCore, entry: VmEntry): Promise<VmUpgradeS
   if (record.refresh) row.refreshing = record.refresh.strategy;
   if (record.process) {
     row.pid = record.process.pid;
-    const exe = exeOf(core.options.qemu, record);
+    const exe = await exeOf(core.options.qemu, record, info.identity);
     if (exe) row.exe = exe.deleted ? `${exe.path} (deleted)` : exe.path;
-    if (exe && (exe.deleted || !existsSync(exe.path))) {
+    if (exe && status.stale && (exe.deleted || !existsSync(exe.path))) {
       // A package manager (snapd dropping an old revision, dpkg replacing the file) took the
       // binary away: this QEMU runs from memory and nothing can start that build again.
       row.warnings = [`its QEMU binary ${exe.path} is gone from disk (removed or replaced by a package upgrade, e.g. a snap revision snapd no longer keeps); it keeps running, but refresh it soon: vmkeep refresh ${record.name} --strategy migrate`];
@@ -72,7 +72,8 @@ export async function stalenessOf(core: VmCore, entry: VmEntry, target?: Install
   }
   return assessStaleness({
     launched: { installation: record.installation.name, ...(record.binary ? { binary: record.binary } : {}) },
-    exe: exeOf(core.options.qemu, record),
+    // Hashed (once per binary) only when it is not the current file itself.
+    exe: await exeOf(core.options.qemu, record, current.info.identity),
     current,
     ...(runningVersion === undefined ? {} : { runningVersion }),
   });

@@ -36,9 +36,9 @@ export function truncate(text: string): string {
 }
 
 /** The binary of the VM's recorded QEMU, only while that PID is still that process (ARCHITECTURE.md, invariant 7). */
-export function exeOf(qemu: QemuPort, record: VmRecord): ExeInfo | null {
+export async function exeOf(qemu: QemuPort, record: VmRecord, current?: { dev: number; ino: number }): Promise<ExeInfo | null> {
   const proc = record.process;
-  return proc !== undefined && qemu.isSame(proc.pid, proc.startTime) ? qemu.exe(proc.pid) : null;
+  return proc === undefined ? null : qemu.exe(proc.pid, proc.startTime, current);
 }
 
 export function binaryOf(info: InstallationInfo, moduleDir: string | undefined): NonNullable<VmRecord['binary']> {

@@ -14,5 +14,8 @@ export {
 } from './installation.js';
 export { buildQemuCommand, escapeQemuOptValue, cprChannel, type QemuCommand, type BuildQemuCommandInput, type CprChannels } from './argv.js';
 export { parseProcStat, readProcessIdentity, isSameProcess, readExe, type ProcessIdentity, type ExeInfo } from './process.js';
+export {
+  hashFile, hashRunningBinary, readRunningExe, cachedContentHash, rememberContentHash, type FileStatKey,
+} from './content.js';
 export { spawnQemu, type SpawnOptions, type SpawnedQemu } from './spawn.js';
 export { launchVm, launchCprDestination, waitForProcessExit, QUIT_EXIT_TIMEOUT_MS, type LaunchVmOptions, type LaunchedVm, type PendingVm } from './launch.js';

@@ -1,6 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
+import { hashFile, rememberContentHash } from './content.js';
 import { qemuEnvironment } from './env.js';
 import { LaunchError } from './errors.js';
 import { closest } from './similar.js';
@@ -34,6 +35,11 @@ export interface MachineType {
 
 export interface InstallationInfo {
   identity: BinaryIdentity;
+  /**
+   * sha256 of the binary's bytes: the same build at another inode (another container image,
+   * a reinstall) is the same QEMU. Always set by probeInstallation.
+   */
+  sha256?: string;
   version: string;
   machines: MachineType[];
 }
@@ -62,7 +68,8 @@ export interface ProbeOptions {
   onCacheError?: (error: Error) => void;
 }
 
-const CACHE_SCHEMA = 1;
+// 2: the binary's sha256 is cached too; entries of schema 1 are probed again.
+const CACHE_SCHEMA = 2;
 const DEFAULT_PROBE_TIMEOUT_MS = 30_000;
 
 /** Runs a program to completion with execa, never throwing for a non-zero exit. */
@@ -107,8 +114,9 @@ export function installationRunContext(inst: Installation): { firmwareArgs: stri
 const inFlight = new Map<string, Promise<InstallationInfo>>();
 
 /**
- * Version and machine types of an installation. Served from the on-disk cache while the
- * binary file is unchanged (device, inode, size, mtime); a replaced binary is probed again.
+ * Version, machine types and content hash of an installation. Served from the on-disk cache
+ * while the binary file is unchanged (device, inode, size, mtime); a replaced binary is
+ * probed and hashed again.
  */
 export async function probeInstallation(inst: Installation, options: ProbeOptions): Promise<InstallationInfo> {
   const identity = await identify(inst);
@@ -145,14 +153,20 @@ async function probeOrLoad(inst: Installation, identity: BinaryIdentity, options
   const cached = await readCache(file, identity, report);
   if (cached !== undefined) return cached;
 
-  const info = await runProbe(inst, identity, options);
+  const probed = await runProbe(inst, identity, options);
   // A binary replaced while it was being probed would leave the new file's answers under
-  // the old identity: only cache what was probed from an unchanged file.
-  const after = await identify(inst);
-  if (!sameBinary(after, identity)) {
+  // the old identity: only cache what was probed (and hashed) from an unchanged file.
+  const replaced = (): LaunchError => new LaunchError('PROBE_FAILED',
+    `QEMU binary ${inst.binary} of installation "${inst.name}" was replaced while it was being probed; fix: retry once the upgrade has finished`);
+  let hashed: Awaited<ReturnType<typeof hashFile>>;
+  try {
+    hashed = await hashFile(inst.binary);
+  } catch (err) {
     throw new LaunchError('PROBE_FAILED',
-      `QEMU binary ${inst.binary} of installation "${inst.name}" was replaced while it was being probed; fix: retry once the upgrade has finished`);
+      `cannot read QEMU binary ${inst.binary} of installation "${inst.name}" to hash it: ${(err as Error).message}; fix: retry once the upgrade has finished`, { cause: err });
   }
+  if (!sameBinary({ path: identity.path, ...hashed.stat }, identity)) throw replaced();
+  const info: InstallationInfo = { ...probed, sha256: hashed.sha256 };
   try {
     await mkdir(options.cacheDir, { recursive: true });
     await writeFileAtomic(file, `${JSON.stringify({ schema: CACHE_SCHEMA, ...info }, null, 2)}\n`);
@@ -175,11 +189,14 @@ async function readCache(
   try {
     const data = JSON.parse(text) as Record<string, unknown>;
     const id = data.identity as BinaryIdentity | undefined;
+    // An older daemon's entry is simply probed again.
+    if (typeof data.schema === 'number' && data.schema < CACHE_SCHEMA) return undefined;
     if (data.schema !== CACHE_SCHEMA || id === undefined || !sameBinary(id, identity)
-      || typeof data.version !== 'string' || !Array.isArray(data.machines)) {
+      || typeof data.version !== 'string' || !Array.isArray(data.machines) || typeof data.sha256 !== 'string') {
       throw new Error('unexpected content');
     }
-    return { identity, version: data.version, machines: data.machines as MachineType[] };
+    rememberContentHash(identity, data.sha256);
+    return { identity, sha256: data.sha256, version: data.version, machines: data.machines as MachineType[] };
   } catch (err) {
     report(new Error(`ignoring unusable probe cache ${file}: ${String(err)}`, { cause: err }));
     return undefined;

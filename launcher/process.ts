@@ -11,11 +11,17 @@ export interface ProcessIdentity {
 export interface ExeInfo {
   /** The binary's path, without the kernel's " (deleted)" suffix. */
   path: string;
-  /** The file was removed or replaced (e.g. `mv` by a package upgrade) after the process started. */
+  /**
+   * The file was removed or replaced after the process started: `mv` by a package upgrade
+   * (the link reads "(deleted)"), or its container image was removed (the overlay's lower file
+   * is gone: the link still reads the plain path, but the inode has no links left).
+   */
   deleted: boolean;
   /** Device and inode of the file the process runs, even when it was deleted. */
   dev: number;
   ino: number;
+  /** sha256 of the bytes the process runs, when an adapter hashed them (hashRunningBinary). */
+  sha256?: string;
 }
 
 /**
@@ -65,8 +71,8 @@ export function readExe(pid: number): ExeInfo | null {
     const target = readlinkSync(`/proc/${pid}/exe`);
     const s = statSync(`/proc/${pid}/exe`);
     const suffix = ' (deleted)';
-    const deleted = target.endsWith(suffix);
-    return { path: deleted ? target.slice(0, -suffix.length) : target, deleted, dev: s.dev, ino: s.ino };
+    const marked = target.endsWith(suffix);
+    return { path: marked ? target.slice(0, -suffix.length) : target, deleted: marked || s.nlink === 0, dev: s.dev, ino: s.ino };
   } catch (err) {
     if (isGone(err)) return null;
     throw err;

@@ -41,6 +41,8 @@ export interface BusConnection {
   /** Called once when the connection is gone (error or end of stream). */
   onClose(listener: (cause: Error | null) => void): void;
   close(): void;
+  /** This connection's unique name on the bus (`:1.42`) once ready; absent: not known. */
+  uniqueName?(): string | undefined;
 }
 
 /** Creates a connection to the bus at a D-Bus address (e.g. unix:path=/run/dbus/system_bus_socket). */
@@ -105,6 +107,11 @@ export const dbusNextBus: BusFactory = (address) => {
       if (closed) return;
       bus.disconnect();
       markClosed(null);
+    },
+    uniqueName() {
+      // Set by dbus-next from the Hello reply; its typings do not declare it.
+      const name = (bus as unknown as { name?: string | null }).name;
+      return typeof name === 'string' ? name : undefined;
     },
   };
 };

@@ -7,6 +7,7 @@ export type ScopeErrorCode =
   | 'PID_NOT_MOVED'
   | 'NO_SUCH_PID'
   | 'NO_SUCH_SCOPE'
+  | 'PID_NAMESPACE'
   | 'DBUS_ERROR';
 
 export class ScopeError extends Error {

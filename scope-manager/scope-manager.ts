@@ -115,6 +115,7 @@ export class ScopeManager {
   private link: Link | null = null;
   private connecting: Promise<Link> | null = null;
   private readonly unitRemovedListeners = new Set<(unit: string | null) => void>();
+  private pidNamespaceChecked = false;
 
   constructor(options: ScopeManagerOptions = {}) {
     this.busAddress = resolveBusAddress(options.busAddress, process.env);
@@ -153,6 +154,8 @@ export class ScopeManager {
       if (key === 'PIDs' || key === 'Slice') throw new TypeError(`createScope sets ${key} itself; pass it as an option`);
     }
 
+    await this.checkPidNamespace();
+
     const waitMs = options.existingScopeWaitMs ?? this.existingScopeWaitMs;
     if (!(await this.waitScopeGone(name, waitMs))) {
       const old = await this.getScope(name).catch(() => null);
@@ -175,7 +178,14 @@ export class ScopeManager {
       managerCall('StartTransientUnit', 'ssa(sv)a(sa(sv))', [name, 'fail', properties, []]),
       `StartTransientUnit ${name}`,
       this.callTimeoutMs,
-    );
+    ).catch((err: unknown) => {
+      if (err instanceof ScopeError && err.dbusName === 'org.freedesktop.DBus.Error.UnixProcessIdUnknown') {
+        throw new ScopeError('NO_SUCH_PID',
+          `${err.message}. systemd does not know PID ${pids.join(' ')}: the process ended, or this process runs in a PID namespace other than systemd's (a container run without --pid=host)`,
+          { cause: err.cause, dbusName: err.dbusName });
+      }
+      throw err;
+    });
     if (outcome.result !== 'done') {
       throw new ScopeError(
         'JOB_FAILED',
@@ -206,6 +216,35 @@ export class ScopeManager {
       cgroupPath = path;
     }
     return { name, slice, pids: [...pids], cgroupPath };
+  }
+
+  /**
+   * Refuses (PID_NAMESPACE) when this process is not in systemd's PID namespace: the PIDs it
+   * would pass to StartTransientUnit mean nothing there, or, worse, name other processes of the
+   * host. That is a container run without --pid=host; its QEMUs would also die with it. The
+   * bus daemon reports our PID as seen from its namespace (the kernel translates the socket's
+   * peer credentials): it must be our own. Checked once; skipped for a bus that cannot tell.
+   */
+  async checkPidNamespace(): Promise<void> {
+    if (this.pidNamespaceChecked) return;
+    const link = await this.connection();
+    const name = link.conn.uniqueName?.();
+    if (name === undefined) return;
+    const [seen] = await this.callOn(
+      link,
+      { destination: 'org.freedesktop.DBus', path: '/org/freedesktop/DBus', interface: 'org.freedesktop.DBus', member: 'GetConnectionUnixProcessID', signature: 's', body: [name] },
+      'GetConnectionUnixProcessID',
+      this.callTimeoutMs,
+    );
+    if (Number(seen) !== process.pid) {
+      throw new ScopeError(
+        'PID_NAMESPACE',
+        `vmkeepd runs in a PID namespace of its own: it is PID ${process.pid} to itself but PID ${String(seen)} to the system bus at ${this.busAddress}. ` +
+          'systemd could not put its QEMUs into scopes, and they would die with their container; no VM is started. ' +
+          'Run its container with --pid=host (packaging/oci/vmkeepd.service has every flag it needs).',
+      );
+    }
+    this.pidNamespaceChecked = true;
   }
 
   /** Stops the scope (SIGTERM to its processes, see createScope) and waits for the stop job. */

@@ -25,6 +25,28 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The container tests: podman, and mmdebstrap (with uidmap) for the image's Debian root. apt
+# would upgrade login and passwd with them: they are held at the installed versions.
+oci_packages=(podman mmdebstrap uidmap)
+oci_missing=()
+for p in "${oci_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || oci_missing+=("$p")
+done
+if [ ${#oci_missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    log "missing apt packages: ${oci_missing[*]}; run as root or: sudo apt-get install --no-install-recommends ${oci_missing[*]}"
+    exit 1
+  fi
+  log "installing apt packages: ${oci_missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  pins=()
+  for p in login passwd; do
+    v=$(dpkg-query -W -f='${Version}' "$p" 2>/dev/null) && pins+=("$p=$v")
+  done
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${oci_missing[@]}" "${pins[@]}" >/dev/null
+fi
+
 # npm ci only when the lock file changed since the last install.
 stamp=node_modules/.vmkeep-lock-stamp
 if [ ! -f "$stamp" ] || ! cmp -s package-lock.json "$stamp"; then

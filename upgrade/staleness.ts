@@ -22,18 +22,35 @@ export interface Staleness {
 }
 
 /**
- * Whether a running VM's binary is the current installation's binary. The running process's
- * own exe counts first (a `(deleted)` exe was replaced on disk: a package upgrade); the
- * identity recorded at launch is the fallback when the exe cannot be read. Pure.
+ * Whether a running VM's binary is the current installation's binary. Pure.
+ *
+ * The running process's own exe counts first. The same file (device and inode, not deleted)
+ * is current without more ado. Otherwise the bytes decide when both hashes are known: the
+ * same build at another inode (a new container image, a reinstall of the same package
+ * version) is current, even when the file it runs was deleted or its image removed; other
+ * bytes are stale. Without hashes, another or a deleted file is stale. The identity recorded
+ * at launch is the fallback when the exe cannot be read.
  */
 export function assessStaleness(input: StalenessInput): Staleness {
   const { launched, exe, current } = input;
   const target = current.info.identity;
   const reasons: string[] = [];
   if (exe !== null) {
-    if (exe.deleted) reasons.push(`its binary ${exe.path} was replaced or removed on disk since it started (exe reads "(deleted)")`);
-    else if (exe.dev !== target.dev || exe.ino !== target.ino) {
-      reasons.push(`it runs ${exe.path}, not the current installation "${current.installation.name}" (${target.path})`);
+    const sameFile = !exe.deleted && exe.dev === target.dev && exe.ino === target.ino;
+    const bytesKnown = exe.sha256 !== undefined && current.info.sha256 !== undefined;
+    if (sameFile) {
+      // the current file itself
+    } else if (bytesKnown && exe.sha256 === current.info.sha256) {
+      const running = input.runningVersion ?? launched.binary?.version;
+      if (running !== undefined && compareQemuVersions(running, current.info.version) !== 0) {
+        reasons.push(`it reports version ${running}, the current installation "${current.installation.name}" ${current.info.version}, although their binaries have the same content`);
+      }
+    } else if (exe.deleted) {
+      reasons.push(`its binary ${exe.path} was replaced or removed on disk since it started (exe reads "(deleted)" or has no links left)` +
+        (bytesKnown ? `, and the current installation "${current.installation.name}" (${target.path}) is another build (sha256 ${short(exe.sha256)} running, ${short(current.info.sha256)} current)` : ''));
+    } else {
+      reasons.push(`it runs ${exe.path}, not the current installation "${current.installation.name}" (${target.path})` +
+        (bytesKnown ? `: another build (sha256 ${short(exe.sha256)} running, ${short(current.info.sha256)} current)` : ''));
     }
   } else if (launched.binary === undefined) {
     reasons.push('the binary it was started from is unknown');
@@ -48,4 +65,8 @@ export function assessStaleness(input: StalenessInput): Staleness {
     result.currentIs = order > 0 ? 'newer' : order < 0 ? 'older' : 'same';
   }
   return result;
+}
+
+function short(sha256: string | undefined): string {
+  return (sha256 ?? '').slice(0, 12);
 }

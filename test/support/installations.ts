@@ -1,8 +1,8 @@
 // QEMU installations the way a package upgrade presents them to vmkeepd: the system's QEMU
 // (7.2), a real newer one (10.0 from bookworm-backports, unpacked into the test cache), a copy
-// of the system binary at another path (a same-version rebuild), and an installations file
-// whose "current" the test switches.
-import { chmod, copyFile, cp, mkdir, readFile, rename, readdir, writeFile } from 'node:fs/promises';
+// of the system binary at another path (a same-version rebuild, another build by content), and
+// an installations file whose "current" the test switches.
+import { appendFile, chmod, copyFile, cp, mkdir, readFile, rename, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { requireQemu } from './guest.js';
@@ -59,15 +59,25 @@ export function backportsQemuRoot(): Promise<string> {
 }
 
 /**
+ * Writes a copy of the system QEMU at `target` that is another build by content: vmkeep
+ * identifies a binary by its bytes, so a plain copy would be the same QEMU. The marker goes
+ * after the ELF image, which the loader never reads: the copy runs exactly like the original.
+ */
+export async function copyQemuAsBuild(target: string, build: string, source = requireQemu()): Promise<void> {
+  await copyFile(source, target);
+  await appendFile(target, `\nvmkeep test build ${build}\n`);
+  await chmod(target, 0o755);
+}
+
+/**
  * A copy of a QEMU (default: the system's) and its modules under `dir`: another file, another
- * inode, the same version (a same-version rebuild).
+ * build by content, the same version (a same-version rebuild).
  */
 export async function copiedInstallation(name: string, dir: string, from?: TestInstallation): Promise<TestInstallation> {
   const root = join(dir, name);
   await mkdir(root, { recursive: true });
   const binary = join(root, 'qemu-system-x86_64');
-  await copyFile(from?.binary ?? requireQemu(), binary);
-  await chmod(binary, 0o755);
+  await copyQemuAsBuild(binary, name, from?.binary);
   const moduleDir = join(root, 'modules');
   await cp(from?.moduleDir ?? SYSTEM_MODULE_DIR, moduleDir, { recursive: true });
   return { name, binary, moduleDir, firmwareDirs: from?.firmwareDirs ?? SYSTEM_FIRMWARE_DIRS };

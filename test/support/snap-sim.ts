@@ -6,8 +6,7 @@
 import { chmod, copyFile, cp, mkdir, readlink, rename, symlink, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { requireQemu } from './guest.js';
-import { SYSTEM_FIRMWARE_DIRS, SYSTEM_MODULE_DIR } from './installations.js';
+import { copyQemuAsBuild, SYSTEM_FIRMWARE_DIRS, SYSTEM_MODULE_DIR } from './installations.js';
 import { projectRoot } from './paths.js';
 
 export const SNAP_UNIT = 'snap.vmkeep.vmkeepd.service';
@@ -36,8 +35,9 @@ export async function installRevision(layout: SnapLayout, rev: string, qemuRoot?
   await mkdir(join(snap, 'usr', 'bin'), { recursive: true });
   await mkdir(join(snap, 'bin'), { recursive: true });
   await mkdir(join(snap, 'lib'), { recursive: true });
-  await copyFile(qemuRoot === undefined ? requireQemu() : join(qemuRoot, 'usr', 'bin', 'qemu-system-x86_64'), join(snap, 'usr', 'bin', 'qemu-system-x86_64'));
-  await chmod(join(snap, 'usr', 'bin', 'qemu-system-x86_64'), 0o755);
+  // Each revision is its own QEMU build (other bytes), as a refresh to a new revision would be.
+  await copyQemuAsBuild(join(snap, 'usr', 'bin', 'qemu-system-x86_64'), `snap revision ${rev}`,
+    qemuRoot === undefined ? undefined : join(qemuRoot, 'usr', 'bin', 'qemu-system-x86_64'));
   await cp(qemuRoot === undefined ? SYSTEM_MODULE_DIR : join(qemuRoot, SYSTEM_MODULE_DIR), join(snap, 'usr', 'lib', 'x86_64-linux-gnu', 'qemu'), { recursive: true });
   // Firmware is large and read-only: the revision links to the system's copies (or the package tree's own).
   for (const dir of SYSTEM_FIRMWARE_DIRS) {

@@ -319,8 +319,8 @@ export class FakeQemuHost implements QemuPort {
     })]).finally(() => clearTimeout(timer));
   }
 
-  exe(pid: number): ExeInfo | null {
-    return this.qemus.get(pid)?.exe ?? null;
+  async exe(pid: number, startTime: string): Promise<ExeInfo | null> {
+    return this.isSame(pid, startTime) ? (this.qemus.get(pid)?.exe ?? null) : null;
   }
 
   kill(pid: number): void {

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { watch, type FSWatcher } from 'node:fs';
 import { mkdir, mkdtemp, readdir, readFile, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -203,6 +204,25 @@ describe('probeInstallation', () => {
     expect(calls[0]?.env.QEMU_MODULE_DIR).toBe('/opt/qemu/lib');
   });
 
+  it('hashes the binary\'s content once, keeps the hash in the cache, and an older cache entry is probed again', async () => {
+    const info = await probeInstallation(inst, { cacheDir, run: fakeRunner([]) });
+    expect(info.sha256).toBe(createHash('sha256').update('not really qemu').digest('hex'));
+    // From the disk cache (no run allowed): the same hash, without hashing again.
+    expect((await probeInstallation(inst, { cacheDir, run: refuse })).sha256).toBe(info.sha256);
+
+    // An entry written by a daemon before content hashes: silently probed and hashed again.
+    const [file] = (await readdir(cacheDir)).filter((f) => f.endsWith('.json'));
+    const old = JSON.parse(await readFile(join(cacheDir, file ?? ''), 'utf8')) as Record<string, unknown>;
+    delete old.sha256;
+    await writeFile(join(cacheDir, file ?? ''), JSON.stringify({ ...old, schema: 1 }));
+    const problems: Error[] = [];
+    const calls: Call[] = [];
+    const again = await probeInstallation(inst, { cacheDir, run: fakeRunner(calls), onCacheError: (e) => problems.push(e) });
+    expect(calls).toHaveLength(2);
+    expect(problems).toEqual([]);
+    expect(again.sha256).toBe(info.sha256);
+  });
+
   it('does not pass a QEMU_MODULE_DIR of the caller\'s environment to a probe', async () => {
     const calls: Call[] = [];
     const saved = process.env.QEMU_MODULE_DIR;
@@ -265,7 +285,7 @@ describe('probeInstallation', () => {
     expect(files).toEqual(cacheFiles);
     expect(cacheFiles).toHaveLength(1);
     const name = cacheFiles[0] ?? '';
-    expect(JSON.parse(await readFile(join(cacheDir, name), 'utf8'))).toEqual({ schema: 1, ...info });
+    expect(JSON.parse(await readFile(join(cacheDir, name), 'utf8'))).toEqual({ schema: 2, ...info });
 
     // inotify delivers in order: once the marker's event is in, every earlier one is too.
     await writeFile(join(cacheDir, 'marker'), '');

@@ -12,6 +12,8 @@ export class FakeBus implements BusConnection {
   readonly calls: BusCall[] = [];
   readonly ready: Promise<void>;
   closedByClient = false;
+  /** Set by a test to play a bus that tells our unique name (the PID namespace check). */
+  uniqueName?: () => string | undefined;
   private jobSeq = 0;
   private readonly signalListeners: Array<(s: BusSignal) => void> = [];
   private readonly closeListeners: Array<(cause: Error | null) => void> = [];

@@ -478,3 +478,45 @@ async function waitUntil(condition: () => boolean, timeoutMs = 2_000): Promise<v
     await new Promise((r) => setImmediate(r));
   }
 }
+
+describe('a vmkeepd outside systemd\'s PID namespace (a container without --pid=host)', () => {
+  /** A bus that knows our unique name and reports `pid` as the PID of our connection. */
+  const seenAs = (pid: number) => (bus: FakeBus): void => {
+    bus.uniqueName = () => ':1.7';
+    bus.handlers.GetConnectionUnixProcessID = (call) => {
+      expect(call.body).toEqual([':1.7']);
+      return [pid];
+    };
+  };
+
+  it('refuses to create a scope, naming --pid=host, and never calls StartTransientUnit', async () => {
+    const { manager, bus } = harness({ setup: seenAs(process.pid + 1000) });
+    const err = await scopeError(manager.createScope({ name: VM1, pids: [42] }));
+    expect(err.code).toBe('PID_NAMESPACE');
+    expect(err.message).toContain('--pid=host');
+    expect(err.message).toContain(`PID ${process.pid} to itself but PID ${process.pid + 1000}`);
+    expect(bus().calls.map((c) => c.member)).not.toContain('StartTransientUnit');
+    // Asked again, refused again: a wrong namespace does not go away.
+    expect((await scopeError(manager.checkPidNamespace())).code).toBe('PID_NAMESPACE');
+  });
+
+  it('creates the scope when the bus sees our own PID, and asks only once', async () => {
+    const { manager, bus } = harness({ setup: seenAs(process.pid) });
+    await manager.createScope({ name: VM1, pids: [42] });
+    await manager.createScope({ name: VM1, pids: [42] });
+    expect(bus().calls.filter((c) => c.member === 'GetConnectionUnixProcessID')).toHaveLength(1);
+  });
+
+  it('names the flag when StartTransientUnit does not know the PID', async () => {
+    const { manager } = harness({
+      setup: (bus) => {
+        bus.handlers.StartTransientUnit = () => {
+          throw new BusCallError('org.freedesktop.DBus.Error.UnixProcessIdUnknown', 'PID 42 does not exist');
+        };
+      },
+    });
+    const err = await scopeError(manager.createScope({ name: VM1, pids: [42] }));
+    expect(err.code).toBe('NO_SUCH_PID');
+    expect(err.message).toContain('--pid=host');
+  });
+});

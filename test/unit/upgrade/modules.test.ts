@@ -12,6 +12,7 @@ const MARK = '.vmkeep-pinned';
 let dir: string;
 let source: string;
 let pinRoot: string;
+let firmware: string;
 
 beforeEach(() => {
   dir = mkdtempSync(join(tmpdir(), 'vmkeep-upgrade-modules-'));
@@ -20,6 +21,9 @@ beforeEach(() => {
   mkdirSync(source, { recursive: true });
   writeFileSync(join(source, 'hw-display-virtio-gpu.so'), 'OLD virtio-gpu build 7.2');
   writeFileSync(join(source, 'ui-gtk.so'), 'OLD ui-gtk build 7.2');
+  firmware = join(dir, 'share', 'qemu');
+  mkdirSync(firmware, { recursive: true });
+  writeFileSync(join(firmware, 'efi-virtio.rom'), 'OLD efi-virtio rom');
 });
 
 afterEach(() => {
@@ -27,7 +31,7 @@ afterEach(() => {
 });
 
 function installation(patch: Partial<Installation> = {}): Installation {
-  return { name: 'system', binary: '/usr/bin/qemu-system-x86_64', moduleDir: source, firmwareDirs: ['/usr/share/qemu'], ...patch };
+  return { name: 'system', binary: '/usr/bin/qemu-system-x86_64', moduleDir: source, firmwareDirs: [firmware], ...patch };
 }
 
 function info(patch: Partial<InstallationInfo['identity']> = {}): InstallationInfo {
@@ -60,11 +64,12 @@ describe('pinModuleDir', () => {
     const inst = installation();
     const pinned = await pinModuleDir(inst, info(), pinRoot);
     const expected = join(pinRoot, pinnedModuleDirName(inst, info()));
-    expect(pinned).toEqual({ ...inst, moduleDir: expected });
+    expect(pinned).toEqual({ ...inst, moduleDir: expected, firmwareDirs: [join(expected, 'firmware', '0')] });
     expect(inst.moduleDir).toBe(source); // the input is not changed
     expect(readFileSync(join(expected, 'hw-display-virtio-gpu.so'), 'utf8')).toBe('OLD virtio-gpu build 7.2');
     expect(readFileSync(join(expected, 'ui-gtk.so'), 'utf8')).toBe('OLD ui-gtk build 7.2');
-    expect(readFileSync(join(expected, MARK), 'utf8')).toBe(`${source}\n`);
+    expect(readFileSync(join(expected, 'firmware', '0', 'efi-virtio.rom'), 'utf8')).toBe('OLD efi-virtio rom');
+    expect(readFileSync(join(expected, MARK), 'utf8')).toBe(`${source}\n${firmware}\n`);
     expect(statSync(pinRoot).mode & 0o777).toBe(0o700);
     expect(tempLeftovers()).toEqual([]);
   });
@@ -75,6 +80,21 @@ describe('pinModuleDir', () => {
     expect(pinnedModuleDirName(installation(), info({ ino: 5001 }))).not.toBe(name);
     expect(pinnedModuleDirName(installation(), info({ mtimeMs: 1 }))).not.toBe(name);
     expect(pinnedModuleDirName(installation({ moduleDir: '/other' }), info())).not.toBe(name);
+    expect(pinnedModuleDirName(installation({ firmwareDirs: [] }), info())).not.toBe(name);
+  });
+
+  it('names the folder after the build\'s content when its hash is known: the same build from another file shares it', () => {
+    const a = { ...info(), sha256: 'a'.repeat(64) };
+    const name = pinnedModuleDirName(installation(), a);
+    // Another image's file of the same build: other device, inode and mtime, same bytes.
+    expect(pinnedModuleDirName(installation(), { ...a, identity: { ...a.identity, dev: 77, ino: 9, mtimeMs: 5 } })).toBe(name);
+    expect(pinnedModuleDirName(installation(), { ...a, sha256: 'b'.repeat(64) })).not.toBe(name);
+  });
+
+  it('keeps the old firmware after the firmware folder is emptied (its container image removed)', async () => {
+    const pinned = await pinModuleDir(installation(), info(), pinRoot);
+    rmSync(firmware, { recursive: true });
+    expect(readFileSync(join(pinned.firmwareDirs[0] as string, 'efi-virtio.rom'), 'utf8')).toBe('OLD efi-virtio rom');
   });
 
   it('keeps the old bytes after the source files are replaced by rename', async () => {

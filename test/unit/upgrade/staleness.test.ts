@@ -101,3 +101,61 @@ describe('assessStaleness: versions', () => {
     expect(s.currentIs).toBe('same');
   });
 });
+
+describe('assessStaleness: binary identity by content', () => {
+  const SAME = 'c'.repeat(64);
+  const OTHER = 'd'.repeat(64);
+  const current = (sha256: string | undefined): StalenessInput['current'] => ({ ...CURRENT, info: { ...CURRENT_INFO, ...(sha256 === undefined ? {} : { sha256 }) } });
+
+  it('same build at another inode (a new container image of the same QEMU): not stale', () => {
+    const exe: ExeInfo = { path: CURRENT_ID.path, deleted: false, dev: 77, ino: 4000, sha256: SAME };
+    const s = assessStaleness(input({ exe, current: current(SAME), runningVersion: '8.2.2' }));
+    expect(s).toMatchObject({ stale: false, reasons: [], currentIs: 'same' });
+  });
+
+  it('changed build (other bytes), even of the same version: stale, both hashes named', () => {
+    const exe: ExeInfo = { path: CURRENT_ID.path, deleted: false, dev: 77, ino: 4000, sha256: OTHER };
+    const s = assessStaleness(input({ exe, current: current(SAME), runningVersion: '8.2.2' }));
+    expect(s.stale).toBe(true);
+    expect(s.currentIs).toBe('same');
+    expect(s.reasons[0]).toContain('another build');
+    expect(s.reasons[0]).toContain(OTHER.slice(0, 12));
+    expect(s.reasons[0]).toContain(SAME.slice(0, 12));
+  });
+
+  it('deleted file (a reinstall of the same package version renamed over it): not stale when the bytes are the same', () => {
+    const exe: ExeInfo = { path: CURRENT_ID.path, deleted: true, dev: CURRENT_ID.dev, ino: 4000, sha256: SAME };
+    expect(assessStaleness(input({ exe, current: current(SAME) })).stale).toBe(false);
+    const upgraded = assessStaleness(input({ exe: { ...exe, sha256: OTHER }, current: current(SAME) }));
+    expect(upgraded.stale).toBe(true);
+    expect(upgraded.reasons[0]).toContain('replaced or removed on disk');
+  });
+
+  it('removed overlay (the image is gone: plain path, no links left, another device): decided by content', () => {
+    // readExe reports a file with no links left as deleted, although the link has no "(deleted)".
+    const exe: ExeInfo = { path: CURRENT_ID.path, deleted: true, dev: 88, ino: CURRENT_ID.ino, sha256: SAME };
+    expect(assessStaleness(input({ exe, current: current(SAME) })).stale).toBe(false);
+    const v3 = assessStaleness(input({ exe: { ...exe, sha256: OTHER }, current: current(SAME) }));
+    expect(v3.stale).toBe(true);
+    expect(v3.reasons[0]).toContain('no links left');
+  });
+
+  it('same bytes but a running QEMU that reports another version: stale (identity is content plus version)', () => {
+    const exe: ExeInfo = { path: CURRENT_ID.path, deleted: false, dev: 77, ino: 4000, sha256: SAME };
+    const s = assessStaleness(input({ exe, current: current(SAME), runningVersion: '8.2.1' }));
+    expect(s.stale).toBe(true);
+    expect(s.reasons[0]).toContain('8.2.1');
+  });
+
+  it('keeps the cheap path: the current file itself is current without any hash', () => {
+    const exe: ExeInfo = { path: CURRENT_ID.path, deleted: false, dev: CURRENT_ID.dev, ino: CURRENT_ID.ino };
+    expect(assessStaleness(input({ exe, current: current(SAME) })).stale).toBe(false);
+  });
+
+  it('without a hash of the running binary, another file is stale as before', () => {
+    const exe: ExeInfo = { path: CURRENT_ID.path, deleted: false, dev: 77, ino: 4000 };
+    const s = assessStaleness(input({ exe, current: current(SAME) }));
+    expect(s.stale).toBe(true);
+    expect(s.reasons[0]).not.toContain('sha256');
+  });
+});
