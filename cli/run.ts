@@ -12,7 +12,7 @@ import {
   type Installation,
   type LaunchedVm,
 } from '../launcher/index.js';
-import { ACPI_REPEAT_MS, powerDownGuest, type QmpEvent } from '../qmp/index.js';
+import { ACPI_REPEAT_MS, powerDownGuest, QMP_EVENT, shutdownData, type ShutdownData } from '../qmp/index.js';
 import { CliError } from './errors.js';
 import { followFile } from './follow.js';
 import type { Reporter } from './output.js';
@@ -176,7 +176,7 @@ async function startAndSuperviseWith(
 }
 
 type Ending =
-  | { kind: 'guest-shutdown'; event: QmpEvent }
+  | { kind: 'guest-shutdown'; shutdown: ShutdownData }
   | { kind: 'qemu-gone'; reason: string }
   | { kind: 'timeout' }
   | { kind: 'forced' };
@@ -194,7 +194,7 @@ async function superviseUntilEnd(vm: LaunchedVm, options: RunOptions, ctx: RunCo
   const ended = new Promise<Ending>((resolve) => (finish = resolve));
 
   const offEvent = vm.qmp.on('event', (event) => {
-    if (event.event === 'SHUTDOWN') finish({ kind: 'guest-shutdown', event });
+    if (event.event === QMP_EVENT.SHUTDOWN) finish({ kind: 'guest-shutdown', shutdown: shutdownData(event) });
   });
   const offClose = vm.qmp.on('close', (reason) => finish({ kind: 'qemu-gone', reason: reason.message }));
   const offSignal = ctx.onSignal((signal) => {
@@ -223,12 +223,12 @@ async function superviseUntilEnd(vm: LaunchedVm, options: RunOptions, ctx: RunCo
     over = true;
     switch (ending.kind) {
       case 'guest-shutdown': {
-        const data = (ending.event.data ?? {}) as { guest?: boolean; reason?: string };
+        const data = ending.shutdown;
         await vm.qmp.quit();
-        const clean = data.guest === true;
+        const clean = data.guest;
         reporter.result(
-          { vm: vm.spec.name, outcome: clean ? 'powered-off' : 'shutdown', reason: data.reason ?? 'unknown' },
-          clean ? `${vm.spec.name}: guest powered off cleanly` : `${vm.spec.name}: shut down by the host (${data.reason ?? 'unknown'})`,
+          { vm: vm.spec.name, outcome: clean ? 'powered-off' : 'shutdown', reason: data.reason },
+          clean ? `${vm.spec.name}: guest powered off cleanly` : `${vm.spec.name}: shut down by the host (${data.reason})`,
         );
         return clean ? EXIT_CLEAN : EXIT_FAILED;
       }

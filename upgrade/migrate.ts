@@ -1,6 +1,6 @@
 import { existsSync } from 'node:fs';
 import { cprChannel, type CprChannels } from '../launcher/index.js';
-import { connectQmp, isQmpError, type MigrationInfo, type QmpClient } from '../qmp/index.js';
+import { connectQmp, isQmpError, migrationStatus, QMP_EVENT, type MigrationInfo, type QmpClient } from '../qmp/index.js';
 import { UpgradeError } from './errors.js';
 
 export interface LiveMigrationOptions {
@@ -72,12 +72,12 @@ async function awaitMigration(
   const { timeoutMs } = options;
   const abort = new AbortController();
   const off = source.on('event', (event) => {
-    if (event.event === 'MIGRATION') options.onStatus?.(String((event.data as { status?: unknown }).status));
+    if (event.event === QMP_EVENT.MIGRATION) options.onStatus?.(migrationStatus(event));
   });
-  const ended = source.waitForEvent('MIGRATION', {
+  const ended = source.waitForEvent(QMP_EVENT.MIGRATION, {
     timeoutMs,
     signal: abort.signal,
-    predicate: (event) => END_STATES.has(String((event.data as { status?: unknown }).status)),
+    predicate: (event) => END_STATES.has(migrationStatus(event)),
   });
   ended.catch(() => undefined);
   try {
