@@ -98,13 +98,16 @@ export async function runDaemonCommand(
     ...(args.busAddress === undefined ? {} : { busAddress: args.busAddress }),
     ...(args.socketGroup === undefined ? {} : { socketGid: resolveGroup(args.socketGroup) }),
   };
-  const daemon = await startDaemon(options, logger);
-  const signal = await new Promise<NodeJS.Signals>((resolve) => {
+  // Listening from before the start: READY=1 goes out before startDaemon resolves (the staleness
+  // report follows it), and a SIGTERM in between must close the daemon, not end it mid-way.
+  const signalled = new Promise<NodeJS.Signals>((resolve) => {
     const off = onSignal((s) => {
       off();
       resolve(s);
     });
   });
+  const daemon = await startDaemon(options, logger);
+  const signal = await signalled;
   logger.info({ signal }, 'stopping vmkeepd; VMs keep running');
   await daemon.close();
   return 0;

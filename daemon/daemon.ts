@@ -115,6 +115,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
     notifier.send('READY=1', `STATUS=${vms.length} VM(s): ${Object.entries(states).map(([state, n]) => `${n} ${state}`).join(', ') || 'none'}`);
     // startupMs: since this process started (Node's time origin), for the start-up benchmark.
     logger.info({ socket: options.socketPath, stateDir: options.stateDir, startupMs: Math.round(performance.now()) }, 'vmkeepd ready');
+    await manager.afterReady();
     await reportStale(manager, logger, options.refreshAtStart === true);
     return { manager, close: closeAll };
   } catch (error) {

@@ -119,8 +119,13 @@ export class VmManager implements DaemonOps {
     }
     for (const record of records) this.vms.set(record.name, { record, queue: Promise.resolve() });
     await Promise.all(records.map((record) => this.serially(record.name, () => this.reattachIsolated(record.name))));
+    // Before READY: `vmkeep info` right after a restart names them.
     await this.findOrphanScopes();
-    await this.collectPins();
+  }
+
+  /** What can wait until the daemon serves (READY=1 sent): unused pinned module folders go. */
+  afterReady(): Promise<void> {
+    return this.collectPins();
   }
 
   private async findOrphanScopes(): Promise<void> {
@@ -195,7 +200,9 @@ export class VmManager implements DaemonOps {
     if (decision.lastExit) next.lastExit = { ...decision.lastExit, at: new Date().toISOString() };
     if (decision.problem === undefined) delete next.problem;
     else next.problem = decision.problem;
-    await this.save(entry, next);
+    // A record the reattach leaves as it was is not written again (an fsync'd write per VM at
+    // every daemon start otherwise).
+    if (JSON.stringify(next) !== JSON.stringify(record)) await this.save(entry, next);
 
     switch (decision.action) {
       case 'finish-shutdown':

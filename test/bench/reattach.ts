@@ -136,6 +136,9 @@ export async function benchReattach(ctx: { guest: GuestImage; cleanup: Cleanup; 
   const memRows: Row[] = [];
   const notes: string[] = [];
   let profile: StartProfile | undefined;
+  // BENCH_BASELINE_VMKEEPD=/path/to/an/older/dist/cli/vmkeepd.js: profile that build's start too.
+  const baseline = process.env['BENCH_BASELINE_VMKEEPD'];
+  let baselineProfile: StartProfile | undefined;
   const levels = [...LEVELS];
   for (let li = 0; li < levels.length; li++) {
     const n = levels[li] ?? 0;
@@ -166,13 +169,15 @@ export async function benchReattach(ctx: { guest: GuestImage; cleanup: Cleanup; 
       t0 = performance.now();
       await daemon.restart();
       restartMs.push(performance.now() - t0);
-      const line = await logLineAfter<{ vms: number; ms: number; states?: Record<string, number> }>(daemon.host.consoleLog, from, 'reattached ');
-      if (line === undefined) throw new Error(`no "reattached" line in the daemon's log after restart ${r + 1} at N=${n}`);
+      // The console log is written through a pty by `script`: a line may land a moment after READY.
+      const line = await waitUntil(`the "reattached" line in the daemon's log after restart ${r + 1} at N=${n}`, 5_000, () =>
+        logLineAfter<{ vms: number; ms: number; states?: Record<string, number> }>(daemon.host.consoleLog, from, 'reattached '));
       if (line.vms !== n || (n > 0 && line.states?.['paused'] !== n)) {
         throw new Error(`after restart ${r + 1} at N=${n} the daemon reattached ${line.vms} VM(s), states ${JSON.stringify(line.states)}`);
       }
       reattachMs.push(line.ms);
-      const ready = await logLineAfter<{ startupMs?: number }>(daemon.host.consoleLog, from, 'vmkeepd ready');
+      const ready = await waitUntil('the "vmkeepd ready" line in the daemon\'s log', 5_000, () =>
+        logLineAfter<{ startupMs?: number }>(daemon.host.consoleLog, from, 'vmkeepd ready')).catch(() => undefined);
       if (typeof ready?.startupMs === 'number') readyMs.push(ready.startupMs);
     }
     await new Promise((resolve) => setTimeout(resolve, SETTLE_MS));
@@ -200,7 +205,10 @@ export async function benchReattach(ctx: { guest: GuestImage; cleanup: Cleanup; 
       n === 0 ? mem.rss <= RSS_IDLE_MB : n >= 100 ? mem.rss <= RSS_100_MB : undefined));
     memRows.push(row(`N=${n}: vmkeepd RSS, start-up peak (VmHWM)`, 1, `${mem.peak.toFixed(1)} MB`));
 
-    if (n === 1) profile = await profileAt(daemon);
+    if (n === 1) {
+      profile = await profileAt(daemon, VMKEEPD);
+      if (baseline !== undefined) baselineProfile = await profileAt(daemon, baseline);
+    }
     if (n === 10) rows.push(...(await killAndCli(daemon)));
   }
 
@@ -233,12 +241,19 @@ export async function benchReattach(ctx: { guest: GuestImage; cleanup: Cleanup; 
       ],
     });
   }
+  if (baselineProfile !== undefined) {
+    sections.push({
+      title: '5d. The same for the baseline build',
+      rows: baselineProfile.costs.slice(0, 8).map((c) => row(c.owner, 1, formatMs(c.ms))),
+      notes: [`${baseline} (BENCH_BASELINE_VMKEEPD), profiled right after the one above on the same state: READY came ${formatMs(baselineProfile.readyMs)} after its process start.`],
+    });
+  }
   return sections;
 
-  async function profileAt(d: DaemonHost): Promise<StartProfile> {
+  async function profileAt(d: DaemonHost, program: string): Promise<StartProfile> {
     await d.stop();
     try {
-      return await profileDaemonStart(d.host, VMKEEPD, d.dir);
+      return await profileDaemonStart(d.host, program, d.dir);
     } finally {
       await d.start();
     }

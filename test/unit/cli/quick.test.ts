@@ -2,6 +2,7 @@
 // leaves every command line it does not fully understand to it.
 import { describe, expect, it } from 'vitest';
 import { main } from '../../../cli/index.js';
+import { versionLine } from '../../../cli/command-line.js';
 import { runQuick } from '../../../cli/quick.js';
 import { Capture, useCliHarness } from './harness.js';
 
@@ -46,5 +47,17 @@ describe('vmkeep list without yargs', () => {
       expect(await runQuick(argv, io), argv.join(' ')).toBeUndefined();
     }
     expect(io.stdout.text + io.stderr.text).toBe('');
+  });
+});
+
+describe('vmkeep --version without yargs', () => {
+  it('prints the version line and nothing else', async () => {
+    for (const argv of [['--version'], ['-V']]) {
+      const { code, stdout, stderr } = await cli.vmkeep(argv, { socket: false });
+      expect(code).toBe(0);
+      expect(stderr).toBe('');
+      expect(stdout).toBe(`${versionLine()}\n`);
+      expect(stdout).toMatch(/^vmkeep \d+\.\d+\.\d+ \(Node\.js \d+\.\d+\.\d+\)\n$/);
+    }
   });
 });
