@@ -20,7 +20,7 @@ const CREATE_CONCURRENCY = 2;
 const LEVELS = [0, 1, 10, 100];
 const FALLBACK_TOP = 50;
 /** How long after READY the daemon is left alone before its steady-state RSS is read. */
-const SETTLE_MS = 3_000;
+const SETTLE_MS = 10_000;
 const FLOOR_UNIT = 'vmkeep-floor.service';
 const CLI = join(projectRoot(), 'dist', 'cli', 'main.js');
 const VMKEEPD = join(projectRoot(), 'dist', 'cli', 'vmkeepd.js');
