@@ -183,6 +183,9 @@ export async function profileDaemonStart(host: SystemdHost, vmkeepd: string, sta
         }
         return undefined;
       });
+      // What follows READY (the staleness report) is left to finish: earlier builds registered
+      // their SIGTERM handler only then, and died of a SIGTERM before it without a profile.
+      await new Promise((resolve) => setTimeout(resolve, 1_000));
     } finally {
       // To Node itself (nsenter's child): a SIGTERM to nsenter does not reach it as the unit's would.
       node = child.pid === undefined ? undefined : await childOf(child.pid);
