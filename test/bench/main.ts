@@ -1,7 +1,8 @@
 // `npm run bench`: runs every benchmark on real QEMU and a private systemd, prints progress on
 // stderr and writes BENCHMARKS.md at the project root. Everything it starts is ended, even on
-// failure or Ctrl-C. BENCH_ONLY=qmp,run,scope,start,reattach,refresh runs a subset (for development).
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+// failure or Ctrl-C. BENCH_ONLY=qmp,run,scope,start,reattach,refresh runs a subset (for development;
+// with BENCH_KEEP_OTHERS=1 the report keeps the other sections of the last run).
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ensureGuestImage, requireQemu } from '../support/guest.js';
@@ -11,7 +12,7 @@ import { Cleanup, log, type Section } from './common.js';
 import { benchQmpRoundTrip } from './qmp-roundtrip.js';
 import { benchReattach } from './reattach.js';
 import { benchRefresh } from './refresh.js';
-import { describeMachine, renderReport } from './report.js';
+import { describeMachine, mergeReport, renderReport } from './report.js';
 import { benchRunOverhead } from './run-overhead.js';
 import { benchScopeCreation, benchStartWithScope, bootBenchHost } from './scopes.js';
 
@@ -82,8 +83,12 @@ async function main(): Promise<number> {
   // An interrupted run measured nothing worth keeping: the previous BENCHMARKS.md stays.
   if (interrupted) return 130;
   const totalSeconds = (performance.now() - started) / 1000;
-  const report = renderReport(describeMachine(qemu), sections, totalSeconds);
+  let report = renderReport(describeMachine(qemu), sections, totalSeconds);
   const path = join(projectRoot(), 'BENCHMARKS.md');
+  // BENCH_KEEP_OTHERS=1 with BENCH_ONLY: the sections not run stay as the last report had them.
+  if (only !== undefined && process.env['BENCH_KEEP_OTHERS'] === '1') {
+    report = mergeReport(await readFile(path, 'utf8').catch(() => ''), report);
+  }
   await writeFile(path, report);
   log(`wrote ${path} in ${totalSeconds.toFixed(0)} s${failed > 0 ? `; ${failed} benchmark(s) FAILED` : ''}`);
   return failed > 0 ? 1 : 0;

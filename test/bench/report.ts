@@ -66,3 +66,27 @@ export function renderReport(machine: Machine, sections: Section[], totalSeconds
   }
   return `${out.join('\n').trimEnd()}\n`;
 }
+
+/** The number a section title starts with ("5" of "5c. Where ..."). */
+function sectionNumber(title: string): string {
+  return /^(\d+)/.exec(title)?.[1] ?? title;
+}
+
+/**
+ * A subset run (BENCH_ONLY) merged into the previous report: its sections replace those with
+ * the same number, the others are kept as they were, and the header says which came when.
+ */
+export function mergeReport(previous: string, fresh: string): string {
+  const split = (text: string) => {
+    const parts = text.split(/^(?=## )/m);
+    return { head: parts[0] ?? '', sections: parts.slice(1) };
+  };
+  const old = split(previous);
+  const now = split(fresh);
+  const replaced = new Set(now.sections.map((s) => sectionNumber(s.slice(3))));
+  const kept = old.sections.filter((s) => !replaced.has(sectionNumber(s.slice(3))));
+  const all = [...kept, ...now.sections].sort((a, b) => Number(sectionNumber(a.slice(3))) - Number(sectionNumber(b.slice(3))));
+  const oldDate = /^- Date: (.*)$/m.exec(old.head)?.[1] ?? 'unknown';
+  const head = now.head.replace(/^(- Date: .*)$/m, `$1; sections ${[...replaced].join(', ')} only (BENCH_ONLY), the others kept from the run of ${oldDate}`);
+  return `${head}${all.join('')}`.replace(/\n*$/, '\n');
+}
