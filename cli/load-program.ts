@@ -2,7 +2,7 @@ import { statSync } from 'node:fs';
 
 /**
  * The URL of a program's bundle (dist/bundle/NAME.js, made by `npm run build`: one file to load
- * instead of a hundred modules) when it is there and not older than the loader `from` (tsc
+ * instead of dozens of modules) when it is there and not older than the loader `from` (tsc
  * rewrites the loaders at each build, so a bundle left from an older build is never run);
  * else the compiled module `fallback` next to the loader.
  */

@@ -1,8 +1,8 @@
 // Bundles each program (vmkeep, vmkeepd) with esbuild into dist/bundle/: the program, vmkeep's
 // modules and its dependencies (yargs, dbus-next, semver, execa) in one file per entry point,
 // with what only some commands need (the daemon's runtime, `vmkeep run`, execa) split into
-// chunks loaded on demand. Node 20 has no compile cache for ES modules, so loading one file
-// instead of ~150 is most of the start-up time saved. dist/cli/main.js and dist/cli/vmkeepd.js
+// chunks loaded on demand. Node 20 has no compile cache for ES modules, so loading a few files
+// instead of dozens of modules saves much of the start-up time. dist/cli/main.js and dist/cli/vmkeepd.js
 // (the bin entries) run the bundle when it is there; the compiled modules stay the fallback.
 // Run by `npm run build` after tsc; a packager runs the same (esbuild is a devDependency).
 import { build } from 'esbuild';
