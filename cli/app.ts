@@ -1,15 +1,10 @@
-import { accessSync, constants, existsSync } from 'node:fs';
-import { homedir } from 'node:os';
-import { delimiter, dirname, isAbsolute, join, resolve } from 'node:path';
 import type { Writable } from 'node:stream';
 import yargs, { type Argv } from 'yargs';
-import type { Installation } from '../launcher/index.js';
-import { CliError, reportError } from './errors.js';
+import { reportError } from './errors.js';
+import { EXIT_FAILED, EXIT_USAGE } from './exit-codes.js';
 import { createReporter } from './output.js';
-import { EXIT_FAILED, runVm } from './run.js';
 import { addVmCommands, type DaemonApi } from './vm-commands.js';
-import { runDaemonCommand } from './daemon-command.js';
-import { DEFAULT_SOCKET_PATH } from '../daemon/index.js';
+import { defaultCacheDir, installationFrom, INSTALLATION_OPTIONS, JSON_OPTION, vmkeepdOptions } from './options.js';
 import { VERSION } from './version.js';
 import { formatVersion, versionReport, versionRequest } from './version-command.js';
 
@@ -23,74 +18,11 @@ export interface CliIo {
   createApiClient?: (socketPath: string) => DaemonApi;
 }
 
-const EXIT_USAGE = 2;
 /** Thrown from yargs' fail handler to stop the parse once a usage error is reported. */
 const usageFailed = new Error('usage error (reported)');
 
-/** Finds a program the way a shell would; an absolute or relative path is taken as it is. */
-function findProgram(name: string, env: NodeJS.ProcessEnv): string {
-  if (name.includes('/')) return resolve(name);
-  for (const dir of (env.PATH ?? '/usr/bin:/bin').split(delimiter)) {
-    const candidate = join(dir, name);
-    try {
-      accessSync(candidate, constants.X_OK);
-      return candidate;
-    } catch {
-      // not in this folder
-    }
-  }
-  throw new CliError(
-    'USAGE',
-    `${name} not found in PATH: install QEMU (apt-get install qemu-system-x86) or name the binary with --qemu /path/to/qemu-system-x86_64`,
-  );
-}
-
-function defaultCacheDir(env: NodeJS.ProcessEnv): string {
-  if (env.VMKEEP_CACHE_DIR) return env.VMKEEP_CACHE_DIR;
-  const base = env.XDG_CACHE_HOME && isAbsolute(env.XDG_CACHE_HOME) ? env.XDG_CACHE_HOME : join(homedir(), '.cache');
-  return join(base, 'vmkeep');
-}
-
 function installationOptions<T>(y: Argv<T>) {
-  return y
-    .option('qemu', {
-      type: 'string',
-      describe: 'QEMU binary to run (env VMKEEP_QEMU)',
-      default: 'qemu-system-x86_64',
-      defaultDescription: 'qemu-system-x86_64 from PATH',
-    })
-    .option('module-dir', {
-      type: 'string',
-      describe: "QEMU's module directory (QEMU_MODULE_DIR), for a binary outside its package's place",
-    })
-    .option('firmware-dir', {
-      type: 'string',
-      array: true,
-      describe: 'firmware directory passed as -L (repeatable, in order)',
-    })
-    .option('cache-dir', {
-      type: 'string',
-      describe: 'where probed QEMU versions and machine types are cached (env VMKEEP_CACHE_DIR)',
-    });
-}
-
-// Where distributions put the modules of the QEMU in /usr/bin: named, so that they are pinned
-// per build and a package upgrade cannot swap them under a running QEMU.
-const SYSTEM_MODULE_DIRS = ['/usr/lib/x86_64-linux-gnu/qemu', '/usr/lib/aarch64-linux-gnu/qemu', '/usr/lib64/qemu', '/usr/lib/qemu'];
-
-/** The installation named by --qemu, --module-dir and --firmware-dir. */
-function installationFrom(
-  a: { qemu: string; moduleDir?: string | undefined; firmwareDir?: string[] | undefined },
-  env: NodeJS.ProcessEnv,
-): Installation {
-  const binary = findProgram(a.qemu, env);
-  const moduleDir = a.moduleDir ?? (dirname(binary) === '/usr/bin' ? SYSTEM_MODULE_DIRS.find((dir) => existsSync(dir)) : undefined);
-  return {
-    name: 'default',
-    binary,
-    firmwareDirs: a.firmwareDir ?? [],
-    ...(moduleDir === undefined ? {} : { moduleDir }),
-  };
+  return y.options(INSTALLATION_OPTIONS);
 }
 
 /** Removes from `args` the options that came from VMKEEP_* variables and the command does not have. */
@@ -116,7 +48,7 @@ export async function main(givenArgv: string[], io: CliIo): Promise<number> {
     .scriptName('vmkeep')
     .usage('vmkeep: QEMU virtual machines that survive daemon restarts and package upgrades\n\nUsage: $0 <command> [options]')
     .env('VMKEEP')
-    .option('json', { type: 'boolean', default: false, describe: 'machine-readable output: one JSON document (one per line for streams)' })
+    .option('json', JSON_OPTION)
     .command(
       'run <spec>',
       'run one VM in the foreground from a spec file (no daemon); Ctrl-C powers the guest off, a second Ctrl-C quits QEMU',
@@ -140,6 +72,7 @@ export async function main(givenArgv: string[], io: CliIo): Promise<number> {
         const reporter = createReporter(a.json, io.stdout, io.stderr);
         try {
           const installation = installationFrom(a, io.env);
+          const { runVm } = await import('./run.js');
           exitCode = await runVm(
             {
               specPath: a.spec,
@@ -185,76 +118,13 @@ export async function main(givenArgv: string[], io: CliIo): Promise<number> {
   base.command(
     'daemon',
     'run vmkeepd in the foreground (what the vmkeepd service runs); its VMs live in their own scopes and outlive it',
-    (y) =>
-      installationOptions(y)
-        .option('state-dir', {
-          type: 'string',
-          default: io.env.VMKEEP_STATE_DIR ?? (io.env.SNAP_COMMON ? join(io.env.SNAP_COMMON, 'state') : '/var/lib/vmkeep'),
-          defaultDescription: '$SNAP_COMMON/state under a snap, else /var/lib/vmkeep',
-          describe: 'durable records of the VMs (env VMKEEP_STATE_DIR)',
-        })
-        .option('runtime-dir', {
-          type: 'string',
-          default: io.env.VMKEEP_RUNTIME_DIR ?? '/run/vmkeep',
-          describe: 'QMP sockets, consoles and QEMU logs (env VMKEEP_RUNTIME_DIR)',
-        })
-        .option('socket', {
-          type: 'string',
-          default: io.env.VMKEEP_SOCKET ?? DEFAULT_SOCKET_PATH,
-          describe: 'control socket to serve (env VMKEEP_SOCKET)',
-        })
-        .option('socket-group', { type: 'string', describe: 'group allowed to use the control socket (mode 0660)' })
-        .option('slice', { type: 'string', default: 'vmkeep.slice', describe: 'systemd slice of the VM scopes, e.g. machine.slice' })
-        .option('scope', {
-          type: 'boolean',
-          default: true,
-          describe: 'put each QEMU in its own systemd scope; --no-scope keeps them in the daemon\'s cgroup, where they DIE with the daemon service',
-        })
-        .option('bus-address', { type: 'string', describe: 'D-Bus address of the system bus (default DBUS_SYSTEM_BUS_ADDRESS or the standard socket)' })
-        .option('installations', {
-          type: 'string',
-          describe: 'JSON file of QEMU installations and the current one per channel (env VMKEEP_INSTALLATIONS); without it, --qemu names the only one',
-        })
-        .option('refresh-at-start', {
-          type: 'boolean',
-          default: false,
-          describe: 'once reattached, refresh every stale VM whose policy is not manual (for a package\'s post-upgrade restart)',
-        })
-        .option('guests-unit', {
-          type: 'string',
-          describe: 'the unit whose stop powers every guest off at host shutdown; each VM scope is ordered Before= it',
-          defaultDescription: 'vmkeep-guests.service',
-        })
-        // Hidden test hook (env VMKEEP_TEST_CRASH_AT): vmkeepd SIGKILLs itself at this refresh step.
-        .option('test-crash-at', { type: 'string', hidden: true })
-        .option('refresh-policy', {
-          type: 'string',
-          choices: ['manual', 'migrate', 'reboot', 'on-guest-shutdown'],
-          default: 'manual',
-          describe: 'how stale VMs move onto the current installation unless a VM has its own policy; manual only reports',
-        })
-        .option('log-level', { type: 'string', default: 'info', choices: ['trace', 'debug', 'info', 'warn', 'error'] }),
+    (y) => y.options(vmkeepdOptions(io.env)),
     async (a) => {
       try {
-        exitCode = await runDaemonCommand(
-          {
-            stateDir: a.stateDir,
-            runtimeDir: a.runtimeDir,
-            socket: a.socket,
-            slice: a.slice,
-            scope: a.scope,
-            logLevel: a.logLevel,
-            ...(a.socketGroup === undefined ? {} : { socketGroup: a.socketGroup }),
-            ...(a.busAddress === undefined ? {} : { busAddress: a.busAddress }),
-            refreshPolicy: a.refreshPolicy,
-            refreshAtStart: a.refreshAtStart,
-            ...(a.guestsUnit === undefined ? {} : { guestsUnit: a.guestsUnit }),
-            ...(a.testCrashAt === undefined ? {} : { crashAt: a.testCrashAt }),
-          },
-          a.installations === undefined ? installationFrom(a, io.env) : a.installations,
-          VERSION,
-          io.onSignal,
-        );
+        // Loaded here: only this command needs the daemon's runtime.
+        const { daemonCommandArgs, runDaemonCommand } = await import('./daemon-command.js');
+        const { args, installations } = daemonCommandArgs(a, io.env);
+        exitCode = await runDaemonCommand(args, installations, VERSION, io.onSignal);
       } catch (error) {
         reportError(error, createReporter(false, io.stdout, io.stderr).failure);
         exitCode = EXIT_FAILED;

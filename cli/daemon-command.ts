@@ -1,8 +1,9 @@
 import { readFileSync } from 'node:fs';
-import { startDaemon, type DaemonOptions } from '../daemon/index.js';
+import { createLogger, isLogLevel, startDaemon, type DaemonOptions } from '../daemon/index.js';
 import type { Installation } from '../launcher/index.js';
 import { loadInstallationsConfig, parseStrategy, singleInstallation } from '../upgrade/index.js';
 import { CliError } from './errors.js';
+import { installationFrom } from './options.js';
 
 export interface DaemonCommandArgs {
   stateDir: string;
@@ -18,6 +19,47 @@ export interface DaemonCommandArgs {
   guestsUnit?: string;
   /** Test hook (VMKEEP_TEST_CRASH_AT): SIGKILL self at this refresh step. */
   crashAt?: string;
+}
+
+/** The parsed daemon options (from yargs or vmkeepd's own parser), camelCase. */
+export interface ParsedDaemonOptions {
+  qemu: string;
+  moduleDir?: string | undefined;
+  firmwareDir?: string[] | undefined;
+  stateDir: string;
+  runtimeDir: string;
+  socket: string;
+  socketGroup?: string | undefined;
+  slice: string;
+  scope: boolean;
+  busAddress?: string | undefined;
+  installations?: string | undefined;
+  refreshAtStart: boolean;
+  guestsUnit?: string | undefined;
+  testCrashAt?: string | undefined;
+  refreshPolicy: string;
+  logLevel: string;
+}
+
+/** The daemon's arguments and its installation(s) from its parsed options. */
+export function daemonCommandArgs(a: ParsedDaemonOptions, env: NodeJS.ProcessEnv): { args: DaemonCommandArgs; installations: Installation | string } {
+  return {
+    args: {
+      stateDir: a.stateDir,
+      runtimeDir: a.runtimeDir,
+      socket: a.socket,
+      slice: a.slice,
+      scope: a.scope,
+      logLevel: a.logLevel,
+      ...(a.socketGroup === undefined ? {} : { socketGroup: a.socketGroup }),
+      ...(a.busAddress === undefined ? {} : { busAddress: a.busAddress }),
+      refreshPolicy: a.refreshPolicy,
+      refreshAtStart: a.refreshAtStart,
+      ...(a.guestsUnit === undefined ? {} : { guestsUnit: a.guestsUnit }),
+      ...(a.testCrashAt === undefined ? {} : { crashAt: a.testCrashAt }),
+    },
+    installations: a.installations === undefined ? installationFrom(a, env) : a.installations,
+  };
 }
 
 /** A group name or number as a gid (reads /etc/group: Node has no getgrnam). */
@@ -38,9 +80,9 @@ export async function runDaemonCommand(
   version: string,
   onSignal: (listener: (signal: NodeJS.Signals) => void) => () => void,
 ): Promise<number> {
-  // Loaded here: only the daemon needs its logger. JSON lines on stderr: journald keeps them.
-  const { pino } = await import('pino');
-  const logger = pino({ name: 'vmkeepd', level: args.logLevel }, pino.destination({ fd: 2, sync: true }));
+  if (!isLogLevel(args.logLevel)) throw new CliError('USAGE', `--log-level ${args.logLevel}: not a log level`);
+  // JSON lines on stderr: journald keeps them.
+  const logger = createLogger({ name: 'vmkeepd', level: args.logLevel });
   const options: DaemonOptions = {
     installations: typeof installations === 'string' ? await loadInstallationsConfig(installations) : singleInstallation(installations),
     defaultPolicy: parseStrategy(args.refreshPolicy, '--refresh-policy'),
@@ -56,13 +98,16 @@ export async function runDaemonCommand(
     ...(args.busAddress === undefined ? {} : { busAddress: args.busAddress }),
     ...(args.socketGroup === undefined ? {} : { socketGid: resolveGroup(args.socketGroup) }),
   };
-  const daemon = await startDaemon(options, logger);
-  const signal = await new Promise<NodeJS.Signals>((resolve) => {
+  // Listening from before the start: READY=1 goes out before startDaemon resolves (the staleness
+  // report follows it), and a SIGTERM in between must close the daemon, not end it mid-way.
+  const signalled = new Promise<NodeJS.Signals>((resolve) => {
     const off = onSignal((s) => {
       off();
       resolve(s);
     });
   });
+  const daemon = await startDaemon(options, logger);
+  const signal = await signalled;
   logger.info({ signal }, 'stopping vmkeepd; VMs keep running');
   await daemon.close();
   return 0;

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { main } from './index.js';
-import { processIo } from './process-io.js';
+// The `vmkeep` command (package.json bin): runs the bundle when the build made one.
+import { programUrl } from './load-program.js';
 
-process.exitCode = await main(process.argv.slice(2), processIo);
+await import(programUrl(import.meta.url, 'vmkeep', './vmkeep-program.js'));

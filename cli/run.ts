@@ -14,6 +14,7 @@ import {
 } from '../launcher/index.js';
 import { ACPI_REPEAT_MS, powerDownGuest, QMP_EVENT, shutdownData, type ShutdownData } from '../qmp/index.js';
 import { CliError } from './errors.js';
+import { EXIT_CLEAN, EXIT_FAILED, EXIT_FORCED, EXIT_POWEROFF_TIMEOUT } from './exit-codes.js';
 import { followFile } from './follow.js';
 import type { Reporter } from './output.js';
 
@@ -33,12 +34,7 @@ export interface RunContext {
   onSignal(listener: (signal: NodeJS.Signals) => void): () => void;
 }
 
-export const EXIT_CLEAN = 0;
-export const EXIT_FAILED = 1;
-/** The guest did not power off within the timeout and QEMU was quit. */
-export const EXIT_POWEROFF_TIMEOUT = 3;
-/** A second Ctrl-C quit QEMU without waiting for the guest. */
-const EXIT_FORCED = 130;
+export { EXIT_CLEAN, EXIT_FAILED, EXIT_FORCED, EXIT_POWEROFF_TIMEOUT } from './exit-codes.js';
 
 /** Reads a spec file as JSON, unvalidated (the daemon validates what `vmkeep create` sends). */
 export async function readSpecJson(path: string): Promise<unknown> {

@@ -1,18 +1,20 @@
 import { StringDecoder } from 'node:string_decoder';
 import type { Argv } from 'yargs';
 import {
-  ApiClient, DEFAULT_SOCKET_PATH, DEFAULT_STOP_TIMEOUT_SEC, openOfflineGuests, REFRESH_STRATEGIES, type OfflineGuests, type RefreshJobRequest, type RefreshStrategy,
+  ApiClient, DEFAULT_STOP_TIMEOUT_SEC, openOfflineGuests, REFRESH_STRATEGIES, type OfflineGuests, type RefreshJobRequest, type RefreshStrategy,
 } from '../daemon/index.js';
 import { isValidVmName } from '../launcher/index.js';
 import { ACPI_REPEAT_MS } from '../qmp/index.js';
 import type { CliIo } from './app.js';
 import { reportError } from './errors.js';
 import { createReporter } from './output.js';
-import { EXIT_CLEAN, EXIT_FAILED, EXIT_POWEROFF_TIMEOUT, readSpecJson } from './run.js';
+import { EXIT_CLEAN, EXIT_FAILED, EXIT_POWEROFF_TIMEOUT } from './exit-codes.js';
+import { readSpecJson } from './run.js';
 import { followConsole } from './console-follow.js';
 import { followRefreshJob } from './refresh-follow.js';
 import { formatUpgradeStatus } from './refresh-view.js';
 import { formatEvent, formatVmList, formatVmStatus, printable } from './table.js';
+import { socketOption } from './options.js';
 
 const STRATEGIES = [...REFRESH_STRATEGIES];
 /** vmkeepd's own default for a stop; `stop --all` passes it explicitly so its messages can name it. */
@@ -48,13 +50,7 @@ function checkName(name: unknown): true | string {
 
 /** The options every command that talks to vmkeepd takes. */
 function daemonOptions<T>(y: Argv<T>, env: NodeJS.ProcessEnv) {
-  return y.option('socket', {
-    type: 'string',
-    // Read from io.env (not only yargs' process.env) so tests and embedders control it.
-    default: env.VMKEEP_SOCKET ?? DEFAULT_SOCKET_PATH,
-    defaultDescription: DEFAULT_SOCKET_PATH,
-    describe: "vmkeepd's control socket (env VMKEEP_SOCKET)",
-  });
+  return y.option('socket', socketOption(env));
 }
 
 function withName<T>(y: Argv<T>, env: NodeJS.ProcessEnv) {
@@ -63,13 +59,10 @@ function withName<T>(y: Argv<T>, env: NodeJS.ProcessEnv) {
     .check((a) => checkName(a.name));
 }
 
-/** Adds create, start, stop, delete, list, status, logs, qmp and events to the parser. */
-export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx: VmCommandContext): Argv<T> {
+/** Runs one command: its errors become `code + message` and exit 1. */
+export function commandRunner(ctx: VmCommandContext) {
   const { io } = ctx;
-  const env = io.env;
-
-  /** Runs one command: its errors become `code + message` and exit 1. */
-  const run = <A extends CommonArgs>(body: (api: DaemonApi, out: Out, a: A) => Promise<number | void>) => async (a: A) => {
+  return <A extends CommonArgs>(body: (api: DaemonApi, out: Out, a: A) => Promise<number | void>) => async (a: A) => {
     const reporter = createReporter(a.json, io.stdout, io.stderr);
     const out: Out = {
       json: a.json,
@@ -84,6 +77,24 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
       ctx.setExitCode(EXIT_FAILED);
     }
   };
+}
+
+/** `vmkeep list`: also run without yargs by cli/quick.ts. */
+export async function listVms(api: DaemonApi, out: Out, io: CliIo): Promise<void> {
+  const vms = await api.list();
+  if (!out.json && vms.length === 0) {
+    io.stderr.write('vmkeep: no VMs yet; create one with: vmkeep create SPEC.json\n');
+    return;
+  }
+  out.document(vms, formatVmList(vms));
+}
+
+/** Adds create, start, stop, delete, list, status, logs, qmp and events to the parser. */
+export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx: VmCommandContext): Argv<T> {
+  const { io } = ctx;
+  const env = io.env;
+
+  const run = commandRunner(ctx);
 
   /** Lets Ctrl-C end a stream cleanly. */
   const untilSignal = async (work: (signal: AbortSignal) => Promise<void>): Promise<void> => {
@@ -187,14 +198,7 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
       ['list', 'ls'],
       'list the VMs vmkeepd manages',
       (y) => daemonOptions(y, env),
-      run(async (api, out) => {
-        const vms = await api.list();
-        if (!out.json && vms.length === 0) {
-          io.stderr.write('vmkeep: no VMs yet; create one with: vmkeep create SPEC.json\n');
-          return;
-        }
-        out.document(vms, formatVmList(vms));
-      }),
+      run((api, out) => listVms(api, out, io)),
     )
     .command(
       'status <name>',

@@ -1,6 +1,5 @@
 #!/usr/bin/env node
-// vmkeepd: the daemon, as `vmkeep daemon` with its own name for units and packages.
-import { main } from './index.js';
-import { processIo } from './process-io.js';
+// The `vmkeepd` daemon (package.json bin): runs the bundle when the build made one.
+import { programUrl } from './load-program.js';
 
-process.exitCode = await main(['daemon', ...process.argv.slice(2)], processIo);
+await import(programUrl(import.meta.url, 'vmkeepd', './vmkeepd-program.js'));

@@ -14,7 +14,7 @@ import type { CreateOptions, DaemonOps, RefreshJobRequest, RefreshOptions, StopO
 /** A day: longer waits are typos, and timers past 2^31 ms would fire at once. */
 const MAX_STOP_TIMEOUT_SEC = 86_400;
 
-/** The part of a pino logger the API uses (a pino Logger fits). */
+/** The part of a logger the API uses (vmkeepd's Logger fits). */
 export interface ApiLogger {
   debug(fields: object, message: string): void;
   warn(fields: object, message: string): void;

@@ -1,7 +1,6 @@
 import { chmod, chown, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { execa } from 'execa';
-import type { Logger } from 'pino';
+import type { Logger } from './log.js';
 import { probeInstallation } from '../launcher/index.js';
 import type { InstallationsConfig, RefreshStrategy } from '../upgrade/index.js';
 import { ScopeManager, SCOPE_PREFIX } from '../scope-manager/index.js';
@@ -9,6 +8,7 @@ import { startApiServer } from './api-server.js';
 import { acquireDaemonLock } from './lock.js';
 import { VmManager } from './manager.js';
 import type { ScopePort } from './ports.js';
+import { startNotifier, type Notifier } from './notify.js';
 import { recordsDir, RecordStore } from './records.js';
 
 export interface DaemonOptions {
@@ -46,6 +46,8 @@ export interface DaemonHandle {
  * then READY=1 to systemd. Resolves once it serves.
  */
 export async function startDaemon(options: DaemonOptions, logger: Logger): Promise<DaemonHandle> {
+  // Started first: its process is ready long before READY=1 is due.
+  const notifier: Notifier = startNotifier();
   await mkdir(options.stateDir, { recursive: true, mode: 0o700 });
   await mkdir(options.runtimeDir, { recursive: true, mode: 0o700 });
   if (options.socketGid !== undefined) {
@@ -54,7 +56,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
     await chmod(options.runtimeDir, 0o750);
   }
   const lock = await acquireDaemonLock(options.stateDir);
-  const cleanups: Array<() => Promise<void> | void> = [() => lock.release()];
+  const cleanups: Array<() => Promise<void> | void> = [() => notifier.close(), () => lock.release()];
   const closeAll = async (): Promise<void> => {
     for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
   };
@@ -115,8 +117,11 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       ...(options.socketGid === undefined ? {} : { group: options.socketGid }),
     });
     cleanups.push(() => api.close());
-    await notifyReady(logger);
-    logger.info({ socket: options.socketPath, stateDir: options.stateDir }, 'vmkeepd ready');
+    const states = countStates(vms.map((v) => v.state));
+    notifier.send('READY=1', `STATUS=${vms.length} VM(s): ${Object.entries(states).map(([state, n]) => `${n} ${state}`).join(', ') || 'none'}`);
+    // startupMs: since this process started (Node's time origin), for the start-up benchmark.
+    logger.info({ socket: options.socketPath, stateDir: options.stateDir, startupMs: Math.round(performance.now()) }, 'vmkeepd ready');
+    await manager.afterReady();
     await reportStale(manager, logger, options.refreshAtStart === true);
     return { manager, close: closeAll };
   } catch (error) {
@@ -149,17 +154,3 @@ function countStates(states: string[]): Record<string, number> {
   for (const state of states) counts[state] = (counts[state] ?? 0) + 1;
   return counts;
 }
-
-/**
- * READY=1 under a Type=notify unit. Run as root, systemd-notify sends with our PID (--pid), so
- * the default NotifyAccess=main accepts it (as in the unit snapd writes); snap/vmkeepd.service
- * sets NotifyAccess=all for a daemon that does not run as root.
- */
-async function notifyReady(logger: Logger): Promise<void> {
-  if (!process.env.NOTIFY_SOCKET) return;
-  const result = await execa('systemd-notify', ['--ready', `--pid=${process.pid}`], { reject: false });
-  if (result.exitCode !== 0) {
-    logger.warn({ stderr: result.stderr }, 'systemd-notify --ready failed; the unit may time out (run vmkeepd as root, or set NotifyAccess=all)');
-  }
-}
-

@@ -1,5 +1,5 @@
 // The door of vmkeepd: the daemon itself, its control API (server and client) and its model.
-import type { Logger } from 'pino';
+import type { Logger } from './log.js';
 import type { DaemonHandle, DaemonOptions } from './daemon.js';
 
 /**
@@ -11,6 +11,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
   return daemon.startDaemon(options, logger);
 }
 export type { DaemonOptions, DaemonHandle } from './daemon.js';
+export { createLogger, isLogLevel, LOG_LEVELS, type Logger, type LogLevel } from './log.js';
 export type { OfflineGuests } from './offline.js';
 
 /** Powering guests off straight from the records while vmkeepd is down (loaded on demand). */

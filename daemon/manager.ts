@@ -5,7 +5,7 @@
 import { randomUUID } from 'node:crypto';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { Logger } from 'pino';
+import type { Logger } from './log.js';
 import {
   isValidVmName, LaunchError, memoryBackendOf, QUIT_EXIT_TIMEOUT_MS, resolveMachineType, validateSpecAndFiles, withMemoryDefault,
   type Installation, type InstallationInfo, type LaunchedVm,
@@ -109,7 +109,7 @@ export class VmManager implements DaemonOps, VmCore {
       refresh: (vm, options) => this.refresh(vm, options),
       emit: (event) => this.emit(event),
       onJobDone: () => this.collectPins(),
-      logError: (fields, message) => o.logger.error(fields, message),
+      logError: (fields, message) => o.logger.error(fields as Record<string, unknown>, message),
     });
   }
 
@@ -139,10 +139,7 @@ export class VmManager implements DaemonOps, VmCore {
     const all = Promise.all(records.map((record) => {
       const entry = this.entry(record.name);
       return entry.lock.run('reattach', () => reattachIsolated(this, entry));
-    })).then(async () => {
-      await this.findOrphanScopes();
-      await this.collectPins();
-    });
+    })).then(() => this.findOrphanScopes());
     this.stopHealthChecks = startHealthChecks(this);
     if (!Number.isFinite(waitMs)) return all;
     let timer: NodeJS.Timeout | undefined;
@@ -664,6 +661,11 @@ export class VmManager implements DaemonOps, VmCore {
     if (this.options.crashAt !== step) return;
     this.options.logger.warn({ step }, `crash point ${step} reached: SIGKILL to self (VMKEEP_TEST_CRASH_AT)`);
     process.kill(process.pid, 'SIGKILL');
+  }
+
+  /** Work that can wait until vmkeepd reports ready (it slows no VM's reattach). */
+  afterReady(): Promise<void> {
+    return this.collectPins();
   }
 
   private collectPins(): Promise<void> {

@@ -166,7 +166,8 @@ async function reattachVm(core: VmCore, entry: VmEntry): Promise<void> {
   if (decision.lastExit) next.lastExit = { ...decision.lastExit, at: new Date().toISOString() };
   if (decision.problem === undefined) delete next.problem;
   else next.problem = decision.problem;
-  await core.observe(entry, next);
+  // Nothing changed (the common case after a restart): no fsync'd write on the way to READY.
+  if (JSON.stringify(next) !== JSON.stringify(record)) await core.observe(entry, next);
 
   switch (decision.action) {
     case 'finish-shutdown':

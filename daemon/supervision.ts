@@ -56,7 +56,7 @@ async function onEvent(core: VmCore, entry: VmEntry, qmp: QmpClient, event: QmpE
     onResume: () => {
       if (entry.record.state === 'paused') work.push(core.observe(entry, { ...entry.record, state: 'running' }));
     },
-    onReset: (data) => log.info(data, 'guest reset'),
+    onReset: (data) => log.info({ ...data }, 'guest reset'),
     onGuestPanicked: (data) => {
       log.error({ data }, 'guest panicked');
       work.push(core.observe(entry, { ...entry.record, problem: truncate(`guest panicked (${JSON.stringify(data).slice(0, 200)})`) }));

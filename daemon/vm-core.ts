@@ -1,7 +1,7 @@
 // What the parts of the VM manager (supervision, reattach, migration, refresh jobs, upgrade
 // status) may ask of it. The manager implements it; the parts import only this type, so the
 // dependencies inside daemon/ point one way (ARCHITECTURE.md, "daemon/").
-import type { Logger } from 'pino';
+import type { Logger } from './log.js';
 import type { Installation, InstallationInfo, LaunchedVm, LaunchVmOptions } from '../launcher/index.js';
 import type { QmpClient } from '../qmp/index.js';
 import type { InstallationsConfig, RefreshStrategy } from '../upgrade/index.js';

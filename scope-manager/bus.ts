@@ -1,8 +1,11 @@
 // The one place that touches dbus-next. ScopeManager talks to a BusConnection, so unit tests
-// pass a fake; this adapter also papers over what dbus-next 0.10.2 does not report (a closed
-// stream) and bypasses its proxy objects (introspection, and match rules that are never removed).
-import type { EventEmitter } from 'node:events';
-import { DBusError, Message, MessageType, sessionBus, type MessageBus } from 'dbus-next';
+// pass a fake. Only dbus-next's wire layer is used (connection, marshalling, Message): its
+// MessageBus loads xml2js for introspection at import, and its proxy objects add match rules
+// that are never removed. Replies are matched to calls by serial here, and a closed stream,
+// which dbus-next does not report, ends the connection.
+import createConnection from 'dbus-next/lib/connection.js';
+import { MessageType } from 'dbus-next/lib/constants.js';
+import { Message } from 'dbus-next/lib/message-type.js';
 
 export interface BusCall {
   destination: string;
@@ -49,18 +52,18 @@ export interface BusConnection {
 export type BusFactory = (address: string) => BusConnection;
 
 export const dbusNextBus: BusFactory = (address) => {
-  // sessionBus() is dbus-next's only constructor taking an explicit address; nothing session-specific.
-  const bus: MessageBus = sessionBus({ busAddress: address });
+  const connection = createConnection({ busAddress: address });
   const closeListeners: Array<(cause: Error | null) => void> = [];
+  const signalListeners: Array<(signal: BusSignal) => void> = [];
+  const replies = new Map<number, { resolve: (body: unknown[]) => void; reject: (error: Error) => void }>();
+  let serial = 1;
   let closed = false;
   let connected = false;
   let rejectReady: (err: Error) => void = () => undefined;
+  let resolveReady: () => void = () => undefined;
   const ready = new Promise<void>((resolve, reject) => {
+    resolveReady = resolve;
     rejectReady = reject;
-    bus.once('connect', () => {
-      connected = true;
-      resolve();
-    });
   });
   // Never left unhandled: ScopeManager awaits it, but only after attaching its listeners.
   ready.catch(() => undefined);
@@ -68,35 +71,63 @@ export const dbusNextBus: BusFactory = (address) => {
   const markClosed = (cause: Error | null): void => {
     if (closed) return;
     closed = true;
+    const why = cause ?? new Error('the D-Bus connection closed');
     if (!connected) rejectReady(cause ?? new Error('connection closed before the bus accepted it'));
+    for (const pending of replies.values()) pending.reject(why);
+    replies.clear();
     for (const listener of closeListeners) listener(cause);
   };
   // Without an 'error' listener an unreachable socket would crash the process.
-  bus.on('error', (err: unknown) => markClosed(err instanceof Error ? err : new Error(String(err))));
-  // dbus-next does not forward the end of its stream; listen on its connection directly.
-  const connection = (bus as unknown as { _connection?: EventEmitter & { stream?: EventEmitter } })._connection;
-  connection?.on('end', () => markClosed(null));
-  connection?.stream?.on('close', () => markClosed(null));
+  connection.on('error', (err: unknown) => markClosed(err instanceof Error ? err : new Error(String(err))));
+  connection.on('end', () => markClosed(null));
+  connection.stream.on('close', () => markClosed(null));
 
-  const signalListeners: Array<(signal: BusSignal) => void> = [];
-  bus.on('message', (msg: Message) => {
-    if (msg.type !== MessageType.SIGNAL) return;
-    const signal: BusSignal = { path: msg.path, interface: msg.interface, member: msg.member, body: msg.body ?? [] };
-    if (msg.sender) signal.sender = msg.sender;
-    for (const listener of signalListeners) listener(signal);
+  connection.on('message', (msg: Message) => {
+    if (msg.type === MessageType.METHOD_RETURN || msg.type === MessageType.ERROR) {
+      // A number on the wire, whatever dbus-next's types say.
+      const key = Number(msg.replySerial);
+      const pending = replies.get(key);
+      if (pending === undefined) return;
+      replies.delete(key);
+      if (msg.type === MessageType.ERROR) {
+        const text = typeof msg.body?.[0] === 'string' ? msg.body[0] : '';
+        pending.reject(new BusCallError(msg.errorName ?? 'org.freedesktop.DBus.Error.Failed', text));
+      } else {
+        pending.resolve(msg.body ?? []);
+      }
+    } else if (msg.type === MessageType.SIGNAL) {
+      const signal: BusSignal = { path: msg.path, interface: msg.interface, member: msg.member, body: msg.body ?? [] };
+      if (msg.sender) signal.sender = msg.sender;
+      for (const listener of signalListeners) listener(signal);
+    }
+    // Method calls to us: nothing here exports an object; the bus's own pings go unanswered.
   });
+
+  const call = (message: BusCall): Promise<unknown[]> => {
+    if (closed) return Promise.reject(new Error('Tried to write a message to a closed stream'));
+    return new Promise<unknown[]>((resolve, reject) => {
+      const msg = new Message({ ...message, body: message.body ?? [] });
+      msg.serial = serial++;
+      replies.set(msg.serial, { resolve, reject });
+      connection.message(msg);
+    });
+  };
+
+  // Hello first: the bus accepts no other call before it.
+  let uniqueName: string | undefined;
+  call({ destination: 'org.freedesktop.DBus', path: '/org/freedesktop/DBus', interface: 'org.freedesktop.DBus', member: 'Hello' }).then(
+    (body) => {
+      // The bus's name for this connection (":1.42"): the reply's one string.
+      if (typeof body[0] === 'string') uniqueName = body[0];
+      connected = true;
+      resolveReady();
+    },
+    (err: unknown) => markClosed(err instanceof Error ? err : new Error(String(err))),
+  );
 
   return {
     ready,
-    async call(message) {
-      try {
-        const reply = await bus.call(new Message({ ...message, body: message.body ?? [] }));
-        return reply?.body ?? [];
-      } catch (err) {
-        if (err instanceof DBusError) throw new BusCallError(err.type, err.text);
-        throw err;
-      }
-    },
+    call,
     onSignal(listener) {
       signalListeners.push(listener);
     },
@@ -105,13 +136,11 @@ export const dbusNextBus: BusFactory = (address) => {
     },
     close() {
       if (closed) return;
-      bus.disconnect();
+      connection.stream.end();
       markClosed(null);
     },
     uniqueName() {
-      // Set by dbus-next from the Hello reply; its typings do not declare it.
-      const name = (bus as unknown as { name?: string | null }).name;
-      return typeof name === 'string' ? name : undefined;
+      return uniqueName;
     },
   };
 };

@@ -25,3 +25,13 @@ export function systemdCgroupPath(procCgroup: string): string | null {
 export function cgroupIsScope(cgroupPath: string, slice: string, unit: string): boolean {
   return cgroupPath.endsWith(`/${slice}/${unit}`);
 }
+
+/**
+ * The unit whose own cgroup this is (its last component, when that is a unit name: systemd
+ * maps a cgroup to its unit by that name); undefined for a cgroup no unit is named after (a
+ * sub-cgroup a process made itself, the root), where only systemd can say.
+ */
+export function unitOfCgroupPath(cgroupPath: string): string | undefined {
+  const last = cgroupPath.slice(cgroupPath.lastIndexOf('/') + 1);
+  return /^[^/]+\.(scope|service)$/.test(last) ? last : undefined;
+}

@@ -14,4 +14,4 @@ export {
 } from './scope-manager.js';
 export { ScopeError, type ScopeErrorCode } from './errors.js';
 export { dbusNextBus, BusCallError, type BusConnection, type BusFactory, type BusCall, type BusSignal } from './bus.js';
-export { systemdCgroupPath, cgroupIsScope } from './cgroup.js';
+export { systemdCgroupPath, cgroupIsScope, unitOfCgroupPath } from './cgroup.js';

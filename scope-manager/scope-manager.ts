@@ -5,9 +5,9 @@
 // connection goes, and a fresh connection on the next call.
 import { readFile } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
-import { Variant } from 'dbus-next';
+import { Variant } from 'dbus-next/lib/variant.js';
 import { BusCallError, dbusNextBus, type BusCall, type BusConnection, type BusFactory, type BusSignal } from './bus.js';
-import { cgroupIsScope, systemdCgroupPath } from './cgroup.js';
+import { cgroupIsScope, systemdCgroupPath, unitOfCgroupPath } from './cgroup.js';
 import { ScopeError, type ScopeErrorCode } from './errors.js';
 
 const SYSTEMD = 'org.freedesktop.systemd1';
@@ -307,6 +307,18 @@ export class ScopeManager {
 
   /** Name of the unit systemd has the process in (a scope, or e.g. a service), or null if none. */
   async scopeOfPid(pid: number): Promise<string | null> {
+    // The kernel's /proc/PID/cgroup names the unit of a process in a unit's own cgroup (every
+    // QEMU in its scope): no bus round trips, which a daemon start would pay twice per VM.
+    let procCgroup: string | undefined;
+    try {
+      procCgroup = await this.readProcCgroup(pid);
+    } catch (err) {
+      // No such process: systemd answers NoUnitForPID for it too.
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT' || (err as NodeJS.ErrnoException).code === 'ESRCH') return null;
+    }
+    const cgroupPath = procCgroup === undefined ? null : systemdCgroupPath(procCgroup);
+    const unit = cgroupPath === null ? undefined : unitOfCgroupPath(cgroupPath);
+    if (unit !== undefined) return unit;
     try {
       const [path] = (await this.call(managerCall('GetUnitByPID', 'u', [pid]), `GetUnitByPID ${pid}`)) as [string];
       const [id] = await this.call(

@@ -2,12 +2,16 @@ import { createRequire } from 'node:module';
 import type { SemVer } from 'semver';
 import { UpgradeError } from './errors.js';
 
-// semver is loaded on the first comparison: the CLI imports this component for its strategy
-// names only, and every import counts in a command's start-up time.
+// semver is loaded on the first comparison (the CLI imports this component for its strategy
+// names only, and every import counts in a command's start-up time), and only the two functions
+// used: its index loads all of its ~50 files.
 const require = createRequire(import.meta.url);
-let semver: typeof import('semver') | undefined;
-function lib(): typeof import('semver') {
-  semver ??= require('semver') as typeof import('semver');
+let semver: { coerce: typeof import('semver').coerce; compare: typeof import('semver').compare } | undefined;
+function lib(): NonNullable<typeof semver> {
+  semver ??= {
+    coerce: require('semver/functions/coerce') as typeof import('semver').coerce,
+    compare: require('semver/functions/compare') as typeof import('semver').compare,
+  };
   return semver;
 }
 

@@ -75,7 +75,7 @@ async function main(): Promise<number> {
     }
     if (wanted('reattach')) {
       const budgetMs = Math.max(60_000, TOTAL_BUDGET_MS - (performance.now() - started) - 20_000);
-      await attempt('5. Reattach after a daemon restart', () => benchReattach({ guest, cleanup, budgetMs }));
+      await attempt('5. Daemon start-up, restart, reattach, CLI and memory', () => benchReattach({ guest, cleanup, budgetMs }));
     }
     if (wanted('refresh')) await attempt('6. Refresh by live migration', () => benchRefresh({ guest, cleanup }));
     if (wanted('strategies')) await attempt('7. Refresh strategies on a real upgrade (QEMU 7.2 -> 10.0, cpr-transfer)', () => benchStrategies({ guest, cleanup }));

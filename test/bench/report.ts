@@ -67,23 +67,28 @@ export function renderReport(machine: Machine, sections: Section[], totalSeconds
   return `${out.join('\n').trimEnd()}\n`;
 }
 
+/** The number a section title starts with ("5" of "5c. Where ..."). */
+function sectionNumber(title: string): string {
+  return /^(\d+)/.exec(title)?.[1] ?? title;
+}
+
 /**
- * A subset run (BENCH_ONLY) updates only its own sections of the existing report: the others
- * keep their figures (and the header says which sections are newer than its date).
+ * A subset run (BENCH_ONLY) merged into the previous report: its sections replace those with
+ * the same number, the others are kept as they were, and the header says which came when.
  */
-export function mergeReport(previous: string, partial: string): string {
-  const split = (text: string): { head: string; sections: Array<[string, string]> } => {
+export function mergeReport(previous: string, fresh: string): string {
+  const split = (text: string) => {
     const parts = text.split(/^(?=## )/m);
-    const head = parts[0] ?? '';
-    return { head, sections: parts.slice(1).map((part) => [part.split('\n')[0] ?? '', part]) };
+    return { head: parts[0] ?? '', sections: parts.slice(1) };
   };
   const old = split(previous);
-  const fresh = split(partial);
-  const freshByTitle = new Map(fresh.sections);
-  const merged = old.sections.map(([title, body]) => freshByTitle.get(title) ?? body);
-  for (const [title, body] of fresh.sections) if (!old.sections.some(([t]) => t === title)) merged.push(body);
-  const updated = fresh.sections.map(([title]) => title.replace(/^## /, '').split('.')[0]).join(', ');
-  const date = /^- Date: (\S+)/m.exec(partial)?.[1] ?? '';
-  const head = old.head.replace(/^(- Date: .*?)(; section\(s\) [^\n]* updated [^\n]*)?$/m, `$1; section(s) ${updated} updated ${date}`);
-  return `${head}${merged.map((body) => `${body.trimEnd()}\n\n`).join('')}`.trimEnd() + '\n';
+  const now = split(fresh);
+  const replaced = new Set(now.sections.map((s) => sectionNumber(s.slice(3))));
+  const kept = old.sections.filter((s) => !replaced.has(sectionNumber(s.slice(3))));
+  const all = [...kept, ...now.sections].sort((a, b) => Number(sectionNumber(a.slice(3))) - Number(sectionNumber(b.slice(3))));
+  // The sections kept come from the run the old header names: its own date, or the one its note kept.
+  const oldLine = /^- Date: (.*)$/m.exec(old.head)?.[1] ?? 'unknown';
+  const oldDate = /the others kept from the run of (.*)$/.exec(oldLine)?.[1] ?? oldLine;
+  const head = now.head.replace(/^(- Date: .*)$/m, `$1; sections ${[...replaced].join(', ')} only (BENCH_ONLY), the others kept from the run of ${oldDate}`);
+  return `${head}${all.join('')}`.replace(/\n*$/, '\n');
 }

@@ -1,11 +1,12 @@
 // The in-process CLI test harness: a real control API server on a temp socket over the fake
-// DaemonOps, and main() run with captured output and a hand-played Ctrl-C.
+// DaemonOps, and the command line (quick path, then yargs) run with captured output and a
+// hand-played Ctrl-C.
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { afterEach, beforeEach } from 'vitest';
-import { main, type CliIo } from '../../../cli/index.js';
+import { runCommandLine, type CliIo } from '../../../cli/index.js';
 import { startApiServer, type ApiServer } from '../../../daemon/api-server.js';
 import { FakeDaemonOps } from '../daemon/fake-ops.js';
 import { within } from '../qmp/fake-peer.js';
@@ -97,7 +98,7 @@ export function useCliHarness(prefix: string): CliHarness {
       const listeners = new Set<(signal: NodeJS.Signals) => void>();
       const socket = options.socket === undefined || options.socket === true ? socketPath : options.socket;
       const argv = socket === false ? args : [...args, '--socket', socket];
-      const exit = main(argv, {
+      const exit = runCommandLine(argv, {
         stdout,
         stderr,
         env: options.env ?? {},

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { cgroupIsScope, systemdCgroupPath } from '../../../scope-manager/index.js';
+import { cgroupIsScope, systemdCgroupPath, unitOfCgroupPath } from '../../../scope-manager/index.js';
 
 describe('systemdCgroupPath', () => {
   it('reads the cgroup2 line on a unified host', () => {
@@ -32,5 +32,19 @@ describe('cgroupIsScope', () => {
     expect(cgroupIsScope('/vmkeep.slice/vmkeep-vm1.scope/sub', 'vmkeep.slice', 'vmkeep-vm1.scope')).toBe(false);
     expect(cgroupIsScope('/vmkeep.slice/xvmkeep-vm1.scope', 'vmkeep.slice', 'vmkeep-vm1.scope')).toBe(false);
     expect(cgroupIsScope('/other.slice/vmkeep-vm1.scope', 'vmkeep.slice', 'vmkeep-vm1.scope')).toBe(false);
+  });
+});
+
+describe('unitOfCgroupPath', () => {
+  it('names the unit whose own cgroup it is', () => {
+    expect(unitOfCgroupPath('/vmkeep.slice/vmkeep-vm1.scope')).toBe('vmkeep-vm1.scope');
+    expect(unitOfCgroupPath('/init.scope')).toBe('init.scope');
+    expect(unitOfCgroupPath('/system.slice/vmkeepd.service')).toBe('vmkeepd.service');
+  });
+
+  it('leaves cgroups no unit is named after to systemd', () => {
+    expect(unitOfCgroupPath('/vmkeep.slice/vmkeep-vm1.scope/inner')).toBeUndefined();
+    expect(unitOfCgroupPath('/')).toBeUndefined();
+    expect(unitOfCgroupPath('/vmkeep.slice')).toBeUndefined();
   });
 });

@@ -413,6 +413,26 @@ describe('inspecting and stopping scopes', () => {
     expect(await manager.scopeOfPid(5)).toBeNull();
   });
 
+  it('scopeOfPid reads the unit from /proc/PID/cgroup, and asks systemd only when the cgroup names none', async () => {
+    const asked: unknown[] = [];
+    const { manager } = harness({
+      cgroups: { 42: `0::/vmkeep.slice/${VM1}\n`, 7: '0::/vmkeep.slice/vmkeep-vm2.scope/inner\n', 8: '1:name=systemd:/system.slice/x.service\n0::/\n' },
+      setup: (b) => {
+        b.handlers['GetUnitByPID'] = (call) => {
+          asked.push(call.body?.[0]);
+          return ['/org/freedesktop/systemd1/unit/vmkeep_2dvm2_2escope'];
+        };
+        b.handlers['Get'] = () => [variant('s', 'vmkeep-vm2.scope')];
+      },
+    });
+    expect(await manager.scopeOfPid(42)).toBe(VM1);
+    expect(await manager.scopeOfPid(8)).toBe('x.service');
+    expect(await manager.scopeOfPid(9)).toBeNull();
+    expect(asked).toEqual([]);
+    expect(await manager.scopeOfPid(7)).toBe('vmkeep-vm2.scope');
+    expect(asked).toEqual([7]);
+  });
+
   it('stopScope waits for the stop job; NO_SUCH_SCOPE when there is no such unit', async () => {
     const { manager, bus } = harness({
       setup: (b) => {
