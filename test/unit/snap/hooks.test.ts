@@ -19,7 +19,7 @@ afterEach(async () => {
 });
 
 const STRATEGY_ERROR = (got: string) =>
-  `vmkeep: refresh.strategy must be one of manual, migrate, reboot, on-guest-shutdown; got ${got}. Fix: snap set vmkeep refresh.strategy=migrate`;
+  `vmkeep: refresh.strategy must be one of manual, migrate, reboot, on-guest-shutdown, cpr, auto; got ${got}. Fix: snap set vmkeep refresh.strategy=migrate`;
 const TIMEOUT_ERROR = (got: string) =>
   `vmkeep: shutdown.timeout must be a whole number of seconds from 1 to 1500; got ${got}. Fix: snap set vmkeep shutdown.timeout=60`;
 
@@ -169,7 +169,7 @@ describe('vmkeepd launcher', () => {
     await box.setOptions({ 'refresh.strategy': 'yolo' });
     const result = await box.run('local/vmkeepd-launch');
     expect(result.exitCode).toBe(0);
-    expect(result.stderr).toContain('refresh.strategy=yolo is not one of manual, migrate, reboot, on-guest-shutdown; starting with manual');
+    expect(result.stderr).toContain('refresh.strategy=yolo is not one of manual, migrate, reboot, on-guest-shutdown, cpr, auto; starting with manual');
     const [argv] = await box.nodeCalls();
     expect(argv?.[argv.indexOf('--refresh-policy') + 1]).toBe('manual');
   });
