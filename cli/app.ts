@@ -225,6 +225,18 @@ export async function main(givenArgv: string[], io: CliIo): Promise<number> {
           describe: 'the unit whose stop powers every guest off at host shutdown; each VM scope is ordered Before= it',
           defaultDescription: 'vmkeep-guests.service',
         })
+        .option('autostart-parallel', {
+          type: 'number',
+          default: 2,
+          describe: 'at a host boot, how many VMs (autostart always, or last-state and running at shutdown) start at once',
+        })
+        .option('autostart-delay', { type: 'number', default: 0, describe: 'at a host boot, seconds between two VM starts' })
+        .check((a) => {
+          const parallel = a.autostartParallel as number;
+          const delay = a.autostartDelay as number;
+          if (!Number.isSafeInteger(parallel) || parallel < 1) return `--autostart-parallel must be a whole number of at least 1, got ${parallel}`;
+          return Number.isFinite(delay) && delay >= 0 ? true : `--autostart-delay must be 0 or more seconds, got ${delay}`;
+        })
         // Hidden test hook (env VMKEEP_TEST_CRASH_AT): vmkeepd SIGKILLs itself at this refresh step.
         .option('test-crash-at', { type: 'string', hidden: true })
         .option('refresh-policy', {
@@ -250,6 +262,8 @@ export async function main(givenArgv: string[], io: CliIo): Promise<number> {
             refreshAtStart: a.refreshAtStart,
             ...(a.guestsUnit === undefined ? {} : { guestsUnit: a.guestsUnit }),
             ...(a.testCrashAt === undefined ? {} : { crashAt: a.testCrashAt }),
+            autostartParallel: a.autostartParallel,
+            autostartDelay: a.autostartDelay,
           },
           a.installations === undefined ? installationFrom(a, io.env) : a.installations,
           VERSION,

@@ -18,6 +18,8 @@ export interface DaemonCommandArgs {
   guestsUnit?: string;
   /** Test hook (VMKEEP_TEST_CRASH_AT): SIGKILL self at this refresh step. */
   crashAt?: string;
+  autostartParallel?: number;
+  autostartDelay?: number;
 }
 
 /** A group name or number as a gid (reads /etc/group: Node has no getgrnam). */
@@ -47,6 +49,8 @@ export async function runDaemonCommand(
     refreshAtStart: args.refreshAtStart,
     ...(args.guestsUnit === undefined ? {} : { guestsUnit: args.guestsUnit }),
     ...(args.crashAt === undefined ? {} : { crashAt: args.crashAt }),
+    ...(args.autostartParallel === undefined ? {} : { autostartParallel: args.autostartParallel }),
+    ...(args.autostartDelay === undefined ? {} : { autostartDelaySec: args.autostartDelay }),
     stateDir: args.stateDir,
     runtimeDir: args.runtimeDir,
     socketPath: args.socket,

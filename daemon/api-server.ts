@@ -9,7 +9,7 @@ import { describeValue, isValidVmName, LaunchError, VM_NAME_RULE, type LaunchErr
 import { QmpError, type QmpErrorCode } from '../qmp/index.js';
 import { parseStrategy, UpgradeError, type UpgradeErrorCode } from '../upgrade/index.js';
 import { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
-import type { CreateOptions, DaemonOps, RefreshJobRequest, RefreshOptions, StopOptions } from './model.js';
+import { AUTOSTART_MODES, type AutostartMode, type CreateOptions, type DaemonOps, type RefreshJobRequest, type RefreshOptions, type StopOptions, type VmSettings } from './model.js';
 
 /** A day: longer waits are typos, and timers past 2^31 ms would fire at once. */
 const MAX_STOP_TIMEOUT_SEC = 86_400;
@@ -236,7 +236,7 @@ function buildRoutes(ctx: Context): Route[] {
         GET: async (_req, res) => sendJson(res, 200, await ops.list()),
         POST: async (req, res) => {
           const body = await readJsonObject(req, { required: true });
-          checkFields(body, ['spec', 'start', 'channel', 'policy']);
+          checkFields(body, ['spec', 'start', 'channel', 'policy', 'autostart']);
           if (!('spec' in body)) throw invalid('the body needs "spec": the VM spec object, e.g. {"spec": {"name": "web1", "kernel": "/srv/vmlinuz"}}');
           const options: CreateOptions = {};
           const start = optionalBoolean(body, 'start');
@@ -246,6 +246,7 @@ function buildRoutes(ctx: Context): Route[] {
             options.channel = body.channel;
           }
           if (body.policy !== undefined) options.policy = parseStrategy(body.policy, '"policy"');
+          if (body.autostart !== undefined) options.autostart = autostartMode(body.autostart);
           sendJson(res, 201, await ops.create(body.spec, options));
         },
       },
@@ -254,6 +255,13 @@ function buildRoutes(ctx: Context): Route[] {
       segments: ['1.0', 'vms', ':name'],
       methods: {
         GET: async (_req, res, { name }) => sendJson(res, 200, await ops.get(name)),
+        PATCH: async (req, res, { name }) => {
+          const body = await readJsonObject(req, { required: true });
+          checkFields(body, ['autostart']);
+          const settings: VmSettings = {};
+          if (body.autostart !== undefined) settings.autostart = autostartMode(body.autostart);
+          sendJson(res, 200, await ops.set(name, settings));
+        },
         DELETE: async (_req, res, { name }) => {
           await ops.delete(name);
           sendJson(res, 200, { deleted: name });
@@ -274,11 +282,13 @@ function buildRoutes(ctx: Context): Route[] {
       methods: {
         POST: async (req, res, { name }) => {
           const body = await readJsonObject(req, { required: false });
-          checkFields(body, ['timeoutSec', 'force']);
+          checkFields(body, ['timeoutSec', 'force', 'hostShutdown']);
           const stop: StopOptions = {};
           if (body.timeoutSec !== undefined) stop.timeoutSec = timeoutSeconds(body.timeoutSec);
           const force = optionalBoolean(body, 'force');
           if (force !== undefined) stop.force = force;
+          const hostShutdown = optionalBoolean(body, 'hostShutdown');
+          if (hostShutdown !== undefined) stop.hostShutdown = hostShutdown;
           sendJson(res, 200, await ops.stop(name, stop));
         },
       },
@@ -351,6 +361,11 @@ function buildRoutes(ctx: Context): Route[] {
     },
     { segments: ['1.0', 'events'], methods: { GET: async (_req, res) => streamEvents(ctx, res) } },
   ];
+}
+
+function autostartMode(value: unknown): AutostartMode {
+  if ((AUTOSTART_MODES as readonly unknown[]).includes(value)) return value as AutostartMode;
+  throw invalid(`"autostart" must be one of ${AUTOSTART_MODES.join(', ')}, got ${describeValue(value)}`);
 }
 
 async function dispatch(routes: Route[], ctx: Context, req: IncomingMessage, res: ServerResponse): Promise<void> {

@@ -32,6 +32,9 @@ export interface DaemonOptions {
   guestsUnit?: string;
   /** Test hook: SIGKILL self at this refresh step. */
   crashAt?: string;
+  /** At a host boot: VMs started at once (default 2) and the pause between two starts. */
+  autostartParallel?: number;
+  autostartDelaySec?: number;
   version: string;
 }
 
@@ -118,6 +121,12 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
     await notifyReady(logger);
     logger.info({ socket: options.socketPath, stateDir: options.stateDir }, 'vmkeepd ready');
     await reportStale(manager, logger, options.refreshAtStart === true);
+    // After READY: the API serves (and shows each VM starting) while the boot's starts run.
+    void manager.autostartAtBoot({
+      stateDir: options.stateDir,
+      parallel: options.autostartParallel ?? 2,
+      delayMs: (options.autostartDelaySec ?? 0) * 1000,
+    }).catch((error: unknown) => logger.error({ err: error }, 'autostart at boot failed'));
     return { manager, close: closeAll };
   } catch (error) {
     await closeAll();

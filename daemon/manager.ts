@@ -18,10 +18,12 @@ import {
 } from '../upgrade/index.js';
 import { DaemonError } from './errors.js';
 import { DEFAULT_REBOOT_TIMEOUT_SEC, DEFAULT_STOP_TIMEOUT_SEC, MONITOR_GREETING_TIMEOUT_MS } from './model.js';
+import { AUTOSTART_MODES } from './model.js';
 import type {
   CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome,
-  StopOptions, UpgradeStatus, VmView,
+  StopOptions, UpgradeStatus, VmSettings, VmView,
 } from './model.js';
+import { autostartAtBoot, type AutostartOptions, type AutostartPlan } from './autostart.js';
 import { migrateNow } from './migration.js';
 import { ModulePins } from './pins.js';
 import { realQemu, type QemuPort, type ScopePort } from './ports.js';
@@ -70,6 +72,12 @@ function asDaemonError(error: unknown): DaemonError {
   return error instanceof DaemonError ? error : new DaemonError('START_FAILED', (error as Error).message, { cause: error });
 }
 
+function checkAutostart(value: unknown): void {
+  if (!(AUTOSTART_MODES as readonly unknown[]).includes(value)) {
+    throw new DaemonError('INVALID_REQUEST', `autostart must be one of ${AUTOSTART_MODES.join(', ')}, got ${JSON.stringify(value)}`);
+  }
+}
+
 /** The unit whose stop powers every guest off at host shutdown (snap/vmkeep-guests.service). */
 const DEFAULT_GUESTS_UNIT = 'vmkeep-guests.service';
 
@@ -87,6 +95,8 @@ export class VmManager implements DaemonOps, VmCore {
   private readonly pins: ModulePins;
   private orphanScopes: string[] = [];
   private closed = false;
+  /** Settles once every VM's reattach has (after a bounded reattachAll, possibly later). */
+  reattachDone: Promise<void> = Promise.resolve();
   private stopHealthChecks: () => void = () => undefined;
   private flushTimer: NodeJS.Timeout | undefined;
 
@@ -143,6 +153,7 @@ export class VmManager implements DaemonOps, VmCore {
       await this.findOrphanScopes();
       await this.collectPins();
     });
+    this.reattachDone = all.catch(() => undefined);
     this.stopHealthChecks = startHealthChecks(this);
     if (!Number.isFinite(waitMs)) return all;
     let timer: NodeJS.Timeout | undefined;
@@ -178,6 +189,21 @@ export class VmManager implements DaemonOps, VmCore {
     entry.retryTimer.unref();
   }
 
+  /**
+   * At the first start of a host boot, starts the VMs whose autostart asks for it, on the
+   * current installation (autostart.ts decides). A daemon restart within a boot starts nothing.
+   */
+  async autostartAtBoot(options: AutostartOptions): Promise<AutostartPlan> {
+    await this.reattachDone;
+    return autostartAtBoot({
+      vms: () => this.entries().map((e) => e.record),
+      start: (name) => this.autostart(name),
+      emit: (event) => this.emit(event),
+      logger: this.options.logger,
+      isClosed: () => this.closed,
+    }, options);
+  }
+
   // ---- supervision ---------------------------------------------------------------------------
 
   connect(socketPath: string): Promise<QmpClient> {
@@ -201,7 +227,11 @@ export class VmManager implements DaemonOps, VmCore {
     const restart = reason === 'guest-reset' || (!asked && (entry.record.refresh?.strategy === 'reboot'
       || (this.policyOf(entry.record) === 'on-guest-shutdown' && (await stalenessOf(this, entry).catch(() => undefined))?.stale === true)));
     await this.endQemu(entry, 'guest shutdown');
-    if (!restart) return;
+    if (!restart) {
+      // The guest chose to be off (or the operator did): last-state leaves it off at the next boot.
+      if (!entry.hostShutdownStop) await this.observe(entry, { ...entry.record, wanted: 'stopped' });
+      return;
+    }
     this.options.logger.info({ vm: entry.record.name }, `${entry.record.name} powered off while stale: starting it on the current installation`);
     await this.startNow(entry);
   }
@@ -250,6 +280,7 @@ export class VmManager implements DaemonOps, VmCore {
     const channel = options.channel ?? DEFAULT_CHANNEL;
     const installation = currentInstallation(this.options.installations, channel);
     const policy = options.policy === undefined ? undefined : parseStrategy(options.policy, 'policy');
+    if (options.autostart !== undefined) checkAutostart(options.autostart);
     const info = await this.options.probe(installation);
     // Decided now and recorded: memfd-shared where this installation can do cpr-transfer.
     spec = withMemoryDefault(spec, info);
@@ -265,6 +296,7 @@ export class VmManager implements DaemonOps, VmCore {
       installation,
       channel,
       ...(policy === undefined ? {} : { policy }),
+      ...(options.autostart === undefined ? {} : { autostart: options.autostart }),
       paths: this.vmPaths(spec.name),
       state: 'stopped',
       createdAt: now,
@@ -344,10 +376,11 @@ export class VmManager implements DaemonOps, VmCore {
     // Leftovers of the previous QEMU: its socket would be taken for the new one's.
     await rm(paths.qmpSocket, { force: true });
     await writeFile(paths.serialLog, '', { mode: 0o600 });
-    await this.record(entry, { ...entry.record, paths, installation, state: 'starting' });
+    await this.record(entry, { ...entry.record, paths, installation, state: 'starting', wanted: 'running' });
 
     entry.hostShutdown = undefined;
     entry.stopAsked = false;
+    entry.hostShutdownStop = false;
     const scope = this.options.scopes === null ? null : scopeUnitName(name);
     try {
       checkRefreshTarget({ vm: name, runningVersion: undefined, machineType: entry.record.machineType, target: { name: installation.name, info } });
@@ -444,6 +477,13 @@ export class VmManager implements DaemonOps, VmCore {
     // Queued, never refused: a stop (host shutdown included) must happen once the VM is free.
     return entry.lock.run('stop', async () => {
       this.requireLive(entry);
+      // An operator's stop is a choice last-state keeps at the next boot; a host shutdown's is not.
+      // Kept in memory and written with the stop's own record (a full disk must not block a stop).
+      if (!options.hostShutdown && entry.record.wanted !== 'stopped') {
+        const next: VmRecord = { ...entry.record, wanted: 'stopped' };
+        if (entry.record.process) entry.record = next;
+        else await this.observe(entry, next);
+      }
       if (!entry.record.process) return;
       if (!entry.qmp) {
         throw new DaemonError('UNREACHABLE', `${name}'s monitor does not answer (${entry.record.problem ?? 'not connected'}); vmkeep will not signal a QEMU it cannot talk to. Check pid ${entry.record.process.pid} by hand`);
@@ -453,7 +493,8 @@ export class VmManager implements DaemonOps, VmCore {
         return;
       }
       entry.stopAsked = true;
-      await this.powerOff(entry, options.timeoutSec ?? DEFAULT_STOP_TIMEOUT_SEC, 'stopped by request');
+      entry.hostShutdownStop = options.hostShutdown === true;
+      await this.powerOff(entry, options.timeoutSec ?? DEFAULT_STOP_TIMEOUT_SEC, options.hostShutdown ? 'host shutdown' : 'stopped by request');
     }).then(() => toView(entry));
   }
 
@@ -489,6 +530,32 @@ export class VmManager implements DaemonOps, VmCore {
       }
     }
     await this.endQemu(entry, reason);
+  }
+
+  async set(name: string, settings: VmSettings): Promise<VmView> {
+    const entry = this.entry(name);
+    if (settings.autostart !== undefined) checkAutostart(settings.autostart);
+    return entry.lock.run('set', async () => {
+      this.requireLive(entry);
+      const next: VmRecord = { ...entry.record };
+      if (settings.autostart !== undefined) next.autostart = settings.autostart;
+      await this.record(entry, next);
+    }).then(() => toView(entry));
+  }
+
+  /**
+   * A start at host boot: queued behind the reattach (never refused as busy), and nothing done
+   * for a VM that has a QEMU by then. The failure stays in the VM's view (its problem).
+   */
+  async autostart(name: string): Promise<'started' | 'running'> {
+    const entry = this.entry(name);
+    return entry.lock.run('autostart', async () => {
+      this.requireLive(entry);
+      if (entry.record.process) return 'running' as const;
+      this.refuseWhileMigrating(entry);
+      await this.startNow(entry);
+      return 'started' as const;
+    });
   }
 
   async delete(name: string): Promise<void> {

@@ -8,7 +8,8 @@ import { recordsDir, RecordStore, type VmRecord } from './records.js';
 /** The part of the API `vmkeep stop --all` needs, served straight from the records. */
 export interface OfflineGuests {
   list(): Promise<Array<{ name: string; state: VmState; pid?: number }>>;
-  stop(name: string, options: { timeoutSec: number }): Promise<{ name: string; state: VmState }>;
+  /** Always a host shutdown's stop: the record's `wanted` is left as it was. */
+  stop(name: string, options: { timeoutSec: number; hostShutdown?: boolean }): Promise<{ name: string; state: VmState }>;
   /** Releases vmkeepd's lock. */
   close(): Promise<void>;
 }
