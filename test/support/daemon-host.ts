@@ -70,11 +70,50 @@ export interface DaemonHostOptions {
 
 export class DaemonHost {
   private constructor(
-    readonly host: SystemdHost,
+    private current: SystemdHost,
     readonly dir: string,
     readonly socket: string,
     readonly api: ApiClient,
+    private readonly bootOptions: { name: string; unitFiles: Record<string, string>; guestsTimeoutSec?: number },
   ) {}
+
+  /** The private systemd now running (a new one after reboot()). */
+  get host(): SystemdHost {
+    return this.current;
+  }
+
+  private static async bootSystemd(options: { name: string; unitFiles: Record<string, string>; guestsTimeoutSec?: number }): Promise<SystemdHost> {
+    const host = await SystemdHost.boot({ name: options.name, unitFiles: options.unitFiles });
+    try {
+      if (options.unitFiles[GUESTS_UNIT] !== undefined) {
+        const timeoutSec = options.guestsTimeoutSec ?? 8;
+        const dropIns = join(host.unitDir, `${GUESTS_UNIT}.d`);
+        await mkdir(dropIns, { recursive: true });
+        await writeFile(join(dropIns, 'test-timeout.conf'), `[Service]\nEnvironment=VMKEEP_SHUTDOWN_TIMEOUT=${timeoutSec}\nTimeoutStopSec=${timeoutSec + 20}\n`);
+        await host.systemctl('daemon-reload');
+      }
+      return host;
+    } catch (error) {
+      await host.shutdown();
+      throw error;
+    }
+  }
+
+  /**
+   * A host reboot: the orderly shutdown (`systemctl exit`, the guests unit powering the guests
+   * off), the old namespaces removed, then a new private systemd (a new boot ID) on the same
+   * state folder, where what an enabled install starts at boot is started: vmkeepd and the
+   * guests unit. Resolves with the old host's console.
+   */
+  async reboot(timeoutMs = 60_000): Promise<string> {
+    const log = await this.exitHost(timeoutMs);
+    await this.current.shutdown();
+    this.current = await DaemonHost.bootSystemd(this.bootOptions);
+    await this.systemctl('start', DAEMON_UNIT);
+    if (this.bootOptions.unitFiles[GUESTS_UNIT] !== undefined) await this.systemctl('start', GUESTS_UNIT);
+    await this.reattached();
+    return log;
+  }
 
   static async boot(options: DaemonHostOptions): Promise<DaemonHost> {
     requireQemu();
@@ -97,15 +136,13 @@ export class DaemonHost {
           ExecStop: { from: '/usr/bin/vmkeep', to: `${process.execPath} ${VMKEEP_CLI}`, append: `--socket ${socket}` },
         }).replace('--state-dir /var/lib/vmkeep', `--state-dir ${join(dir, 'state')}`)
         : undefined;
-      host = await SystemdHost.boot({ name: options.name, unitFiles: { [DAEMON_UNIT]: unit, ...(guests === undefined ? {} : { [GUESTS_UNIT]: guests }) } });
-      if (guests !== undefined) {
-        const timeoutSec = options.guestsTimeoutSec ?? 8;
-        const dropIns = join(host.unitDir, `${GUESTS_UNIT}.d`);
-        await mkdir(dropIns, { recursive: true });
-        await writeFile(join(dropIns, 'test-timeout.conf'), `[Service]\nEnvironment=VMKEEP_SHUTDOWN_TIMEOUT=${timeoutSec}\nTimeoutStopSec=${timeoutSec + 20}\n`);
-        await host.systemctl('daemon-reload');
-      }
-      const daemon = new DaemonHost(host, dir, socket, new ApiClient({ socketPath: socket, timeoutMs: 60_000 }));
+      const bootOptions = {
+        name: options.name,
+        unitFiles: { [DAEMON_UNIT]: unit, ...(guests === undefined ? {} : { [GUESTS_UNIT]: guests }) },
+        ...(options.guestsTimeoutSec === undefined ? {} : { guestsTimeoutSec: options.guestsTimeoutSec }),
+      };
+      host = await DaemonHost.bootSystemd(bootOptions);
+      const daemon = new DaemonHost(host, dir, socket, new ApiClient({ socketPath: socket, timeoutMs: 60_000 }), bootOptions);
       await daemon.systemctl('start', DAEMON_UNIT);
       return daemon;
     } catch (error) {
