@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { watch, type FSWatcher } from 'node:fs';
 import { chmod, chown, lstat, mkdir, open, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { createServer, STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http';
-import { connect } from 'node:net';
+import { connect, Server as NetServer } from 'node:net';
 import { dirname } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { describeValue, isValidVmName, LaunchError, VM_NAME_RULE, type LaunchErrorCode, type SpecProblem } from '../launcher/index.js';
@@ -28,16 +28,27 @@ export interface ApiServerOptions {
   mode?: number;
   /** gid that may use the socket: the socket is chowned to it. */
   group?: number;
+  /**
+   * A listening socket systemd holds for us (vmkeepd.socket): served as it is, its owner and
+   * mode set by the socket unit, never unlinked; `socketPath` only names it.
+   */
+  listenFd?: number;
   logger?: ApiLogger;
 }
 
 export interface ApiServer {
   readonly socketPath: string;
-  /** Stops listening, ends the event and console streams, cuts requests still in flight. */
+  /**
+   * Stops listening (connections not yet accepted wait in systemd's socket for the next
+   * vmkeepd), ends the event and console streams, lets requests in flight finish for a moment,
+   * then cuts what is left.
+   */
   close(): Promise<void>;
 }
 
 const API_PREFIX = '/1.0';
+/** How long a closing server lets requests in flight finish before it cuts them. */
+const CLOSE_GRACE_MS = 2_000;
 const MAX_BODY_BYTES = 1024 * 1024;
 
 // A body of 1 MiB over a local socket arrives in milliseconds; a request slower than this is stuck.
@@ -131,24 +142,33 @@ export async function startApiServer(options: ApiServerOptions): Promise<ApiServ
   const closeServer = (): Promise<void> => {
     closing ??= new Promise<void>((resolve) => {
       for (const stop of [...ctx.streams]) stop();
-      // Node unlinks the socket file once the listener is closed.
-      server.close(() => resolve());
-      server.closeAllConnections();
+      // Node unlinks the socket file once the listener is closed (not one systemd passed).
+      // net's close, not http's: http's also drops connections accepted whose request has not
+      // been read yet, and those are requests a client already sent.
+      NetServer.prototype.close.call(server, () => resolve());
+      // A connection already accepted gets its answer if its request comes soon; then it is cut.
+      setTimeout(() => server.closeAllConnections(), CLOSE_GRACE_MS).unref();
     });
     return closing;
   };
 
-  await mkdir(dirname(socketPath), { recursive: true });
-  await removeStaleSocket(socketPath);
   await new Promise<void>((resolve, reject) => {
     const onError = (error: NodeJS.ErrnoException): void => reject(listenError(error, socketPath));
     server.once('error', onError);
-    server.listen(socketPath, () => {
+    const listening = (): void => {
       server.off('error', onError);
       resolve();
-    });
+    };
+    if (options.listenFd !== undefined) {
+      server.listen({ fd: options.listenFd }, listening);
+      return;
+    }
+    void mkdir(dirname(socketPath), { recursive: true })
+      .then(() => removeStaleSocket(socketPath))
+      .then(() => server.listen(socketPath, listening), reject);
   });
   server.on('error', (error) => logger.error({ err: error, socket: socketPath }, 'control API server error'));
+  if (options.listenFd !== undefined) return { socketPath, close: closeServer };
 
   try {
     if (options.group !== undefined) await chown(socketPath, -1, options.group);

@@ -10,6 +10,7 @@ import { acquireDaemonLock } from './lock.js';
 import { VmManager } from './manager.js';
 import type { ScopePort } from './ports.js';
 import { recordsDir, RecordStore } from './records.js';
+import { takeControlSocket } from './socket-activation.js';
 
 export interface DaemonOptions {
   stateDir: string;
@@ -111,15 +112,18 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       `reattached ${vms.length} VM(s)`,
     );
 
+    // Held by systemd (vmkeepd.socket) when it passed one: connections wait while we restart.
+    const listenFd = takeControlSocket();
     const api = await startApiServer({
       socketPath: options.socketPath,
       ops: manager,
       logger,
       ...(options.socketGid === undefined ? {} : { group: options.socketGid }),
+      ...(listenFd === undefined ? {} : { listenFd }),
     });
     cleanups.push(() => api.close());
     await notifyReady(logger);
-    logger.info({ socket: options.socketPath, stateDir: options.stateDir }, 'vmkeepd ready');
+    logger.info({ socket: options.socketPath, stateDir: options.stateDir, socketActivated: listenFd !== undefined }, 'vmkeepd ready');
     await reportStale(manager, logger, options.refreshAtStart === true);
     // After READY: the API serves (and shows each VM starting) while the boot's starts run.
     void manager.autostartAtBoot({

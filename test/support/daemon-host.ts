@@ -17,6 +17,8 @@ const SHIPPED_UNIT = join(projectRoot(), 'snap', 'vmkeepd.service');
 /** Powers every guest off when it stops (host shutdown); see snap/vmkeep-guests.service. */
 export const GUESTS_UNIT = 'vmkeep-guests.service';
 const SHIPPED_GUESTS_UNIT = join(projectRoot(), 'snap', GUESTS_UNIT);
+export const SOCKET_UNIT = 'vmkeepd.socket';
+const SHIPPED_SOCKET_UNIT = join(projectRoot(), 'snap', SOCKET_UNIT);
 
 /**
  * The unit the packages ship, so the tests prove its settings (Type=notify, default KillMode),
@@ -64,6 +66,11 @@ export interface DaemonHostOptions {
    * test's socket); installed, not started: start it with systemctl('start', GUESTS_UNIT).
    */
   guestsUnit?: boolean;
+  /**
+   * Also install the shipped vmkeepd.socket (its ListenStream on the test's socket), started
+   * before vmkeepd: systemd holds the control socket and passes it to every vmkeepd.
+   */
+  socketUnit?: boolean;
   /** With guestsUnit: VMKEEP_SHUTDOWN_TIMEOUT, set by a drop-in as an administrator would (default 8). */
   guestsTimeoutSec?: number;
 }
@@ -109,6 +116,7 @@ export class DaemonHost {
     const log = await this.exitHost(timeoutMs);
     await this.current.shutdown();
     this.current = await DaemonHost.bootSystemd(this.bootOptions);
+    if (this.bootOptions.unitFiles[SOCKET_UNIT] !== undefined) await this.systemctl('start', SOCKET_UNIT);
     await this.systemctl('start', DAEMON_UNIT);
     if (this.bootOptions.unitFiles[GUESTS_UNIT] !== undefined) await this.systemctl('start', GUESTS_UNIT);
     await this.reattached();
@@ -136,13 +144,24 @@ export class DaemonHost {
           ExecStop: { from: '/usr/bin/vmkeep', to: `${process.execPath} ${VMKEEP_CLI}`, append: `--socket ${socket}` },
         }).replace('--state-dir /var/lib/vmkeep', `--state-dir ${join(dir, 'state')}`)
         : undefined;
+      let socketUnit: string | undefined;
+      if (options.socketUnit === true) {
+        const shipped = await readFile(SHIPPED_SOCKET_UNIT, 'utf8');
+        if (!/^ListenStream=\/run\/vmkeep\/vmkeep\.sock$/m.test(shipped)) throw new Error(`${SHIPPED_SOCKET_UNIT} has no ListenStream=/run/vmkeep/vmkeep.sock line`);
+        socketUnit = shipped.replace(/^ListenStream=.*$/m, `ListenStream=${socket}`);
+      }
       const bootOptions = {
         name: options.name,
-        unitFiles: { [DAEMON_UNIT]: unit, ...(guests === undefined ? {} : { [GUESTS_UNIT]: guests }) },
+        unitFiles: {
+          [DAEMON_UNIT]: unit,
+          ...(guests === undefined ? {} : { [GUESTS_UNIT]: guests }),
+          ...(socketUnit === undefined ? {} : { [SOCKET_UNIT]: socketUnit }),
+        },
         ...(options.guestsTimeoutSec === undefined ? {} : { guestsTimeoutSec: options.guestsTimeoutSec }),
       };
       host = await DaemonHost.bootSystemd(bootOptions);
       const daemon = new DaemonHost(host, dir, socket, new ApiClient({ socketPath: socket, timeoutMs: 60_000 }), bootOptions);
+      if (socketUnit !== undefined) await daemon.systemctl('start', SOCKET_UNIT);
       await daemon.systemctl('start', DAEMON_UNIT);
       return daemon;
     } catch (error) {
