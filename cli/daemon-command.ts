@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs';
-import { startDaemon, type DaemonOptions } from '../daemon/index.js';
+import { journalDestination, startDaemon, type DaemonOptions } from '../daemon/index.js';
 import type { Installation } from '../launcher/index.js';
 import { loadInstallationsConfig, parseStrategy, singleInstallation } from '../upgrade/index.js';
 import { CliError } from './errors.js';
@@ -40,9 +40,10 @@ export async function runDaemonCommand(
   version: string,
   onSignal: (listener: (signal: NodeJS.Signals) => void) => () => void,
 ): Promise<number> {
-  // Loaded here: only the daemon needs its logger. JSON lines on stderr: journald keeps them.
+  // Loaded here: only the daemon needs its logger. JSON lines on stderr: journald keeps them,
+  // each with its priority when stderr is the journal's stream.
   const { pino } = await import('pino');
-  const logger = pino({ name: 'vmkeepd', level: args.logLevel }, pino.destination({ fd: 2, sync: true }));
+  const logger = pino({ name: 'vmkeepd', level: args.logLevel }, journalDestination(pino.destination({ fd: 2, sync: true }), 2));
   const options: DaemonOptions = {
     installations: typeof installations === 'string' ? await loadInstallationsConfig(installations) : singleInstallation(installations),
     defaultPolicy: parseStrategy(args.refreshPolicy, '--refresh-policy'),
