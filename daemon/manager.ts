@@ -477,10 +477,12 @@ export class VmManager implements DaemonOps, VmCore {
     // Queued, never refused: a stop (host shutdown included) must happen once the VM is free.
     return entry.lock.run('stop', async () => {
       this.requireLive(entry);
-      // An operator's stop is a choice last-state keeps at the next boot; a host shutdown's is not.
+      // An operator's stop is a choice last-state keeps at the next boot; a host shutdown's is not:
+      // a VM it finds running was running (a record from before `wanted` existed included).
       // Kept in memory and written with the stop's own record (a full disk must not block a stop).
-      if (!options.hostShutdown && entry.record.wanted !== 'stopped') {
-        const next: VmRecord = { ...entry.record, wanted: 'stopped' };
+      const wanted = options.hostShutdown ? (entry.record.process ? 'running' : entry.record.wanted) : 'stopped';
+      if (wanted !== undefined && entry.record.wanted !== wanted) {
+        const next: VmRecord = { ...entry.record, wanted };
         if (entry.record.process) entry.record = next;
         else await this.observe(entry, next);
       }

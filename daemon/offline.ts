@@ -58,7 +58,8 @@ export async function openOfflineGuests(stateDir: string): Promise<OfflineGuests
         qmp.close();
       }
       const now = new Date().toISOString();
-      const next: VmRecord = { ...record, state: 'stopped', lastExit: { reason: 'powered off while vmkeepd was down (host shutdown)', at: now }, updatedAt: now };
+      // It was running at the host's shutdown: autostart=last-state starts it at the next boot.
+      const next: VmRecord = { ...record, state: 'stopped', wanted: record.wanted ?? 'running', lastExit: { reason: 'powered off while vmkeepd was down (host shutdown)', at: now }, updatedAt: now };
       delete next.process;
       await store.put(next);
       return { name, state: 'stopped' };

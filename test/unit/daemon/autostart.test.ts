@@ -115,6 +115,16 @@ describe('the manager through a host reboot', () => {
     expect((await w.manager.get('web')).state).toBe('stopped');
   });
 
+  it("a VM running at the host's shutdown counts as running even if its record predates `wanted`", async () => {
+    const w = (world = await openWorld());
+    await w.manager.create(w.spec('old'));
+    const entry = w.manager.entries()[0]!;
+    const { wanted: _dropped, ...before } = entry.record;
+    entry.record = before;
+    await w.manager.stop('old', { timeoutSec: 5, hostShutdown: true });
+    expect(w.manager.entries()[0]?.record.wanted).toBe('running');
+  });
+
   it('a VM whose start fails at boot is reported with the reason, and the others start', async () => {
     const w = (world = await openWorld());
     const stateDir = w.manager.info().stateDir;
