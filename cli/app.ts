@@ -231,10 +231,16 @@ export async function main(givenArgv: string[], io: CliIo): Promise<number> {
           describe: 'at a host boot, how many VMs (autostart always, or last-state and running at shutdown) start at once',
         })
         .option('autostart-delay', { type: 'number', default: 0, describe: 'at a host boot, seconds between two VM starts' })
+        .option('log-max-kib', { type: 'number', default: 2048, describe: "each VM's serial console log and QEMU log is rotated above this size (KiB)" })
+        .option('log-keep', { type: 'number', default: 3, describe: 'rotated files kept per log (NAME.1 ... NAME.N); vmkeep logs reads across them' })
         .check((a) => {
           const parallel = a.autostartParallel as number;
           const delay = a.autostartDelay as number;
           if (!Number.isSafeInteger(parallel) || parallel < 1) return `--autostart-parallel must be a whole number of at least 1, got ${parallel}`;
+          const maxKib = a.logMaxKib as number;
+          const keep = a.logKeep as number;
+          if (!Number.isSafeInteger(maxKib) || maxKib < 1) return `--log-max-kib must be a whole number of at least 1, got ${maxKib}`;
+          if (!Number.isSafeInteger(keep) || keep < 0 || keep > 9) return `--log-keep must be a whole number from 0 to 9, got ${keep}`;
           return Number.isFinite(delay) && delay >= 0 ? true : `--autostart-delay must be 0 or more seconds, got ${delay}`;
         })
         // Hidden test hook (env VMKEEP_TEST_CRASH_AT): vmkeepd SIGKILLs itself at this refresh step.
@@ -264,6 +270,8 @@ export async function main(givenArgv: string[], io: CliIo): Promise<number> {
             ...(a.testCrashAt === undefined ? {} : { crashAt: a.testCrashAt }),
             autostartParallel: a.autostartParallel,
             autostartDelay: a.autostartDelay,
+            logMaxKib: a.logMaxKib,
+            logKeep: a.logKeep,
           },
           a.installations === undefined ? installationFrom(a, io.env) : a.installations,
           VERSION,

@@ -20,6 +20,8 @@ export interface DaemonCommandArgs {
   crashAt?: string;
   autostartParallel?: number;
   autostartDelay?: number;
+  logMaxKib?: number;
+  logKeep?: number;
 }
 
 /** A group name or number as a gid (reads /etc/group: Node has no getgrnam). */
@@ -52,6 +54,8 @@ export async function runDaemonCommand(
     ...(args.crashAt === undefined ? {} : { crashAt: args.crashAt }),
     ...(args.autostartParallel === undefined ? {} : { autostartParallel: args.autostartParallel }),
     ...(args.autostartDelay === undefined ? {} : { autostartDelaySec: args.autostartDelay }),
+    ...(args.logMaxKib === undefined ? {} : { logMaxBytes: args.logMaxKib * 1024 }),
+    ...(args.logKeep === undefined ? {} : { logKeep: args.logKeep }),
     stateDir: args.stateDir,
     runtimeDir: args.runtimeDir,
     socketPath: args.socket,

@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { watch, type FSWatcher } from 'node:fs';
-import { chmod, chown, lstat, mkdir, open, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { chmod, chown, lstat, mkdir, open, readFile, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { createServer, STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http';
 import { connect, Server as NetServer } from 'node:net';
 import { dirname } from 'node:path';
@@ -9,6 +9,7 @@ import { describeValue, isValidVmName, LaunchError, VM_NAME_RULE, type LaunchErr
 import { QmpError, type QmpErrorCode } from '../qmp/index.js';
 import { parseStrategy, UpgradeError, type UpgradeErrorCode } from '../upgrade/index.js';
 import { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
+import { rotatedFiles } from './log-rotation.js';
 import { AUTOSTART_MODES, type AutostartMode, type CreateOptions, type DaemonOps, type RefreshJobRequest, type RefreshOptions, type StopOptions, type VmSettings } from './model.js';
 
 /** A day: longer waits are typos, and timers past 2^31 ms would fire at once. */
@@ -668,6 +669,8 @@ async function streamEvents(ctx: Context, res: ServerResponse): Promise<void> {
 
 async function streamConsole(ctx: Context, res: ServerResponse, name: string, path: string, follow: boolean): Promise<void> {
   let handle: FileHandle;
+  // The whole log: its rotated files, oldest first, then the live one (followed from its start).
+  const older = follow ? [] : await rotatedFiles(path);
   try {
     handle = await open(path, 'r');
   } catch (error) {
@@ -707,6 +710,11 @@ async function streamConsole(ctx: Context, res: ServerResponse, name: string, pa
   const buffer = Buffer.alloc(CONSOLE_CHUNK_BYTES);
   let position = 0;
   try {
+    for (const file of older) {
+      const text = await readFile(file).catch(() => Buffer.alloc(0));
+      if (ended) break;
+      if (text.length > 0 && !writeStream(ctx, res, text, 'console')) await drained(res);
+    }
     while (!ended) {
       const { bytesRead } = await handle.read(buffer, 0, CONSOLE_CHUNK_BYTES, position);
       if (bytesRead > 0) {

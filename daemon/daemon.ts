@@ -10,6 +10,7 @@ import { acquireDaemonLock } from './lock.js';
 import { VmManager } from './manager.js';
 import type { ScopePort } from './ports.js';
 import { recordsDir, RecordStore } from './records.js';
+import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES } from './log-rotation.js';
 import { takeControlSocket } from './socket-activation.js';
 
 export interface DaemonOptions {
@@ -36,6 +37,9 @@ export interface DaemonOptions {
   /** At a host boot: VMs started at once (default 2) and the pause between two starts. */
   autostartParallel?: number;
   autostartDelaySec?: number;
+  /** Bounds of each VM's serial and QEMU logs. */
+  logMaxBytes?: number;
+  logKeep?: number;
   version: string;
 }
 
@@ -93,6 +97,9 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       probe: (installation) => probeInstallation(installation, { cacheDir }),
       runtimeDir: options.runtimeDir,
       logger,
+      ...(options.logMaxBytes === undefined && options.logKeep === undefined ? {} : {
+        logLimits: { maxBytes: options.logMaxBytes ?? DEFAULT_LOG_MAX_BYTES, keep: options.logKeep ?? DEFAULT_LOG_KEEP },
+      }),
       info: {
         version: options.version,
         pid: process.pid,

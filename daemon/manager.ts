@@ -24,6 +24,7 @@ import type {
   StopOptions, UpgradeStatus, VmSettings, VmView,
 } from './model.js';
 import { autostartAtBoot, type AutostartOptions, type AutostartPlan } from './autostart.js';
+import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES, startLogRotation, type LogLimits } from './log-rotation.js';
 import { migrateNow } from './migration.js';
 import { ModulePins } from './pins.js';
 import { realQemu, type QemuPort, type ScopePort } from './ports.js';
@@ -65,6 +66,8 @@ export interface VmManagerOptions {
   retryIntervalMs?: number;
   /** How often each idle monitor is asked whether it still answers (0: never). */
   healthIntervalMs?: number;
+  /** Bounds of each VM's serial and QEMU logs (default 2 MiB, 3 rotated files kept). */
+  logLimits?: LogLimits;
 }
 
 /** A failure as the API reports it: ours keep their code, anything else (the file system) is a start failure. */
@@ -98,6 +101,7 @@ export class VmManager implements DaemonOps, VmCore {
   /** Settles once every VM's reattach has (after a bounded reattachAll, possibly later). */
   reattachDone: Promise<void> = Promise.resolve();
   private stopHealthChecks: () => void = () => undefined;
+  private stopLogRotation: () => void = () => undefined;
   private flushTimer: NodeJS.Timeout | undefined;
 
   constructor(private readonly managerOptions: VmManagerOptions) {
@@ -155,6 +159,12 @@ export class VmManager implements DaemonOps, VmCore {
     });
     this.reattachDone = all.catch(() => undefined);
     this.stopHealthChecks = startHealthChecks(this);
+    const limits = this.managerOptions.logLimits ?? { maxBytes: DEFAULT_LOG_MAX_BYTES, keep: DEFAULT_LOG_KEEP };
+    this.stopLogRotation = startLogRotation(
+      () => this.entries().filter((e) => e.record.process !== undefined).flatMap((e) => [e.record.paths.serialLog, e.record.paths.stderrLog]),
+      limits,
+      (path, error) => this.options.logger.warn({ path, err: error }, `could not rotate ${path}`),
+    );
     if (!Number.isFinite(waitMs)) return all;
     let timer: NodeJS.Timeout | undefined;
     await Promise.race([all, new Promise<void>((resolve) => { timer = setTimeout(resolve, waitMs); })]);
@@ -748,6 +758,7 @@ export class VmManager implements DaemonOps, VmCore {
   async close(): Promise<void> {
     this.closed = true;
     this.stopHealthChecks();
+    this.stopLogRotation();
     clearTimeout(this.flushTimer);
     for (const entry of this.vms.values()) {
       if (entry.retryTimer) clearTimeout(entry.retryTimer);
