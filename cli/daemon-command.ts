@@ -19,6 +19,10 @@ export interface DaemonCommandArgs {
   guestsUnit?: string;
   /** Test hook (VMKEEP_TEST_CRASH_AT): SIGKILL self at this refresh step. */
   crashAt?: string;
+  autostartParallel?: number;
+  autostartDelay?: number;
+  logMaxKib?: number;
+  logKeep?: number;
 }
 
 /** The parsed daemon options (from yargs or vmkeepd's own parser), camelCase. */
@@ -39,6 +43,19 @@ export interface ParsedDaemonOptions {
   testCrashAt?: string | undefined;
   refreshPolicy: string;
   logLevel: string;
+  autostartParallel: string;
+  autostartDelay: string;
+  logMaxKib: string;
+  logKeep: string;
+}
+
+/** A whole number option within bounds, or a usage error naming the option and what it takes. */
+function wholeNumber(option: string, value: string, min: number, max: number): number {
+  const n = Number(value);
+  if (!/^\d+$/.test(value.trim()) || !Number.isSafeInteger(n) || n < min || n > max) {
+    throw new CliError('USAGE', `--${option} must be a whole number from ${min} to ${max}, got ${JSON.stringify(value)}`);
+  }
+  return n;
 }
 
 /** The daemon's arguments and its installation(s) from its parsed options. */
@@ -57,6 +74,10 @@ export function daemonCommandArgs(a: ParsedDaemonOptions, env: NodeJS.ProcessEnv
       refreshAtStart: a.refreshAtStart,
       ...(a.guestsUnit === undefined ? {} : { guestsUnit: a.guestsUnit }),
       ...(a.testCrashAt === undefined ? {} : { crashAt: a.testCrashAt }),
+      autostartParallel: wholeNumber('autostart-parallel', String(a.autostartParallel), 1, 64),
+      autostartDelay: wholeNumber('autostart-delay', String(a.autostartDelay), 0, 3600),
+      logMaxKib: wholeNumber('log-max-kib', String(a.logMaxKib), 1, 1024 * 1024),
+      logKeep: wholeNumber('log-keep', String(a.logKeep), 0, 9),
     },
     installations: a.installations === undefined ? installationFrom(a, env) : a.installations,
   };
@@ -89,6 +110,10 @@ export async function runDaemonCommand(
     refreshAtStart: args.refreshAtStart,
     ...(args.guestsUnit === undefined ? {} : { guestsUnit: args.guestsUnit }),
     ...(args.crashAt === undefined ? {} : { crashAt: args.crashAt }),
+    ...(args.autostartParallel === undefined ? {} : { autostartParallel: args.autostartParallel }),
+    ...(args.autostartDelay === undefined ? {} : { autostartDelaySec: args.autostartDelay }),
+    ...(args.logMaxKib === undefined ? {} : { logMaxBytes: args.logMaxKib * 1024 }),
+    ...(args.logKeep === undefined ? {} : { logKeep: args.logKeep }),
     stateDir: args.stateDir,
     runtimeDir: args.runtimeDir,
     socketPath: args.socket,

@@ -104,6 +104,14 @@ export function vmkeepdOptions(env: NodeJS.ProcessEnv) {
       describe: 'the unit whose stop powers every guest off at host shutdown; each VM scope is ordered Before= it',
       defaultDescription: 'vmkeep-guests.service',
     },
+    'autostart-parallel': {
+      type: 'string',
+      default: '2',
+      describe: 'at a host boot, how many VMs (autostart always, or last-state and running at shutdown) start at once',
+    },
+    'autostart-delay': { type: 'string', default: '0', describe: 'at a host boot, seconds between two VM starts' },
+    'log-max-kib': { type: 'string', default: '2048', describe: "each VM's serial console log and QEMU log is rotated above this size (KiB)" },
+    'log-keep': { type: 'string', default: '3', describe: 'rotated files kept per log (NAME.1 ... NAME.N); vmkeep logs reads across them' },
     // Hidden test hook (env VMKEEP_TEST_CRASH_AT): vmkeepd SIGKILLs itself at this refresh step.
     'test-crash-at': { type: 'string', hidden: true, describe: 'test hook: SIGKILL self at this refresh step' },
     'refresh-policy': {

@@ -18,7 +18,7 @@ export function formatVmList(vms: readonly VmView[]): string {
   return formatTable(
     ['NAME', 'STATE', 'PID', 'QEMU', 'MACHINE', 'SCOPE'],
     vms.map((vm) => [vm.name, vm.state, vm.pid?.toString() ?? '-', vm.qemuVersion ?? '-', vm.machineType || '-', vm.scope ?? '-']),
-  );
+  ) + vms.filter((vm) => vm.problem !== undefined).map((vm) => `\n${vm.name}: ${printable(vm.problem ?? '')}`).join('');
 }
 
 /** `key: value` lines, aligned; absent facts are left out rather than shown empty. */
@@ -35,6 +35,7 @@ export function formatVmStatus(vm: VmView): string {
     ['memory', `${vm.spec.memoryMiB} MiB`],
     ['vcpus', String(vm.spec.vcpus)],
     ['uuid', vm.uuid],
+    ['autostart', vm.autostart],
     ['last exit', vm.lastExit === undefined ? undefined : `${vm.lastExit.reason} at ${vm.lastExit.at}`],
     ['created', vm.createdAt],
     ['updated', vm.updatedAt],

@@ -1,7 +1,7 @@
 import { StringDecoder } from 'node:string_decoder';
 import type { Argv } from 'yargs';
 import {
-  ApiClient, DEFAULT_STOP_TIMEOUT_SEC, openOfflineGuests, REFRESH_STRATEGIES, type OfflineGuests, type RefreshJobRequest, type RefreshStrategy,
+  ApiClient, AUTOSTART_MODES, DEFAULT_STOP_TIMEOUT_SEC, openOfflineGuests, REFRESH_STRATEGIES, type OfflineGuests, type RefreshJobRequest, type RefreshStrategy, type AutostartMode, type VmSettings,
 } from '../daemon/index.js';
 import { isValidVmName } from '../launcher/index.js';
 import { ACPI_REPEAT_MS } from '../qmp/index.js';
@@ -22,7 +22,7 @@ const STRATEGIES = [...REFRESH_STRATEGIES];
 /** What the commands need of the control API; tests may hand in their own. */
 export type DaemonApi = Pick<
   ApiClient,
-  'list' | 'get' | 'create' | 'start' | 'stop' | 'delete' | 'qmp' | 'console' | 'events' | 'refresh' | 'startRefreshJob' | 'refreshJob' | 'upgradeStatus'
+  'list' | 'get' | 'set' | 'create' | 'start' | 'stop' | 'delete' | 'qmp' | 'console' | 'events' | 'refresh' | 'startRefreshJob' | 'refreshJob' | 'upgradeStatus'
 >;
 
 export interface VmCommandContext {
@@ -147,6 +147,11 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
           .option('all', { type: 'boolean', default: false, describe: 'power off every VM that has a QEMU, all at once; guests still running at the end are named' })
           .option('timeout', { type: 'number', describe: 'seconds the guest gets to power off', defaultDescription: "the daemon's, 60" })
           .option('force', { type: 'boolean', default: false, describe: 'quit QEMU at once: the guest loses what it had not written to disk' })
+          .option('host-shutdown', {
+            type: 'boolean',
+            default: false,
+            describe: 'with --all: the host is shutting down (vmkeep-guests.service): the VMs stay wanted running, so autostart=last-state starts them at the next boot',
+          })
           .option('state-dir', {
             type: 'string',
             describe: "with --all: if vmkeepd does not answer, power the guests off straight from its records in DIR, under its lock (vmkeep-guests.service at host shutdown)",
@@ -154,6 +159,7 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
           .check((a) => {
             if ((a.name !== undefined) === a.all) return 'name one VM or give --all (exactly one of them)';
             if (a.stateDir !== undefined && !a.all) return '--state-dir goes with --all';
+            if (a.hostShutdown && !a.all) return '--host-shutdown goes with --all';
             if (a.name !== undefined && checkName(a.name) !== true) return checkName(a.name);
             // ARCHITECTURE.md invariant 3: powering every guest off never hard-kills one.
             if (a.all && a.force) return '--all never forces a guest off; quit one that ignores ACPI with: vmkeep stop NAME --force';
@@ -161,17 +167,17 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
           })
           .example('$0 stop web1', 'ACPI power-off of web1, waiting up to 60 s for the guest')
           .example('$0 stop --all --timeout 120', 'what vmkeep-guests.service runs at host shutdown'),
-      run(async (api, out, a: CommonArgs & { name?: string; all: boolean; timeout?: number; force: boolean; stateDir?: string }) => {
+      run(async (api, out, a: CommonArgs & { name?: string; all: boolean; timeout?: number; force: boolean; stateDir?: string; hostShutdown: boolean }) => {
         if (a.name === undefined) {
           const timeoutSec = a.timeout ?? DEFAULT_STOP_TIMEOUT_SEC;
           try {
-            return await stopAll(api, out, io, timeoutSec);
+            return await stopAll(api, out, io, timeoutSec, a.hostShutdown);
           } catch (error) {
             if (a.stateDir === undefined || (error as { code?: unknown }).code !== 'DAEMON_DOWN') throw error;
             io.stderr.write(`vmkeep: vmkeepd does not answer; powering the guests off straight from the records in ${a.stateDir}\n`);
             const offline = await openOfflineGuests(a.stateDir);
             try {
-              return await stopAll(offline, out, io, timeoutSec);
+              return await stopAll(offline, out, io, timeoutSec, a.hostShutdown);
             } finally {
               await offline.close();
             }
@@ -192,6 +198,23 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
       run(async (api, out, a: CommonArgs & { name: string }) => {
         await api.delete(a.name);
         out.document({ deleted: a.name }, `deleted ${a.name}`);
+      }),
+    )
+    .command(
+      'set <name> <settings..>',
+      'change settings of a VM: autostart=always|never|last-state (whether a host boot starts it)',
+      (y) =>
+        withName(y, env)
+          .positional('settings', { type: 'string', array: true, demandOption: true, describe: 'KEY=VALUE pairs' })
+          .check((a) => {
+            const parsed = parseSettings(a.settings as string[]);
+            return typeof parsed === 'string' ? parsed : true;
+          })
+          .example('$0 set web1 autostart=always', 'start web1 at every host boot, whatever its state at shutdown')
+          .example('$0 set web1 autostart=last-state', 'start it at boot only if it was running when the host went down (the default)'),
+      run(async (api, out, a: CommonArgs & { name: string; settings: string[] }) => {
+        const vm = await api.set(a.name, parseSettings(a.settings) as VmSettings);
+        out.document(vm, `${vm.name}: autostart=${vm.autostart}`);
       }),
     )
     .command(
@@ -327,7 +350,19 @@ type StopResult =
 /** What stopAll needs: the daemon's API, or the records while it is down. */
 type GuestStopper = Pick<OfflineGuests, 'list' | 'stop'>;
 
-async function stopAll(api: GuestStopper, out: Out, io: CliIo, timeoutSec: number): Promise<number> {
+/** KEY=VALUE pairs of `vmkeep set` as settings, or what is wrong with them. */
+function parseSettings(pairs: readonly string[]): VmSettings | string {
+  const settings: VmSettings = {};
+  for (const pair of pairs) {
+    const [key, value] = pair.split('=', 2);
+    if (key !== 'autostart' || value === undefined) return `unknown setting ${JSON.stringify(pair)}; the settings are: autostart=${AUTOSTART_MODES.join('|')}`;
+    if (!(AUTOSTART_MODES as readonly string[]).includes(value)) return `autostart must be one of ${AUTOSTART_MODES.join(', ')}, got ${JSON.stringify(value)}`;
+    settings.autostart = value as AutostartMode;
+  }
+  return settings;
+}
+
+async function stopAll(api: GuestStopper, out: Out, io: CliIo, timeoutSec: number, hostShutdown = false): Promise<number> {
   const names = (await api.list()).filter((vm) => vm.pid !== undefined).map((vm) => vm.name);
   if (!out.json) {
     io.stderr.write(
@@ -340,7 +375,7 @@ async function stopAll(api: GuestStopper, out: Out, io: CliIo, timeoutSec: numbe
     names.map(async (name): Promise<StopResult> => {
       let result: StopResult;
       try {
-        const vm = await api.stop(name, { timeoutSec });
+        const vm = await api.stop(name, { timeoutSec, ...(hostShutdown ? { hostShutdown } : {}) });
         result = { vm: name, result: 'stopped', state: vm.state };
       } catch (error) {
         const code = (error as { code?: unknown }).code;

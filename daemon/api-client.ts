@@ -4,7 +4,7 @@ import { DaemonError, type DaemonErrorCode } from './errors.js';
 import { DEFAULT_MIGRATE_TIMEOUT_SEC, DEFAULT_REBOOT_TIMEOUT_SEC, DEFAULT_STOP_TIMEOUT_SEC } from './model.js';
 import type {
   CreateOptions, DaemonEvent, DaemonInfo, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome, StopOptions,
-  UpgradeStatus, VmView,
+  UpgradeStatus, VmSettings, VmView,
 } from './model.js';
 
 export interface ApiClientOptions {
@@ -34,7 +34,7 @@ const MAX_RESPONSE_BYTES = 64 * 1024 * 1024;
 const MAX_EVENT_LINE_BYTES = 1024 * 1024;
 
 interface Call {
-  method: 'GET' | 'POST' | 'DELETE';
+  method: 'GET' | 'POST' | 'PATCH' | 'DELETE';
   path: string;
   body?: unknown;
   timeoutMs: number;
@@ -106,6 +106,11 @@ export class ApiClient {
       body: options,
       timeoutMs: Math.max(this.timeoutMs, waitMs + STOP_MARGIN_MS),
     });
+  }
+
+  /** Changes settings of an existing VM (autostart). */
+  set(name: string, settings: VmSettings): Promise<VmView> {
+    return this.json({ method: 'PATCH', path: vmPath(name), body: settings, timeoutMs: this.timeoutMs });
   }
 
   async delete(name: string): Promise<void> {

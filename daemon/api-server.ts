@@ -1,15 +1,16 @@
 import { randomBytes } from 'node:crypto';
 import { watch, type FSWatcher } from 'node:fs';
-import { chmod, chown, lstat, mkdir, open, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { chmod, chown, lstat, mkdir, open, readFile, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { createServer, STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http';
-import { connect } from 'node:net';
+import { connect, Server as NetServer } from 'node:net';
 import { dirname } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { describeValue, isValidVmName, LaunchError, VM_NAME_RULE, type LaunchErrorCode, type SpecProblem } from '../launcher/index.js';
 import { QmpError, type QmpErrorCode } from '../qmp/index.js';
 import { parseStrategy, UpgradeError, type UpgradeErrorCode } from '../upgrade/index.js';
 import { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
-import type { CreateOptions, DaemonOps, RefreshJobRequest, RefreshOptions, StopOptions } from './model.js';
+import { rotatedFiles } from './log-rotation.js';
+import { AUTOSTART_MODES, type AutostartMode, type CreateOptions, type DaemonOps, type RefreshJobRequest, type RefreshOptions, type StopOptions, type VmSettings } from './model.js';
 
 /** A day: longer waits are typos, and timers past 2^31 ms would fire at once. */
 const MAX_STOP_TIMEOUT_SEC = 86_400;
@@ -28,16 +29,27 @@ export interface ApiServerOptions {
   mode?: number;
   /** gid that may use the socket: the socket is chowned to it. */
   group?: number;
+  /**
+   * A listening socket systemd holds for us (vmkeepd.socket): served as it is, its owner and
+   * mode set by the socket unit, never unlinked; `socketPath` only names it.
+   */
+  listenFd?: number;
   logger?: ApiLogger;
 }
 
 export interface ApiServer {
   readonly socketPath: string;
-  /** Stops listening, ends the event and console streams, cuts requests still in flight. */
+  /**
+   * Stops listening (connections not yet accepted wait in systemd's socket for the next
+   * vmkeepd), ends the event and console streams, lets requests in flight finish for a moment,
+   * then cuts what is left.
+   */
   close(): Promise<void>;
 }
 
 const API_PREFIX = '/1.0';
+/** How long a closing server lets requests in flight finish before it cuts them. */
+const CLOSE_GRACE_MS = 2_000;
 const MAX_BODY_BYTES = 1024 * 1024;
 
 // A body of 1 MiB over a local socket arrives in milliseconds; a request slower than this is stuck.
@@ -131,24 +143,33 @@ export async function startApiServer(options: ApiServerOptions): Promise<ApiServ
   const closeServer = (): Promise<void> => {
     closing ??= new Promise<void>((resolve) => {
       for (const stop of [...ctx.streams]) stop();
-      // Node unlinks the socket file once the listener is closed.
-      server.close(() => resolve());
-      server.closeAllConnections();
+      // Node unlinks the socket file once the listener is closed (not one systemd passed).
+      // net's close, not http's: http's also drops connections accepted whose request has not
+      // been read yet, and those are requests a client already sent.
+      NetServer.prototype.close.call(server, () => resolve());
+      // A connection already accepted gets its answer if its request comes soon; then it is cut.
+      setTimeout(() => server.closeAllConnections(), CLOSE_GRACE_MS).unref();
     });
     return closing;
   };
 
-  await mkdir(dirname(socketPath), { recursive: true });
-  await removeStaleSocket(socketPath);
   await new Promise<void>((resolve, reject) => {
     const onError = (error: NodeJS.ErrnoException): void => reject(listenError(error, socketPath));
     server.once('error', onError);
-    server.listen(socketPath, () => {
+    const listening = (): void => {
       server.off('error', onError);
       resolve();
-    });
+    };
+    if (options.listenFd !== undefined) {
+      server.listen({ fd: options.listenFd }, listening);
+      return;
+    }
+    void mkdir(dirname(socketPath), { recursive: true })
+      .then(() => removeStaleSocket(socketPath))
+      .then(() => server.listen(socketPath, listening), reject);
   });
   server.on('error', (error) => logger.error({ err: error, socket: socketPath }, 'control API server error'));
+  if (options.listenFd !== undefined) return { socketPath, close: closeServer };
 
   try {
     if (options.group !== undefined) await chown(socketPath, -1, options.group);
@@ -236,7 +257,7 @@ function buildRoutes(ctx: Context): Route[] {
         GET: async (_req, res) => sendJson(res, 200, await ops.list()),
         POST: async (req, res) => {
           const body = await readJsonObject(req, { required: true });
-          checkFields(body, ['spec', 'start', 'channel', 'policy']);
+          checkFields(body, ['spec', 'start', 'channel', 'policy', 'autostart']);
           if (!('spec' in body)) throw invalid('the body needs "spec": the VM spec object, e.g. {"spec": {"name": "web1", "kernel": "/srv/vmlinuz"}}');
           const options: CreateOptions = {};
           const start = optionalBoolean(body, 'start');
@@ -246,6 +267,7 @@ function buildRoutes(ctx: Context): Route[] {
             options.channel = body.channel;
           }
           if (body.policy !== undefined) options.policy = parseStrategy(body.policy, '"policy"');
+          if (body.autostart !== undefined) options.autostart = autostartMode(body.autostart);
           sendJson(res, 201, await ops.create(body.spec, options));
         },
       },
@@ -254,6 +276,13 @@ function buildRoutes(ctx: Context): Route[] {
       segments: ['1.0', 'vms', ':name'],
       methods: {
         GET: async (_req, res, { name }) => sendJson(res, 200, await ops.get(name)),
+        PATCH: async (req, res, { name }) => {
+          const body = await readJsonObject(req, { required: true });
+          checkFields(body, ['autostart']);
+          const settings: VmSettings = {};
+          if (body.autostart !== undefined) settings.autostart = autostartMode(body.autostart);
+          sendJson(res, 200, await ops.set(name, settings));
+        },
         DELETE: async (_req, res, { name }) => {
           await ops.delete(name);
           sendJson(res, 200, { deleted: name });
@@ -274,11 +303,13 @@ function buildRoutes(ctx: Context): Route[] {
       methods: {
         POST: async (req, res, { name }) => {
           const body = await readJsonObject(req, { required: false });
-          checkFields(body, ['timeoutSec', 'force']);
+          checkFields(body, ['timeoutSec', 'force', 'hostShutdown']);
           const stop: StopOptions = {};
           if (body.timeoutSec !== undefined) stop.timeoutSec = timeoutSeconds(body.timeoutSec);
           const force = optionalBoolean(body, 'force');
           if (force !== undefined) stop.force = force;
+          const hostShutdown = optionalBoolean(body, 'hostShutdown');
+          if (hostShutdown !== undefined) stop.hostShutdown = hostShutdown;
           sendJson(res, 200, await ops.stop(name, stop));
         },
       },
@@ -351,6 +382,11 @@ function buildRoutes(ctx: Context): Route[] {
     },
     { segments: ['1.0', 'events'], methods: { GET: async (_req, res) => streamEvents(ctx, res) } },
   ];
+}
+
+function autostartMode(value: unknown): AutostartMode {
+  if ((AUTOSTART_MODES as readonly unknown[]).includes(value)) return value as AutostartMode;
+  throw invalid(`"autostart" must be one of ${AUTOSTART_MODES.join(', ')}, got ${describeValue(value)}`);
 }
 
 async function dispatch(routes: Route[], ctx: Context, req: IncomingMessage, res: ServerResponse): Promise<void> {
@@ -633,6 +669,8 @@ async function streamEvents(ctx: Context, res: ServerResponse): Promise<void> {
 
 async function streamConsole(ctx: Context, res: ServerResponse, name: string, path: string, follow: boolean): Promise<void> {
   let handle: FileHandle;
+  // The whole log: its rotated files, oldest first, then the live one (followed from its start).
+  const older = follow ? [] : await rotatedFiles(path);
   try {
     handle = await open(path, 'r');
   } catch (error) {
@@ -672,6 +710,11 @@ async function streamConsole(ctx: Context, res: ServerResponse, name: string, pa
   const buffer = Buffer.alloc(CONSOLE_CHUNK_BYTES);
   let position = 0;
   try {
+    for (const file of older) {
+      const text = await readFile(file).catch(() => Buffer.alloc(0));
+      if (ended) break;
+      if (text.length > 0 && !writeStream(ctx, res, text, 'console')) await drained(res);
+    }
     while (!ended) {
       const { bytesRead } = await handle.read(buffer, 0, CONSOLE_CHUNK_BYTES, position);
       if (bytesRead > 0) {

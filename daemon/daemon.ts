@@ -10,6 +10,8 @@ import { VmManager } from './manager.js';
 import type { ScopePort } from './ports.js';
 import { startNotifier, type Notifier } from './notify.js';
 import { recordsDir, RecordStore } from './records.js';
+import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES } from './log-rotation.js';
+import { takeControlSocket } from './socket-activation.js';
 
 export interface DaemonOptions {
   stateDir: string;
@@ -32,6 +34,12 @@ export interface DaemonOptions {
   guestsUnit?: string;
   /** Test hook: SIGKILL self at this refresh step. */
   crashAt?: string;
+  /** At a host boot: VMs started at once (default 2) and the pause between two starts. */
+  autostartParallel?: number;
+  autostartDelaySec?: number;
+  /** Bounds of each VM's serial and QEMU logs. */
+  logMaxBytes?: number;
+  logKeep?: number;
   version: string;
 }
 
@@ -91,6 +99,9 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       probe: (installation) => probeInstallation(installation, { cacheDir }),
       runtimeDir: options.runtimeDir,
       logger,
+      ...(options.logMaxBytes === undefined && options.logKeep === undefined ? {} : {
+        logLimits: { maxBytes: options.logMaxBytes ?? DEFAULT_LOG_MAX_BYTES, keep: options.logKeep ?? DEFAULT_LOG_KEEP },
+      }),
       info: {
         version: options.version,
         pid: process.pid,
@@ -110,19 +121,28 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       `reattached ${vms.length} VM(s)`,
     );
 
+    // Held by systemd (vmkeepd.socket) when it passed one: connections wait while we restart.
+    const listenFd = takeControlSocket();
     const api = await startApiServer({
       socketPath: options.socketPath,
       ops: manager,
       logger,
       ...(options.socketGid === undefined ? {} : { group: options.socketGid }),
+      ...(listenFd === undefined ? {} : { listenFd }),
     });
     cleanups.push(() => api.close());
     const states = countStates(vms.map((v) => v.state));
     notifier.send('READY=1', `STATUS=${vms.length} VM(s): ${Object.entries(states).map(([state, n]) => `${n} ${state}`).join(', ') || 'none'}`);
     // startupMs: since this process started (Node's time origin), for the start-up benchmark.
-    logger.info({ socket: options.socketPath, stateDir: options.stateDir, startupMs: Math.round(performance.now()) }, 'vmkeepd ready');
+    logger.info({ socket: options.socketPath, stateDir: options.stateDir, startupMs: Math.round(performance.now()), socketActivated: listenFd !== undefined }, 'vmkeepd ready');
     await manager.afterReady();
     await reportStale(manager, logger, options.refreshAtStart === true);
+    // After READY: the API serves (and shows each VM starting) while the boot's starts run.
+    void manager.autostartAtBoot({
+      stateDir: options.stateDir,
+      parallel: options.autostartParallel ?? 2,
+      delayMs: (options.autostartDelaySec ?? 0) * 1000,
+    }).catch((error: unknown) => logger.error({ err: error }, 'autostart at boot failed'));
     return { manager, close: closeAll };
   } catch (error) {
     await closeAll();

@@ -25,7 +25,8 @@ export { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
 export { DEFAULT_STOP_TIMEOUT_SEC } from './model.js';
 export type {
   CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, ExitInfo, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome,
-  RefreshStep, StopOptions, UpgradeStatus, VmState, VmUpgradeStatus, VmView,
+  RefreshStep, StopOptions, UpgradeStatus, VmSettings, VmState, VmUpgradeStatus, VmView, AutostartMode,
 } from './model.js';
+export { AUTOSTART_MODES, DEFAULT_AUTOSTART } from './model.js';
 export { ApiClient, DEFAULT_SOCKET_PATH, type ApiClientOptions } from './api-client.js';
 export { REFRESH_STRATEGIES, type RefreshStrategy } from '../upgrade/index.js';

@@ -2,6 +2,7 @@
 // synchronously so nothing is lost at a crash. The interface below is all the daemon uses, so a
 // test can pass its own `write`.
 import { pino } from 'pino';
+import { journalDestination } from './journal-priority.js';
 
 export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
@@ -34,7 +35,8 @@ export function isLogLevel(value: string): value is LogLevel {
 }
 
 export function createLogger(options: LoggerOptions): Logger {
-  const destination = options.write === undefined ? pino.destination({ fd: 2, sync: true }) : { write: options.write };
+  // Each line carries its syslog priority when stderr is the journal's stream (journalctl -p).
+  const destination = options.write === undefined ? journalDestination(pino.destination({ fd: 2, sync: true }), 2) : { write: options.write };
   // An error's cause is kept as an object of its own (the default folds it into the message).
   return pino({ name: options.name, level: options.level, serializers: { err: pino.stdSerializers.errWithCause } }, destination);
 }

@@ -18,10 +18,13 @@ import {
 } from '../upgrade/index.js';
 import { DaemonError } from './errors.js';
 import { DEFAULT_REBOOT_TIMEOUT_SEC, DEFAULT_STOP_TIMEOUT_SEC, MONITOR_GREETING_TIMEOUT_MS } from './model.js';
+import { AUTOSTART_MODES } from './model.js';
 import type {
   CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome,
-  StopOptions, UpgradeStatus, VmView,
+  StopOptions, UpgradeStatus, VmSettings, VmView,
 } from './model.js';
+import { autostartAtBoot, type AutostartOptions, type AutostartPlan } from './autostart.js';
+import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES, startLogRotation, type LogLimits } from './log-rotation.js';
 import { migrateNow } from './migration.js';
 import { ModulePins } from './pins.js';
 import { realQemu, type QemuPort, type ScopePort } from './ports.js';
@@ -63,11 +66,19 @@ export interface VmManagerOptions {
   retryIntervalMs?: number;
   /** How often each idle monitor is asked whether it still answers (0: never). */
   healthIntervalMs?: number;
+  /** Bounds of each VM's serial and QEMU logs (default 2 MiB, 3 rotated files kept). */
+  logLimits?: LogLimits;
 }
 
 /** A failure as the API reports it: ours keep their code, anything else (the file system) is a start failure. */
 function asDaemonError(error: unknown): DaemonError {
   return error instanceof DaemonError ? error : new DaemonError('START_FAILED', (error as Error).message, { cause: error });
+}
+
+function checkAutostart(value: unknown): void {
+  if (!(AUTOSTART_MODES as readonly unknown[]).includes(value)) {
+    throw new DaemonError('INVALID_REQUEST', `autostart must be one of ${AUTOSTART_MODES.join(', ')}, got ${JSON.stringify(value)}`);
+  }
 }
 
 /** The unit whose stop powers every guest off at host shutdown (snap/vmkeep-guests.service). */
@@ -87,7 +98,10 @@ export class VmManager implements DaemonOps, VmCore {
   private readonly pins: ModulePins;
   private orphanScopes: string[] = [];
   private closed = false;
+  /** Settles once every VM's reattach has (after a bounded reattachAll, possibly later). */
+  reattachDone: Promise<void> = Promise.resolve();
   private stopHealthChecks: () => void = () => undefined;
+  private stopLogRotation: () => void = () => undefined;
   private flushTimer: NodeJS.Timeout | undefined;
 
   constructor(private readonly managerOptions: VmManagerOptions) {
@@ -140,7 +154,14 @@ export class VmManager implements DaemonOps, VmCore {
       const entry = this.entry(record.name);
       return entry.lock.run('reattach', () => reattachIsolated(this, entry));
     })).then(() => this.findOrphanScopes());
+    this.reattachDone = all.catch(() => undefined);
     this.stopHealthChecks = startHealthChecks(this);
+    const limits = this.managerOptions.logLimits ?? { maxBytes: DEFAULT_LOG_MAX_BYTES, keep: DEFAULT_LOG_KEEP };
+    this.stopLogRotation = startLogRotation(
+      () => this.entries().filter((e) => e.record.process !== undefined).flatMap((e) => [e.record.paths.serialLog, e.record.paths.stderrLog]),
+      limits,
+      (path, error) => this.options.logger.warn({ path, err: error }, `could not rotate ${path}`),
+    );
     if (!Number.isFinite(waitMs)) return all;
     let timer: NodeJS.Timeout | undefined;
     await Promise.race([all, new Promise<void>((resolve) => { timer = setTimeout(resolve, waitMs); })]);
@@ -175,6 +196,21 @@ export class VmManager implements DaemonOps, VmCore {
     entry.retryTimer.unref();
   }
 
+  /**
+   * At the first start of a host boot, starts the VMs whose autostart asks for it, on the
+   * current installation (autostart.ts decides). A daemon restart within a boot starts nothing.
+   */
+  async autostartAtBoot(options: AutostartOptions): Promise<AutostartPlan> {
+    await this.reattachDone;
+    return autostartAtBoot({
+      vms: () => this.entries().map((e) => e.record),
+      start: (name) => this.autostart(name),
+      emit: (event) => this.emit(event),
+      logger: this.options.logger,
+      isClosed: () => this.closed,
+    }, options);
+  }
+
   // ---- supervision ---------------------------------------------------------------------------
 
   connect(socketPath: string): Promise<QmpClient> {
@@ -198,7 +234,11 @@ export class VmManager implements DaemonOps, VmCore {
     const restart = reason === 'guest-reset' || (!asked && (entry.record.refresh?.strategy === 'reboot'
       || (this.policyOf(entry.record) === 'on-guest-shutdown' && (await stalenessOf(this, entry).catch(() => undefined))?.stale === true)));
     await this.endQemu(entry, 'guest shutdown');
-    if (!restart) return;
+    if (!restart) {
+      // The guest chose to be off (or the operator did): last-state leaves it off at the next boot.
+      if (!entry.hostShutdownStop) await this.observe(entry, { ...entry.record, wanted: 'stopped' });
+      return;
+    }
     this.options.logger.info({ vm: entry.record.name }, `${entry.record.name} powered off while stale: starting it on the current installation`);
     await this.startNow(entry);
   }
@@ -247,6 +287,7 @@ export class VmManager implements DaemonOps, VmCore {
     const channel = options.channel ?? DEFAULT_CHANNEL;
     const installation = currentInstallation(this.options.installations, channel);
     const policy = options.policy === undefined ? undefined : parseStrategy(options.policy, 'policy');
+    if (options.autostart !== undefined) checkAutostart(options.autostart);
     const info = await this.options.probe(installation);
     // Decided now and recorded: memfd-shared where this installation can do cpr-transfer.
     spec = withMemoryDefault(spec, info);
@@ -262,6 +303,7 @@ export class VmManager implements DaemonOps, VmCore {
       installation,
       channel,
       ...(policy === undefined ? {} : { policy }),
+      ...(options.autostart === undefined ? {} : { autostart: options.autostart }),
       paths: this.vmPaths(spec.name),
       state: 'stopped',
       createdAt: now,
@@ -341,10 +383,11 @@ export class VmManager implements DaemonOps, VmCore {
     // Leftovers of the previous QEMU: its socket would be taken for the new one's.
     await rm(paths.qmpSocket, { force: true });
     await writeFile(paths.serialLog, '', { mode: 0o600 });
-    await this.record(entry, { ...entry.record, paths, installation, state: 'starting' });
+    await this.record(entry, { ...entry.record, paths, installation, state: 'starting', wanted: 'running' });
 
     entry.hostShutdown = undefined;
     entry.stopAsked = false;
+    entry.hostShutdownStop = false;
     const scope = this.options.scopes === null ? null : scopeUnitName(name);
     try {
       checkRefreshTarget({ vm: name, runningVersion: undefined, machineType: entry.record.machineType, target: { name: installation.name, info } });
@@ -441,6 +484,15 @@ export class VmManager implements DaemonOps, VmCore {
     // Queued, never refused: a stop (host shutdown included) must happen once the VM is free.
     return entry.lock.run('stop', async () => {
       this.requireLive(entry);
+      // An operator's stop is a choice last-state keeps at the next boot; a host shutdown's is not:
+      // a VM it finds running was running (a record from before `wanted` existed included).
+      // Kept in memory and written with the stop's own record (a full disk must not block a stop).
+      const wanted = options.hostShutdown ? (entry.record.process ? 'running' : entry.record.wanted) : 'stopped';
+      if (wanted !== undefined && entry.record.wanted !== wanted) {
+        const next: VmRecord = { ...entry.record, wanted };
+        if (entry.record.process) entry.record = next;
+        else await this.observe(entry, next);
+      }
       if (!entry.record.process) return;
       if (!entry.qmp) {
         throw new DaemonError('UNREACHABLE', `${name}'s monitor does not answer (${entry.record.problem ?? 'not connected'}); vmkeep will not signal a QEMU it cannot talk to. Check pid ${entry.record.process.pid} by hand`);
@@ -450,7 +502,8 @@ export class VmManager implements DaemonOps, VmCore {
         return;
       }
       entry.stopAsked = true;
-      await this.powerOff(entry, options.timeoutSec ?? DEFAULT_STOP_TIMEOUT_SEC, 'stopped by request');
+      entry.hostShutdownStop = options.hostShutdown === true;
+      await this.powerOff(entry, options.timeoutSec ?? DEFAULT_STOP_TIMEOUT_SEC, options.hostShutdown ? 'host shutdown' : 'stopped by request');
     }).then(() => toView(entry));
   }
 
@@ -486,6 +539,32 @@ export class VmManager implements DaemonOps, VmCore {
       }
     }
     await this.endQemu(entry, reason);
+  }
+
+  async set(name: string, settings: VmSettings): Promise<VmView> {
+    const entry = this.entry(name);
+    if (settings.autostart !== undefined) checkAutostart(settings.autostart);
+    return entry.lock.run('set', async () => {
+      this.requireLive(entry);
+      const next: VmRecord = { ...entry.record };
+      if (settings.autostart !== undefined) next.autostart = settings.autostart;
+      await this.record(entry, next);
+    }).then(() => toView(entry));
+  }
+
+  /**
+   * A start at host boot: queued behind the reattach (never refused as busy), and nothing done
+   * for a VM that has a QEMU by then. The failure stays in the VM's view (its problem).
+   */
+  async autostart(name: string): Promise<'started' | 'running'> {
+    const entry = this.entry(name);
+    return entry.lock.run('autostart', async () => {
+      this.requireLive(entry);
+      if (entry.record.process) return 'running' as const;
+      this.refuseWhileMigrating(entry);
+      await this.startNow(entry);
+      return 'started' as const;
+    });
   }
 
   async delete(name: string): Promise<void> {
@@ -681,6 +760,7 @@ export class VmManager implements DaemonOps, VmCore {
   async close(): Promise<void> {
     this.closed = true;
     this.stopHealthChecks();
+    this.stopLogRotation();
     clearTimeout(this.flushTimer);
     for (const entry of this.vms.values()) {
       if (entry.retryTimer) clearTimeout(entry.retryTimer);

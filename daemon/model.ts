@@ -12,6 +12,11 @@ import type { RefreshStrategy } from '../upgrade/index.js';
  */
 export type VmState = 'starting' | 'running' | 'paused' | 'shutdown' | 'stopped' | 'exited' | 'unreachable';
 
+export const AUTOSTART_MODES = ['always', 'never', 'last-state'] as const;
+/** At a host boot: always start; never; last-state: start when it was running as the host went down. */
+export type AutostartMode = (typeof AUTOSTART_MODES)[number];
+export const DEFAULT_AUTOSTART: AutostartMode = 'last-state';
+
 /** How the last QEMU of a VM ended. */
 export interface ExitInfo {
   /** e.g. "guest shutdown", "stopped by request", "exited while away", "unknown" */
@@ -30,6 +35,8 @@ export interface VmView {
   channel: string;
   /** This VM's own refresh strategy, if it has one (else the daemon's default policy applies). */
   policy?: RefreshStrategy;
+  /** Whether a host boot starts it (default last-state). */
+  autostart: AutostartMode;
   qemuVersion?: string;
   /** A refresh under way (or left by a crash, to be finished or rolled back). */
   refreshing?: 'migrate' | 'cpr' | 'reboot';
@@ -58,7 +65,7 @@ export interface DaemonInfo {
 
 /** A change the event stream carries, one JSON object per line. */
 export interface DaemonEvent {
-  type: 'vm-state' | 'vm-created' | 'vm-deleted' | 'vm-power' | 'daemon' | 'refresh';
+  type: 'vm-state' | 'vm-created' | 'vm-deleted' | 'vm-power' | 'vm-autostart' | 'daemon' | 'refresh';
   vm?: string;
   state?: VmState;
   previous?: VmState;
@@ -158,6 +165,12 @@ export interface CreateOptions {
   /** Installations channel (default "default"). */
   channel?: string;
   policy?: RefreshStrategy;
+  autostart?: AutostartMode;
+}
+
+/** Settings of an existing VM that `vmkeep set` changes. */
+export interface VmSettings {
+  autostart?: AutostartMode;
 }
 
 /** Seconds a guest gets to power off after the ACPI request, unless the caller says otherwise. */
@@ -174,6 +187,11 @@ export interface StopOptions {
   timeoutSec?: number;
   /** quit QEMU at once (the guest loses what it had not written). */
   force?: boolean;
+  /**
+   * The host is shutting down (vmkeep-guests.service): the guest powers off but the VM is still
+   * wanted running, so autostart=last-state starts it at the next boot.
+   */
+  hostShutdown?: boolean;
 }
 
 /** What the control API can ask of the daemon; the HTTP layer only translates. */
@@ -185,6 +203,8 @@ export interface DaemonOps {
   create(spec: unknown, options?: CreateOptions): Promise<VmView>;
   start(name: string): Promise<VmView>;
   stop(name: string, options?: StopOptions): Promise<VmView>;
+  /** Changes settings of an existing VM (autostart). */
+  set(name: string, settings: VmSettings): Promise<VmView>;
   /** Only a VM without a running QEMU can be deleted. */
   delete(name: string): Promise<void>;
   /** Operator pass-through: one QMP command on the VM's monitor. */

@@ -8,7 +8,8 @@ import { recordsDir, RecordStore, type VmRecord } from './records.js';
 /** The part of the API `vmkeep stop --all` needs, served straight from the records. */
 export interface OfflineGuests {
   list(): Promise<Array<{ name: string; state: VmState; pid?: number }>>;
-  stop(name: string, options: { timeoutSec: number }): Promise<{ name: string; state: VmState }>;
+  /** Always a host shutdown's stop: the record's `wanted` is left as it was. */
+  stop(name: string, options: { timeoutSec: number; hostShutdown?: boolean }): Promise<{ name: string; state: VmState }>;
   /** Releases vmkeepd's lock. */
   close(): Promise<void>;
 }
@@ -57,7 +58,8 @@ export async function openOfflineGuests(stateDir: string): Promise<OfflineGuests
         qmp.close();
       }
       const now = new Date().toISOString();
-      const next: VmRecord = { ...record, state: 'stopped', lastExit: { reason: 'powered off while vmkeepd was down (host shutdown)', at: now }, updatedAt: now };
+      // It was running at the host's shutdown: autostart=last-state starts it at the next boot.
+      const next: VmRecord = { ...record, state: 'stopped', wanted: record.wanted ?? 'running', lastExit: { reason: 'powered off while vmkeepd was down (host shutdown)', at: now }, updatedAt: now };
       delete next.process;
       await store.put(next);
       return { name, state: 'stopped' };

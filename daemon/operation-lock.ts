@@ -4,8 +4,8 @@ import { DaemonError } from './errors.js';
 
 /** What can hold a VM. User operations may refuse to wait behind each other; the rest queue. */
 export type OperationKind =
-  | 'create' | 'start' | 'stop' | 'delete' | 'refresh'
-  | 'reattach' | 'supervise';
+  | 'create' | 'start' | 'stop' | 'delete' | 'refresh' | 'set'
+  | 'reattach' | 'supervise' | 'autostart';
 
 const USER_OPERATIONS: ReadonlySet<OperationKind> = new Set(['create', 'start', 'stop', 'delete', 'refresh']);
 
@@ -18,6 +18,8 @@ const DOING: Record<OperationKind, string> = {
   refresh: 'refreshing',
   reattach: 'reattaching to',
   supervise: 'handling an event of',
+  set: 'changing the settings of',
+  autostart: 'starting at boot',
 };
 
 export interface RunningOperation {

@@ -8,14 +8,14 @@ import {
 } from '../launcher/index.js';
 import { DEFAULT_CHANNEL, REFRESH_STRATEGIES, type RefreshStrategy } from '../upgrade/index.js';
 import { DaemonError } from './errors.js';
-import type { ExitInfo, VmState } from './model.js';
+import { AUTOSTART_MODES, type AutostartMode, type ExitInfo, type VmState } from './model.js';
 
 /**
  * Version of the record format this daemon writes. Any change of shape (even a new optional
  * field) bumps it and adds an entry to RECORD_UPGRADES, so older daemons refuse what they
  * cannot fully read instead of silently dropping fields on their next write.
  */
-export const RECORD_SCHEMA = 2;
+export const RECORD_SCHEMA = 3;
 
 /** A record is a spec plus a few paths (well under 1 MiB); a larger file is not one of ours. */
 const RECORD_MAX_BYTES = 4 * 1024 * 1024;
@@ -56,6 +56,13 @@ export interface VmRecord {
   channel: string;
   /** This VM's refresh strategy; absent: the daemon's default policy. */
   policy?: RefreshStrategy;
+  /** Whether a host boot starts it; absent: last-state. */
+  autostart?: AutostartMode;
+  /**
+   * What the operator (start, stop) or the guest (its own power-off) last chose. A power-off at
+   * host shutdown leaves it as it was: that is what last-state reads at the next boot.
+   */
+  wanted?: 'running' | 'stopped';
   /** Identity of the running QEMU's binary at launch, and the module folder pinned for it. */
   binary?: BinaryIdentity & { version: string; moduleDir?: string };
   refresh?: RefreshInFlight;
@@ -80,6 +87,8 @@ export type RecordUpgrades = Readonly<Record<number, RecordUpgrade>>;
 export const RECORD_UPGRADES: RecordUpgrades = {
   // Schema 2 (upgrades): every VM has a channel; schema 1 knew only one installation.
   1: (raw) => ({ ...raw, channel: DEFAULT_CHANNEL }),
+  // Schema 3 (host boot): optional autostart and wanted; absent means last-state, not known.
+  2: (raw) => raw,
 };
 
 /** Where the records of a state folder live. */
@@ -94,7 +103,7 @@ type Obj = Record<string, unknown>;
 
 const VM_STATES: readonly VmState[] = ['starting', 'running', 'paused', 'shutdown', 'stopped', 'exited', 'unreachable'];
 const RECORD_FIELDS = [
-  'schema', 'name', 'uuid', 'spec', 'machineType', 'installation', 'channel', 'policy', 'binary', 'refresh', 'retired',
+  'schema', 'name', 'uuid', 'spec', 'machineType', 'installation', 'channel', 'policy', 'autostart', 'wanted', 'binary', 'refresh', 'retired',
   'process', 'paths', 'state', 'lastExit', 'problem', 'createdAt', 'updatedAt',
 ] as const;
 
@@ -206,6 +215,16 @@ function checkRecord(raw: Obj, expectedName: string, problems: string[]): VmReco
     if ((REFRESH_STRATEGIES as readonly unknown[]).includes(raw.policy)) policy = raw.policy as RefreshStrategy;
     else bad('policy', `must be one of ${REFRESH_STRATEGIES.join(', ')}, got ${describe(raw.policy)}`);
   }
+  let autostart: AutostartMode | undefined;
+  if (raw.autostart !== undefined) {
+    if ((AUTOSTART_MODES as readonly unknown[]).includes(raw.autostart)) autostart = raw.autostart as AutostartMode;
+    else bad('autostart', `must be one of ${AUTOSTART_MODES.join(', ')}, got ${describe(raw.autostart)}`);
+  }
+  let wanted: VmRecord['wanted'];
+  if (raw.wanted !== undefined) {
+    if (raw.wanted === 'running' || raw.wanted === 'stopped') wanted = raw.wanted;
+    else bad('wanted', `must be running or stopped, got ${describe(raw.wanted)}`);
+  }
   const binary = raw.binary === undefined ? undefined : checkBinary(raw.binary, bad);
   const refresh = raw.refresh === undefined ? undefined : checkRefresh(raw.refresh, bad);
   const retired = raw.retired === undefined ? undefined : checkOtherQemu(raw.retired, 'retired', bad);
@@ -227,6 +246,8 @@ function checkRecord(raw: Obj, expectedName: string, problems: string[]): VmReco
     schema: RECORD_SCHEMA, name, uuid, spec, machineType, installation, channel, paths, state: state as VmState, createdAt, updatedAt,
   };
   if (policy !== undefined) record.policy = policy;
+  if (autostart !== undefined) record.autostart = autostart;
+  if (wanted !== undefined) record.wanted = wanted;
   if (binary !== undefined) record.binary = binary;
   if (refresh !== undefined) record.refresh = refresh;
   if (retired !== undefined) record.retired = retired;

@@ -1,7 +1,7 @@
 // One VM in the daemon's memory, and the small pure helpers every part of the manager shares.
 import type { ExeInfo, InstallationInfo } from '../launcher/index.js';
 import type { QmpClient } from '../qmp/index.js';
-import type { VmState, VmView } from './model.js';
+import { DEFAULT_AUTOSTART, type VmState, type VmView } from './model.js';
 import { OperationLock } from './operation-lock.js';
 import type { QemuPort } from './ports.js';
 import type { OtherQemu, VmRecord } from './records.js';
@@ -18,6 +18,8 @@ export interface VmEntry {
   hostShutdown?: string;
   /** An operator's stop asked this QEMU's guest to power off (kept after a stop timeout). */
   stopAsked?: boolean;
+  /** That stop was the host's shutdown (vmkeep-guests.service): the VM stays wanted running. */
+  hostShutdownStop?: boolean;
   /** What memory knows and the disk does not yet (the last write failed): retried. */
   unsaved?: string;
   /** The monitor did not answer the last health check. */
@@ -61,6 +63,7 @@ export function toView(entry: VmEntry): VmView {
     machineType: record.machineType,
     installation: record.installation.name,
     channel: record.channel,
+    autostart: record.autostart ?? DEFAULT_AUTOSTART,
     createdAt: record.createdAt,
     updatedAt: record.updatedAt,
   };

@@ -94,8 +94,8 @@ for pair in vmkeep:main.js vmkeepd:vmkeepd.js; do
   chmod 0755 "$stage/usr/bin/$name"
 done
 
-cp "$root/snap/vmkeepd.service" "$root/snap/vmkeep-guests.service" "$stage/lib/systemd/system/"
-chmod 0644 "$stage/lib/systemd/system/"*.service
+cp "$root/snap/vmkeepd.service" "$root/snap/vmkeepd.socket" "$root/snap/vmkeep-guests.service" "$stage/lib/systemd/system/"
+chmod 0644 "$stage/lib/systemd/system/"*.service "$stage/lib/systemd/system/"*.socket
 cat > "$stage/usr/share/doc/vmkeep/copyright" <<COPYRIGHT
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: vmkeep

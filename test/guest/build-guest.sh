@@ -185,6 +185,18 @@ if [ -n "$fill" ]; then
 fi
 
 echo "GUEST READY"
+
+# "vmkeep.flood_kib=N": once READY, the guest prints N KiB of text to its console (1 KiB lines
+# of one repeated block), then "GUEST FLOODED" and its ticks: a test of the bounded logs.
+flood=$(sed -n 's/.*vmkeep\.flood_kib=\([0-9]*\).*/\1/p' /proc/cmdline)
+if [ -n "$flood" ]; then
+  line="GUEST FLOOD $(printf '%01011d' 0)"
+  i=0
+  while [ "$i" -lt 64 ]; do echo "$line"; i=$((i + 1)); done >/flood.64k
+  i=0
+  while [ "$i" -lt "$flood" ]; do cat /flood.64k; i=$((i + 64)); done
+  echo "GUEST FLOODED"
+fi
 n=0
 while true; do
   n=$((n + 1))

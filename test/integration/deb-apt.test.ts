@@ -158,7 +158,7 @@ describe('the .deb on a fresh Debian bookworm, installed, upgraded and removed w
 
   it('1. apt install ./vmkeep_1.deb: vmkeepd and vmkeep-guests enabled and active; 3 VMs created and running', async () => {
     await root.sh(`apt-get install -y -q ./${debs.v1}`, { cwd: SHARE, env: APT_ENV, timeoutMs: 300_000 });
-    for (const unit of ['vmkeepd.service', 'vmkeep-guests.service']) {
+    for (const unit of ['vmkeepd.socket', 'vmkeepd.service', 'vmkeep-guests.service']) {
       expect((await root.exec(['systemctl', 'is-active', unit])).stdout.trim(), `${unit} active`).toBe('active');
       expect((await root.exec(['systemctl', 'is-enabled', unit])).stdout.trim(), `${unit} enabled`).toBe('enabled');
     }
@@ -175,6 +175,7 @@ describe('the .deb on a fresh Debian bookworm, installed, upgraded and removed w
     expect(before.size).toBe(3);
     const daemonPid = await vms.unitProperty('vmkeepd.service', 'MainPID');
     const guestsInvocation = await vms.unitProperty('vmkeep-guests.service', 'InvocationID');
+    const socketInvocation = await vms.unitProperty('vmkeepd.socket', 'InvocationID');
 
     await root.sh(`apt-get install -y -q ./${debs.v2}`, { cwd: SHARE, env: APT_ENV, timeoutMs: 300_000 });
 
@@ -182,6 +183,7 @@ describe('the .deb on a fresh Debian bookworm, installed, upgraded and removed w
     expect(await vms.unitProperty('vmkeepd.service', 'ActiveState')).toBe('active');
     expect(await vms.unitProperty('vmkeepd.service', 'MainPID'), 'postinst try-restarted vmkeepd').not.toBe(daemonPid);
     expect(await vms.unitProperty('vmkeep-guests.service', 'InvocationID'), 'vmkeep-guests.service was neither stopped nor restarted').toBe(guestsInvocation);
+    expect(await vms.unitProperty('vmkeepd.socket', 'InvocationID'), 'vmkeepd.socket held the control socket through the upgrade').toBe(socketInvocation);
     await vms.expectSurvived(before);
     expect((await vms.api.info()).version).toBe(V2);
     expect(await root.sh('vmkeep --version')).toMatch(new RegExp(`^vmkeep ${V2.replace('+', '\\+')} `));

@@ -9,7 +9,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { readProcessIdentity, validateSpec } from '../../launcher/index.js';
 import { DaemonError } from '../../daemon/errors.js';
 import { acquireDaemonLock, PID_FILE_NAME, readPidFile } from '../../daemon/lock.js';
-import { parseRecord, RecordStore, type VmRecord } from '../../daemon/records.js';
+import { parseRecord, RECORD_SCHEMA, RecordStore, type VmRecord } from '../../daemon/records.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const DIST_RECORDS = pathToFileURL(join(ROOT, 'dist/daemon/records.js')).href;
@@ -115,7 +115,7 @@ describe('a record rewritten in a loop and killed with SIGKILL', () => {
   function version(letter: 'a' | 'b'): VmRecord {
     const disks = Array.from({ length: 16 }, (_, i) => ({ path: `/${letter.repeat(3980)}/disk-${i}.img`, format: 'raw' }));
     return {
-      schema: 2, channel: 'default',
+      schema: RECORD_SCHEMA, channel: 'default',
       name: 'web',
       uuid: '123e4567-e89b-12d3-a456-426614174000',
       spec: validateSpec({ name: 'web', disks }),

@@ -17,6 +17,8 @@ const SHIPPED_UNIT = join(projectRoot(), 'snap', 'vmkeepd.service');
 /** Powers every guest off when it stops (host shutdown); see snap/vmkeep-guests.service. */
 export const GUESTS_UNIT = 'vmkeep-guests.service';
 const SHIPPED_GUESTS_UNIT = join(projectRoot(), 'snap', GUESTS_UNIT);
+export const SOCKET_UNIT = 'vmkeepd.socket';
+const SHIPPED_SOCKET_UNIT = join(projectRoot(), 'snap', SOCKET_UNIT);
 
 /**
  * The unit the packages ship, so the tests prove its settings (Type=notify, default KillMode),
@@ -64,17 +66,62 @@ export interface DaemonHostOptions {
    * test's socket); installed, not started: start it with systemctl('start', GUESTS_UNIT).
    */
   guestsUnit?: boolean;
+  /**
+   * Also install the shipped vmkeepd.socket (its ListenStream on the test's socket), started
+   * before vmkeepd: systemd holds the control socket and passes it to every vmkeepd.
+   */
+  socketUnit?: boolean;
   /** With guestsUnit: VMKEEP_SHUTDOWN_TIMEOUT, set by a drop-in as an administrator would (default 8). */
   guestsTimeoutSec?: number;
 }
 
 export class DaemonHost {
   private constructor(
-    readonly host: SystemdHost,
+    private current: SystemdHost,
     readonly dir: string,
     readonly socket: string,
     readonly api: ApiClient,
+    private readonly bootOptions: { name: string; unitFiles: Record<string, string>; guestsTimeoutSec?: number },
   ) {}
+
+  /** The private systemd now running (a new one after reboot()). */
+  get host(): SystemdHost {
+    return this.current;
+  }
+
+  private static async bootSystemd(options: { name: string; unitFiles: Record<string, string>; guestsTimeoutSec?: number }): Promise<SystemdHost> {
+    const host = await SystemdHost.boot({ name: options.name, unitFiles: options.unitFiles });
+    try {
+      if (options.unitFiles[GUESTS_UNIT] !== undefined) {
+        const timeoutSec = options.guestsTimeoutSec ?? 8;
+        const dropIns = join(host.unitDir, `${GUESTS_UNIT}.d`);
+        await mkdir(dropIns, { recursive: true });
+        await writeFile(join(dropIns, 'test-timeout.conf'), `[Service]\nEnvironment=VMKEEP_SHUTDOWN_TIMEOUT=${timeoutSec}\nTimeoutStopSec=${timeoutSec + 20}\n`);
+        await host.systemctl('daemon-reload');
+      }
+      return host;
+    } catch (error) {
+      await host.shutdown();
+      throw error;
+    }
+  }
+
+  /**
+   * A host reboot: the orderly shutdown (`systemctl exit`, the guests unit powering the guests
+   * off), the old namespaces removed, then a new private systemd (a new boot ID) on the same
+   * state folder, where what an enabled install starts at boot is started: vmkeepd and the
+   * guests unit. Resolves with the old host's console.
+   */
+  async reboot(timeoutMs = 60_000): Promise<string> {
+    const log = await this.exitHost(timeoutMs);
+    await this.current.shutdown();
+    this.current = await DaemonHost.bootSystemd(this.bootOptions);
+    if (this.bootOptions.unitFiles[SOCKET_UNIT] !== undefined) await this.systemctl('start', SOCKET_UNIT);
+    await this.systemctl('start', DAEMON_UNIT);
+    if (this.bootOptions.unitFiles[GUESTS_UNIT] !== undefined) await this.systemctl('start', GUESTS_UNIT);
+    await this.reattached();
+    return log;
+  }
 
   static async boot(options: DaemonHostOptions): Promise<DaemonHost> {
     requireQemu();
@@ -97,15 +144,24 @@ export class DaemonHost {
           ExecStop: { from: '/usr/bin/vmkeep', to: `${process.execPath} ${VMKEEP_CLI}`, append: `--socket ${socket}` },
         }).replace('--state-dir /var/lib/vmkeep', `--state-dir ${join(dir, 'state')}`)
         : undefined;
-      host = await SystemdHost.boot({ name: options.name, unitFiles: { [DAEMON_UNIT]: unit, ...(guests === undefined ? {} : { [GUESTS_UNIT]: guests }) } });
-      if (guests !== undefined) {
-        const timeoutSec = options.guestsTimeoutSec ?? 8;
-        const dropIns = join(host.unitDir, `${GUESTS_UNIT}.d`);
-        await mkdir(dropIns, { recursive: true });
-        await writeFile(join(dropIns, 'test-timeout.conf'), `[Service]\nEnvironment=VMKEEP_SHUTDOWN_TIMEOUT=${timeoutSec}\nTimeoutStopSec=${timeoutSec + 20}\n`);
-        await host.systemctl('daemon-reload');
+      let socketUnit: string | undefined;
+      if (options.socketUnit === true) {
+        const shipped = await readFile(SHIPPED_SOCKET_UNIT, 'utf8');
+        if (!/^ListenStream=\/run\/vmkeep\/vmkeep\.sock$/m.test(shipped)) throw new Error(`${SHIPPED_SOCKET_UNIT} has no ListenStream=/run/vmkeep/vmkeep.sock line`);
+        socketUnit = shipped.replace(/^ListenStream=.*$/m, `ListenStream=${socket}`);
       }
-      const daemon = new DaemonHost(host, dir, socket, new ApiClient({ socketPath: socket, timeoutMs: 60_000 }));
+      const bootOptions = {
+        name: options.name,
+        unitFiles: {
+          [DAEMON_UNIT]: unit,
+          ...(guests === undefined ? {} : { [GUESTS_UNIT]: guests }),
+          ...(socketUnit === undefined ? {} : { [SOCKET_UNIT]: socketUnit }),
+        },
+        ...(options.guestsTimeoutSec === undefined ? {} : { guestsTimeoutSec: options.guestsTimeoutSec }),
+      };
+      host = await DaemonHost.bootSystemd(bootOptions);
+      const daemon = new DaemonHost(host, dir, socket, new ApiClient({ socketPath: socket, timeoutMs: 60_000 }), bootOptions);
+      if (socketUnit !== undefined) await daemon.systemctl('start', SOCKET_UNIT);
       await daemon.systemctl('start', DAEMON_UNIT);
       return daemon;
     } catch (error) {

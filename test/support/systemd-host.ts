@@ -2,6 +2,7 @@
 // system bus, for tests on machines whose PID 1 is not systemd. See boot.sh for the namespace
 // and mount set-up; this file prepares its /run, starts it, waits for the bus and tears it down.
 import { spawn, type ChildProcess, type StdioOptions } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
 import { existsSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { mkdir, readFile, readdir, rename, rm, rmdir, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
@@ -336,6 +337,7 @@ export class SystemdHost {
 
     await mkdir(p.unitDir, { recursive: true });
     await mkdir(join(p.runDir, 'vmkeep-empty'));
+    await writeFile(join(p.runDir, 'vmkeep-boot-id'), `${randomUUID()}\n`);
     await mkdir(join(p.runDir, 'systemd', 'system.conf.d'), { recursive: true });
     await writeFile(join(p.runDir, 'systemd', 'system.conf.d', 'vmkeep-testhost.conf'), MANAGER_CONF);
     for (const [unit, text] of Object.entries({ ...baseUnits(), ...options.unitFiles })) {

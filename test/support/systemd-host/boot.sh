@@ -32,6 +32,9 @@ mounts)
 	# systemd must not change the host's sysctls.
 	mount --bind /proc/sys /proc/sys
 	mount -o remount,bind,ro /proc/sys
+	# A boot ID of its own, new at each boot (as systemd-nspawn gives a container): what tells
+	# a host boot from a daemon restart.
+	mount --bind /run/vmkeep-boot-id /proc/sys/kernel/random/boot_id
 	# Replace the host's hybrid cgroup mounts by our own cgroup2 subtree only.
 	umount -R /sys/fs/cgroup
 	mount -o remount,bind,ro /sys

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { validateSpec } from '../../../launcher/index.js';
 import {
   DaemonError, type CreateOptions, type DaemonEvent, type DaemonInfo, type DaemonOps, type RefreshJob, type RefreshJobRequest,
-  type RefreshOptions, type RefreshOutcome, type StopOptions, type UpgradeStatus, type VmView,
+  type RefreshOptions, type RefreshOutcome, type StopOptions, type UpgradeStatus, type VmSettings, type VmView,
 } from '../../../daemon/index.js';
 
 export interface FakeCall {
@@ -58,6 +58,7 @@ export class FakeDaemonOps implements DaemonOps {
       machineType: 'pc-q35-7.2',
       installation: 'default',
       channel: 'default',
+      autostart: 'last-state',
       createdAt: now,
       updatedAt: now,
       ...(state === 'running' ? { pid: this.nextPid++, scope: `vmkeep-${name}.scope`, qemuVersion: '7.2.19' } : {}),
@@ -116,6 +117,14 @@ export class FakeDaemonOps implements DaemonOps {
       spec: vm.spec,
       lastExit: { reason: options.force ? 'quit by request' : 'guest shutdown', at: '2025-01-01T00:01:00.000Z' },
     });
+  }
+
+  async set(name: string, settings: VmSettings): Promise<VmView> {
+    this.record('set', [name, settings]);
+    const vm = this.vms.get(name);
+    if (!vm) throw new DaemonError('NOT_FOUND', `no VM named "${name}"`);
+    Object.assign(vm, settings);
+    return vm;
   }
 
   async delete(name: string): Promise<void> {

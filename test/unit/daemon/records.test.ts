@@ -21,7 +21,7 @@ afterEach(() => {
 
 function sample(name = 'web', patch: Partial<VmRecord> = {}): VmRecord {
   return {
-    schema: 2, channel: 'default',
+    schema: RECORD_SCHEMA, channel: 'default',
     name,
     uuid: '123e4567-e89b-12d3-a456-426614174000',
     spec: validateSpec({ name, kernel: '/boot/vmlinuz', append: 'console=ttyS0', memoryMiB: 256 }),
@@ -170,11 +170,11 @@ describe('parseRecord', () => {
   });
 
   it('refuses a newer schema with RECORD_TOO_NEW and says what to do', () => {
-    const newer = { ...sample(), schema: 3, somethingNew: { x: 1 } };
+    const newer = { ...sample(), schema: 4, somethingNew: { x: 1 } };
     const err = caught(() => parseRecord(text(newer), '/state/vms/web.json'));
     expect(err.code).toBe('RECORD_TOO_NEW');
     expect(err.message).toMatch(
-      /^record \/state\/vms\/web\.json was written by a newer vmkeepd \(schema 3, this one reads up to 2\): upgrade vmkeep.*or restore/);
+      /^record \/state\/vms\/web\.json was written by a newer vmkeepd \(schema 4, this one reads up to 3\): upgrade vmkeep.*or restore/);
   });
 });
 
@@ -201,13 +201,21 @@ describe('schema upgrades', () => {
   });
 
   it('brings an older record up to the current schema', () => {
-    expect(RECORD_SCHEMA).toBe(2);
+    expect(RECORD_SCHEMA).toBe(3);
     const old = v0();
     const upgraded = upgradeRecord(old, upgrades, 'web.json');
-    expect(upgraded.schema).toBe(2);
+    expect(upgraded.schema).toBe(3);
     expect(upgraded.name).toBe('web');
     expect(old.schema).toBe(0); // the input is left as it was
     expect(parseRecord(text(v0()), 'web.json', upgrades)).toEqual(sample());
+  });
+
+  it('reads a schema 2 record (no autostart, no wanted) as it was, and checks the new fields', () => {
+    expect(parseRecord(JSON.stringify({ ...JSON.parse(text(sample())), schema: 2 }), 'web.json')).toEqual(sample());
+    expect(parseRecord(text(sample('web', { autostart: 'never', wanted: 'running' })), 'web.json')).toMatchObject({ autostart: 'never', wanted: 'running' });
+    const err = caught(() => parseRecord(JSON.stringify({ ...JSON.parse(text(sample())), autostart: 'sometimes', wanted: 'yes' }), 'web.json'));
+    expect(err.message).toContain('field "autostart" must be one of always, never, last-state');
+    expect(err.message).toContain('field "wanted" must be running or stopped');
   });
 
   it('leaves a current record untouched', () => {
@@ -216,7 +224,7 @@ describe('schema upgrades', () => {
   });
 
   it('refuses a schema it has no upgrade for, and a failing upgrade, as RECORD_CORRUPT', () => {
-    expect(Object.keys(RECORD_UPGRADES)).toEqual(['1']);
+    expect(Object.keys(RECORD_UPGRADES)).toEqual(['1', '2']);
     const missing = caught(() => parseRecord(text(v0()), 'web.json'));
     expect(missing.code).toBe('RECORD_CORRUPT');
     expect(missing.message).toMatch(/no upgrade from schema 0 to 1/);
@@ -308,7 +316,7 @@ describe('RecordStore', () => {
     await store.put(sample('a'));
     const damaged: Record<string, string> = {
       'c.json': text(sample('c')).slice(0, 200),
-      'd.json': text({ ...sample('d'), schema: 3 }),
+      'd.json': text({ ...sample('d'), schema: 4 }),
       'e.json': text(sample('other')),
       'Bad Name.json': text(sample()),
     };

@@ -1,0 +1,137 @@
+// ARCHITECTURE.md invariant 12: the control plane is always there. With the shipped
+// vmkeepd.socket, systemd holds the control socket: a client sending requests back to back
+// while vmkeepd is restarted 10 times and SIGKILLed 3 times sees no refused connection and no
+// failed request (requests wait). Negative control: without the socket unit the same client
+// sees refusals.
+import { afterEach, describe, expect, it } from 'vitest';
+import { request } from 'node:http';
+import { DaemonHost, DAEMON_UNIT } from '../support/daemon-host.js';
+
+const RESTARTS = 10;
+const KILLS = 3;
+/** The client's bound: it stops at this count even if the restarts take longer. */
+const MAX_REQUESTS = 200_000;
+
+const hosts: DaemonHost[] = [];
+
+afterEach(async () => {
+  for (const host of hosts.splice(0)) await host.shutdown();
+});
+
+interface ClientTally {
+  /** Requests answered 200. */
+  ok: number;
+  /** Connection attempts refused: no listener on the path (ECONNREFUSED) or no socket file (ENOENT). */
+  refused: number;
+  /** Attempts cut after the connection was accepted (a SIGKILLed daemon): asked again, as vmkeep does for reads. */
+  cut: number;
+  /** Requests that got no answer within REQUEST_DEADLINE_MS, or a bad one. */
+  failed: number;
+  longestWaitMs: number;
+  errors: string[];
+}
+
+const REQUEST_DEADLINE_MS = 30_000;
+
+/** One GET /1.0/vms attempt, without retries, classified. */
+function attempt(socketPath: string): Promise<'ok' | 'refused' | 'cut' | string> {
+  return new Promise((resolve) => {
+    const req = request({ socketPath, path: '/1.0/vms', agent: false, timeout: REQUEST_DEADLINE_MS }, (res) => {
+      res.resume();
+      res.on('end', () => resolve(res.statusCode === 200 ? 'ok' : `status ${res.statusCode}`));
+      res.on('error', () => resolve('cut'));
+    });
+    req.on('timeout', () => req.destroy(new Error('timed out')));
+    req.on('error', (error: NodeJS.ErrnoException) => {
+      if (error.code === 'ECONNREFUSED' || error.code === 'ENOENT') resolve('refused');
+      else if (error.code === 'ECONNRESET' || error.code === 'EPIPE') resolve('cut');
+      else resolve(error.message);
+    });
+    req.end();
+  });
+}
+
+/**
+ * Sends requests back to back until `stop` says so (at most MAX_REQUESTS) and tallies every
+ * attempt: a refused or cut attempt is tried again (after 10 ms) until the request's deadline.
+ */
+function runClient(socketPath: string, stop: () => boolean): Promise<ClientTally> {
+  const tally: ClientTally = { ok: 0, refused: 0, cut: 0, failed: 0, longestWaitMs: 0, errors: [] };
+  return (async () => {
+    for (let i = 0; i < MAX_REQUESTS && !stop(); i++) {
+      const began = performance.now();
+      for (;;) {
+        const outcome = await attempt(socketPath);
+        if (outcome === 'ok') {
+          tally.ok++;
+          break;
+        }
+        if (outcome === 'refused') tally.refused++;
+        else if (outcome === 'cut') tally.cut++;
+        if ((outcome !== 'refused' && outcome !== 'cut') || performance.now() - began > REQUEST_DEADLINE_MS) {
+          tally.failed++;
+          if (tally.errors.length < 5) tally.errors.push(outcome);
+          break;
+        }
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+      tally.longestWaitMs = Math.max(tally.longestWaitMs, performance.now() - began);
+    }
+    return tally;
+  })();
+}
+
+async function restartsAndKills(host: DaemonHost): Promise<void> {
+  for (let i = 0; i < RESTARTS; i++) {
+    await host.systemctl('restart', DAEMON_UNIT);
+    // A SIGKILL after the 3rd, 6th and 9th restart; Restart=on-failure (or the socket) brings it back.
+    if (i % 3 === 2) await host.killAndStart();
+  }
+}
+
+describe('socket activation', () => {
+  it(`no refused connection and no failed request while vmkeepd is restarted ${RESTARTS} times and SIGKILLed ${KILLS} times`, async () => {
+    const host = await DaemonHost.boot({ name: `sock-${process.pid}`, socketUnit: true });
+    hosts.push(host);
+    let done = false;
+    const client = runClient(host.socket, () => done);
+    const began = Date.now();
+    try {
+      await restartsAndKills(host);
+    } finally {
+      done = true;
+    }
+    const tally = await client;
+    const ms = Date.now() - began;
+    process.stdout.write(`socket activation: ${tally.ok} requests over ${RESTARTS} restarts and ${KILLS} SIGKILLs in ${ms} ms; `
+      + `refused ${tally.refused}, cut by SIGKILL ${tally.cut}, failed ${tally.failed}, longest wait ${Math.round(tally.longestWaitMs)} ms\n`);
+    // Every vmkeepd of the run took the socket from systemd.
+    const log = await host.consoleTail(10_000);
+    expect(log.match(/"socketActivated":true/g)?.length).toBe(RESTARTS + KILLS + 1);
+    expect(log).not.toMatch(/"socketActivated":false/);
+    expect(tally.errors).toEqual([]);
+    expect(tally.refused).toBe(0);
+    expect(tally.failed).toBe(0);
+    expect(tally.ok).toBeGreaterThan(RESTARTS * 5);
+    // Only a SIGKILL cuts a request already accepted (then asked again); a restart lets it finish.
+    expect(tally.cut).toBeLessThanOrEqual(KILLS);
+    // The daemon still serves from the socket systemd held, and is the last one started.
+    expect((await host.api.info()).pid).toBe(Number((await host.systemctl('show', '--property=MainPID', '--value', DAEMON_UNIT)).trim()));
+  });
+
+  it('negative control: without vmkeepd.socket the same client sees refused connections', async () => {
+    const host = await DaemonHost.boot({ name: `socklessneg-${process.pid}` });
+    hosts.push(host);
+    let done = false;
+    const client = runClient(host.socket, () => done);
+    try {
+      await restartsAndKills(host);
+    } finally {
+      done = true;
+    }
+    const tally = await client;
+    process.stdout.write(`without the socket unit: ${tally.ok} requests, refused ${tally.refused}, cut ${tally.cut}, failed ${tally.failed}, longest wait ${Math.round(tally.longestWaitMs)} ms\n`);
+    expect(await host.consoleTail(10_000)).toMatch(/"socketActivated":false/);
+    expect(tally.refused).toBeGreaterThan(0);
+  });
+});
