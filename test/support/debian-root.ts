@@ -12,8 +12,9 @@
 // - units that act on the kernel or devices (udev, sysctl, modules, binfmt, remount, kernel file
 //   systems, networkd...) are masked in the root before it is ever booted;
 // - nspawn runs inside `setpriv --pdeathsig KILL unshare --pid --fork --kill-child --mount
-//   --mount-proc`: if the test dies, the kernel ends every process of the root; nspawn's own /run and /tmp are private
-//   tmpfs (else it writes /run/systemd/nspawn and /tmp/nspawn-* on the host);
+//   --mount-proc`: if the test dies, the kernel ends every process of the root; nspawn's own /run is a private
+//   tmpfs (else it writes /run/systemd/nspawn on the host). /tmp is left as it is: nspawn writes there
+//   only for --volatile and disk images (neither used), and the project (and so the root) may live under /tmp;
 // - the wrapper moves itself into its own cgroups first, removed at shutdown deepest first.
 import { createHash } from 'node:crypto';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -139,7 +140,6 @@ mkdir -p "$cg2"; echo 0 > "$cg2/cgroup.procs"
 if [ -n "$cg1" ]; then mkdir -p "$cg1"; echo 0 > "$cg1/cgroup.procs"; fi
 mount -t overlay overlay -o "lowerdir=$lower,upperdir=$upper,workdir=$ovwork" "$merged"
 mount -t tmpfs -o mode=0755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
 exec systemd-nspawn --boot --register=no --keep-unit --private-network --link-journal=no --resolv-conf=off \\
   --timezone=off --console=read-only -D "$merged" "$@"
 `;
