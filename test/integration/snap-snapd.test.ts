@@ -1,9 +1,11 @@
 // The snap, built by `npm run package:snap` and refreshed by a real snapd (Debian's, offline, in a
-// private systemd: test/support/snapd-host.ts): install x1 with 3 VMs, a real refresh to x2 (a
-// changed QEMU: bookworm-backports' 10.0) under running guests, `vmkeep refresh --stale` onto
-// x2's QEMU, `snap remove` powering every guest off by ACPI. The negative control is the same
-// refresh with a snap whose vmkeepd keeps its QEMUs in the service's own cgroup (--no-scope).
-import { cp, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+// private systemd: test/support/snapd-host.ts). One sequence: install x1 with 3 VMs; a real
+// refresh to x2 (a changed QEMU: bookworm-backports' 10.0) under running guests; a second refresh
+// to x3 with every VM still on x1, which snapd then discards (refresh.retain); `vmkeep refresh
+// --stale` onto the current QEMU; `snap revert`; `snap remove` powering every guest off by ACPI.
+// The negative control is a refresh with a snap whose vmkeepd keeps its QEMUs in the service's
+// own cgroup (--no-scope).
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { existsSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -25,7 +27,7 @@ const WATCHED = ['/etc/systemd/system', '/etc/udev/rules.d', '/etc/modules-load.
 
 let guest: GuestImage;
 let work: string;
-const snaps: Record<'x1' | 'x2' | 'x1NoScope' | 'x2NoScope', string> = { x1: '', x2: '', x1NoScope: '', x2NoScope: '' };
+const snaps: Record<'x1' | 'x2' | 'x3' | 'x1NoScope' | 'x2NoScope', string> = { x1: '', x2: '', x3: '', x1NoScope: '', x2NoScope: '' };
 let watchedBefore: string;
 
 async function listing(): Promise<string> {
@@ -43,8 +45,8 @@ async function buildSnap(version: string, prime: string, extra: string[] = []): 
   return r.stdout.trim().split('\n').at(-1) as string;
 }
 
-/** A variant of a built snap: its prime folder (hard links) with vmkeepd run by `command`. */
-async function variant(prime: string, version: string, command: string): Promise<string> {
+/** A variant of a built snap: its prime folder (hard links), another version, vmkeepd run by `command`. */
+async function variant(prime: string, version: string, command = 'bin/vmkeepd-launch'): Promise<string> {
   const dir = `${prime}-${version}`;
   await execa('cp', ['-al', prime, dir]);
   const yamlPath = join(dir, 'meta', 'snap.yaml');
@@ -66,6 +68,8 @@ beforeAll(async () => {
   const qemu10 = await backportsQemuRoot();
   snaps.x1 = await buildSnap('0.1.0', join(work, 'prime1'));
   snaps.x2 = await buildSnap('0.1.0+qemu10', join(work, 'prime2'), ['--qemu-root', qemu10]);
+  // x3: the same build as x2 under another version (a refresh that changes no QEMU byte).
+  snaps.x3 = await variant(join(work, 'prime2'), '0.1.0+x3');
   snaps.x1NoScope = await variant(join(work, 'prime1'), '0.1.0+noscope', 'bin/vmkeepd-launch --no-scope');
   snaps.x2NoScope = await variant(join(work, 'prime2'), '0.1.0+qemu10noscope', 'bin/vmkeepd-launch --no-scope');
 }, 600_000);
@@ -144,7 +148,7 @@ describe('the snap under a real snapd', () => {
     expect(await listing()).toBe(watchedBefore);
   });
 
-  it('install x1, refresh to x2 under 3 running VMs, refresh --stale onto x2, remove powers the guests off', async () => {
+  it('install x1, refresh to x2 and x3 under 3 running VMs (x1 discarded), refresh --stale, revert, remove powers the guests off', async () => {
     const b = await bootSnapd(`snapd-${process.pid}`);
     cleanups.push(() => b.snapd.shutdown());
     try {
@@ -185,10 +189,32 @@ describe('the snap under a real snapd', () => {
     }
     expect(await b.vmkeep(['upgrade-status'])).toMatch(/rev-x1/);
 
-    // 3. every VM moved live onto x2's QEMU (10.0), no guest rebooted.
+    // 4. a second refresh, x2 -> x3, with every VM still on x1: snapd keeps 2 revisions
+    // (refresh.retain) and discards x1 under the running QEMUs. vmkeep holds nothing: each VM
+    // keeps running from the binary it opened (the squashfs stays alive, detached, while it is
+    // in use) with its modules from vmkeep's pinned copies, and upgrade-status says so.
+    await b.snapd.snap(['install', '--dangerous', '--classic', snaps.x3]);
+    const revisions = (await b.snapd.snap(['list', '--all', 'vmkeep'])).stdout;
+    expect(revisions).toMatch(/\bx2\b.*disabled/);
+    expect(revisions).toMatch(/\bx3\b/);
+    expect(revisions).not.toMatch(/\bx1\b/);
+    expect((await b.snapd.host.exec('test', ['-e', '/snap/vmkeep/x1'])).exitCode, '/snap/vmkeep/x1 is gone').not.toBe(0);
+    for (const [name, q] of before) expect(isSameProcess(q.pid, q.startTime), `${name}'s QEMU survived the discard of x1`).toBe(true);
+    await ticksGoOn(b, names);
+    const discarded = await b.api.upgradeStatus();
+    expect(discarded.channels[0]).toMatchObject({ installation: 'rev-x3' });
+    for (const name of names) {
+      const row = discarded.vms.find((v) => v.name === name);
+      expect(row).toMatchObject({ state: 'running', installation: 'rev-x1', stale: true });
+      expect(row?.reasons.join(' ')).toContain('it runs /snap/vmkeep/x1/usr/bin/qemu-system-x86_64, which is no longer at that path');
+    }
+    expect(await b.vmkeep(['upgrade-status'])).toContain('snap revision snapd discarded');
+
+    // 3. every VM moved live onto the current QEMU (x3's: the same build as x2's, QEMU 10.0),
+    // from the discarded x1, no guest rebooted.
     await b.vmkeep(['refresh', '--stale', '--strategy', 'migrate'], 300_000);
     for (const name of names) {
-      await waitForVm(b.api, name, (v) => v.state === 'running' && v.installation === 'rev-x2', 'on rev-x2 after refresh --stale');
+      await waitForVm(b.api, name, (v) => v.state === 'running' && v.installation === 'rev-x3', 'on rev-x3 after refresh --stale');
       expect((await readFile(b.serialLog(name), 'utf8')).match(/GUEST READY/g)).toHaveLength(1);
     }
     const after = await b.qemus(names);
@@ -198,6 +224,19 @@ describe('the snap under a real snapd', () => {
     }
     await ticksGoOn(b, names);
     expect((await b.api.upgradeStatus()).vms.filter((v) => v.stale)).toEqual([]);
+
+    // 5. snap revert: vmkeepd back on x2 (only the configure hook runs), the VMs untouched.
+    const x3DaemonPid = await b.mainPid(DAEMON_UNIT);
+    await b.snapd.snap(['revert', 'vmkeep']);
+    expect(await lastChangeTasks(b)).toMatch(/Done .*Run configure hook of "vmkeep" snap/);
+    expect(await b.vmkeep(['--version'])).toContain('0.1.0+qemu10');
+    expect(await b.mainPid(DAEMON_UNIT)).not.toBe(x3DaemonPid);
+    for (const [name, q] of after) expect(isSameProcess(q.pid, q.startTime), `${name}'s QEMU survived the revert`).toBe(true);
+    await ticksGoOn(b, names);
+    const reverted = await b.api.upgradeStatus();
+    expect(reverted.channels[0]).toMatchObject({ installation: 'rev-x2' });
+    // x3's QEMU is x2's build: nothing to move back.
+    expect(reverted.vms.filter((v) => v.stale)).toEqual([]);
 
     // 6. snap remove: the remove hook powers every guest off by ACPI; nothing is killed.
     await b.snapd.snap(['remove', 'vmkeep'], { timeoutMs: 180_000 });
