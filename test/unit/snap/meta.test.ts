@@ -43,6 +43,7 @@ describe('snap.yaml from snapcraft.yaml', () => {
         { from: 'vmkeepd-launch', to: 'bin/vmkeepd-launch' },
         { from: 'vmkeep', to: 'bin/vmkeep' },
         { from: 'vmkeep-guests', to: 'bin/vmkeep-guests' },
+        { from: 'vmkeep-completion.bash', to: 'bin/vmkeep-completion.bash' },
       ],
     });
     expect(plan.qemu.packages).toContain('qemu-system-x86');
