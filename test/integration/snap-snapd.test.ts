@@ -3,8 +3,9 @@
 // refresh to x2 (a changed QEMU: bookworm-backports' 10.0) under running guests; a second refresh
 // to x3 with every VM still on x1, which snapd then discards (refresh.retain); `vmkeep refresh
 // --stale` onto the current QEMU; `snap revert`; `snap remove` powering every guest off by ACPI.
-// The negative control is a refresh with a snap whose vmkeepd keeps its QEMUs in the service's
-// own cgroup (--no-scope).
+// Then `snap set vmkeep refresh.strategy=migrate` and a refresh: the new vmkeepd moves the VM by
+// itself. The negative control is a refresh with a snap whose vmkeepd keeps its QEMUs in the
+// service's own cgroup (--no-scope).
 import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { existsSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -249,6 +250,27 @@ describe('the snap under a real snapd', () => {
       await b.snapd.shutdown();
     }
   }, 900_000);
+
+  it('snap set vmkeep refresh.strategy=migrate, then a refresh: the new vmkeepd moves the stale VM by itself', async () => {
+    const b = await bootSnapd(`snapdmg-${process.pid}`);
+    cleanups.push(() => b.snapd.shutdown());
+    try {
+      await b.snapd.snap(['install', '--dangerous', '--classic', snaps.x1]);
+      await createVms(b, ['m1']);
+      const [q] = [...(await b.qemus(['m1'])).values()] as [{ pid: number; startTime: string }];
+      // The configure hook restarts vmkeepd for the new strategy; the VM is not touched.
+      await b.snapd.snap(['set', 'vmkeep', 'refresh.strategy=migrate']);
+      expect(isSameProcess(q.pid, q.startTime)).toBe(true);
+      await b.snapd.snap(['install', '--dangerous', '--classic', snaps.x2]);
+      const vm = await waitForVm(b.api, 'm1', (v) => v.state === 'running' && v.installation === 'rev-x2', 'moved onto rev-x2 by the new vmkeepd (--refresh-at-start)');
+      expect(vm.pid).not.toBe(undefined);
+      expect(isSameProcess(q.pid, q.startTime), "m1's x1 QEMU is gone after the live migration").toBe(false);
+      expect((await readFile(b.serialLog('m1'), 'utf8')).match(/GUEST READY/g)).toHaveLength(1);
+      await ticksGoOn(b, ['m1']);
+    } finally {
+      await b.snapd.shutdown();
+    }
+  }, 300_000);
 
   it('negative control: a vmkeepd that keeps its QEMUs in its own cgroup loses them at the refresh', async () => {
     const b = await bootSnapd(`snapdnc-${process.pid}`);
