@@ -17,6 +17,12 @@ export interface ExeInfo {
    * is gone: the link still reads the plain path, but the inode has no links left).
    */
   deleted: boolean;
+  /**
+   * The path no longer leads to that file although it still has links: its file system was
+   * unmounted under the running process (e.g. a snap revision that snapd discarded: the kernel
+   * then reads the path inside the detached squashfs, such as /usr/bin/qemu-system-x86_64).
+   */
+  unreachable?: true;
   /** Device and inode of the file the process runs, even when it was deleted. */
   dev: number;
   ino: number;
@@ -72,10 +78,24 @@ export function readExe(pid: number): ExeInfo | null {
     const s = statSync(`/proc/${pid}/exe`);
     const suffix = ' (deleted)';
     const marked = target.endsWith(suffix);
-    return { path: marked ? target.slice(0, -suffix.length) : target, deleted: marked || s.nlink === 0, dev: s.dev, ino: s.ino };
+    const path = marked ? target.slice(0, -suffix.length) : target;
+    const deleted = marked || s.nlink === 0;
+    const info: ExeInfo = { path, deleted, dev: s.dev, ino: s.ino };
+    if (!deleted && !leadsTo(path, s.dev, s.ino)) info.unreachable = true;
+    return info;
   } catch (err) {
     if (isGone(err)) return null;
     throw err;
+  }
+}
+
+/** Whether `path`, as this process sees it, is the file dev/ino. */
+function leadsTo(path: string, dev: number, ino: number): boolean {
+  try {
+    const s = statSync(path);
+    return s.dev === dev && s.ino === ino;
+  } catch {
+    return false;
   }
 }
 

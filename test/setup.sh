@@ -47,6 +47,43 @@ if [ ${#oci_missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${oci_missing[@]}" "${pins[@]}" >/dev/null
 fi
 
+# A real snapd for the snap test (run only inside the test's private systemd). Its package
+# scripts would start snapd and udev on the host: a policy-rc.d refusing every start is put in
+# place for the install alone. squashfuse must stay absent (snapd would think it runs in a
+# container and use fuse mounts).
+snap_packages=(snapd squashfs-tools)
+snap_missing=()
+for p in "${snap_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || snap_missing+=("$p")
+done
+if [ ${#snap_missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    log "missing apt packages: ${snap_missing[*]}; run as root or: sudo apt-get install --no-install-recommends ${snap_missing[*]}"
+    exit 1
+  fi
+  log "installing apt packages: ${snap_missing[*]} (no service started)"
+  export DEBIAN_FRONTEND=noninteractive
+  own_policy=no
+  if [ -e /usr/sbin/policy-rc.d ]; then
+    # One already there (container images ship one exiting 101) must refuse starts too.
+    /usr/sbin/policy-rc.d snapd.service start >/dev/null 2>&1 && {
+      log "/usr/sbin/policy-rc.d allows service starts; install by hand without starting snapd/udev: apt-get install --no-install-recommends ${snap_missing[*]}"
+      exit 1
+    }
+  else
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 0755 /usr/sbin/policy-rc.d
+    own_policy=yes
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${snap_missing[@]}" >/dev/null
+  if [ $own_policy = yes ]; then
+    rm -f /usr/sbin/policy-rc.d
+    trap - EXIT
+  fi
+fi
+
 # npm ci only when the lock file changed since the last install.
 stamp=node_modules/.vmkeep-lock-stamp
 if [ ! -f "$stamp" ] || ! cmp -s package-lock.json "$stamp"; then

