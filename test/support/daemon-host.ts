@@ -194,7 +194,12 @@ export class DaemonHost {
   async reattached(timeoutMs = 30_000): Promise<void> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
-      const busy = (await this.api.list()).filter((vm) => vm.operation?.kind === 'reattach').map((vm) => vm.name);
+      // A daemon that Restart= replaced meanwhile may not listen yet: that is waited for too.
+      const vms = await this.api.list().catch((error: unknown) => {
+        if ((error as { code?: string }).code === 'DAEMON_DOWN' && Date.now() <= deadline) return undefined;
+        throw error;
+      });
+      const busy = vms === undefined ? ['(vmkeepd not answering yet)'] : vms.filter((vm) => vm.operation?.kind === 'reattach').map((vm) => vm.name);
       if (busy.length === 0) return;
       if (Date.now() > deadline) throw new Error(`still reattaching after ${timeoutMs} ms: ${busy.join(', ')}`);
       await new Promise((resolve) => setTimeout(resolve, 50));
