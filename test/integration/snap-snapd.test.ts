@@ -270,7 +270,7 @@ describe('the snap under a real snapd', () => {
     } finally {
       await b.snapd.shutdown();
     }
-  }, 300_000);
+  }, 600_000);
 
   it('negative control: a vmkeepd that keeps its QEMUs in its own cgroup loses them at the refresh', async () => {
     const b = await bootSnapd(`snapdnc-${process.pid}`);
@@ -286,5 +286,5 @@ describe('the snap under a real snapd', () => {
     } finally {
       await b.snapd.shutdown();
     }
-  }, 300_000);
+  }, 600_000);
 });

@@ -11,6 +11,12 @@ import { join } from 'node:path';
 import { execa } from 'execa';
 import { SystemdHost, waitFor, type ExecOptions, type ExecResult } from './systemd-host.js';
 
+/**
+ * A snap install or refresh waits for snapd's whole change (mounts, hooks, the daemon's READY):
+ * seconds on a quiet machine, minutes on a loaded one.
+ */
+const SNAP_COMMAND_TIMEOUT_MS = 240_000;
+
 // Host paths snapd writes (classic snaps, no interfaces), each replaced by a scratch folder.
 const SNAPD_WRITES = [
   '/var/lib/snapd', '/snap', '/var/snap', '/var/cache/snapd', '/etc/systemd/system', '/etc/udev/rules.d',
@@ -82,7 +88,7 @@ export class SnapdHost {
 
   /** A command inside; throws with its output and snapd's log tail on a non-zero exit. */
   async run(cmd: string, args: string[], opts: ExecOptions = {}): Promise<ExecResult> {
-    const r = await this.host.exec(cmd, args, { timeoutMs: 120_000, ...opts });
+    const r = await this.host.exec(cmd, args, { timeoutMs: SNAP_COMMAND_TIMEOUT_MS, ...opts });
     if (r.exitCode !== 0) {
       throw new Error(`${cmd} ${args.join(' ')} failed inside (exit ${r.exitCode ?? r.signal}):\n${r.stdout}${r.stderr}\n--- snapd log tail ---\n${await this.logTail(12)}\n--- console tail ---\n${await this.host.consoleTail(25)}`);
     }
@@ -125,7 +131,7 @@ export class SnapdHost {
    * the client's connection: then the change is waited for instead.
    */
   async installRetrying(file: string, flags: string[]): Promise<void> {
-    const r = await this.host.exec('snap', ['install', ...flags, file], { timeoutMs: 120_000 });
+    const r = await this.host.exec('snap', ['install', ...flags, file], { timeoutMs: SNAP_COMMAND_TIMEOUT_MS });
     if (r.exitCode === 0) return;
     if (!/restart|connection|EOF/i.test(r.stderr)) {
       throw new Error(`snap install ${file} failed (exit ${r.exitCode ?? r.signal}):\n${r.stdout}${r.stderr}\n--- snapd log tail ---\n${await this.logTail()}`);
