@@ -22,6 +22,10 @@ export type DaemonErrorCode =
   /** A refresh was begun and failed; the VM runs as before on its old QEMU. */
   | 'REFRESH_FAILED'
   | 'INTERNAL'
+  /** An operation was cancelled (DELETE /1.0/operations/ID) before it finished. */
+  | 'CANCELLED'
+  /** An operation was under way when vmkeepd ended; the message says where its VMs stand now. */
+  | 'DAEMON_RESTARTED'
   // Requests the API cannot take: each has its own HTTP status so `status = HTTP_STATUS[code]` always.
   | 'METHOD_NOT_ALLOWED'
   | 'BODY_TOO_LARGE'
@@ -53,6 +57,8 @@ export const HTTP_STATUS: Record<DaemonErrorCode, number> = {
   REFRESH_REFUSED: 409,
   REFRESH_FAILED: 500,
   INTERNAL: 500,
+  CANCELLED: 409,
+  DAEMON_RESTARTED: 500,
   METHOD_NOT_ALLOWED: 405,
   BODY_TOO_LARGE: 413,
   UNSUPPORTED_MEDIA_TYPE: 415,

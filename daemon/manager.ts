@@ -20,7 +20,7 @@ import { DaemonError } from './errors.js';
 import { DEFAULT_REBOOT_TIMEOUT_SEC, DEFAULT_STOP_TIMEOUT_SEC, MONITOR_GREETING_TIMEOUT_MS } from './model.js';
 import { AUTOSTART_MODES } from './model.js';
 import type {
-  CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome,
+  CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, RefreshJob, RefreshJobPlan, RefreshJobRequest, RefreshOptions, RefreshOutcome,
   StopOptions, UpgradeStatus, VmSettings, VmView,
 } from './model.js';
 import { autostartAtBoot, type AutostartOptions, type AutostartPlan } from './autostart.js';
@@ -30,6 +30,7 @@ import { ModulePins } from './pins.js';
 import { realQemu, type QemuPort, type ScopePort } from './ports.js';
 import { reattachIsolated } from './reattach.js';
 import { RECORD_SCHEMA, type RecordStore, type VmRecord } from './records.js';
+import type { OperationContext, RunAs } from './operations.js';
 import { RefreshJobs } from './refresh-jobs.js';
 import { planRefresh } from './refresh-plan.js';
 import { startHealthChecks, superviseMonitor } from './supervision.js';
@@ -81,6 +82,37 @@ function checkAutostart(value: unknown): void {
   }
 }
 
+function operationOf(runAs: RunAs | undefined): { operation?: string } {
+  return runAs === undefined ? {} : { operation: runAs.id };
+}
+
+/** How often a granted cancel asks QEMU to cancel the migration, until the refresh has settled. */
+const MIGRATE_CANCEL_RETRY_MS = 200;
+
+/**
+ * A cancel of a refresh (granted only while it migrates, operation-state.ts decideCancel):
+ * QEMU's migrate_cancel on the source, asked again until the refresh settles, since the
+ * migration may not have begun yet (destination still starting). The refresh's own failure
+ * path then rolls back; a migration that completed first goes forward and the refresh succeeds.
+ */
+function cancelMigrationOnAbort(entry: VmEntry, signal: AbortSignal, refreshing: Promise<unknown>, logger: Logger): void {
+  let timer: NodeJS.Timeout | undefined;
+  let settled = false;
+  const ask = (): void => {
+    if (settled) return;
+    if (entry.lock.current?.step === 'migrating') {
+      entry.qmp?.migrateCancel().catch((error: unknown) => logger.warn({ vm: entry.record.name, err: error }, 'migrate_cancel failed'));
+    }
+    timer = setTimeout(ask, MIGRATE_CANCEL_RETRY_MS);
+  };
+  signal.addEventListener('abort', ask, { once: true });
+  void refreshing.catch(() => undefined).finally(() => {
+    settled = true;
+    signal.removeEventListener('abort', ask);
+    if (timer !== undefined) clearTimeout(timer);
+  });
+}
+
 /** The unit whose stop powers every guest off at host shutdown (snap/vmkeep-guests.service). */
 const DEFAULT_GUESTS_UNIT = 'vmkeep-guests.service';
 
@@ -120,7 +152,7 @@ export class VmManager implements DaemonOps, VmCore {
       names: () => [...this.vms.keys()].sort(),
       requireVm: (name) => void this.entry(name),
       upgradeStatus: () => this.upgradeStatus(),
-      refresh: (vm, options) => this.refresh(vm, options),
+      refresh: (vm, options, runAs) => this.refresh(vm, options, runAs),
       emit: (event) => this.emit(event),
       onJobDone: () => this.collectPins(),
       logError: (fields, message) => o.logger.error(fields as Record<string, unknown>, message),
@@ -355,7 +387,13 @@ export class VmManager implements DaemonOps, VmCore {
     }
   }
 
-  async start(name: string): Promise<VmView> {
+  admit(kind: 'start' | 'stop' | 'refresh', name: string): void {
+    const entry = this.entry(name);
+    // A stop waits its turn (ARCHITECTURE.md, "Operations"); a start or refresh would be refused.
+    if (kind !== 'stop' && entry.lock.busyWithUser) throw entry.lock.busyError();
+  }
+
+  async start(name: string, runAs?: RunAs): Promise<VmView> {
     const entry = this.entry(name);
     return entry.lock.run('start', async () => {
       this.requireLive(entry);
@@ -369,7 +407,7 @@ export class VmManager implements DaemonOps, VmCore {
         const { code, message } = asDaemonError(error);
         throw new DaemonError(code, `${message}. ${name} stays recorded (state ${entry.record.state}): fix the cause and run vmkeep start ${name}, or vmkeep delete ${name}`, { cause: error });
       }
-    }, { refuseIfBusy: true }).then(() => toView(entry));
+    }, { refuseIfBusy: true, ...operationOf(runAs) }).then(() => toView(entry));
   }
 
   /** Starts the VM's QEMU on the installation now current for it. Runs inside the VM's lock. */
@@ -479,7 +517,7 @@ export class VmManager implements DaemonOps, VmCore {
     });
   }
 
-  async stop(name: string, options: StopOptions = {}): Promise<VmView> {
+  async stop(name: string, options: StopOptions = {}, runAs?: RunAs): Promise<VmView> {
     const entry = this.entry(name);
     // Queued, never refused: a stop (host shutdown included) must happen once the VM is free.
     return entry.lock.run('stop', async () => {
@@ -504,7 +542,7 @@ export class VmManager implements DaemonOps, VmCore {
       entry.stopAsked = true;
       entry.hostShutdownStop = options.hostShutdown === true;
       await this.powerOff(entry, options.timeoutSec ?? DEFAULT_STOP_TIMEOUT_SEC, options.hostShutdown ? 'host shutdown' : 'stopped by request');
-    }).then(() => toView(entry));
+    }, operationOf(runAs)).then(() => toView(entry));
   }
 
   /**
@@ -600,12 +638,14 @@ export class VmManager implements DaemonOps, VmCore {
 
   // ---- refresh -------------------------------------------------------------------------------
 
-  async refresh(name: string, options: RefreshOptions = {}): Promise<RefreshOutcome> {
+  async refresh(name: string, options: RefreshOptions = {}, runAs?: RunAs): Promise<RefreshOutcome> {
     const entry = this.entry(name);
-    return entry.lock.run('refresh', () => {
+    const refreshing = entry.lock.run('refresh', () => {
       this.requireLive(entry);
       return this.refreshNow(entry, options);
-    }, { refuseIfBusy: true });
+    }, { refuseIfBusy: true, ...operationOf(runAs) });
+    if (runAs?.signal !== undefined) cancelMigrationOnAbort(entry, runAs.signal, refreshing, this.options.logger);
+    return refreshing;
   }
 
   private async refreshNow(entry: VmEntry, options: RefreshOptions): Promise<RefreshOutcome> {
@@ -715,12 +755,12 @@ export class VmManager implements DaemonOps, VmCore {
     }
   }
 
-  startRefreshJob(request: RefreshJobRequest): Promise<RefreshJob> {
-    return this.jobs.start(request);
+  planRefreshJob(request: RefreshJobRequest): Promise<RefreshJobPlan> {
+    return this.jobs.plan(request);
   }
 
-  refreshJob(id: string): RefreshJob {
-    return this.jobs.get(id);
+  runRefreshJob(plan: RefreshJobPlan, context: OperationContext): Promise<RefreshJob> {
+    return this.jobs.run(plan, context);
   }
 
   upgradeStatus(): Promise<UpgradeStatus> {
@@ -872,7 +912,9 @@ export class VmManager implements DaemonOps, VmCore {
   }
 
   emit(event: Omit<DaemonEvent, 'time'>): void {
-    const full: DaemonEvent = { ...event, time: new Date().toISOString() };
+    // What an operation does to its VM happens under the VM's lock: the lock names the operation.
+    const operation = event.operation ?? (event.vm === undefined ? undefined : this.vms.get(event.vm)?.lock.current?.operation);
+    const full: DaemonEvent = { ...event, ...(operation === undefined ? {} : { operation }), time: new Date().toISOString() };
     for (const listener of this.listeners) {
       try {
         listener(full);

@@ -4,7 +4,7 @@ export interface RollingItemResult<R> {
   ok: boolean;
   result?: R;
   error?: Error;
-  /** Not tried because an earlier VM failed and stopOnError was set. */
+  /** Not tried: an earlier VM failed and stopOnError was set, or the signal aborted. */
   skipped?: boolean;
 }
 
@@ -13,6 +13,8 @@ export interface RollingOptions<R> {
   /** At most this many VMs are refreshed at once (>= 1). */
   parallel: number;
   stopOnError: boolean;
+  /** Once aborted, no new VM is begun (those in flight finish); the rest are reported skipped. */
+  signal?: AbortSignal;
   refresh: (vm: string) => Promise<R>;
   /** Called as each VM starts and ends, in that order per VM. */
   onStart?: (vm: string) => void;
@@ -32,7 +34,7 @@ export async function runRolling<R>(options: RollingOptions<R>): Promise<Rolling
   let done = 0;
   let halted = false;
   const worker = async (): Promise<void> => {
-    while (!halted && next < vms.length) {
+    while (!halted && options.signal?.aborted !== true && next < vms.length) {
       const index = next++;
       const vm = vms[index] as string;
       options.onStart?.(vm);

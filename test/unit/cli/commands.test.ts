@@ -130,7 +130,7 @@ describe('streams', () => {
     await cli.server.close();
     await follow.stderr.until('vmkeepd went away');
     await appendFile(log, 'tick 1\n');
-    cli.server = await startApiServer({ socketPath, ops });
+    cli.server = await startApiServer({ socketPath, ops, operations: ops.operations });
     await follow.stdout.until('tick 1\n');
     await follow.stderr.until('vmkeepd is back');
     await appendFile(log, 'tick 2\n');
@@ -220,7 +220,7 @@ describe('errors and exit codes', () => {
     await new Promise<void>((resolve) => old.listen(join(dir, 'tmp.sock'), resolve));
     await rename(join(dir, 'tmp.sock'), socketPath);
     await new Promise<void>((resolve) => old.close(() => resolve()));
-    cli.server = await startApiServer({ socketPath: join(dir, 'other.sock'), ops });
+    cli.server = await startApiServer({ socketPath: join(dir, 'other.sock'), ops, operations: ops.operations });
     expect(await vmkeep(['list', '--json'])).toMatchObject({ code: 1, stdout: expect.stringContaining('"code":"DAEMON_DOWN"') });
   });
 

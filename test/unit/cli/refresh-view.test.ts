@@ -149,7 +149,7 @@ describe('formatRefreshEvent', () => {
 });
 
 describe('formatJobSummary', () => {
-  const base: RefreshJob = { id: 'refresh-7', vms: [], state: 'done', parallel: 2, startedAt: TIME, endedAt: TIME, results: [] };
+  const base: RefreshJob = { id: 'refresh-7', vms: [], parallel: 2, results: [] };
 
   it('all done: one line, no failure or skip counts', () => {
     const job: RefreshJob = {

@@ -30,7 +30,7 @@ beforeEach(async () => {
   socketPath = join(dir, 'api.sock');
   ops = new FakeDaemonOps(dir);
   logged = [];
-  server = await startApiServer({ socketPath, ops, logger });
+  server = await startApiServer({ socketPath, ops, logger, operations: ops.operations });
 });
 
 afterEach(async () => {
@@ -75,6 +75,15 @@ function call(method: string, path: string, body?: unknown, headers: Record<stri
     3000,
     `${method} ${path}`,
   );
+}
+
+/** A 202's operation, followed at its Location until it finished. */
+async function finished(accepted: Reply): Promise<any> {
+  expect(accepted.status, accepted.text).toBe(202);
+  expect(accepted.headers.location).toBe(`/1.0/operations/${accepted.json.id}`);
+  const done = await call('GET', `${accepted.headers.location}/wait?timeout=2`);
+  expect(done.status).toBe(200);
+  return done.json;
 }
 
 /** Opens a streaming GET; resolves once the headers arrived, with the body collected as it comes. */
@@ -148,10 +157,9 @@ describe('routes', () => {
 
   it('start, stop (with its options) and delete', async () => {
     ops.addVm('web1', 'stopped');
-    expect((await call('POST', '/1.0/vms/web1/start')).json.state).toBe('running');
-    const stopped = await call('POST', '/1.0/vms/web1/stop', { timeoutSec: 5, force: true });
-    expect(stopped.status).toBe(200);
-    expect(stopped.json.state).toBe('stopped');
+    expect((await finished(await call('POST', '/1.0/vms/web1/start'))).result.state).toBe('running');
+    const stopped = await finished(await call('POST', '/1.0/vms/web1/stop', { timeoutSec: 5, force: true }));
+    expect(stopped).toMatchObject({ kind: 'stop', vms: ['web1'], status: 'succeeded', result: { state: 'stopped' } });
     expect(ops.calls.find((c) => c.op === 'stop')?.args).toEqual(['web1', { timeoutSec: 5, force: true }]);
     const deleted = await call('DELETE', '/1.0/vms/web1');
     expect(deleted).toMatchObject({ status: 200, json: { deleted: 'web1' } });
@@ -189,10 +197,12 @@ describe('errors', () => {
     const missing = await call('GET', '/1.0/vms/nope');
     expect(missing).toMatchObject({ status: 404, json: { error: { code: 'NOT_FOUND', message: expect.stringContaining('nope') } } });
     ops.addVm('web1', 'running');
-    const conflict = await call('POST', '/1.0/vms/web1/start');
-    expect(conflict).toMatchObject({ status: 409, json: { error: { code: 'CONFLICT' } } });
+    // Failures of a long request are its operation's: failed, with the code and message.
+    expect(await finished(await call('POST', '/1.0/vms/web1/start'))).toMatchObject({ status: 'failed', error: { code: 'CONFLICT' } });
     ops.failNext.set('stop', new DaemonError('STOP_TIMEOUT', 'the guest did not power off within 5 s'));
-    expect(await call('POST', '/1.0/vms/web1/stop')).toMatchObject({ status: 504, json: { error: { code: 'STOP_TIMEOUT' } } });
+    expect(await finished(await call('POST', '/1.0/vms/web1/stop'))).toMatchObject({ status: 'failed', error: { code: 'STOP_TIMEOUT' } });
+    // An unknown VM is refused at once: no operation begins.
+    expect(await call('POST', '/1.0/vms/ghost/start')).toMatchObject({ status: 404, json: { error: { code: 'NOT_FOUND' } } });
   });
 
   it('a LaunchError INVALID_SPEC is 400 INVALID_SPEC with its message and every problem', async () => {
@@ -206,9 +216,9 @@ describe('errors', () => {
   it('other LaunchErrors and QmpErrors map onto the API codes', async () => {
     ops.addVm('web1', 'stopped');
     ops.failNext.set('start', new LaunchError('QEMU_EXITED', 'QEMU exited with status 1: could not open disk'));
-    expect(await call('POST', '/1.0/vms/web1/start')).toMatchObject({
-      status: 500,
-      json: { error: { code: 'START_FAILED', message: 'QEMU exited with status 1: could not open disk' } },
+    expect(await finished(await call('POST', '/1.0/vms/web1/start'))).toMatchObject({
+      status: 'failed',
+      error: { code: 'START_FAILED', message: 'QEMU exited with status 1: could not open disk' },
     });
     ops.failNext.set('qmp', new QmpError('COMMAND_FAILED', 'QEMU refused nope: The command nope has not been found', { qmpClass: 'CommandNotFound' }));
     expect(await call('POST', '/1.0/vms/web1/qmp', { execute: 'nope' })).toMatchObject({ status: 502, json: { error: { code: 'QMP_FAILED' } } });
@@ -386,7 +396,7 @@ describe('the socket file', () => {
     expect((await stat(socketPath)).mode & 0o777).toBe(0o600);
     const groupPath = join(dir, 'group.sock');
     const gid = process.getgid!();
-    const grouped = await startApiServer({ socketPath: groupPath, ops, group: gid });
+    const grouped = await startApiServer({ socketPath: groupPath, ops, group: gid, operations: ops.operations });
     cleanups.push(() => grouped.close());
     const info = await stat(groupPath);
     expect(info.mode & 0o777).toBe(0o660);
@@ -402,14 +412,14 @@ describe('the socket file', () => {
     await new Promise<void>((resolve) => old.close(() => resolve()));
     expect((await lstat(stalePath)).isSocket()).toBe(true);
 
-    const fresh = await startApiServer({ socketPath: stalePath, ops });
+    const fresh = await startApiServer({ socketPath: stalePath, ops, operations: ops.operations });
     cleanups.push(() => fresh.close());
     socketPath = stalePath;
     expect((await call('GET', '/1.0')).status).toBe(200);
   });
 
   it('a socket something answers on is never taken over', async () => {
-    await expect(startApiServer({ socketPath, ops })).rejects.toMatchObject({
+    await expect(startApiServer({ socketPath, ops, operations: ops.operations })).rejects.toMatchObject({
       code: 'SOCKET_IN_USE',
       message: expect.stringContaining('another process answers'),
     });
@@ -419,7 +429,7 @@ describe('the socket file', () => {
   it('a file that is not a socket is left alone', async () => {
     const filePath = join(dir, 'notes.txt');
     await writeFile(filePath, 'keep me');
-    await expect(startApiServer({ socketPath: filePath, ops })).rejects.toMatchObject({ code: 'SOCKET_IN_USE' });
+    await expect(startApiServer({ socketPath: filePath, ops, operations: ops.operations })).rejects.toMatchObject({ code: 'SOCKET_IN_USE' });
     expect(await readFile(filePath, 'utf8')).toBe('keep me');
   });
 });
