@@ -17,7 +17,7 @@ export const EVENT_FILTER_TYPES: readonly string[] = [...Object.keys(GROUPS), ..
  */
 export function parseEventFilter(query: URLSearchParams): (event: DaemonEvent) => boolean {
   const unknownParam = [...query.keys()].find((key) => key !== 'type' && key !== 'vm');
-  if (unknownParam !== undefined) throw invalid(`unknown query parameter ${describeValue(unknownParam)}; the events take type=... and vm=...`);
+  if (unknownParam !== undefined) throw invalid(`unknown query parameter ${JSON.stringify(unknownParam.slice(0, 64))}; the events take type=... and vm=...`);
   const types = listOf(query, 'type');
   const vms = listOf(query, 'vm');
   let wantedTypes: Set<string> | undefined;
@@ -25,7 +25,7 @@ export function parseEventFilter(query: URLSearchParams): (event: DaemonEvent) =
     wantedTypes = new Set();
     for (const type of types) {
       const group = GROUPS[type] ?? ((EVENT_TYPES as readonly string[]).includes(type) ? [type] : undefined);
-      if (group === undefined) throw invalid(`unknown event type ${describeValue(type)}; known: ${EVENT_FILTER_TYPES.join(', ')}`);
+      if (group === undefined) throw invalid(`unknown event type ${JSON.stringify(type.slice(0, 64))}; known: ${EVENT_FILTER_TYPES.join(', ')}`);
       for (const t of group) wantedTypes.add(t);
     }
   }

@@ -113,8 +113,15 @@ export class Operations {
         if (!isFinished(op.status)) this.put({ ...op, progress, updatedAt: this.stamp() }, false);
       },
     };
-    void Promise.resolve()
-      .then(() => run(context))
+    // Called now, not a tick later: the VM's lock is taken before the 202 goes out, so what
+    // admit() checked still holds.
+    let ran: Promise<unknown>;
+    try {
+      ran = Promise.resolve(run(context));
+    } catch (error) {
+      ran = Promise.reject(error);
+    }
+    void ran
       // A failure may still carry a result (a rolling refresh's per-VM outcomes).
       .then((value) => ({ ok: true as const, value }), (error: unknown) => ({ ok: false as const, error: this.options.toError(error), result: (error as { result?: unknown } | undefined)?.result }))
       .then((end) => {

@@ -192,6 +192,64 @@ describe('routes', () => {
   });
 });
 
+describe('discovery and operations', () => {
+  it('GET / lists the API versions; GET /1.0 names the extensions; the OpenAPI document is served', async () => {
+    expect(await call('GET', '/')).toMatchObject({ status: 200, json: { apiVersions: ['/1.0'] } });
+    expect((await call('GET', '/1.0')).json).toMatchObject({ apiVersion: '1.0', apiExtensions: expect.arrayContaining(['operations', 'events_filter', 'openapi']) });
+    const doc = await call('GET', '/1.0/openapi.json');
+    expect(doc.status).toBe(200);
+    expect(doc.json).toMatchObject({ openapi: '3.0.3', info: { version: '0.1.0-test' } });
+  });
+
+  it('refresh of one VM: 202, listed, its outcome as the result; wait with a short timeout answers it still running', async () => {
+    ops.addVm('web1', 'running');
+    ops.holdStops = new Promise(() => undefined);
+    const stopping = await call('POST', '/1.0/vms/web1/stop');
+    expect(stopping.status).toBe(202);
+    const early = await call('GET', `/1.0/operations/${stopping.json.id}/wait?timeout=0.1`);
+    expect(early).toMatchObject({ status: 200, json: { id: stopping.json.id, status: 'running' } });
+    // A stop cannot be cancelled: 409 with the reason, and it goes on.
+    const refused = await call('DELETE', `/1.0/operations/${stopping.json.id}`);
+    expect(refused).toMatchObject({ status: 409, json: { error: { code: 'CONFLICT', message: expect.stringContaining('a stop cannot be cancelled') } } });
+    ops.addVm('db', 'running');
+    const refreshed = await finished(await call('POST', '/1.0/vms/db/refresh', { strategy: 'migrate' }));
+    expect(refreshed).toMatchObject({ kind: 'refresh', vms: ['db'], status: 'succeeded', result: { result: 'migrated' } });
+    const list = await call('GET', '/1.0/operations');
+    expect(list.json.map((o: { kind: string; status: string }) => [o.kind, o.status])).toEqual([['stop', 'running'], ['refresh', 'succeeded']]);
+    expect((await call('GET', '/1.0/operations/00000000-0000-4000-8000-000000000099')).status).toBe(404);
+    expect((await call('GET', `/1.0/operations/${stopping.json.id}/wait?timeout=-1`)).status).toBe(400);
+  });
+
+  it('a rolling refresh: 202 with Location; a cancel begins no further VM and it ends cancelled', async () => {
+    ops.addVm('a', 'running');
+    ops.addVm('b', 'running');
+    let release!: () => void;
+    ops.holdJobs = new Promise((resolve) => (release = resolve));
+    const accepted = await call('POST', '/1.0/refresh', { vms: ['a', 'b'], strategy: 'migrate' });
+    expect(accepted).toMatchObject({ status: 202, json: { kind: 'rolling-refresh', vms: ['a', 'b'], status: 'running' } });
+    expect(accepted.headers.location).toBe(`/1.0/operations/${accepted.json.id}`);
+    const cancel = await call('DELETE', accepted.headers.location as string);
+    expect(cancel).toMatchObject({ status: 202, json: { cancelRequested: true } });
+    release();
+    const done = await call('GET', `${accepted.headers.location}/wait?timeout=3`);
+    expect(done.json).toMatchObject({ status: 'cancelled', error: { code: 'CANCELLED' }, result: { results: [{ vm: 'a', skipped: true }, { vm: 'b', skipped: true }] } });
+  });
+
+  it('GET /1.0/events?type=...&vm=...: only those events, each carrying its operation', async () => {
+    ops.addVm('web1', 'stopped');
+    ops.addVm('db', 'stopped');
+    const stream = await openStream('/1.0/events?type=operation&vm=web1');
+    const started = await finished(await call('POST', '/1.0/vms/web1/start'));
+    await finished(await call('POST', '/1.0/vms/db/start'));
+    await stream.until('"status":"succeeded"');
+    const lines = stream.text.trim().split('\n').map((l) => JSON.parse(l));
+    expect(lines.map((e) => [e.type, e.operation, e.status])).toEqual([
+      ['operation', started.id, 'pending'], ['operation', started.id, 'running'], ['operation', started.id, 'succeeded'],
+    ]);
+    expect(await call('GET', '/1.0/events?type=nope')).toMatchObject({ status: 400, json: { error: { message: expect.stringContaining('unknown event type "nope"') } } });
+  });
+});
+
 describe('errors', () => {
   it('a DaemonError keeps its code and gets its HTTP status', async () => {
     const missing = await call('GET', '/1.0/vms/nope');
