@@ -640,11 +640,22 @@ export class VmManager implements DaemonOps, VmCore {
 
   async refresh(name: string, options: RefreshOptions = {}, runAs?: RunAs): Promise<RefreshOutcome> {
     const entry = this.entry(name);
+    // A refresh of its own (not one VM of a job, which reports its VMs itself) shows its steps
+    // and its end on the event stream too, under its operation's id.
+    const tag = { type: 'refresh' as const, vm: name, ...operationOf(runAs) };
+    const own = options.onStep === undefined && runAs !== undefined;
+    const steps: RefreshOptions = own ? { ...options, onStep: (step, message) => this.emit({ ...tag, step, message }) } : options;
     const refreshing = entry.lock.run('refresh', () => {
       this.requireLive(entry);
-      return this.refreshNow(entry, options);
+      return this.refreshNow(entry, steps);
     }, { refuseIfBusy: true, ...operationOf(runAs) });
     if (runAs?.signal !== undefined) cancelMigrationOnAbort(entry, runAs.signal, refreshing, this.options.logger);
+    if (own) {
+      refreshing.then(
+        (outcome) => this.emit({ ...tag, step: 'done', message: outcome.message, outcome }),
+        (error: unknown) => this.emit({ ...tag, step: 'failed', message: (error as Error).message }),
+      );
+    }
     return refreshing;
   }
 

@@ -2,7 +2,7 @@
 import { appendFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { beforeEach, describe, expect, it } from 'vitest';
-import { ApiClient } from '../../../daemon/index.js';
+import { ApiClient, DaemonError } from '../../../daemon/index.js';
 import { startApiServer } from '../../../daemon/api-server.js';
 import { FakeDaemonOps } from '../daemon/fake-ops.js';
 import { within } from '../qmp/fake-peer.js';
@@ -101,6 +101,40 @@ describe('changing VMs', () => {
     expect(JSON.parse(stdout)).toEqual({ status: 'running', running: true });
     await vmkeep(['qmp', 'web1', 'human-monitor-command', '{"command-line":"info status"}']);
     expect(ops.calls.at(-1)?.args).toEqual(['web1', 'human-monitor-command', { 'command-line': 'info status' }]);
+  });
+});
+
+describe('operations', () => {
+  const FIRST = '00000000-0000-4000-8000-000000000001';
+
+  it('start --async prints the operation id and returns; operations ID --wait waits and shows how it ended', async () => {
+    ops.addVm('web1', 'stopped');
+    expect(await vmkeep(['start', 'web1', '--async'])).toMatchObject({ code: 0, stdout: `${FIRST}\n` });
+    const waited = await vmkeep(['operations', FIRST, '--wait']);
+    expect(waited).toMatchObject({ code: 0, stdout: `${FIRST}: start of web1: succeeded\n` });
+    const listed = await vmkeep(['operations']);
+    expect(listed.stdout).toMatch(new RegExp(`^ID +KIND +VMS +STATUS +PROGRESS +UPDATED\n${FIRST} +start +web1 +succeeded +- +\\S+\n$`));
+    expect(JSON.parse((await vmkeep(['operations', '--json'])).stdout)).toEqual([expect.objectContaining({ id: FIRST, kind: 'start', status: 'succeeded' })]);
+  });
+
+  it('stop --async --json prints the operation; a failed one makes operations --wait exit 1 with its error', async () => {
+    ops.addVm('web1', 'running');
+    ops.stopFailures.set('web1', new DaemonError('STOP_TIMEOUT', 'the guest did not power off within 5 s'));
+    const started = await vmkeep(['stop', 'web1', '--async', '--json']);
+    expect(JSON.parse(started.stdout)).toMatchObject({ id: FIRST, kind: 'stop', vms: ['web1'] });
+    const waited = await vmkeep(['operations', FIRST, '--wait']);
+    expect(waited.code).toBe(1);
+    expect(waited.stdout).toBe(`${FIRST}: stop of web1: failed\n[STOP_TIMEOUT] the guest did not power off within 5 s\n`);
+  });
+
+  it('--cancel of a stop: the reason, exit 1; --wait needs an id', async () => {
+    ops.addVm('web1', 'running');
+    ops.holdStops = new Promise(() => undefined);
+    await vmkeep(['stop', 'web1', '--async']);
+    const refused = await vmkeep(['operations', FIRST, '--cancel']);
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toContain('a stop cannot be cancelled');
+    expect((await vmkeep(['operations', '--wait'])).stderr).toContain('--wait and --cancel need an operation id');
   });
 });
 

@@ -127,14 +127,19 @@ describe('the registry (operations.ts) on a real folder', () => {
   let errors: string[];
   let clock: number;
 
-  const registry = (): Operations => new Operations({
+  const made: Operations[] = [];
+  const registry = (): Operations => remember(new Operations({
     dir,
     emit: (event) => events.push(event),
     toError: (error) => ({ code: (error as DaemonError).code ?? 'INTERNAL', message: (error as Error).message }),
     logError: (_fields, message) => errors.push(message),
     now: () => clock,
     retention: { maxAgeMs: 60_000, maxCount: 3 },
-  });
+  }));
+  const remember = (ops: Operations): Operations => {
+    made.push(ops);
+    return ops;
+  };
 
   beforeEach(async () => {
     dir = await mkdtemp(join(tmpdir(), 'vmkeep-ops-'));
@@ -143,6 +148,8 @@ describe('the registry (operations.ts) on a real folder', () => {
     clock = Date.parse(T0);
   });
   afterEach(async () => {
+    // Writes still in flight (an operation left running) must not race the folder's removal.
+    for (const ops of made.splice(0)) await ops.flush();
     await rm(dir, { recursive: true, force: true });
   });
 
