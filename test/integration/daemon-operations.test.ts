@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { DaemonEvent, Operation, RefreshJob } from '../../daemon/index.js';
 import { readExe } from '../../launcher/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
-import { ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
+import { countTicks, ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
 import { copiedInstallation, systemInstallation, writeInstallations, type TestInstallation } from '../support/installations.js';
 
 let guest: GuestImage;
@@ -177,6 +177,37 @@ describe('long requests are operations', () => {
     expect(await waited(op.id)).toMatchObject({ status: 'failed', error: { code: 'STOP_TIMEOUT' } });
     expect((await host.api.get('deaf')).state).toBe('running');
   }, 120_000);
+
+  it('a refresh cancelled while it migrates: QEMU cancels the migration, the VM stays on its old QEMU, the guest runs on', async () => {
+    const vm = 'r2';
+    expect(await host.api.get(vm)).toMatchObject({ installation: 'a' });
+    const qmp = (execute: string, args?: Record<string, unknown>) => host.api.qmp(vm, execute, args);
+    // The migration waits before its switch-over (QEMU's pause-before-switchover) until
+    // migrate-continue, which never comes: the cancel finds it migrating, every time.
+    await qmp('migrate-set-capabilities', { capabilities: [{ capability: 'pause-before-switchover', state: true }] });
+    try {
+      const op = await accepted('POST', `/1.0/vms/${vm}/refresh`, { strategy: 'migrate', timeoutSec: 120 });
+      const deadline = Date.now() + 60_000;
+      while (((await qmp('query-migrate')) as { status?: string }).status !== 'pre-switchover') {
+        if (Date.now() > deadline) throw new Error(`${vm}'s migration never reached pre-switchover`);
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+      // Negative control: held before its switch-over, it does not end by itself.
+      expect((await http('GET', `/1.0/operations/${op.id}/wait?timeout=1`)).json).toMatchObject({ status: 'running' });
+      const cancel = await http('DELETE', `/1.0/operations/${op.id}`);
+      expect(cancel).toMatchObject({ status: 202, json: { cancelRequested: true } });
+      const done = await waited(op.id);
+      expect(done).toMatchObject({ status: 'cancelled', error: { code: 'CANCELLED' } });
+      expect(((await qmp('query-migrate')) as { status?: string }).status).toBe('cancelled');
+    } finally {
+      await qmp('migrate-set-capabilities', { capabilities: [{ capability: 'pause-before-switchover', state: false }] });
+    }
+    const after = await host.api.get(vm);
+    expect(after).toMatchObject({ state: 'running', installation: 'a' });
+    expect(after.refreshing).toBeUndefined();
+    expect(readExe(host.hostPid(after))?.path).toBe(a.binary);
+    await waitForSerial(host.serialLog(vm), new RegExp(`GUEST TICK ${countTicks(host.serialLog(vm)) + 1}\\b`), 30_000);
+  }, 300_000);
 
   it('finished operations are still listed after a restart; one a SIGKILL cut off says how it ended', async () => {
     const before = (await http('GET', '/1.0/operations')).json as Operation[];
