@@ -128,7 +128,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       toError: (error) => toApiError(error) ?? { code: 'INTERNAL', message: `failed unexpectedly (${(error as Error).message}); the details are in vmkeepd's log` },
       logError: (fields, message) => logger.error(fields as Record<string, unknown>, message),
     });
-    cleanups.push(() => operations.flush());
+    cleanups.push(() => operations.close());
     // Operations a previous daemon left unfinished end as DAEMON_RESTARTED, saying where their
     // VMs stand once reattached (a refresh settled by its crash recovery).
     const interrupted = await operations.load();

@@ -57,6 +57,7 @@ export class Operations {
   private readonly fs: RecordFs;
   private readonly retention: Retention;
   private readonly now: () => number;
+  private closed = false;
 
   constructor(private readonly options: OperationsOptions) {
     this.fs = options.fs ?? nodeRecordFs;
@@ -185,9 +186,18 @@ export class Operations {
     return next;
   }
 
-  /** Settles when every record written so far is on disk (tests, a closing daemon). */
+  /** Settles when every record written so far is on disk. */
   async flush(): Promise<void> {
     await Promise.all([...this.writes.values()]);
+  }
+
+  /**
+   * A closing daemon: what was written is let finish, nothing more is written (the next
+   * vmkeepd may already hold the state folder; ARCHITECTURE.md, "Operations").
+   */
+  async close(): Promise<void> {
+    this.closed = true;
+    await this.flush();
   }
 
   private put(op: Operation, announce = true): Operation {
@@ -204,6 +214,7 @@ export class Operations {
   }
 
   private write(op: Operation): void {
+    if (this.closed) return;
     const path = join(this.options.dir, `${op.id}.json`);
     const text = `${JSON.stringify({ schema: OPERATION_SCHEMA, operation: op })}\n`;
     // An operation goes on whether or not its record could be written (a full disk): the log says so.
@@ -218,6 +229,7 @@ export class Operations {
   }
 
   private async prune(): Promise<void> {
+    if (this.closed) return;
     for (const id of pruneOperations([...this.ops.values()], this.now(), this.retention)) {
       this.ops.delete(id);
       await this.writes.get(id);

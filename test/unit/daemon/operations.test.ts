@@ -241,6 +241,20 @@ describe('the registry (operations.ts) on a real folder', () => {
     expect(await readdir(dir)).toEqual([`${last.id}.json`]);
   });
 
+  it('once closed, an operation that ends writes nothing (the next daemon may own the folder)', async () => {
+    const ops = registry();
+    await ops.load();
+    let finish!: () => void;
+    const begun = ops.begin('stop', ['web1'], () => new Promise<void>((resolve) => (finish = resolve)));
+    await ops.close();
+    const before = await readFile(join(dir, `${begun.id}.json`), 'utf8');
+    finish();
+    expect(await ops.wait(begun.id, 60_000)).toMatchObject({ status: 'succeeded' });
+    await ops.flush();
+    expect(await readFile(join(dir, `${begun.id}.json`), 'utf8')).toBe(before);
+    expect(JSON.parse(before).operation.status).toBe('running');
+  });
+
   it('records it cannot read are skipped with a log line, not fatal; a newer schema is not listed', async () => {
     await writeFile(join(dir, `${ID}.json`), JSON.stringify({ schema: OPERATION_SCHEMA + 1, operation: op() }));
     await writeFile(join(dir, '22222222-2222-4222-8222-222222222222.json'), '{ broken');
