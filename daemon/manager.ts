@@ -82,8 +82,10 @@ function checkAutostart(value: unknown): void {
   }
 }
 
-function operationOf(runAs: RunAs | undefined): { operation?: string } {
-  return runAs === undefined ? {} : { operation: runAs.id };
+/** The lock's view of the API operation a VM operation runs as: its id, and when it begins. */
+function operationOf(runAs: RunAs | undefined): { operation?: string; onRunning?: () => void } {
+  if (runAs === undefined) return {};
+  return runAs.onRunning === undefined ? { operation: runAs.id } : { operation: runAs.id, onRunning: runAs.onRunning };
 }
 
 /** How often a granted cancel asks QEMU to cancel the migration, until the refresh has settled. */
@@ -642,7 +644,7 @@ export class VmManager implements DaemonOps, VmCore {
     const entry = this.entry(name);
     // A refresh of its own (not one VM of a job, which reports its VMs itself) shows its steps
     // and its end on the event stream too, under its operation's id.
-    const tag = { type: 'refresh' as const, vm: name, ...operationOf(runAs) };
+    const tag = { type: 'refresh' as const, vm: name, ...(runAs === undefined ? {} : { operation: runAs.id }) };
     const own = options.onStep === undefined && runAs !== undefined;
     const steps: RefreshOptions = own ? { ...options, onStep: (step, message) => this.emit({ ...tag, step, message }) } : options;
     const refreshing = entry.lock.run('refresh', () => {

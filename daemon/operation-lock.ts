@@ -57,13 +57,14 @@ export class OperationLock {
    * Runs `operation` after those queued before it. With `refuseIfBusy`, fails at once with BUSY
    * when a user operation runs or waits: two requests on one VM never silently pile up.
    */
-  run<T>(kind: OperationKind, operation: () => Promise<T>, options: { refuseIfBusy?: boolean; operation?: string } = {}): Promise<T> {
+  run<T>(kind: OperationKind, operation: () => Promise<T>, options: { refuseIfBusy?: boolean; operation?: string; onRunning?: () => void } = {}): Promise<T> {
     if (options.refuseIfBusy && this.busyWithUser) return Promise.reject(this.busyError());
     const op: RunningOperation = { kind, since: new Date().toISOString(), ...(options.operation === undefined ? {} : { operation: options.operation }) };
     this.held.push(op);
     const body = async (): Promise<T> => {
       // The queue order is the held order: this one is first now.
       op.since = new Date().toISOString();
+      options.onRunning?.();
       try {
         return await operation();
       } finally {

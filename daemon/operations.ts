@@ -22,11 +22,14 @@ export const OPERATION_ID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}
 export interface RunAs {
   id: string;
   signal?: AbortSignal;
+  /** Told when it stops waiting (for the VM's lock) and begins: pending -> running. */
+  onRunning?(): void;
 }
 
 /** What a running operation is handed: its id, a signal a granted cancel aborts, its progress. */
 export interface OperationContext extends RunAs {
   signal: AbortSignal;
+  onRunning(): void;
   progress(progress: OperationProgress): void;
 }
 
@@ -96,19 +99,23 @@ export class Operations {
   }
 
   /**
-   * Begins `run` now and answers its operation (running). `run` gets the id and a signal that
-   * a granted cancel aborts; what it returns is the result, what it throws the error.
+   * Begins `run` now and answers its operation: pending until `run` calls onRunning (it got
+   * the VM's lock), then running. `run` gets the id and a signal that a granted cancel aborts;
+   * what it returns is the result, what it throws the error.
    */
   begin(kind: ApiOperationKind, vms: string[], run: (context: OperationContext) => Promise<unknown>): Operation {
     const stamp = this.stamp();
     const pending: Operation = { id: (this.options.newId ?? randomUUID)(), kind, vms, status: 'pending', createdAt: stamp, updatedAt: stamp };
     const abort = new AbortController();
     this.aborts.set(pending.id, abort);
-    this.put(pending);
-    const running = this.put(transition(pending, 'running', this.stamp()));
+    const running = this.put(pending);
     const context: OperationContext = {
       id: running.id,
       signal: abort.signal,
+      onRunning: () => {
+        const op = this.ops.get(running.id) as Operation;
+        if (op.status === 'pending') this.put(transition(op, 'running', this.stamp()));
+      },
       progress: (progress) => {
         const op = this.ops.get(running.id) as Operation;
         if (!isFinished(op.status)) this.put({ ...op, progress, updatedAt: this.stamp() }, false);
@@ -126,6 +133,8 @@ export class Operations {
       // A failure may still carry a result (a rolling refresh's per-VM outcomes).
       .then((value) => ({ ok: true as const, value }), (error: unknown) => ({ ok: false as const, error: this.options.toError(error), result: (error as { result?: unknown } | undefined)?.result }))
       .then((end) => {
+        // A run that never said it began (it had nothing to wait for) was running all along.
+        if (end.ok) context.onRunning();
         const op = this.ops.get(running.id) as Operation;
         const { status, ...fields } = endOf(op, end);
         this.aborts.delete(op.id);
@@ -133,7 +142,7 @@ export class Operations {
         return this.prune();
       })
       .catch((error: unknown) => this.options.logError({ operation: running.id, err: error }, 'an operation failed unexpectedly'));
-    return running;
+    return this.ops.get(running.id) as Operation;
   }
 
   /** Adds to an operation a restart ended where its VMs stand now (the reattach settled them). */

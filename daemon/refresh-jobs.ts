@@ -57,6 +57,7 @@ export class RefreshJobs {
     const { vms } = plan;
     const id = context.id;
     const tag = { type: 'refresh' as const, job: id, operation: id };
+    context.onRunning();
     let failed = 0;
     const results = await runRolling({
       vms,

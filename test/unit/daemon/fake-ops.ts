@@ -2,7 +2,7 @@
 import { join } from 'node:path';
 import { validateSpec } from '../../../launcher/index.js';
 import { toApiError } from '../../../daemon/api-server.js';
-import { Operations } from '../../../daemon/operations.js';
+import { Operations, type RunAs } from '../../../daemon/operations.js';
 import {
   DaemonError, type CreateOptions, type DaemonEvent, type DaemonInfo, type DaemonOps, type OperationContext, type RefreshJob, type RefreshJobPlan, type RefreshJobRequest,
   type RefreshOptions, type RefreshOutcome, type StopOptions, type UpgradeStatus, type VmSettings, type VmView,
@@ -126,15 +126,18 @@ export class FakeDaemonOps implements DaemonOps {
     this.vm(name);
   }
 
-  async start(name: string): Promise<VmView> {
+  /** As the VM lock would, the operation is told it began (pending -> running) once it is called. */
+  async start(name: string, runAs?: RunAs): Promise<VmView> {
     this.record('start', [name]);
+    runAs?.onRunning?.();
     const vm = this.vm(name);
     if (vm.state === 'running') throw new DaemonError('CONFLICT', `${name} is already running; stop it first (vmkeep stop ${name})`);
     return this.addVm(name, 'running', { spec: vm.spec });
   }
 
-  async stop(name: string, options: StopOptions = {}): Promise<VmView> {
+  async stop(name: string, options: StopOptions = {}, runAs?: RunAs): Promise<VmView> {
     this.record('stop', [name, options]);
+    runAs?.onRunning?.();
     const vm = this.vm(name);
     if (this.holdStops !== undefined) await this.holdStops;
     if (this.stopFailures.has(name)) throw this.stopFailures.get(name);
@@ -172,8 +175,9 @@ export class FakeDaemonOps implements DaemonOps {
   }
 
   /** Every running VM counts as stale; a refresh "migrates" it at once. */
-  async refresh(name: string, options: RefreshOptions = {}): Promise<RefreshOutcome> {
+  async refresh(name: string, options: RefreshOptions = {}, runAs?: RunAs): Promise<RefreshOutcome> {
     this.record('refresh', [name, options]);
+    runAs?.onRunning?.();
     const vm = this.vm(name);
     const strategy = options.strategy ?? 'manual';
     if (vm.state !== 'running' || strategy === 'manual') {
@@ -202,6 +206,7 @@ export class FakeDaemonOps implements DaemonOps {
   /** Runs the refreshes one by one and emits the events a real job would; a cancel begins no further VM. */
   async runRefreshJob(plan: RefreshJobPlan, context: OperationContext): Promise<RefreshJob> {
     this.record('runRefreshJob', [plan]);
+    context.onRunning();
     const job: RefreshJob = { id: context.id, vms: plan.vms, parallel: plan.parallel, results: [] };
     const tag = { type: 'refresh' as const, job: job.id, operation: job.id };
     const hold = this.holdJobs;

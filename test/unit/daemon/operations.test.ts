@@ -11,6 +11,7 @@ import {
 } from '../../../daemon/operation-state.js';
 import { OPERATION_SCHEMA, Operations, type OperationContext } from '../../../daemon/operations.js';
 import { parseEventFilter } from '../../../daemon/event-filter.js';
+import { OperationLock } from '../../../daemon/operation-lock.js';
 
 const T0 = '2026-01-01T00:00:00.000Z';
 const ID = '11111111-2222-4333-8444-555555555555';
@@ -47,6 +48,25 @@ describe('status transitions', () => {
     // A failed rolling refresh keeps its per-VM results too.
     expect(endOf(op({ kind: 'rolling-refresh' }), { ok: false, error: { code: 'REFRESH_FAILED', message: 'm' }, result: { results: [1] } }))
       .toMatchObject({ status: 'failed', result: { results: [1] } });
+  });
+});
+
+describe('the VM lock and an operation', () => {
+  it('a stop queued behind a refresh is told it began only once the refresh let go; the lock names its operation', async () => {
+    const lock = new OperationLock('web1');
+    let release!: () => void;
+    const refresh = lock.run('refresh', () => new Promise<void>((resolve) => (release = resolve)), { operation: 'op-refresh' });
+    await Promise.resolve();
+    let began = false;
+    const stop = lock.run('stop', async () => undefined, { operation: 'op-stop', onRunning: () => (began = true) });
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(began).toBe(false);
+    expect(lock.current).toMatchObject({ kind: 'refresh', operation: 'op-refresh' });
+    expect(lock.busyError().message).toContain('vmkeep operations op-refresh --wait');
+    release();
+    await refresh;
+    await stop;
+    expect(began).toBe(true);
   });
 });
 
@@ -157,8 +177,14 @@ describe('the registry (operations.ts) on a real folder', () => {
     const ops = registry();
     await ops.load();
     let finish!: (value: string) => void;
-    const begun = ops.begin('start', ['web1'], () => new Promise<string>((resolve) => (finish = resolve)));
-    expect(begun).toMatchObject({ kind: 'start', vms: ['web1'], status: 'running' });
+    let began!: () => void;
+    const begun = ops.begin('start', ['web1'], (context) => {
+      began = context.onRunning;
+      return new Promise<string>((resolve) => (finish = resolve));
+    });
+    // Pending while it waits (for the VM's lock), running once it says it began.
+    expect(begun).toMatchObject({ kind: 'start', vms: ['web1'], status: 'pending' });
+    began();
     expect((await ops.wait(begun.id, 10)).status).toBe('running');
     const waiting = ops.wait(begun.id, 60_000);
     finish('done');
@@ -188,6 +214,7 @@ describe('the registry (operations.ts) on a real folder', () => {
     let seen: OperationContext | undefined;
     const rolling = ops.begin('rolling-refresh', ['a', 'b'], (context) => {
       seen = context;
+      context.onRunning();
       return new Promise((resolve) => context.signal.addEventListener('abort', () => resolve({ results: [] })));
     });
     const stop = ops.begin('stop', ['c'], () => new Promise(() => undefined));
@@ -245,7 +272,10 @@ describe('the registry (operations.ts) on a real folder', () => {
     const ops = registry();
     await ops.load();
     let finish!: () => void;
-    const begun = ops.begin('stop', ['web1'], () => new Promise<void>((resolve) => (finish = resolve)));
+    const begun = ops.begin('stop', ['web1'], (context) => {
+      context.onRunning();
+      return new Promise<void>((resolve) => (finish = resolve));
+    });
     await ops.close();
     const before = await readFile(join(dir, `${begun.id}.json`), 'utf8');
     finish();
