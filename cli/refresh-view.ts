@@ -61,7 +61,7 @@ export function outcomeLine(outcome: RefreshOutcome): string {
       return `${how} onto ${target(outcome)}${outcome.downtimeMs === undefined ? '' : `, guest paused ${outcome.downtimeMs} ms`}, ${seconds}${why}`;
     }
     case 'rebooted':
-      return `rebooted onto ${target(outcome)}, ${seconds}`;
+      return `rebooted onto ${target(outcome)}, ${seconds}${outcome.reason === undefined ? '' : ` (${outcome.reason})`}`;
     default:
       return outcome.message;
   }

@@ -25,13 +25,13 @@ import type {
 } from './model.js';
 import { autostartAtBoot, type AutostartOptions, type AutostartPlan } from './autostart.js';
 import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES, startLogRotation, type LogLimits } from './log-rotation.js';
-import { migrateNow } from './migration.js';
+import { migrateNow, MigrationRolledBack } from './migration.js';
 import { ModulePins } from './pins.js';
 import { realQemu, type QemuPort, type ScopePort } from './ports.js';
 import { reattachIsolated } from './reattach.js';
 import { RECORD_SCHEMA, type RecordStore, type VmRecord } from './records.js';
 import { RefreshJobs } from './refresh-jobs.js';
-import { planRefresh } from './refresh-plan.js';
+import { planFallback, planRefresh } from './refresh-plan.js';
 import { startHealthChecks, superviseMonitor } from './supervision.js';
 import { stalenessOf, upgradeStatus } from './upgrade-status.js';
 import type { CoreOptions, Launch, LaunchArgs, VmCore } from './vm-core.js';
@@ -650,7 +650,7 @@ export class VmManager implements DaemonOps, VmCore {
       case 'migrate': {
         // auto and cpr hand the guest's RAM over where both QEMUs can, else copy it (auto only).
         let mode: 'migrate' | 'cpr' = 'migrate';
-        let why = '';
+        let why = plan.fallback === 'reboot' ? 'the live migration worked, no reboot needed' : '';
         if (strategy === 'auto' || strategy === 'cpr') {
           try {
             ({ strategy: mode, why } = chooseLiveStrategy(strategy, { vm: name, memoryBackend: memoryBackendOf(record.spec), runningVersion: status?.runningVersion, targetVersion: info.version }));
@@ -658,7 +658,32 @@ export class VmManager implements DaemonOps, VmCore {
             throw new DaemonError('REFRESH_REFUSED', (cause as Error).message, { cause });
           }
         }
-        const { downtimeMs, migrationMs, pid } = await migrateNow(this, entry, target, info, options, mode);
+        let moved: Awaited<ReturnType<typeof migrateNow>>;
+        try {
+          moved = await migrateNow(this, entry, target, info, options, mode);
+        } catch (cause) {
+          if (plan.fallback !== 'reboot') throw cause;
+          const after = entry.record;
+          const fallback = planFallback({
+            error: (cause as Error).message,
+            onOldQemu: cause instanceof MigrationRolledBack && after.state === 'running' && after.process?.pid === from?.pid
+              && after.refresh === undefined && after.retired === undefined,
+            destinationStarted: cause instanceof MigrationRolledBack && cause.destinationStarted,
+          });
+          if (fallback.action === 'fail') {
+            throw fallback.why === undefined ? cause : new DaemonError(asDaemonError(cause).code, `${(cause as Error).message}. ${fallback.why}`, { cause });
+          }
+          options.onStep?.('powering-off', `${name}: ${fallback.reason}; rebooting it instead`);
+          try {
+            await this.rebootNow(entry, target, options);
+          } catch (failed) {
+            const code = failed instanceof DaemonError ? failed.code : 'REFRESH_FAILED';
+            throw new DaemonError(code, `${fallback.reason}, and the reboot failed too: ${(failed as Error).message}`, { cause: failed });
+          }
+          return outcome('rebooted', `${name} powered off and started on "${target.name}" (QEMU ${info.version}, pid ${entry.record.process?.pid}) because ${fallback.reason}`,
+            { ...fromField, strategy: 'reboot', to: { ...to, ...(entry.record.process ? { pid: entry.record.process.pid } : {}) }, reason: fallback.reason });
+        }
+        const { downtimeMs, migrationMs, pid } = moved;
         const how = mode === 'cpr' ? 'handed over live (cpr-transfer: RAM not copied)' : 'moved live';
         return outcome('migrated', `${name} ${how} onto "${target.name}" (QEMU ${info.version}, pid ${pid}); guest paused ${downtimeMs} ms${why === '' ? '' : ` (${mode}: ${why})`}`,
           { ...fromField, strategy: mode, to: { ...to, pid }, downtimeMs, migrationMs, ...(why === '' ? {} : { reason: why }) });

@@ -299,10 +299,10 @@ describe('usage errors', () => {
     [['refresh', '--all', '--parallel', '65'], '--parallel must be a whole number from 1 to 64'],
     [['refresh', '--all', '--parallel', '1.5'], '--parallel must be a whole number from 1 to 64'],
     [['refresh', '--all', '--parallel', 'two'], '--parallel must be a whole number from 1 to 64'],
-    [['refresh', 'web1', '--strategy', 'bogus'], 'Given: "bogus", Choices: "auto", "cpr", "migrate", "reboot", "on-guest-shutdown", "manual"'],
+    [['refresh', 'web1', '--strategy', 'bogus'], 'Given: "bogus", Choices: "auto", "cpr", "migrate", "migrate-or-reboot", "reboot", "on-guest-shutdown", "manual"'],
     [['refresh', 'web1', '--timeout', '0'], '--timeout must be a positive number of seconds'],
     [['refresh', 'Web/1'], '"Web/1" is not a valid VM name'],
-    [['create', 'vm.json', '--policy', 'sometimes'], 'Given: "sometimes", Choices: "auto", "cpr", "migrate", "reboot", "on-guest-shutdown", "manual"'],
+    [['create', 'vm.json', '--policy', 'sometimes'], 'Given: "sometimes", Choices: "auto", "cpr", "migrate", "migrate-or-reboot", "reboot", "on-guest-shutdown", "manual"'],
   ])('%j exits 2 with a helpful message and asks nothing of the daemon', async (args, message) => {
     const { code, stdout, stderr } = await vmkeep(args);
     expect(code).toBe(2);

@@ -293,6 +293,34 @@ describe('refresh by migration', () => {
     expect((await w.manager.get('web')).state).toBe('running');
   });
 
+  it('migrate-or-reboot: a failed migration falls back to a reboot onto the current installation, and says why', async () => {
+    const { w, before } = await staleWorld();
+    w.host.failMigrations = true;
+    const steps: string[] = [];
+    const outcome = await w.manager.refresh('web', { strategy: 'migrate-or-reboot', onStep: (step, message) => steps.push(`${step}: ${message}`) });
+    expect(outcome).toMatchObject({ result: 'rebooted', strategy: 'reboot', from: { installation: 'a', pid: before.pid }, to: { installation: 'b' } });
+    expect(outcome.reason).toMatch(/^the live migration failed \(live migration of web onto "b" failed: .*keeps running on its old QEMU/);
+    expect(steps.join('\n')).toMatch(/powering-off: web: the live migration failed .*; rebooting it instead/);
+    const after = await w.manager.get('web');
+    expect(after).toMatchObject({ state: 'running', installation: 'b' });
+    expect(w.host.of('web').map((q) => q.pid)).toEqual([after.pid]);
+  });
+
+  it('migrate-or-reboot: a migration that works needs no reboot', async () => {
+    const { w } = await staleWorld();
+    const outcome = await w.manager.refresh('web', { strategy: 'migrate-or-reboot' });
+    expect(outcome).toMatchObject({ result: 'migrated', strategy: 'migrate', reason: 'the live migration worked, no reboot needed' });
+  });
+
+  it('migrate-or-reboot: a new QEMU that cannot start is no reason to power the guest off', async () => {
+    const { w, before } = await staleWorld();
+    w.host.failLaunches = 1;
+    const error = await failure(w.manager.refresh('web', { strategy: 'migrate-or-reboot' }));
+    expect(error.code).toBe('REFRESH_FAILED');
+    expect(error.message).toMatch(/keeps running on its old QEMU.*No reboot either: the new QEMU did not start/s);
+    expect(await w.manager.get('web')).toMatchObject({ state: 'running', installation: 'a', pid: before.pid });
+  });
+
   it('manual policy reports, on-guest-shutdown arms, and a VM without QEMU is current', async () => {
     const { w } = await staleWorld();
     expect((await w.manager.refresh('web')).result).toBe('reported');
