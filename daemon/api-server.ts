@@ -329,7 +329,7 @@ function buildRoutes(ctx: Context): Route[] {
       methods: {
         POST: async (req, res) => {
           const body = await readJsonObject(req, { required: true });
-          checkFields(body, ['vms', 'all', 'stale', 'strategy', 'timeoutSec', 'force', 'parallel', 'stopOnError']);
+          checkFields(body, ['vms', 'all', 'stale', 'strategy', 'timeoutSec', 'force', 'parallel', 'stopOnError', 'batchIntervalSec', 'maxFailures']);
           const request: RefreshJobRequest = { ...refreshOptions(body) };
           if (body.vms !== undefined) {
             if (!Array.isArray(body.vms) || !body.vms.every((v) => typeof v === 'string')) throw invalid(`"vms" must be a list of VM names, got ${describeValue(body.vms)}`);
@@ -341,9 +341,12 @@ function buildRoutes(ctx: Context): Route[] {
           if (all !== undefined) request.all = all;
           if (stale !== undefined) request.stale = stale;
           if (stopOnError !== undefined) request.stopOnError = stopOnError;
-          if (body.parallel !== undefined) {
-            if (typeof body.parallel !== 'number') throw invalid(`"parallel" must be a number, got ${describeValue(body.parallel)}`);
-            request.parallel = body.parallel;
+          // Their ranges are the job's to check (refresh-jobs.ts).
+          for (const field of ['parallel', 'batchIntervalSec', 'maxFailures'] as const) {
+            const value = body[field];
+            if (value === undefined) continue;
+            if (typeof value !== 'number') throw invalid(`"${field}" must be a number, got ${describeValue(value)}`);
+            request[field] = value;
           }
           sendJson(res, 202, await ops.startRefreshJob(request));
         },
