@@ -10,6 +10,7 @@ import { QmpError, type QmpErrorCode } from '../qmp/index.js';
 import { parseStrategy, UpgradeError, type UpgradeErrorCode } from '../upgrade/index.js';
 import { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
 import { rotatedFiles } from './log-rotation.js';
+import { METRICS_CONTENT_TYPE } from './metrics.js';
 import { AUTOSTART_MODES, type AutostartMode, type CreateOptions, type DaemonOps, type RefreshJobRequest, type RefreshOptions, type StopOptions, type VmSettings } from './model.js';
 
 /** A day: longer waits are typos, and timers past 2^31 ms would fire at once. */
@@ -357,6 +358,7 @@ function buildRoutes(ctx: Context): Route[] {
       methods: { GET: async (_req, res, { name }) => sendJson(res, 200, ops.refreshJob(name)) },
     },
     { segments: ['1.0', 'upgrade-status'], methods: { GET: async (_req, res) => sendJson(res, 200, await ops.upgradeStatus()) } },
+    { segments: ['1.0', 'metrics'], methods: { GET: async (_req, res) => sendMetrics(res, await ops.metricsText()) } },
     {
       segments: ['1.0', 'vms', ':name', 'qmp'],
       methods: {
@@ -559,6 +561,12 @@ function sendJson(res: ServerResponse, status: number, value: unknown): void {
   const body = `${JSON.stringify(value)}\n`;
   res.writeHead(status, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), 'Cache-Control': 'no-store' });
   res.end(body);
+}
+
+/** The Prometheus text format, for a scraper (daemon/metrics.ts). */
+function sendMetrics(res: ServerResponse, text: string): void {
+  res.writeHead(200, { 'Content-Type': METRICS_CONTENT_TYPE, 'Content-Length': Buffer.byteLength(text), 'Cache-Control': 'no-store' });
+  res.end(text);
 }
 
 interface ApiErrorBody {

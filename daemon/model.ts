@@ -224,6 +224,8 @@ export interface DaemonOps {
   startRefreshJob(request: RefreshJobRequest): Promise<RefreshJob>;
   refreshJob(id: string): RefreshJob;
   upgradeStatus(): Promise<UpgradeStatus>;
+  /** GET /1.0/metrics: the Prometheus text format (daemon/metrics.ts). */
+  metricsText(): Promise<string>;
   /** Subscribes to state changes; returns the unsubscribe function. */
   subscribe(listener: (event: DaemonEvent) => void): () => void;
 }

@@ -1,8 +1,9 @@
-// migrate-or-reboot and the rolling job's --batch-interval and --max-failures, for real: a QEMU
-// that refuses the incoming migration stream (the source keeps the guest), the fallback that
-// reboots the guest onto it instead (a new boot on the console), a new QEMU that cannot start at
-// all (no reboot: the guest would stay down), and jobs that pause between batches and stop
-// after a failure.
+// migrate-or-reboot, the rolling job's --batch-interval and --max-failures, and the metrics,
+// for real: a QEMU that refuses the incoming migration stream (the source keeps the guest), the
+// fallback that reboots the guest onto it instead (a new boot on the console), a new QEMU that
+// cannot start at all (no reboot: the guest would stay down), jobs that pause between batches
+// and stop after a failure, and GET /1.0/metrics scraped with curl and read by the Prometheus
+// project's own parser.
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -14,6 +15,7 @@ import { DaemonHost } from '../support/daemon-host.js';
 import { countTicks, ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
 import { copiedInstallation, fakeInstallation, systemInstallation, writeInstallations, type TestInstallation } from '../support/installations.js';
 import { projectRoot } from '../support/paths.js';
+import { parsePrometheus, sampleValue, type ParsedFamily } from '../support/prometheus.js';
 import { waitForVm } from '../support/vm-wait.js';
 
 const CLI = join(projectRoot(), 'dist', 'cli', 'main.js');
@@ -29,9 +31,10 @@ beforeAll(async () => {
   guest = await ensureGuestImage();
   dir = await mkdtemp(join(tmpdir(), 'vk-fallback-'));
   const a = systemInstallation('a');
-  // Another build of 7.2 (so a VM on it is stale when "a" is current) that refuses migrations.
-  const nomig = await fakeInstallation('nomig', dir, { base: await copiedInstallation('c', dir), refuseIncoming: true });
-  all = [a, nomig, await fakeInstallation('broken', dir, { failStart: true })];
+  // Another build of 7.2 (a VM on "a" is stale when it is current), and one that refuses migrations.
+  const c = await copiedInstallation('c', dir);
+  const nomig = await fakeInstallation('nomig', dir, { base: c, refuseIncoming: true });
+  all = [a, c, nomig, await fakeInstallation('broken', dir, { failStart: true })];
   installationsFile = join(dir, 'installations.json');
   await writeInstallations(installationsFile, all, 'a');
   host = await DaemonHost.boot({ name: `fallback-${process.pid}`, dir: join(dir, 'daemon'), args: ['--installations', installationsFile] });
@@ -44,10 +47,14 @@ afterAll(async () => {
   if (dir) await rm(dir, { recursive: true, force: true });
 });
 
+/** vmkeepd starts on this state folder so far. */
+let starts = 1;
+
 /** "Upgrade the package": another installation becomes current, the service restarts. */
 async function makeCurrent(name: string): Promise<void> {
   await writeInstallations(installationsFile, all, name);
   await host.restart();
+  starts++;
 }
 
 async function refreshError(name: string, options: Parameters<DaemonHost['api']['refresh']>[1]): Promise<DaemonError> {
@@ -143,5 +150,47 @@ describe('rolling refresh options', () => {
     expect(lines.find((l) => l.step === 'skipped')?.message).toBe('keep not attempted: the job stopped after 1 failed VM(s) (max failures)');
     expect(isSameProcess(old.pid, old.startTime)).toBe(true);
     expect(await host.api.get('keep')).toMatchObject({ state: 'running', installation: 'a' });
+  });
+});
+
+describe('GET /1.0/metrics', () => {
+  /** Scraped as a Prometheus server would (curl over the socket); once this start is counted. */
+  async function scrape(): Promise<ParsedFamily[]> {
+    const deadline = Date.now() + 30_000;
+    for (;;) {
+      const run = await execa('curl', ['-sS', '--fail', '--unix-socket', host.socket, '-D', '-', 'http://localhost/1.0/metrics'], { reject: false });
+      if (run.exitCode !== 0) throw new Error(`curl failed (${run.exitCode}): ${run.stderr}`);
+      const [head = '', body = ''] = run.stdout.split('\r\n\r\n');
+      expect(head).toMatch(/^content-type: text\/plain; version=0\.0\.4; charset=utf-8$/im);
+      const families = await parsePrometheus(body);
+      if (sampleValue(families, 'vmkeep_daemon_starts_total') !== undefined) return families;
+      if (Date.now() > deadline) throw new Error(`vmkeep_daemon_starts_total still missing 30 s after the start:\n${body}`);
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  }
+
+  it('VMs by state, stale VMs, restarts seen, reattach time, refreshes, migration histograms and QMP latency', async () => {
+    await makeCurrent('c');
+    const before = await scrape();
+    expect(sampleValue(before, 'vmkeep_vms', { state: 'running' })).toBe(2);
+    expect(sampleValue(before, 'vmkeep_stale_vms', { installation: 'a' })).toBe(2);
+    expect(sampleValue(before, 'vmkeep_daemon_starts_total')).toBe(starts);
+    expect(sampleValue(before, 'vmkeep_start_reattach_seconds')).toBeGreaterThan(0);
+    expect(sampleValue(before, 'vmkeep_refreshes_total', { strategy: 'migrate', outcome: 'migrated' })).toBeUndefined();
+
+    await host.api.refresh('keep', { strategy: 'migrate' });
+    await host.api.refresh('fb', { strategy: 'migrate-or-reboot' });
+    expect(await host.api.refresh('fb', { strategy: 'cpr' })).toMatchObject({ result: 'current' });
+    const after = await scrape();
+    expect(sampleValue(after, 'vmkeep_stale_vms', { installation: 'a' })).toBeUndefined();
+    expect(sampleValue(after, 'vmkeep_refreshes_total', { strategy: 'migrate', outcome: 'migrated' })).toBe(1);
+    expect(sampleValue(after, 'vmkeep_refreshes_total', { strategy: 'migrate-or-reboot', outcome: 'migrated' })).toBe(1);
+    // fb is current now: a cpr refresh is nothing to do, counted as such.
+    expect(sampleValue(after, 'vmkeep_refreshes_total', { strategy: 'cpr', outcome: 'current' })).toBe(1);
+    expect(sampleValue(after, 'vmkeep_migration_downtime_seconds_count', { mode: 'migrate' })).toBe(2);
+    expect(sampleValue(after, 'vmkeep_migration_duration_seconds_bucket', { mode: 'migrate', le: '+Inf' })).toBe(2);
+    expect(sampleValue(after, 'vmkeep_migration_duration_seconds_sum', { mode: 'migrate' })).toBeGreaterThan(0);
+    for (const vm of VMS) expect(sampleValue(after, 'vmkeep_qmp_command_duration_seconds_count', { vm })).toBeGreaterThan(0);
+    expect(sampleValue(after, 'vmkeep_qmp_timeouts_total', { vm: 'keep' })).toBeUndefined();
   });
 });

@@ -240,6 +240,11 @@ describe('the monitor', () => {
     const unreachable = nextEvent(w, (e) => e.vm === 'hung' && e.state === 'unreachable', 'hung to be unreachable');
     w.host.of('hung')[0]?.sigstop();
     await unreachable;
+    // The health check's unanswered command is a timeout of that VM alone, in the metrics.
+    const metrics = await w.manager.metricsText();
+    expect(metrics).toMatch(/^vmkeep_qmp_timeouts_total\{vm="hung"\} [1-9]\d*$/m);
+    expect(metrics).not.toMatch(/vmkeep_qmp_timeouts_total\{vm="fine"\}/);
+    expect(metrics).toMatch(/^vmkeep_qmp_command_duration_seconds_count\{vm="fine"\} [1-9]\d*$/m);
     const began = Date.now();
     const status = await w.manager.upgradeStatus();
     expect(Date.now() - began).toBeLessThan(500);
@@ -264,6 +269,10 @@ describe('refresh by migration', () => {
     const { w, before } = await staleWorld();
     const outcome = await w.manager.refresh('web', { strategy: 'migrate' });
     expect(outcome).toMatchObject({ result: 'migrated', from: { installation: 'a', pid: before.pid }, to: { installation: 'b' } });
+    const metrics = await w.manager.metricsText();
+    expect(metrics).toMatch(/^vmkeep_refreshes_total\{strategy="migrate",outcome="migrated"\} 1$/m);
+    expect(metrics).toMatch(/^vmkeep_migration_downtime_seconds_count\{mode="migrate"\} 1$/m);
+    expect(metrics).toMatch(/^vmkeep_migration_duration_seconds_count\{mode="migrate"\} 1$/m);
     const after = await w.manager.get('web');
     expect(after).toMatchObject({ state: 'running', installation: 'b' });
     expect(after.pid).not.toBe(before.pid);
