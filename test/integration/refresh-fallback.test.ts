@@ -57,27 +57,27 @@ async function makeCurrent(name: string): Promise<void> {
   starts++;
 }
 
-async function refreshError(name: string, options: Parameters<DaemonHost['api']['refresh']>[1]): Promise<DaemonError> {
-  const error = await host.api.refresh(name, options).then(() => undefined, (e: unknown) => e);
-  expect(error).toBeInstanceOf(DaemonError);
-  return error as DaemonError;
-}
-
 function identity(vm: VmView): { pid: number; startTime: string } {
   const hostPid = host.hostPid(vm);
   return { pid: hostPid, startTime: readProcessIdentity(hostPid)?.startTime as string };
 }
 
+/** The refresh fails with REFRESH_FAILED and `message`, and the same QEMU still runs the guest. */
+async function refreshFailsKeepingQemu(name: string, options: Parameters<DaemonHost['api']['refresh']>[1], message: RegExp): Promise<{ old: { pid: number; startTime: string } }> {
+  const old = identity(await host.api.get(name));
+  const error = await host.api.refresh(name, options).then(() => undefined, (e: unknown) => e);
+  expect(error).toBeInstanceOf(DaemonError);
+  expect((error as DaemonError).code).toBe('REFRESH_FAILED');
+  expect((error as DaemonError).message).toMatch(message);
+  expect(isSameProcess(old.pid, old.startTime)).toBe(true);
+  return { old };
+}
+
 describe('migrate-or-reboot', () => {
   it('a QEMU that refuses the migration: plain migrate fails and keeps the guest; migrate-or-reboot reboots it onto that QEMU and says why', async () => {
     await makeCurrent('nomig');
-    const before = await host.api.get('fb');
-    const old = identity(before);
     // Negative control: the new QEMU really refuses the stream, the guest stays where it was.
-    const refused = await refreshError('fb', { strategy: 'migrate' });
-    expect(refused.code).toBe('REFRESH_FAILED');
-    expect(refused.message).toMatch(/live migration of fb onto "nomig" failed: .*keeps running on its old QEMU/s);
-    expect(isSameProcess(old.pid, old.startTime)).toBe(true);
+    const { old } = await refreshFailsKeepingQemu('fb', { strategy: 'migrate' }, /live migration of fb onto "nomig" failed: .*keeps running on its old QEMU/s);
     const ticks = countTicks(host.serialLog('fb'));
     expect(ticks).toBeGreaterThanOrEqual(3);
 
@@ -97,11 +97,7 @@ describe('migrate-or-reboot', () => {
   it('a new QEMU that cannot start at all is no reason to power the guest off: it keeps running', async () => {
     await makeCurrent('broken');
     const before = await host.api.get('keep');
-    const old = identity(before);
-    const error = await refreshError('keep', { strategy: 'migrate-or-reboot' });
-    expect(error.code).toBe('REFRESH_FAILED');
-    expect(error.message).toMatch(/keeps running on its old QEMU.*No reboot either: the new QEMU did not start/s);
-    expect(isSameProcess(old.pid, old.startTime)).toBe(true);
+    await refreshFailsKeepingQemu('keep', { strategy: 'migrate-or-reboot' }, /keeps running on its old QEMU.*No reboot either: the new QEMU did not start/s);
     const ticks = countTicks(host.serialLog('keep'));
     await waitForSerial(host.serialLog('keep'), new RegExp(`GUEST TICK ${ticks + 1}\\b`), 20_000);
     expect(await host.api.get('keep')).toMatchObject({ state: 'running', installation: 'a', pid: before.pid });
