@@ -39,6 +39,11 @@ describe('formatExposition', () => {
     expect(family?.samples[0]?.labels).toEqual({ installation: hostile });
   });
 
+  it('negative control: the parser refuses what escaping prevents (a raw newline or quote in a label value)', async () => {
+    await expect(parsePrometheus('# TYPE y gauge\ny{installation="a\nb"} 1\n')).rejects.toThrow(/the Prometheus parser refused the text/);
+    await expect(parsePrometheus('# TYPE y gauge\ny{installation="a"b"} 1\n')).rejects.toThrow(/the Prometheus parser refused the text/);
+  });
+
   it('a family without samples is still valid (HELP and TYPE only)', async () => {
     const families = await parsePrometheus(formatExposition(new DaemonMetrics().families({ vmsByState: {}, staleByInstallation: {} })));
     expect(families.map((f) => f.name)).toContain('vmkeep_migration_downtime_seconds');
