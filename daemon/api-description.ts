@@ -13,7 +13,7 @@ export const API_VERSIONS = ['/1.0'] as const;
  * Features added to /1.0 since it was first released, by name: a client checks
  * GET /1.0's apiExtensions before it uses one. Only ever appended to.
  */
-export const API_EXTENSIONS: readonly string[] = ['operations', 'events_filter', 'openapi'];
+export const API_EXTENSIONS: readonly string[] = ['operations', 'events_filter', 'openapi', 'metrics', 'refresh_migrate_or_reboot', 'refresh_batches'];
 
 type Schema = Record<string, unknown>;
 const ref = (name: string): Schema => ({ $ref: `#/components/schemas/${name}` });
@@ -91,6 +91,7 @@ const SCHEMAS: Record<string, Schema> = {
   }, ['vm', 'strategy', 'result', 'totalMs', 'message'], { additionalProperties: true }),
   RefreshJob: obj({
     id: str('the operation id'), vms: { type: 'array', items: str() }, parallel: int(),
+    batchIntervalSec: { type: 'number' }, maxFailures: int(),
     results: { type: 'array', items: obj({ vm: str(), ok: { type: 'boolean' }, skipped: { type: 'boolean' }, outcome: ref('RefreshOutcome'), error: ref('OperationError') }, ['vm', 'ok']) },
   }, ['id', 'vms', 'parallel', 'results']),
   UpgradeStatus: obj({
@@ -163,7 +164,9 @@ export const ROUTE_DOCS: Readonly<Record<string, RouteDoc>> = {
     summary: 'rolling refresh of many VMs: an operation (its result: a RefreshJob); a cancel begins no further VM',
     body: obj({
       vms: { type: 'array', items: str() }, all: bool('every VM'), stale: bool('every stale VM whose strategy is not manual'),
-      ...refreshFields, parallel: int('VMs at a time, 1 to 64'), stopOnError: bool('begin no VM after a failure'),
+      ...refreshFields, parallel: int('VMs at a time, 1 to 64'), stopOnError: bool('begin no VM after a failure (maxFailures 1)'),
+      batchIntervalSec: { type: 'number', description: 'seconds to pause between batches of parallel VMs, 0 to 86400' },
+      maxFailures: int('stop the job after this many failed VMs; the rest are not attempted'),
     }),
     ok: ACCEPTED, errors: [...REQUEST_ERRORS, 'NOT_FOUND'],
   },
@@ -177,6 +180,10 @@ export const ROUTE_DOCS: Readonly<Record<string, RouteDoc>> = {
     summary: 'the operation once it finished, or as it is after timeout seconds (still running then)',
     parameters: [ID_PARAM, { name: 'timeout', in: 'query', schema: { type: 'number', minimum: 0, maximum: 3600, default: 60 }, description: 'seconds' }],
     ok: { status: 200, schema: ref('Operation') }, errors: ['INVALID_REQUEST', 'NOT_FOUND'],
+  },
+  'GET /1.0/metrics': {
+    summary: 'metrics in the Prometheus text format (VMs by state, stale VMs, refreshes, migration times, QMP latency, daemon starts)',
+    ok: { status: 200, contentType: 'text/plain', schema: { type: 'string' } }, errors: ['STATE_IO'],
   },
   'GET /1.0/upgrade-status': { summary: 'which VMs run an old QEMU and what their policy will do', ok: { status: 200, schema: ref('UpgradeStatus') }, errors: ['STATE_IO'] },
   'POST /1.0/vms/{name}/qmp': {

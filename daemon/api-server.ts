@@ -12,6 +12,7 @@ import { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
 import { rotatedFiles } from './log-rotation.js';
 import { apiDescription, API_EXTENSIONS, API_VERSIONS } from './api-description.js';
 import { parseEventFilter } from './event-filter.js';
+import { METRICS_CONTENT_TYPE } from './metrics.js';
 import { AUTOSTART_MODES, type AutostartMode, type CreateOptions, type DaemonEvent, type DaemonOps, type RefreshJobRequest, type RefreshOptions, type StopOptions, type VmSettings } from './model.js';
 import type { Operation } from './operation-state.js';
 import type { Operations } from './operations.js';
@@ -72,6 +73,9 @@ const LAUNCH_CODES: Record<LaunchErrorCode, DaemonErrorCode> = {
   INVALID_SPEC: 'INVALID_SPEC',
   UNKNOWN_MACHINE: 'INVALID_SPEC',
   FILE_NOT_FOUND: 'INVALID_SPEC',
+  FILE_CHANGED: 'BACKING_CHAIN_CHANGED',
+  BACKING_CHAIN_CHANGED: 'BACKING_CHAIN_CHANGED',
+  DISK_REFUSED: 'DISK_REFUSED',
   PROBE_FAILED: 'START_FAILED',
   QEMU_EXITED: 'START_FAILED',
   SPAWN_FAILED: 'START_FAILED',
@@ -355,7 +359,7 @@ function buildRoutes(ctx: Context): Route[] {
       methods: {
         POST: async (req, res) => {
           const body = await readJsonObject(req, { required: true });
-          checkFields(body, ['vms', 'all', 'stale', 'strategy', 'timeoutSec', 'force', 'parallel', 'stopOnError']);
+          checkFields(body, ['vms', 'all', 'stale', 'strategy', 'timeoutSec', 'force', 'parallel', 'stopOnError', 'batchIntervalSec', 'maxFailures']);
           const request: RefreshJobRequest = { ...refreshOptions(body) };
           if (body.vms !== undefined) {
             if (!Array.isArray(body.vms) || !body.vms.every((v) => typeof v === 'string')) throw invalid(`"vms" must be a list of VM names, got ${describeValue(body.vms)}`);
@@ -367,9 +371,12 @@ function buildRoutes(ctx: Context): Route[] {
           if (all !== undefined) request.all = all;
           if (stale !== undefined) request.stale = stale;
           if (stopOnError !== undefined) request.stopOnError = stopOnError;
-          if (body.parallel !== undefined) {
-            if (typeof body.parallel !== 'number') throw invalid(`"parallel" must be a number, got ${describeValue(body.parallel)}`);
-            request.parallel = body.parallel;
+          // Their ranges are the job's to check (refresh-jobs.ts).
+          for (const field of ['parallel', 'batchIntervalSec', 'maxFailures'] as const) {
+            const value = body[field];
+            if (value === undefined) continue;
+            if (typeof value !== 'number') throw invalid(`"${field}" must be a number, got ${describeValue(value)}`);
+            request[field] = value;
           }
           const plan = await ops.planRefreshJob(request);
           sendOperation(res, operations.begin('rolling-refresh', plan.vms, (context) => ops.runRefreshJob(plan, context)));
@@ -395,6 +402,7 @@ function buildRoutes(ctx: Context): Route[] {
       methods: { GET: async (req, res, { id }) => waitOperation(ctx, req, res, id) },
     },
     { segments: ['1.0', 'upgrade-status'], methods: { GET: async (_req, res) => sendJson(res, 200, await ops.upgradeStatus()) } },
+    { segments: ['1.0', 'metrics'], methods: { GET: async (_req, res) => sendMetrics(res, await ops.metricsText()) } },
     {
       segments: ['1.0', 'vms', ':name', 'qmp'],
       methods: {
@@ -632,6 +640,12 @@ async function waitOperation(ctx: Context, req: IncomingMessage, res: ServerResp
     ctx.streams.delete(stop);
     res.off('close', stop);
   }
+}
+
+/** The Prometheus text format, for a scraper (daemon/metrics.ts). */
+function sendMetrics(res: ServerResponse, text: string): void {
+  res.writeHead(200, { 'Content-Type': METRICS_CONTENT_TYPE, 'Content-Length': Buffer.byteLength(text), 'Cache-Control': 'no-store' });
+  res.end(text);
 }
 
 interface ApiErrorBody {

@@ -21,6 +21,12 @@ export type DaemonErrorCode =
   | 'REFRESH_REFUSED'
   /** A refresh was begun and failed; the VM runs as before on its old QEMU. */
   | 'REFRESH_FAILED'
+  /** A disk's backing chain (or an image's file) is not the recorded one: `vmkeep disk accept NAME` after checking. */
+  | 'BACKING_CHAIN_CHANGED'
+  /** A disk image vmkeep will not use (a backing file without a stated format, a non-file backing). */
+  | 'DISK_REFUSED'
+  /** An image another VM uses read-write (or a read-write image another VM uses at all). */
+  | 'IMAGE_IN_USE'
   | 'INTERNAL'
   /** An operation was cancelled (DELETE /1.0/operations/ID) before it finished. */
   | 'CANCELLED'
@@ -56,6 +62,9 @@ export const HTTP_STATUS: Record<DaemonErrorCode, number> = {
   QMP_FAILED: 502,
   REFRESH_REFUSED: 409,
   REFRESH_FAILED: 500,
+  BACKING_CHAIN_CHANGED: 409,
+  DISK_REFUSED: 422,
+  IMAGE_IN_USE: 409,
   INTERNAL: 500,
   CANCELLED: 409,
   DAEMON_RESTARTED: 500,

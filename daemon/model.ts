@@ -88,7 +88,7 @@ export interface DaemonEvent {
   time: string;
 }
 
-export type RefreshStep = 'started' | 'migrating' | 'powering-off' | 'starting' | 'done' | 'failed' | 'skipped' | 'job-done';
+export type RefreshStep = 'started' | 'migrating' | 'powering-off' | 'starting' | 'done' | 'failed' | 'skipped' | 'pause' | 'job-done';
 
 export interface RefreshOptions {
   /** Default: the VM's own policy, else the daemon's. */
@@ -130,14 +130,22 @@ export interface RefreshJobRequest {
   parallel?: number;
   timeoutSec?: number;
   force?: boolean;
+  /** The same as maxFailures 1. */
   stopOnError?: boolean;
+  /** Seconds to pause between batches of `parallel` VMs (0 to MAX_BATCH_INTERVAL_SEC). */
+  batchIntervalSec?: number;
+  /** Stop the job after this many failed VMs: no new VM is begun, the rest are not attempted. */
+  maxFailures?: number;
 }
 
 /** A rolling refresh's VMs and how it will run them, decided before it begins. */
 export interface RefreshJobPlan {
   vms: string[];
   parallel: number;
-  stopOnError: boolean;
+  /** 0: a new VM begins as soon as one ends. */
+  batchIntervalSec: number;
+  /** stopOnError is 1. */
+  maxFailures?: number;
   options: Omit<RefreshOptions, 'onStep'>;
 }
 
@@ -146,6 +154,8 @@ export interface RefreshJob {
   id: string;
   vms: string[];
   parallel: number;
+  batchIntervalSec?: number;
+  maxFailures?: number;
   results: Array<{ vm: string; ok: boolean; skipped?: boolean; outcome?: RefreshOutcome; error?: { code: string; message: string } }>;
 }
 
@@ -241,6 +251,8 @@ export interface DaemonOps {
   /** Runs a planned rolling refresh as the operation `context`; a cancel begins no further VM. */
   runRefreshJob(plan: RefreshJobPlan, context: OperationContext): Promise<RefreshJob>;
   upgradeStatus(): Promise<UpgradeStatus>;
+  /** GET /1.0/metrics: the Prometheus text format (daemon/metrics.ts). */
+  metricsText(): Promise<string>;
   /** Subscribes to state changes; returns the unsubscribe function. */
   subscribe(listener: (event: DaemonEvent) => void): () => void;
 }

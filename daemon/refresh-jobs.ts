@@ -5,6 +5,8 @@ import { DaemonError, type DaemonErrorCode } from './errors.js';
 import type { DaemonEvent, RefreshJob, RefreshJobPlan, RefreshJobRequest, RefreshOptions, RefreshOutcome, UpgradeStatus } from './model.js';
 import type { OperationContext, RunAs } from './operations.js';
 const MAX_PARALLEL = 64;
+/** A day: longer pauses are a schedule, not a batch interval. */
+const MAX_BATCH_INTERVAL_SEC = 86_400;
 
 export interface RefreshJobsDeps {
   /** Every VM name, sorted; throws NOT_FOUND for an unknown one when asked for it. */
@@ -29,6 +31,15 @@ export class RefreshJobs {
     if (!Number.isSafeInteger(parallel) || parallel < 1 || parallel > MAX_PARALLEL) {
       throw new DaemonError('INVALID_REQUEST', `parallel must be a whole number from 1 to ${MAX_PARALLEL}, got ${String(request.parallel)}`);
     }
+    const batchIntervalSec = request.batchIntervalSec ?? 0;
+    if (!Number.isFinite(batchIntervalSec) || batchIntervalSec < 0 || batchIntervalSec > MAX_BATCH_INTERVAL_SEC) {
+      throw new DaemonError('INVALID_REQUEST', `batchIntervalSec must be a number of seconds from 0 to ${MAX_BATCH_INTERVAL_SEC}, got ${String(request.batchIntervalSec)}`);
+    }
+    if (request.maxFailures !== undefined && (!Number.isSafeInteger(request.maxFailures) || request.maxFailures < 1)) {
+      throw new DaemonError('INVALID_REQUEST', `maxFailures must be a whole number from 1, got ${String(request.maxFailures)}`);
+    }
+    // stopOnError is maxFailures 1; with both, the stricter wins.
+    const maxFailures = request.stopOnError === true ? 1 : request.maxFailures;
     const strategy = request.strategy === undefined ? undefined : parseStrategy(request.strategy);
     let vms: string[];
     if (request.vms !== undefined) {
@@ -45,7 +56,7 @@ export class RefreshJobs {
       ...(request.timeoutSec === undefined ? {} : { timeoutSec: request.timeoutSec }),
       ...(request.force === undefined ? {} : { force: request.force }),
     };
-    return { vms, parallel, stopOnError: request.stopOnError === true, options };
+    return { vms, parallel, batchIntervalSec, ...(maxFailures === undefined ? {} : { maxFailures }), options };
   }
 
   /**
@@ -62,8 +73,10 @@ export class RefreshJobs {
     const results = await runRolling({
       vms,
       parallel: plan.parallel,
-      stopOnError: plan.stopOnError,
+      ...(plan.maxFailures === undefined ? {} : { maxFailures: plan.maxFailures }),
+      batchIntervalMs: plan.batchIntervalSec * 1000,
       signal: context.signal,
+      onPause: (ms, remaining) => deps.emit({ ...tag, step: 'pause', message: `pausing ${ms / 1000} s before the next batch (${remaining} VM(s) to go)` }),
       // The VM's lock and events carry the job's id; its cancel is not passed on: a migration in
       // progress finishes, only the VMs not begun are left out.
       refresh: (vm) => deps.refresh(vm, { ...plan.options, onStep: (step, message) => deps.emit({ ...tag, vm, step, message }) }, { id }),
@@ -81,6 +94,8 @@ export class RefreshJobs {
     });
     const job: RefreshJob = {
       id, vms, parallel: plan.parallel,
+      ...(plan.batchIntervalSec > 0 ? { batchIntervalSec: plan.batchIntervalSec } : {}),
+      ...(plan.maxFailures === undefined ? {} : { maxFailures: plan.maxFailures }),
       results: results.map((r) => ({
         vm: r.vm, ok: r.ok,
         ...(r.skipped ? { skipped: true } : {}),
@@ -88,8 +103,8 @@ export class RefreshJobs {
         ...(r.error ? { error: { code: (r.error as { code?: string }).code ?? 'INTERNAL', message: r.error.message } } : {}),
       })),
     };
-    const why = context.signal.aborted ? 'the job was cancelled' : 'an earlier VM failed (--stop-on-error)';
-    for (const r of results.filter((x) => x.skipped)) deps.emit({ ...tag, vm: r.vm, step: 'skipped', message: `${r.vm} skipped: ${why}` });
+    const why = context.signal.aborted ? 'the job was cancelled' : `the job stopped after ${plan.maxFailures ?? 1} failed VM(s) (max failures)`;
+    for (const r of results.filter((x) => x.skipped)) deps.emit({ ...tag, vm: r.vm, step: 'skipped', message: `${r.vm} not attempted: ${why}` });
     const ok = results.filter((r) => r.ok).length;
     deps.emit({ ...tag, step: 'job-done', progress: { done: results.length, total: vms.length, failed: results.length - ok }, message: `${ok} of ${vms.length} VM(s) refreshed` });
     await deps.onJobDone().catch((error: unknown) => deps.logError({ job: id, err: error }, 'collecting unused module pins after a refresh job failed'));

@@ -64,6 +64,6 @@ describe('the OpenAPI document', () => {
   });
 
   it('names its extensions', () => {
-    expect(API_EXTENSIONS).toEqual(expect.arrayContaining(['operations', 'events_filter', 'openapi']));
+    expect(API_EXTENSIONS).toEqual(expect.arrayContaining(['operations', 'events_filter', 'openapi', 'metrics', 'refresh_migrate_or_reboot']));
   });
 });

@@ -200,7 +200,12 @@ export class FakeDaemonOps implements DaemonOps {
       ? []
       : (request.vms ?? [...this.vms.keys()].filter((n) => request.all || this.vms.get(n)?.state === 'running'));
     for (const vm of vms) this.vm(vm);
-    return { vms, parallel: request.parallel ?? 1, stopOnError: request.stopOnError === true, options: request.strategy === undefined ? {} : { strategy: request.strategy } };
+    const maxFailures = request.stopOnError === true ? 1 : request.maxFailures;
+    return {
+      vms, parallel: request.parallel ?? 1, batchIntervalSec: request.batchIntervalSec ?? 0,
+      ...(maxFailures === undefined ? {} : { maxFailures }),
+      options: request.strategy === undefined ? {} : { strategy: request.strategy },
+    };
   }
 
   /** Runs the refreshes one by one and emits the events a real job would; a cancel begins no further VM. */
@@ -232,6 +237,11 @@ export class FakeDaemonOps implements DaemonOps {
     }
     this.emit({ ...tag, step: 'job-done', progress: { done: plan.vms.length, total: plan.vms.length, failed } });
     return job;
+  }
+
+  async metricsText(): Promise<string> {
+    this.record('metricsText', []);
+    return '# HELP vmkeep_vms VMs by state.\n# TYPE vmkeep_vms gauge\nvmkeep_vms{state="running"} 1\n';
   }
 
   async upgradeStatus(): Promise<UpgradeStatus> {
