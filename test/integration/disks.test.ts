@@ -14,7 +14,7 @@ import {
 } from '../../launcher/index.js';
 import { makeOverlayOnRaw, O_ACCMODE, openFilesUnder, requireDiskTools } from '../support/disk-images.js';
 import { ensureGuestImage, requireQemu, waitForSerial, type GuestImage } from '../support/guest.js';
-import { checkImage, lastWrote, RECORD_BYTES } from '../support/records-check.js';
+import { checkImage, lastWrote, RECORD_BYTES, waitForWrote } from '../support/records-check.js';
 import { powerDownGuest } from '../../qmp/index.js';
 import { execFileSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -48,14 +48,8 @@ function spec(disks: unknown[], append = ''): VmSpec {
   return validateSpec({ name: 'disks', kernel: guest.kernel, initrd: guest.initrd, append: `${guest.append}${append}`, memoryMiB: 256, disks });
 }
 
-/** Waits until the console shows GUEST WROTE n (n or more). */
-async function waitForWrites(n: number, timeoutMs = 120_000): Promise<void> {
-  const log = join(dir, 'serial.log');
-  const deadline = Date.now() + timeoutMs;
-  while (lastWrote(log) < n) {
-    if (Date.now() > deadline) throw new Error(`waited ${timeoutMs} ms for GUEST WROTE ${n} in ${log}; last: ${lastWrote(log)}`);
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
+async function waitForWrites(n: number): Promise<void> {
+  await waitForWrote(join(dir, 'serial.log'), n);
 }
 
 /** ACPI power-off (the guest stops its writer and unmounts), then quit. */

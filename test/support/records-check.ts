@@ -60,6 +60,17 @@ export function lastWrote(serialLog: string): number {
   return last;
 }
 
+/** Resolves with the last acknowledged number once the console shows GUEST WROTE `n` (or more). */
+export async function waitForWrote(serialLog: string, n: number, timeoutMs = 120_000): Promise<number> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const last = lastWrote(serialLog);
+    if (last >= n) return last;
+    if (Date.now() > deadline) throw new Error(`waited ${timeoutMs} ms for GUEST WROTE ${n} in ${serialLog}; the last was ${last}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
 /** Every "GUEST WROTE n" in order (to find gaps or a restart of the sequence). */
 export function wroteSequence(serialLog: string): number[] {
   return [...readFileSync(serialLog, 'utf8').matchAll(/GUEST WROTE (\d+)/g)].map((m) => Number(m[1]));
