@@ -4,7 +4,7 @@ import { DaemonError, type DaemonErrorCode } from './errors.js';
 import { DEFAULT_MIGRATE_TIMEOUT_SEC, DEFAULT_REBOOT_TIMEOUT_SEC, DEFAULT_STOP_TIMEOUT_SEC } from './model.js';
 import type {
   CreateOptions, DaemonEvent, DaemonEventType, DaemonInfo, RefreshJobRequest, RefreshOptions, RefreshOutcome, StopOptions,
-  UpgradeStatus, VmSettings, VmView,
+  DiskAcceptResult,   UpgradeStatus, VmSettings, VmView,
 } from './model.js';
 import type { Operation } from './operation-state.js';
 
@@ -143,6 +143,11 @@ export class ApiClient {
 
   upgradeStatus(): Promise<UpgradeStatus> {
     return this.json({ method: 'GET', path: '/1.0/upgrade-status', timeoutMs: this.slowTimeout() });
+  }
+
+  /** Records each disk's backing chain as it is now (after BACKING_CHAIN_CHANGED). */
+  acceptDisks(name: string): Promise<DiskAcceptResult> {
+    return this.json({ method: 'POST', path: `${vmPath(name)}/disks/accept`, body: {}, timeoutMs: this.slowTimeout() });
   }
 
   async start(name: string): Promise<VmView> {

@@ -13,7 +13,7 @@ export const API_VERSIONS = ['/1.0'] as const;
  * Features added to /1.0 since it was first released, by name: a client checks
  * GET /1.0's apiExtensions before it uses one. Only ever appended to.
  */
-export const API_EXTENSIONS: readonly string[] = ['operations', 'events_filter', 'openapi', 'metrics', 'refresh_migrate_or_reboot', 'refresh_batches'];
+export const API_EXTENSIONS: readonly string[] = ['operations', 'events_filter', 'openapi', 'metrics', 'refresh_migrate_or_reboot', 'refresh_batches', 'disks'];
 
 type Schema = Record<string, unknown>;
 const ref = (name: string): Schema => ({ $ref: `#/components/schemas/${name}` });
@@ -169,6 +169,18 @@ export const ROUTE_DOCS: Readonly<Record<string, RouteDoc>> = {
       maxFailures: int('stop the job after this many failed VMs; the rest are not attempted'),
     }),
     ok: ACCEPTED, errors: [...REQUEST_ERRORS, 'NOT_FOUND'],
+  },
+  'POST /1.0/vms/{name}/disks/accept': {
+    summary: "record each disk's backing chain as it is now (after BACKING_CHAIN_CHANGED, once an operator checked it)", parameters: [NAME_PARAM], body: obj({}),
+    ok: {
+      status: 200,
+      schema: obj({
+        vm: str(),
+        previous: { type: 'array', nullable: true, items: { type: 'object', additionalProperties: true }, description: 'the chains recorded before' },
+        disks: { type: 'array', items: { type: 'object', additionalProperties: true }, description: 'per disk, its layers top first: path, format, size, device + inode' },
+      }, ['vm', 'previous', 'disks']),
+    },
+    errors: ['INVALID_REQUEST', 'NOT_FOUND', 'BUSY', 'CONFLICT', 'DISK_REFUSED', 'IMAGE_IN_USE', 'STATE_IO'],
   },
   'GET /1.0/operations': { summary: 'the operations kept (running ones, finished ones for 24 h, the last 1000)', ok: { status: 200, schema: { type: 'array', items: ref('Operation') } }, errors: [] },
   'GET /1.0/operations/{id}': { summary: 'one operation', parameters: [ID_PARAM], ok: { status: 200, schema: ref('Operation') }, errors: ['NOT_FOUND'] },

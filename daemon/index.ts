@@ -24,7 +24,7 @@ export { classifyReattach, type ReattachObservation, type ReattachDecision, type
 export { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
 export { DEFAULT_STOP_TIMEOUT_SEC } from './model.js';
 export type {
-  CreateOptions, DaemonEvent, DaemonEventType, DaemonInfo, DaemonOps, ExitInfo, RefreshJob, RefreshJobPlan, RefreshJobRequest, RefreshOptions, RefreshOutcome,
+  CreateOptions, DaemonEvent, DaemonEventType, DaemonInfo, DaemonOps, DiskAcceptResult, ExitInfo, RefreshJob, RefreshJobPlan, RefreshJobRequest, RefreshOptions, RefreshOutcome,
   RefreshStep, StopOptions, UpgradeStatus, VmSettings, VmState, VmUpgradeStatus, VmView, AutostartMode,
 } from './model.js';
 export { AUTOSTART_MODES, DEFAULT_AUTOSTART, EVENT_TYPES } from './model.js';

@@ -4,7 +4,7 @@ import { validateSpec } from '../../../launcher/index.js';
 import { toApiError } from '../../../daemon/api-server.js';
 import { Operations, type RunAs } from '../../../daemon/operations.js';
 import {
-  DaemonError, type CreateOptions, type DaemonEvent, type DaemonInfo, type DaemonOps, type OperationContext, type RefreshJob, type RefreshJobPlan, type RefreshJobRequest,
+  DaemonError, type CreateOptions, type DaemonEvent, type DaemonInfo, type DaemonOps, type DiskAcceptResult, type OperationContext, type RefreshJob, type RefreshJobPlan, type RefreshJobRequest,
   type RefreshOptions, type RefreshOutcome, type StopOptions, type UpgradeStatus, type VmSettings, type VmView,
 } from '../../../daemon/index.js';
 
@@ -256,6 +256,13 @@ export class FakeDaemonOps implements DaemonOps {
         ...(vm.qemuVersion === undefined ? {} : { runningVersion: vm.qemuVersion }),
       })),
     };
+  }
+
+  async acceptDisks(name: string): Promise<DiskAcceptResult> {
+    this.record('acceptDisks', [name]);
+    const vm = this.vms.get(name);
+    if (!vm) throw new DaemonError('NOT_FOUND', `no VM named ${JSON.stringify(name)}`);
+    return { vm: name, previous: null, disks: [] };
   }
 
   subscribe(listener: Listener): () => void {
