@@ -3,11 +3,11 @@ import { join } from 'node:path';
 import type { Logger } from './log.js';
 import { probeInstallation } from '../launcher/index.js';
 import type { InstallationsConfig, RefreshStrategy } from '../upgrade/index.js';
-import { ScopeManager, SCOPE_PREFIX } from '../scope-manager/index.js';
+import { MachineRegistry, ScopeManager, SCOPE_PREFIX } from '../scope-manager/index.js';
 import { startApiServer } from './api-server.js';
 import { acquireDaemonLock } from './lock.js';
 import { VmManager } from './manager.js';
-import type { ScopePort } from './ports.js';
+import type { MachinePort, ScopePort } from './ports.js';
 import { startNotifier, type Notifier } from './notify.js';
 import { recordsDir, RecordStore } from './records.js';
 import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES } from './log-rotation.js';
@@ -73,6 +73,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
     await store.init();
 
     let scopes: ScopePort | null = null;
+    let machines: MachinePort | undefined;
     if (options.useScopes) {
       const manager = new ScopeManager(options.busAddress === undefined ? {} : { busAddress: options.busAddress });
       cleanups.push(() => manager.close());
@@ -82,6 +83,8 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       // (reattach would misjudge every VM) and no QEMU could be placed in a scope: refuse to run.
       await manager.checkPidNamespace();
       scopes = manager;
+      // On the same connection: machined lists each VM under the scope it is already in.
+      machines = new MachineRegistry(manager);
     } else {
       logger.warn('--no-scope: QEMU processes stay in the daemon\'s cgroup and die with it when its service stops');
     }
@@ -90,6 +93,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
     const manager = new VmManager({
       store,
       scopes,
+      ...(machines === undefined ? {} : { machines }),
       slice: options.slice,
       installations: options.installations,
       defaultPolicy: options.defaultPolicy ?? 'manual',

@@ -25,9 +25,10 @@ import type {
 } from './model.js';
 import { autostartAtBoot, type AutostartOptions, type AutostartPlan } from './autostart.js';
 import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES, startLogRotation, type LogLimits } from './log-rotation.js';
+import { MachineSync } from './machines.js';
 import { migrateNow } from './migration.js';
 import { ModulePins } from './pins.js';
-import { realQemu, type QemuPort, type ScopePort } from './ports.js';
+import { realQemu, type MachinePort, type QemuPort, type ScopePort } from './ports.js';
 import { reattachIsolated } from './reattach.js';
 import { RECORD_SCHEMA, type RecordStore, type VmRecord } from './records.js';
 import { RefreshJobs } from './refresh-jobs.js';
@@ -37,11 +38,13 @@ import { stalenessOf, upgradeStatus } from './upgrade-status.js';
 import type { CoreOptions, Launch, LaunchArgs, VmCore } from './vm-core.js';
 import { binaryOf, newEntry, toView, truncate, type VmEntry } from './vm-entry.js';
 
-export type { ScopePort, QemuPort } from './ports.js';
+export type { ScopePort, QemuPort, MachinePort } from './ports.js';
 
 export interface VmManagerOptions {
   store: RecordStore;
   scopes: ScopePort | null;
+  /** systemd-machined, which lists each running VM (absent: not registered). */
+  machines?: MachinePort;
   /** QEMU processes and monitors (default: the real ones). */
   qemu?: QemuPort;
   slice: string;
@@ -97,6 +100,7 @@ export class VmManager implements DaemonOps, VmCore {
   private readonly jobs: RefreshJobs;
   private readonly pins: ModulePins;
   private orphanScopes: string[] = [];
+  private readonly machines: MachineSync | null;
   private closed = false;
   /** Settles once every VM's reattach has (after a bounded reattachAll, possibly later). */
   reattachDone: Promise<void> = Promise.resolve();
@@ -116,6 +120,7 @@ export class VmManager implements DaemonOps, VmCore {
       healthIntervalMs: o.healthIntervalMs ?? 5_000,
     };
     this.pins = new ModulePins(o.pinRoot, o.logger);
+    this.machines = o.machines === undefined ? null : new MachineSync(o.machines, o.logger);
     this.jobs = new RefreshJobs({
       names: () => [...this.vms.keys()].sort(),
       requireVm: (name) => void this.entry(name),
@@ -152,7 +157,8 @@ export class VmManager implements DaemonOps, VmCore {
     for (const record of records) this.vms.set(record.name, newEntry(record));
     const all = Promise.all(records.map((record) => {
       const entry = this.entry(record.name);
-      return entry.lock.run('reattach', () => reattachIsolated(this, entry));
+      // machined may have lost its list while vmkeepd was away (its own restart, a cleared /run).
+      return entry.lock.run('reattach', () => reattachIsolated(this, entry)).finally(() => this.machines?.sync(entry.record));
     })).then(() => this.findOrphanScopes());
     this.reattachDone = all.catch(() => undefined);
     this.stopHealthChecks = startHealthChecks(this);
@@ -761,6 +767,7 @@ export class VmManager implements DaemonOps, VmCore {
     this.closed = true;
     this.stopHealthChecks();
     this.stopLogRotation();
+    this.machines?.close();
     clearTimeout(this.flushTimer);
     for (const entry of this.vms.values()) {
       if (entry.retryTimer) clearTimeout(entry.retryTimer);
@@ -865,6 +872,7 @@ export class VmManager implements DaemonOps, VmCore {
   private remember(entry: VmEntry, record: VmRecord): void {
     const previous = entry.record.state;
     entry.record = record;
+    this.machines?.sync(record);
     if (record.state !== previous) {
       this.options.logger.info({ vm: record.name, state: record.state, previous }, `${record.name}: ${previous} -> ${record.state}`);
       this.emit({ type: 'vm-state', vm: record.name, state: record.state, previous });

@@ -71,6 +71,8 @@ export interface DaemonHostOptions {
    * before vmkeepd: systemd holds the control socket and passes it to every vmkeepd.
    */
   socketUnit?: boolean;
+  /** More unit files for the private systemd (e.g. systemd-machined's), installed, not started. */
+  unitFiles?: Record<string, string>;
   /** With guestsUnit: VMKEEP_SHUTDOWN_TIMEOUT, set by a drop-in as an administrator would (default 8). */
   guestsTimeoutSec?: number;
 }
@@ -153,6 +155,7 @@ export class DaemonHost {
       const bootOptions = {
         name: options.name,
         unitFiles: {
+          ...options.unitFiles,
           [DAEMON_UNIT]: unit,
           ...(guests === undefined ? {} : { [GUESTS_UNIT]: guests }),
           ...(socketUnit === undefined ? {} : { [SOCKET_UNIT]: socketUnit }),
