@@ -8,6 +8,7 @@ import { installationFrom } from './options.js';
 export interface DaemonCommandArgs {
   stateDir: string;
   runtimeDir: string;
+  logDir?: string;
   socket: string;
   socketGroup?: string;
   slice: string;
@@ -32,6 +33,7 @@ export interface ParsedDaemonOptions {
   firmwareDir?: string[] | undefined;
   stateDir: string;
   runtimeDir: string;
+  logDir: string;
   socket: string;
   socketGroup?: string | undefined;
   slice: string;
@@ -64,6 +66,7 @@ export function daemonCommandArgs(a: ParsedDaemonOptions, env: NodeJS.ProcessEnv
     args: {
       stateDir: a.stateDir,
       runtimeDir: a.runtimeDir,
+      logDir: a.logDir,
       socket: a.socket,
       slice: a.slice,
       scope: a.scope,
@@ -116,6 +119,7 @@ export async function runDaemonCommand(
     ...(args.logKeep === undefined ? {} : { logKeep: args.logKeep }),
     stateDir: args.stateDir,
     runtimeDir: args.runtimeDir,
+    ...(args.logDir === undefined ? {} : { logDir: args.logDir }),
     socketPath: args.socket,
     slice: args.slice,
     useScopes: args.scope,

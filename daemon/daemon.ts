@@ -16,6 +16,8 @@ import { takeControlSocket } from './socket-activation.js';
 export interface DaemonOptions {
   stateDir: string;
   runtimeDir: string;
+  /** Each VM's serial console and QEMU logs, in LOG_DIR/NAME/ (default: with its socket, in the runtime folder). */
+  logDir?: string;
   socketPath: string;
   /** gid that may use the control socket (mode 0660); default: root only (0600). */
   socketGid?: number;
@@ -102,6 +104,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       ...(options.guestsUnit === undefined ? {} : { guestsUnit: options.guestsUnit }),
       probe: (installation) => probeInstallation(installation, { cacheDir }),
       runtimeDir: options.runtimeDir,
+      ...(options.logDir === undefined ? {} : { logDir: options.logDir }),
       logger,
       ...(options.logMaxBytes === undefined && options.logKeep === undefined ? {} : {
         logLimits: { maxBytes: options.logMaxBytes ?? DEFAULT_LOG_MAX_BYTES, keep: options.logKeep ?? DEFAULT_LOG_KEEP },

@@ -24,7 +24,7 @@ import type {
   StopOptions, UpgradeStatus, VmSettings, VmView,
 } from './model.js';
 import { autostartAtBoot, type AutostartOptions, type AutostartPlan } from './autostart.js';
-import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES, startLogRotation, type LogLimits } from './log-rotation.js';
+import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES, rotateIfLarge, startLogRotation, type LogLimits } from './log-rotation.js';
 import { MachineSync } from './machines.js';
 import { migrateNow } from './migration.js';
 import { ModulePins } from './pins.js';
@@ -61,6 +61,8 @@ export interface VmManagerOptions {
   /** Probes the installation (cached by binary identity). */
   probe: (installation: Installation) => Promise<InstallationInfo>;
   runtimeDir: string;
+  /** Each VM's serial console and QEMU logs go in LOG_DIR/NAME/ (default: its runtime folder). */
+  logDir?: string;
   logger: Logger;
   info: Omit<DaemonInfo, 'orphanScopes' | 'damagedRecords'>;
   /** How long a reattach waits for a QMP greeting before calling the VM unreachable. */
@@ -132,6 +134,10 @@ export class VmManager implements DaemonOps, VmCore {
     });
   }
 
+  private get logLimits(): LogLimits {
+    return this.managerOptions.logLimits ?? { maxBytes: DEFAULT_LOG_MAX_BYTES, keep: DEFAULT_LOG_KEEP };
+  }
+
   get isClosed(): boolean {
     return this.closed;
   }
@@ -162,10 +168,9 @@ export class VmManager implements DaemonOps, VmCore {
     })).then(() => this.findOrphanScopes());
     this.reattachDone = all.catch(() => undefined);
     this.stopHealthChecks = startHealthChecks(this);
-    const limits = this.managerOptions.logLimits ?? { maxBytes: DEFAULT_LOG_MAX_BYTES, keep: DEFAULT_LOG_KEEP };
     this.stopLogRotation = startLogRotation(
       () => this.entries().filter((e) => e.record.process !== undefined).flatMap((e) => [e.record.paths.serialLog, e.record.paths.stderrLog]),
-      limits,
+      this.logLimits,
       (path, error) => this.options.logger.warn({ path, err: error }, `could not rotate ${path}`),
     );
     if (!Number.isFinite(waitMs)) return all;
@@ -352,6 +357,7 @@ export class VmManager implements DaemonOps, VmCore {
       await this.options.store.remove(name);
       this.refuseWhenClosed(name);
       await rm(this.vmDir(name), { recursive: true, force: true });
+      await rm(this.logDirOf(name), { recursive: true, force: true });
       this.vms.delete(name);
       this.emit({ type: 'vm-deleted', vm: name });
       return true;
@@ -386,8 +392,12 @@ export class VmManager implements DaemonOps, VmCore {
     // Derived, not read from the record: the files removed here are always ours.
     const paths = this.vmPaths(name);
     await mkdir(this.vmDir(name), { recursive: true, mode: 0o700 });
+    // Guest output can be secret: the VM's log folder is root's only.
+    await mkdir(this.logDirOf(name), { recursive: true, mode: 0o700 });
     // Leftovers of the previous QEMU: its socket would be taken for the new one's.
     await rm(paths.qmpSocket, { force: true });
+    // The last run's logs become NAME.1 (the live files start empty): kept across restarts and reboots.
+    for (const log of [paths.serialLog, paths.stderrLog]) await rotateIfLarge(log, { ...this.logLimits, maxBytes: 0 });
     await writeFile(paths.serialLog, '', { mode: 0o600 });
     await this.record(entry, { ...entry.record, paths, installation, state: 'starting', wanted: 'running' });
 
@@ -585,6 +595,7 @@ export class VmManager implements DaemonOps, VmCore {
       // The folder goes before the name is free: a quick re-create must not lose its new socket.
       this.refuseWhenClosed(name);
       await rm(this.vmDir(name), { recursive: true, force: true });
+      await rm(this.logDirOf(name), { recursive: true, force: true });
       this.vms.delete(name);
       this.emit({ type: 'vm-deleted', vm: name });
     }, { refuseIfBusy: true });
@@ -781,9 +792,15 @@ export class VmManager implements DaemonOps, VmCore {
     return join(this.options.runtimeDir, 'vms', name);
   }
 
+  /** Where the VM's logs go from its next start on (a running QEMU keeps writing where its record says). */
+  private logDirOf(name: string): string {
+    const root = this.managerOptions.logDir;
+    return root === undefined ? this.vmDir(name) : join(root, name);
+  }
+
   private vmPaths(name: string): VmRecord['paths'] {
-    const dir = this.vmDir(name);
-    return { qmpSocket: join(dir, 'qmp.sock'), serialLog: join(dir, 'serial.log'), stderrLog: join(dir, 'qemu.log') };
+    const logs = this.logDirOf(name);
+    return { qmpSocket: join(this.vmDir(name), 'qmp.sock'), serialLog: join(logs, 'serial.log'), stderrLog: join(logs, 'qemu.log') };
   }
 
   /** Lets go of the VM's monitor without treating the close as news about QEMU. */

@@ -28,7 +28,7 @@ const SHIPPED_SOCKET_UNIT = join(projectRoot(), 'snap', SOCKET_UNIT);
 export function testUnit(shipped: string, execStart: string): string {
   const lines = shipped
     .split('\n')
-    .filter((line) => !/^(RuntimeDirectory|RuntimeDirectoryPreserve|StateDirectory|After|Wants|StartLimitIntervalSec|StartLimitBurst)=/.test(line))
+    .filter((line) => !/^(RuntimeDirectory|RuntimeDirectoryPreserve|StateDirectory|LogsDirectory|LogsDirectoryMode|After|Wants|StartLimitIntervalSec|StartLimitBurst)=/.test(line))
     .map((line) => (line.startsWith('ExecStart=') ? `ExecStart=${execStart}` : line));
   const unitAt = lines.indexOf('[Unit]');
   lines.splice(unitAt + 1, 0, 'StartLimitIntervalSec=0');
@@ -134,6 +134,8 @@ export class DaemonHost {
       VMKEEPD,
       '--state-dir', join(dir, 'state'),
       '--runtime-dir', join(dir, 'run'),
+      // Never the host's /var/log/vmkeep.
+      '--log-dir', join(dir, 'log'),
       '--socket', socket,
       ...(options.scopes === false ? ['--no-scope'] : []),
       ...(options.args ?? []),
@@ -253,12 +255,12 @@ export class DaemonHost {
   }
 
   serialLog(name: string): string {
-    return join(this.dir, 'run', 'vms', name, 'serial.log');
+    return join(this.dir, 'log', name, 'serial.log');
   }
 
   /** QEMU's own stderr (e.g. "terminating on signal 15"). */
   qemuLog(name: string): string {
-    return join(this.dir, 'run', 'vms', name, 'qemu.log');
+    return join(this.dir, 'log', name, 'qemu.log');
   }
 
   qmpSocket(name: string): string {
