@@ -12,6 +12,7 @@ import { startNotifier, type Notifier } from './notify.js';
 import { recordsDir, RecordStore } from './records.js';
 import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES } from './log-rotation.js';
 import { takeControlSocket } from './socket-activation.js';
+import { startStatusUpdates, statusText } from './status-text.js';
 
 export interface DaemonOptions {
   stateDir: string;
@@ -138,8 +139,9 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       ...(listenFd === undefined ? {} : { listenFd }),
     });
     cleanups.push(() => api.close());
-    const states = countStates(vms.map((v) => v.state));
-    notifier.send('READY=1', `STATUS=${vms.length} VM(s): ${Object.entries(states).map(([state, n]) => `${n} ${state}`).join(', ') || 'none'}`);
+    notifier.send('READY=1', `STATUS=${statusText({ states: vms.map((v) => v.state), jobs: [] })}`);
+    // Kept up to date from here on: `systemctl status vmkeepd` shows it.
+    cleanups.push(startStatusUpdates(manager, (text) => notifier.send(`STATUS=${text}`)));
     // startupMs: since this process started (Node's time origin), for the start-up benchmark.
     logger.info({ socket: options.socketPath, stateDir: options.stateDir, startupMs: Math.round(performance.now()), socketActivated: listenFd !== undefined }, 'vmkeepd ready');
     await manager.afterReady();
