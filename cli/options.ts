@@ -110,6 +110,10 @@ export function vmkeepdOptions(env: NodeJS.ProcessEnv) {
       describe: 'at a host boot, how many VMs (autostart always, or last-state and running at shutdown) start at once',
     },
     'autostart-delay': { type: 'string', default: '0', describe: 'at a host boot, seconds between two VM starts' },
+    'idle-exit': {
+      type: 'string',
+      describe: 'with vmkeepd.socket: exit after SECONDS with no VM running, no operation and no client; the socket starts vmkeepd again at the next connection (default: never)',
+    },
     'log-dir': {
       type: 'string',
       default: env.VMKEEP_LOG_DIR ?? (env.SNAP_COMMON ? join(env.SNAP_COMMON, 'log') : '/var/log/vmkeep'),

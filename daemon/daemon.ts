@@ -13,6 +13,7 @@ import { recordsDir, RecordStore } from './records.js';
 import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES } from './log-rotation.js';
 import { takeControlSocket } from './socket-activation.js';
 import { startStatusUpdates, statusText } from './status-text.js';
+import { watchIdle, type IdleWatch } from './idle-exit.js';
 
 export interface DaemonOptions {
   stateDir: string;
@@ -40,6 +41,8 @@ export interface DaemonOptions {
   /** At a host boot: VMs started at once (default 2) and the pause between two starts. */
   autostartParallel?: number;
   autostartDelaySec?: number;
+  /** With a socket from systemd: exit after this long with no QEMU, no operation and no client. */
+  idleExitSec?: number;
   /** Bounds of each VM's serial and QEMU logs. */
   logMaxBytes?: number;
   logKeep?: number;
@@ -50,6 +53,8 @@ export interface DaemonHandle {
   manager: VmManager;
   /** Ends the daemon: closes the API and every monitor. Never signals a QEMU. */
   close(): Promise<void>;
+  /** Resolves when --idle-exit found nothing to do for its time (never without it). */
+  idle: Promise<void>;
 }
 
 /**
@@ -131,7 +136,13 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
 
     // Held by systemd (vmkeepd.socket) when it passed one: connections wait while we restart.
     const listenFd = takeControlSocket();
+    let connections = 0;
+    let idleWatch: IdleWatch | undefined;
     const api = await startApiServer({
+      onConnections: (open) => {
+        connections = open;
+        idleWatch?.poke();
+      },
       socketPath: options.socketPath,
       ops: manager,
       logger,
@@ -139,6 +150,28 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       ...(listenFd === undefined ? {} : { listenFd }),
     });
     cleanups.push(() => api.close());
+    let idle: Promise<void> = new Promise<void>(() => undefined);
+    if (options.idleExitSec !== undefined && listenFd === undefined) {
+      logger.warn({ idleExitSec: options.idleExitSec }, '--idle-exit ignored: vmkeepd did not get its socket from systemd (vmkeepd.socket), so nothing would start it again');
+    } else if (options.idleExitSec !== undefined) {
+      const idleExitSec = options.idleExitSec;
+      idle = new Promise<void>((resolve) => {
+        idleWatch = watchIdle(idleExitSec * 1000, () => ({
+          connections,
+          vmsWithQemu: manager.entries().filter((e) => e.record.process !== undefined).length,
+          operations: manager.entries().filter((e) => e.lock.current !== undefined).length,
+        }), () => {
+          logger.info({ idleExitSec }, `no VM running and no client for ${idleExitSec} s: exiting (vmkeepd.socket starts vmkeepd again at the next connection)`);
+          resolve();
+        });
+      });
+      const watch = idleWatch as IdleWatch | undefined;
+      const unsubscribe = manager.subscribe(() => watch?.poke());
+      cleanups.push(() => {
+        unsubscribe();
+        watch?.stop();
+      });
+    }
     notifier.send('READY=1', `STATUS=${statusText({ states: vms.map((v) => v.state), jobs: [] })}`);
     // Kept up to date from here on: `systemctl status vmkeepd` shows it.
     cleanups.push(startStatusUpdates(manager, (text) => notifier.send(`STATUS=${text}`)));
@@ -152,7 +185,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       parallel: options.autostartParallel ?? 2,
       delayMs: (options.autostartDelaySec ?? 0) * 1000,
     }).catch((error: unknown) => logger.error({ err: error }, 'autostart at boot failed'));
-    return { manager, close: closeAll };
+    return { manager, close: closeAll, idle };
   } catch (error) {
     await closeAll();
     throw error;
