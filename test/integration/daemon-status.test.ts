@@ -2,21 +2,12 @@
 // vmkeepd` prints): sent at READY and updated as VMs change. And --idle-exit under the shipped
 // socket unit: an idle vmkeepd exits cleanly and the next request starts it again; a running
 // VM keeps it up (the negative control).
-import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { DAEMON_UNIT, DaemonHost, SOCKET_UNIT } from '../support/daemon-host.js';
-import { ensureGuestImage, type GuestImage } from '../support/guest.js';
+import { daemonHostsOfFile } from '../support/host-hooks.js';
 import { waitFor } from '../support/systemd-host.js';
 
-let guest: GuestImage;
-const hosts: DaemonHost[] = [];
-
-beforeAll(async () => {
-  guest = await ensureGuestImage();
-});
-
-afterEach(async () => {
-  for (const host of hosts.splice(0)) await host.shutdown();
-});
+const { hosts, spec } = daemonHostsOfFile();
 
 async function statusTextIs(host: DaemonHost, expected: string): Promise<void> {
   let last = '';
@@ -35,7 +26,6 @@ describe("vmkeepd's status in systemd", () => {
     const host = await DaemonHost.boot({ name: `dst-${process.pid}` });
     hosts.push(host);
     await statusTextIs(host, 'no VMs');
-    const spec = (name: string): Record<string, unknown> => ({ name, kernel: guest.kernel, initrd: guest.initrd, append: guest.append, memoryMiB: 128 });
     await host.api.create(spec('one'));
     await host.api.create(spec('two'), { start: false });
     await statusTextIs(host, '2 VMs (1 running, 1 stopped)');
@@ -67,8 +57,7 @@ describe("vmkeepd's status in systemd", () => {
 
     // The next request starts it (the socket holds the connection meanwhile) and is answered.
     expect(await host.api.list()).toEqual([]);
-    const spec = { name: 'busy', kernel: guest.kernel, initrd: guest.initrd, append: guest.append, memoryMiB: 128 };
-    await host.api.create(spec);
+    await host.api.create(spec('busy'));
     const pid = (await show()).MainPID;
     // Negative control: with a VM running it stays up well past the idle time.
     await new Promise((resolve) => setTimeout(resolve, IDLE_SEC * 3 * 1000));

@@ -6,20 +6,12 @@
 import { existsSync } from 'node:fs';
 import { readFile, rename, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { DaemonHost } from '../support/daemon-host.js';
-import { countTicks, ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
+import { daemonHostsOfFile } from '../support/host-hooks.js';
+import { countTicks, waitForSerial } from '../support/guest.js';
 
-let guest: GuestImage;
-const hosts: DaemonHost[] = [];
-
-beforeAll(async () => {
-  guest = await ensureGuestImage();
-});
-
-afterEach(async () => {
-  for (const host of hosts.splice(0)) await host.shutdown();
-});
+const { hosts, spec } = daemonHostsOfFile();
 
 async function nextTick(path: string): Promise<void> {
   await waitForSerial(path, new RegExp(`GUEST TICK ${countTicks(path) + 1}\\b`), 30_000);
@@ -29,7 +21,7 @@ describe('persistent log folder', () => {
   it('logs in LOG_DIR/NAME across restarts; a new start keeps the last run as .1; vmkeep logs reads both; old record paths keep working', async () => {
     const host = await DaemonHost.boot({ name: `logd-${process.pid}` });
     hosts.push(host);
-    await host.api.create({ name: 'keep', kernel: guest.kernel, initrd: guest.initrd, append: guest.append, memoryMiB: 128 });
+    await host.api.create(spec('keep'));
     const serial = host.serialLog('keep');
     expect(serial).toBe(join(host.dir, 'log', 'keep', 'serial.log'));
     await waitForSerial(serial, 'GUEST READY', 120_000);

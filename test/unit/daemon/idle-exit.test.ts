@@ -18,26 +18,21 @@ describe('idle exit', () => {
     const facts: IdleFacts = { connections: 0, vmsWithQemu: 0, operations: 0 };
     let fired = 0;
     const watch = watchIdle(1000, () => ({ ...facts }), () => fired++);
-    vi.advanceTimersByTime(900);
-    facts.connections = 1;
-    watch.poke();
-    vi.advanceTimersByTime(5000);
-    expect(fired).toBe(0);
-    facts.connections = 0;
-    watch.poke();
-    vi.advanceTimersByTime(999);
-    expect(fired).toBe(0);
+    /** Changes the facts (told with a poke, unless `silent`), lets `ms` pass, returns how often it fired. */
+    const after = (change: Partial<IdleFacts>, ms: number, silent = false): number => {
+      Object.assign(facts, change);
+      if (!silent) watch.poke();
+      vi.advanceTimersByTime(ms);
+      return fired;
+    };
+    expect(after({}, 900)).toBe(0);
+    expect(after({ connections: 1 }, 5000)).toBe(0);
+    expect(after({ connections: 0 }, 999)).toBe(0);
     // An operation began without an event: seen when the timer fires, which then waits again.
-    facts.operations = 1;
-    vi.advanceTimersByTime(1);
-    expect(fired).toBe(0);
-    facts.operations = 0;
-    watch.poke();
-    vi.advanceTimersByTime(1000);
-    expect(fired).toBe(1);
-    watch.poke();
-    vi.advanceTimersByTime(5000);
-    expect(fired).toBe(1);
+    expect(after({ operations: 1 }, 1, true)).toBe(0);
+    expect(after({ operations: 0 }, 1000)).toBe(1);
+    // Once only.
+    expect(after({}, 5000)).toBe(1);
   });
 
   it('a stopped watch never fires', () => {
