@@ -1,7 +1,8 @@
 // Each running VM listed by systemd-machined under its name, as the QEMU its record names
 // (ARCHITECTURE.md, "daemon/"). The record is the truth: after every change of it,
 // and after each reattach (machined may have lost its list while vmkeepd was away), machined's
-// entry is made to match. machined being absent is no error: said once, VMs run as usual.
+// entry is made to match. machined being absent is no error: said once, not tried again until
+// the next vmkeepd start, VMs run as usual.
 import { machineNameProblem } from '../launcher/index.js';
 import { MACHINE_SERVICE, ScopeError, type MachineToRegister, type RegisteredMachine } from '../scope-manager/index.js';
 import type { Logger } from './log.js';
@@ -70,16 +71,18 @@ export class MachineSync {
 
   private async apply(record: VmRecord): Promise<void> {
     const wanted = machineOf(record);
-    if (wanted === undefined || (wanted === null && this.absent)) return;
+    if (wanted === undefined) return;
     const name = record.name;
     const problem = machineNameProblem(name);
     if (problem !== undefined) {
       this.once(`name:${name}`, () => this.logger.info({ vm: name }, `${name} is not listed by systemd-machined: it takes host names only, and "${name}" ${problem}`));
       return;
     }
+    // Absent once, absent for this daemon's life: a host that installs machined later has it
+    // used from vmkeepd's next start (each try would cost a bus activation attempt).
+    if (this.absent) return;
     try {
       const listed = await this.port.lookup(name);
-      this.absent = false;
       const step = planMachine(wanted, listed);
       if (this.closed) return;
       if (step === 'foreign') {

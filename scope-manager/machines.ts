@@ -75,15 +75,16 @@ export class MachineRegistry {
       if (err instanceof ScopeError && err.dbusName === 'org.freedesktop.machine1.NoSuchMachine') return null;
       throw err;
     }
-    const get = async (prop: string): Promise<unknown> => {
-      const [v] = await this.call(
-        { destination: MACHINED, path, interface: 'org.freedesktop.DBus.Properties', member: 'Get', signature: 'ss', body: [MACHINE, prop] },
-        `Get ${prop} of machine ${name}`,
-      );
+    // One round trip: a daemon start looks up every VM.
+    const [all] = (await this.call(
+      { destination: MACHINED, path, interface: 'org.freedesktop.DBus.Properties', member: 'GetAll', signature: 's', body: [MACHINE] },
+      `GetAll of machine ${name}`,
+    )) as [Record<string, unknown>];
+    const value = (prop: string): unknown => {
+      const v = all?.[prop];
       return v instanceof Variant ? v.value : v;
     };
-    const [leader, service, unit] = await Promise.all([get('Leader'), get('Service'), get('Unit')]);
-    return { leader: Number(leader), service: String(service), unit: String(unit) };
+    return { leader: Number(value('Leader')), service: String(value('Service')), unit: String(value('Unit')) };
   }
 
   private async call(message: BusCall, what: string): Promise<unknown[]> {

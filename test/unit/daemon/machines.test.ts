@@ -109,8 +109,8 @@ describe('MachineSync', () => {
     sync.sync(record('stopped'));
     await sync.idle();
     expect(lines.filter((l) => l.includes('not on the system bus'))).toHaveLength(1);
-    // A stopped VM is not even looked up while machined is known to be absent.
-    expect(machined.calls).toEqual(['lookup web', 'lookup web', 'lookup web']);
+    // Not tried again once known to be absent (until the next vmkeepd).
+    expect(machined.calls).toEqual(['lookup web']);
     sync.sync(record('running', 5, 'db_1'));
     sync.sync(record('running', 6, 'db_1'));
     await sync.idle();
