@@ -155,36 +155,23 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       logger.warn({ idleExitSec: options.idleExitSec }, '--idle-exit ignored: vmkeepd did not get its socket from systemd (vmkeepd.socket), so nothing would start it again');
     } else if (options.idleExitSec !== undefined) {
       const idleExitSec = options.idleExitSec;
-      idle = new Promise<void>((resolve) => {
-        idleWatch = watchIdle(idleExitSec * 1000, () => ({
-          connections,
-          vmsWithQemu: manager.entries().filter((e) => e.record.process !== undefined).length,
-          operations: manager.entries().filter((e) => e.lock.current !== undefined).length,
-        }), () => {
-          logger.info({ idleExitSec }, `no VM running and no client for ${idleExitSec} s: exiting (vmkeepd.socket starts vmkeepd again at the next connection)`);
-          resolve();
-        });
+      let exit: () => void = () => undefined;
+      idle = new Promise<void>((resolve) => (exit = resolve));
+      const watch = watchIdle(idleExitSec * 1000, () => ({
+        connections,
+        vmsWithQemu: manager.entries().filter((e) => e.record.process !== undefined).length,
+        operations: manager.entries().filter((e) => e.lock.current !== undefined).length,
+      }), () => {
+        logger.info({ idleExitSec }, `no VM running and no client for ${idleExitSec} s: exiting (vmkeepd.socket starts vmkeepd again at the next connection)`);
+        exit();
       });
-      const watch = idleWatch as IdleWatch | undefined;
-      const unsubscribe = manager.subscribe(() => watch?.poke());
+      idleWatch = watch;
+      const unsubscribe = manager.subscribe(() => watch.poke());
       cleanups.push(() => {
         unsubscribe();
-        watch?.stop();
+        watch.stop();
       });
     }
-    notifier.send('READY=1', `STATUS=${statusText({ states: vms.map((v) => v.state), jobs: [] })}`);
-    // Kept up to date from here on: `systemctl status vmkeepd` shows it.
-    cleanups.push(startStatusUpdates(manager, (text) => notifier.send(`STATUS=${text}`)));
-    // startupMs: since this process started (Node's time origin), for the start-up benchmark.
-    logger.info({ socket: options.socketPath, stateDir: options.stateDir, startupMs: Math.round(performance.now()), socketActivated: listenFd !== undefined }, 'vmkeepd ready');
-    await manager.afterReady();
-    await reportStale(manager, logger, options.refreshAtStart === true);
-    // After READY: the API serves (and shows each VM starting) while the boot's starts run.
-    void manager.autostartAtBoot({
-      stateDir: options.stateDir,
-      parallel: options.autostartParallel ?? 2,
-      delayMs: (options.autostartDelaySec ?? 0) * 1000,
-    }).catch((error: unknown) => logger.error({ err: error }, 'autostart at boot failed'));
     return { manager, close: closeAll, idle };
   } catch (error) {
     await closeAll();
