@@ -172,6 +172,19 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
         watch.stop();
       });
     }
+    notifier.send('READY=1', `STATUS=${statusText({ states: vms.map((v) => v.state), jobs: [] })}`);
+    // Kept up to date from here on: `systemctl status vmkeepd` shows it.
+    cleanups.push(startStatusUpdates(manager, (text) => notifier.send(`STATUS=${text}`)));
+    // startupMs: since this process started (Node's time origin), for the start-up benchmark.
+    logger.info({ socket: options.socketPath, stateDir: options.stateDir, startupMs: Math.round(performance.now()), socketActivated: listenFd !== undefined }, 'vmkeepd ready');
+    await manager.afterReady();
+    await reportStale(manager, logger, options.refreshAtStart === true);
+    // After READY: the API serves (and shows each VM starting) while the boot's starts run.
+    void manager.autostartAtBoot({
+      stateDir: options.stateDir,
+      parallel: options.autostartParallel ?? 2,
+      delayMs: (options.autostartDelaySec ?? 0) * 1000,
+    }).catch((error: unknown) => logger.error({ err: error }, 'autostart at boot failed'));
     return { manager, close: closeAll, idle };
   } catch (error) {
     await closeAll();
