@@ -78,7 +78,7 @@ export interface DaemonEvent {
   time: string;
 }
 
-export type RefreshStep = 'started' | 'migrating' | 'powering-off' | 'starting' | 'done' | 'failed' | 'skipped' | 'job-done';
+export type RefreshStep = 'started' | 'migrating' | 'powering-off' | 'starting' | 'done' | 'failed' | 'skipped' | 'pause' | 'job-done';
 
 export interface RefreshOptions {
   /** Default: the VM's own policy, else the daemon's. */
@@ -120,7 +120,12 @@ export interface RefreshJobRequest {
   parallel?: number;
   timeoutSec?: number;
   force?: boolean;
+  /** The same as maxFailures 1. */
   stopOnError?: boolean;
+  /** Seconds to pause between batches of `parallel` VMs (0 to MAX_BATCH_INTERVAL_SEC). */
+  batchIntervalSec?: number;
+  /** Stop the job after this many failed VMs: no new VM is begun, the rest are not attempted. */
+  maxFailures?: number;
 }
 
 export interface RefreshJob {
@@ -128,6 +133,8 @@ export interface RefreshJob {
   vms: string[];
   state: 'running' | 'done';
   parallel: number;
+  batchIntervalSec?: number;
+  maxFailures?: number;
   startedAt: string;
   endedAt?: string;
   results: Array<{ vm: string; ok: boolean; skipped?: boolean; outcome?: RefreshOutcome; error?: { code: string; message: string } }>;
@@ -217,6 +224,8 @@ export interface DaemonOps {
   startRefreshJob(request: RefreshJobRequest): Promise<RefreshJob>;
   refreshJob(id: string): RefreshJob;
   upgradeStatus(): Promise<UpgradeStatus>;
+  /** GET /1.0/metrics: the Prometheus text format (daemon/metrics.ts). */
+  metricsText(): Promise<string>;
   /** Subscribes to state changes; returns the unsubscribe function. */
   subscribe(listener: (event: DaemonEvent) => void): () => void;
 }
