@@ -8,6 +8,7 @@ import { installationFrom } from './options.js';
 export interface DaemonCommandArgs {
   stateDir: string;
   runtimeDir: string;
+  logDir?: string;
   socket: string;
   socketGroup?: string;
   slice: string;
@@ -23,6 +24,7 @@ export interface DaemonCommandArgs {
   autostartDelay?: number;
   logMaxKib?: number;
   logKeep?: number;
+  idleExit?: number;
 }
 
 /** The parsed daemon options (from yargs or vmkeepd's own parser), camelCase. */
@@ -32,6 +34,7 @@ export interface ParsedDaemonOptions {
   firmwareDir?: string[] | undefined;
   stateDir: string;
   runtimeDir: string;
+  logDir: string;
   socket: string;
   socketGroup?: string | undefined;
   slice: string;
@@ -47,6 +50,7 @@ export interface ParsedDaemonOptions {
   autostartDelay: string;
   logMaxKib: string;
   logKeep: string;
+  idleExit?: string | undefined;
 }
 
 /** A whole number option within bounds, or a usage error naming the option and what it takes. */
@@ -64,6 +68,7 @@ export function daemonCommandArgs(a: ParsedDaemonOptions, env: NodeJS.ProcessEnv
     args: {
       stateDir: a.stateDir,
       runtimeDir: a.runtimeDir,
+      logDir: a.logDir,
       socket: a.socket,
       slice: a.slice,
       scope: a.scope,
@@ -78,6 +83,7 @@ export function daemonCommandArgs(a: ParsedDaemonOptions, env: NodeJS.ProcessEnv
       autostartDelay: wholeNumber('autostart-delay', String(a.autostartDelay), 0, 3600),
       logMaxKib: wholeNumber('log-max-kib', String(a.logMaxKib), 1, 1024 * 1024),
       logKeep: wholeNumber('log-keep', String(a.logKeep), 0, 9),
+      ...(a.idleExit === undefined ? {} : { idleExit: wholeNumber('idle-exit', String(a.idleExit), 1, 86_400) }),
     },
     installations: a.installations === undefined ? installationFrom(a, env) : a.installations,
   };
@@ -114,8 +120,10 @@ export async function runDaemonCommand(
     ...(args.autostartDelay === undefined ? {} : { autostartDelaySec: args.autostartDelay }),
     ...(args.logMaxKib === undefined ? {} : { logMaxBytes: args.logMaxKib * 1024 }),
     ...(args.logKeep === undefined ? {} : { logKeep: args.logKeep }),
+    ...(args.idleExit === undefined ? {} : { idleExitSec: args.idleExit }),
     stateDir: args.stateDir,
     runtimeDir: args.runtimeDir,
+    ...(args.logDir === undefined ? {} : { logDir: args.logDir }),
     socketPath: args.socket,
     slice: args.slice,
     useScopes: args.scope,
@@ -132,8 +140,8 @@ export async function runDaemonCommand(
     });
   });
   const daemon = await startDaemon(options, logger);
-  const signal = await signalled;
-  logger.info({ signal }, 'stopping vmkeepd; VMs keep running');
+  const signal = await Promise.race([signalled, daemon.idle.then(() => undefined)]);
+  if (signal !== undefined) logger.info({ signal }, 'stopping vmkeepd; VMs keep running');
   await daemon.close();
   return 0;
 }

@@ -110,6 +110,16 @@ export function vmkeepdOptions(env: NodeJS.ProcessEnv) {
       describe: 'at a host boot, how many VMs (autostart always, or last-state and running at shutdown) start at once',
     },
     'autostart-delay': { type: 'string', default: '0', describe: 'at a host boot, seconds between two VM starts' },
+    'idle-exit': {
+      type: 'string',
+      describe: 'with vmkeepd.socket: exit after SECONDS with no VM running, no operation and no client; the socket starts vmkeepd again at the next connection (default: never)',
+    },
+    'log-dir': {
+      type: 'string',
+      default: env.VMKEEP_LOG_DIR ?? (env.SNAP_COMMON ? join(env.SNAP_COMMON, 'log') : '/var/log/vmkeep'),
+      defaultDescription: '$SNAP_COMMON/log under a snap, else /var/log/vmkeep',
+      describe: "each VM's serial console log and QEMU log, in LOG_DIR/NAME/, kept across reboots (env VMKEEP_LOG_DIR)",
+    },
     'log-max-kib': { type: 'string', default: '2048', describe: "each VM's serial console log and QEMU log is rotated above this size (KiB)" },
     'log-keep': { type: 'string', default: '3', describe: 'rotated files kept per log (NAME.1 ... NAME.N); vmkeep logs reads across them' },
     // Hidden test hook (env VMKEEP_TEST_CRASH_AT): vmkeepd SIGKILLs itself at this refresh step.

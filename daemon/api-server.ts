@@ -42,6 +42,8 @@ export interface ApiServerOptions {
    */
   listenFd?: number;
   logger?: ApiLogger;
+  /** Told the number of open client connections each time it changes (--idle-exit). */
+  onConnections?: (open: number) => void;
 }
 
 export interface ApiServer {
@@ -150,6 +152,11 @@ export async function startApiServer(options: ApiServerOptions): Promise<ApiServ
   server.requestTimeout = REQUEST_TIMEOUT_MS;
   server.timeout = 0;
   server.on('clientError', (error: NodeJS.ErrnoException, socket: Duplex) => answerClientError(error, socket, logger));
+  let open = 0;
+  server.on('connection', (socket: Duplex) => {
+    options.onConnections?.(++open);
+    socket.once('close', () => options.onConnections?.(--open));
+  });
 
   let closing: Promise<void> | undefined;
   const closeServer = (): Promise<void> => {

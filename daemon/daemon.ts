@@ -3,21 +3,25 @@ import { join } from 'node:path';
 import type { Logger } from './log.js';
 import { probeInstallation } from '../launcher/index.js';
 import type { InstallationsConfig, RefreshStrategy } from '../upgrade/index.js';
-import { ScopeManager, SCOPE_PREFIX } from '../scope-manager/index.js';
+import { MachineRegistry, ScopeManager, SCOPE_PREFIX } from '../scope-manager/index.js';
 import { startApiServer, toApiError } from './api-server.js';
 import { countDaemonStart } from './metrics.js';
 import { Operations, operationsDir } from './operations.js';
 import { acquireDaemonLock } from './lock.js';
 import { VmManager } from './manager.js';
-import type { ScopePort } from './ports.js';
+import type { MachinePort, ScopePort } from './ports.js';
 import { startNotifier, type Notifier } from './notify.js';
 import { recordsDir, RecordStore } from './records.js';
 import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES } from './log-rotation.js';
 import { takeControlSocket } from './socket-activation.js';
+import { startStatusUpdates, statusText } from './status-text.js';
+import { watchIdle, type IdleWatch } from './idle-exit.js';
 
 export interface DaemonOptions {
   stateDir: string;
   runtimeDir: string;
+  /** Each VM's serial console and QEMU logs, in LOG_DIR/NAME/ (default: with its socket, in the runtime folder). */
+  logDir?: string;
   socketPath: string;
   /** gid that may use the control socket (mode 0660); default: root only (0600). */
   socketGid?: number;
@@ -39,6 +43,8 @@ export interface DaemonOptions {
   /** At a host boot: VMs started at once (default 2) and the pause between two starts. */
   autostartParallel?: number;
   autostartDelaySec?: number;
+  /** With a socket from systemd: exit after this long with no QEMU, no operation and no client. */
+  idleExitSec?: number;
   /** Bounds of each VM's serial and QEMU logs. */
   logMaxBytes?: number;
   logKeep?: number;
@@ -49,6 +55,8 @@ export interface DaemonHandle {
   manager: VmManager;
   /** Ends the daemon: closes the API and every monitor. Never signals a QEMU. */
   close(): Promise<void>;
+  /** Resolves when --idle-exit found nothing to do for its time (never without it). */
+  idle: Promise<void>;
 }
 
 /**
@@ -75,6 +83,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
     await store.init();
 
     let scopes: ScopePort | null = null;
+    let machines: MachinePort | undefined;
     if (options.useScopes) {
       const manager = new ScopeManager(options.busAddress === undefined ? {} : { busAddress: options.busAddress });
       cleanups.push(() => manager.close());
@@ -84,6 +93,8 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       // (reattach would misjudge every VM) and no QEMU could be placed in a scope: refuse to run.
       await manager.checkPidNamespace();
       scopes = manager;
+      // On the same connection: machined lists each VM under the scope it is already in.
+      machines = new MachineRegistry(manager);
     } else {
       logger.warn('--no-scope: QEMU processes stay in the daemon\'s cgroup and die with it when its service stops');
     }
@@ -92,6 +103,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
     const manager = new VmManager({
       store,
       scopes,
+      ...(machines === undefined ? {} : { machines }),
       slice: options.slice,
       installations: options.installations,
       defaultPolicy: options.defaultPolicy ?? 'manual',
@@ -100,6 +112,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       ...(options.guestsUnit === undefined ? {} : { guestsUnit: options.guestsUnit }),
       probe: (installation) => probeInstallation(installation, { cacheDir }),
       runtimeDir: options.runtimeDir,
+      ...(options.logDir === undefined ? {} : { logDir: options.logDir }),
       logger,
       ...(options.logMaxBytes === undefined && options.logKeep === undefined ? {} : {
         logLimits: { maxBytes: options.logMaxBytes ?? DEFAULT_LOG_MAX_BYTES, keep: options.logKeep ?? DEFAULT_LOG_KEEP },
@@ -148,7 +161,13 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
 
     // Held by systemd (vmkeepd.socket) when it passed one: connections wait while we restart.
     const listenFd = takeControlSocket();
+    let connections = 0;
+    let idleWatch: IdleWatch | undefined;
     const api = await startApiServer({
+      onConnections: (open) => {
+        connections = open;
+        idleWatch?.poke();
+      },
       socketPath: options.socketPath,
       ops: manager,
       operations,
@@ -157,8 +176,31 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       ...(listenFd === undefined ? {} : { listenFd }),
     });
     cleanups.push(() => api.close());
-    const states = countStates(vms.map((v) => v.state));
-    notifier.send('READY=1', `STATUS=${vms.length} VM(s): ${Object.entries(states).map(([state, n]) => `${n} ${state}`).join(', ') || 'none'}`);
+    let idle: Promise<void> = new Promise<void>(() => undefined);
+    if (options.idleExitSec !== undefined && listenFd === undefined) {
+      logger.warn({ idleExitSec: options.idleExitSec }, '--idle-exit ignored: vmkeepd did not get its socket from systemd (vmkeepd.socket), so nothing would start it again');
+    } else if (options.idleExitSec !== undefined) {
+      const idleExitSec = options.idleExitSec;
+      let exit: () => void = () => undefined;
+      idle = new Promise<void>((resolve) => (exit = resolve));
+      const watch = watchIdle(idleExitSec * 1000, () => ({
+        connections,
+        vmsWithQemu: manager.entries().filter((e) => e.record.process !== undefined).length,
+        operations: manager.entries().filter((e) => e.lock.current !== undefined).length,
+      }), () => {
+        logger.info({ idleExitSec }, `no VM running and no client for ${idleExitSec} s: exiting (vmkeepd.socket starts vmkeepd again at the next connection)`);
+        exit();
+      });
+      idleWatch = watch;
+      const unsubscribe = manager.subscribe(() => watch.poke());
+      cleanups.push(() => {
+        unsubscribe();
+        watch.stop();
+      });
+    }
+    notifier.send('READY=1', `STATUS=${statusText({ states: vms.map((v) => v.state), jobs: [] })}`);
+    // Kept up to date from here on: `systemctl status vmkeepd` shows it.
+    cleanups.push(startStatusUpdates(manager, (text) => notifier.send(`STATUS=${text}`)));
     // startupMs: since this process started (Node's time origin), for the start-up benchmark.
     logger.info({ socket: options.socketPath, stateDir: options.stateDir, startupMs: Math.round(performance.now()), socketActivated: listenFd !== undefined }, 'vmkeepd ready');
     await manager.afterReady();
@@ -173,7 +215,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       parallel: options.autostartParallel ?? 2,
       delayMs: (options.autostartDelaySec ?? 0) * 1000,
     }).catch((error: unknown) => logger.error({ err: error }, 'autostart at boot failed'));
-    return { manager, close: closeAll };
+    return { manager, close: closeAll, idle };
   } catch (error) {
     await closeAll();
     throw error;

@@ -25,10 +25,11 @@ import type {
 } from './model.js';
 import { asDaemonDiskError, chainsForStart, refuseSharedImages } from './disks.js';
 import { autostartAtBoot, type AutostartOptions, type AutostartPlan } from './autostart.js';
-import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES, startLogRotation, type LogLimits } from './log-rotation.js';
+import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES, rotateIfLarge, startLogRotation, type LogLimits } from './log-rotation.js';
+import { MachineSync } from './machines.js';
 import { migrateNow, MigrationRolledBack } from './migration.js';
 import { ModulePins } from './pins.js';
-import { realQemu, type QemuPort, type ScopePort } from './ports.js';
+import { realQemu, type MachinePort, type QemuPort, type ScopePort } from './ports.js';
 import { reattachIsolated } from './reattach.js';
 import { RECORD_SCHEMA, type RecordStore, type VmRecord } from './records.js';
 import type { OperationContext, RunAs } from './operations.js';
@@ -40,11 +41,13 @@ import { stalenessOf, upgradeStatus } from './upgrade-status.js';
 import type { CoreOptions, Launch, LaunchArgs, VmCore } from './vm-core.js';
 import { binaryOf, newEntry, toView, truncate, type VmEntry } from './vm-entry.js';
 
-export type { ScopePort, QemuPort } from './ports.js';
+export type { ScopePort, QemuPort, MachinePort } from './ports.js';
 
 export interface VmManagerOptions {
   store: RecordStore;
   scopes: ScopePort | null;
+  /** systemd-machined, which lists each running VM (absent: not registered). */
+  machines?: MachinePort;
   /** QEMU processes and monitors (default: the real ones). */
   qemu?: QemuPort;
   slice: string;
@@ -61,6 +64,8 @@ export interface VmManagerOptions {
   /** Probes the installation (cached by binary identity). */
   probe: (installation: Installation) => Promise<InstallationInfo>;
   runtimeDir: string;
+  /** Each VM's serial console and QEMU logs go in LOG_DIR/NAME/ (default: its runtime folder). */
+  logDir?: string;
   logger: Logger;
   info: Omit<DaemonInfo, 'orphanScopes' | 'damagedRecords'>;
   /** How long a reattach waits for a QMP greeting before calling the VM unreachable. */
@@ -138,6 +143,7 @@ export class VmManager implements DaemonOps, VmCore {
   private readonly pins: ModulePins;
   readonly metrics = new DaemonMetrics();
   private orphanScopes: string[] = [];
+  private readonly machines: MachineSync | null;
   private closed = false;
   /** Settles once every VM's reattach has (after a bounded reattachAll, possibly later). */
   reattachDone: Promise<void> = Promise.resolve();
@@ -157,6 +163,7 @@ export class VmManager implements DaemonOps, VmCore {
       healthIntervalMs: o.healthIntervalMs ?? 5_000,
     };
     this.pins = new ModulePins(o.pinRoot, o.logger);
+    this.machines = o.machines === undefined ? null : new MachineSync(o.machines, o.logger);
     this.jobs = new RefreshJobs({
       names: () => [...this.vms.keys()].sort(),
       requireVm: (name) => void this.entry(name),
@@ -166,6 +173,10 @@ export class VmManager implements DaemonOps, VmCore {
       onJobDone: () => this.collectPins(),
       logError: (fields, message) => o.logger.error(fields as Record<string, unknown>, message),
     });
+  }
+
+  private get logLimits(): LogLimits {
+    return this.managerOptions.logLimits ?? { maxBytes: DEFAULT_LOG_MAX_BYTES, keep: DEFAULT_LOG_KEEP };
   }
 
   get isClosed(): boolean {
@@ -194,17 +205,17 @@ export class VmManager implements DaemonOps, VmCore {
     const began = performance.now();
     const all = Promise.all(records.map((record) => {
       const entry = this.entry(record.name);
-      return entry.lock.run('reattach', () => reattachIsolated(this, entry));
+      // machined may have lost its list while vmkeepd was away (its own restart, a cleared /run).
+      return entry.lock.run('reattach', () => reattachIsolated(this, entry)).finally(() => this.machines?.sync(entry.record));
     })).then(() => {
       this.metrics.startReattachSeconds = (performance.now() - began) / 1000;
       return this.findOrphanScopes();
     });
     this.reattachDone = all.catch(() => undefined);
     this.stopHealthChecks = startHealthChecks(this);
-    const limits = this.managerOptions.logLimits ?? { maxBytes: DEFAULT_LOG_MAX_BYTES, keep: DEFAULT_LOG_KEEP };
     this.stopLogRotation = startLogRotation(
       () => this.entries().filter((e) => e.record.process !== undefined).flatMap((e) => [e.record.paths.serialLog, e.record.paths.stderrLog]),
-      limits,
+      this.logLimits,
       (path, error) => this.options.logger.warn({ path, err: error }, `could not rotate ${path}`),
     );
     if (!Number.isFinite(waitMs)) return all;
@@ -398,6 +409,7 @@ export class VmManager implements DaemonOps, VmCore {
       await this.options.store.remove(name);
       this.refuseWhenClosed(name);
       await rm(this.vmDir(name), { recursive: true, force: true });
+      await rm(this.logDirOf(name), { recursive: true, force: true });
       this.vms.delete(name);
       this.emit({ type: 'vm-deleted', vm: name });
       return true;
@@ -438,8 +450,12 @@ export class VmManager implements DaemonOps, VmCore {
     // Derived, not read from the record: the files removed here are always ours.
     const paths = this.vmPaths(name);
     await mkdir(this.vmDir(name), { recursive: true, mode: 0o700 });
+    // Guest output can be secret: the VM's log folder is root's only.
+    await mkdir(this.logDirOf(name), { recursive: true, mode: 0o700 });
     // Leftovers of the previous QEMU: its socket would be taken for the new one's.
     await rm(paths.qmpSocket, { force: true });
+    // The last run's logs become NAME.1 (the live files start empty): kept across restarts and reboots.
+    for (const log of [paths.serialLog, paths.stderrLog]) await rotateIfLarge(log, { ...this.logLimits, maxBytes: 0 });
     await writeFile(paths.serialLog, '', { mode: 0o600 });
     await this.record(entry, { ...entry.record, paths, installation, state: 'starting', wanted: 'running' });
 
@@ -675,6 +691,7 @@ export class VmManager implements DaemonOps, VmCore {
       // The folder goes before the name is free: a quick re-create must not lose its new socket.
       this.refuseWhenClosed(name);
       await rm(this.vmDir(name), { recursive: true, force: true });
+      await rm(this.logDirOf(name), { recursive: true, force: true });
       this.vms.delete(name);
       this.emit({ type: 'vm-deleted', vm: name });
     }, { refuseIfBusy: true });
@@ -915,6 +932,7 @@ export class VmManager implements DaemonOps, VmCore {
     this.closed = true;
     this.stopHealthChecks();
     this.stopLogRotation();
+    this.machines?.close();
     clearTimeout(this.flushTimer);
     for (const entry of this.vms.values()) {
       if (entry.retryTimer) clearTimeout(entry.retryTimer);
@@ -928,9 +946,15 @@ export class VmManager implements DaemonOps, VmCore {
     return join(this.options.runtimeDir, 'vms', name);
   }
 
+  /** Where the VM's logs go from its next start on (a running QEMU keeps writing where its record says). */
+  private logDirOf(name: string): string {
+    const root = this.managerOptions.logDir;
+    return root === undefined ? this.vmDir(name) : join(root, name);
+  }
+
   private vmPaths(name: string): VmRecord['paths'] {
-    const dir = this.vmDir(name);
-    return { qmpSocket: join(dir, 'qmp.sock'), serialLog: join(dir, 'serial.log'), stderrLog: join(dir, 'qemu.log') };
+    const logs = this.logDirOf(name);
+    return { qmpSocket: join(this.vmDir(name), 'qmp.sock'), serialLog: join(logs, 'serial.log'), stderrLog: join(logs, 'qemu.log') };
   }
 
   /** Lets go of the VM's monitor without treating the close as news about QEMU. */
@@ -1019,6 +1043,7 @@ export class VmManager implements DaemonOps, VmCore {
   private remember(entry: VmEntry, record: VmRecord): void {
     const previous = entry.record.state;
     entry.record = record;
+    this.machines?.sync(record);
     if (record.state !== previous) {
       this.options.logger.info({ vm: record.name, state: record.state, previous }, `${record.name}: ${previous} -> ${record.state}`);
       this.emit({ type: 'vm-state', vm: record.name, state: record.state, previous });

@@ -5,13 +5,21 @@ import {
   type CprChannels, type DiskChain, type DiskSpec, type ExeInfo, type LaunchedVm, type LaunchVmOptions, type PendingVm, type ProcessIdentity,
 } from '../launcher/index.js';
 import { connectQmp, type QmpClient } from '../qmp/index.js';
-import type { CreateScopeOptions } from '../scope-manager/index.js';
+import type { CreateScopeOptions, MachineToRegister, RegisteredMachine } from '../scope-manager/index.js';
 
 /** The part of the scope manager the daemon uses (null: --no-scope, VMs die with our cgroup). */
 export interface ScopePort {
   createScope(options: CreateScopeOptions): Promise<unknown>;
   scopeOfPid(pid: number): Promise<string | null>;
   listScopes(prefix?: string): Promise<Array<{ name: string }>>;
+}
+
+/** systemd-machined, where each running VM is listed (machines.ts); the scope manager's MachineRegistry. */
+export interface MachinePort {
+  register(machine: MachineToRegister): Promise<void>;
+  /** Forgets the machine, never its processes. */
+  unregister(name: string): Promise<void>;
+  lookup(name: string): Promise<RegisteredMachine | null>;
 }
 
 /** QEMU processes and their monitors, as the manager sees them. */

@@ -25,6 +25,17 @@ export function isValidVmName(name: string): boolean {
   return typeof name === 'string' && vmNameProblem(name) === undefined;
 }
 
+/**
+ * Why a VM name cannot be its machine name with systemd-machined (which takes host names only:
+ * dot-separated labels of letters, digits and inner "-"), or undefined when it can.
+ */
+export function machineNameProblem(name: string): string | undefined {
+  if (name.includes('_')) return 'contains "_"';
+  const label = name.split('.').find((l) => l === '' || l.startsWith('-') || l.endsWith('-'));
+  if (label !== undefined) return label === '' ? 'has an empty label (a "." at the end)' : `has a label that starts or ends with "-" (${JSON.stringify(label)})`;
+  return undefined;
+}
+
 const DESCRIBE_MAX_CHARS = 40;
 
 /**

@@ -8,7 +8,8 @@ export type ScopeErrorCode =
   | 'NO_SUCH_PID'
   | 'NO_SUCH_SCOPE'
   | 'PID_NAMESPACE'
-  | 'DBUS_ERROR';
+  | 'DBUS_ERROR'
+  | 'NO_MACHINED';
 
 export class ScopeError extends Error {
   readonly code: ScopeErrorCode;

@@ -15,3 +15,4 @@ export {
 export { ScopeError, type ScopeErrorCode } from './errors.js';
 export { dbusNextBus, BusCallError, type BusConnection, type BusFactory, type BusCall, type BusSignal } from './bus.js';
 export { systemdCgroupPath, cgroupIsScope, unitOfCgroupPath } from './cgroup.js';
+export { MachineRegistry, MACHINE_SERVICE, type MachineToRegister, type RegisteredMachine, type BusCaller } from './machines.js';

@@ -386,7 +386,11 @@ export class ScopeManager {
     }
   }
 
-  private async call(message: BusCall, what: string): Promise<unknown[]> {
+  /**
+   * A call to another service on the same bus (systemd-machined, machines.ts), with this
+   * connection's timeout and reconnect. Error replies keep their D-Bus name (ScopeError.dbusName).
+   */
+  async call(message: BusCall, what: string): Promise<unknown[]> {
     return this.callOn(await this.connection(), message, what, this.callTimeoutMs);
   }
 

@@ -49,6 +49,8 @@ stage=$(mktemp -d "$out/stage.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
 lib="$stage/usr/lib/vmkeep"
 mkdir -p "$lib" "$stage/usr/bin" "$stage/lib/systemd/system" "$stage/DEBIAN" "$stage/usr/share/doc/vmkeep"
+# The VMs' console and QEMU logs (vmkeepd's default --log-dir); guest output is root's only.
+install -d -m 0700 "$stage/var/log/vmkeep"
 
 stage_app "$lib" "$version"
 install_node "$node_tgz" "$lib/node/bin" "$stage/usr/share/doc/vmkeep/node-LICENSE"

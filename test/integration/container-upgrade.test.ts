@@ -80,7 +80,7 @@ function guestMount(): string {
 }
 
 function serialLog(d: DaemonDirs, name: string): string {
-  return join(d.run, 'vms', name, 'serial.log');
+  return join(d.log, name, 'serial.log');
 }
 
 /** "Switch the image tag, systemctl restart": the unit's container is replaced by one of `image`. */

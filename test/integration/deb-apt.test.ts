@@ -95,7 +95,7 @@ class RootVms {
   }
 
   serial(name: string): string {
-    return this.root.path(`/run/vmkeep/vms/${name}/serial.log`);
+    return this.root.path(`/var/log/vmkeep/${name}/serial.log`);
   }
 
   /** Field 22 of the QEMU's /proc/PID/stat inside the root: the PID is still that process. */
@@ -225,7 +225,7 @@ describe('the .deb on a fresh Debian bookworm, installed, upgraded and removed w
     for (const name of VMS) {
       const serial = readFileSync(vms.serial(name), 'utf8');
       expect(serial, `${name}'s guest got the ACPI power-off`).toContain('GUEST POWEROFF');
-      const qemuLog = readFileSync(root.path(`/run/vmkeep/vms/${name}/qemu.log`), 'utf8');
+      const qemuLog = readFileSync(root.path(`/var/log/vmkeep/${name}/qemu.log`), 'utf8');
       expect(qemuLog, `${name}'s QEMU was not signalled`).not.toMatch(/terminating on signal/);
     }
     const qemus = await root.exec(['pgrep', '-c', 'qemu-system']);

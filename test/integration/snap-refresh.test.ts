@@ -52,7 +52,7 @@ async function bootSnapHost(name: string, extraArgs: string[] = []): Promise<Sna
   // The launcher keeps the runtime folder at /run/vmkeep: inside, /run is host.runDir.
   const run = join(host.runDir, 'vmkeep');
   const api = new ApiClient({ socketPath: join(run, 'vmkeep.sock'), timeoutMs: 60_000 });
-  return { layout, host, api, serialLog: (vm) => join(run, 'vms', vm, 'serial.log') };
+  return { layout, host, api, serialLog: (vm) => join(layout.common, 'log', vm, 'serial.log') };
 }
 
 /** What snapd does on `snap refresh vmkeep`, for the service. */

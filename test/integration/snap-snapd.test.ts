@@ -97,7 +97,8 @@ async function bootSnapd(name: string): Promise<Booted> {
   const booted: Booted = {
     snapd,
     api,
-    serialLog: (vm) => join(run, 'vms', vm, 'serial.log'),
+    // $SNAP_COMMON/log: /var/snap is a scratch folder of the snapd host.
+    serialLog: (vm) => join(snapd.scratch, 'fs', 'var_snap', 'vmkeep', 'common', 'log', vm, 'serial.log'),
     vmkeep: async (args, timeoutMs = 120_000) => (await snapd.run('/snap/bin/vmkeep', args, { timeoutMs })).stdout,
     mainPid: async (unit) => Number((await snapd.host.systemctl('show', '--property=MainPID', '--value', unit)).trim()),
     qemus: async (names) => {

@@ -169,7 +169,7 @@ describe('a package upgrade with running guests', () => {
     expect(isSameProcess(old.pid, old.startTime)).toBe(false);
     await waitForSerial(host.serialLog('reb'), 'GUEST READY', 60_000);
     const vm = await host.api.get('reb');
-    const why = `${JSON.stringify(vm)}\n--- qemu.log ---\n${await readFile(join(dir, 'daemon', 'run', 'vms', 'reb', 'qemu.log'), 'utf8').catch(() => '')}\n--- daemon ---\n${await host.consoleTail(40)}`;
+    const why = `${JSON.stringify(vm)}\n--- qemu.log ---\n${await readFile(host.qemuLog('reb'), 'utf8').catch(() => '')}\n--- daemon ---\n${await host.consoleTail(40)}`;
     expect(vm, why).toMatchObject({ state: 'running', installation: 'b' });
     expect(exeOf(vm).path).toBe(b.binary);
   });

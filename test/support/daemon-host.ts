@@ -28,7 +28,7 @@ const SHIPPED_SOCKET_UNIT = join(projectRoot(), 'snap', SOCKET_UNIT);
 export function testUnit(shipped: string, execStart: string): string {
   const lines = shipped
     .split('\n')
-    .filter((line) => !/^(RuntimeDirectory|RuntimeDirectoryPreserve|StateDirectory|After|Wants|StartLimitIntervalSec|StartLimitBurst)=/.test(line))
+    .filter((line) => !/^(RuntimeDirectory|RuntimeDirectoryPreserve|StateDirectory|LogsDirectory|LogsDirectoryMode|After|Wants|StartLimitIntervalSec|StartLimitBurst)=/.test(line))
     .map((line) => (line.startsWith('ExecStart=') ? `ExecStart=${execStart}` : line));
   const unitAt = lines.indexOf('[Unit]');
   lines.splice(unitAt + 1, 0, 'StartLimitIntervalSec=0');
@@ -71,6 +71,8 @@ export interface DaemonHostOptions {
    * before vmkeepd: systemd holds the control socket and passes it to every vmkeepd.
    */
   socketUnit?: boolean;
+  /** More unit files for the private systemd (e.g. systemd-machined's), installed, not started. */
+  unitFiles?: Record<string, string>;
   /** With guestsUnit: VMKEEP_SHUTDOWN_TIMEOUT, set by a drop-in as an administrator would (default 8). */
   guestsTimeoutSec?: number;
 }
@@ -132,6 +134,8 @@ export class DaemonHost {
       VMKEEPD,
       '--state-dir', join(dir, 'state'),
       '--runtime-dir', join(dir, 'run'),
+      // Never the host's /var/log/vmkeep.
+      '--log-dir', join(dir, 'log'),
       '--socket', socket,
       ...(options.scopes === false ? ['--no-scope'] : []),
       ...(options.args ?? []),
@@ -153,6 +157,7 @@ export class DaemonHost {
       const bootOptions = {
         name: options.name,
         unitFiles: {
+          ...options.unitFiles,
           [DAEMON_UNIT]: unit,
           ...(guests === undefined ? {} : { [GUESTS_UNIT]: guests }),
           ...(socketUnit === undefined ? {} : { [SOCKET_UNIT]: socketUnit }),
@@ -250,12 +255,12 @@ export class DaemonHost {
   }
 
   serialLog(name: string): string {
-    return join(this.dir, 'run', 'vms', name, 'serial.log');
+    return join(this.dir, 'log', name, 'serial.log');
   }
 
   /** QEMU's own stderr (e.g. "terminating on signal 15"). */
   qemuLog(name: string): string {
-    return join(this.dir, 'run', 'vms', name, 'qemu.log');
+    return join(this.dir, 'log', name, 'qemu.log');
   }
 
   qmpSocket(name: string): string {

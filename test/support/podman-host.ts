@@ -35,6 +35,8 @@ export function requirePodmanPrereqs(): void {
 export interface DaemonDirs {
   state: string;
   run: string;
+  /** The VMs' console and QEMU logs (the unit's /var/log/vmkeep). */
+  log: string;
   socket: string;
 }
 
@@ -116,7 +118,7 @@ export class PodmanHost {
 
   daemonDirs(unit: string): DaemonDirs {
     const base = join(this.dir, unit.replace(/\.service$/, ''));
-    return { state: join(base, 'state'), run: join(base, 'run'), socket: join(base, 'run', 'vmkeep.sock') };
+    return { state: join(base, 'state'), run: join(base, 'run'), log: join(base, 'log'), socket: join(base, 'run', 'vmkeep.sock') };
   }
 
   /**
@@ -128,17 +130,19 @@ export class PodmanHost {
     const dirs = this.daemonDirs(unit);
     await mkdir(dirs.state, { recursive: true });
     await mkdir(dirs.run, { recursive: true });
+    await mkdir(dirs.log, { recursive: true });
     const shipped = await readFile(SHIPPED_UNIT, 'utf8');
     const text = shipped
       .split('\n')
       // The folders are the test's (made above), not systemd-managed ones under /var/lib and /run.
-      .filter((line) => !/^(StateDirectory|RuntimeDirectory|RuntimeDirectoryPreserve)=/.test(line))
+      .filter((line) => !/^(StateDirectory|RuntimeDirectory|RuntimeDirectoryPreserve|LogsDirectory|LogsDirectoryMode)=/.test(line))
       .join('\n')
       .replaceAll('/var/lib/vmkeep', dirs.state)
+      .replaceAll('/var/log/vmkeep', dirs.log)
       .replace(/\/run\/vmkeep(?=[\s:/]|$)/gm, dirs.run)
       .replace('--name vmkeepd ', `--name ${unit.replace(/\.service$/, '')} `)
       .replace('    --socket ', `    ${(options.daemonArgs ?? []).map((a) => `${a} `).join('')}--socket `);
-    if (!text.includes(`--state-dir ${dirs.state}`) || !text.includes(`-v ${dirs.run}:${dirs.run}`)) {
+    if (!text.includes(`--state-dir ${dirs.state}`) || !text.includes(`-v ${dirs.run}:${dirs.run}`) || !text.includes(`--log-dir ${dirs.log}`)) {
       throw new Error(`the shipped unit ${SHIPPED_UNIT} no longer has the folder options this test rewrites`);
     }
     await writeFile(join(this.host.unitDir, unit), text);

@@ -165,6 +165,7 @@ describe('vmkeepd launcher', () => {
         join(box.snap, 'lib/vmkeep/dist/cli/vmkeepd.js'),
         '--state-dir', join(box.common, 'state'),
         '--runtime-dir', '/run/vmkeep',
+        '--log-dir', join(box.common, 'log'),
         '--socket', '/run/vmkeep/vmkeep.sock',
         '--installations', join(box.common, 'installations.json'),
         '--refresh-policy', 'reboot',
