@@ -1,11 +1,13 @@
 import { randomBytes } from 'node:crypto';
 import { watch, type FSWatcher } from 'node:fs';
-import { chmod, chown, lstat, mkdir, open, readFile, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { chmod, chown, lstat, mkdir, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { createServer, STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http';
 import { connect, Server as NetServer } from 'node:net';
 import { dirname } from 'node:path';
 import type { Duplex } from 'node:stream';
-import { describeValue, isValidVmName, LaunchError, VM_NAME_RULE, type LaunchErrorCode, type SpecProblem } from '../launcher/index.js';
+import {
+  describeValue, isValidVmName, LaunchError, openOwnFileHandle, readOwnFile, VM_NAME_RULE, type LaunchErrorCode, type SpecProblem,
+} from '../launcher/index.js';
 import { QmpError, type QmpErrorCode } from '../qmp/index.js';
 import { parseStrategy, UpgradeError, type UpgradeErrorCode } from '../upgrade/index.js';
 import { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
@@ -71,6 +73,7 @@ const LAUNCH_CODES: Record<LaunchErrorCode, DaemonErrorCode> = {
   SPAWN_FAILED: 'START_FAILED',
   SCOPE_FAILED: 'START_FAILED',
   TIMEOUT: 'START_FAILED',
+  UNSAFE_PATH: 'UNSAFE_PATH',
 };
 
 const QMP_CODES: Record<QmpErrorCode, DaemonErrorCode> = {
@@ -672,7 +675,7 @@ async function streamConsole(ctx: Context, res: ServerResponse, name: string, pa
   // The whole log: its rotated files, oldest first, then the live one (followed from its start).
   const older = follow ? [] : await rotatedFiles(path);
   try {
-    handle = await open(path, 'r');
+    handle = await openOwnFileHandle(path, 'read');
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code === 'ENOENT') {
       throw new DaemonError('NOT_FOUND', `${name} has no console log yet: it has not been started (vmkeep start ${name})`, { cause: error });
@@ -711,7 +714,7 @@ async function streamConsole(ctx: Context, res: ServerResponse, name: string, pa
   let position = 0;
   try {
     for (const file of older) {
-      const text = await readFile(file).catch(() => Buffer.alloc(0));
+      const text = await readOwnFile(file).catch(() => Buffer.alloc(0));
       if (ended) break;
       if (text.length > 0 && !writeStream(ctx, res, text, 'console')) await drained(res);
     }
@@ -728,7 +731,7 @@ async function streamConsole(ctx: Context, res: ServerResponse, name: string, pa
       const [current, onDisk] = await Promise.all([handle.stat(), stat(path).catch(() => undefined)]);
       if (onDisk !== undefined && onDisk.ino !== current.ino) {
         await handle.close();
-        handle = await open(path, 'r');
+        handle = await openOwnFileHandle(path, 'read');
         position = 0;
         continue;
       }

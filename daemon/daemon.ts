@@ -1,7 +1,6 @@
-import { chmod, chown, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from './log.js';
-import { probeInstallation } from '../launcher/index.js';
+import { probeInstallation, secureFolder } from '../launcher/index.js';
 import type { InstallationsConfig, RefreshStrategy } from '../upgrade/index.js';
 import { ScopeManager, SCOPE_PREFIX } from '../scope-manager/index.js';
 import { startApiServer } from './api-server.js';
@@ -56,13 +55,7 @@ export interface DaemonHandle {
 export async function startDaemon(options: DaemonOptions, logger: Logger): Promise<DaemonHandle> {
   // Started first: its process is ready long before READY=1 is due.
   const notifier: Notifier = startNotifier();
-  await mkdir(options.stateDir, { recursive: true, mode: 0o700 });
-  await mkdir(options.runtimeDir, { recursive: true, mode: 0o700 });
-  if (options.socketGid !== undefined) {
-    // The group reaches the control socket through this folder; the VMs' own folders stay 0700.
-    await chown(options.runtimeDir, process.getuid?.() ?? 0, options.socketGid);
-    await chmod(options.runtimeDir, 0o750);
-  }
+  await secureFolders(options, logger);
   const lock = await acquireDaemonLock(options.stateDir);
   const cleanups: Array<() => Promise<void> | void> = [() => notifier.close(), () => lock.release()];
   const closeAll = async (): Promise<void> => {
@@ -147,6 +140,24 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
   } catch (error) {
     await closeAll();
     throw error;
+  }
+}
+
+/**
+ * The state and runtime folders belong to vmkeepd alone (the manager secures the VMs' folders): 0700,
+ * or 0750 for the group that reaches the control sockets through the runtime folder. An
+ * existing one with a looser mode is tightened, one owned by someone else or a link is refused
+ * (ARCHITECTURE.md, invariant 11).
+ */
+async function secureFolders(options: DaemonOptions, logger: Logger): Promise<void> {
+  const gid = options.socketGid;
+  const wanted: Array<[string, { mode: number; gid?: number }]> = [
+    [options.stateDir, { mode: 0o700 }],
+    [options.runtimeDir, gid === undefined ? { mode: 0o700 } : { mode: 0o750, gid }],
+  ];
+  for (const [path, want] of wanted) {
+    const changed = await secureFolder(path, want);
+    if (changed !== undefined) logger.warn({ path }, `tightened ${changed}`);
   }
 }
 

@@ -22,6 +22,8 @@ export type DaemonErrorCode =
   /** A refresh was begun and failed; the VM runs as before on its old QEMU. */
   | 'REFRESH_FAILED'
   | 'INTERNAL'
+  /** A path vmkeepd writes under its folders is a link or something it did not create (the message names it). */
+  | 'UNSAFE_PATH'
   // Requests the API cannot take: each has its own HTTP status so `status = HTTP_STATUS[code]` always.
   | 'METHOD_NOT_ALLOWED'
   | 'BODY_TOO_LARGE'
@@ -53,6 +55,7 @@ export const HTTP_STATUS: Record<DaemonErrorCode, number> = {
   REFRESH_REFUSED: 409,
   REFRESH_FAILED: 500,
   INTERNAL: 500,
+  UNSAFE_PATH: 500,
   METHOD_NOT_ALLOWED: 405,
   BODY_TOO_LARGE: 413,
   UNSUPPORTED_MEDIA_TYPE: 415,

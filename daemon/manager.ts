@@ -3,11 +3,12 @@
 // after a restart, migration.ts moves them live, refresh-plan.ts decides a refresh,
 // refresh-jobs.ts runs many, upgrade-status.ts reports, pins.ts keeps module folders.
 import { randomUUID } from 'node:crypto';
-import { mkdir, rm, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { closeSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import type { Logger } from './log.js';
 import {
-  isValidVmName, LaunchError, memoryBackendOf, QUIT_EXIT_TIMEOUT_MS, resolveMachineType, validateSpecAndFiles, withMemoryDefault,
+  isValidVmName, LaunchError, memoryBackendOf, openOwnFile, ownVmFolder, QUIT_EXIT_TIMEOUT_MS, removeStaleSocket, removeVmFolder,
+  resolveMachineType, secureFolder, validateSpecAndFiles, withMemoryDefault,
   type Installation, type InstallationInfo, type LaunchedVm,
 } from '../launcher/index.js';
 import { isQmpError, powerDownGuest, type QmpClient } from '../qmp/index.js';
@@ -72,7 +73,9 @@ export interface VmManagerOptions {
 
 /** A failure as the API reports it: ours keep their code, anything else (the file system) is a start failure. */
 function asDaemonError(error: unknown): DaemonError {
-  return error instanceof DaemonError ? error : new DaemonError('START_FAILED', (error as Error).message, { cause: error });
+  if (error instanceof DaemonError) return error;
+  const code = error instanceof LaunchError && error.code === 'UNSAFE_PATH' ? 'UNSAFE_PATH' : 'START_FAILED';
+  return new DaemonError(code, (error as Error).message, { cause: error });
 }
 
 function checkAutostart(value: unknown): void {
@@ -345,7 +348,7 @@ export class VmManager implements DaemonOps, VmCore {
     try {
       await this.options.store.remove(name);
       this.refuseWhenClosed(name);
-      await rm(this.vmDir(name), { recursive: true, force: true });
+      await removeVmFolder(this.vmDir(name));
       this.vms.delete(name);
       this.emit({ type: 'vm-deleted', vm: name });
       return true;
@@ -379,10 +382,13 @@ export class VmManager implements DaemonOps, VmCore {
     const info = await this.options.probe(installation);
     // Derived, not read from the record: the files removed here are always ours.
     const paths = this.vmPaths(name);
-    await mkdir(this.vmDir(name), { recursive: true, mode: 0o700 });
+    // Nothing planted in the VM's folder is followed (ARCHITECTURE.md, invariant 11).
+    const tightened = await secureFolder(dirname(this.vmDir(name)), { mode: 0o700 });
+    if (tightened !== undefined) this.options.logger.warn({ vm: name }, `tightened ${tightened}`);
+    await ownVmFolder(this.vmDir(name));
     // Leftovers of the previous QEMU: its socket would be taken for the new one's.
-    await rm(paths.qmpSocket, { force: true });
-    await writeFile(paths.serialLog, '', { mode: 0o600 });
+    await removeStaleSocket(paths.qmpSocket);
+    closeSync(openOwnFile(paths.serialLog, 'truncate'));
     await this.record(entry, { ...entry.record, paths, installation, state: 'starting', wanted: 'running' });
 
     entry.hostShutdown = undefined;
@@ -430,7 +436,7 @@ export class VmManager implements DaemonOps, VmCore {
       // caller's to fix; anything else (systemd, the state folder) is ours.
       const userError = cause instanceof LaunchError && cause.code === 'QEMU_EXITED';
       throw new DaemonError(
-        userError ? 'SPEC_REJECTED' : 'START_FAILED',
+        userError ? 'SPEC_REJECTED' : asDaemonError(cause).code,
         `starting ${name} failed: ${(cause as Error).message}`,
         { cause },
       );
@@ -578,7 +584,7 @@ export class VmManager implements DaemonOps, VmCore {
       await this.options.store.remove(name);
       // The folder goes before the name is free: a quick re-create must not lose its new socket.
       this.refuseWhenClosed(name);
-      await rm(this.vmDir(name), { recursive: true, force: true });
+      await removeVmFolder(this.vmDir(name));
       this.vms.delete(name);
       this.emit({ type: 'vm-deleted', vm: name });
     }, { refuseIfBusy: true });

@@ -6,7 +6,9 @@ export type LaunchErrorCode =
   | 'QEMU_EXITED'
   | 'SPAWN_FAILED'
   | 'SCOPE_FAILED'
-  | 'TIMEOUT';
+  | 'TIMEOUT'
+  /** A path vmkeepd writes is a link, or a file or folder it did not create (invariant 11). */
+  | 'UNSAFE_PATH';
 
 /** One thing wrong with a VM spec: `field` is a path like `disks[1].format`. */
 export interface SpecProblem {

@@ -7,6 +7,9 @@ export {
 export { supportsCprTransfer, withMemoryDefault, memoryBackendOf } from './memory.js';
 export { checkSpecFiles, validateSpecAndFiles } from './files.js';
 export {
+  secureFolder, ownVmFolder, removeVmFolder, removeStaleSocket, openOwnFile, openOwnFileHandle, readOwnFile, copyOwnFile, type OwnFileUse,
+} from './safe-files.js';
+export {
   probeInstallation, readBinaryIdentity, sameBinary, parseQemuVersion, parseMachineHelp, resolveMachineType,
   execaRunner,
   type Installation, type BinaryIdentity, type MachineType, type InstallationInfo, type ProbeOptions,

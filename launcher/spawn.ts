@@ -1,11 +1,12 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, fstatSync, openSync } from 'node:fs';
+import { closeSync, existsSync, fstatSync } from 'node:fs';
 import { open, unlink } from 'node:fs/promises';
 import { connect } from 'node:net';
 import type { QemuCommand } from './argv.js';
 import { qemuEnvironment } from './env.js';
 import { LaunchError } from './errors.js';
 import { readProcessIdentity } from './process.js';
+import { openOwnFile } from './safe-files.js';
 
 export interface SpawnOptions {
   /** QEMU's stdout and stderr are appended here: the only record of why a start failed. */
@@ -72,8 +73,9 @@ export async function spawnQemu(command: QemuCommand, options: SpawnOptions): Pr
 
   let logFd: number;
   try {
-    logFd = openSync(options.stderrLog, 'a', 0o640);
+    logFd = openOwnFile(options.stderrLog, 'append', 0o640);
   } catch (err) {
+    if (err instanceof LaunchError) throw err;
     throw new LaunchError('SPAWN_FAILED', `cannot open QEMU's log ${options.stderrLog}: ${String(err)}; fix: check that its folder exists and is writable`, { cause: err });
   }
   // Only what this start writes is quoted in an error, not older runs' output in the same log.
