@@ -2,7 +2,7 @@ export { LaunchError, type LaunchErrorCode, type SpecProblem } from './errors.js
 export { isValidVmName, vmNameProblem, describeValue, VM_NAME_RULE, SIMPLE_NAME_RE, UUID_RE } from './names.js';
 export {
   validateSpec, formatSpecProblems, SPEC_DEFAULTS, SPEC_LIMITS,
-  MEMORY_BACKENDS, type VmSpec, type DiskSpec, type DiskFormat, type Accel, type MemoryBackend,
+  MEMORY_BACKENDS, DISK_CACHES, type VmSpec, type DiskSpec, type DiskFormat, type DiskCache, type Accel, type MemoryBackend,
 } from './spec.js';
 export { supportsCprTransfer, withMemoryDefault, memoryBackendOf } from './memory.js';
 export { checkSpecFiles, validateSpecAndFiles } from './files.js';
@@ -22,3 +22,11 @@ export {
 } from './content.js';
 export { spawnQemu, type SpawnOptions, type SpawnedQemu } from './spawn.js';
 export { launchVm, launchCprDestination, waitForProcessExit, QUIT_EXIT_TIMEOUT_MS, type LaunchVmOptions, type LaunchedVm, type PendingVm } from './launch.js';
+export {
+  readDiskChains, parseBackingChain, compareChains, chainChangedError, diskArguments, formatNodeName,
+  type DiskLayer, type DiskChain, type ChainDifference, type ChainReadOptions,
+} from './disks.js';
+export {
+  FIRST_INHERITED_FD, inheritFd, openInheritedFds, closeFds, stdioWithInherited,
+  type InheritedFd, type InheritedFile, type InheritedSource,
+} from './inherited-fds.js';

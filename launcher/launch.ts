@@ -1,5 +1,6 @@
 import { connectQmp, type QmpClient } from '../qmp/index.js';
 import { buildQemuCommand, type CprChannels, type QemuCommand } from './argv.js';
+import { readDiskChains, type DiskChain } from './disks.js';
 import { LaunchError } from './errors.js';
 import { resolveMachineType, type Installation, type InstallationInfo } from './installation.js';
 import { isSameProcess } from './process.js';
@@ -21,7 +22,16 @@ export interface LaunchVmOptions {
   incoming?: 'defer';
   /** A machine type already resolved and recorded (a refresh keeps the VM's pinned type). */
   machineType?: string;
+  /**
+   * Each disk's backing chain as recorded (the daemon compared it with the files just before).
+   * Absent: read now (a foreground `vmkeep run` has no record).
+   */
+  diskChains?: readonly DiskChain[];
   qmpTimeoutMs?: number;
+}
+
+async function chainsOf(options: Pick<LaunchVmOptions, 'spec' | 'diskChains'>): Promise<readonly DiskChain[]> {
+  return options.diskChains ?? (options.spec.disks.length === 0 ? [] : readDiskChains(options.spec.disks));
 }
 
 export interface LaunchedVm {
@@ -57,6 +67,7 @@ export async function launchVm(options: LaunchVmOptions): Promise<LaunchedVm> {
     startPaused: options.incoming === undefined,
     ...(options.incoming === undefined ? {} : { incoming: options.incoming }),
     version: options.info.version,
+    diskChains: await chainsOf(options),
   });
   const spawned = await spawnQemu(command, {
     stderrLog: options.paths.stderrLog,
@@ -122,6 +133,7 @@ export async function launchCprDestination(options: Omit<LaunchVmOptions, 'incom
     startPaused: false,
     incoming: options.channels,
     version: options.info.version,
+    diskChains: await chainsOf(options),
   });
   const spawned = await spawnQemu(command, {
     stderrLog: options.paths.stderrLog,
