@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { watch, type FSWatcher } from 'node:fs';
 import { chmod, chown, lstat, mkdir, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { createServer, STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http';
-import { connect, Server as NetServer } from 'node:net';
+import { connect, Server as NetServer, type Socket } from 'node:net';
 import { dirname } from 'node:path';
 import type { Duplex } from 'node:stream';
 import {
@@ -10,8 +10,10 @@ import {
 } from '../launcher/index.js';
 import { QmpError, type QmpErrorCode } from '../qmp/index.js';
 import { parseStrategy, UpgradeError, type UpgradeErrorCode } from '../upgrade/index.js';
+import { checkQmp, checkRoute, type AccessLevel } from './access.js';
 import { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
 import { rotatedFiles } from './log-rotation.js';
+import { peerCredentials, type PeerCredentials } from './peer-cred.js';
 import { AUTOSTART_MODES, type AutostartMode, type CreateOptions, type DaemonOps, type RefreshJobRequest, type RefreshOptions, type StopOptions, type VmSettings } from './model.js';
 
 /** A day: longer waits are typos, and timers past 2^31 ms would fire at once. */
@@ -20,6 +22,7 @@ const MAX_STOP_TIMEOUT_SEC = 86_400;
 /** The part of a logger the API uses (vmkeepd's Logger fits). */
 export interface ApiLogger {
   debug(fields: object, message: string): void;
+  info(fields: object, message: string): void;
   warn(fields: object, message: string): void;
   error(fields: object, message: string): void;
 }
@@ -36,6 +39,8 @@ export interface ApiServerOptions {
    * mode set by the socket unit, never unlinked; `socketPath` only names it.
    */
   listenFd?: number;
+  /** What the callers on this socket may do (default admin: everything). */
+  level?: AccessLevel;
   logger?: ApiLogger;
 }
 
@@ -77,6 +82,7 @@ const LAUNCH_CODES: Record<LaunchErrorCode, DaemonErrorCode> = {
   SCOPE_FAILED: 'START_FAILED',
   TIMEOUT: 'START_FAILED',
   UNSAFE_PATH: 'UNSAFE_PATH',
+  OUTSIDE_STORAGE_ROOTS: 'FORBIDDEN',
 };
 
 const QMP_CODES: Record<QmpErrorCode, DaemonErrorCode> = {
@@ -108,7 +114,7 @@ const UPGRADE_CODES: Record<UpgradeErrorCode, DaemonErrorCode> = {
   MIGRATION_TIMEOUT: 'REFRESH_FAILED',
 };
 
-const silentLogger: ApiLogger = { debug() {}, warn() {}, error() {} };
+const silentLogger: ApiLogger = { debug() {}, info() {}, warn() {}, error() {} };
 
 type Params = { name: string };
 type Handler = (req: IncomingMessage, res: ServerResponse, params: Params) => Promise<void>;
@@ -121,6 +127,7 @@ interface Route {
 
 interface Context {
   ops: DaemonOps;
+  level: AccessLevel;
   logger: ApiLogger;
   /** Stoppers of the open streams, called when the server closes. */
   streams: Set<() => void>;
@@ -133,11 +140,20 @@ interface Context {
 export async function startApiServer(options: ApiServerOptions): Promise<ApiServer> {
   const { socketPath, ops } = options;
   const logger = options.logger ?? silentLogger;
-  const ctx: Context = { ops, logger, streams: new Set() };
+  const ctx: Context = { ops, level: options.level ?? 'admin', logger, streams: new Set() };
   const routes = buildRoutes(ctx);
 
+  // Asked once per connection, when it is accepted: the log says who did what.
+  const peers = new WeakMap<object, Promise<PeerCredentials | undefined>>();
   const server = createServer((req, res) => {
-    void dispatch(routes, ctx, req, res);
+    void dispatch(routes, ctx, req, res, peers.get(req.socket) ?? Promise.resolve(undefined));
+  });
+  // The admin socket is root's alone (0600); an operator is told apart by its uid.
+  if (ctx.level !== 'admin') server.on('connection', (socket: Socket) => {
+    peers.set(socket, peerCredentials(socket).catch((error: Error) => {
+      logger.warn({ err: error, level: ctx.level }, 'the caller\'s uid could not be read (SO_PEERCRED); its requests are logged with the access level only');
+      return undefined;
+    }));
   });
   server.headersTimeout = HEADERS_TIMEOUT_MS;
   // Counts only until the request is read, so long operations and streams are not cut.
@@ -274,6 +290,7 @@ function buildRoutes(ctx: Context): Route[] {
           }
           if (body.policy !== undefined) options.policy = parseStrategy(body.policy, '"policy"');
           if (body.autostart !== undefined) options.autostart = autostartMode(body.autostart);
+          if (ctx.level !== 'admin') options.caller = { level: ctx.level };
           sendJson(res, 201, await ops.create(body.spec, options));
         },
       },
@@ -372,6 +389,7 @@ function buildRoutes(ctx: Context): Route[] {
           if (body.arguments !== undefined && !isPlainObject(body.arguments)) {
             throw invalid('"arguments" must be a JSON object, e.g. {"execute": "human-monitor-command", "arguments": {"command-line": "info mtree"}}');
           }
+          checkQmp(ctx.level, body.execute);
           const result = await ops.qmp(name, body.execute, body.arguments);
           sendJson(res, 200, { return: result ?? {} });
         },
@@ -395,12 +413,17 @@ function autostartMode(value: unknown): AutostartMode {
   throw invalid(`"autostart" must be one of ${AUTOSTART_MODES.join(', ')}, got ${describeValue(value)}`);
 }
 
-async function dispatch(routes: Route[], ctx: Context, req: IncomingMessage, res: ServerResponse): Promise<void> {
+async function dispatch(routes: Route[], ctx: Context, req: IncomingMessage, res: ServerResponse, peer: Promise<PeerCredentials | undefined>): Promise<void> {
   const started = performance.now();
   const method = req.method ?? 'GET';
   const [rawPath = ''] = (req.url ?? '').split('?', 1);
   res.once('finish', () => {
-    ctx.logger.debug({ method, path: rawPath, status: res.statusCode, ms: Math.round(performance.now() - started) }, 'api request');
+    void peer.then((creds) => {
+      const fields = { method, path: rawPath, status: res.statusCode, ms: Math.round(performance.now() - started), level: ctx.level, ...creds };
+      // Who did what: every change and every refusal, with the caller's uid from the kernel.
+      if (method !== 'GET' || res.statusCode === 403) ctx.logger.info(fields, `${method} ${rawPath} by ${creds === undefined ? 'an unknown uid' : `uid ${creds.uid}`} (${ctx.level}): ${res.statusCode}`);
+      else ctx.logger.debug(fields, 'api request');
+    });
   });
   try {
     const { route, name } = matchRoute(routes, rawPath);
@@ -410,6 +433,7 @@ async function dispatch(routes: Route[], ctx: Context, req: IncomingMessage, res
       res.setHeader('Allow', allowed.join(', '));
       throw new DaemonError('METHOD_NOT_ALLOWED', `${method} is not allowed on ${rawPath}; use ${allowed.join(' or ')}`);
     }
+    checkRoute(ctx.level, method, `/${route.segments.join('/')}`);
     await handler(req, res, { name: name ?? '' });
   } catch (error) {
     sendError(ctx, req, res, error);

@@ -1,8 +1,9 @@
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import type { Logger } from './log.js';
 import { probeInstallation, secureFolder } from '../launcher/index.js';
 import type { InstallationsConfig, RefreshStrategy } from '../upgrade/index.js';
 import { ScopeManager, SCOPE_PREFIX } from '../scope-manager/index.js';
+import { DaemonError } from './errors.js';
 import { startApiServer } from './api-server.js';
 import { acquireDaemonLock } from './lock.js';
 import { VmManager } from './manager.js';
@@ -10,14 +11,18 @@ import type { ScopePort } from './ports.js';
 import { startNotifier, type Notifier } from './notify.js';
 import { recordsDir, RecordStore } from './records.js';
 import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES } from './log-rotation.js';
-import { takeControlSocket } from './socket-activation.js';
+import { takeControlSockets } from './socket-activation.js';
 
 export interface DaemonOptions {
   stateDir: string;
   runtimeDir: string;
   socketPath: string;
-  /** gid that may use the control socket (mode 0660); default: root only (0600). */
+  /** gid that may use the control socket (mode 0660, root-equivalent); default: root only (0600). */
   socketGid?: number;
+  /** The operator socket (mode 0660, this group): what operators may do (daemon/access.ts). */
+  operator?: { gid: number; socketPath: string };
+  /** Folders the operators' disk images must be in. */
+  storageRoots?: readonly string[];
   /** Slice of the VM scopes. */
   slice: string;
   /** false: --no-scope, every QEMU stays in the daemon's cgroup and dies with it. */
@@ -91,6 +96,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       ...(options.guestsUnit === undefined ? {} : { guestsUnit: options.guestsUnit }),
       probe: (installation) => probeInstallation(installation, { cacheDir }),
       runtimeDir: options.runtimeDir,
+      storageRoots: (options.storageRoots ?? []).map((root) => resolve(root)),
       logger,
       ...(options.logMaxBytes === undefined && options.logKeep === undefined ? {} : {
         logLimits: { maxBytes: options.logMaxBytes ?? DEFAULT_LOG_MAX_BYTES, keep: options.logKeep ?? DEFAULT_LOG_KEEP },
@@ -115,19 +121,34 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
     );
 
     // Held by systemd (vmkeepd.socket) when it passed one: connections wait while we restart.
-    const listenFd = takeControlSocket();
+    const passed = takeControlSockets();
     const api = await startApiServer({
       socketPath: options.socketPath,
       ops: manager,
       logger,
       ...(options.socketGid === undefined ? {} : { group: options.socketGid }),
-      ...(listenFd === undefined ? {} : { listenFd }),
+      ...(passed.control === undefined ? {} : { listenFd: passed.control }),
     });
     cleanups.push(() => api.close());
+    if (options.operator !== undefined) {
+      const operatorApi = await startApiServer({
+        socketPath: options.operator.socketPath,
+        ops: manager,
+        logger,
+        level: 'operator',
+        group: options.operator.gid,
+        ...(passed.operator === undefined ? {} : { listenFd: passed.operator }),
+      });
+      cleanups.push(() => operatorApi.close());
+      if (options.socketGid === options.operator.gid) {
+        logger.warn({ gid: options.socketGid }, 'the operator group may also use the admin socket (--socket-group): it is root-equivalent');
+      }
+      logger.info({ socket: options.operator.socketPath, gid: options.operator.gid, storageRoots: options.storageRoots ?? [] }, 'operator socket ready');
+    }
     const states = countStates(vms.map((v) => v.state));
     notifier.send('READY=1', `STATUS=${vms.length} VM(s): ${Object.entries(states).map(([state, n]) => `${n} ${state}`).join(', ') || 'none'}`);
     // startupMs: since this process started (Node's time origin), for the start-up benchmark.
-    logger.info({ socket: options.socketPath, stateDir: options.stateDir, startupMs: Math.round(performance.now()), socketActivated: listenFd !== undefined }, 'vmkeepd ready');
+    logger.info({ socket: options.socketPath, stateDir: options.stateDir, startupMs: Math.round(performance.now()), socketActivated: passed.control !== undefined }, 'vmkeepd ready');
     await manager.afterReady();
     await reportStale(manager, logger, options.refreshAtStart === true);
     // After READY: the API serves (and shows each VM starting) while the boot's starts run.
@@ -150,7 +171,10 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
  * (ARCHITECTURE.md, invariant 11).
  */
 async function secureFolders(options: DaemonOptions, logger: Logger): Promise<void> {
-  const gid = options.socketGid;
+  if (options.socketGid !== undefined && options.operator !== undefined && options.socketGid !== options.operator.gid) {
+    throw new DaemonError('START_FAILED', `--socket-group (gid ${options.socketGid}) and --operator-group (gid ${options.operator.gid}) differ, and the runtime folder can let only one group reach its sockets; fix: give one of them, or the same group`);
+  }
+  const gid = options.socketGid ?? options.operator?.gid;
   const wanted: Array<[string, { mode: number; gid?: number }]> = [
     [options.stateDir, { mode: 0o700 }],
     [options.runtimeDir, gid === undefined ? { mode: 0o700 } : { mode: 0o750, gid }],

@@ -30,6 +30,8 @@ export type DaemonErrorCode =
   | 'INTERNAL'
   /** A path vmkeepd writes under its folders is a link or something it did not create (the message names it). */
   | 'UNSAFE_PATH'
+  /** The caller's access level does not allow it; the message names the rule (ARCHITECTURE.md, invariant 11). */
+  | 'FORBIDDEN'
   // Requests the API cannot take: each has its own HTTP status so `status = HTTP_STATUS[code]` always.
   | 'METHOD_NOT_ALLOWED'
   | 'BODY_TOO_LARGE'
@@ -65,6 +67,7 @@ export const HTTP_STATUS: Record<DaemonErrorCode, number> = {
   IMAGE_IN_USE: 409,
   INTERNAL: 500,
   UNSAFE_PATH: 500,
+  FORBIDDEN: 403,
   METHOD_NOT_ALLOWED: 405,
   BODY_TOO_LARGE: 413,
   UNSUPPORTED_MEDIA_TYPE: 415,

@@ -8,7 +8,8 @@ import { dirname, join } from 'node:path';
 import type { Logger } from './log.js';
 import {
   isValidVmName, LaunchError, memoryBackendOf, openOwnFile, ownVmFolder, QUIT_EXIT_TIMEOUT_MS, removeStaleSocket, removeVmFolder,
-  resolveMachineType, secureFolder, validateSpecAndFiles, withMemoryDefault,
+  checkSpecFiles, realRoots, resolveMachineType, resolveWithinRoots, secureFolder, validateSpec, validateSpecAndFiles, withinRoots, withMemoryDefault,
+  type VmSpec,
   type Installation, type InstallationInfo, type LaunchedVm,
 } from '../launcher/index.js';
 import { isQmpError, powerDownGuest, type QmpClient } from '../qmp/index.js';
@@ -17,6 +18,7 @@ import {
   checkRefreshTarget, chooseLiveStrategy, currentInstallation, DEFAULT_CHANNEL, parseStrategy,
   type InstallationsConfig, type RefreshStrategy,
 } from '../upgrade/index.js';
+import { checkOperatorSpec, forbidden } from './access.js';
 import { DaemonError } from './errors.js';
 import { DEFAULT_REBOOT_TIMEOUT_SEC, DEFAULT_STOP_TIMEOUT_SEC, MONITOR_GREETING_TIMEOUT_MS } from './model.js';
 import { AUTOSTART_MODES } from './model.js';
@@ -59,6 +61,8 @@ export interface VmManagerOptions {
   /** Probes the installation (cached by binary identity). */
   probe: (installation: Installation) => Promise<InstallationInfo>;
   runtimeDir: string;
+  /** --storage-root folders, absolute (ARCHITECTURE.md, invariant 11). */
+  storageRoots?: readonly string[];
   logger: Logger;
   info: Omit<DaemonInfo, 'orphanScopes' | 'damagedRecords'>;
   /** How long a reattach waits for a QMP greeting before calling the VM unreachable. */
@@ -74,7 +78,8 @@ export interface VmManagerOptions {
 /** A failure as the API reports it: ours keep their code, anything else (the file system) is a start failure. */
 function asDaemonError(error: unknown): DaemonError {
   if (error instanceof DaemonError) return error;
-  const code = error instanceof LaunchError && error.code === 'UNSAFE_PATH' ? 'UNSAFE_PATH' : 'START_FAILED';
+  const code = !(error instanceof LaunchError) ? 'START_FAILED'
+    : error.code === 'UNSAFE_PATH' ? 'UNSAFE_PATH' : error.code === 'OUTSIDE_STORAGE_ROOTS' ? 'FORBIDDEN' : 'START_FAILED';
   return new DaemonError(code, (error as Error).message, { cause: error });
 }
 
@@ -113,7 +118,7 @@ export class VmManager implements DaemonOps, VmCore {
       store: o.store, scopes: o.scopes, qemu: o.qemu ?? realQemu, slice: o.slice, installations: o.installations,
       defaultPolicy: o.defaultPolicy, pinRoot: o.pinRoot, guestsUnit: o.guestsUnit ?? DEFAULT_GUESTS_UNIT,
       ...(o.crashAt === undefined ? {} : { crashAt: o.crashAt }),
-      probe: o.probe, runtimeDir: o.runtimeDir, logger: o.logger,
+      probe: o.probe, runtimeDir: o.runtimeDir, logger: o.logger, storageRoots: o.storageRoots ?? [],
       greetingTimeoutMs: o.greetingTimeoutMs ?? MONITOR_GREETING_TIMEOUT_MS,
       retryIntervalMs: o.retryIntervalMs ?? 5_000,
       healthIntervalMs: o.healthIntervalMs ?? 5_000,
@@ -285,7 +290,7 @@ export class VmManager implements DaemonOps, VmCore {
 
   async create(input: unknown, options: CreateOptions = {}): Promise<VmView> {
     // Every problem at once: the files a spec names are checked even when other fields are wrong.
-    let spec = await validateSpecAndFiles(input);
+    let spec = options.caller?.level === 'operator' ? await this.admitOperatorSpec(input) : await validateSpecAndFiles(input);
     this.refuseExisting(spec.name);
     const channel = options.channel ?? DEFAULT_CHANNEL;
     const installation = currentInstallation(this.options.installations, channel);
@@ -338,6 +343,36 @@ export class VmManager implements DaemonOps, VmCore {
           : `${message}. Nothing was kept: fix the cause and create ${spec.name} again`, { cause: error });
       }
     }).then(() => toView(entry));
+  }
+
+  /**
+   * An operator's spec: valid, no kernel or initrd path, every disk named inside a storage root
+   * and resolving inside one (a link out of the root is outside). Checked before the files are
+   * looked at, so an operator learns nothing of paths outside the roots.
+   */
+  private async admitOperatorSpec(input: unknown): Promise<VmSpec> {
+    const spec = validateSpec(input);
+    const roots = this.options.storageRoots ?? [];
+    checkOperatorSpec(spec, roots);
+    const real = await realRoots(roots);
+    for (const [i, disk] of spec.disks.entries()) {
+      if (!withinRoots(disk.path, roots) || (await resolveWithinRoots(disk.path, real)) === undefined) {
+        throw forbidden('storage-root', `disks[${i}].path ${disk.path} is not inside a storage root (${roots.join(', ')}) once its links are resolved`);
+      }
+    }
+    await checkSpecFiles(spec);
+    return spec;
+  }
+
+  /**
+   * The real storage roots every file of this VM must be in, when one of its disks is named
+   * inside a root (an operator's VM always is): backing files and the opened descriptors are
+   * then held to the roots at each launch, whoever starts it. Undefined: no such rule.
+   */
+  private async confinementOf(spec: VmSpec): Promise<readonly string[] | undefined> {
+    const roots = this.options.storageRoots ?? [];
+    if (!spec.disks.some((disk) => withinRoots(disk.path, roots))) return undefined;
+    return realRoots(roots);
   }
 
   /** A create whose start failed leaves nothing behind, unless a QEMU of it runs after all. */
@@ -453,8 +488,10 @@ export class VmManager implements DaemonOps, VmCore {
     const { record } = entry;
     const { qemu, scopes } = this.options;
     const start: Launch<T | LaunchedVm> = launch ?? ((options) => qemu.launch(options));
+    const storageRoots = await this.confinementOf(record.spec);
     return this.pins.whileLaunching(args.installation, args.info, async (pinned) => {
       const vm = await start({
+        ...(storageRoots === undefined ? {} : { storageRoots }),
         spec: record.spec,
         uuid: record.uuid,
         installation: pinned,

@@ -1,5 +1,6 @@
 import type { VmSpec } from '../launcher/index.js';
 import type { RefreshStrategy } from '../upgrade/index.js';
+import type { Caller } from './access.js';
 
 /**
  * Where a VM stands, as the daemon reports it.
@@ -166,6 +167,8 @@ export interface CreateOptions {
   channel?: string;
   policy?: RefreshStrategy;
   autostart?: AutostartMode;
+  /** Who asks (default: the admin): an operator's spec must keep to the storage roots. */
+  caller?: Caller;
 }
 
 /** Settings of an existing VM that `vmkeep set` changes. */

@@ -14,7 +14,9 @@ export type LaunchErrorCode =
   | 'SCOPE_FAILED'
   | 'TIMEOUT'
   /** A path vmkeepd writes is a link, or a file or folder it did not create (invariant 11). */
-  | 'UNSAFE_PATH';
+  | 'UNSAFE_PATH'
+  /** A file of a VM confined to the storage roots is outside them. */
+  | 'OUTSIDE_STORAGE_ROOTS';
 
 /** One thing wrong with a VM spec: `field` is a path like `disks[1].format`. */
 export interface SpecProblem {

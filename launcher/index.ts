@@ -9,6 +9,7 @@ export { checkSpecFiles, validateSpecAndFiles } from './files.js';
 export {
   secureFolder, ownVmFolder, removeVmFolder, removeStaleSocket, openOwnFile, openOwnFileHandle, readOwnFile, copyOwnFile, type OwnFileUse,
 } from './safe-files.js';
+export { withinRoots, realRoots, resolveWithinRoots } from './storage-roots.js';
 export {
   probeInstallation, readBinaryIdentity, sameBinary, parseQemuVersion, parseMachineHelp, resolveMachineType,
   execaRunner,

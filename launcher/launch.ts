@@ -27,6 +27,11 @@ export interface LaunchVmOptions {
    * Absent: read now (a foreground `vmkeep run` has no record).
    */
   diskChains?: readonly DiskChain[];
+  /**
+   * Real paths of the storage roots every passed file must be in, checked on the open
+   * descriptors (a VM of the roots, ARCHITECTURE.md invariant 11). Absent: no such rule.
+   */
+  storageRoots?: readonly string[];
   qmpTimeoutMs?: number;
 }
 
@@ -73,6 +78,7 @@ export async function launchVm(options: LaunchVmOptions): Promise<LaunchedVm> {
     stderrLog: options.paths.stderrLog,
     readyPath: options.paths.qmpSocket,
     ...(options.placeInScope === undefined ? {} : { placeInScope: options.placeInScope }),
+    ...(options.storageRoots === undefined ? {} : { storageRoots: options.storageRoots }),
   });
 
   let qmp: QmpClient;
@@ -140,6 +146,7 @@ export async function launchCprDestination(options: Omit<LaunchVmOptions, 'incom
     readyPath: options.channels.cprSocket,
     readyWhen: 'listening',
     ...(options.placeInScope === undefined ? {} : { placeInScope: options.placeInScope }),
+    ...(options.storageRoots === undefined ? {} : { storageRoots: options.storageRoots }),
   });
   return { spec: options.spec, pid: spawned.pid, startTime: spawned.startTime, machineType, command, channels: options.channels };
 }

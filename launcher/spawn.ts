@@ -8,6 +8,7 @@ import { LaunchError } from './errors.js';
 import { closeFds, openInheritedFds, stdioWithInherited } from './inherited-fds.js';
 import { readProcessIdentity } from './process.js';
 import { openOwnFile } from './safe-files.js';
+import { descriptorWithinRoots } from './storage-roots.js';
 
 export interface SpawnOptions {
   /** QEMU's stdout and stderr are appended here: the only record of why a start failed. */
@@ -34,6 +35,8 @@ export interface SpawnOptions {
    * ready once the socket exists.
    */
   readyWhen?: 'answers' | 'listening';
+  /** Every passed file must be inside one of these real paths, judged on its open descriptor. */
+  storageRoots?: readonly string[];
 }
 
 export interface SpawnedQemu {
@@ -75,6 +78,7 @@ export async function spawnQemu(command: QemuCommand, options: SpawnOptions): Pr
   // Opened here, by the daemon, so QEMU never opens those paths itself; each is closed on our
   // side once the child has its copy (ARCHITECTURE.md, "Disks and passed descriptors").
   const inherited = openInheritedFds(command.inheritedFds ?? []);
+  if (options.storageRoots !== undefined) refuseOutsideRoots(command, inherited, options.storageRoots);
   let logFd: number;
   try {
     logFd = openOwnFile(options.stderrLog, 'append', 0o640);
@@ -294,4 +298,17 @@ async function readLogTail(path: string, start: number): Promise<string> {
 
 function delay(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Closes everything and refuses when a passed file is not in the storage roots (by its descriptor). */
+function refuseOutsideRoots(command: QemuCommand, opened: readonly number[], roots: readonly string[]): void {
+  (command.inheritedFds ?? []).forEach(({ source }, i) => {
+    const { inside, path } = descriptorWithinRoots(opened[i] as number, roots);
+    if (!inside) {
+      closeFds(opened);
+      throw new LaunchError('OUTSIDE_STORAGE_ROOTS',
+        `rule storage-root: ${source.what} ${source.path} is ${path}, outside the storage roots (${roots.join(', ')}); ` +
+        'fix: keep every image of the VM, backing files included, inside a storage root');
+    }
+  });
 }
