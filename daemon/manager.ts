@@ -7,10 +7,10 @@ import { closeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import type { Logger } from './log.js';
 import {
-  isValidVmName, LaunchError, memoryBackendOf, openOwnFile, ownVmFolder, QUIT_EXIT_TIMEOUT_MS, removeStaleSocket, removeVmFolder,
-  checkSpecFiles, realRoots, resolveMachineType, resolveWithinRoots, secureFolder, validateSpec, validateSpecAndFiles, withinRoots, withMemoryDefault,
-  type VmSpec,
-  type Installation, type InstallationInfo, type LaunchedVm,
+  checkSpecFiles, isValidVmName, LaunchError, memoryBackendOf, openOwnFile, ownVmFolder, QUIT_EXIT_TIMEOUT_MS, realRoots,
+  removeStaleSocket, removeVmFolder, resolveMachineType, resolveWithinRoots, scopeLimits, secureFolder, validateSpec,
+  validateSpecAndFiles, withinRoots, withMemoryDefault,
+  type Installation, type InstallationInfo, type LaunchedVm, type ScopeLimits, type VmSpec,
 } from '../launcher/index.js';
 import { isQmpError, powerDownGuest, type QmpClient } from '../qmp/index.js';
 import { scopeUnitName } from '../scope-manager/index.js';
@@ -81,6 +81,15 @@ function asDaemonError(error: unknown): DaemonError {
   const code = !(error instanceof LaunchError) ? 'START_FAILED'
     : error.code === 'UNSAFE_PATH' ? 'UNSAFE_PATH' : error.code === 'OUTSIDE_STORAGE_ROOTS' ? 'FORBIDDEN' : 'START_FAILED';
   return new DaemonError(code, (error as Error).message, { cause: error });
+}
+
+/** The scope's limits as transient-unit properties (ARCHITECTURE.md, invariant 11). */
+function limitProperties(limits: ScopeLimits): Record<string, { signature: string; value: unknown }> {
+  return {
+    MemoryMax: { signature: 't', value: BigInt(limits.memoryMaxBytes) },
+    TasksMax: { signature: 't', value: BigInt(limits.tasksMax) },
+    ...(limits.cpuWeight === undefined ? {} : { CPUWeight: { signature: 't', value: BigInt(limits.cpuWeight) } }),
+  };
 }
 
 function checkAutostart(value: unknown): void {
@@ -489,6 +498,10 @@ export class VmManager implements DaemonOps, VmCore {
     const { qemu, scopes } = this.options;
     const start: Launch<T | LaunchedVm> = launch ?? ((options) => qemu.launch(options));
     const storageRoots = await this.confinementOf(record.spec);
+    if (args.info.sandbox === false) {
+      this.options.logger.warn({ vm: record.name, installation: args.installation.name },
+        `${args.installation.binary} has no seccomp sandbox (-sandbox refused): ${record.name} runs without it; install a QEMU built with seccomp (Debian's is)`);
+    }
     return this.pins.whileLaunching(args.installation, args.info, async (pinned) => {
       const vm = await start({
         ...(storageRoots === undefined ? {} : { storageRoots }),
@@ -513,7 +526,7 @@ export class VmManager implements DaemonOps, VmCore {
               description: `vmkeep VM ${record.name}`,
               // At host shutdown units stop in reverse order: the guests unit powers every guest
               // off (ACPI) before any VM scope is stopped, which would SIGTERM its QEMU.
-              properties: { Before: { signature: 'as', value: [this.options.guestsUnit] } },
+              properties: { Before: { signature: 'as', value: [this.options.guestsUnit] }, ...limitProperties(scopeLimits(record.spec)) },
             });
           }
         },

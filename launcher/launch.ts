@@ -72,6 +72,7 @@ export async function launchVm(options: LaunchVmOptions): Promise<LaunchedVm> {
     startPaused: options.incoming === undefined,
     ...(options.incoming === undefined ? {} : { incoming: options.incoming }),
     version: options.info.version,
+    ...(options.info.sandbox === undefined ? {} : { sandbox: options.info.sandbox }),
     diskChains: await chainsOf(options),
   });
   const spawned = await spawnQemu(command, {
@@ -139,6 +140,7 @@ export async function launchCprDestination(options: Omit<LaunchVmOptions, 'incom
     startPaused: false,
     incoming: options.channels,
     version: options.info.version,
+    ...(options.info.sandbox === undefined ? {} : { sandbox: options.info.sandbox }),
     diskChains: await chainsOf(options),
   });
   const spawned = await spawnQemu(command, {
