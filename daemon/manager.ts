@@ -10,7 +10,7 @@ import {
   checkSpecFiles, isValidVmName, LaunchError, memoryBackendOf, openOwnFile, ownVmFolder, QUIT_EXIT_TIMEOUT_MS, realRoots,
   removeStaleSocket, removeVmFolder, resolveMachineType, resolveWithinRoots, scopeLimits, secureFolder, validateSpec,
   validateSpecAndFiles, withinRoots, withMemoryDefault,
-  type Installation, type InstallationInfo, type LaunchedVm, type ScopeLimits, type VmSpec,
+  type DiskChain, type Installation, type InstallationInfo, type LaunchedVm, type ScopeLimits, type VmSpec,
 } from '../launcher/index.js';
 import { isQmpError, powerDownGuest, type QmpClient } from '../qmp/index.js';
 import { scopeUnitName } from '../scope-manager/index.js';
@@ -23,9 +23,10 @@ import { DaemonError } from './errors.js';
 import { DEFAULT_REBOOT_TIMEOUT_SEC, DEFAULT_STOP_TIMEOUT_SEC, MONITOR_GREETING_TIMEOUT_MS } from './model.js';
 import { AUTOSTART_MODES } from './model.js';
 import type {
-  CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome,
+  CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, DiskAcceptResult, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome,
   StopOptions, UpgradeStatus, VmSettings, VmView,
 } from './model.js';
+import { asDaemonDiskError, chainsForStart, refuseSharedImages } from './disks.js';
 import { autostartAtBoot, type AutostartOptions, type AutostartPlan } from './autostart.js';
 import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES, startLogRotation, type LogLimits } from './log-rotation.js';
 import { migrateNow } from './migration.js';
@@ -77,7 +78,8 @@ export interface VmManagerOptions {
 
 /** A failure as the API reports it: ours keep their code, anything else (the file system) is a start failure. */
 function asDaemonError(error: unknown): DaemonError {
-  if (error instanceof DaemonError) return error;
+  const disk = asDaemonDiskError(error);
+  if (disk instanceof DaemonError) return disk;
   const code = !(error instanceof LaunchError) ? 'START_FAILED'
     : error.code === 'UNSAFE_PATH' ? 'UNSAFE_PATH' : error.code === 'OUTSIDE_STORAGE_ROOTS' ? 'FORBIDDEN' : 'START_FAILED';
   return new DaemonError(code, (error as Error).message, { cause: error });
@@ -91,6 +93,9 @@ function limitProperties(limits: ScopeLimits): Record<string, { signature: strin
     ...(limits.cpuWeight === undefined ? {} : { CPUWeight: { signature: 't', value: BigInt(limits.cpuWeight) } }),
   };
 }
+
+/** Codes a failed start keeps: the operator's fix differs from a plain start failure's. */
+const KEPT_START_CODES = new Set(['BACKING_CHAIN_CHANGED', 'DISK_REFUSED', 'UNSAFE_PATH', 'FORBIDDEN']);
 
 function checkAutostart(value: unknown): void {
   if (!(AUTOSTART_MODES as readonly unknown[]).includes(value)) {
@@ -301,6 +306,10 @@ export class VmManager implements DaemonOps, VmCore {
     // Every problem at once: the files a spec names are checked even when other fields are wrong.
     let spec = options.caller?.level === 'operator' ? await this.admitOperatorSpec(input) : await validateSpecAndFiles(input);
     this.refuseExisting(spec.name);
+    // Read once and recorded: from now on the record, not the image headers, names the files.
+    const disks = await this.readChains(spec);
+    if (options.caller?.level === 'operator') await this.refuseLayersOutsideRoots(disks);
+    refuseSharedImages({ name: spec.name, spec, disks }, this.diskHolders());
     const channel = options.channel ?? DEFAULT_CHANNEL;
     const installation = currentInstallation(this.options.installations, channel);
     const policy = options.policy === undefined ? undefined : parseStrategy(options.policy, 'policy');
@@ -316,6 +325,7 @@ export class VmManager implements DaemonOps, VmCore {
       name: spec.name,
       uuid: spec.uuid ?? randomUUID(),
       spec,
+      ...(spec.disks.length === 0 ? {} : { disks }),
       machineType,
       installation,
       channel,
@@ -326,8 +336,9 @@ export class VmManager implements DaemonOps, VmCore {
       createdAt: now,
       updatedAt: now,
     };
-    // Checked again after the awaits above: two creates of one name may have raced.
+    // Checked again after the awaits above: two creates of one name (or of one image) may have raced.
     this.refuseExisting(spec.name);
+    refuseSharedImages({ name: spec.name, spec, disks }, this.diskHolders());
     const entry = newEntry(record);
     this.vms.set(spec.name, entry);
     // The record is written, and the VM started, inside the VM's own lock: a delete (or a
@@ -371,6 +382,18 @@ export class VmManager implements DaemonOps, VmCore {
     }
     await checkSpecFiles(spec);
     return spec;
+  }
+
+  /** An operator's backing files, as read from the image headers, must be in the roots too. */
+  private async refuseLayersOutsideRoots(chains: readonly DiskChain[]): Promise<void> {
+    const real = await realRoots(this.options.storageRoots ?? []);
+    for (const [i, chain] of chains.entries()) {
+      for (const layer of chain) {
+        if ((await resolveWithinRoots(layer.path, real)) === undefined) {
+          throw forbidden('storage-root', `disks[${i}] has the backing file ${layer.path}, outside the storage roots (${(this.options.storageRoots ?? []).join(', ')})`);
+        }
+      }
+    }
   }
 
   /**
@@ -479,8 +502,9 @@ export class VmManager implements DaemonOps, VmCore {
       // QEMU refusing what the spec asks (not a kernel, more memory than it can have) is the
       // caller's to fix; anything else (systemd, the state folder) is ours.
       const userError = cause instanceof LaunchError && cause.code === 'QEMU_EXITED';
+      const kept = asDaemonError(cause).code;
       throw new DaemonError(
-        userError ? 'SPEC_REJECTED' : asDaemonError(cause).code,
+        KEPT_START_CODES.has(kept) ? kept : userError ? 'SPEC_REJECTED' : 'START_FAILED',
         `starting ${name} failed: ${(cause as Error).message}`,
         { cause },
       );
@@ -502,10 +526,13 @@ export class VmManager implements DaemonOps, VmCore {
       this.options.logger.warn({ vm: record.name, installation: args.installation.name },
         `${args.installation.binary} has no seccomp sandbox (-sandbox refused): ${record.name} runs without it; install a QEMU built with seccomp (Debian's is)`);
     }
+    // Before every QEMU start of the VM: a QEMU that ran the guest may have rewritten a header.
+    const diskChains = chainsForStart(record.name, record.spec, record.disks, await this.readChains(record.spec));
     return this.pins.whileLaunching(args.installation, args.info, async (pinned) => {
       const vm = await start({
         ...(storageRoots === undefined ? {} : { storageRoots }),
         spec: record.spec,
+        diskChains,
         uuid: record.uuid,
         installation: pinned,
         info: args.info,
@@ -533,6 +560,40 @@ export class VmManager implements DaemonOps, VmCore {
       });
       return { vm, moduleDir: pinned.moduleDir };
     });
+  }
+
+  /** Every disk's chain as it is now; a refused chain (no stated backing format, ...) is DISK_REFUSED. */
+  private async readChains(spec: VmSpec): Promise<DiskChain[]> {
+    if (spec.disks.length === 0) return [];
+    try {
+      return await this.options.qemu.readDiskChains(spec.disks);
+    } catch (error) {
+      throw asDaemonDiskError(error);
+    }
+  }
+
+  private diskHolders(): Array<{ name: string; spec: VmSpec; disks: readonly DiskChain[] | undefined }> {
+    return this.entries().map((e) => ({ name: e.record.name, spec: e.record.spec, disks: e.record.disks }));
+  }
+
+  /**
+   * Records each disk's chain as it is now, after an operator checked it (BACKING_CHAIN_CHANGED
+   * names this). Refused while a refresh runs; the image-sharing rule applies as at create.
+   */
+  async acceptDisks(name: string): Promise<DiskAcceptResult> {
+    const entry = this.entry(name);
+    return entry.lock.run('disk-accept', async () => {
+      this.requireLive(entry);
+      this.refuseWhileMigrating(entry);
+      const { spec } = entry.record;
+      if (spec.disks.length === 0) throw new DaemonError('INVALID_REQUEST', `${name} has no disks; nothing to accept`);
+      const now = await this.readChains(spec);
+      refuseSharedImages({ name, spec, disks: now }, this.diskHolders());
+      const previous = entry.record.disks;
+      await this.record(entry, { ...entry.record, disks: now });
+      this.options.logger.warn({ vm: name, previous, now }, `the backing chains of ${name}'s disks were accepted by the operator`);
+      return { vm: name, previous: previous ?? null, disks: now };
+    }, { refuseIfBusy: true });
   }
 
   async stop(name: string, options: StopOptions = {}): Promise<VmView> {

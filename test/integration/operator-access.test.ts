@@ -130,7 +130,7 @@ describe('the operator socket, used by a non-root member of the operator group',
     expect(await listed()).not.toContain('linked');
   });
 
-  it('a qcow2 in the root whose backing file is outside it: the start is refused on the opened descriptor; nothing is kept', async () => {
+  it('a qcow2 in the root whose backing file is outside it is refused (its chain, then the opened descriptors at each start); nothing is kept', async () => {
     const base = join(host.dir, 'outside-base.raw');
     execFileSync('qemu-img', ['create', '-q', '-f', 'raw', base, '1M']);
     const top = join(roots, 'top.qcow2');
