@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs';
-import { createLogger, isLogLevel, startDaemon, type DaemonOptions } from '../daemon/index.js';
+import { dirname, join } from 'node:path';
+import { createLogger, isLogLevel, OPERATOR_SOCKET_NAME, startDaemon, type DaemonOptions } from '../daemon/index.js';
 import type { Installation } from '../launcher/index.js';
 import { loadInstallationsConfig, parseStrategy, singleInstallation } from '../upgrade/index.js';
 import { CliError } from './errors.js';
@@ -11,6 +12,9 @@ export interface DaemonCommandArgs {
   logDir?: string;
   socket: string;
   socketGroup?: string;
+  operatorGroup?: string;
+  operatorSocket?: string;
+  storageRoots?: string[];
   slice: string;
   scope: boolean;
   busAddress?: string;
@@ -37,6 +41,9 @@ export interface ParsedDaemonOptions {
   logDir: string;
   socket: string;
   socketGroup?: string | undefined;
+  operatorGroup?: string | undefined;
+  operatorSocket?: string | undefined;
+  storageRoot?: string[] | undefined;
   slice: string;
   scope: boolean;
   busAddress?: string | undefined;
@@ -74,6 +81,9 @@ export function daemonCommandArgs(a: ParsedDaemonOptions, env: NodeJS.ProcessEnv
       scope: a.scope,
       logLevel: a.logLevel,
       ...(a.socketGroup === undefined ? {} : { socketGroup: a.socketGroup }),
+      ...(a.operatorGroup === undefined ? {} : { operatorGroup: a.operatorGroup }),
+      ...(a.operatorSocket === undefined ? {} : { operatorSocket: a.operatorSocket }),
+      ...(a.storageRoot === undefined ? {} : { storageRoots: a.storageRoot }),
       ...(a.busAddress === undefined ? {} : { busAddress: a.busAddress }),
       refreshPolicy: a.refreshPolicy,
       refreshAtStart: a.refreshAtStart,
@@ -89,14 +99,18 @@ export function daemonCommandArgs(a: ParsedDaemonOptions, env: NodeJS.ProcessEnv
   };
 }
 
+function usage(message: string): never {
+  throw new CliError('USAGE', message);
+}
+
 /** A group name or number as a gid (reads /etc/group: Node has no getgrnam). */
-function resolveGroup(group: string, groupFile = '/etc/group'): number {
+function resolveGroup(option: string, group: string, groupFile = '/etc/group'): number {
   if (/^\d+$/.test(group)) return Number(group);
   for (const line of readFileSync(groupFile, 'utf8').split('\n')) {
     const [name, , gid] = line.split(':');
     if (name === group && gid !== undefined && /^\d+$/.test(gid)) return Number(gid);
   }
-  throw new CliError('USAGE', `--socket-group ${group}: no such group in ${groupFile}; create it (groupadd ${group}) or give a numeric gid`);
+  throw new CliError('USAGE', `--${option} ${group}: no such group in ${groupFile}; create it (groupadd ${group}) or give a numeric gid`);
 }
 
 /** Runs vmkeepd in the foreground until SIGINT/SIGTERM; resolves to the exit code. */
@@ -129,7 +143,15 @@ export async function runDaemonCommand(
     useScopes: args.scope,
     version,
     ...(args.busAddress === undefined ? {} : { busAddress: args.busAddress }),
-    ...(args.socketGroup === undefined ? {} : { socketGid: resolveGroup(args.socketGroup) }),
+    ...(args.socketGroup === undefined ? {} : { socketGid: resolveGroup('socket-group', args.socketGroup) }),
+    ...(args.operatorGroup === undefined ? {} : {
+      operator: {
+        gid: resolveGroup('operator-group', args.operatorGroup),
+        socketPath: args.operatorSocket ?? join(dirname(args.socket), OPERATOR_SOCKET_NAME),
+      },
+    }),
+    ...(args.operatorSocket !== undefined && args.operatorGroup === undefined ? usage('--operator-socket needs --operator-group GROUP (the group that may use it)') : {}),
+    storageRoots: args.storageRoots ?? [],
   };
   // Listening from before the start: READY=1 goes out before startDaemon resolves (the staleness
   // report follows it), and a SIGTERM in between must close the daemon, not end it mid-way.

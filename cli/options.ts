@@ -82,7 +82,17 @@ export function vmkeepdOptions(env: NodeJS.ProcessEnv) {
       default: env.VMKEEP_SOCKET ?? DEFAULT_SOCKET_PATH,
       describe: 'control socket to serve (env VMKEEP_SOCKET)',
     },
-    'socket-group': { type: 'string', describe: 'group allowed to use the control socket (mode 0660)' },
+    'socket-group': { type: 'string', describe: 'group allowed to use the control socket (mode 0660): root-equivalent, see --operator-group' },
+    'operator-group': {
+      type: 'string',
+      describe: 'group allowed to use the operator socket: create, start, stop, refresh and read; disks only under --storage-root, read-only QMP queries',
+    },
+    'operator-socket': { type: 'string', describe: 'path of the operator socket (default: vmkeep-operator.sock next to --socket)' },
+    'storage-root': {
+      type: 'string',
+      array: true,
+      describe: 'folder the operators\' disk images must be in (repeatable); a path is resolved without following links out of it',
+    },
     slice: { type: 'string', default: 'vmkeep.slice', describe: 'systemd slice of the VM scopes, e.g. machine.slice' },
     scope: {
       type: 'boolean',

@@ -1,13 +1,16 @@
 import { randomBytes } from 'node:crypto';
 import { watch, type FSWatcher } from 'node:fs';
-import { chmod, chown, lstat, mkdir, open, readFile, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { chmod, chown, lstat, mkdir, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { createServer, STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http';
-import { connect, Server as NetServer } from 'node:net';
+import { connect, Server as NetServer, type Socket } from 'node:net';
 import { dirname } from 'node:path';
 import type { Duplex } from 'node:stream';
-import { describeValue, isValidVmName, LaunchError, VM_NAME_RULE, type LaunchErrorCode, type SpecProblem } from '../launcher/index.js';
+import {
+  describeValue, isValidVmName, LaunchError, openOwnFileHandle, readOwnFile, VM_NAME_RULE, type LaunchErrorCode, type SpecProblem,
+} from '../launcher/index.js';
 import { QmpError, type QmpErrorCode } from '../qmp/index.js';
 import { parseStrategy, UpgradeError, type UpgradeErrorCode } from '../upgrade/index.js';
+import { checkQmp, checkRoute, type AccessLevel } from './access.js';
 import { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
 import { rotatedFiles } from './log-rotation.js';
 import { apiDescription, API_EXTENSIONS, API_VERSIONS } from './api-description.js';
@@ -16,6 +19,7 @@ import { METRICS_CONTENT_TYPE } from './metrics.js';
 import { AUTOSTART_MODES, type AutostartMode, type CreateOptions, type DaemonEvent, type DaemonOps, type RefreshJobRequest, type RefreshOptions, type StopOptions, type VmSettings } from './model.js';
 import type { Operation } from './operation-state.js';
 import type { Operations } from './operations.js';
+import { peerCredentials, type PeerCredentials } from './peer-cred.js';
 
 /** A day: longer waits are typos, and timers past 2^31 ms would fire at once. */
 const MAX_STOP_TIMEOUT_SEC = 86_400;
@@ -23,6 +27,7 @@ const MAX_STOP_TIMEOUT_SEC = 86_400;
 /** The part of a logger the API uses (vmkeepd's Logger fits). */
 export interface ApiLogger {
   debug(fields: object, message: string): void;
+  info(fields: object, message: string): void;
   warn(fields: object, message: string): void;
   error(fields: object, message: string): void;
 }
@@ -41,6 +46,8 @@ export interface ApiServerOptions {
    * mode set by the socket unit, never unlinked; `socketPath` only names it.
    */
   listenFd?: number;
+  /** What the callers on this socket may do (default admin: everything). */
+  level?: AccessLevel;
   logger?: ApiLogger;
   /** Told the number of open client connections each time it changes (--idle-exit). */
   onConnections?: (open: number) => void;
@@ -83,6 +90,8 @@ const LAUNCH_CODES: Record<LaunchErrorCode, DaemonErrorCode> = {
   SPAWN_FAILED: 'START_FAILED',
   SCOPE_FAILED: 'START_FAILED',
   TIMEOUT: 'START_FAILED',
+  UNSAFE_PATH: 'UNSAFE_PATH',
+  OUTSIDE_STORAGE_ROOTS: 'FORBIDDEN',
 };
 
 const QMP_CODES: Record<QmpErrorCode, DaemonErrorCode> = {
@@ -114,7 +123,7 @@ const UPGRADE_CODES: Record<UpgradeErrorCode, DaemonErrorCode> = {
   MIGRATION_TIMEOUT: 'REFRESH_FAILED',
 };
 
-const silentLogger: ApiLogger = { debug() {}, warn() {}, error() {} };
+const silentLogger: ApiLogger = { debug() {}, info() {}, warn() {}, error() {} };
 
 /** Path parameters: ':name' a VM name (checked), ':id' an operation id (looked up as it is). */
 type Params = { name: string; id: string };
@@ -129,6 +138,7 @@ interface Route {
 interface Context {
   ops: DaemonOps;
   operations: Operations;
+  level: AccessLevel;
   logger: ApiLogger;
   /** Stoppers of the open streams, called when the server closes. */
   streams: Set<() => void>;
@@ -141,11 +151,20 @@ interface Context {
 export async function startApiServer(options: ApiServerOptions): Promise<ApiServer> {
   const { socketPath, ops } = options;
   const logger = options.logger ?? silentLogger;
-  const ctx: Context = { ops, operations: options.operations, logger, streams: new Set() };
+  const ctx: Context = { ops, operations: options.operations, level: options.level ?? 'admin', logger, streams: new Set() };
   const routes = buildRoutes(ctx);
 
+  // Asked once per connection, when it is accepted: the log says who did what.
+  const peers = new WeakMap<object, Promise<PeerCredentials | undefined>>();
   const server = createServer((req, res) => {
-    void dispatch(routes, ctx, req, res);
+    void dispatch(routes, ctx, req, res, peers.get(req.socket) ?? Promise.resolve(undefined));
+  });
+  // The admin socket is root's alone (0600); an operator is told apart by its uid.
+  if (ctx.level !== 'admin') server.on('connection', (socket: Socket) => {
+    peers.set(socket, peerCredentials(socket).catch((error: Error) => {
+      logger.warn({ err: error, level: ctx.level }, 'the caller\'s uid could not be read (SO_PEERCRED); its requests are logged with the access level only');
+      return undefined;
+    }));
   });
   server.headersTimeout = HEADERS_TIMEOUT_MS;
   // Counts only until the request is read, so long operations and streams are not cut.
@@ -268,7 +287,7 @@ function ignoreMissing(error: NodeJS.ErrnoException): void {
 
 /** Every route and method the server has, with `{name}` / `{id}` for parameters (the OpenAPI document's test reads it). */
 export function routeTable(): Array<{ method: string; path: string }> {
-  const routes = buildRoutes({ ops: undefined as never, operations: undefined as never, logger: silentLogger, streams: new Set() });
+  const routes = buildRoutes({ ops: undefined as never, operations: undefined as never, level: 'admin', logger: silentLogger, streams: new Set() });
   return routes.flatMap((route) => Object.keys(route.methods).map((method) => ({
     method,
     path: `/${route.segments.map((s) => (s.startsWith(':') ? `{${s.slice(1)}}` : s)).join('/')}`,
@@ -301,6 +320,7 @@ function buildRoutes(ctx: Context): Route[] {
           }
           if (body.policy !== undefined) options.policy = parseStrategy(body.policy, '"policy"');
           if (body.autostart !== undefined) options.autostart = autostartMode(body.autostart);
+          if (ctx.level !== 'admin') options.caller = { level: ctx.level };
           sendJson(res, 201, await ops.create(body.spec, options));
         },
       },
@@ -431,6 +451,7 @@ function buildRoutes(ctx: Context): Route[] {
           if (body.arguments !== undefined && !isPlainObject(body.arguments)) {
             throw invalid('"arguments" must be a JSON object, e.g. {"execute": "human-monitor-command", "arguments": {"command-line": "info mtree"}}');
           }
+          checkQmp(ctx.level, body.execute);
           const result = await ops.qmp(name, body.execute, body.arguments);
           sendJson(res, 200, { return: result ?? {} });
         },
@@ -454,12 +475,17 @@ function autostartMode(value: unknown): AutostartMode {
   throw invalid(`"autostart" must be one of ${AUTOSTART_MODES.join(', ')}, got ${describeValue(value)}`);
 }
 
-async function dispatch(routes: Route[], ctx: Context, req: IncomingMessage, res: ServerResponse): Promise<void> {
+async function dispatch(routes: Route[], ctx: Context, req: IncomingMessage, res: ServerResponse, peer: Promise<PeerCredentials | undefined>): Promise<void> {
   const started = performance.now();
   const method = req.method ?? 'GET';
   const [rawPath = ''] = (req.url ?? '').split('?', 1);
   res.once('finish', () => {
-    ctx.logger.debug({ method, path: rawPath, status: res.statusCode, ms: Math.round(performance.now() - started) }, 'api request');
+    void peer.then((creds) => {
+      const fields = { method, path: rawPath, status: res.statusCode, ms: Math.round(performance.now() - started), level: ctx.level, ...creds };
+      // Who did what: every change and every refusal, with the caller's uid from the kernel.
+      if (method !== 'GET' || res.statusCode === 403) ctx.logger.info(fields, `${method} ${rawPath} by ${creds === undefined ? 'an unknown uid' : `uid ${creds.uid}`} (${ctx.level}): ${res.statusCode}`);
+      else ctx.logger.debug(fields, 'api request');
+    });
   });
   try {
     const { route, name, id } = matchRoute(routes, rawPath);
@@ -469,6 +495,7 @@ async function dispatch(routes: Route[], ctx: Context, req: IncomingMessage, res
       res.setHeader('Allow', allowed.join(', '));
       throw new DaemonError('METHOD_NOT_ALLOWED', `${method} is not allowed on ${rawPath}; use ${allowed.join(' or ')}`);
     }
+    checkRoute(ctx.level, method, `/${route.segments.join('/')}`);
     await handler(req, res, { name: name ?? '', id });
   } catch (error) {
     sendError(ctx, req, res, error);
@@ -778,7 +805,7 @@ async function streamConsole(ctx: Context, res: ServerResponse, name: string, pa
   // The whole log: its rotated files, oldest first, then the live one (followed from its start).
   const older = follow ? [] : await rotatedFiles(path);
   try {
-    handle = await open(path, 'r');
+    handle = await openOwnFileHandle(path, 'read');
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code === 'ENOENT') {
       throw new DaemonError('NOT_FOUND', `${name} has no console log yet: it has not been started (vmkeep start ${name})`, { cause: error });
@@ -817,7 +844,7 @@ async function streamConsole(ctx: Context, res: ServerResponse, name: string, pa
   let position = 0;
   try {
     for (const file of older) {
-      const text = await readFile(file).catch(() => Buffer.alloc(0));
+      const text = await readOwnFile(file).catch(() => Buffer.alloc(0));
       if (ended) break;
       if (text.length > 0 && !writeStream(ctx, res, text, 'console')) await drained(res);
     }
@@ -834,7 +861,7 @@ async function streamConsole(ctx: Context, res: ServerResponse, name: string, pa
       const [current, onDisk] = await Promise.all([handle.stat(), stat(path).catch(() => undefined)]);
       if (onDisk !== undefined && onDisk.ino !== current.ino) {
         await handle.close();
-        handle = await open(path, 'r');
+        handle = await openOwnFileHandle(path, 'read');
         position = 0;
         continue;
       }

@@ -1,9 +1,9 @@
-import { chmod, chown, mkdir } from 'node:fs/promises';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import type { Logger } from './log.js';
-import { probeInstallation } from '../launcher/index.js';
+import { probeInstallation, secureFolder } from '../launcher/index.js';
 import type { InstallationsConfig, RefreshStrategy } from '../upgrade/index.js';
 import { MachineRegistry, ScopeManager, SCOPE_PREFIX } from '../scope-manager/index.js';
+import { DaemonError } from './errors.js';
 import { startApiServer, toApiError } from './api-server.js';
 import { countDaemonStart } from './metrics.js';
 import { Operations, operationsDir } from './operations.js';
@@ -13,7 +13,7 @@ import type { MachinePort, ScopePort } from './ports.js';
 import { startNotifier, type Notifier } from './notify.js';
 import { recordsDir, RecordStore } from './records.js';
 import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES } from './log-rotation.js';
-import { takeControlSocket } from './socket-activation.js';
+import { takeControlSockets } from './socket-activation.js';
 import { startStatusUpdates, statusText } from './status-text.js';
 import { watchIdle, type IdleWatch } from './idle-exit.js';
 
@@ -23,8 +23,12 @@ export interface DaemonOptions {
   /** Each VM's serial console and QEMU logs, in LOG_DIR/NAME/ (default: with its socket, in the runtime folder). */
   logDir?: string;
   socketPath: string;
-  /** gid that may use the control socket (mode 0660); default: root only (0600). */
+  /** gid that may use the control socket (mode 0660, root-equivalent); default: root only (0600). */
   socketGid?: number;
+  /** The operator socket (mode 0660, this group): what operators may do (daemon/access.ts). */
+  operator?: { gid: number; socketPath: string };
+  /** Folders the operators' disk images must be in. */
+  storageRoots?: readonly string[];
   /** Slice of the VM scopes. */
   slice: string;
   /** false: --no-scope, every QEMU stays in the daemon's cgroup and dies with it. */
@@ -66,13 +70,7 @@ export interface DaemonHandle {
 export async function startDaemon(options: DaemonOptions, logger: Logger): Promise<DaemonHandle> {
   // Started first: its process is ready long before READY=1 is due.
   const notifier: Notifier = startNotifier();
-  await mkdir(options.stateDir, { recursive: true, mode: 0o700 });
-  await mkdir(options.runtimeDir, { recursive: true, mode: 0o700 });
-  if (options.socketGid !== undefined) {
-    // The group reaches the control socket through this folder; the VMs' own folders stay 0700.
-    await chown(options.runtimeDir, process.getuid?.() ?? 0, options.socketGid);
-    await chmod(options.runtimeDir, 0o750);
-  }
+  await secureFolders(options, logger);
   const lock = await acquireDaemonLock(options.stateDir);
   const cleanups: Array<() => Promise<void> | void> = [() => notifier.close(), () => lock.release()];
   const closeAll = async (): Promise<void> => {
@@ -113,6 +111,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       probe: (installation) => probeInstallation(installation, { cacheDir }),
       runtimeDir: options.runtimeDir,
       ...(options.logDir === undefined ? {} : { logDir: options.logDir }),
+      storageRoots: (options.storageRoots ?? []).map((root) => resolve(root)),
       logger,
       ...(options.logMaxBytes === undefined && options.logKeep === undefined ? {} : {
         logLimits: { maxBytes: options.logMaxBytes ?? DEFAULT_LOG_MAX_BYTES, keep: options.logKeep ?? DEFAULT_LOG_KEEP },
@@ -160,12 +159,13 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
     }
 
     // Held by systemd (vmkeepd.socket) when it passed one: connections wait while we restart.
-    const listenFd = takeControlSocket();
-    let connections = 0;
+    const passed = takeControlSockets();
+    // Clients on either socket keep an idle-exit away.
+    const connections = { control: 0, operator: 0 };
     let idleWatch: IdleWatch | undefined;
     const api = await startApiServer({
       onConnections: (open) => {
-        connections = open;
+        connections.control = open;
         idleWatch?.poke();
       },
       socketPath: options.socketPath,
@@ -173,18 +173,38 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       operations,
       logger,
       ...(options.socketGid === undefined ? {} : { group: options.socketGid }),
-      ...(listenFd === undefined ? {} : { listenFd }),
+      ...(passed.control === undefined ? {} : { listenFd: passed.control }),
     });
     cleanups.push(() => api.close());
+    if (options.operator !== undefined) {
+      const operatorApi = await startApiServer({
+        socketPath: options.operator.socketPath,
+        ops: manager,
+        operations,
+        logger,
+        level: 'operator',
+        onConnections: (open) => {
+          connections.operator = open;
+          idleWatch?.poke();
+        },
+        group: options.operator.gid,
+        ...(passed.operator === undefined ? {} : { listenFd: passed.operator }),
+      });
+      cleanups.push(() => operatorApi.close());
+      if (options.socketGid === options.operator.gid) {
+        logger.warn({ gid: options.socketGid }, 'the operator group may also use the admin socket (--socket-group): it is root-equivalent');
+      }
+      logger.info({ socket: options.operator.socketPath, gid: options.operator.gid, storageRoots: options.storageRoots ?? [] }, 'operator socket ready');
+    }
     let idle: Promise<void> = new Promise<void>(() => undefined);
-    if (options.idleExitSec !== undefined && listenFd === undefined) {
+    if (options.idleExitSec !== undefined && passed.control === undefined) {
       logger.warn({ idleExitSec: options.idleExitSec }, '--idle-exit ignored: vmkeepd did not get its socket from systemd (vmkeepd.socket), so nothing would start it again');
     } else if (options.idleExitSec !== undefined) {
       const idleExitSec = options.idleExitSec;
       let exit: () => void = () => undefined;
       idle = new Promise<void>((resolve) => (exit = resolve));
       const watch = watchIdle(idleExitSec * 1000, () => ({
-        connections,
+        connections: connections.control + connections.operator,
         vmsWithQemu: manager.entries().filter((e) => e.record.process !== undefined).length,
         operations: manager.entries().filter((e) => e.lock.current !== undefined).length,
       }), () => {
@@ -202,7 +222,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
     // Kept up to date from here on: `systemctl status vmkeepd` shows it.
     cleanups.push(startStatusUpdates(manager, (text) => notifier.send(`STATUS=${text}`)));
     // startupMs: since this process started (Node's time origin), for the start-up benchmark.
-    logger.info({ socket: options.socketPath, stateDir: options.stateDir, startupMs: Math.round(performance.now()), socketActivated: listenFd !== undefined }, 'vmkeepd ready');
+    logger.info({ socket: options.socketPath, stateDir: options.stateDir, startupMs: Math.round(performance.now()), socketActivated: passed.control !== undefined }, 'vmkeepd ready');
     await manager.afterReady();
     manager.metrics.daemonStarts = await countDaemonStart(options.stateDir).catch((error: unknown) => {
       logger.warn({ err: error }, 'could not count this start in the state folder; the metric vmkeep_daemon_starts_total is left out');
@@ -219,6 +239,27 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
   } catch (error) {
     await closeAll();
     throw error;
+  }
+}
+
+/**
+ * The state and runtime folders belong to vmkeepd alone (the manager secures the VMs' folders): 0700,
+ * or 0750 for the group that reaches the control sockets through the runtime folder. An
+ * existing one with a looser mode is tightened, one owned by someone else or a link is refused
+ * (ARCHITECTURE.md, invariant 11).
+ */
+async function secureFolders(options: DaemonOptions, logger: Logger): Promise<void> {
+  if (options.socketGid !== undefined && options.operator !== undefined && options.socketGid !== options.operator.gid) {
+    throw new DaemonError('START_FAILED', `--socket-group (gid ${options.socketGid}) and --operator-group (gid ${options.operator.gid}) differ, and the runtime folder can let only one group reach its sockets; fix: give one of them, or the same group`);
+  }
+  const gid = options.socketGid ?? options.operator?.gid;
+  const wanted: Array<[string, { mode: number; gid?: number }]> = [
+    [options.stateDir, { mode: 0o700 }],
+    [options.runtimeDir, gid === undefined ? { mode: 0o700 } : { mode: 0o750, gid }],
+  ];
+  for (const [path, want] of wanted) {
+    const changed = await secureFolder(path, want);
+    if (changed !== undefined) logger.warn({ path }, `tightened ${changed}`);
   }
 }
 

@@ -32,6 +32,10 @@ export type DaemonErrorCode =
   | 'CANCELLED'
   /** An operation was under way when vmkeepd ended; the message says where its VMs stand now. */
   | 'DAEMON_RESTARTED'
+  /** A path vmkeepd writes under its folders is a link or something it did not create (the message names it). */
+  | 'UNSAFE_PATH'
+  /** The caller's access level does not allow it; the message names the rule (ARCHITECTURE.md, invariant 11). */
+  | 'FORBIDDEN'
   // Requests the API cannot take: each has its own HTTP status so `status = HTTP_STATUS[code]` always.
   | 'METHOD_NOT_ALLOWED'
   | 'BODY_TOO_LARGE'
@@ -68,6 +72,8 @@ export const HTTP_STATUS: Record<DaemonErrorCode, number> = {
   INTERNAL: 500,
   CANCELLED: 409,
   DAEMON_RESTARTED: 500,
+  UNSAFE_PATH: 500,
+  FORBIDDEN: 403,
   METHOD_NOT_ALLOWED: 405,
   BODY_TOO_LARGE: 413,
   UNSUPPORTED_MEDIA_TYPE: 415,

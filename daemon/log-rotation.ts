@@ -3,8 +3,10 @@
 // place). QEMU keeps its file open and writes with O_APPEND (the serial chardev's append=on,
 // the stderr log opened "a"), so after the truncation it writes at the start again, without a
 // hole. What QEMU writes between the copy and the truncation is lost (copytruncate's known gap).
-import { copyFile, readdir, rename, stat, truncate, unlink } from 'node:fs/promises';
+// The copy and the truncation never follow a link planted in the VM's folder (invariant 11).
+import { lstat, readdir, rename, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
+import { copyOwnFile, openOwnFileHandle } from '../launcher/index.js';
 
 export const DEFAULT_LOG_MAX_BYTES = 2 * 1024 * 1024;
 export const DEFAULT_LOG_KEEP = 3;
@@ -31,15 +33,15 @@ export function rotationSteps(path: string, keep: number): { drop: string; renam
 
 /** Rotates `path` when it is larger than the limit; resolves to whether it did. */
 export async function rotateIfLarge(path: string, limits: LogLimits): Promise<boolean> {
-  const size = await stat(path).then((s) => s.size, () => 0);
+  const size = await lstat(path).then((s) => s.size, () => 0);
   if (size <= limits.maxBytes) return false;
   const steps = rotationSteps(path, limits.keep);
   if (steps !== undefined) {
     await unlink(steps.drop).catch(ignoreMissing);
     for (const [from, to] of steps.renames) await rename(from, to).catch(ignoreMissing);
-    await copyFile(path, `${path}.1`);
+    await copyOwnFile(path, `${path}.1`);
   }
-  await truncate(path, 0);
+  await (await openOwnFileHandle(path, 'truncate')).close();
   return true;
 }
 

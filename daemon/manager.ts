@@ -3,12 +3,14 @@
 // after a restart, migration.ts moves them live, refresh-plan.ts decides a refresh,
 // refresh-jobs.ts runs many, upgrade-status.ts reports, pins.ts keeps module folders.
 import { randomUUID } from 'node:crypto';
-import { mkdir, rm, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { closeSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import type { Logger } from './log.js';
 import {
-  isValidVmName, LaunchError, memoryBackendOf, QUIT_EXIT_TIMEOUT_MS, resolveMachineType, validateSpecAndFiles, withMemoryDefault,
-  type DiskChain, type Installation, type InstallationInfo, type LaunchedVm, type VmSpec,
+  checkSpecFiles, isValidVmName, LaunchError, memoryBackendOf, openOwnFile, ownVmFolder, QUIT_EXIT_TIMEOUT_MS, realRoots,
+  removeStaleSocket, removeVmFolder, resolveMachineType, resolveWithinRoots, scopeLimits, secureFolder, validateSpec,
+  validateSpecAndFiles, withinRoots, withMemoryDefault,
+  type DiskChain, type Installation, type InstallationInfo, type LaunchedVm, type ScopeLimits, type VmSpec,
 } from '../launcher/index.js';
 import { isQmpError, powerDownGuest, type QmpClient } from '../qmp/index.js';
 import { scopeUnitName } from '../scope-manager/index.js';
@@ -16,6 +18,7 @@ import {
   checkRefreshTarget, chooseLiveStrategy, currentInstallation, DEFAULT_CHANNEL, parseStrategy,
   type InstallationsConfig, type RefreshStrategy,
 } from '../upgrade/index.js';
+import { checkOperatorSpec, forbidden } from './access.js';
 import { DaemonError } from './errors.js';
 import { DEFAULT_REBOOT_TIMEOUT_SEC, DEFAULT_STOP_TIMEOUT_SEC, MONITOR_GREETING_TIMEOUT_MS } from './model.js';
 import { AUTOSTART_MODES } from './model.js';
@@ -66,6 +69,8 @@ export interface VmManagerOptions {
   runtimeDir: string;
   /** Each VM's serial console and QEMU logs go in LOG_DIR/NAME/ (default: its runtime folder). */
   logDir?: string;
+  /** --storage-root folders, absolute (ARCHITECTURE.md, invariant 11). */
+  storageRoots?: readonly string[];
   logger: Logger;
   info: Omit<DaemonInfo, 'orphanScopes' | 'damagedRecords'>;
   /** How long a reattach waits for a QMP greeting before calling the VM unreachable. */
@@ -81,11 +86,23 @@ export interface VmManagerOptions {
 /** A failure as the API reports it: ours keep their code, anything else (the file system) is a start failure. */
 function asDaemonError(error: unknown): DaemonError {
   const disk = asDaemonDiskError(error);
-  return disk instanceof DaemonError ? disk : new DaemonError('START_FAILED', (error as Error).message, { cause: error });
+  if (disk instanceof DaemonError) return disk;
+  const code = !(error instanceof LaunchError) ? 'START_FAILED'
+    : error.code === 'UNSAFE_PATH' ? 'UNSAFE_PATH' : error.code === 'OUTSIDE_STORAGE_ROOTS' ? 'FORBIDDEN' : 'START_FAILED';
+  return new DaemonError(code, (error as Error).message, { cause: error });
+}
+
+/** The scope's limits as transient-unit properties (ARCHITECTURE.md, invariant 11). */
+function limitProperties(limits: ScopeLimits): Record<string, { signature: string; value: unknown }> {
+  return {
+    MemoryMax: { signature: 't', value: BigInt(limits.memoryMaxBytes) },
+    TasksMax: { signature: 't', value: BigInt(limits.tasksMax) },
+    ...(limits.cpuWeight === undefined ? {} : { CPUWeight: { signature: 't', value: BigInt(limits.cpuWeight) } }),
+  };
 }
 
 /** Codes a failed start keeps: the operator's fix differs from a plain start failure's. */
-const KEPT_START_CODES = new Set(['BACKING_CHAIN_CHANGED', 'DISK_REFUSED']);
+const KEPT_START_CODES = new Set(['BACKING_CHAIN_CHANGED', 'DISK_REFUSED', 'UNSAFE_PATH', 'FORBIDDEN']);
 
 function checkAutostart(value: unknown): void {
   if (!(AUTOSTART_MODES as readonly unknown[]).includes(value)) {
@@ -157,7 +174,7 @@ export class VmManager implements DaemonOps, VmCore {
       store: o.store, scopes: o.scopes, qemu: o.qemu ?? realQemu, slice: o.slice, installations: o.installations,
       defaultPolicy: o.defaultPolicy, pinRoot: o.pinRoot, guestsUnit: o.guestsUnit ?? DEFAULT_GUESTS_UNIT,
       ...(o.crashAt === undefined ? {} : { crashAt: o.crashAt }),
-      probe: o.probe, runtimeDir: o.runtimeDir, logger: o.logger,
+      probe: o.probe, runtimeDir: o.runtimeDir, logger: o.logger, storageRoots: o.storageRoots ?? [],
       greetingTimeoutMs: o.greetingTimeoutMs ?? MONITOR_GREETING_TIMEOUT_MS,
       retryIntervalMs: o.retryIntervalMs ?? 5_000,
       healthIntervalMs: o.healthIntervalMs ?? 5_000,
@@ -340,10 +357,11 @@ export class VmManager implements DaemonOps, VmCore {
 
   async create(input: unknown, options: CreateOptions = {}): Promise<VmView> {
     // Every problem at once: the files a spec names are checked even when other fields are wrong.
-    let spec = await validateSpecAndFiles(input);
+    let spec = options.caller?.level === 'operator' ? await this.admitOperatorSpec(input) : await validateSpecAndFiles(input);
     this.refuseExisting(spec.name);
     // Read once and recorded: from now on the record, not the image headers, names the files.
     const disks = await this.readChains(spec);
+    if (options.caller?.level === 'operator') await this.refuseLayersOutsideRoots(disks);
     refuseSharedImages({ name: spec.name, spec, disks }, this.diskHolders());
     const channel = options.channel ?? DEFAULT_CHANNEL;
     const installation = currentInstallation(this.options.installations, channel);
@@ -400,6 +418,48 @@ export class VmManager implements DaemonOps, VmCore {
     }).then(() => toView(entry));
   }
 
+  /**
+   * An operator's spec: valid, no kernel or initrd path, every disk named inside a storage root
+   * and resolving inside one (a link out of the root is outside). Checked before the files are
+   * looked at, so an operator learns nothing of paths outside the roots.
+   */
+  private async admitOperatorSpec(input: unknown): Promise<VmSpec> {
+    const spec = validateSpec(input);
+    const roots = this.options.storageRoots ?? [];
+    checkOperatorSpec(spec, roots);
+    const real = await realRoots(roots);
+    for (const [i, disk] of spec.disks.entries()) {
+      if (!withinRoots(disk.path, roots) || (await resolveWithinRoots(disk.path, real)) === undefined) {
+        throw forbidden('storage-root', `disks[${i}].path ${disk.path} is not inside a storage root (${roots.join(', ')}) once its links are resolved`);
+      }
+    }
+    await checkSpecFiles(spec);
+    return spec;
+  }
+
+  /** An operator's backing files, as read from the image headers, must be in the roots too. */
+  private async refuseLayersOutsideRoots(chains: readonly DiskChain[]): Promise<void> {
+    const real = await realRoots(this.options.storageRoots ?? []);
+    for (const [i, chain] of chains.entries()) {
+      for (const layer of chain) {
+        if ((await resolveWithinRoots(layer.path, real)) === undefined) {
+          throw forbidden('storage-root', `disks[${i}] has the backing file ${layer.path}, outside the storage roots (${(this.options.storageRoots ?? []).join(', ')})`);
+        }
+      }
+    }
+  }
+
+  /**
+   * The real storage roots every file of this VM must be in, when one of its disks is named
+   * inside a root (an operator's VM always is): backing files and the opened descriptors are
+   * then held to the roots at each launch, whoever starts it. Undefined: no such rule.
+   */
+  private async confinementOf(spec: VmSpec): Promise<readonly string[] | undefined> {
+    const roots = this.options.storageRoots ?? [];
+    if (!spec.disks.some((disk) => withinRoots(disk.path, roots))) return undefined;
+    return realRoots(roots);
+  }
+
   /** A create whose start failed leaves nothing behind, unless a QEMU of it runs after all. */
   private async forgetFailedCreate(entry: VmEntry): Promise<boolean> {
     // A closing daemon leaves the record to the next one, which sees what runs.
@@ -408,8 +468,8 @@ export class VmManager implements DaemonOps, VmCore {
     try {
       await this.options.store.remove(name);
       this.refuseWhenClosed(name);
-      await rm(this.vmDir(name), { recursive: true, force: true });
-      await rm(this.logDirOf(name), { recursive: true, force: true });
+      await removeVmFolder(this.vmDir(name));
+      await removeVmFolder(this.logDirOf(name));
       this.vms.delete(name);
       this.emit({ type: 'vm-deleted', vm: name });
       return true;
@@ -449,14 +509,18 @@ export class VmManager implements DaemonOps, VmCore {
     const info = await this.options.probe(installation);
     // Derived, not read from the record: the files removed here are always ours.
     const paths = this.vmPaths(name);
-    await mkdir(this.vmDir(name), { recursive: true, mode: 0o700 });
-    // Guest output can be secret: the VM's log folder is root's only.
-    await mkdir(this.logDirOf(name), { recursive: true, mode: 0o700 });
+    // Nothing planted in the VM's folder is followed (ARCHITECTURE.md, invariant 11).
+    const tightened = await secureFolder(dirname(this.vmDir(name)), { mode: 0o700 });
+    if (tightened !== undefined) this.options.logger.warn({ vm: name }, `tightened ${tightened}`);
+    await ownVmFolder(this.vmDir(name));
     // Leftovers of the previous QEMU: its socket would be taken for the new one's.
-    await rm(paths.qmpSocket, { force: true });
+    await removeStaleSocket(paths.qmpSocket);
+    // Guest output can be secret: the VM's log folder is root's only, made as its runtime folder.
+    await secureFolder(dirname(this.logDirOf(name)), { mode: 0o700 });
+    await ownVmFolder(this.logDirOf(name));
     // The last run's logs become NAME.1 (the live files start empty): kept across restarts and reboots.
     for (const log of [paths.serialLog, paths.stderrLog]) await rotateIfLarge(log, { ...this.logLimits, maxBytes: 0 });
-    await writeFile(paths.serialLog, '', { mode: 0o600 });
+    closeSync(openOwnFile(paths.serialLog, 'truncate'));
     await this.record(entry, { ...entry.record, paths, installation, state: 'starting', wanted: 'running' });
 
     entry.hostShutdown = undefined;
@@ -503,9 +567,9 @@ export class VmManager implements DaemonOps, VmCore {
       // QEMU refusing what the spec asks (not a kernel, more memory than it can have) is the
       // caller's to fix; anything else (systemd, the state folder) is ours.
       const userError = cause instanceof LaunchError && cause.code === 'QEMU_EXITED';
-      const disk = asDaemonDiskError(cause);
+      const kept = asDaemonError(cause).code;
       throw new DaemonError(
-        disk instanceof DaemonError && KEPT_START_CODES.has(disk.code) ? disk.code : userError ? 'SPEC_REJECTED' : 'START_FAILED',
+        KEPT_START_CODES.has(kept) ? kept : userError ? 'SPEC_REJECTED' : 'START_FAILED',
         `starting ${name} failed: ${(cause as Error).message}`,
         { cause },
       );
@@ -522,10 +586,16 @@ export class VmManager implements DaemonOps, VmCore {
     const { record } = entry;
     const { qemu, scopes } = this.options;
     const start: Launch<T | LaunchedVm> = launch ?? ((options) => qemu.launch(options));
+    const storageRoots = await this.confinementOf(record.spec);
+    if (args.info.sandbox === false) {
+      this.options.logger.warn({ vm: record.name, installation: args.installation.name },
+        `${args.installation.binary} has no seccomp sandbox (-sandbox refused): ${record.name} runs without it; install a QEMU built with seccomp (Debian's is)`);
+    }
     // Before every QEMU start of the VM: a QEMU that ran the guest may have rewritten a header.
     const diskChains = chainsForStart(record.name, record.spec, record.disks, await this.readChains(record.spec));
     return this.pins.whileLaunching(args.installation, args.info, async (pinned) => {
       const vm = await start({
+        ...(storageRoots === undefined ? {} : { storageRoots }),
         spec: record.spec,
         diskChains,
         uuid: record.uuid,
@@ -548,7 +618,7 @@ export class VmManager implements DaemonOps, VmCore {
               description: `vmkeep VM ${record.name}`,
               // At host shutdown units stop in reverse order: the guests unit powers every guest
               // off (ACPI) before any VM scope is stopped, which would SIGTERM its QEMU.
-              properties: { Before: { signature: 'as', value: [this.options.guestsUnit] } },
+              properties: { Before: { signature: 'as', value: [this.options.guestsUnit] }, ...limitProperties(scopeLimits(record.spec)) },
             });
           }
         },
@@ -690,8 +760,8 @@ export class VmManager implements DaemonOps, VmCore {
       await this.options.store.remove(name);
       // The folder goes before the name is free: a quick re-create must not lose its new socket.
       this.refuseWhenClosed(name);
-      await rm(this.vmDir(name), { recursive: true, force: true });
-      await rm(this.logDirOf(name), { recursive: true, force: true });
+      await removeVmFolder(this.vmDir(name));
+      await removeVmFolder(this.logDirOf(name));
       this.vms.delete(name);
       this.emit({ type: 'vm-deleted', vm: name });
     }, { refuseIfBusy: true });

@@ -2,6 +2,7 @@ import type { DiskChain, VmSpec } from '../launcher/index.js';
 import type { RefreshStrategy } from '../upgrade/index.js';
 import type { OperationContext, RunAs } from './operations.js';
 import type { OperationStatus } from './operation-state.js';
+import type { Caller } from './access.js';
 
 /**
  * Where a VM stands, as the daemon reports it.
@@ -192,6 +193,8 @@ export interface CreateOptions {
   channel?: string;
   policy?: RefreshStrategy;
   autostart?: AutostartMode;
+  /** Who asks (default: the admin): an operator's spec must keep to the storage roots. */
+  caller?: Caller;
 }
 
 /** Settings of an existing VM that `vmkeep set` changes. */

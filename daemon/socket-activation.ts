@@ -8,6 +8,8 @@ import { DaemonError } from './errors.js';
 const LISTEN_FDS_START = 3;
 /** FileDescriptorName= of the control socket in vmkeepd.socket. */
 export const CONTROL_FD_NAME = 'control';
+/** FileDescriptorName= of the operator socket, when a socket unit holds it too. */
+export const OPERATOR_FD_NAME = 'operator';
 
 export interface ListenFd {
   fd: number;
@@ -40,13 +42,17 @@ export function controlSocketFd(fds: readonly ListenFd[]): number | undefined {
 }
 
 /**
- * Takes the control socket passed to this process, if any, and removes the LISTEN_* variables
+ * Takes the control and operator sockets passed to this process, if any, and removes the LISTEN_* variables
  * (sd_listen_fds with unset_environment): QEMU and other children must not take them for theirs.
+ * The operator socket is the one named "operator", if passed.
  */
-export function takeControlSocket(env: NodeJS.ProcessEnv = process.env, pid = process.pid): number | undefined {
-  const fd = controlSocketFd(listenFdsFromEnv(env, pid));
+export function takeControlSockets(env: NodeJS.ProcessEnv = process.env, pid = process.pid): { control?: number; operator?: number } {
+  const fds = listenFdsFromEnv(env, pid);
+  // The operator socket is only ever taken by its name: an unnamed one is the control socket.
+  const operator = fds.find((f) => f.name === OPERATOR_FD_NAME)?.fd;
+  const control = controlSocketFd(fds.filter((f) => f.name !== OPERATOR_FD_NAME));
   delete env.LISTEN_PID;
   delete env.LISTEN_FDS;
   delete env.LISTEN_FDNAMES;
-  return fd;
+  return { ...(control === undefined ? {} : { control }), ...(operator === undefined ? {} : { operator }) };
 }

@@ -22,6 +22,8 @@ export interface CoreOptions {
   crashAt?: string;
   probe: (installation: Installation) => Promise<InstallationInfo>;
   runtimeDir: string;
+  /** --storage-root folders, absolute, as configured (ARCHITECTURE.md, invariant 11). */
+  storageRoots?: readonly string[];
   logger: Logger;
   greetingTimeoutMs: number;
   retryIntervalMs: number;

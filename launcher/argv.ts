@@ -1,6 +1,6 @@
 import { LaunchError } from './errors.js';
 import { SIMPLE_NAME_RE, UUID_RE } from './names.js';
-import { installationRunContext, type Installation } from './installation.js';
+import { installationRunContext, QEMU_SANDBOX, type Installation } from './installation.js';
 import { memoryBackendOf, supportsCprTransfer } from './memory.js';
 import { diskArguments, type DiskChain } from './disks.js';
 import type { InheritedFd } from './inherited-fds.js';
@@ -41,6 +41,8 @@ export interface BuildQemuCommandInput {
   version?: string;
   /** Each disk's chain (recorded, or read just now), aligned with spec.disks. */
   diskChains?: readonly DiskChain[];
+  /** The build has the seccomp sandbox (InstallationInfo.sandbox): QEMU_SANDBOX is applied. */
+  sandbox?: boolean;
 }
 
 /** The -incoming JSON of one cpr-transfer channel; the same address the source's migrate names. */
@@ -113,6 +115,7 @@ export function buildQemuCommand(input: BuildQemuCommandInput): QemuCommand {
   if (spec.append !== undefined) argv.push('-append', spec.append);
   const inheritedFds: InheritedFd[] = [];
   argv.push(...diskArguments(spec.disks, input.diskChains ?? [], inheritedFds, spec.kernel === undefined));
+  if (input.sandbox === true) argv.push('-sandbox', QEMU_SANDBOX);
   if (input.startPaused) argv.push('-S');
   if (input.incoming === 'defer') argv.push('-incoming', 'defer');
   else if (input.incoming !== undefined) {

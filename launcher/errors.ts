@@ -12,7 +12,11 @@ export type LaunchErrorCode =
   | 'QEMU_EXITED'
   | 'SPAWN_FAILED'
   | 'SCOPE_FAILED'
-  | 'TIMEOUT';
+  | 'TIMEOUT'
+  /** A path vmkeepd writes is a link, or a file or folder it did not create (invariant 11). */
+  | 'UNSAFE_PATH'
+  /** A file of a VM confined to the storage roots is outside them. */
+  | 'OUTSIDE_STORAGE_ROOTS';
 
 /** One thing wrong with a VM spec: `field` is a path like `disks[1].format`. */
 export interface SpecProblem {

@@ -7,7 +7,11 @@ export {
 export { supportsCprTransfer, withMemoryDefault, memoryBackendOf } from './memory.js';
 export { checkSpecFiles, validateSpecAndFiles } from './files.js';
 export {
-  probeInstallation, readBinaryIdentity, sameBinary, parseQemuVersion, parseMachineHelp, resolveMachineType,
+  secureFolder, ownVmFolder, removeVmFolder, removeStaleSocket, openOwnFile, openOwnFileHandle, readOwnFile, copyOwnFile, type OwnFileUse,
+} from './safe-files.js';
+export { withinRoots, realRoots, resolveWithinRoots } from './storage-roots.js';
+export {
+  probeInstallation, readBinaryIdentity, sameBinary, parseQemuVersion, parseMachineHelp, resolveMachineType, QEMU_SANDBOX,
   execaRunner,
   type Installation, type BinaryIdentity, type MachineType, type InstallationInfo, type ProbeOptions,
   type ProcessRunner, type RunResult,
@@ -27,3 +31,4 @@ export {
   FIRST_INHERITED_FD, inheritFd, openInheritedFds, closeFds, stdioWithInherited,
   type InheritedFd, type InheritedFile, type InheritedSource,
 } from './inherited-fds.js';
+export { scopeLimits, QEMU_MEMORY_OVERHEAD_MIB, TCG_CODE_BUFFER_MIB, TASKS_BASE, type ScopeLimits } from './limits.js';

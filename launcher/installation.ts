@@ -42,6 +42,11 @@ export interface InstallationInfo {
   sha256?: string;
   version: string;
   machines: MachineType[];
+  /**
+   * The build takes QEMU_SANDBOX (it has seccomp): every VM runs under it. Absent in a probe
+   * cache of an older vmkeepd, which is then probed again.
+   */
+  sandbox?: boolean;
 }
 
 export interface RunResult {
@@ -69,7 +74,8 @@ export interface ProbeOptions {
 }
 
 // 2: the binary's sha256 is cached too; entries of schema 1 are probed again.
-const CACHE_SCHEMA = 2;
+// 3: whether the build has the seccomp sandbox.
+const CACHE_SCHEMA = 3;
 const DEFAULT_PROBE_TIMEOUT_MS = 30_000;
 
 /** Runs a program to completion with execa, never throwing for a non-zero exit. */
@@ -101,6 +107,13 @@ export async function readBinaryIdentity(path: string): Promise<BinaryIdentity> 
 export function sameBinary(a: BinaryIdentity, b: BinaryIdentity): boolean {
   return a.dev === b.dev && a.ino === b.ino && a.size === b.size && a.mtimeMs === b.mtimeMs;
 }
+
+/**
+ * QEMU's seccomp policy for every VM (ARCHITECTURE.md, invariant 11): no obsolete system calls,
+ * no set*id, no fork or exec (a `migrate exec:` cannot run a shell), no scheduler or priority
+ * changes.
+ */
+export const QEMU_SANDBOX = 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny';
 
 /** The arguments and environment every run of this installation gets. */
 export function installationRunContext(inst: Installation): { firmwareArgs: string[]; env: Record<string, string> } {
@@ -192,11 +205,11 @@ async function readCache(
     // An older daemon's entry is simply probed again.
     if (typeof data.schema === 'number' && data.schema < CACHE_SCHEMA) return undefined;
     if (data.schema !== CACHE_SCHEMA || id === undefined || !sameBinary(id, identity)
-      || typeof data.version !== 'string' || !Array.isArray(data.machines) || typeof data.sha256 !== 'string') {
+      || typeof data.version !== 'string' || !Array.isArray(data.machines) || typeof data.sha256 !== 'string' || typeof data.sandbox !== 'boolean') {
       throw new Error('unexpected content');
     }
     rememberContentHash(identity, data.sha256);
-    return { identity, sha256: data.sha256, version: data.version, machines: data.machines as MachineType[] };
+    return { identity, sha256: data.sha256, version: data.version, machines: data.machines as MachineType[], sandbox: data.sandbox };
   } catch (err) {
     report(new Error(`ignoring unusable probe cache ${file}: ${String(err)}`, { cause: err }));
     return undefined;
@@ -222,7 +235,10 @@ async function runProbe(inst: Installation, identity: BinaryIdentity, options: P
   if (machines.length === 0) {
     throw new LaunchError('PROBE_FAILED', `installation "${inst.name}" (${inst.binary}) lists no machine types in \`-machine help\``);
   }
-  return { identity, version, machines };
+  // -sandbox is parsed before -version acts: a build without seccomp (or one that does not know
+  // a policy) fails here, without running anything.
+  const sandboxed = await run(inst.binary, ['-sandbox', QEMU_SANDBOX, '-version'], { env: qemuEnvironment(env), timeoutMs });
+  return { identity, version, machines, sandbox: sandboxed.exitCode === 0 };
 }
 
 /** `QEMU emulator version 7.2.22 (Debian ...)` -> `7.2.22` (a missing patch level becomes 0). */

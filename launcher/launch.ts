@@ -27,6 +27,11 @@ export interface LaunchVmOptions {
    * Absent: read now (a foreground `vmkeep run` has no record).
    */
   diskChains?: readonly DiskChain[];
+  /**
+   * Real paths of the storage roots every passed file must be in, checked on the open
+   * descriptors (a VM of the roots, ARCHITECTURE.md invariant 11). Absent: no such rule.
+   */
+  storageRoots?: readonly string[];
   qmpTimeoutMs?: number;
 }
 
@@ -67,12 +72,14 @@ export async function launchVm(options: LaunchVmOptions): Promise<LaunchedVm> {
     startPaused: options.incoming === undefined,
     ...(options.incoming === undefined ? {} : { incoming: options.incoming }),
     version: options.info.version,
+    ...(options.info.sandbox === undefined ? {} : { sandbox: options.info.sandbox }),
     diskChains: await chainsOf(options),
   });
   const spawned = await spawnQemu(command, {
     stderrLog: options.paths.stderrLog,
     readyPath: options.paths.qmpSocket,
     ...(options.placeInScope === undefined ? {} : { placeInScope: options.placeInScope }),
+    ...(options.storageRoots === undefined ? {} : { storageRoots: options.storageRoots }),
   });
 
   let qmp: QmpClient;
@@ -133,6 +140,7 @@ export async function launchCprDestination(options: Omit<LaunchVmOptions, 'incom
     startPaused: false,
     incoming: options.channels,
     version: options.info.version,
+    ...(options.info.sandbox === undefined ? {} : { sandbox: options.info.sandbox }),
     diskChains: await chainsOf(options),
   });
   const spawned = await spawnQemu(command, {
@@ -140,6 +148,7 @@ export async function launchCprDestination(options: Omit<LaunchVmOptions, 'incom
     readyPath: options.channels.cprSocket,
     readyWhen: 'listening',
     ...(options.placeInScope === undefined ? {} : { placeInScope: options.placeInScope }),
+    ...(options.storageRoots === undefined ? {} : { storageRoots: options.storageRoots }),
   });
   return { spec: options.spec, pid: spawned.pid, startTime: spawned.startTime, machineType, command, channels: options.channels };
 }

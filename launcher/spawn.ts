@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, fstatSync, openSync } from 'node:fs';
+import { closeSync, existsSync, fstatSync } from 'node:fs';
 import { open, unlink } from 'node:fs/promises';
 import { connect } from 'node:net';
 import type { QemuCommand } from './argv.js';
@@ -7,6 +7,8 @@ import { qemuEnvironment } from './env.js';
 import { LaunchError } from './errors.js';
 import { closeFds, openInheritedFds, stdioWithInherited } from './inherited-fds.js';
 import { readProcessIdentity } from './process.js';
+import { openOwnFile } from './safe-files.js';
+import { descriptorWithinRoots } from './storage-roots.js';
 
 export interface SpawnOptions {
   /** QEMU's stdout and stderr are appended here: the only record of why a start failed. */
@@ -33,6 +35,8 @@ export interface SpawnOptions {
    * ready once the socket exists.
    */
   readyWhen?: 'answers' | 'listening';
+  /** Every passed file must be inside one of these real paths, judged on its open descriptor. */
+  storageRoots?: readonly string[];
 }
 
 export interface SpawnedQemu {
@@ -74,11 +78,13 @@ export async function spawnQemu(command: QemuCommand, options: SpawnOptions): Pr
   // Opened here, by the daemon, so QEMU never opens those paths itself; each is closed on our
   // side once the child has its copy (ARCHITECTURE.md, "Disks and passed descriptors").
   const inherited = openInheritedFds(command.inheritedFds ?? []);
+  if (options.storageRoots !== undefined) refuseOutsideRoots(command, inherited, options.storageRoots);
   let logFd: number;
   try {
-    logFd = openSync(options.stderrLog, 'a', 0o640);
+    logFd = openOwnFile(options.stderrLog, 'append', 0o640);
   } catch (err) {
     closeFds(inherited);
+    if (err instanceof LaunchError) throw err;
     throw new LaunchError('SPAWN_FAILED', `cannot open QEMU's log ${options.stderrLog}: ${String(err)}; fix: check that its folder exists and is writable`, { cause: err });
   }
   // Only what this start writes is quoted in an error, not older runs' output in the same log.
@@ -292,4 +298,17 @@ async function readLogTail(path: string, start: number): Promise<string> {
 
 function delay(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Closes everything and refuses when a passed file is not in the storage roots (by its descriptor). */
+function refuseOutsideRoots(command: QemuCommand, opened: readonly number[], roots: readonly string[]): void {
+  (command.inheritedFds ?? []).forEach(({ source }, i) => {
+    const { inside, path } = descriptorWithinRoots(opened[i] as number, roots);
+    if (!inside) {
+      closeFds(opened);
+      throw new LaunchError('OUTSIDE_STORAGE_ROOTS',
+        `rule storage-root: ${source.what} ${source.path} is ${path}, outside the storage roots (${roots.join(', ')}); ` +
+        'fix: keep every image of the VM, backing files included, inside a storage root');
+    }
+  });
 }

@@ -44,6 +44,8 @@ export interface VmSpec {
   uuid?: string;
   /** Absent: decided when the VM is created (memfd-shared where the installation can do cpr-transfer). */
   memory?: { backend: MemoryBackend };
+  /** The scope's CPUWeight= (systemd's default 100 when absent): a share against other VMs. */
+  cpuWeight?: number;
 }
 
 export const SPEC_DEFAULTS = {
@@ -63,10 +65,12 @@ export const SPEC_LIMITS = {
   // x86 Linux truncates longer command lines (COMMAND_LINE_SIZE).
   appendMaxLength: 2048,
   pathMaxLength: 4095,
+  // systemd's CPUWeight= range.
+  cpuWeight: { min: 1, max: 10_000 },
 } as const;
 
 const SPEC_FIELDS = [
-  'name', 'memoryMiB', 'vcpus', 'machine', 'accel', 'cpu', 'kernel', 'initrd', 'append', 'disks', 'uuid', 'memory',
+  'name', 'memoryMiB', 'vcpus', 'machine', 'accel', 'cpu', 'kernel', 'initrd', 'append', 'disks', 'uuid', 'memory', 'cpuWeight',
 ] as const;
 const MEMORY_FIELDS = ['backend'] as const;
 const DISK_FIELDS = ['path', 'format', 'readOnly', 'cache', 'discard'] as const;
@@ -104,6 +108,8 @@ export function validateSpec(input: unknown): VmSpec {
   const disks = checkDisks(input.disks, add);
   const uuid = checkUuid(input.uuid, add);
   const memory = checkMemory(input.memory, add);
+  const cpuWeight = input.cpuWeight === undefined ? undefined
+    : checkInteger(input.cpuWeight, 'cpuWeight', 100, SPEC_LIMITS.cpuWeight, 'CPU weight units', add);
 
   if (input.kernel === undefined) {
     if (input.initrd !== undefined) add('initrd', 'is given without a kernel', 'set "kernel" as well, or remove "initrd"');
@@ -130,6 +136,7 @@ export function validateSpec(input: unknown): VmSpec {
   if (append !== undefined) spec.append = append;
   if (uuid !== undefined) spec.uuid = uuid;
   if (memory !== undefined) spec.memory = memory;
+  if (cpuWeight !== undefined) spec.cpuWeight = cpuWeight;
   return spec;
 }
 

@@ -3,7 +3,6 @@
 // SIGKILLed mid-migration; every record the console acknowledged is on the disk afterwards
 // (test/support/records-check.ts, shown to detect loss in disks.test.ts). A backing chain
 // changed behind vmkeep's back stops the start until an operator accepts it.
-import { execFileSync } from 'node:child_process';
 import { constants, readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -12,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonError, type VmView } from '../../daemon/index.js';
 import { readExe } from '../../launcher/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
-import { makeOverlayOnRaw, O_ACCMODE, openFilesUnder, qemuImg, requireDiskTools } from '../support/disk-images.js';
+import { makeExt4Raw, makeOverlayOnRaw, O_ACCMODE, openFilesUnder, qemuImg, requireDiskTools } from '../support/disk-images.js';
 import { ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
 import { backportsInstallation, copiedInstallation, systemInstallation, writeInstallations, type TestInstallation } from '../support/installations.js';
 import { describePids, qemuPidsOf } from '../support/qemu-procs.js';
@@ -183,8 +182,7 @@ describe('the backing chain', () => {
     // mover was stopped above; its overlay now points at another base.
     const overlay = overlays.get('mover') as string;
     const other = join(dir, 'other-base.raw');
-    qemuImg('create', '-q', '-f', 'raw', other, '64M');
-    execFileSync('mkfs.ext4', ['-q', '-F', other], { env: { PATH: `${process.env.PATH ?? ''}:/usr/sbin:/sbin` } });
+    makeExt4Raw(other);
     qemuImg('rebase', '-u', '-b', other, '-F', 'raw', overlay);
 
     const error = await host.api.start('mover').then(() => undefined, (e: unknown) => e);

@@ -1,9 +1,11 @@
 // Disks on the real QEMU: every image is opened by vmkeep and passed as a descriptor (QEMU's
 // block nodes name /dev/fdset/N, never a path), backing layers read-only, cache "none" with
-// O_DIRECT and a clear error where the filesystem refuses it (ARCHITECTURE.md, "Disks and
-// passed descriptors"). A filesystem refusing O_DIRECT: test/unit/launcher/inherited-fds.test.ts.
+// O_DIRECT (ARCHITECTURE.md, "Disks and passed descriptors"; a filesystem refusing O_DIRECT:
+// test/unit/launcher/inherited-fds.test.ts). The guest's writer and the records checker, with
+// the checker's negative controls.
+import { execFileSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { constants } from 'node:fs';
+import { constants, readFileSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -12,12 +14,10 @@ import {
   isSameProcess, launchVm, probeInstallation, readDiskChains, validateSpec,
   type Installation, type InstallationInfo, type LaunchedVm, type VmSpec,
 } from '../../launcher/index.js';
-import { makeOverlayOnRaw, O_ACCMODE, openFilesUnder, requireDiskTools } from '../support/disk-images.js';
+import { powerDownGuest } from '../../qmp/index.js';
+import { makeOverlayOnRaw, O_ACCMODE, openFilesUnder, requireDiskTools, TOOLS_ENV } from '../support/disk-images.js';
 import { ensureGuestImage, requireQemu, waitForSerial, type GuestImage } from '../support/guest.js';
 import { checkImage, lastWrote, RECORD_BYTES, waitForWrote } from '../support/records-check.js';
-import { powerDownGuest } from '../../qmp/index.js';
-import { execFileSync } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
 
 let guest: GuestImage;
 let installation: Installation;
@@ -142,7 +142,7 @@ describe('the records checker detects loss', () => {
     // Record 5 rewritten inside the filesystem (debugfs on a raw copy, then back into a raw image).
     const raw = join(dir, 'edit.raw');
     execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', overlay, raw]);
-    const sbin = { PATH: `${process.env.PATH ?? ''}:/usr/sbin:/sbin` };
+    const sbin = TOOLS_ENV;
     const records = join(dir, 'records');
     execFileSync('debugfs', ['-R', `dump /records ${records}`, raw], { env: sbin, stdio: 'ignore' });
     const data = readFileSync(records);

@@ -4,11 +4,14 @@ import { execFileSync } from 'node:child_process';
 import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 
+/** e2fsprogs live in sbin, which an unprivileged PATH may lack. */
+export const TOOLS_ENV = { PATH: `${process.env.PATH ?? ''}:/usr/sbin:/sbin` };
+
 /** qemu-img, mkfs.ext4, debugfs and e2fsck: the test fails (never skips) without them. */
 export function requireDiskTools(): void {
   for (const [tool, pkg] of [['qemu-img', 'qemu-utils'], ['mkfs.ext4', 'e2fsprogs'], ['debugfs', 'e2fsprogs'], ['e2fsck', 'e2fsprogs']] as const) {
     try {
-      execFileSync('sh', ['-c', `command -v ${tool}`], { stdio: 'ignore', env: { PATH: `${process.env.PATH ?? ''}:/usr/sbin:/sbin` } });
+      execFileSync('sh', ['-c', `command -v ${tool}`], { stdio: 'ignore', env: TOOLS_ENV });
     } catch {
       throw new Error(`${tool} not found: apt-get install ${pkg}`);
     }
@@ -19,11 +22,16 @@ export function qemuImg(...args: string[]): string {
   return execFileSync('qemu-img', args, { encoding: 'utf8' });
 }
 
-/** A raw base of `sizeMiB` holding an empty ext4 filesystem, and a qcow2 overlay on it. Returns the overlay's path. */
+/** A sparse raw image of `sizeMiB` holding an empty ext4 filesystem. */
+export function makeExt4Raw(path: string, sizeMiB = 64): void {
+  qemuImg('create', '-q', '-f', 'raw', path, `${sizeMiB}M`);
+  execFileSync('mkfs.ext4', ['-q', '-F', '-L', 'vmkeepdata', path], { env: TOOLS_ENV });
+}
+
+/** A raw base of `sizeMiB` holding an empty ext4 filesystem, and a qcow2 overlay on it. */
 export function makeOverlayOnRaw(dir: string, sizeMiB = 64, name = 'disk'): { overlay: string; base: string } {
   const base = join(dir, `${name}-base.raw`);
-  qemuImg('create', '-q', '-f', 'raw', base, `${sizeMiB}M`);
-  execFileSync('mkfs.ext4', ['-q', '-F', '-L', 'vmkeepdata', base], { env: { PATH: `${process.env.PATH ?? ''}:/usr/sbin:/sbin` } });
+  makeExt4Raw(base, sizeMiB);
   const overlay = join(dir, `${name}.qcow2`);
   qemuImg('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'raw', overlay);
   return { overlay, base };

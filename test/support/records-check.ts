@@ -5,10 +5,10 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { TOOLS_ENV } from './disk-images.js';
 
 export const RECORD_BYTES = 64;
 const RECORD_RE = /^R (\d{10}) (\d{12}) (\d{10}) {27}\n$/;
-const SBIN_PATH = `${process.env.PATH ?? ''}:/usr/sbin:/sbin`;
 
 /** The writer's checksum of a record's content (the same formula as the guest's shell). */
 export function recordCheck(seq: number, time: number): number {
@@ -91,14 +91,14 @@ export function checkImage(image: string, format: 'raw' | 'qcow2', lastPrinted: 
     const raw = join(dir, 'copy.raw');
     execFileSync('qemu-img', ['convert', '-U', '-f', format, '-O', 'raw', image, raw]);
     const out = join(dir, 'records');
-    execFileSync('debugfs', ['-R', `dump /records ${out}`, raw], { env: { PATH: SBIN_PATH }, stdio: 'ignore' });
+    execFileSync('debugfs', ['-R', `dump /records ${out}`, raw], { env: TOOLS_ENV, stdio: 'ignore' });
     let data: Buffer;
     try {
       data = readFileSync(out);
     } catch {
       data = Buffer.alloc(0);
     }
-    const fsck = spawnSync('e2fsck', ['-fn', raw], { env: { PATH: SBIN_PATH }, encoding: 'utf8' });
+    const fsck = spawnSync('e2fsck', ['-fn', raw], { env: TOOLS_ENV, encoding: 'utf8' });
     const verdict = checkRecords(data, lastPrinted);
     const code = fsck.status ?? -1;
     if (code !== 0) verdict.problems.push(`e2fsck -fn exited ${code}: ${(fsck.stdout + fsck.stderr).trim().split('\n').slice(-5).join(' | ')}`);

@@ -93,6 +93,16 @@ describe('changing VMs', () => {
     expect(ops.vms.size).toBe(0);
   });
 
+  it('disk accept records the chains and prints them, top first; --json the result', async () => {
+    ops.addVm('web1', 'stopped');
+    const { code, stdout } = await vmkeep(['disk', 'accept', 'web1']);
+    expect(code).toBe(0);
+    expect(stdout).toBe('web1: accepted the chains of its disks (top first):\n  disks[0]: /vm/web.qcow2 (qcow2) <- /vm/base.raw (raw)\n');
+    expect(ops.calls.find((c) => c.op === 'acceptDisks')?.args).toEqual(['web1']);
+    expect(JSON.parse((await vmkeep(['disk', 'accept', 'web1', '--json'])).stdout)).toMatchObject({ vm: 'web1', previous: null });
+    expect((await vmkeep(['disk', 'forget', 'web1'])).code).toBe(2);
+  });
+
   it('qmp prints the return value as JSON', async () => {
     ops.addVm('web1', 'running');
     ops.qmpReplies.set('query-status', { status: 'running', running: true });

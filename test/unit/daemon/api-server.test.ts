@@ -21,6 +21,7 @@ const cleanups: Array<() => unknown> = [];
 
 const logger: ApiLogger = {
   debug: (fields, message) => logged.push({ level: 'debug', fields, message }),
+  info: (fields, message) => logged.push({ level: 'info', fields, message }),
   warn: (fields, message) => logged.push({ level: 'warn', fields, message }),
   error: (fields, message) => logged.push({ level: 'error', fields, message }),
 };

@@ -262,7 +262,11 @@ export class FakeDaemonOps implements DaemonOps {
     this.record('acceptDisks', [name]);
     const vm = this.vms.get(name);
     if (!vm) throw new DaemonError('NOT_FOUND', `no VM named ${JSON.stringify(name)}`);
-    return { vm: name, previous: null, disks: [] };
+    const disks = [[
+      { path: '/vm/web.qcow2', format: 'qcow2' as const, virtualSize: 1 << 30, dev: 1, ino: 2 },
+      { path: '/vm/base.raw', format: 'raw' as const, virtualSize: 1 << 30, dev: 1, ino: 3 },
+    ]];
+    return { vm: name, previous: null, disks };
   }
 
   subscribe(listener: Listener): () => void {

@@ -1,6 +1,6 @@
 // sd_listen_fds semantics of vmkeepd's socket activation, from the environment alone.
 import { describe, expect, it } from 'vitest';
-import { controlSocketFd, listenFdsFromEnv, takeControlSocket } from '../../../daemon/socket-activation.js';
+import { controlSocketFd, listenFdsFromEnv, takeControlSockets } from '../../../daemon/socket-activation.js';
 
 describe('listenFdsFromEnv', () => {
   it('reads the descriptors from 3 on, with their names, only when LISTEN_PID is this process', () => {
@@ -30,11 +30,16 @@ describe('controlSocketFd', () => {
   });
 });
 
-describe('takeControlSocket', () => {
+describe('takeControlSockets', () => {
   it('removes the LISTEN_ variables, so QEMU and other children never take them for theirs', () => {
     const env: NodeJS.ProcessEnv = { LISTEN_PID: '7', LISTEN_FDS: '1', LISTEN_FDNAMES: 'control', PATH: '/bin' };
-    expect(takeControlSocket(env, 7)).toBe(3);
+    expect(takeControlSockets(env, 7)).toEqual({ control: 3 });
     expect(env).toEqual({ PATH: '/bin' });
-    expect(takeControlSocket(env, 7)).toBeUndefined();
+    expect(takeControlSockets(env, 7)).toEqual({});
+  });
+
+  it('takes the operator socket by its name only, beside the control socket', () => {
+    expect(takeControlSockets({ LISTEN_PID: '7', LISTEN_FDS: '2', LISTEN_FDNAMES: 'operator:control' }, 7)).toEqual({ control: 4, operator: 3 });
+    expect(takeControlSockets({ LISTEN_PID: '7', LISTEN_FDS: '2', LISTEN_FDNAMES: 'unknown:operator' }, 7)).toEqual({ control: 3, operator: 4 });
   });
 });

@@ -5,10 +5,8 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { O_ACCMODE } from '../../support/disk-images.js';
 import { closeFds, inheritFd, openInheritedFds, spawnQemu, stdioWithInherited, waitForProcessExit, type InheritedFd } from '../../../launcher/index.js';
-
-// O_ACCMODE (Linux): fs.constants does not export it.
-const ACCESS_MODE_BITS = 3;
 
 let dir: string;
 beforeEach(async () => {
@@ -39,8 +37,8 @@ describe('inherited descriptors', () => {
         if (Number.isNaN(value)) throw new Error(`no flags in ${text}`);
         return value;
       };
-      expect(flags(fds[0] as number) & ACCESS_MODE_BITS).toBe(0); // O_RDONLY
-      expect(flags(fds[1] as number) & ACCESS_MODE_BITS).toBe(2); // O_RDWR
+      expect(flags(fds[0] as number) & O_ACCMODE).toBe(0); // O_RDONLY
+      expect(flags(fds[1] as number) & O_ACCMODE).toBe(2); // O_RDWR
     } finally {
       closeFds(fds);
     }

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import {
-  LaunchError, parseMachineHelp, parseQemuVersion, probeInstallation, resolveMachineType,
+  LaunchError, parseMachineHelp, parseQemuVersion, probeInstallation, QEMU_SANDBOX, resolveMachineType,
   type Installation, type ProcessRunner, type RunResult,
 } from '../../../launcher/index.js';
 
@@ -76,6 +76,9 @@ x-remote             Experimental remote machine
 const VERSION_OUTPUT = `QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)
 Copyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers
 `;
+
+/** Runs of the binary per probe: -version, -machine help, the sandbox check. */
+const PROBE_RUNS = 3;
 
 interface Call {
   file: string;
@@ -200,7 +203,9 @@ describe('probeInstallation', () => {
     expect(calls.map((c) => [c.file, ...c.args])).toEqual([
       [binary, '-L', '/opt/qemu/share', '-L', '/usr/share/seabios', '-version'],
       [binary, '-L', '/opt/qemu/share', '-L', '/usr/share/seabios', '-machine', 'help'],
+      [binary, '-sandbox', QEMU_SANDBOX, '-version'],
     ]);
+    expect(info.sandbox).toBe(true);
     expect(calls[0]?.env.QEMU_MODULE_DIR).toBe('/opt/qemu/lib');
   });
 
@@ -218,7 +223,7 @@ describe('probeInstallation', () => {
     const problems: Error[] = [];
     const calls: Call[] = [];
     const again = await probeInstallation(inst, { cacheDir, run: fakeRunner(calls), onCacheError: (e) => problems.push(e) });
-    expect(calls).toHaveLength(2);
+    expect(calls).toHaveLength(PROBE_RUNS);
     expect(problems).toEqual([]);
     expect(again.sha256).toBe(info.sha256);
   });
@@ -249,7 +254,7 @@ describe('probeInstallation', () => {
     const after = await probeInstallation(inst, { cacheDir, run: fakeRunner(calls, (args) =>
       args.includes('-version') ? { exitCode: 0, stdout: 'QEMU emulator version 8.2.1\n', stderr: '' } : qemuAnswer(args)) });
     expect(after.version).toBe('8.2.1');
-    expect(calls).toHaveLength(4);
+    expect(calls).toHaveLength(2 * PROBE_RUNS);
 
     // What a package manager does: write a new file and rename it over the old one. Same
     // size and mtime here, so only the inode tells the files apart.
@@ -260,7 +265,7 @@ describe('probeInstallation', () => {
     expect((await stat(binary)).mtimeMs).toBe(old.mtimeMs);
     const replaced = await probeInstallation(inst, { cacheDir, run: fakeRunner(calls) });
     expect(replaced.version).toBe('7.2.22');
-    expect(calls).toHaveLength(6);
+    expect(calls).toHaveLength(3 * PROBE_RUNS);
     // Each identity has its own cache entry: the old ones are still served.
     expect((await readdir(cacheDir)).filter((f) => f.endsWith('.json'))).toHaveLength(3);
   });
@@ -269,7 +274,7 @@ describe('probeInstallation', () => {
     const calls: Call[] = [];
     const run = fakeRunner(calls);
     const infos = await Promise.all([1, 2, 3].map(() => probeInstallation(inst, { cacheDir, run })));
-    expect(calls).toHaveLength(2);
+    expect(calls).toHaveLength(PROBE_RUNS);
     expect(infos[1]).toBe(infos[0]);
   });
 
@@ -285,7 +290,7 @@ describe('probeInstallation', () => {
     expect(files).toEqual(cacheFiles);
     expect(cacheFiles).toHaveLength(1);
     const name = cacheFiles[0] ?? '';
-    expect(JSON.parse(await readFile(join(cacheDir, name), 'utf8'))).toEqual({ schema: 2, ...info });
+    expect(JSON.parse(await readFile(join(cacheDir, name), 'utf8'))).toEqual({ schema: 3, ...info });
 
     // inotify delivers in order: once the marker's event is in, every earlier one is too.
     await writeFile(join(cacheDir, 'marker'), '');
@@ -307,7 +312,7 @@ describe('probeInstallation', () => {
     const calls: Call[] = [];
     const info = await probeInstallation(inst, { cacheDir, run: fakeRunner(calls), onCacheError: (e) => reported.push(e) });
     expect(info.version).toBe('7.2.22');
-    expect(calls).toHaveLength(2);
+    expect(calls).toHaveLength(PROBE_RUNS);
     expect(reported[0]?.message).toContain('ignoring unusable probe cache');
     expect(await readFile(join(cacheDir, name), 'utf8')).toBe(full);
   });
@@ -328,7 +333,14 @@ describe('probeInstallation', () => {
     );
     const calls: Call[] = [];
     await probeInstallation(inst, { cacheDir, run: fakeRunner(calls) });
-    expect(calls).toHaveLength(2);
+    expect(calls).toHaveLength(PROBE_RUNS);
+  });
+
+  it('a build without seccomp (-sandbox refused) is probed as having no sandbox, not as broken', async () => {
+    const noSeccomp = fakeRunner([], (args) => (args.includes('-sandbox')
+      ? { exitCode: 1, stdout: '', stderr: "qemu-system-x86_64: -sandbox on: There is no option group 'sandbox'" }
+      : qemuAnswer(args)));
+    expect((await probeInstallation(inst, { cacheDir, run: noSeccomp })).sandbox).toBe(false);
   });
 
   it('fails with FILE_NOT_FOUND for a missing binary', async () => {

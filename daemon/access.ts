@@ -1,0 +1,86 @@
+// Access levels of the control API (ARCHITECTURE.md, invariant 11). The level is the socket's:
+// the admin socket (root, 0600) may do everything; the operator socket (0660, the operator
+// group) may create, start, stop, refresh and read, with the rules below. Each refusal names
+// its rule. Pure: the API server and the manager ask, they do not decide.
+import type { VmSpec } from '../launcher/index.js';
+import { DaemonError } from './errors.js';
+
+export type AccessLevel = 'admin' | 'operator';
+
+/** Who called: the socket's level and the peer's credentials (SO_PEERCRED), when known. */
+export interface Caller {
+  level: AccessLevel;
+  uid?: number;
+  gid?: number;
+  pid?: number;
+}
+
+/** File name of the operator socket next to the admin socket (the default --operator-socket). */
+export const OPERATOR_SOCKET_NAME = 'vmkeep-operator.sock';
+
+/** The rules, by the name a refusal carries. */
+export type AccessRule = 'admin-only' | 'qmp-read-only' | 'storage-root' | 'no-kernel-path';
+
+/** A 403 naming the rule that refused. */
+export function forbidden(rule: AccessRule, message: string): DaemonError {
+  return new DaemonError('FORBIDDEN', `refused by rule ${rule}: ${message}`);
+}
+
+/** What an operator may do: "METHOD /route" with ':name' for a VM's name. Everything else is admin-only. */
+const OPERATOR_ROUTES: ReadonlySet<string> = new Set([
+  'GET /', 'GET /1.0', 'GET /1.0/openapi.json', 'GET /1.0/vms', 'POST /1.0/vms', 'GET /1.0/vms/:name',
+  'POST /1.0/vms/:name/start', 'POST /1.0/vms/:name/stop', 'POST /1.0/vms/:name/refresh',
+  'POST /1.0/refresh', 'GET /1.0/upgrade-status', 'GET /1.0/metrics',
+  'GET /1.0/operations', 'GET /1.0/operations/:id', 'GET /1.0/operations/:id/wait', 'DELETE /1.0/operations/:id',
+  'POST /1.0/vms/:name/qmp', 'GET /1.0/vms/:name/console', 'GET /1.0/events',
+]);
+
+/** Refuses a route the level may not use (`route` as in OPERATOR_ROUTES). */
+export function checkRoute(level: AccessLevel, method: string, route: string): void {
+  if (level === 'admin' || OPERATOR_ROUTES.has(`${method} ${route}`)) return;
+  throw forbidden('admin-only', `${method} ${route} is for the admin socket only; operators may create, start, stop, refresh and read VMs`);
+}
+
+/**
+ * The QMP commands an operator may send: queries that read and change nothing. Not every
+ * query-*: a new QEMU may add one that reveals more, so the list is explicit.
+ */
+export const OPERATOR_QMP_COMMANDS: readonly string[] = [
+  'query-status', 'query-version', 'query-name', 'query-uuid', 'query-kvm', 'query-cpus-fast',
+  'query-block', 'query-blockstats', 'query-migrate', 'query-memory-size-summary', 'query-balloon',
+  'query-chardev', 'query-commands', 'query-hotpluggable-cpus', 'query-iothreads', 'query-target',
+  'query-current-machine', 'query-rx-filter', 'query-memdev', 'query-pci',
+];
+
+/** Why an admin's raw QMP command is root-equivalent, for the operator's refusal message. */
+const ROOT_EQUIVALENT: Readonly<Record<string, string>> = {
+  migrate: 'an exec: URI runs a shell command as QEMU\'s user and a file: URI writes guest RAM to a host file; vmkeep refresh is the way to migrate',
+  'human-monitor-command': 'the human monitor reaches every command, unfiltered',
+  quit: 'it ends the guest without a power-off; use vmkeep stop',
+  getfd: 'it hands QEMU a descriptor', 'add-fd': 'it hands QEMU a descriptor',
+  'device_add': 'it adds devices to the guest', 'blockdev-add': 'it opens host files', 'object-add': 'it creates host-side objects',
+  'netdev_add': 'it opens host network devices', 'chardev-add': 'it opens host files and sockets',
+};
+
+/** Refuses a QMP command the level may not send. */
+export function checkQmp(level: AccessLevel, command: string): void {
+  if (level === 'admin' || OPERATOR_QMP_COMMANDS.includes(command)) return;
+  const why = ROOT_EQUIVALENT[command];
+  throw forbidden('qmp-read-only',
+    `${command} is not among the read-only queries operators may send (${OPERATOR_QMP_COMMANDS.join(', ')})${why === undefined ? '' : `: ${why}`}`);
+}
+
+/**
+ * The paths of an operator's spec that must be inside the storage roots, and the kernel and
+ * initrd, which QEMU opens by path itself (so an operator's VM boots from its disks).
+ */
+export function checkOperatorSpec(spec: VmSpec, roots: readonly string[]): void {
+  for (const field of ['kernel', 'initrd'] as const) {
+    if (spec[field] !== undefined) {
+      throw forbidden('no-kernel-path', `"${field}" is for the admin socket only (QEMU opens it by path); an operator's VM boots from its disks`);
+    }
+  }
+  if (spec.disks.length > 0 && roots.length === 0) {
+    throw forbidden('storage-root', 'vmkeepd has no --storage-root, so operators may not name disk images; ask the administrator to add one');
+  }
+}
