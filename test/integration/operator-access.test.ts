@@ -46,7 +46,7 @@ beforeAll(async () => {
   });
   operatorSocket = join(dir, 'run', 'vmkeep-operator.sock');
   await host.api.create({ name: 'h2', kernel: guest.kernel, initrd: guest.initrd, append: guest.append, memoryMiB: 128 });
-  await waitForSerial(join(dir, 'run', 'vms', 'h2', 'serial.log'), 'GUEST READY', 60_000);
+  await waitForSerial(host.serialLog('h2'), 'GUEST READY', 60_000);
 });
 
 afterAll(async () => {
@@ -153,7 +153,10 @@ describe('the operator socket, used by a non-root member of the operator group',
     const created = asMember(operatorSocket, 'POST', '/1.0/vms', { spec: { name: 'own', memoryMiB: 64, disks: [{ path: image, format: 'raw' }] } });
     expect(created.status, JSON.stringify(created.json)).toBe(201);
     expect(created.json.state).toBe('running');
-    expect(asMember(operatorSocket, 'POST', '/1.0/vms/own/stop', { force: true, timeoutSec: 5 }).status).toBe(200);
+    const stop = asMember(operatorSocket, 'POST', '/1.0/vms/own/stop', { force: true, timeoutSec: 5 });
+    expect(stop.status, JSON.stringify(stop.json)).toBe(202);
+    const stopped = asMember(operatorSocket, 'GET', `/1.0/operations/${String(stop.json.id)}/wait?timeout=30`);
+    expect(stopped.json.status, JSON.stringify(stopped.json)).toBe('succeeded');
     await host.api.delete('own');
     const log = await host.consoleTail(400);
     expect(log).toContain(`POST /1.0/vms by uid ${uid} (operator): 201`);

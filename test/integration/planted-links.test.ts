@@ -1,5 +1,5 @@
 // Links and files planted where vmkeepd writes (ARCHITECTURE.md, invariant 11), replayed
-// against the real daemon: a symlink at serial.log, qemu.log or the VM's folder itself, a
+// against the real daemon: a symlink at serial.log, qemu.log, the VM's folder or its log folder, a
 // file at qmp.sock. Each create fails naming the path, the link's target is untouched, nothing
 // stays recorded. The console of a VM whose serial.log is a link is refused, not read through.
 import { lstat, mkdir, readFile, stat, symlink, writeFile } from 'node:fs/promises';
@@ -30,6 +30,8 @@ function spec(name: string): Record<string, unknown> {
 }
 
 const vmDir = (name: string): string => join(host.dir, 'run', 'vms', name);
+/** The VM's log folder (--log-dir): its console and QEMU logs. */
+const logDir = (name: string): string => join(host.dir, 'log', name);
 
 /** A file outside vmkeepd's folders with known content and mtime. */
 async function victim(name: string): Promise<{ path: string; unchanged(): Promise<void> }> {
@@ -65,17 +67,17 @@ describe('planted links and files under the runtime folder', () => {
 
   it('serial.log is a symlink: the create fails naming it, the target is untouched', async () => {
     const target = await victim('serial-target');
-    await mkdir(vmDir('ser'), { recursive: true, mode: 0o700 });
-    await symlink(target.path, join(vmDir('ser'), 'serial.log'));
-    await refusedCreate('ser', join(vmDir('ser'), 'serial.log'));
+    await mkdir(logDir('ser'), { recursive: true, mode: 0o700 });
+    await symlink(target.path, join(logDir('ser'), 'serial.log'));
+    await refusedCreate('ser', join(logDir('ser'), 'serial.log'));
     await target.unchanged();
   });
 
   it('qemu.log is a symlink: the create fails naming it, the target is untouched', async () => {
     const target = await victim('qemulog-target');
-    await mkdir(vmDir('qlog'), { recursive: true, mode: 0o700 });
-    await symlink(target.path, join(vmDir('qlog'), 'qemu.log'));
-    await refusedCreate('qlog', join(vmDir('qlog'), 'qemu.log'));
+    await mkdir(logDir('qlog'), { recursive: true, mode: 0o700 });
+    await symlink(target.path, join(logDir('qlog'), 'qemu.log'));
+    await refusedCreate('qlog', join(logDir('qlog'), 'qemu.log'));
     await target.unchanged();
   });
 
@@ -92,6 +94,17 @@ describe('planted links and files under the runtime folder', () => {
     expect((await lstat(vmDir('dirlink'))).isSymbolicLink(), 'the planted link is left for the administrator').toBe(true);
   });
 
+  it('the log folder is a symlink: the create fails naming it, nothing in the target folder is written', async () => {
+    const folder = join(outside, 'log-folder-target');
+    await mkdir(folder);
+    await writeFile(join(folder, 'serial.log'), 'precious log\n');
+    await mkdir(join(host.dir, 'log'), { recursive: true, mode: 0o700 });
+    await symlink(folder, logDir('loglink'));
+    await refusedCreate('loglink', logDir('loglink'));
+    expect(await readFile(join(folder, 'serial.log'), 'utf8')).toBe('precious log\n');
+    expect((await lstat(logDir('loglink'))).isSymbolicLink(), 'the planted link is left for the administrator').toBe(true);
+  });
+
   // The failed create then removes the VM's folder with what was planted in it: rm unlinks a
   // link or a file by its name, never through it.
   it('qmp.sock is a file vmkeepd did not create: the create fails naming it', async () => {
@@ -103,11 +116,11 @@ describe('planted links and files under the runtime folder', () => {
   it('the console of a VM whose serial.log is a symlink is refused, not read through the link', async () => {
     const target = await victim('console-target');
     await host.api.create(spec('con'), { start: false });
-    await mkdir(vmDir('con'), { recursive: true, mode: 0o700 });
-    await symlink(target.path, join(vmDir('con'), 'serial.log'));
+    await mkdir(logDir('con'), { recursive: true, mode: 0o700 });
+    await symlink(target.path, join(logDir('con'), 'serial.log'));
     const text = await readConsole('con').catch((e: unknown) => e);
     expect(text, 'the console was served through the planted link').toBeInstanceOf(DaemonError);
-    expect((text as DaemonError).message).toContain(join(vmDir('con'), 'serial.log'));
+    expect((text as DaemonError).message).toContain(join(logDir('con'), 'serial.log'));
     await host.api.delete('con');
   });
 });
