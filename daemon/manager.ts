@@ -7,8 +7,8 @@ import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from './log.js';
 import {
-  isValidVmName, LaunchError, memoryBackendOf, QUIT_EXIT_TIMEOUT_MS, resolveMachineType, validateSpecAndFiles, withMemoryDefault,
-  type Installation, type InstallationInfo, type LaunchedVm,
+  isValidVmName, LaunchError, memoryBackendOf, probeNetdevs, QUIT_EXIT_TIMEOUT_MS, resolveMachineType, validateSpecAndFiles, withMacs,
+  withMemoryDefault, type Installation, type VmSpec, type InstallationInfo, type LaunchedVm,
 } from '../launcher/index.js';
 import { isQmpError, powerDownGuest, type QmpClient } from '../qmp/index.js';
 import { scopeUnitName } from '../scope-manager/index.js';
@@ -29,6 +29,7 @@ import { migrateNow } from './migration.js';
 import { ModulePins } from './pins.js';
 import { realQemu, type QemuPort, type ScopePort } from './ports.js';
 import { reattachIsolated } from './reattach.js';
+import { nicHostProblems, orphanTaps, realNet, refuseNicHostProblems, TapKeeper, tapList, tapsClaimed, tapsForNewQemu, tapsReleased, type NetPort } from './taps.js';
 import { RECORD_SCHEMA, type RecordStore, type VmRecord } from './records.js';
 import { RefreshJobs } from './refresh-jobs.js';
 import { planRefresh } from './refresh-plan.js';
@@ -44,6 +45,8 @@ export interface VmManagerOptions {
   scopes: ScopePort | null;
   /** QEMU processes and monitors (default: the real ones). */
   qemu?: QemuPort;
+  /** The host's links: bridges and TAP devices (default: the real ones). */
+  net?: NetPort;
   slice: string;
   /** The installations and which is current per channel. */
   installations: InstallationsConfig;
@@ -59,7 +62,7 @@ export interface VmManagerOptions {
   probe: (installation: Installation) => Promise<InstallationInfo>;
   runtimeDir: string;
   logger: Logger;
-  info: Omit<DaemonInfo, 'orphanScopes' | 'damagedRecords'>;
+  info: Omit<DaemonInfo, 'orphanScopes' | 'orphanTaps' | 'damagedRecords'>;
   /** How long a reattach waits for a QMP greeting before calling the VM unreachable. */
   greetingTimeoutMs?: number;
   /** How often an unreachable VM's monitor is tried again, and an unwritten record written. */
@@ -97,6 +100,7 @@ export class VmManager implements DaemonOps, VmCore {
   private readonly jobs: RefreshJobs;
   private readonly pins: ModulePins;
   private orphanScopes: string[] = [];
+  private orphanTaps: string[] = [];
   private closed = false;
   /** Settles once every VM's reattach has (after a bounded reattachAll, possibly later). */
   reattachDone: Promise<void> = Promise.resolve();
@@ -114,6 +118,8 @@ export class VmManager implements DaemonOps, VmCore {
       greetingTimeoutMs: o.greetingTimeoutMs ?? MONITOR_GREETING_TIMEOUT_MS,
       retryIntervalMs: o.retryIntervalMs ?? 5_000,
       healthIntervalMs: o.healthIntervalMs ?? 5_000,
+      net: o.net ?? realNet,
+      taps: new TapKeeper(o.net ?? realNet, o.logger),
     };
     this.pins = new ModulePins(o.pinRoot, o.logger);
     this.jobs = new RefreshJobs({
@@ -153,7 +159,7 @@ export class VmManager implements DaemonOps, VmCore {
     const all = Promise.all(records.map((record) => {
       const entry = this.entry(record.name);
       return entry.lock.run('reattach', () => reattachIsolated(this, entry));
-    })).then(() => this.findOrphanScopes());
+    })).then(() => this.findOrphanScopes()).then(() => this.findOrphanTaps());
     this.reattachDone = all.catch(() => undefined);
     this.stopHealthChecks = startHealthChecks(this);
     const limits = this.managerOptions.logLimits ?? { maxBytes: DEFAULT_LOG_MAX_BYTES, keep: DEFAULT_LOG_KEEP };
@@ -182,6 +188,15 @@ export class VmManager implements DaemonOps, VmCore {
       }
     } catch (error) {
       this.options.logger.warn({ err: error }, 'could not list scopes to look for orphans');
+    }
+  }
+
+  /** TAPs with vmkeep's name pattern that no record names: reported, never removed (like orphan scopes). */
+  private findOrphanTaps(): void {
+    const claimed = new Set(this.entries().flatMap((e) => tapsClaimed(e.record)));
+    this.orphanTaps = orphanTaps(this.options.net.links(), claimed);
+    for (const tap of this.orphanTaps) {
+      this.options.logger.warn({ tap }, `TAP ${tap} has vmkeep's name pattern but no record claims it; left alone (remove it with \`ip link del ${tap}\` once you know no QEMU uses it)`);
     }
   }
 
@@ -268,6 +283,7 @@ export class VmManager implements DaemonOps, VmCore {
     return {
       ...this.managerOptions.info,
       orphanScopes: [...this.orphanScopes],
+      orphanTaps: [...this.orphanTaps],
       damagedRecords: [...this.damaged].map(([name, d]) => ({ name, ...d })),
     };
   }
@@ -291,6 +307,7 @@ export class VmManager implements DaemonOps, VmCore {
     const info = await this.options.probe(installation);
     // Decided now and recorded: memfd-shared where this installation can do cpr-transfer.
     spec = withMemoryDefault(spec, info);
+    if (spec.nics !== undefined) spec = await this.withCheckedNics(spec, installation);
     // Resolving now pins the versioned machine type for the VM's whole life (migrations need it).
     const machineType = resolveMachineType(spec.machine, info.machines);
     const now = new Date().toISOString();
@@ -335,6 +352,19 @@ export class VmManager implements DaemonOps, VmCore {
           : `${message}. Nothing was kept: fix the cause and create ${spec.name} again`, { cause: error });
       }
     }).then(() => toView(entry));
+  }
+
+  /**
+   * A new VM's NICs checked against the host and the other VMs (bridge exists, MAC and host
+   * ports free, user mode built in), then given their MACs for good: generated once, recorded.
+   */
+  private async withCheckedNics(spec: VmSpec, installation: Installation): Promise<VmSpec> {
+    const nics = spec.nics ?? [];
+    const others = this.entries().map((e) => e.record.spec).filter((o) => o.name !== spec.name);
+    const netdevs = nics.some((n) => n.mode === 'user') ? await probeNetdevs(installation) : [];
+    refuseNicHostProblems(nicHostProblems(nics, others, { isBridge: (b) => this.options.net.isBridge(b), netdevs }));
+    const taken = new Set(others.flatMap((o) => (o.nics ?? []).flatMap((n) => (n.mac === undefined ? [] : [n.mac]))));
+    return { ...spec, nics: withMacs(nics, taken) };
   }
 
   /** A create whose start failed leaves nothing behind, unless a QEMU of it runs after all. */
@@ -392,7 +422,7 @@ export class VmManager implements DaemonOps, VmCore {
     try {
       checkRefreshTarget({ vm: name, runningVersion: undefined, machineType: entry.record.machineType, target: { name: installation.name, info } });
       const { vm } = await this.launchQemu(entry, {
-        installation, info, paths, scope, incoming: false,
+        installation, info, paths, scope, incoming: false, taps: tapsForNewQemu(entry.record), withForwards: true,
         // Recorded before the scope exists: a crash from here on leaves a record that names
         // this QEMU, so the next daemon finds it instead of an orphan.
         onSpawned: (proc, moduleDir) => this.record(entry, {
@@ -447,6 +477,12 @@ export class VmManager implements DaemonOps, VmCore {
     const { record } = entry;
     const { qemu, scopes } = this.options;
     const start: Launch<T | LaunchedVm> = launch ?? ((options) => qemu.launch(options));
+    const nics = record.spec.nics ?? [];
+    const taps = tapList(args.taps);
+    // Made before QEMU opens them by name; once recorded (onSpawned) the record's change releases
+    // them, before that this start does.
+    await this.options.taps.make(record.name, nics, args.taps);
+    let recorded = false;
     return this.pins.whileLaunching(args.installation, args.info, async (pinned) => {
       const vm = await start({
         spec: record.spec,
@@ -458,10 +494,13 @@ export class VmManager implements DaemonOps, VmCore {
         // Paused until it is recorded and watched: nothing the guest does can go unseen.
         stayPaused: true,
         ...(args.incoming ? { incoming: 'defer' as const } : {}),
+        taps: args.taps,
+        withForwards: args.withForwards,
         placeInScope: async (pid) => {
           const identity = qemu.identity(pid);
           if (identity === null) throw new DaemonError('START_FAILED', `QEMU (pid ${pid}) exited right after it was spawned; see ${args.paths.stderrLog}`);
-          await args.onSpawned({ pid, startTime: identity.startTime, scope: args.scope }, pinned.moduleDir);
+          await args.onSpawned({ pid, startTime: identity.startTime, scope: args.scope, ...(taps.length === 0 ? {} : { taps }) }, pinned.moduleDir);
+          recorded = true;
           if (scopes !== null && args.scope !== null) {
             await scopes.createScope({
               name: args.scope,
@@ -476,6 +515,9 @@ export class VmManager implements DaemonOps, VmCore {
         },
       });
       return { vm, moduleDir: pinned.moduleDir };
+    }).catch(async (error: unknown) => {
+      if (!recorded) await this.options.taps.release(record.name, taps);
+      throw error;
     });
   }
 
@@ -864,7 +906,10 @@ export class VmManager implements DaemonOps, VmCore {
 
   private remember(entry: VmEntry, record: VmRecord): void {
     const previous = entry.record.state;
+    // A TAP no record names any more belongs to a QEMU that is gone (ARCHITECTURE.md, "Networking").
+    const released = tapsReleased(entry.record, record);
     entry.record = record;
+    void this.options.taps.release(record.name, released);
     if (record.state !== previous) {
       this.options.logger.info({ vm: record.name, state: record.state, previous }, `${record.name}: ${previous} -> ${record.state}`);
       this.emit({ type: 'vm-state', vm: record.name, state: record.state, previous });

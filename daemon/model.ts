@@ -59,6 +59,8 @@ export interface DaemonInfo {
   startedAt: string;
   /** Scopes with vmkeep's prefix that no record claims (reported, never touched). */
   orphanScopes: string[];
+  /** TAP devices with vmkeep's name pattern that no record claims (reported, never removed). */
+  orphanTaps: string[];
   /** Record files that cannot be read: their VMs are left alone and their names stay taken. */
   damagedRecords: Array<{ name: string; file: string; problem: string }>;
 }

@@ -2,6 +2,7 @@ import { LaunchError } from './errors.js';
 import { SIMPLE_NAME_RE, UUID_RE } from './names.js';
 import { installationRunContext, type Installation } from './installation.js';
 import { memoryBackendOf, supportsCprTransfer } from './memory.js';
+import { nicArgs } from './nics.js';
 import type { VmSpec } from './spec.js';
 
 /** The two listening sockets of a cpr-transfer destination: the cpr state first, then the stream. */
@@ -35,6 +36,10 @@ export interface BuildQemuCommandInput {
   incoming?: 'defer' | CprChannels;
   /** The installation's probed version: decides the options only newer QEMUs know. */
   version?: string;
+  /** The TAP device of each bridge NIC (index as in spec.nics), made by the caller. */
+  taps?: ReadonlyArray<string | undefined>;
+  /** false: user-mode NICs start without host forwards (a migration destination gets them at hand-over). */
+  withForwards?: boolean;
 }
 
 /** The -incoming JSON of one cpr-transfer channel; the same address the source's migrate names. */
@@ -109,6 +114,7 @@ export function buildQemuCommand(input: BuildQemuCommandInput): QemuCommand {
     const readOnly = disk.readOnly ? ',readonly=on' : '';
     argv.push('-drive', `file=${escapeQemuOptValue(disk.path)},format=${disk.format},if=virtio${readOnly}`);
   }
+  if (spec.nics !== undefined) argv.push(...nicArgs(spec.nics, input.taps ?? [], input.withForwards ?? true));
   if (input.startPaused) argv.push('-S');
   if (input.incoming === 'defer') argv.push('-incoming', 'defer');
   else if (input.incoming !== undefined) {

@@ -22,6 +22,10 @@ export interface LaunchVmOptions {
   /** A machine type already resolved and recorded (a refresh keeps the VM's pinned type). */
   machineType?: string;
   qmpTimeoutMs?: number;
+  /** The TAP device of each bridge NIC, made (and later removed) by the caller. */
+  taps?: ReadonlyArray<string | undefined>;
+  /** false: user-mode NICs start without host forwards (added at a migration's hand-over). */
+  withForwards?: boolean;
 }
 
 export interface LaunchedVm {
@@ -57,6 +61,8 @@ export async function launchVm(options: LaunchVmOptions): Promise<LaunchedVm> {
     startPaused: options.incoming === undefined,
     ...(options.incoming === undefined ? {} : { incoming: options.incoming }),
     version: options.info.version,
+    ...(options.taps === undefined ? {} : { taps: options.taps }),
+    ...(options.withForwards === undefined ? {} : { withForwards: options.withForwards }),
   });
   const spawned = await spawnQemu(command, {
     stderrLog: options.paths.stderrLog,
@@ -122,6 +128,8 @@ export async function launchCprDestination(options: Omit<LaunchVmOptions, 'incom
     startPaused: false,
     incoming: options.channels,
     version: options.info.version,
+    ...(options.taps === undefined ? {} : { taps: options.taps }),
+    ...(options.withForwards === undefined ? {} : { withForwards: options.withForwards }),
   });
   const spawned = await spawnQemu(command, {
     stderrLog: options.paths.stderrLog,

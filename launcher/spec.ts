@@ -1,5 +1,6 @@
 import { LaunchError, type SpecProblem } from './errors.js';
 import { describeValue, SIMPLE_NAME_RE, UUID_RE, VM_NAME_MAX_LENGTH, VM_NAME_RULE, vmNameProblem } from './names.js';
+import { checkNics, type NicSpec } from './nics.js';
 import { closest } from './similar.js';
 
 export type Accel = 'tcg' | 'kvm';
@@ -34,6 +35,8 @@ export interface VmSpec {
   uuid?: string;
   /** Absent: decided when the VM is created (memfd-shared where the installation can do cpr-transfer). */
   memory?: { backend: MemoryBackend };
+  /** Network interfaces (absent: none). Every NIC of a created VM has its MAC recorded. */
+  nics?: NicSpec[];
 }
 
 export const SPEC_DEFAULTS = {
@@ -56,7 +59,7 @@ export const SPEC_LIMITS = {
 } as const;
 
 const SPEC_FIELDS = [
-  'name', 'memoryMiB', 'vcpus', 'machine', 'accel', 'cpu', 'kernel', 'initrd', 'append', 'disks', 'uuid', 'memory',
+  'name', 'memoryMiB', 'vcpus', 'machine', 'accel', 'cpu', 'kernel', 'initrd', 'append', 'disks', 'uuid', 'memory', 'nics',
 ] as const;
 const MEMORY_FIELDS = ['backend'] as const;
 const DISK_FIELDS = ['path', 'format', 'readOnly'] as const;
@@ -94,6 +97,7 @@ export function validateSpec(input: unknown): VmSpec {
   const disks = checkDisks(input.disks, add);
   const uuid = checkUuid(input.uuid, add);
   const memory = checkMemory(input.memory, add);
+  const nics = checkNics(input.nics, add, (obj, known, prefix) => reportUnknownFields(obj, known, prefix, add));
 
   if (input.kernel === undefined) {
     if (input.initrd !== undefined) add('initrd', 'is given without a kernel', 'set "kernel" as well, or remove "initrd"');
@@ -120,6 +124,7 @@ export function validateSpec(input: unknown): VmSpec {
   if (append !== undefined) spec.append = append;
   if (uuid !== undefined) spec.uuid = uuid;
   if (memory !== undefined) spec.memory = memory;
+  if (nics.length > 0) spec.nics = nics;
   return spec;
 }
 
