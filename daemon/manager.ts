@@ -29,7 +29,7 @@ import { migrateNow } from './migration.js';
 import { ModulePins } from './pins.js';
 import { realQemu, type QemuPort, type ScopePort } from './ports.js';
 import { reattachIsolated } from './reattach.js';
-import { nicHostProblems, orphanTaps, realNet, refuseNicHostProblems, TapKeeper, tapList, tapsClaimed, tapsForNewQemu, tapsReleased, type NetPort } from './taps.js';
+import { bridgesOf, nicHostProblems, orphanTaps, realNet, refuseNicHostProblems, TapKeeper, tapList, tapsClaimed, tapsForNewQemu, tapsReleased, type NetPort } from './taps.js';
 import { RECORD_SCHEMA, type RecordStore, type VmRecord } from './records.js';
 import { RefreshJobs } from './refresh-jobs.js';
 import { planRefresh } from './refresh-plan.js';
@@ -192,9 +192,13 @@ export class VmManager implements DaemonOps, VmCore {
   }
 
   /** TAPs with vmkeep's name pattern that no record names: reported, never removed (like orphan scopes). */
-  private findOrphanTaps(): void {
+  private async findOrphanTaps(): Promise<void> {
     const claimed = new Set(this.entries().flatMap((e) => tapsClaimed(e.record)));
-    this.orphanTaps = orphanTaps(this.options.net.links(), claimed);
+    const links = await this.options.net.links().catch((error: unknown) => {
+      this.options.logger.warn({ err: error }, 'could not list the network links to look for orphan TAPs');
+      return [];
+    });
+    this.orphanTaps = orphanTaps(links.map((l) => l.name), claimed);
     for (const tap of this.orphanTaps) {
       this.options.logger.warn({ tap }, `TAP ${tap} has vmkeep's name pattern but no record claims it; left alone (remove it with \`ip link del ${tap}\` once you know no QEMU uses it)`);
     }
@@ -362,7 +366,8 @@ export class VmManager implements DaemonOps, VmCore {
     const nics = spec.nics ?? [];
     const others = this.entries().map((e) => e.record.spec).filter((o) => o.name !== spec.name);
     const netdevs = nics.some((n) => n.mode === 'user') ? await probeNetdevs(installation) : [];
-    refuseNicHostProblems(nicHostProblems(nics, others, { isBridge: (b) => this.options.net.isBridge(b), netdevs }));
+    const bridges = nics.some((n) => n.mode === 'bridge') ? await bridgesOf(this.options.net) : new Set<string>();
+    refuseNicHostProblems(nicHostProblems(nics, others, { bridges, netdevs }));
     const taken = new Set(others.flatMap((o) => (o.nics ?? []).flatMap((n) => (n.mac === undefined ? [] : [n.mac]))));
     return { ...spec, nics: withMacs(nics, taken) };
   }

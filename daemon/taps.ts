@@ -2,7 +2,6 @@
 // and the TAP devices vmkeepd makes for bridge NICs. A TAP's life follows its QEMU, not the
 // daemon's: it is removed only once no record names it, which happens only after its QEMU is
 // gone (ARCHITECTURE.md, "Networking").
-import { readdirSync, existsSync } from 'node:fs';
 import {
   forwardKey, formatSpecProblems, freeTapSlot, LaunchError, TAP_NAME_RE, tapsFor,
   type NicSpec, type SpecProblem, type VmSpec,
@@ -10,12 +9,14 @@ import {
 import type { Logger } from './log.js';
 import type { VmRecord } from './records.js';
 
-/** The host's links, as vmkeepd sees and changes them; unit tests pass a fake. */
+/**
+ * The links of vmkeepd's network namespace, as it sees and changes them; unit tests pass a fake.
+ * Read over netlink (`ip -j`), not /sys/class/net: /sys shows the namespace of whoever mounted
+ * it, which need not be vmkeepd's.
+ */
 export interface NetPort {
-  /** Whether `name` is a Linux bridge (`/sys/class/net/NAME/bridge` exists). */
-  isBridge(name: string): boolean;
-  /** Every link's name (`/sys/class/net`). */
-  links(): string[];
+  /** Every link: its name and kind (`bridge`, `tun`, ...; undefined for a plain device). */
+  links(): Promise<Array<{ name: string; kind: string | undefined }>>;
   /** Makes the persistent TAP `name` (kept if it exists), attaches it to `bridge`, brings it up. */
   addTap(name: string, bridge: string): Promise<void>;
   /** Removes the TAP `name`; a missing one is fine. */
@@ -23,23 +24,28 @@ export interface NetPort {
 }
 
 /** Runs `ip` (iproute2): Node has no ioctl, and iproute2 is on every host that has bridges. */
-async function ip(args: string[]): Promise<{ ok: boolean; stderr: string }> {
+async function ip(args: string[]): Promise<{ ok: boolean; stdout: string; stderr: string }> {
   const { execa } = await import('execa');
   const result = await execa('ip', args, { reject: false, stdin: 'ignore', timeout: 10_000 });
-  return { ok: result.exitCode === 0, stderr: String(result.stderr ?? '').trim() };
+  if (result.exitCode === undefined) {
+    throw new Error(`cannot run ip (${result.shortMessage}); fix: install iproute2`);
+  }
+  return { ok: result.exitCode === 0, stdout: String(result.stdout ?? ''), stderr: String(result.stderr ?? '').trim() };
+}
+
+async function linkExists(name: string): Promise<boolean> {
+  return (await ip(['link', 'show', 'dev', name])).ok;
 }
 
 export const realNet: NetPort = {
-  isBridge: (name) => existsSync(`/sys/class/net/${name}/bridge`),
-  links: () => {
-    try {
-      return readdirSync('/sys/class/net');
-    } catch {
-      return [];
-    }
+  async links() {
+    const listed = await ip(['-j', '-d', 'link', 'show']);
+    if (!listed.ok) throw new Error(`ip -j -d link show failed: ${listed.stderr}`);
+    return (JSON.parse(listed.stdout) as Array<{ ifname: string; linkinfo?: { info_kind?: string } }>)
+      .map((l) => ({ name: l.ifname, kind: l.linkinfo?.info_kind }));
   },
   async addTap(name, bridge) {
-    if (!existsSync(`/sys/class/net/${name}`)) {
+    if (!(await linkExists(name))) {
       // Persistent: it outlives the QEMU that opens it (and a restart of vmkeepd); owned by
       // root, which QEMU runs as (ARCHITECTURE.md, invariant 11: not yet least privilege).
       const made = await ip(['tuntap', 'add', 'dev', name, 'mode', 'tap']);
@@ -49,9 +55,8 @@ export const realNet: NetPort = {
     if (!attached.ok) throw new Error(`ip link set dev ${name} master ${bridge} up failed: ${attached.stderr}`);
   },
   async removeTap(name) {
-    if (!existsSync(`/sys/class/net/${name}`)) return;
     const removed = await ip(['link', 'del', 'dev', name]);
-    if (!removed.ok && existsSync(`/sys/class/net/${name}`)) throw new Error(`ip link del dev ${name} failed: ${removed.stderr}`);
+    if (!removed.ok && (await linkExists(name))) throw new Error(`ip link del dev ${name} failed: ${removed.stderr}`);
   },
 };
 
@@ -60,7 +65,7 @@ export const realNet: NetPort = {
  * VM has, a host port another VM forwards, user mode on a QEMU built without it. Pure.
  */
 export function nicHostProblems(
-  nics: readonly NicSpec[], others: readonly VmSpec[], host: { isBridge: (name: string) => boolean; netdevs: readonly string[] },
+  nics: readonly NicSpec[], others: readonly VmSpec[], host: { bridges: ReadonlySet<string>; netdevs: readonly string[] },
 ): SpecProblem[] {
   const problems: SpecProblem[] = [];
   const macOwner = new Map<string, string>();
@@ -76,7 +81,7 @@ export function nicHostProblems(
     if (nic.mac !== undefined && macOwner.has(nic.mac)) {
       problems.push({ field: `${field}.mac`, message: `${nic.mac} is taken by VM ${macOwner.get(nic.mac) ?? ''}`, fix: 'give another MAC, or leave "mac" out to get a generated one' });
     }
-    if (nic.mode === 'bridge' && !host.isBridge(nic.bridge)) {
+    if (nic.mode === 'bridge' && !host.bridges.has(nic.bridge)) {
       problems.push({
         field: `${field}.bridge`, message: `no Linux bridge named ${nic.bridge} on this host`,
         fix: `create it first (e.g. \`ip link add ${nic.bridge} type bridge && ip link set ${nic.bridge} up\`, or in your network configuration), or name an existing one (\`ip -br link show type bridge\`)`,
@@ -120,6 +125,11 @@ export function tapList(taps: ReadonlyArray<string | undefined>): string[] {
   return taps.filter((t): t is string => t !== undefined);
 }
 
+/** The names of the Linux bridges among the links. */
+export async function bridgesOf(net: NetPort): Promise<Set<string>> {
+  return new Set((await net.links()).filter((l) => l.kind === 'bridge').map((l) => l.name));
+}
+
 /** Links with vmkeep's TAP name pattern that no record names: reported, never removed (a record may be damaged). */
 export function orphanTaps(links: readonly string[], claimed: ReadonlySet<string>): string[] {
   return links.filter((l) => TAP_NAME_RE.test(l) && !claimed.has(l)).sort();
@@ -138,11 +148,13 @@ export class TapKeeper {
   make(vm: string, nics: readonly NicSpec[], taps: ReadonlyArray<string | undefined>): Promise<void> {
     return this.enqueue(async () => {
       const made: string[] = [];
+      if (!nics.some((n) => n.mode === 'bridge')) return;
+      const bridges = await bridgesOf(this.net);
       try {
         for (const [i, nic] of nics.entries()) {
           const tap = taps[i];
           if (nic.mode !== 'bridge' || tap === undefined) continue;
-          if (!this.net.isBridge(nic.bridge)) {
+          if (!bridges.has(nic.bridge)) {
             throw new Error(`bridge ${nic.bridge} of ${vm}'s nics[${i}] does not exist (any more); fix: create it, then start ${vm} again`);
           }
           made.push(tap);

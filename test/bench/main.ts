@@ -1,6 +1,6 @@
 // `npm run bench`: runs every benchmark on real QEMU and a private systemd, prints progress on
 // stderr and writes BENCHMARKS.md at the project root. Everything it starts is ended, even on
-// failure or Ctrl-C. BENCH_ONLY=qmp,run,scope,start,reattach,refresh,strategies,faults runs a subset
+// failure or Ctrl-C. BENCH_ONLY=qmp,run,scope,start,reattach,refresh,strategies,faults,nics runs a subset
 // and updates only those sections of BENCHMARKS.md.
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -10,6 +10,7 @@ import { projectRoot } from '../support/paths.js';
 import type { SystemdHost } from '../support/systemd-host.js';
 import { Cleanup, log, type Section } from './common.js';
 import { benchFaults } from './faults.js';
+import { benchNics } from './nics.js';
 import { benchQmpRoundTrip } from './qmp-roundtrip.js';
 import { benchReattach } from './reattach.js';
 import { benchRefresh } from './refresh.js';
@@ -20,7 +21,7 @@ import { benchScopeCreation, benchStartWithScope, bootBenchHost } from './scopes
 
 // The whole bench should stay under about 6 minutes on a 2-core machine.
 const TOTAL_BUDGET_MS = 6 * 60_000;
-const ALL = ['qmp', 'run', 'scope', 'start', 'reattach', 'refresh', 'strategies', 'faults'] as const;
+const ALL = ['qmp', 'run', 'scope', 'start', 'reattach', 'refresh', 'strategies', 'faults', 'nics'] as const;
 type Name = (typeof ALL)[number];
 
 async function main(): Promise<number> {
@@ -80,6 +81,7 @@ async function main(): Promise<number> {
     if (wanted('refresh')) await attempt('6. Refresh by live migration', () => benchRefresh({ guest, cleanup }));
     if (wanted('strategies')) await attempt('7. Refresh strategies on a real upgrade (QEMU 7.2 -> 10.0, cpr-transfer)', () => benchStrategies({ guest, cleanup }));
     if (wanted('faults')) await attempt('8. Fault harness', () => benchFaults());
+    if (wanted('nics')) await attempt('9. Network gap during a live refresh', () => benchNics({ guest, cleanup }));
   } finally {
     await cleanup.runAll();
   }

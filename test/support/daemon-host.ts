@@ -73,6 +73,8 @@ export interface DaemonHostOptions {
   socketUnit?: boolean;
   /** With guestsUnit: VMKEEP_SHUTDOWN_TIMEOUT, set by a drop-in as an administrator would (default 8). */
   guestsTimeoutSec?: number;
+  /** The network namespace (path) the host, so vmkeepd and its QEMUs, run in (see SystemdHost). */
+  netns?: string;
 }
 
 export class DaemonHost {
@@ -81,7 +83,7 @@ export class DaemonHost {
     readonly dir: string,
     readonly socket: string,
     readonly api: ApiClient,
-    private readonly bootOptions: { name: string; unitFiles: Record<string, string>; guestsTimeoutSec?: number },
+    private readonly bootOptions: { name: string; unitFiles: Record<string, string>; guestsTimeoutSec?: number; netns?: string },
   ) {}
 
   /** The private systemd now running (a new one after reboot()). */
@@ -89,8 +91,8 @@ export class DaemonHost {
     return this.current;
   }
 
-  private static async bootSystemd(options: { name: string; unitFiles: Record<string, string>; guestsTimeoutSec?: number }): Promise<SystemdHost> {
-    const host = await SystemdHost.boot({ name: options.name, unitFiles: options.unitFiles });
+  private static async bootSystemd(options: { name: string; unitFiles: Record<string, string>; guestsTimeoutSec?: number; netns?: string }): Promise<SystemdHost> {
+    const host = await SystemdHost.boot({ name: options.name, unitFiles: options.unitFiles, ...(options.netns === undefined ? {} : { netns: options.netns }) });
     try {
       if (options.unitFiles[GUESTS_UNIT] !== undefined) {
         const timeoutSec = options.guestsTimeoutSec ?? 8;
@@ -158,6 +160,7 @@ export class DaemonHost {
           ...(socketUnit === undefined ? {} : { [SOCKET_UNIT]: socketUnit }),
         },
         ...(options.guestsTimeoutSec === undefined ? {} : { guestsTimeoutSec: options.guestsTimeoutSec }),
+        ...(options.netns === undefined ? {} : { netns: options.netns }),
       };
       host = await DaemonHost.bootSystemd(bootOptions);
       const daemon = new DaemonHost(host, dir, socket, new ApiClient({ socketPath: socket, timeoutMs: 60_000 }), bootOptions);

@@ -9,7 +9,7 @@ const other = validateSpec({
 });
 
 describe('nicHostProblems', () => {
-  const host = { isBridge: (b: string) => b === 'br0', netdevs: ['tap', 'user'] };
+  const host = { bridges: new Set(['br0']), netdevs: ['tap', 'user'] };
 
   it('refuses a missing bridge, a MAC or host port another VM has, with the field and the fix', () => {
     const nics: NicSpec[] = [
@@ -62,8 +62,7 @@ describe('TAP bookkeeping', () => {
   it('makes TAPs on their bridges, undoes the ones made when one fails, and runs changes one at a time', async () => {
     const log: string[] = [];
     const net: NetPort = {
-      isBridge: (b) => b !== 'gone',
-      links: () => [],
+      links: async () => [{ name: 'br0', kind: 'bridge' }, { name: 'br1', kind: 'bridge' }, { name: 'eth0', kind: undefined }],
       addTap: async (name, bridge) => {
         log.push(`add ${name} ${bridge}`);
         if (bridge === 'br1') throw new Error('boom');
