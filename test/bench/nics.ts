@@ -1,10 +1,10 @@
-// Benchmark 9: what a live refresh costs a guest's open TCP connection. One VM with a bridge NIC
+// Benchmark 10: what a live refresh costs a guest's open TCP connection. One VM with a bridge NIC
 // (the bridge in a network namespace of the bench's own, as in test/integration/nics.test.ts),
 // one connection to its echo service with a numbered line every 10 ms, and repeated migrate
 // refreshes (the current installation switched a <-> c before each, with a restart of vmkeepd,
 // not timed). Measured per migration: the longest time without an echo, and QEMU's downtime.
 import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { availableParallelism, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DaemonHost } from '../support/daemon-host.js';
 import { waitForSerial, type GuestImage } from '../support/guest.js';
@@ -13,7 +13,7 @@ import { EchoSession, LAB_BRIDGE, NetLab } from '../support/net-lab.js';
 import { log, met, type Cleanup, type Section } from './common.js';
 import { formatMs, median, percentile } from './stats.js';
 
-const TITLE = '9. Network gap during a live refresh';
+const TITLE = '10. Network gap during a live refresh';
 const MIGRATIONS = 12;
 const TARGET_GAP_MS = 100;
 const GUEST_IP = '10.77.0.21';
@@ -83,11 +83,14 @@ export async function benchNics(ctx: { guest: GuestImage; cleanup: Cleanup }): P
     ],
     notes: [
       'One tiny guest (128 MiB, TCG) with a bridge NIC on a bridge in a network namespace of the bench\'s own; vmkeepd and its QEMUs run in that ' +
-        'namespace. One TCP connection to the guest\'s echo service (busybox nc) carries a numbered line every 10 ms; every echo is checked in order ' +
+        'namespace. One TCP connection (TCP_NODELAY, as interactive protocols set it) to the guest\'s echo service (busybox nc) carries a numbered ' +
+        'line every 10 ms; every echo is checked in order ' +
         'and none may be missing at the end. Before each refresh the current installation switches a <-> c (a copy of the system QEMU at another ' +
         'path) and vmkeepd restarts (not timed; the connection lives through it). The gap is the longest time between two echoes from the refresh ' +
         'request until 30 echoes after it. QEMU\'s downtime is the guest\'s pause; the gap is longer when a segment sent while the guest was paused ' +
         'was lost with the old TAP and TCP retransmits it.',
+      'The window also holds the start of the new QEMU and the copy of guest RAM, when two TCG QEMUs compete for the CPUs: on a loaded machine ' +
+        `the guest answers late then too (1-minute load average at the end of this run: ${loadavg()[0]?.toFixed(1) ?? '?'} on ${String(availableParallelism())} CPUs).`,
       `Per migration (ms): gap ${gaps.map((g) => Math.round(g)).join(', ')}; downtime ${downtimes.map((d) => Math.round(d)).join(', ')}.`,
     ],
   };

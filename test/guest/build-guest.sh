@@ -13,6 +13,8 @@
 #   busybox acpid whose handler prints "GUEST POWEROFF" and powers off, and an /init that
 #   prints "GUEST READY" once acpid listens, then "GUEST TICK n" every second.
 #   Boot with: -append "console=ttyS0 quiet panic=-1" -serial file:LOG
+#   With "vmkeep_ip=ADDR/PREFIX" on the command line, the first virtio-net NIC gets that address
+#   and a TCP echo service on port 7 ("GUEST NET ADDR/PREFIX MAC" before READY).
 #
 # Idempotent: when the folder for the current kernel package version and this script's
 # content already holds both files, nothing is rebuilt.

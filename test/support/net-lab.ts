@@ -1,6 +1,6 @@
 // A network for NIC tests: a network namespace of the test's own with a Linux bridge that has
 // an address (the "host side"), in which the private systemd, vmkeepd and its QEMUs run. Clients
-// reach the guests through busybox nc run in that namespace, driven from the test process.
+// reach the guests through a small TCP pipe run in that namespace, driven from the test process.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { run } from './systemd-host.js';
@@ -10,11 +10,7 @@ export const LAB_HOST_IP = '10.77.0.1';
 
 /** Fails (never skips) without the tools, naming the package. */
 export function requireNetLabTools(): void {
-  for (const [tool, pkg] of [['/usr/bin/ip', 'iproute2'], ['/bin/busybox', 'busybox-static']] as const) {
-    if (!existsSync(tool) && !existsSync(tool.replace('/usr/bin/', '/sbin/').replace('/bin/', '/sbin/'))) {
-      throw new Error(`${tool} is missing: install ${pkg}`);
-    }
-  }
+  if (!['/usr/bin/ip', '/usr/sbin/ip', '/bin/ip', '/sbin/ip'].some((p) => existsSync(p))) throw new Error('ip is missing: install iproute2');
 }
 
 export class NetLab {
@@ -56,9 +52,9 @@ export class NetLab {
     return listed.map((l) => ({ name: l.ifname, master: l.master, up: (l.flags ?? []).includes('LOWER_UP') }));
   }
 
-  /** Runs busybox in the namespace (its own process; the caller ends it). */
-  spawnBusybox(args: string[]): ChildProcess {
-    return spawn('ip', ['netns', 'exec', this.name, 'busybox', ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
+  /** Runs a Node.js script (`node -e`) in the namespace (its own process; the caller ends it). */
+  spawnNode(script: string, args: string[]): ChildProcess {
+    return spawn('ip', ['netns', 'exec', this.name, process.execPath, '-e', script, '--', ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
   }
 
   /** Removes the namespace; its links (bridge, TAPs) go with it once no process holds it. */
@@ -73,20 +69,31 @@ async function must(result: Promise<{ stdout: string; stderr: string; exitCode: 
   return r.stdout;
 }
 
+/**
+ * A TCP client as nc would be, with TCP_NODELAY as interactive protocols (ssh, databases) set
+ * it: each line leaves at once, never held back by Nagle's algorithm behind an unacknowledged
+ * one. Exits when the connection ends.
+ */
+const TCP_PIPE = [
+  "const s = require('node:net').connect({ host: process.argv[1], port: Number(process.argv[2]) });",
+  's.setNoDelay(true);',
+  "process.stdin.pipe(s); s.pipe(process.stdout); s.on('error', () => process.exit(1)); s.on('close', () => process.exit(0));",
+].join(' ');
+
 /** What an echo session saw. */
 export interface EchoReport {
   sent: number;
   echoed: number;
   /** Lines that came back out of order or not as sent (should be none). */
   wrong: string[];
-  /** Whether the connection ended (nc exited) before stop(). */
+  /** Whether the connection ended before stop(). */
   closed: boolean;
   /** Longest time without an echo, within each window marked with mark(). */
   gaps: Map<string, number>;
 }
 
 /**
- * One TCP connection (busybox nc in the namespace) to an echo service: a numbered line every
+ * One TCP connection (TCP_PIPE in the namespace) to an echo service: a numbered line every
  * `intervalMs`, each echo checked against what was sent, in order. mark(label) starts a window
  * whose longest gap between echoes is reported under that label.
  */
@@ -103,22 +110,22 @@ export class EchoSession {
   private readonly exited: Promise<void>;
   private readonly echoWaiters = new Set<() => void>();
 
-  constructor(private readonly nc: ChildProcess, intervalMs = 10) {
-    nc.stdout?.setEncoding('utf8');
-    nc.stdout?.on('data', (chunk: string) => this.onData(chunk));
-    this.exited = new Promise((resolve) => nc.once('exit', () => { this.closed = true; resolve(); }));
-    nc.stdin?.on('error', () => undefined);
+  constructor(private readonly client: ChildProcess, intervalMs = 10) {
+    client.stdout?.setEncoding('utf8');
+    client.stdout?.on('data', (chunk: string) => this.onData(chunk));
+    this.exited = new Promise((resolve) => client.once('exit', () => { this.closed = true; resolve(); }));
+    client.stdin?.on('error', () => undefined);
     const send = (): void => {
       if (this.closed) return;
       this.sent += 1;
-      nc.stdin?.write(`${this.sent}\n`);
+      client.stdin?.write(`${this.sent}\n`);
     };
     send();
     this.timer = setInterval(send, intervalMs);
   }
 
   static open(lab: NetLab, address: string, port: number, intervalMs = 10): EchoSession {
-    return new EchoSession(lab.spawnBusybox(['nc', address, String(port)]), intervalMs);
+    return new EchoSession(lab.spawnNode(TCP_PIPE, [address, String(port)]), intervalMs);
   }
 
   private onData(chunk: string): void {
@@ -174,13 +181,13 @@ export class EchoSession {
     });
   }
 
-  /** Stops sending, waits for the echoes of what was sent (up to timeoutMs), ends nc; the report. */
+  /** Stops sending, waits for the echoes of what was sent (up to timeoutMs), ends the client; the report. */
   async stop(timeoutMs = 5_000): Promise<EchoReport> {
     clearInterval(this.timer);
     this.endWindow();
     const closedBefore = this.closed;
     if (!this.closed && this.echoed < this.sent) await this.waitForEchoes(this.sent - this.echoed, timeoutMs, 'the last echoes').catch(() => undefined);
-    if (!this.closed) this.nc.kill('SIGKILL');
+    if (!this.closed) this.client.kill('SIGKILL');
     await this.exited;
     return { sent: this.sent, echoed: this.echoed, wrong: [...this.wrong], closed: closedBefore, gaps: new Map(this.gaps) };
   }
