@@ -42,6 +42,8 @@ export interface VmView {
   refreshing?: 'migrate' | 'cpr' | 'reboot';
   pid?: number;
   scope?: string;
+  /** The TAP devices its running QEMU opened (bridge NICs). */
+  taps?: string[];
   /** Why the daemon cannot talk to this VM (state unreachable), or what failed last. */
   problem?: string;
   lastExit?: ExitInfo;

@@ -3,7 +3,9 @@
 import { randomBytes } from 'node:crypto';
 import { qemuEnvironment } from './env.js';
 import { execaRunner, installationRunContext, type Installation, type ProcessRunner } from './installation.js';
+import { LaunchError } from './errors.js';
 import { describeValue } from './names.js';
+import { formatSpecProblems, type VmSpec } from './spec.js';
 
 export type NicMode = 'bridge' | 'user';
 export const NIC_MODES: readonly NicMode[] = ['bridge', 'user'];
@@ -260,4 +262,18 @@ export async function probeNetdevs(inst: Installation, run: ProcessRunner = exec
   const result = await run(inst.binary, [...firmwareArgs, '-netdev', 'help'], { env: qemuEnvironment(env), timeoutMs: 30_000 })
     .catch(() => ({ exitCode: 1, stdout: '' }));
   return result.exitCode === 0 ? parseNetdevHelp(result.stdout) : [];
+}
+
+/**
+ * A spec for a QEMU run without vmkeepd (`vmkeep run`): user-mode NICs get MACs for this run;
+ * bridge NICs are refused, since their TAP is made and owned by vmkeepd.
+ */
+export function nicsForForegroundRun(spec: VmSpec): VmSpec {
+  if (spec.nics === undefined) return spec;
+  const problems = spec.nics.flatMap((nic, i) => (nic.mode !== 'bridge' ? [] : [{
+    field: `nics[${i}].mode`, message: 'a bridge NIC needs vmkeepd, which makes and owns its TAP device',
+    fix: 'create the VM with vmkeep create (vmkeepd running), or use { "mode": "user" } with vmkeep run',
+  }]));
+  if (problems.length > 0) throw new LaunchError('INVALID_SPEC', formatSpecProblems(problems), { problems });
+  return { ...spec, nics: withMacs(spec.nics, new Set()) };
 }

@@ -11,6 +11,7 @@ export const LAB_HOST_IP = '10.77.0.1';
 /** Fails (never skips) without the tools, naming the package. */
 export function requireNetLabTools(): void {
   if (!['/usr/bin/ip', '/usr/sbin/ip', '/bin/ip', '/sbin/ip'].some((p) => existsSync(p))) throw new Error('ip is missing: install iproute2');
+  if (!existsSync('/bin/busybox')) throw new Error('/bin/busybox is missing: install busybox-static');
 }
 
 export class NetLab {
@@ -50,6 +51,11 @@ export class NetLab {
   async links(): Promise<Array<{ name: string; master: string | undefined; up: boolean }>> {
     const listed = JSON.parse(await this.ip('-j', 'link', 'show')) as Array<{ ifname: string; master?: string; operstate?: string; flags?: string[] }>;
     return listed.map((l) => ({ name: l.ifname, master: l.master, up: (l.flags ?? []).includes('LOWER_UP') }));
+  }
+
+  /** Runs busybox in the namespace (its own process; the caller ends it). */
+  spawnBusybox(args: string[]): ChildProcess {
+    return spawn('ip', ['netns', 'exec', this.name, 'busybox', ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
   }
 
   /** Runs a Node.js script (`node -e`) in the namespace (its own process; the caller ends it). */
@@ -124,8 +130,12 @@ export class EchoSession {
     this.timer = setInterval(send, intervalMs);
   }
 
-  static open(lab: NetLab, address: string, port: number, intervalMs = 10): EchoSession {
-    return new EchoSession(lab.spawnNode(TCP_PIPE, [address, String(port)]), intervalMs);
+  /**
+   * `probe`: busybox nc instead (no TCP_NODELAY, but it starts in a few ms where Node takes
+   * ~100): for many short connections, such as probes of a forwarded port.
+   */
+  static open(lab: NetLab, address: string, port: number, intervalMs = 10, client: 'nodelay' | 'probe' = 'nodelay'): EchoSession {
+    return new EchoSession(client === 'probe' ? lab.spawnBusybox(['nc', address, String(port)]) : lab.spawnNode(TCP_PIPE, [address, String(port)]), intervalMs);
   }
 
   private onData(chunk: string): void {

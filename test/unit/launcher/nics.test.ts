@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import {
-  buildQemuCommand, freeTapSlot, LaunchError, parseNetdevHelp, tapName, tapsFor, TAP_NAME_RE, validateSpec, withMacs,
+  buildQemuCommand, freeTapSlot, LaunchError, nicsForForegroundRun, parseNetdevHelp, tapName, tapsFor, TAP_NAME_RE, validateSpec, withMacs,
   type Installation, type NicSpec,
 } from '../../../launcher/index.js';
 
@@ -117,5 +117,15 @@ describe('NIC arguments', () => {
   it('starts a migration destination\'s user-mode NICs without their forwards (the source still holds the ports)', () => {
     expect(build(false)).toContain('user,id=net1');
     expect(build(false).join(' ')).not.toContain('hostfwd');
+  });
+});
+
+describe('vmkeep run (no vmkeepd)', () => {
+  it('gives user-mode NICs MACs for the run and refuses bridge NICs with the field and the fix', () => {
+    const user = nicsForForegroundRun(validateSpec({ ...base, nics: [{ mode: 'user' }] }));
+    expect(user.nics?.[0]?.mac).toMatch(/^52:54:00(:[0-9a-f]{2}){3}$/);
+    expect(nicsForForegroundRun(validateSpec(base)).nics).toBeUndefined();
+    expect(() => nicsForForegroundRun(validateSpec({ ...base, nics: [{ mode: 'user' }, { mode: 'bridge', bridge: 'br0' }] })))
+      .toThrow(/nics\[1\]\.mode: a bridge NIC needs vmkeepd, which makes and owns its TAP device; fix: create the VM with vmkeep create/);
   });
 });
