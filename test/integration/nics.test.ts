@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonError, type VmView } from '../../daemon/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
 import { ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
-import { copiedInstallation, systemInstallation, writeInstallations, type TestInstallation } from '../support/installations.js';
+import { copiedInstallation, fakeInstallation, systemInstallation, writeInstallations, type TestInstallation } from '../support/installations.js';
 import { EchoSession, LAB_BRIDGE, NetLab } from '../support/net-lab.js';
 import { qemuPidsOf } from '../support/qemu-procs.js';
 import { waitFor } from '../support/systemd-host.js';
@@ -32,7 +32,7 @@ beforeAll(async () => {
   guest = await ensureGuestImage();
   dir = await mkdtemp(join(tmpdir(), 'vk-nics-'));
   lab = await NetLab.create(`vk-nics-${process.pid}`);
-  all = [systemInstallation('a'), await copiedInstallation('c', dir)];
+  all = [systemInstallation('a'), await copiedInstallation('c', dir), await fakeInstallation('broken', dir, { failStart: true })];
   installationsFile = join(dir, 'installations.json');
   await writeInstallations(installationsFile, all, 'a');
   host = await DaemonHost.boot({ name: `nics-${process.pid}`, dir: join(dir, 'daemon'), args: ['--installations', installationsFile], netns: lab.path });
@@ -221,6 +221,25 @@ describe('a user-mode NIC', () => {
     const recovered = lastFailed === undefined ? undefined : probes.find((p) => p.ok && p.at > lastFailed.at);
     const window = failed[0] === undefined ? 0 : (recovered?.at ?? performance.now()) - failed[0].at;
     console.log(`NIC: user-mode forwarded port did not answer for at most ${window.toFixed(0)} ms (${failed.length} of ${probes.length} probes failed) during a ${(performance.now() - started).toFixed(0)} ms refresh`);
+  });
+});
+
+describe('a failed migration with a NIC', () => {
+  it('removes the destination\'s TAP and leaves the source\'s as it was, carrying the traffic', async () => {
+    const before = (await host.record('crash')).process.taps as string[];
+    await writeInstallations(installationsFile, all, 'broken');
+    await host.restart();
+    const error = await host.api.refresh('crash', { strategy: 'migrate' }).then(() => undefined, (e: unknown) => e);
+    expect((error as DaemonError).message).toMatch(/keeps running on its old QEMU/);
+    await settled('crash');
+    await expectOneTap('crash');
+    expect((await host.record('crash')).process.taps).toEqual(before);
+    const session = EchoSession.open(lab, IPS.crash as string, ECHO_PORT);
+    try {
+      await session.waitForEchoes(10, 30_000, 'echoes after the failed migration');
+    } finally {
+      await session.stop();
+    }
   });
 });
 
