@@ -292,19 +292,25 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
           .option('parallel', { type: 'number', default: 1, describe: 'VMs refreshed at the same time' })
           .option('timeout', { type: 'number', describe: 'seconds per VM for the migration, or for the guest to power off', defaultDescription: 'migrate 60, reboot 120' })
           .option('force', { type: 'boolean', default: false, describe: 'reboot: quit a guest that ignores ACPI (it loses unwritten data)' })
-          .option('stop-on-error', { type: 'boolean', default: false, describe: 'begin no further VM once one failed' })
+          .option('stop-on-error', { type: 'boolean', default: false, describe: 'begin no further VM once one failed (the same as --max-failures 1)' })
+          .option('max-failures', { type: 'number', describe: 'stop the job after N failed VMs: none is begun after that, the rest are reported not attempted' })
+          .option('batch-interval', { type: 'number', describe: 'seconds to pause between batches of --parallel VMs (each batch ends before the pause)', defaultDescription: 'no pause' })
           .check((a) => {
             const chosen = [a.name !== undefined, a.all, a.stale].filter(Boolean).length;
             if (chosen !== 1) return 'name one VM, or give --all or --stale (exactly one of them)';
             if (a.name !== undefined && checkName(a.name) !== true) return checkName(a.name);
             if (!Number.isSafeInteger(a.parallel) || a.parallel < 1 || a.parallel > 64) return '--parallel must be a whole number from 1 to 64';
             if (a.timeout !== undefined && !(Number.isFinite(a.timeout) && a.timeout > 0)) return '--timeout must be a positive number of seconds';
+            if (a['max-failures'] !== undefined && !(Number.isSafeInteger(a['max-failures']) && a['max-failures'] >= 1)) return '--max-failures must be a whole number from 1';
+            if (a['batch-interval'] !== undefined && !(Number.isFinite(a['batch-interval']) && a['batch-interval'] >= 0)) return '--batch-interval must be a number of seconds, 0 or more';
             return true;
           })
           .example('$0 refresh web1 --strategy migrate', 'live-migrate web1 onto the current QEMU (the guest keeps running)')
           .example('$0 refresh web1 --strategy cpr', 'hand web1 over to the current QEMU without copying its RAM (QEMU >= 10.0 on both sides, memfd-shared RAM)')
           .example('$0 refresh --stale --parallel 2', "refresh every stale VM by its own policy, two at a time")
-          .example('$0 refresh --all --strategy reboot --stop-on-error', 'power-cycle every stale VM onto the new QEMU, halting at the first failure'),
+          .example('$0 refresh --all --strategy reboot --stop-on-error', 'power-cycle every stale VM onto the new QEMU, halting at the first failure')
+          .example('$0 refresh --stale --strategy migrate-or-reboot --parallel 2 --batch-interval 60 --max-failures 2 --json',
+            'two VMs at a time, a minute between batches, stop after two failures; reboot the VMs that cannot migrate'),
       run(async (api, out, a: CommonArgs & RefreshArgs) => {
         const request: RefreshJobRequest = {
           ...(a.name === undefined ? (a.all ? { all: true } : { stale: true }) : { vms: [a.name] }),
@@ -312,6 +318,8 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
           ...(a.timeout === undefined ? {} : { timeoutSec: a.timeout }),
           ...(a.force ? { force: true } : {}),
           ...(a.stopOnError ? { stopOnError: true } : {}),
+          ...(a.maxFailures === undefined ? {} : { maxFailures: a.maxFailures }),
+          ...(a.batchInterval === undefined ? {} : { batchIntervalSec: a.batchInterval }),
           parallel: a.parallel,
         };
         return followRefreshJob(api, request, { json: out.json, stdout: io.stdout, stderr: io.stderr, onSignal: io.onSignal });
@@ -419,6 +427,8 @@ interface RefreshArgs {
   timeout?: number;
   force: boolean;
   stopOnError: boolean;
+  maxFailures?: number;
+  batchInterval?: number;
 }
 
 function parseArguments(text: string): Record<string, unknown> | undefined {

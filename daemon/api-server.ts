@@ -10,6 +10,7 @@ import { QmpError, type QmpErrorCode } from '../qmp/index.js';
 import { parseStrategy, UpgradeError, type UpgradeErrorCode } from '../upgrade/index.js';
 import { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
 import { rotatedFiles } from './log-rotation.js';
+import { METRICS_CONTENT_TYPE } from './metrics.js';
 import { AUTOSTART_MODES, type AutostartMode, type CreateOptions, type DaemonOps, type RefreshJobRequest, type RefreshOptions, type StopOptions, type VmSettings } from './model.js';
 
 /** A day: longer waits are typos, and timers past 2^31 ms would fire at once. */
@@ -66,6 +67,9 @@ const LAUNCH_CODES: Record<LaunchErrorCode, DaemonErrorCode> = {
   INVALID_SPEC: 'INVALID_SPEC',
   UNKNOWN_MACHINE: 'INVALID_SPEC',
   FILE_NOT_FOUND: 'INVALID_SPEC',
+  FILE_CHANGED: 'BACKING_CHAIN_CHANGED',
+  BACKING_CHAIN_CHANGED: 'BACKING_CHAIN_CHANGED',
+  DISK_REFUSED: 'DISK_REFUSED',
   PROBE_FAILED: 'START_FAILED',
   QEMU_EXITED: 'START_FAILED',
   SPAWN_FAILED: 'START_FAILED',
@@ -329,7 +333,7 @@ function buildRoutes(ctx: Context): Route[] {
       methods: {
         POST: async (req, res) => {
           const body = await readJsonObject(req, { required: true });
-          checkFields(body, ['vms', 'all', 'stale', 'strategy', 'timeoutSec', 'force', 'parallel', 'stopOnError']);
+          checkFields(body, ['vms', 'all', 'stale', 'strategy', 'timeoutSec', 'force', 'parallel', 'stopOnError', 'batchIntervalSec', 'maxFailures']);
           const request: RefreshJobRequest = { ...refreshOptions(body) };
           if (body.vms !== undefined) {
             if (!Array.isArray(body.vms) || !body.vms.every((v) => typeof v === 'string')) throw invalid(`"vms" must be a list of VM names, got ${describeValue(body.vms)}`);
@@ -341,9 +345,12 @@ function buildRoutes(ctx: Context): Route[] {
           if (all !== undefined) request.all = all;
           if (stale !== undefined) request.stale = stale;
           if (stopOnError !== undefined) request.stopOnError = stopOnError;
-          if (body.parallel !== undefined) {
-            if (typeof body.parallel !== 'number') throw invalid(`"parallel" must be a number, got ${describeValue(body.parallel)}`);
-            request.parallel = body.parallel;
+          // Their ranges are the job's to check (refresh-jobs.ts).
+          for (const field of ['parallel', 'batchIntervalSec', 'maxFailures'] as const) {
+            const value = body[field];
+            if (value === undefined) continue;
+            if (typeof value !== 'number') throw invalid(`"${field}" must be a number, got ${describeValue(value)}`);
+            request[field] = value;
           }
           sendJson(res, 202, await ops.startRefreshJob(request));
         },
@@ -354,6 +361,7 @@ function buildRoutes(ctx: Context): Route[] {
       methods: { GET: async (_req, res, { name }) => sendJson(res, 200, ops.refreshJob(name)) },
     },
     { segments: ['1.0', 'upgrade-status'], methods: { GET: async (_req, res) => sendJson(res, 200, await ops.upgradeStatus()) } },
+    { segments: ['1.0', 'metrics'], methods: { GET: async (_req, res) => sendMetrics(res, await ops.metricsText()) } },
     {
       segments: ['1.0', 'vms', ':name', 'qmp'],
       methods: {
@@ -556,6 +564,12 @@ function sendJson(res: ServerResponse, status: number, value: unknown): void {
   const body = `${JSON.stringify(value)}\n`;
   res.writeHead(status, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), 'Cache-Control': 'no-store' });
   res.end(body);
+}
+
+/** The Prometheus text format, for a scraper (daemon/metrics.ts). */
+function sendMetrics(res: ServerResponse, text: string): void {
+  res.writeHead(200, { 'Content-Type': METRICS_CONTENT_TYPE, 'Content-Length': Buffer.byteLength(text), 'Cache-Control': 'no-store' });
+  res.end(text);
 }
 
 interface ApiErrorBody {

@@ -5,6 +5,7 @@ import { probeInstallation } from '../launcher/index.js';
 import type { InstallationsConfig, RefreshStrategy } from '../upgrade/index.js';
 import { ScopeManager, SCOPE_PREFIX } from '../scope-manager/index.js';
 import { startApiServer } from './api-server.js';
+import { countDaemonStart } from './metrics.js';
 import { acquireDaemonLock } from './lock.js';
 import { VmManager } from './manager.js';
 import type { ScopePort } from './ports.js';
@@ -136,6 +137,10 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
     // startupMs: since this process started (Node's time origin), for the start-up benchmark.
     logger.info({ socket: options.socketPath, stateDir: options.stateDir, startupMs: Math.round(performance.now()), socketActivated: listenFd !== undefined }, 'vmkeepd ready');
     await manager.afterReady();
+    manager.metrics.daemonStarts = await countDaemonStart(options.stateDir).catch((error: unknown) => {
+      logger.warn({ err: error }, 'could not count this start in the state folder; the metric vmkeep_daemon_starts_total is left out');
+      return undefined;
+    });
     await reportStale(manager, logger, options.refreshAtStart === true);
     // After READY: the API serves (and shows each VM starting) while the boot's starts run.
     void manager.autostartAtBoot({

@@ -21,6 +21,12 @@ export type DaemonErrorCode =
   | 'REFRESH_REFUSED'
   /** A refresh was begun and failed; the VM runs as before on its old QEMU. */
   | 'REFRESH_FAILED'
+  /** A disk's backing chain (or an image's file) is not the recorded one: `vmkeep disk accept NAME` after checking. */
+  | 'BACKING_CHAIN_CHANGED'
+  /** A disk image vmkeep will not use (a backing file without a stated format, a non-file backing). */
+  | 'DISK_REFUSED'
+  /** An image another VM uses read-write (or a read-write image another VM uses at all). */
+  | 'IMAGE_IN_USE'
   | 'INTERNAL'
   // Requests the API cannot take: each has its own HTTP status so `status = HTTP_STATUS[code]` always.
   | 'METHOD_NOT_ALLOWED'
@@ -52,6 +58,9 @@ export const HTTP_STATUS: Record<DaemonErrorCode, number> = {
   QMP_FAILED: 502,
   REFRESH_REFUSED: 409,
   REFRESH_FAILED: 500,
+  BACKING_CHAIN_CHANGED: 409,
+  DISK_REFUSED: 422,
+  IMAGE_IN_USE: 409,
   INTERNAL: 500,
   METHOD_NOT_ALLOWED: 405,
   BODY_TOO_LARGE: 413,

@@ -25,14 +25,15 @@ import type {
 } from './model.js';
 import { autostartAtBoot, type AutostartOptions, type AutostartPlan } from './autostart.js';
 import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES, startLogRotation, type LogLimits } from './log-rotation.js';
-import { migrateNow } from './migration.js';
+import { migrateNow, MigrationRolledBack } from './migration.js';
 import { ModulePins } from './pins.js';
 import { realQemu, type QemuPort, type ScopePort } from './ports.js';
 import { reattachIsolated } from './reattach.js';
 import { bridgesOf, nicHostProblems, orphanTaps, realNet, refuseNicHostProblems, TapKeeper, tapList, tapsClaimed, tapsForNewQemu, tapsReleased, type NetPort } from './taps.js';
 import { RECORD_SCHEMA, type RecordStore, type VmRecord } from './records.js';
 import { RefreshJobs } from './refresh-jobs.js';
-import { planRefresh } from './refresh-plan.js';
+import { planFallback, planRefresh } from './refresh-plan.js';
+import { DaemonMetrics, formatExposition } from './metrics.js';
 import { startHealthChecks, superviseMonitor } from './supervision.js';
 import { stalenessOf, upgradeStatus } from './upgrade-status.js';
 import type { CoreOptions, Launch, LaunchArgs, VmCore } from './vm-core.js';
@@ -99,6 +100,7 @@ export class VmManager implements DaemonOps, VmCore {
   private readonly listeners = new Set<(event: DaemonEvent) => void>();
   private readonly jobs: RefreshJobs;
   private readonly pins: ModulePins;
+  readonly metrics = new DaemonMetrics();
   private orphanScopes: string[] = [];
   private orphanTaps: string[] = [];
   private closed = false;
@@ -156,10 +158,14 @@ export class VmManager implements DaemonOps, VmCore {
       this.options.logger.error({ vm: bad.name, file: bad.file, code: bad.error.code }, bad.error.message);
     }
     for (const record of records) this.vms.set(record.name, newEntry(record));
+    const began = performance.now();
     const all = Promise.all(records.map((record) => {
       const entry = this.entry(record.name);
       return entry.lock.run('reattach', () => reattachIsolated(this, entry));
-    })).then(() => this.findOrphanScopes()).then(() => this.findOrphanTaps());
+    })).then(() => {
+      this.metrics.startReattachSeconds = (performance.now() - began) / 1000;
+      return this.findOrphanScopes();
+    }).then(() => this.findOrphanTaps());
     this.reattachDone = all.catch(() => undefined);
     this.stopHealthChecks = startHealthChecks(this);
     const limits = this.managerOptions.logLimits ?? { maxBytes: DEFAULT_LOG_MAX_BYTES, keep: DEFAULT_LOG_KEEP };
@@ -237,6 +243,8 @@ export class VmManager implements DaemonOps, VmCore {
   }
 
   watch(entry: VmEntry, qmp: QmpClient): void {
+    const name = entry.record.name;
+    qmp.observeCommands((_command, seconds, error) => this.metrics.qmpCommand(name, seconds, error?.code === 'COMMAND_TIMEOUT'));
     superviseMonitor(this, entry, qmp);
   }
 
@@ -649,10 +657,34 @@ export class VmManager implements DaemonOps, VmCore {
 
   async refresh(name: string, options: RefreshOptions = {}): Promise<RefreshOutcome> {
     const entry = this.entry(name);
-    return entry.lock.run('refresh', () => {
-      this.requireLive(entry);
-      return this.refreshNow(entry, options);
-    }, { refuseIfBusy: true });
+    const strategy = options.strategy ?? this.policyOf(entry.record);
+    try {
+      const outcome = await entry.lock.run('refresh', () => {
+        this.requireLive(entry);
+        return this.refreshNow(entry, options);
+      }, { refuseIfBusy: true });
+      this.metrics.refreshes.inc({ strategy, outcome: outcome.result });
+      if (outcome.result === 'migrated' && outcome.downtimeMs !== undefined && outcome.migrationMs !== undefined) {
+        const mode = { mode: outcome.strategy };
+        this.metrics.migrationDowntime.observe(mode, outcome.downtimeMs / 1000);
+        this.metrics.migrationDuration.observe(mode, outcome.migrationMs / 1000);
+      }
+      return outcome;
+    } catch (error) {
+      const refused = error instanceof DaemonError && ['REFRESH_REFUSED', 'BUSY', 'CONFLICT', 'UNREACHABLE', 'INVALID_REQUEST'].includes(error.code);
+      this.metrics.refreshes.inc({ strategy, outcome: refused ? 'refused' : 'failed' });
+      throw error;
+    }
+  }
+
+  /** The Prometheus text of GET /1.0/metrics: the counters so far, the VM gauges as of now. */
+  async metricsText(): Promise<string> {
+    const vmsByState: Record<string, number> = {};
+    for (const entry of this.entries()) vmsByState[entry.record.state] = (vmsByState[entry.record.state] ?? 0) + 1;
+    if (this.damaged.size > 0) vmsByState.damaged = this.damaged.size;
+    const staleByInstallation: Record<string, number> = {};
+    for (const vm of (await this.upgradeStatus()).vms.filter((v) => v.stale)) staleByInstallation[vm.installation] = (staleByInstallation[vm.installation] ?? 0) + 1;
+    return formatExposition(this.metrics.families({ vmsByState, staleByInstallation }));
   }
 
   private async refreshNow(entry: VmEntry, options: RefreshOptions): Promise<RefreshOutcome> {
@@ -697,7 +729,7 @@ export class VmManager implements DaemonOps, VmCore {
       case 'migrate': {
         // auto and cpr hand the guest's RAM over where both QEMUs can, else copy it (auto only).
         let mode: 'migrate' | 'cpr' = 'migrate';
-        let why = '';
+        let why = plan.fallback === 'reboot' ? 'the live migration worked, no reboot needed' : '';
         if (strategy === 'auto' || strategy === 'cpr') {
           try {
             ({ strategy: mode, why } = chooseLiveStrategy(strategy, { vm: name, memoryBackend: memoryBackendOf(record.spec), runningVersion: status?.runningVersion, targetVersion: info.version }));
@@ -705,7 +737,32 @@ export class VmManager implements DaemonOps, VmCore {
             throw new DaemonError('REFRESH_REFUSED', (cause as Error).message, { cause });
           }
         }
-        const { downtimeMs, migrationMs, pid } = await migrateNow(this, entry, target, info, options, mode);
+        let moved: Awaited<ReturnType<typeof migrateNow>>;
+        try {
+          moved = await migrateNow(this, entry, target, info, options, mode);
+        } catch (cause) {
+          if (plan.fallback !== 'reboot') throw cause;
+          const after = entry.record;
+          const fallback = planFallback({
+            error: (cause as Error).message,
+            onOldQemu: cause instanceof MigrationRolledBack && after.state === 'running' && after.process?.pid === from?.pid
+              && after.refresh === undefined && after.retired === undefined,
+            destinationStarted: cause instanceof MigrationRolledBack && cause.destinationStarted,
+          });
+          if (fallback.action === 'fail') {
+            throw fallback.why === undefined ? cause : new DaemonError(asDaemonError(cause).code, `${(cause as Error).message}. ${fallback.why}`, { cause });
+          }
+          options.onStep?.('powering-off', `${name}: ${fallback.reason}; rebooting it instead`);
+          try {
+            await this.rebootNow(entry, target, options);
+          } catch (failed) {
+            const code = failed instanceof DaemonError ? failed.code : 'REFRESH_FAILED';
+            throw new DaemonError(code, `${fallback.reason}, and the reboot failed too: ${(failed as Error).message}`, { cause: failed });
+          }
+          return outcome('rebooted', `${name} powered off and started on "${target.name}" (QEMU ${info.version}, pid ${entry.record.process?.pid}) because ${fallback.reason}`,
+            { ...fromField, strategy: 'reboot', to: { ...to, ...(entry.record.process ? { pid: entry.record.process.pid } : {}) }, reason: fallback.reason });
+        }
+        const { downtimeMs, migrationMs, pid } = moved;
         const how = mode === 'cpr' ? 'handed over live (cpr-transfer: RAM not copied)' : 'moved live';
         return outcome('migrated', `${name} ${how} onto "${target.name}" (QEMU ${info.version}, pid ${pid}); guest paused ${downtimeMs} ms${why === '' ? '' : ` (${mode}: ${why})`}`,
           { ...fromField, strategy: mode, to: { ...to, pid }, downtimeMs, migrationMs, ...(why === '' ? {} : { reason: why }) });
@@ -922,6 +979,8 @@ export class VmManager implements DaemonOps, VmCore {
   }
 
   emit(event: Omit<DaemonEvent, 'time'>): void {
+    // Every deletion says so here: its per-VM series go with it.
+    if (event.type === 'vm-deleted' && event.vm !== undefined) this.metrics.forgetVm(event.vm);
     const full: DaemonEvent = { ...event, time: new Date().toISOString() };
     for (const listener of this.listeners) {
       try {

@@ -82,7 +82,7 @@ export interface DaemonEvent {
   time: string;
 }
 
-export type RefreshStep = 'started' | 'migrating' | 'powering-off' | 'starting' | 'done' | 'failed' | 'skipped' | 'job-done';
+export type RefreshStep = 'started' | 'migrating' | 'powering-off' | 'starting' | 'done' | 'failed' | 'skipped' | 'pause' | 'job-done';
 
 export interface RefreshOptions {
   /** Default: the VM's own policy, else the daemon's. */
@@ -124,7 +124,12 @@ export interface RefreshJobRequest {
   parallel?: number;
   timeoutSec?: number;
   force?: boolean;
+  /** The same as maxFailures 1. */
   stopOnError?: boolean;
+  /** Seconds to pause between batches of `parallel` VMs (0 to MAX_BATCH_INTERVAL_SEC). */
+  batchIntervalSec?: number;
+  /** Stop the job after this many failed VMs: no new VM is begun, the rest are not attempted. */
+  maxFailures?: number;
 }
 
 export interface RefreshJob {
@@ -132,6 +137,8 @@ export interface RefreshJob {
   vms: string[];
   state: 'running' | 'done';
   parallel: number;
+  batchIntervalSec?: number;
+  maxFailures?: number;
   startedAt: string;
   endedAt?: string;
   results: Array<{ vm: string; ok: boolean; skipped?: boolean; outcome?: RefreshOutcome; error?: { code: string; message: string } }>;
@@ -221,6 +228,8 @@ export interface DaemonOps {
   startRefreshJob(request: RefreshJobRequest): Promise<RefreshJob>;
   refreshJob(id: string): RefreshJob;
   upgradeStatus(): Promise<UpgradeStatus>;
+  /** GET /1.0/metrics: the Prometheus text format (daemon/metrics.ts). */
+  metricsText(): Promise<string>;
   /** Subscribes to state changes; returns the unsubscribe function. */
   subscribe(listener: (event: DaemonEvent) => void): () => void;
 }

@@ -6,6 +6,8 @@ import type { DaemonEvent, RefreshJob, RefreshJobRequest, RefreshOptions, Refres
 
 const MAX_JOBS_KEPT = 100;
 const MAX_PARALLEL = 64;
+/** A day: longer pauses are a schedule, not a batch interval. */
+const MAX_BATCH_INTERVAL_SEC = 86_400;
 
 export interface RefreshJobsDeps {
   /** Every VM name, sorted; throws NOT_FOUND for an unknown one when asked for it. */
@@ -31,6 +33,15 @@ export class RefreshJobs {
     if (!Number.isSafeInteger(parallel) || parallel < 1 || parallel > MAX_PARALLEL) {
       throw new DaemonError('INVALID_REQUEST', `parallel must be a whole number from 1 to ${MAX_PARALLEL}, got ${String(request.parallel)}`);
     }
+    const batchIntervalSec = request.batchIntervalSec ?? 0;
+    if (!Number.isFinite(batchIntervalSec) || batchIntervalSec < 0 || batchIntervalSec > MAX_BATCH_INTERVAL_SEC) {
+      throw new DaemonError('INVALID_REQUEST', `batchIntervalSec must be a number of seconds from 0 to ${MAX_BATCH_INTERVAL_SEC}, got ${String(request.batchIntervalSec)}`);
+    }
+    if (request.maxFailures !== undefined && (!Number.isSafeInteger(request.maxFailures) || request.maxFailures < 1)) {
+      throw new DaemonError('INVALID_REQUEST', `maxFailures must be a whole number from 1, got ${String(request.maxFailures)}`);
+    }
+    // stopOnError is maxFailures 1; with both, the stricter wins.
+    const maxFailures = request.stopOnError === true ? 1 : request.maxFailures;
     const strategy = request.strategy === undefined ? undefined : parseStrategy(request.strategy);
     let vms: string[];
     if (request.vms !== undefined) {
@@ -42,7 +53,12 @@ export class RefreshJobs {
       const status = await deps.upgradeStatus();
       vms = status.vms.filter((v) => v.stale && (strategy ?? v.policy) !== 'manual').map((v) => v.name);
     }
-    const job: RefreshJob = { id: `refresh-${randomBytes(4).toString('hex')}`, vms, state: 'running', parallel, startedAt: new Date().toISOString(), results: [] };
+    const job: RefreshJob = {
+      id: `refresh-${randomBytes(4).toString('hex')}`, vms, state: 'running', parallel,
+      ...(batchIntervalSec > 0 ? { batchIntervalSec } : {}),
+      ...(maxFailures === undefined ? {} : { maxFailures }),
+      startedAt: new Date().toISOString(), results: [],
+    };
     this.jobs.set(job.id, job);
     const finished = [...this.jobs.values()].filter((j) => j.state === 'done');
     for (const old of finished.slice(0, Math.max(0, this.jobs.size - MAX_JOBS_KEPT))) this.jobs.delete(old.id);
@@ -55,7 +71,9 @@ export class RefreshJobs {
     void runRolling({
       vms,
       parallel,
-      stopOnError: request.stopOnError === true,
+      ...(maxFailures === undefined ? {} : { maxFailures }),
+      batchIntervalMs: batchIntervalSec * 1000,
+      onPause: (ms, remaining) => deps.emit({ type: 'refresh', job: job.id, step: 'pause', message: `pausing ${ms / 1000} s before the next batch (${remaining} VM(s) to go)` }),
       refresh: (vm) => deps.refresh(vm, { ...options, onStep: (step, message) => deps.emit({ type: 'refresh', job: job.id, vm, step, message }) }),
       onStart: (vm) => deps.emit({ type: 'refresh', job: job.id, vm, step: 'started', message: `refreshing ${vm}` }),
       onEnd: (item, done, total) => {
@@ -75,7 +93,7 @@ export class RefreshJobs {
         ...(r.error ? { error: { code: (r.error as { code?: string }).code ?? 'INTERNAL', message: r.error.message } } : {}),
       }));
       for (const r of results.filter((x) => x.skipped)) {
-        deps.emit({ type: 'refresh', job: job.id, vm: r.vm, step: 'skipped', message: `${r.vm} skipped: an earlier VM failed (--stop-on-error)` });
+        deps.emit({ type: 'refresh', job: job.id, vm: r.vm, step: 'skipped', message: `${r.vm} not attempted: the job stopped after ${maxFailures ?? 1} failed VM(s) (max failures)` });
       }
       const ok = results.filter((r) => r.ok).length;
       job.state = 'done';

@@ -3,6 +3,8 @@ import { SIMPLE_NAME_RE, UUID_RE } from './names.js';
 import { installationRunContext, type Installation } from './installation.js';
 import { memoryBackendOf, supportsCprTransfer } from './memory.js';
 import { nicArgs } from './nics.js';
+import { diskArguments, type DiskChain } from './disks.js';
+import type { InheritedFd } from './inherited-fds.js';
 import type { VmSpec } from './spec.js';
 
 /** The two listening sockets of a cpr-transfer destination: the cpr state first, then the stream. */
@@ -16,6 +18,8 @@ export interface QemuCommand {
   argv: string[];
   /** Only the variables vmkeep sets; spawnQemu adds a minimal base (PATH). */
   env: Record<string, string>;
+  /** What spawnQemu opens and hands over at exec, at the descriptor numbers the argv names (none if absent). */
+  inheritedFds?: InheritedFd[];
 }
 
 export interface BuildQemuCommandInput {
@@ -40,6 +44,8 @@ export interface BuildQemuCommandInput {
   taps?: ReadonlyArray<string | undefined>;
   /** false: user-mode NICs start without host forwards (a migration destination gets them at hand-over). */
   withForwards?: boolean;
+  /** Each disk's chain (recorded, or read just now), aligned with spec.disks. */
+  diskChains?: readonly DiskChain[];
 }
 
 /** The -incoming JSON of one cpr-transfer channel; the same address the source's migrate names. */
@@ -50,7 +56,7 @@ export function cprChannel(type: 'cpr' | 'main', path: string): Record<string, u
 
 /**
  * QemuOpts escaping: inside a comma-separated option value a literal comma is written ",,".
- * Only for values QEMU parses as option lists (-drive, -qmp unix:); -kernel, -initrd,
+ * Only for values QEMU parses as option lists (-add-fd, -qmp unix:); -kernel, -initrd,
  * -append and -L take their argument verbatim.
  */
 export function escapeQemuOptValue(value: string): string {
@@ -110,10 +116,8 @@ export function buildQemuCommand(input: BuildQemuCommandInput): QemuCommand {
   if (spec.kernel !== undefined) argv.push('-kernel', spec.kernel);
   if (spec.initrd !== undefined) argv.push('-initrd', spec.initrd);
   if (spec.append !== undefined) argv.push('-append', spec.append);
-  for (const disk of spec.disks) {
-    const readOnly = disk.readOnly ? ',readonly=on' : '';
-    argv.push('-drive', `file=${escapeQemuOptValue(disk.path)},format=${disk.format},if=virtio${readOnly}`);
-  }
+  const inheritedFds: InheritedFd[] = [];
+  argv.push(...diskArguments(spec.disks, input.diskChains ?? [], inheritedFds, spec.kernel === undefined));
   if (spec.nics !== undefined) argv.push(...nicArgs(spec.nics, input.taps ?? [], input.withForwards ?? true));
   if (input.startPaused) argv.push('-S');
   if (input.incoming === 'defer') argv.push('-incoming', 'defer');
@@ -123,5 +127,5 @@ export function buildQemuCommand(input: BuildQemuCommandInput): QemuCommand {
     argv.push('-incoming', JSON.stringify(cprChannel('main', input.incoming.mainSocket)));
   }
 
-  return { binary: installation.binary, argv, env };
+  return { binary: installation.binary, argv, env, inheritedFds };
 }

@@ -2,6 +2,12 @@ export type LaunchErrorCode =
   | 'INVALID_SPEC'
   | 'UNKNOWN_MACHINE'
   | 'FILE_NOT_FOUND'
+  /** A file passed to QEMU is not the one recorded (replaced or moved since). */
+  | 'FILE_CHANGED'
+  /** A disk's backing chain differs from the recorded one: an operator checks and accepts it. */
+  | 'BACKING_CHAIN_CHANGED'
+  /** A disk image vmkeep will not hand to QEMU (a backing file without a stated format, ...). */
+  | 'DISK_REFUSED'
   | 'PROBE_FAILED'
   | 'QEMU_EXITED'
   | 'SPAWN_FAILED'

@@ -2,7 +2,7 @@ export { LaunchError, type LaunchErrorCode, type SpecProblem } from './errors.js
 export { isValidVmName, vmNameProblem, describeValue, VM_NAME_RULE, SIMPLE_NAME_RE, UUID_RE } from './names.js';
 export {
   validateSpec, formatSpecProblems, SPEC_DEFAULTS, SPEC_LIMITS,
-  MEMORY_BACKENDS, type VmSpec, type DiskSpec, type DiskFormat, type Accel, type MemoryBackend,
+  MEMORY_BACKENDS, DISK_CACHES, type VmSpec, type DiskSpec, type DiskFormat, type DiskCache, type Accel, type MemoryBackend,
 } from './spec.js';
 export { supportsCprTransfer, withMemoryDefault, memoryBackendOf } from './memory.js';
 export { checkSpecFiles, validateSpecAndFiles } from './files.js';
@@ -24,3 +24,11 @@ export {
   hostfwdRule, forwardKey, nicArgs, parseNetdevHelp, probeNetdevs, nicsForForegroundRun,
   type NicSpec, type NicMode, type BridgeNic, type UserNic, type HostForward, type TapSlot,
 } from './nics.js';
+export {
+  readDiskChains, parseBackingChain, compareChains, chainChangedError, diskArguments, formatNodeName,
+  type DiskLayer, type DiskChain, type ChainDifference, type ChainReadOptions,
+} from './disks.js';
+export {
+  FIRST_INHERITED_FD, inheritFd, openInheritedFds, closeFds, stdioWithInherited,
+  type InheritedFd, type InheritedFile, type InheritedSource,
+} from './inherited-fds.js';

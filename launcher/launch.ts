@@ -1,5 +1,6 @@
 import { connectQmp, type QmpClient } from '../qmp/index.js';
 import { buildQemuCommand, type CprChannels, type QemuCommand } from './argv.js';
+import { readDiskChains, type DiskChain } from './disks.js';
 import { LaunchError } from './errors.js';
 import { resolveMachineType, type Installation, type InstallationInfo } from './installation.js';
 import { isSameProcess } from './process.js';
@@ -21,11 +22,20 @@ export interface LaunchVmOptions {
   incoming?: 'defer';
   /** A machine type already resolved and recorded (a refresh keeps the VM's pinned type). */
   machineType?: string;
+  /**
+   * Each disk's backing chain as recorded (the daemon compared it with the files just before).
+   * Absent: read now (a foreground `vmkeep run` has no record).
+   */
+  diskChains?: readonly DiskChain[];
   qmpTimeoutMs?: number;
   /** The TAP device of each bridge NIC, made (and later removed) by the caller. */
   taps?: ReadonlyArray<string | undefined>;
   /** false: user-mode NICs start without host forwards (added at a migration's hand-over). */
   withForwards?: boolean;
+}
+
+async function chainsOf(options: Pick<LaunchVmOptions, 'spec' | 'diskChains'>): Promise<readonly DiskChain[]> {
+  return options.diskChains ?? (options.spec.disks.length === 0 ? [] : readDiskChains(options.spec.disks));
 }
 
 export interface LaunchedVm {
@@ -63,6 +73,7 @@ export async function launchVm(options: LaunchVmOptions): Promise<LaunchedVm> {
     version: options.info.version,
     ...(options.taps === undefined ? {} : { taps: options.taps }),
     ...(options.withForwards === undefined ? {} : { withForwards: options.withForwards }),
+    diskChains: await chainsOf(options),
   });
   const spawned = await spawnQemu(command, {
     stderrLog: options.paths.stderrLog,
@@ -130,6 +141,7 @@ export async function launchCprDestination(options: Omit<LaunchVmOptions, 'incom
     version: options.info.version,
     ...(options.taps === undefined ? {} : { taps: options.taps }),
     ...(options.withForwards === undefined ? {} : { withForwards: options.withForwards }),
+    diskChains: await chainsOf(options),
   });
   const spawned = await spawnQemu(command, {
     stderrLog: options.paths.stderrLog,

@@ -5,6 +5,7 @@ import { connect } from 'node:net';
 import type { QemuCommand } from './argv.js';
 import { qemuEnvironment } from './env.js';
 import { LaunchError } from './errors.js';
+import { closeFds, openInheritedFds, stdioWithInherited } from './inherited-fds.js';
 import { readProcessIdentity } from './process.js';
 
 export interface SpawnOptions {
@@ -70,10 +71,14 @@ export async function spawnQemu(command: QemuCommand, options: SpawnOptions): Pr
       'fix: make sure no QEMU of this VM is running, then remove the stale socket');
   }
 
+  // Opened here, by the daemon, so QEMU never opens those paths itself; each is closed on our
+  // side once the child has its copy (ARCHITECTURE.md, "Disks and passed descriptors").
+  const inherited = openInheritedFds(command.inheritedFds ?? []);
   let logFd: number;
   try {
     logFd = openSync(options.stderrLog, 'a', 0o640);
   } catch (err) {
+    closeFds(inherited);
     throw new LaunchError('SPAWN_FAILED', `cannot open QEMU's log ${options.stderrLog}: ${String(err)}; fix: check that its folder exists and is writable`, { cause: err });
   }
   // Only what this start writes is quoted in an error, not older runs' output in the same log.
@@ -82,14 +87,15 @@ export async function spawnQemu(command: QemuCommand, options: SpawnOptions): Pr
   try {
     child = spawn(command.binary, command.argv, {
       detached: true,
-      stdio: ['ignore', logFd, logFd],
+      stdio: stdioWithInherited(['ignore', logFd, logFd], command.inheritedFds ?? [], inherited),
       env: qemuEnvironment(command.env),
     });
   } catch (err) {
     throw new LaunchError('SPAWN_FAILED', `cannot start ${command.binary}: ${String(err)}`, { cause: err });
   } finally {
-    // The child has its own copy of the descriptor.
+    // The child has its own copies of the descriptors.
     closeSync(logFd);
+    closeFds(inherited);
   }
 
   let spawnError: Error | undefined;

@@ -14,10 +14,20 @@ export type DiskFormat = 'raw' | 'qcow2';
 export type MemoryBackend = 'anonymous' | 'memfd-shared';
 export const MEMORY_BACKENDS: readonly MemoryBackend[] = ['anonymous', 'memfd-shared'];
 
+/**
+ * `writeback` (QEMU's default): the host page cache is used and the guest's flushes reach the
+ * disk. `none`: O_DIRECT, bypassing the host cache (the image's filesystem must allow it).
+ */
+export type DiskCache = 'writeback' | 'none';
+export const DISK_CACHES: readonly DiskCache[] = ['writeback', 'none'];
+
 export interface DiskSpec {
   path: string;
   format: DiskFormat;
   readOnly: boolean;
+  cache: DiskCache;
+  /** Pass the guest's discard (TRIM) requests on to the image, freeing its space. */
+  discard: boolean;
 }
 
 /** A validated VM spec: defaults filled in, optional fields absent rather than undefined. */
@@ -62,7 +72,7 @@ const SPEC_FIELDS = [
   'name', 'memoryMiB', 'vcpus', 'machine', 'accel', 'cpu', 'kernel', 'initrd', 'append', 'disks', 'uuid', 'memory', 'nics',
 ] as const;
 const MEMORY_FIELDS = ['backend'] as const;
-const DISK_FIELDS = ['path', 'format', 'readOnly'] as const;
+const DISK_FIELDS = ['path', 'format', 'readOnly', 'cache', 'discard'] as const;
 
 // CPU names go into comma-separated QEMU options: no commas, no "=", nothing exotic.
 const CPU_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -267,7 +277,7 @@ function checkDisks(value: unknown, add: Add): DiskSpec[] {
   value.forEach((entry: unknown, i) => {
     const field = `disks[${i}]`;
     if (!isRecord(entry)) {
-      add(field, `must be an object, got ${describeValue(entry)}`, 'give { "path": ..., "format": "raw" | "qcow2", "readOnly"?: true|false }');
+      add(field, `must be an object, got ${describeValue(entry)}`, 'give { "path": ..., "format": "raw" | "qcow2", "readOnly"?: true|false, "cache"?: "writeback"|"none", "discard"?: true|false }');
       return;
     }
     reportUnknownFields(entry, DISK_FIELDS, `${field}.`, add);
@@ -281,6 +291,13 @@ function checkDisks(value: unknown, add: Add): DiskSpec[] {
     if (entry.readOnly !== undefined && typeof entry.readOnly !== 'boolean') {
       add(`${field}.readOnly`, `must be true or false, got ${describeValue(entry.readOnly)}`, 'use true or false (default false)');
     }
+    if (entry.cache !== undefined && !(DISK_CACHES as readonly unknown[]).includes(entry.cache)) {
+      add(`${field}.cache`, `must be ${DISK_CACHES.map((c) => `"${c}"`).join(' or ')}, got ${describeValue(entry.cache)}`,
+        'use "writeback" (default: the host caches, the guest\'s flushes reach the disk) or "none" (O_DIRECT)');
+    }
+    if (entry.discard !== undefined && typeof entry.discard !== 'boolean') {
+      add(`${field}.discard`, `must be true or false, got ${describeValue(entry.discard)}`, 'use true to pass the guest\'s discards to the image, false (default) to ignore them');
+    }
     if (path !== undefined) {
       const earlier = firstIndexOfPath.get(path);
       if (earlier !== undefined) {
@@ -290,7 +307,11 @@ function checkDisks(value: unknown, add: Add): DiskSpec[] {
       }
     }
     if (path !== undefined && (format === 'raw' || format === 'qcow2')) {
-      disks.push({ path, format, readOnly: entry.readOnly === true });
+      disks.push({
+        path, format, readOnly: entry.readOnly === true,
+        cache: entry.cache === 'none' ? 'none' : 'writeback',
+        discard: entry.discard === true,
+      });
     }
   });
   return disks;

@@ -85,6 +85,17 @@ describe('refresh of one VM', () => {
 });
 
 describe('refresh --stale and the manual policy', () => {
+  it('passes --max-failures and --batch-interval to the job request, and refuses bad values with the fix', async () => {
+    ops.addVm('web1', 'running');
+    const { code } = await vmkeep(['refresh', '--stale', '--strategy', 'migrate-or-reboot', '--parallel', '2', '--max-failures', '3', '--batch-interval', '1.5']);
+    expect(code).toBe(0);
+    expect(ops.calls.find((c) => c.op === 'startRefreshJob')?.args).toEqual([
+      { stale: true, strategy: 'migrate-or-reboot', maxFailures: 3, batchIntervalSec: 1.5, parallel: 2 },
+    ]);
+    expect((await vmkeep(['refresh', '--stale', '--max-failures', '0'])).stderr).toContain('--max-failures must be a whole number from 1');
+    expect((await vmkeep(['refresh', '--stale', '--batch-interval', '-1'])).stderr).toContain('--batch-interval must be a number of seconds, 0 or more');
+  });
+
   it('names the stale VMs it skipped by their policy and how to include them', async () => {
     ops.addVm('web1', 'running');
     ops.addVm('db', 'running');
@@ -299,10 +310,10 @@ describe('usage errors', () => {
     [['refresh', '--all', '--parallel', '65'], '--parallel must be a whole number from 1 to 64'],
     [['refresh', '--all', '--parallel', '1.5'], '--parallel must be a whole number from 1 to 64'],
     [['refresh', '--all', '--parallel', 'two'], '--parallel must be a whole number from 1 to 64'],
-    [['refresh', 'web1', '--strategy', 'bogus'], 'Given: "bogus", Choices: "auto", "cpr", "migrate", "reboot", "on-guest-shutdown", "manual"'],
+    [['refresh', 'web1', '--strategy', 'bogus'], 'Given: "bogus", Choices: "auto", "cpr", "migrate", "migrate-or-reboot", "reboot", "on-guest-shutdown", "manual"'],
     [['refresh', 'web1', '--timeout', '0'], '--timeout must be a positive number of seconds'],
     [['refresh', 'Web/1'], '"Web/1" is not a valid VM name'],
-    [['create', 'vm.json', '--policy', 'sometimes'], 'Given: "sometimes", Choices: "auto", "cpr", "migrate", "reboot", "on-guest-shutdown", "manual"'],
+    [['create', 'vm.json', '--policy', 'sometimes'], 'Given: "sometimes", Choices: "auto", "cpr", "migrate", "migrate-or-reboot", "reboot", "on-guest-shutdown", "manual"'],
   ])('%j exits 2 with a helpful message and asks nothing of the daemon', async (args, message) => {
     const { code, stdout, stderr } = await vmkeep(args);
     expect(code).toBe(2);

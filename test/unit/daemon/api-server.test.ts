@@ -113,6 +113,14 @@ async function openStream(path: string) {
 }
 
 describe('routes', () => {
+  it('GET /1.0/metrics answers the Prometheus text format with its media type; POST is refused', async () => {
+    const reply = await call('GET', '/1.0/metrics');
+    expect(reply.status).toBe(200);
+    expect(reply.headers['content-type']).toBe('text/plain; version=0.0.4; charset=utf-8');
+    expect(reply.text).toBe('# HELP vmkeep_vms VMs by state.\n# TYPE vmkeep_vms gauge\nvmkeep_vms{state="running"} 1\n');
+    expect((await call('POST', '/1.0/metrics', {})).status).toBe(405);
+  });
+
   it('GET /1.0 answers the daemon info', async () => {
     const reply = await call('GET', '/1.0');
     expect(reply.status).toBe(200);

@@ -206,6 +206,11 @@ export class FakeDaemonOps implements DaemonOps {
     return job;
   }
 
+  async metricsText(): Promise<string> {
+    this.record('metricsText', []);
+    return '# HELP vmkeep_vms VMs by state.\n# TYPE vmkeep_vms gauge\nvmkeep_vms{state="running"} 1\n';
+  }
+
   async upgradeStatus(): Promise<UpgradeStatus> {
     this.record('upgradeStatus', []);
     return {

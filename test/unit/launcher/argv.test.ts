@@ -1,9 +1,13 @@
 import { describe, expect, it } from 'vitest';
-import { buildQemuCommand, escapeQemuOptValue, validateSpec, type Installation } from '../../../launcher/index.js';
+import { buildQemuCommand, escapeQemuOptValue, validateSpec, type DiskLayer, type Installation } from '../../../launcher/index.js';
 
 const UUID = '123e4567-e89b-12d3-a456-426614174000';
 const system: Installation = { name: 'system', binary: '/usr/bin/qemu-system-x86_64', firmwareDirs: [] };
 const paths = { qmpSocket: '/run/vmkeep/vm1/qmp.sock', serialLog: '/var/log/vmkeep/vm1.serial' };
+
+function layer(path: string, format: 'raw' | 'qcow2', ino: number): DiskLayer {
+  return { path, format, virtualSize: 1 << 20, dev: 1, ino };
+}
 
 describe('buildQemuCommand', () => {
   it('builds the exact command line of a kernel spec', () => {
@@ -26,6 +30,7 @@ describe('buildQemuCommand', () => {
         '-append', 'console=ttyS0 quiet panic=-1',
       ],
       env: {},
+      inheritedFds: [],
     });
   });
 
@@ -38,7 +43,11 @@ describe('buildQemuCommand', () => {
       name: 'snap', binary: '/snap/vmkeep/12/usr/bin/qemu-system-x86_64', moduleDir: '/snap/vmkeep/12/usr/lib/qemu',
       firmwareDirs: ['/snap/vmkeep/12/usr/share/qemu', '/snap/vmkeep/12/usr/share/seabios'],
     };
-    expect(buildQemuCommand({ spec, uuid: UUID, installation, machineType: 'pc-i440fx-7.2', paths, startPaused: true, incoming: 'defer' })).toEqual({
+    const diskChains = [
+      [layer('/vm/root.qcow2', 'qcow2', 11), layer('/vm/base.raw', 'raw', 12)],
+      [layer('/vm/seed.img', 'raw', 13)],
+    ];
+    expect(buildQemuCommand({ spec, uuid: UUID, installation, machineType: 'pc-i440fx-7.2', paths, startPaused: true, incoming: 'defer', diskChains })).toEqual({
       binary: '/snap/vmkeep/12/usr/bin/qemu-system-x86_64',
       argv: [
         '-name', 'guest=db',
@@ -53,26 +62,43 @@ describe('buildQemuCommand', () => {
         '-serial', 'chardev:serial0',
         '-L', '/snap/vmkeep/12/usr/share/qemu',
         '-L', '/snap/vmkeep/12/usr/share/seabios',
-        '-drive', 'file=/vm/root.qcow2,format=qcow2,if=virtio',
-        '-drive', 'file=/vm/seed.img,format=raw,if=virtio,readonly=on',
+        '-add-fd', 'fd=3,set=3,opaque=disk0-layer1:/vm/base.raw',
+        '-blockdev', '{"driver":"file","node-name":"disk0-layer1-file","filename":"/dev/fdset/3","read-only":true,"cache":{"direct":false,"no-flush":false},"discard":"ignore"}',
+        '-blockdev', '{"driver":"raw","node-name":"disk0-layer1","file":"disk0-layer1-file","read-only":true,"cache":{"direct":false,"no-flush":false},"discard":"ignore"}',
+        '-add-fd', 'fd=4,set=4,opaque=disk0:/vm/root.qcow2',
+        '-blockdev', '{"driver":"file","node-name":"disk0-file","filename":"/dev/fdset/4","read-only":false,"cache":{"direct":false,"no-flush":false},"discard":"ignore"}',
+        '-blockdev', '{"driver":"qcow2","node-name":"disk0","file":"disk0-file","read-only":false,"cache":{"direct":false,"no-flush":false},"discard":"ignore","backing":"disk0-layer1"}',
+        '-device', 'virtio-blk-pci,id=virtio-disk0,drive=disk0,bootindex=0',
+        '-add-fd', 'fd=5,set=5,opaque=disk1:/vm/seed.img',
+        '-blockdev', '{"driver":"file","node-name":"disk1-file","filename":"/dev/fdset/5","read-only":true,"cache":{"direct":false,"no-flush":false},"discard":"ignore"}',
+        '-blockdev', '{"driver":"raw","node-name":"disk1","file":"disk1-file","read-only":true,"cache":{"direct":false,"no-flush":false},"discard":"ignore"}',
+        '-device', 'virtio-blk-pci,id=virtio-disk1,drive=disk1,bootindex=1',
         '-S',
         '-incoming', 'defer',
       ],
       env: { QEMU_MODULE_DIR: '/snap/vmkeep/12/usr/lib/qemu' },
+      inheritedFds: [
+        { childFd: 3, source: { kind: 'file', path: '/vm/base.raw', access: 'read-only', direct: false, identity: { dev: 1, ino: 12 }, what: 'disks[0] layer 1' } },
+        { childFd: 4, source: { kind: 'file', path: '/vm/root.qcow2', access: 'read-write', direct: false, identity: { dev: 1, ino: 11 }, what: 'disks[0]' } },
+        { childFd: 5, source: { kind: 'file', path: '/vm/seed.img', access: 'read-only', direct: false, identity: { dev: 1, ino: 13 }, what: 'disks[1]' } },
+      ],
     });
   });
 
   it('escapes commas where QEMU parses option lists, and only there', () => {
-    // Checked against QEMU 7.2: -qmp unix:, -chardev path= and -drive file= split on ",";
-    // -kernel, -initrd and -L take the path verbatim.
+    // Checked against QEMU 7.2: -qmp unix:, -chardev path= and -add-fd opaque= split on ",";
+    // -kernel, -initrd and -L take the path verbatim; -blockdev is JSON.
     const spec = validateSpec({ name: 'c', kernel: '/a,b/k', initrd: '/a,b/i', disks: [{ path: '/a,b/d,,.img', format: 'raw' }] });
     const { argv } = buildQemuCommand({
       spec, uuid: UUID, installation: { ...system, firmwareDirs: ['/fw,1'] }, machineType: 'pc-q35-7.2',
       paths: { qmpSocket: '/run/a,b/qmp.sock', serialLog: '/log/a,b.serial' }, startPaused: false,
+      diskChains: [[layer('/a,b/d,,.img', 'raw', 1)]],
     });
     const after = (flag: string): string | undefined => argv[argv.indexOf(flag) + 1];
     expect(after('-qmp')).toBe('unix:/run/a,,b/qmp.sock,server=on,wait=off');
-    expect(after('-drive')).toBe('file=/a,,b/d,,,,.img,format=raw,if=virtio');
+    expect(after('-add-fd')).toBe('fd=3,set=3,opaque=disk0:/a,,b/d,,,,.img');
+    // With a kernel, the disk is not a boot device.
+    expect(after('-device')).toBe('virtio-blk-pci,id=virtio-disk0,drive=disk0');
     expect(after('-chardev')).toBe('file,id=serial0,path=/log/a,,b.serial,append=on');
     expect(after('-kernel')).toBe('/a,b/k');
     expect(after('-initrd')).toBe('/a,b/i');

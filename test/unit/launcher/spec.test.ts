@@ -38,10 +38,18 @@ describe('validateSpec', () => {
     expect(spec).toEqual({
       name: 'web-1.prod_a', memoryMiB: 1024, vcpus: 4, machine: 'pc-q35-7.2', accel: 'kvm', cpu: 'Skylake-Client-v4',
       kernel: '/k', initrd: '/i', append: 'console=ttyS0', uuid: 'abcdef01-2345-6789-abcd-ef0123456789',
-      disks: [{ path: '/d/a.qcow2', format: 'qcow2', readOnly: false }, { path: '/d/b.img', format: 'raw', readOnly: true }],
+      disks: [
+        { path: '/d/a.qcow2', format: 'qcow2', readOnly: false, cache: 'writeback', discard: false },
+        { path: '/d/b.img', format: 'raw', readOnly: true, cache: 'writeback', discard: false },
+      ],
     });
     // A validated spec validates to itself (records can be re-checked when read back).
     expect(validateSpec(spec)).toEqual(spec);
+  });
+
+  it('keeps cache and discard of a disk', () => {
+    expect(validateSpec({ name: 'd', disks: [{ path: '/x.raw', format: 'raw', cache: 'none', discard: true }] }).disks)
+      .toEqual([{ path: '/x.raw', format: 'raw', readOnly: false, cache: 'none', discard: true }]);
   });
 
   it('accepts a disk-only spec', () => {
@@ -111,13 +119,16 @@ describe('validateSpec', () => {
         { format: 'raw', bootindex: 1 },
         '/c.img',
         { path: '/b.img', format: 'raw' },
+        { path: '/e.img', format: 'raw', cache: 'unsafe', discard: 'on' },
       ],
     });
     expect(problems.map((p) => p.field)).toEqual([
       'disks[0].path', 'disks[1].format', 'disks[1].readOnly', 'disks[2].bootindex', 'disks[2].path', 'disks[3]', 'disks[4].path',
+      'disks[5].cache', 'disks[5].discard',
     ]);
     expect(problems[1]?.fix).toContain('set "format" explicitly');
-    expect(problems.at(-1)?.message).toContain('same file as disks[1].path');
+    expect(problems[6]?.message).toContain('same file as disks[1].path');
+    expect(problems[7]?.fix).toContain('"none" (O_DIRECT)');
   });
 
   it('rejects unknown fields and suggests the close known one', () => {
