@@ -23,6 +23,7 @@ const STRATEGIES = [...REFRESH_STRATEGIES];
 export type DaemonApi = Pick<
   ApiClient,
   'list' | 'get' | 'set' | 'create' | 'start' | 'stop' | 'delete' | 'qmp' | 'console' | 'events' | 'refresh' | 'startRefreshJob' | 'refreshJob' | 'upgradeStatus'
+  | 'acceptDisks'
 >;
 
 export interface VmCommandContext {
@@ -215,6 +216,19 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
       run(async (api, out, a: CommonArgs & { name: string; settings: string[] }) => {
         const vm = await api.set(a.name, parseSettings(a.settings) as VmSettings);
         out.document(vm, `${vm.name}: autostart=${vm.autostart}`);
+      }),
+    )
+    .command(
+      'disk <action> <name>',
+      "disk chains: `accept` records each disk's backing chain as it is now, after BACKING_CHAIN_CHANGED, once you checked it",
+      (y) =>
+        withName(y, env)
+          .positional('action', { type: 'string', choices: ['accept'], demandOption: true, describe: 'what to do' })
+          .example('$0 disk accept web1', 'after checking it with qemu-img info --backing-chain, let web1 start from its new chain'),
+      run(async (api, out, a: CommonArgs & { name: string }) => {
+        const result = await api.acceptDisks(a.name);
+        const lines = result.disks.map((chain, d) => `  disks[${d}]: ${chain.map((l) => `${l.path} (${l.format})`).join(' <- ')}`);
+        out.document(result, `${result.vm}: accepted the chains of its disks (top first):\n${lines.join('\n')}`);
       }),
     )
     .command(

@@ -4,7 +4,7 @@ import { DaemonError, type DaemonErrorCode } from './errors.js';
 import { DEFAULT_MIGRATE_TIMEOUT_SEC, DEFAULT_REBOOT_TIMEOUT_SEC, DEFAULT_STOP_TIMEOUT_SEC } from './model.js';
 import type {
   CreateOptions, DaemonEvent, DaemonInfo, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome, StopOptions,
-  UpgradeStatus, VmSettings, VmView,
+  DiskAcceptResult, UpgradeStatus, VmSettings, VmView,
 } from './model.js';
 
 export interface ApiClientOptions {
@@ -91,6 +91,11 @@ export class ApiClient {
 
   upgradeStatus(): Promise<UpgradeStatus> {
     return this.json({ method: 'GET', path: '/1.0/upgrade-status', timeoutMs: this.slowTimeout() });
+  }
+
+  /** Records each disk's backing chain as it is now (after BACKING_CHAIN_CHANGED). */
+  acceptDisks(name: string): Promise<DiskAcceptResult> {
+    return this.json({ method: 'POST', path: `${vmPath(name)}/disks/accept`, body: {}, timeoutMs: this.slowTimeout() });
   }
 
   start(name: string): Promise<VmView> {

@@ -319,6 +319,15 @@ function buildRoutes(ctx: Context): Route[] {
       },
     },
     {
+      segments: ['1.0', 'vms', ':name', 'disks', 'accept'],
+      methods: {
+        POST: async (req, res, { name }) => {
+          checkFields(await readJsonObject(req, { required: false }), []);
+          sendJson(res, 200, await ops.acceptDisks(name));
+        },
+      },
+    },
+    {
       segments: ['1.0', 'vms', ':name', 'refresh'],
       methods: {
         POST: async (req, res, { name }) => {

@@ -24,7 +24,7 @@ export { classifyReattach, type ReattachObservation, type ReattachDecision, type
 export { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
 export { DEFAULT_STOP_TIMEOUT_SEC } from './model.js';
 export type {
-  CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, ExitInfo, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome,
+  CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, DiskAcceptResult, ExitInfo, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome,
   RefreshStep, StopOptions, UpgradeStatus, VmSettings, VmState, VmUpgradeStatus, VmView, AutostartMode,
 } from './model.js';
 export { AUTOSTART_MODES, DEFAULT_AUTOSTART } from './model.js';

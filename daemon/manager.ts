@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import type { Logger } from './log.js';
 import {
   isValidVmName, LaunchError, memoryBackendOf, probeNetdevs, QUIT_EXIT_TIMEOUT_MS, resolveMachineType, validateSpecAndFiles, withMacs,
-  withMemoryDefault, type Installation, type VmSpec, type InstallationInfo, type LaunchedVm,
+  withMemoryDefault, type DiskChain, type Installation, type InstallationInfo, type LaunchedVm, type VmSpec,
 } from '../launcher/index.js';
 import { isQmpError, powerDownGuest, type QmpClient } from '../qmp/index.js';
 import { scopeUnitName } from '../scope-manager/index.js';
@@ -20,9 +20,10 @@ import { DaemonError } from './errors.js';
 import { DEFAULT_REBOOT_TIMEOUT_SEC, DEFAULT_STOP_TIMEOUT_SEC, MONITOR_GREETING_TIMEOUT_MS } from './model.js';
 import { AUTOSTART_MODES } from './model.js';
 import type {
-  CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome,
+  CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, DiskAcceptResult, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome,
   StopOptions, UpgradeStatus, VmSettings, VmView,
 } from './model.js';
+import { asDaemonDiskError, chainsForStart, refuseSharedImages } from './disks.js';
 import { autostartAtBoot, type AutostartOptions, type AutostartPlan } from './autostart.js';
 import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES, startLogRotation, type LogLimits } from './log-rotation.js';
 import { migrateNow, MigrationRolledBack } from './migration.js';
@@ -76,8 +77,12 @@ export interface VmManagerOptions {
 
 /** A failure as the API reports it: ours keep their code, anything else (the file system) is a start failure. */
 function asDaemonError(error: unknown): DaemonError {
-  return error instanceof DaemonError ? error : new DaemonError('START_FAILED', (error as Error).message, { cause: error });
+  const disk = asDaemonDiskError(error);
+  return disk instanceof DaemonError ? disk : new DaemonError('START_FAILED', (error as Error).message, { cause: error });
 }
+
+/** Codes a failed start keeps: the operator's fix differs from a plain start failure's. */
+const KEPT_START_CODES = new Set(['BACKING_CHAIN_CHANGED', 'DISK_REFUSED']);
 
 function checkAutostart(value: unknown): void {
   if (!(AUTOSTART_MODES as readonly unknown[]).includes(value)) {
@@ -312,6 +317,9 @@ export class VmManager implements DaemonOps, VmCore {
     // Every problem at once: the files a spec names are checked even when other fields are wrong.
     let spec = await validateSpecAndFiles(input);
     this.refuseExisting(spec.name);
+    // Read once and recorded: from now on the record, not the image headers, names the files.
+    const disks = await this.readChains(spec);
+    refuseSharedImages({ name: spec.name, spec, disks }, this.diskHolders());
     const channel = options.channel ?? DEFAULT_CHANNEL;
     const installation = currentInstallation(this.options.installations, channel);
     const policy = options.policy === undefined ? undefined : parseStrategy(options.policy, 'policy');
@@ -328,6 +336,7 @@ export class VmManager implements DaemonOps, VmCore {
       name: spec.name,
       uuid: spec.uuid ?? randomUUID(),
       spec,
+      ...(spec.disks.length === 0 ? {} : { disks }),
       machineType,
       installation,
       channel,
@@ -338,8 +347,9 @@ export class VmManager implements DaemonOps, VmCore {
       createdAt: now,
       updatedAt: now,
     };
-    // Checked again after the awaits above: two creates of one name may have raced.
+    // Checked again after the awaits above: two creates of one name (or of one image) may have raced.
     this.refuseExisting(spec.name);
+    refuseSharedImages({ name: spec.name, spec, disks }, this.diskHolders());
     const entry = newEntry(record);
     this.vms.set(spec.name, entry);
     // The record is written, and the VM started, inside the VM's own lock: a delete (or a
@@ -472,8 +482,9 @@ export class VmManager implements DaemonOps, VmCore {
       // QEMU refusing what the spec asks (not a kernel, more memory than it can have) is the
       // caller's to fix; anything else (systemd, the state folder) is ours.
       const userError = cause instanceof LaunchError && cause.code === 'QEMU_EXITED';
+      const disk = asDaemonDiskError(cause);
       throw new DaemonError(
-        userError ? 'SPEC_REJECTED' : 'START_FAILED',
+        disk instanceof DaemonError && KEPT_START_CODES.has(disk.code) ? disk.code : userError ? 'SPEC_REJECTED' : 'START_FAILED',
         `starting ${name} failed: ${(cause as Error).message}`,
         { cause },
       );
@@ -490,6 +501,8 @@ export class VmManager implements DaemonOps, VmCore {
     const { record } = entry;
     const { qemu, scopes } = this.options;
     const start: Launch<T | LaunchedVm> = launch ?? ((options) => qemu.launch(options));
+    // Before every QEMU start of the VM: a QEMU that ran the guest may have rewritten a header.
+    const diskChains = chainsForStart(record.name, record.spec, record.disks, await this.readChains(record.spec));
     const nics = record.spec.nics ?? [];
     const taps = tapList(args.taps);
     // Made before QEMU opens them by name; once recorded (onSpawned) the record's change releases
@@ -499,6 +512,7 @@ export class VmManager implements DaemonOps, VmCore {
     return this.pins.whileLaunching(args.installation, args.info, async (pinned) => {
       const vm = await start({
         spec: record.spec,
+        diskChains,
         uuid: record.uuid,
         installation: pinned,
         info: args.info,
@@ -532,6 +546,40 @@ export class VmManager implements DaemonOps, VmCore {
       if (!recorded) await this.options.taps.release(record.name, taps);
       throw error;
     });
+  }
+
+  /** Every disk's chain as it is now; a refused chain (no stated backing format, ...) is DISK_REFUSED. */
+  private async readChains(spec: VmSpec): Promise<DiskChain[]> {
+    if (spec.disks.length === 0) return [];
+    try {
+      return await this.options.qemu.readDiskChains(spec.disks);
+    } catch (error) {
+      throw asDaemonDiskError(error);
+    }
+  }
+
+  private diskHolders(): Array<{ name: string; spec: VmSpec; disks: readonly DiskChain[] | undefined }> {
+    return this.entries().map((e) => ({ name: e.record.name, spec: e.record.spec, disks: e.record.disks }));
+  }
+
+  /**
+   * Records each disk's chain as it is now, after an operator checked it (BACKING_CHAIN_CHANGED
+   * names this). Refused while a refresh runs; the image-sharing rule applies as at create.
+   */
+  async acceptDisks(name: string): Promise<DiskAcceptResult> {
+    const entry = this.entry(name);
+    return entry.lock.run('disk-accept', async () => {
+      this.requireLive(entry);
+      this.refuseWhileMigrating(entry);
+      const { spec } = entry.record;
+      if (spec.disks.length === 0) throw new DaemonError('INVALID_REQUEST', `${name} has no disks; nothing to accept`);
+      const now = await this.readChains(spec);
+      refuseSharedImages({ name, spec, disks: now }, this.diskHolders());
+      const previous = entry.record.disks;
+      await this.record(entry, { ...entry.record, disks: now });
+      this.options.logger.warn({ vm: name, previous, now }, `the backing chains of ${name}'s disks were accepted by the operator`);
+      return { vm: name, previous: previous ?? null, disks: now };
+    }, { refuseIfBusy: true });
   }
 
   async stop(name: string, options: StopOptions = {}): Promise<VmView> {

@@ -1,4 +1,4 @@
-import type { VmSpec } from '../launcher/index.js';
+import type { DiskChain, VmSpec } from '../launcher/index.js';
 import type { RefreshStrategy } from '../upgrade/index.js';
 
 /**
@@ -206,6 +206,13 @@ export interface StopOptions {
 }
 
 /** What the control API can ask of the daemon; the HTTP layer only translates. */
+/** What `vmkeep disk accept` recorded, and what was recorded before (null: nothing yet). */
+export interface DiskAcceptResult {
+  vm: string;
+  previous: DiskChain[] | null;
+  disks: DiskChain[];
+}
+
 export interface DaemonOps {
   info(): DaemonInfo;
   list(): Promise<VmView[]>;
@@ -230,6 +237,8 @@ export interface DaemonOps {
   upgradeStatus(): Promise<UpgradeStatus>;
   /** GET /1.0/metrics: the Prometheus text format (daemon/metrics.ts). */
   metricsText(): Promise<string>;
+  /** Records each disk's backing chain as it is now (after BACKING_CHAIN_CHANGED, once checked). */
+  acceptDisks(name: string): Promise<DiskAcceptResult>;
   /** Subscribes to state changes; returns the unsubscribe function. */
   subscribe(listener: (event: DaemonEvent) => void): () => void;
 }

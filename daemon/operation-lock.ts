@@ -5,7 +5,7 @@ import { DaemonError } from './errors.js';
 /** What can hold a VM. User operations may refuse to wait behind each other; the rest queue. */
 export type OperationKind =
   | 'create' | 'start' | 'stop' | 'delete' | 'refresh' | 'set'
-  | 'reattach' | 'supervise' | 'autostart';
+  | 'reattach' | 'supervise' | 'autostart' | 'disk-accept';
 
 const USER_OPERATIONS: ReadonlySet<OperationKind> = new Set(['create', 'start', 'stop', 'delete', 'refresh']);
 
@@ -20,6 +20,7 @@ const DOING: Record<OperationKind, string> = {
   supervise: 'handling an event of',
   set: 'changing the settings of',
   autostart: 'starting at boot',
+  'disk-accept': 'accepting the disk chains of',
 };
 
 export interface RunningOperation {

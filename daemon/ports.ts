@@ -1,8 +1,8 @@
 // The adapters the VM manager acts through, passed in so unit tests run it against a fake
 // QEMU and a fake systemd (ARCHITECTURE.md, "Side effects at the edges").
 import {
-  isSameProcess, launchCprDestination, launchVm, readProcessIdentity, readRunningExe, waitForProcessExit,
-  type CprChannels, type ExeInfo, type LaunchedVm, type LaunchVmOptions, type PendingVm, type ProcessIdentity,
+  isSameProcess, launchCprDestination, launchVm, readDiskChains, readProcessIdentity, readRunningExe, waitForProcessExit,
+  type CprChannels, type DiskChain, type DiskSpec, type ExeInfo, type LaunchedVm, type LaunchVmOptions, type PendingVm, type ProcessIdentity,
 } from '../launcher/index.js';
 import { connectQmp, type QmpClient } from '../qmp/index.js';
 import type { CreateScopeOptions } from '../scope-manager/index.js';
@@ -32,6 +32,8 @@ export interface QemuPort {
   exe(pid: number, startTime: string, current?: { dev: number; ino: number }): Promise<ExeInfo | null>;
   /** Only for a QEMU that holds no guest (a destination before hand-over), after an identity check. */
   kill(pid: number): void;
+  /** Each disk's backing chain as it is on disk now (qemu-img + stat). */
+  readDiskChains(disks: readonly DiskSpec[]): Promise<DiskChain[]>;
 }
 
 export const realQemu: QemuPort = {
@@ -43,4 +45,5 @@ export const realQemu: QemuPort = {
   waitForExit: waitForProcessExit,
   exe: readRunningExe,
   kill: (pid) => process.kill(pid, 'SIGKILL'),
+  readDiskChains: (disks) => readDiskChains(disks),
 };

@@ -4,7 +4,7 @@ import { chmod, mkdir, open, readdir, rename, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import {
   describeValue, SIMPLE_NAME_RE, TAP_NAME_RE, UUID_RE, VM_NAME_RULE,
-  isValidVmName, LaunchError, validateSpec, type BinaryIdentity, type Installation, type VmSpec,
+  isValidVmName, LaunchError, validateSpec, type BinaryIdentity, type DiskChain, type DiskLayer, type Installation, type VmSpec,
 } from '../launcher/index.js';
 import { DEFAULT_CHANNEL, REFRESH_STRATEGIES, type RefreshStrategy } from '../upgrade/index.js';
 import { DaemonError } from './errors.js';
@@ -15,7 +15,7 @@ import { AUTOSTART_MODES, type AutostartMode, type ExitInfo, type VmState } from
  * field) bumps it and adds an entry to RECORD_UPGRADES, so older daemons refuse what they
  * cannot fully read instead of silently dropping fields on their next write.
  */
-export const RECORD_SCHEMA = 4;
+export const RECORD_SCHEMA = 5;
 
 /** A record is a spec plus a few paths (well under 1 MiB); a larger file is not one of ours. */
 const RECORD_MAX_BYTES = 4 * 1024 * 1024;
@@ -50,6 +50,13 @@ export interface VmRecord {
   uuid: string;
   /** The validated spec. */
   spec: VmSpec;
+  /**
+   * Each disk's backing chain as read at create or last accepted (aligned with spec.disks),
+   * compared with the files before every QEMU start (ARCHITECTURE.md, "Disks and passed
+   * descriptors"). Absent on a record from before chains were recorded: its disks are refused
+   * until `vmkeep disk accept`.
+   */
+  disks?: DiskChain[];
   /** Resolved, versioned machine type, pinned for the VM's life (migration needs the same one). */
   machineType: string;
   /** The installation the VM was started on. */
@@ -91,8 +98,11 @@ export const RECORD_UPGRADES: RecordUpgrades = {
   1: (raw) => ({ ...raw, channel: DEFAULT_CHANNEL }),
   // Schema 3 (host boot): optional autostart and wanted; absent means last-state, not known.
   2: (raw) => raw,
-  // Schema 4 (NICs): optional spec.nics and the TAPs of each QEMU; older records have neither.
+  // Schema 4 (disks): optional recorded chains. None is read here (pure): a VM with disks has
+  // its chain accepted by the operator (vmkeep disk accept) before its next QEMU start.
   3: (raw) => raw,
+  // Schema 5 (NICs): optional spec.nics and the TAPs of each QEMU; older records have neither.
+  4: (raw) => raw,
 };
 
 /** Where the records of a state folder live. */
@@ -107,7 +117,7 @@ type Obj = Record<string, unknown>;
 
 const VM_STATES: readonly VmState[] = ['starting', 'running', 'paused', 'shutdown', 'stopped', 'exited', 'unreachable'];
 const RECORD_FIELDS = [
-  'schema', 'name', 'uuid', 'spec', 'machineType', 'installation', 'channel', 'policy', 'autostart', 'wanted', 'binary', 'refresh', 'retired',
+  'schema', 'name', 'uuid', 'spec', 'disks', 'machineType', 'installation', 'channel', 'policy', 'autostart', 'wanted', 'binary', 'refresh', 'retired',
   'process', 'paths', 'state', 'lastExit', 'problem', 'createdAt', 'updatedAt',
 ] as const;
 
@@ -207,6 +217,7 @@ function checkRecord(raw: Obj, expectedName: string, problems: string[]): VmReco
   if (spec !== undefined && name !== undefined && spec.name !== name) {
     bad('spec.name', `is ${JSON.stringify(spec.name)} but the record is for ${JSON.stringify(name)}`);
   }
+  const disks = raw.disks === undefined ? undefined : checkDiskChains(raw.disks, spec, bad);
   const machineType = str(raw.machineType, 'machineType', bad);
   if (machineType !== undefined && !SIMPLE_NAME_RE.test(machineType)) {
     bad('machineType', `${JSON.stringify(machineType)} is not a machine type name`);
@@ -249,6 +260,7 @@ function checkRecord(raw: Obj, expectedName: string, problems: string[]): VmReco
   const record: VmRecord = {
     schema: RECORD_SCHEMA, name, uuid, spec, machineType, installation, channel, paths, state: state as VmState, createdAt, updatedAt,
   };
+  if (disks !== undefined) record.disks = disks;
   if (policy !== undefined) record.policy = policy;
   if (autostart !== undefined) record.autostart = autostart;
   if (wanted !== undefined) record.wanted = wanted;
@@ -276,6 +288,36 @@ function checkSpec(value: unknown, bad: Bad): VmSpec | undefined {
     if (err.problems.length === 0) bad('spec', err.message);
     return undefined;
   }
+}
+
+function checkDiskChains(value: unknown, spec: VmSpec | undefined, bad: Bad): DiskChain[] | undefined {
+  if (!Array.isArray(value)) {
+    bad('disks', `must be an array of chains, got ${describe(value)}`);
+    return undefined;
+  }
+  if (spec !== undefined && value.length !== spec.disks.length) bad('disks', `has ${value.length} chains for ${spec.disks.length} disks in the spec`);
+  const chains = value.map((chain: unknown, d) => {
+    if (!Array.isArray(chain) || chain.length === 0) {
+      bad(`disks[${d}]`, `must be a non-empty array of layers, got ${describe(chain)}`);
+      return undefined;
+    }
+    const layers = chain.map((layer: unknown, l) => checkLayer(layer, `disks[${d}][${l}]`, bad));
+    return layers.every((x): x is DiskLayer => x !== undefined) ? layers : undefined;
+  });
+  return chains.every((c): c is DiskChain => c !== undefined) ? chains : undefined;
+}
+
+function checkLayer(value: unknown, field: string, bad: Bad): DiskLayer | undefined {
+  const obj = object(value, field, ['path', 'format', 'virtualSize', 'dev', 'ino'], bad);
+  if (obj === undefined) return undefined;
+  const path = absPath(obj.path, `${field}.path`, bad);
+  const format = obj.format;
+  if (format !== 'raw' && format !== 'qcow2') bad(`${field}.format`, `must be raw or qcow2, got ${describe(format)}`);
+  const virtualSize = count(obj.virtualSize, `${field}.virtualSize`, bad);
+  const dev = count(obj.dev, `${field}.dev`, bad);
+  const ino = count(obj.ino, `${field}.ino`, bad);
+  if (path === undefined || (format !== 'raw' && format !== 'qcow2') || virtualSize === undefined || dev === undefined || ino === undefined) return undefined;
+  return { path, format, virtualSize, dev, ino };
 }
 
 function checkInstallation(value: unknown, field: string, bad: Bad): Installation | undefined {

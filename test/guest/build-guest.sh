@@ -12,6 +12,11 @@
 # - initramfs.gz: static busybox, button.ko + evdev.ko (ACPI power button as an input device),
 #   busybox acpid whose handler prints "GUEST POWEROFF" and powers off, and an /init that
 #   prints "GUEST READY" once acpid listens, then "GUEST TICK n" every second.
+# - Disks: virtio-blk (its virtio modules; ext4 is built into the cloud kernel). A first disk
+#   with an ext4 filesystem is mounted on /data before READY, and a writer appends fixed-size
+#   records to /data/records (see the writer below for the format and test/support/records-check.ts
+#   for the checker), fsyncs each and then prints "GUEST WROTE n". The power button stops the
+#   writer and unmounts /data before powering off.
 #   Boot with: -append "console=ttyS0 quiet panic=-1" -serial file:LOG
 #   With "vmkeep_ip=ADDR/PREFIX" on the command line, the first virtio-net NIC gets that address
 #   and a TCP echo service on port 7 ("GUEST NET ADDR/PREFIX MAC" before READY).
@@ -107,7 +112,7 @@ vmlinuz=$(find "$work/pkg/boot" -maxdepth 1 -name 'vmlinuz-*' | head -n1)
 
 root="$work/initramfs"
 # acpid exits at start when it cannot open its log file (/var/log/acpid.log).
-mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,var/log,var/run,lib/modules,etc/acpi/PWRF}
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,run,data,var/log,var/run,lib/modules,etc/acpi/PWRF}
 cp "$busybox" "$root/bin/busybox"
 # The kernel opens /dev/console before running /init; without the node /init has no output.
 mknod -m 600 "$root/dev/console" c 5 1
@@ -125,18 +130,22 @@ add_module() {
 }
 add_module drivers/acpi/button
 add_module drivers/input/evdev
+# In load order: virtio-blk over virtio-pci.
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci; do add_module "drivers/virtio/$m"; done
+add_module drivers/block/virtio_blk
 
-# Network (virtio-net): the driver and its dependencies, loaded in this order by /init's
-# network block. Kept apart from other device drivers' blocks; a module loaded twice only fails
-# its second insmod.
-net_modules="virtio/virtio_ring virtio/virtio virtio/virtio_pci_modern_dev virtio/virtio_pci_legacy_dev virtio/virtio_pci"
-for m in $net_modules; do add_module "drivers/$m"; done
+# Network (virtio-net over the virtio-pci modules above): the driver and its dependencies,
+# loaded by /init's network block.
 add_module net/core/failover
 add_module drivers/net/net_failover
 add_module drivers/net/virtio_net
 
 cat >"$root/etc/acpi/PWRF/00000080" <<'EOF'
 #!/bin/sh
+# The writer stops between two records; unmounting writes everything back and leaves the
+# filesystem clean for e2fsck.
+if [ -f /run/writer.pid ]; then kill "$(cat /run/writer.pid)" 2>/dev/null; while kill -0 "$(cat /run/writer.pid)" 2>/dev/null; do sleep 0.01; done; fi
+if grep -q ' /data ' /proc/mounts; then umount /data || { sync; echo "GUEST DISK UNMOUNT FAILED"; }; fi
 echo "GUEST POWEROFF" >/dev/console
 poweroff -f
 EOF
@@ -150,6 +159,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 insmod /lib/modules/button.ko
 insmod /lib/modules/evdev.ko
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do insmod /lib/modules/$m.ko; done
 
 # acpid opens the input devices once at start: the power button must exist first.
 has_power_button() {
@@ -199,7 +209,7 @@ fi
 # service on port 7 (one process per connection), for tests of connections across refreshes.
 ip_cidr=$(sed -n 's/.*vmkeep_ip=\([0-9./]*\).*/\1/p' /proc/cmdline)
 if [ -n "$ip_cidr" ]; then
-  for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net; do
+  for m in failover net_failover virtio_net; do
     insmod /lib/modules/$m.ko 2>/dev/null || grep -q "^$m " /proc/modules || echo "GUEST ERROR insmod $m"
   done
   waited=0
@@ -213,6 +223,60 @@ if [ -n "$ip_cidr" ]; then
   ip link set eth0 up
   nc -ll -p 7 -e cat &
   echo "GUEST NET $ip_cidr $(cat /sys/class/net/eth0/address)"
+fi
+
+# A first disk holding ext4 is mounted on /data. The virtio-blk probe is asynchronous: when
+# the PCI bus has a virtio-blk device (1af4:1001 or 1af4:1042), its /dev/vda is waited for.
+has_virtio_blk() {
+  for d in /sys/bus/pci/devices/*; do
+    [ "$(cat "$d/vendor")" = 0x1af4 ] || continue
+    case $(cat "$d/device") in 0x1001|0x1042) return 0 ;; esac
+  done
+  return 1
+}
+if has_virtio_blk; then
+  waited=0
+  while [ ! -b /dev/vda ] && [ "$waited" -lt 250 ]; do waited=$((waited + 1)); sleep 0.02; done
+  if [ ! -b /dev/vda ]; then
+    echo "GUEST DISK ERROR no /dev/vda"
+  elif mount -t ext4 /dev/vda /data; then
+    echo "GUEST DISK MOUNTED"
+  else
+    echo "GUEST DISK ERROR mount failed"
+  fi
+fi
+
+# The writer: fixed-size 64-byte records appended to /data/records, each
+#   "R <seq, 10 digits> <uptime in centiseconds, 12 digits> <check, 10 digits>" + spaces + "\n"
+# where check = (seq * 2654435761 + time * 40503 + 12345) mod 4294967291: a checksum of the
+# record's own content, so a torn or altered record is told from a whole one. Each record is
+# written with one write(2) and fsynced (busybox sync FILE); only then is "GUEST WROTE seq" printed. After a reboot
+# it goes on after the last record in the file. "vmkeep.writer=nosync" skips the fsync (a
+# negative control: what it prints may be lost); "vmkeep.writer=off" does not write.
+writer_mode=$(sed -n 's/.*vmkeep\.writer=\([a-z]*\).*/\1/p' /proc/cmdline)
+if grep -q ' /data ' /proc/mounts && [ "$writer_mode" != off ]; then
+  (
+    # Leading zeros would make the shell read a number as octal.
+    dec() { v=$1; while [ "${#v}" -gt 1 ] && [ "${v#0}" != "$v" ]; do v=${v#0}; done; echo "$v"; }
+    seq=0
+    if [ -s /data/records ]; then
+      set -- $(tail -n 1 /data/records)
+      [ "$1" = R ] && seq=$(dec "$2")
+    fi
+    [ -f /data/records ] || { : >/data/records; sync /data/records /data; }
+    echo "GUEST WRITER FROM $((seq + 1))"
+    while true; do
+      seq=$((seq + 1))
+      read up _ </proc/uptime
+      t=${up%.*}${up#*.}
+      while [ "${#t}" -gt 1 ] && [ "${t#0}" != "$t" ]; do t=${t#0}; done
+      check=$(( (seq * 2654435761 + t * 40503 + 12345) % 4294967291 ))
+      printf 'R %010d %012d %010d                           \n' "$seq" "$t" "$check" >>/data/records
+      [ "$writer_mode" = nosync ] || sync /data/records
+      echo "GUEST WROTE $seq"
+    done
+  ) &
+  echo $! >/run/writer.pid
 fi
 
 echo "GUEST READY"

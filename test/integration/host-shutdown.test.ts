@@ -3,10 +3,14 @@
 // any VM scope is stopped; a guest that ignores ACPI is named in the log after the timeout.
 // Negative control: without that unit the shutdown stops the scopes at once (SIGTERM to QEMU)
 // and no guest gets to power off.
-import { readFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonHost, GUESTS_UNIT } from '../support/daemon-host.js';
+import { makeOverlayOnRaw, requireDiskTools } from '../support/disk-images.js';
 import { ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
+import { checkImage, lastWrote, waitForWrote } from '../support/records-check.js';
 
 const MARKER = 'GUEST POWEROFF';
 // Short, so the deaf guest costs the test little; set by a drop-in as an administrator would.
@@ -112,6 +116,29 @@ describe('host shutdown', () => {
     // The records say what happened, for the next vmkeepd.
     for (const vm of ['web', 'db']) {
       expect(await host.record(vm)).toMatchObject({ state: 'stopped', lastExit: { reason: expect.stringMatching(/vmkeepd was down/) } });
+    }
+  });
+
+  it('a guest writing to its disk: every record it acknowledged before the power-off is on the disk', async () => {
+    requireDiskTools();
+    const images = await mkdtemp(join(tmpdir(), 'vk-hsd-disk-'));
+    try {
+      const { overlay } = makeOverlayOnRaw(images, 64, 'writer');
+      const host = await DaemonHost.boot({ name: `hsdw-${process.pid}`, guestsUnit: true, guestsTimeoutSec: TIMEOUT_SEC });
+      hosts.push(host);
+      await host.api.create({ ...spec('writer'), disks: [{ path: overlay, format: 'qcow2' }] });
+      await host.systemctl('start', GUESTS_UNIT);
+      await waitForWrote(host.serialLog('writer'), 30);
+
+      const { log } = await shutDown(host);
+
+      await expectPoweredOff(host, 'writer', log);
+      const printed = lastWrote(host.serialLog('writer'));
+      const verdict = checkImage(overlay, 'qcow2', printed);
+      expect(verdict.problems, `last printed ${printed}`).toEqual([]);
+      expect(verdict.last).toBeGreaterThanOrEqual(printed);
+    } finally {
+      await rm(images, { recursive: true, force: true });
     }
   });
 

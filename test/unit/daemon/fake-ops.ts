@@ -2,7 +2,7 @@
 import { join } from 'node:path';
 import { validateSpec } from '../../../launcher/index.js';
 import {
-  DaemonError, type CreateOptions, type DaemonEvent, type DaemonInfo, type DaemonOps, type RefreshJob, type RefreshJobRequest,
+  DaemonError, type CreateOptions, type DaemonEvent, type DaemonInfo, type DaemonOps, type DiskAcceptResult, type RefreshJob, type RefreshJobRequest,
   type RefreshOptions, type RefreshOutcome, type StopOptions, type UpgradeStatus, type VmSettings, type VmView,
 } from '../../../daemon/index.js';
 
@@ -223,6 +223,13 @@ export class FakeDaemonOps implements DaemonOps {
         ...(vm.qemuVersion === undefined ? {} : { runningVersion: vm.qemuVersion }),
       })),
     };
+  }
+
+  async acceptDisks(name: string): Promise<DiskAcceptResult> {
+    this.record('acceptDisks', [name]);
+    const vm = this.vms.get(name);
+    if (!vm) throw new DaemonError('NOT_FOUND', `no VM named ${JSON.stringify(name)}`);
+    return { vm: name, previous: null, disks: [] };
   }
 
   subscribe(listener: Listener): () => void {

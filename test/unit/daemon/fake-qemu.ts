@@ -2,7 +2,7 @@
 // with a QMP monitor that answers like QEMU does (the real QmpClient talks to it over an
 // in-memory pipe), a run state, ACPI, migration between two fakes, and the faults the tests
 // inject (SIGSTOP, a kill, a refused start, an event flood, an oversized reply).
-import { LaunchError, type ExeInfo, type LaunchedVm, type LaunchVmOptions, type ProcessIdentity, type VmSpec } from '../../../launcher/index.js';
+import { LaunchError, type DiskChain, type DiskSpec, type ExeInfo, type LaunchedVm, type LaunchVmOptions, type ProcessIdentity, type VmSpec } from '../../../launcher/index.js';
 import { QmpClient, QmpError } from '../../../qmp/index.js';
 import type { QemuPort, ScopePort } from '../../../daemon/ports.js';
 import { pipePair } from '../qmp/fake-peer.js';
@@ -241,6 +241,13 @@ export class FakeQemuHost implements QemuPort {
   failLaunches = 0;
   failMigrations = false;
   readonly scopes = new Map<string, number>();
+
+  /** What each image path is now: tests replace a file (a new inode) or its chain. */
+  readonly images = new Map<string, DiskChain>();
+
+  async readDiskChains(disks: readonly DiskSpec[]): Promise<DiskChain[]> {
+    return disks.map((d) => this.images.get(d.path) ?? [{ path: d.path, format: d.format, virtualSize: 1 << 30, ...this.identityOf(d.path) }]);
+  }
 
   identityOf(binary: string): { dev: number; ino: number } {
     return { dev: 1, ino: [...binary].reduce((n, c) => (n * 31 + c.charCodeAt(0)) % 1_000_003, 7) };
