@@ -254,15 +254,7 @@ describe('vmkeepd killed at each step of a migration with a NIC', () => {
     'migrate:begun', 'migrate:destination-recorded', 'migrate:destination-ready', 'migrate:migrating', 'migrate:completed', 'migrate:switched',
   ])('at %s: exactly one TAP carries the traffic, none is left behind', async (step) => {
     await makeStale('crash');
-    await host.setDaemonEnv('VMKEEP_TEST_CRASH_AT', step);
-    try {
-      await host.restart();
-      const error = await host.api.refresh('crash', { strategy: 'migrate' }).then(() => undefined, (e: unknown) => e);
-      expect(error, `the daemon should have died at ${step}`).toBeInstanceOf(DaemonError);
-    } finally {
-      await host.setDaemonEnv('VMKEEP_TEST_CRASH_AT', undefined);
-    }
-    await host.restart();
+    expect(await host.crashDuringRefresh('crash', step, 'migrate'), `the daemon should have died at ${step}`).toBeInstanceOf(DaemonError);
     await settled('crash');
     await expectOneTap('crash');
     const session = EchoSession.open(lab, IPS.crash as string, ECHO_PORT);

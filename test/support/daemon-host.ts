@@ -239,6 +239,24 @@ export class DaemonHost {
     else await this.systemctl('set-environment', `${name}=${value}`);
   }
 
+  /**
+   * A crash at one step of a refresh: vmkeepd restarted with VMKEEP_TEST_CRASH_AT=step SIGKILLs
+   * itself there during a refresh of `vm`, then a clean vmkeepd starts (and settles it). Resolves
+   * with what the refresh request got (an error when the daemon died as asked).
+   */
+  async crashDuringRefresh(vm: string, step: string, strategy: 'migrate' | 'reboot'): Promise<unknown> {
+    let outcome: unknown;
+    await this.setDaemonEnv('VMKEEP_TEST_CRASH_AT', step);
+    try {
+      await this.restart();
+      outcome = await this.api.refresh(vm, { strategy }).then((ok) => ok, (e: unknown) => e);
+    } finally {
+      await this.setDaemonEnv('VMKEEP_TEST_CRASH_AT', undefined);
+    }
+    await this.restart();
+    return outcome;
+  }
+
   /** The VM's record as the daemon last wrote it. */
   async record(name: string): Promise<Record<string, any>> {
     return JSON.parse(await readFile(this.recordFile(name), 'utf8')) as Record<string, any>;
