@@ -81,7 +81,7 @@ async function main(): Promise<number> {
     if (wanted('refresh')) await attempt('6. Refresh by live migration', () => benchRefresh({ guest, cleanup }));
     if (wanted('strategies')) await attempt('7. Refresh strategies on a real upgrade (QEMU 7.2 -> 10.0, cpr-transfer)', () => benchStrategies({ guest, cleanup }));
     if (wanted('faults')) await attempt('8. Fault harness', () => benchFaults());
-    if (wanted('nics')) await attempt('10. Network gap during a live refresh', () => benchNics({ guest, cleanup }));
+    if (wanted('nics')) await attempt('11. Network gap during a live refresh', () => benchNics({ guest, cleanup }));
   } finally {
     await cleanup.runAll();
   }

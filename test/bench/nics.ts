@@ -1,4 +1,4 @@
-// Benchmark 10: what a live refresh costs a guest's open TCP connection. One VM with a bridge NIC
+// Benchmark 11: what a live refresh costs a guest's open TCP connection. One VM with a bridge NIC
 // (the bridge in a network namespace of the bench's own, as in test/integration/nics.test.ts),
 // one connection to its echo service with a numbered line every 10 ms, and repeated migrate
 // refreshes (the current installation switched a <-> c before each, with a restart of vmkeepd,
@@ -13,7 +13,7 @@ import { EchoSession, LAB_BRIDGE, NetLab } from '../support/net-lab.js';
 import { log, met, type Cleanup, type Section } from './common.js';
 import { formatMs, median, percentile } from './stats.js';
 
-const TITLE = '10. Network gap during a live refresh';
+const TITLE = '11. Network gap during a live refresh';
 const MIGRATIONS = 12;
 const TARGET_GAP_MS = 100;
 const GUEST_IP = '10.77.0.21';
