@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
   validateSpecAndFiles,
+  nicsForForegroundRun,
   launchVm,
   probeInstallation,
   waitForProcessExit,
@@ -57,7 +58,7 @@ export async function readSpecJson(path: string): Promise<unknown> {
 
 /** Reads and validates a spec file; every problem is reported with its field and fix. */
 async function loadSpecFile(path: string) {
-  return validateSpecAndFiles(await readSpecJson(path));
+  return nicsForForegroundRun(await validateSpecAndFiles(await readSpecJson(path)));
 }
 
 /**

@@ -34,6 +34,7 @@ export function formatVmStatus(vm: VmView): string {
     ['machine', vm.machineType || undefined],
     ['memory', `${vm.spec.memoryMiB} MiB`],
     ['vcpus', String(vm.spec.vcpus)],
+    ...(vm.spec.nics ?? []).map((nic, i): [string, string] => [`nic ${i}`, describeNic(nic, vm.taps)]),
     ['uuid', vm.uuid],
     ['autostart', vm.autostart],
     ['last exit', vm.lastExit === undefined ? undefined : `${vm.lastExit.reason} at ${vm.lastExit.at}`],
@@ -43,6 +44,17 @@ export function formatVmStatus(vm: VmView): string {
   const present = lines.filter((line): line is [string, string] => line[1] !== undefined);
   const width = Math.max(...present.map(([key]) => key.length)) + 1;
   return present.map(([key, value]) => `${`${key}:`.padEnd(width)} ${printable(value)}`).join('\n');
+}
+
+/** `bridge br0, mac 52:54:00:..., tap vk...` or `user, mac ..., forwards tcp 127.0.0.1:2222 -> 22`. */
+function describeNic(nic: NonNullable<VmView['spec']['nics']>[number], taps: readonly string[] | undefined): string {
+  const mac = `mac ${nic.mac ?? '?'}`;
+  if (nic.mode === 'user') {
+    const forwards = nic.hostForward.map((f) => `${f.protocol} ${f.host} -> ${f.guest}`).join(', ');
+    return `user, ${mac}${forwards === '' ? '' : `, forwards ${forwards}`}`;
+  }
+  const tap = taps?.find((t) => t.startsWith(`vk${(nic.mac ?? '').replaceAll(':', '')}`));
+  return `bridge ${nic.bridge}, ${mac}${tap === undefined ? '' : `, tap ${tap}`}`;
 }
 
 /** One event as one human line: time, VM, what happened. */

@@ -7,9 +7,9 @@ import { closeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import type { Logger } from './log.js';
 import {
-  checkSpecFiles, isValidVmName, LaunchError, memoryBackendOf, openOwnFile, ownVmFolder, QUIT_EXIT_TIMEOUT_MS, realRoots,
+  checkSpecFiles, isValidVmName, LaunchError, memoryBackendOf, openOwnFile, ownVmFolder, probeNetdevs, QUIT_EXIT_TIMEOUT_MS, realRoots,
   removeStaleSocket, removeVmFolder, resolveMachineType, resolveWithinRoots, scopeLimits, secureFolder, validateSpec,
-  validateSpecAndFiles, withinRoots, withMemoryDefault,
+  validateSpecAndFiles, withinRoots, withMacs, withMemoryDefault,
   type DiskChain, type Installation, type InstallationInfo, type LaunchedVm, type ScopeLimits, type VmSpec,
 } from '../launcher/index.js';
 import { isQmpError, powerDownGuest, type QmpClient } from '../qmp/index.js';
@@ -34,6 +34,7 @@ import { migrateNow, MigrationRolledBack } from './migration.js';
 import { ModulePins } from './pins.js';
 import { realQemu, type MachinePort, type QemuPort, type ScopePort } from './ports.js';
 import { reattachIsolated } from './reattach.js';
+import { bridgesOf, nicHostProblems, orphanTaps, realNet, refuseNicHostProblems, TapKeeper, tapList, tapsClaimed, tapsForNewQemu, tapsReleased, type NetPort } from './taps.js';
 import { RECORD_SCHEMA, type RecordStore, type VmRecord } from './records.js';
 import type { OperationContext, RunAs } from './operations.js';
 import { RefreshJobs } from './refresh-jobs.js';
@@ -53,6 +54,8 @@ export interface VmManagerOptions {
   machines?: MachinePort;
   /** QEMU processes and monitors (default: the real ones). */
   qemu?: QemuPort;
+  /** The host's links: bridges and TAP devices (default: the real ones). */
+  net?: NetPort;
   slice: string;
   /** The installations and which is current per channel. */
   installations: InstallationsConfig;
@@ -72,7 +75,7 @@ export interface VmManagerOptions {
   /** --storage-root folders, absolute (ARCHITECTURE.md, invariant 11). */
   storageRoots?: readonly string[];
   logger: Logger;
-  info: Omit<DaemonInfo, 'orphanScopes' | 'damagedRecords'>;
+  info: Omit<DaemonInfo, 'orphanScopes' | 'orphanTaps' | 'damagedRecords'>;
   /** How long a reattach waits for a QMP greeting before calling the VM unreachable. */
   greetingTimeoutMs?: number;
   /** How often an unreachable VM's monitor is tried again, and an unwritten record written. */
@@ -161,6 +164,7 @@ export class VmManager implements DaemonOps, VmCore {
   readonly metrics = new DaemonMetrics();
   private orphanScopes: string[] = [];
   private readonly machines: MachineSync | null;
+  private orphanTaps: string[] = [];
   private closed = false;
   /** Settles once every VM's reattach has (after a bounded reattachAll, possibly later). */
   reattachDone: Promise<void> = Promise.resolve();
@@ -178,6 +182,8 @@ export class VmManager implements DaemonOps, VmCore {
       greetingTimeoutMs: o.greetingTimeoutMs ?? MONITOR_GREETING_TIMEOUT_MS,
       retryIntervalMs: o.retryIntervalMs ?? 5_000,
       healthIntervalMs: o.healthIntervalMs ?? 5_000,
+      net: o.net ?? realNet,
+      taps: new TapKeeper(o.net ?? realNet, o.logger),
     };
     this.pins = new ModulePins(o.pinRoot, o.logger);
     this.machines = o.machines === undefined ? null : new MachineSync(o.machines, o.logger);
@@ -227,7 +233,7 @@ export class VmManager implements DaemonOps, VmCore {
     })).then(() => {
       this.metrics.startReattachSeconds = (performance.now() - began) / 1000;
       return this.findOrphanScopes();
-    });
+    }).then(() => this.findOrphanTaps());
     this.reattachDone = all.catch(() => undefined);
     this.stopHealthChecks = startHealthChecks(this);
     this.stopLogRotation = startLogRotation(
@@ -255,6 +261,19 @@ export class VmManager implements DaemonOps, VmCore {
       }
     } catch (error) {
       this.options.logger.warn({ err: error }, 'could not list scopes to look for orphans');
+    }
+  }
+
+  /** TAPs with vmkeep's name pattern that no record names: reported, never removed (like orphan scopes). */
+  private async findOrphanTaps(): Promise<void> {
+    const claimed = new Set(this.entries().flatMap((e) => tapsClaimed(e.record)));
+    const links = await this.options.net.links().catch((error: unknown) => {
+      this.options.logger.warn({ err: error }, 'could not list the network links to look for orphan TAPs');
+      return [];
+    });
+    this.orphanTaps = orphanTaps(links.map((l) => l.name), claimed);
+    for (const tap of this.orphanTaps) {
+      this.options.logger.warn({ tap }, `TAP ${tap} has vmkeep's name pattern but no record claims it; left alone (remove it with \`ip link del ${tap}\` once you know no QEMU uses it)`);
     }
   }
 
@@ -343,6 +362,7 @@ export class VmManager implements DaemonOps, VmCore {
     return {
       ...this.managerOptions.info,
       orphanScopes: [...this.orphanScopes],
+      orphanTaps: [...this.orphanTaps],
       damagedRecords: [...this.damaged].map(([name, d]) => ({ name, ...d })),
     };
   }
@@ -370,6 +390,7 @@ export class VmManager implements DaemonOps, VmCore {
     const info = await this.options.probe(installation);
     // Decided now and recorded: memfd-shared where this installation can do cpr-transfer.
     spec = withMemoryDefault(spec, info);
+    if (spec.nics !== undefined) spec = await this.withCheckedNics(spec, installation);
     // Resolving now pins the versioned machine type for the VM's whole life (migrations need it).
     const machineType = resolveMachineType(spec.machine, info.machines);
     const now = new Date().toISOString();
@@ -460,6 +481,20 @@ export class VmManager implements DaemonOps, VmCore {
     return realRoots(roots);
   }
 
+  /**
+   * A new VM's NICs checked against the host and the other VMs (bridge exists, MAC and host
+   * ports free, user mode built in), then given their MACs for good: generated once, recorded.
+   */
+  private async withCheckedNics(spec: VmSpec, installation: Installation): Promise<VmSpec> {
+    const nics = spec.nics ?? [];
+    const others = this.entries().map((e) => e.record.spec).filter((o) => o.name !== spec.name);
+    const netdevs = nics.some((n) => n.mode === 'user') ? await probeNetdevs(installation) : [];
+    const bridges = nics.some((n) => n.mode === 'bridge') ? await bridgesOf(this.options.net) : new Set<string>();
+    refuseNicHostProblems(nicHostProblems(nics, others, { bridges, netdevs }));
+    const taken = new Set(others.flatMap((o) => (o.nics ?? []).flatMap((n) => (n.mac === undefined ? [] : [n.mac]))));
+    return { ...spec, nics: withMacs(nics, taken) };
+  }
+
   /** A create whose start failed leaves nothing behind, unless a QEMU of it runs after all. */
   private async forgetFailedCreate(entry: VmEntry): Promise<boolean> {
     // A closing daemon leaves the record to the next one, which sees what runs.
@@ -530,7 +565,7 @@ export class VmManager implements DaemonOps, VmCore {
     try {
       checkRefreshTarget({ vm: name, runningVersion: undefined, machineType: entry.record.machineType, target: { name: installation.name, info } });
       const { vm } = await this.launchQemu(entry, {
-        installation, info, paths, scope, incoming: false,
+        installation, info, paths, scope, incoming: false, taps: tapsForNewQemu(entry.record), withForwards: true,
         // Recorded before the scope exists: a crash from here on leaves a record that names
         // this QEMU, so the next daemon finds it instead of an orphan.
         onSpawned: (proc, moduleDir) => this.record(entry, {
@@ -593,6 +628,12 @@ export class VmManager implements DaemonOps, VmCore {
     }
     // Before every QEMU start of the VM: a QEMU that ran the guest may have rewritten a header.
     const diskChains = chainsForStart(record.name, record.spec, record.disks, await this.readChains(record.spec));
+    const nics = record.spec.nics ?? [];
+    const taps = tapList(args.taps);
+    // Made before QEMU opens them by name; once recorded (onSpawned) the record's change releases
+    // them, before that this start does.
+    await this.options.taps.make(record.name, nics, args.taps);
+    let recorded = false;
     return this.pins.whileLaunching(args.installation, args.info, async (pinned) => {
       const vm = await start({
         ...(storageRoots === undefined ? {} : { storageRoots }),
@@ -606,10 +647,13 @@ export class VmManager implements DaemonOps, VmCore {
         // Paused until it is recorded and watched: nothing the guest does can go unseen.
         stayPaused: true,
         ...(args.incoming ? { incoming: 'defer' as const } : {}),
+        taps: args.taps,
+        withForwards: args.withForwards,
         placeInScope: async (pid) => {
           const identity = qemu.identity(pid);
           if (identity === null) throw new DaemonError('START_FAILED', `QEMU (pid ${pid}) exited right after it was spawned; see ${args.paths.stderrLog}`);
-          await args.onSpawned({ pid, startTime: identity.startTime, scope: args.scope }, pinned.moduleDir);
+          await args.onSpawned({ pid, startTime: identity.startTime, scope: args.scope, ...(taps.length === 0 ? {} : { taps }) }, pinned.moduleDir);
+          recorded = true;
           if (scopes !== null && args.scope !== null) {
             await scopes.createScope({
               name: args.scope,
@@ -624,6 +668,9 @@ export class VmManager implements DaemonOps, VmCore {
         },
       });
       return { vm, moduleDir: pinned.moduleDir };
+    }).catch(async (error: unknown) => {
+      if (!recorded) await this.options.taps.release(record.name, taps);
+      throw error;
     });
   }
 
@@ -1112,8 +1159,11 @@ export class VmManager implements DaemonOps, VmCore {
 
   private remember(entry: VmEntry, record: VmRecord): void {
     const previous = entry.record.state;
+    // A TAP no record names any more belongs to a QEMU that is gone (ARCHITECTURE.md, "Networking").
+    const released = tapsReleased(entry.record, record);
     entry.record = record;
     this.machines?.sync(record);
+    void this.options.taps.release(record.name, released);
     if (record.state !== previous) {
       this.options.logger.info({ vm: record.name, state: record.state, previous }, `${record.name}: ${previous} -> ${record.state}`);
       this.emit({ type: 'vm-state', vm: record.name, state: record.state, previous });

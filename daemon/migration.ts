@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { existsSync } from 'node:fs';
-import { QUIT_EXIT_TIMEOUT_MS, type Installation, type InstallationInfo, type LaunchedVm } from '../launcher/index.js';
+import { hostfwdRule, netdevId, QUIT_EXIT_TIMEOUT_MS, type Installation, type InstallationInfo, type LaunchedVm } from '../launcher/index.js';
 import type { QmpClient } from '../qmp/index.js';
 import { scopeUnitName } from '../scope-manager/index.js';
 import { cprTransfer, decideMigration, migrateLive, pinModuleDir, type MigrationResult } from '../upgrade/index.js';
@@ -13,6 +13,7 @@ import { DaemonError } from './errors.js';
 import { DEFAULT_MIGRATE_TIMEOUT_SEC, type RefreshOptions } from './model.js';
 import type { QemuPort } from './ports.js';
 import type { OtherQemu, VmRecord } from './records.js';
+import { tapsForNewQemu } from './taps.js';
 import type { VmCore } from './vm-core.js';
 import { binaryOf, retiredOf, truncate, type VmEntry } from './vm-entry.js';
 
@@ -54,6 +55,9 @@ export async function migrateNow(core: VmCore, entry: VmEntry, target: Installat
   try {
     const args = {
       installation: target, info, scope, incoming: true,
+      // Its own TAPs on the same bridges (the guest keeps its MACs); user-mode forwards only at
+      // the hand-over: the source holds their host ports until then.
+      taps: tapsForNewQemu(entry.record), withForwards: false,
       paths: { ...entry.record.paths, qmpSocket: destSocket },
       onSpawned: async (proc: NonNullable<VmRecord['process']>, pinnedDir: string | undefined) => {
         const refresh = entry.record.refresh as NonNullable<VmRecord['refresh']>;
@@ -114,9 +118,11 @@ export async function migrateNow(core: VmCore, entry: VmEntry, target: Installat
   }
   core.crashPoint(`${mode}:completed`);
   const destination = dest as unknown as LaunchedVm;
+  await handOverNetwork(core, entry, sourceQmp, destination.qmp);
+  const destTaps = entry.record.refresh?.destination?.taps;
   const next: VmRecord = {
     ...entry.record,
-    process: { pid: destination.pid, startTime: destination.startTime, scope },
+    process: { pid: destination.pid, startTime: destination.startTime, scope, ...(destTaps === undefined ? {} : { taps: destTaps }) },
     paths: { ...entry.record.paths, qmpSocket: destSocket },
     installation: target,
     binary: binaryOf(info, moduleDir),
@@ -150,6 +156,35 @@ export async function migrateNow(core: VmCore, entry: VmEntry, target: Installat
   await rm(streamSocket, { force: true });
   await rm(cprSocket, { force: true });
   return { downtimeMs: result?.downtimeMs ?? 0, migrationMs: result?.totalMs ?? 0, pid: destination.pid };
+}
+
+/**
+ * At a migration's hand-over (the destination has the guest): the user-mode NICs' host forwards
+ * move from the source (guest-less in postmigrate) to the destination, and the destination
+ * announces the guest's MACs so bridges send its traffic to the new TAPs at once. Failures are
+ * logged and shown, never undo the refresh: the guest runs in the destination either way.
+ */
+async function handOverNetwork(core: VmCore, entry: VmEntry, source: QmpClient | undefined, dest: QmpClient): Promise<void> {
+  const nics = entry.record.spec.nics ?? [];
+  if (nics.length === 0) return;
+  const problems: string[] = [];
+  // Both commands answer in text: hostfwd_add says nothing when it worked, hostfwd_remove
+  // says "removed" or "not found".
+  const hmp = async (qmp: QmpClient, line: string, failed: (output: string) => boolean): Promise<void> => {
+    const output = await qmp.humanMonitorCommand(line).catch((error: unknown) => `error: ${(error as Error).message}`);
+    if (failed(output.trim())) problems.push(`${line}: ${output.trim()}`);
+  };
+  for (const [i, nic] of nics.entries()) {
+    if (nic.mode !== 'user') continue;
+    for (const forward of nic.hostForward) {
+      if (source !== undefined) await hmp(source, `hostfwd_remove ${netdevId(i)} ${forward.protocol}:${forward.host}`, (o) => !o.endsWith('removed'));
+      await hmp(dest, `hostfwd_add ${netdevId(i)} ${hostfwdRule(forward)}`, (o) => o !== '');
+    }
+  }
+  await dest.announceSelf().catch((error: unknown) => problems.push(`announce-self: ${(error as Error).message}`));
+  if (problems.length > 0) {
+    core.options.logger.warn({ vm: entry.record.name, problems }, 'the network hand-over of a migration was incomplete');
+  }
 }
 
 /** The destination never ran the guest: quit it (or end it if its monitor is gone), forget it. */
@@ -205,6 +240,7 @@ export async function recoverMigration(core: VmCore, entry: VmEntry): Promise<vo
     let way: 'forward' | 'back' | 'unknown';
     try {
       way = await decideMigration(sourceQmp, destQmp);
+      if (way === 'forward') await handOverNetwork(core, entry, sourceQmp, destQmp);
     } finally {
       sourceQmp?.close();
     }
@@ -224,7 +260,7 @@ export async function recoverMigration(core: VmCore, entry: VmEntry): Promise<vo
     const moduleDir = dest.moduleDir ?? (await pinModuleDir(refresh.target, info, core.options.pinRoot)).moduleDir;
     const next: VmRecord = {
       ...entry.record,
-      process: { pid: dest.pid, startTime: dest.startTime, scope: dest.scope },
+      process: { pid: dest.pid, startTime: dest.startTime, scope: dest.scope, ...(dest.taps === undefined ? {} : { taps: dest.taps }) },
       paths: { ...entry.record.paths, qmpSocket: dest.qmpSocket },
       installation: refresh.target,
       binary: binaryOf(info, moduleDir),

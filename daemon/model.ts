@@ -45,6 +45,8 @@ export interface VmView {
   refreshing?: 'migrate' | 'cpr' | 'reboot';
   pid?: number;
   scope?: string;
+  /** The TAP devices its running QEMU opened (bridge NICs). */
+  taps?: string[];
   /** Why the daemon cannot talk to this VM (state unreachable), or what failed last. */
   problem?: string;
   lastExit?: ExitInfo;
@@ -62,6 +64,8 @@ export interface DaemonInfo {
   startedAt: string;
   /** Scopes with vmkeep's prefix that no record claims (reported, never touched). */
   orphanScopes: string[];
+  /** TAP devices with vmkeep's name pattern that no record claims (reported, never removed). */
+  orphanTaps: string[];
   /** Record files that cannot be read: their VMs are left alone and their names stay taken. */
   damagedRecords: Array<{ name: string; file: string; problem: string }>;
 }

@@ -3,7 +3,7 @@ import { constants } from 'node:fs';
 import { chmod, mkdir, open, readdir, rename, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import {
-  describeValue, SIMPLE_NAME_RE, UUID_RE, VM_NAME_RULE,
+  describeValue, SIMPLE_NAME_RE, TAP_NAME_RE, UUID_RE, VM_NAME_RULE,
   isValidVmName, LaunchError, validateSpec, type BinaryIdentity, type DiskChain, type DiskLayer, type Installation, type VmSpec,
 } from '../launcher/index.js';
 import { DEFAULT_CHANNEL, REFRESH_STRATEGIES, type RefreshStrategy } from '../upgrade/index.js';
@@ -15,7 +15,7 @@ import { AUTOSTART_MODES, type AutostartMode, type ExitInfo, type VmState } from
  * field) bumps it and adds an entry to RECORD_UPGRADES, so older daemons refuse what they
  * cannot fully read instead of silently dropping fields on their next write.
  */
-export const RECORD_SCHEMA = 4;
+export const RECORD_SCHEMA = 5;
 
 /** A record is a spec plus a few paths (well under 1 MiB); a larger file is not one of ours. */
 const RECORD_MAX_BYTES = 4 * 1024 * 1024;
@@ -28,6 +28,8 @@ export interface OtherQemu {
   qmpSocket: string;
   /** Its pinned module folder (kept while it lives). */
   moduleDir?: string;
+  /** The TAP devices it opened (bridge NICs), removed once it is gone. */
+  taps?: string[];
 }
 
 /**
@@ -76,7 +78,7 @@ export interface VmRecord {
   /** The source of a finished migration, to be quit (it waits in postmigrate, guest-less). */
   retired?: OtherQemu;
   /** The current QEMU, if any. */
-  process?: { pid: number; startTime: string; scope: string | null };
+  process?: { pid: number; startTime: string; scope: string | null; taps?: string[] };
   paths: { qmpSocket: string; serialLog: string; stderrLog: string };
   /** The last state the daemon wrote. */
   state: VmState;
@@ -99,6 +101,8 @@ export const RECORD_UPGRADES: RecordUpgrades = {
   // Schema 4 (disks): optional recorded chains. None is read here (pure): a VM with disks has
   // its chain accepted by the operator (vmkeep disk accept) before its next QEMU start.
   3: (raw) => raw,
+  // Schema 5 (NICs): optional spec.nics and the TAPs of each QEMU; older records have neither.
+  4: (raw) => raw,
 };
 
 /** Where the records of a state folder live. */
@@ -365,17 +369,18 @@ function checkRefresh(value: unknown, bad: Bad): RefreshInFlight | undefined {
 }
 
 function checkOtherQemu(value: unknown, field: string, bad: Bad): OtherQemu | undefined {
-  const obj = object(value, field, ['pid', 'startTime', 'scope', 'qmpSocket', 'moduleDir'], bad);
+  const obj = object(value, field, ['pid', 'startTime', 'scope', 'qmpSocket', 'moduleDir', 'taps'], bad);
   if (obj === undefined) return undefined;
-  const proc = checkProcess({ pid: obj.pid, startTime: obj.startTime, scope: obj.scope }, bad, field);
+  const proc = checkProcess({ pid: obj.pid, startTime: obj.startTime, scope: obj.scope, ...(obj.taps === undefined ? {} : { taps: obj.taps }) }, bad, field);
   const qmpSocket = absPath(obj.qmpSocket, `${field}.qmpSocket`, bad);
   const moduleDir = obj.moduleDir === undefined ? undefined : absPath(obj.moduleDir, `${field}.moduleDir`, bad);
   return proc === undefined || qmpSocket === undefined ? undefined : { ...proc, qmpSocket, ...(moduleDir === undefined ? {} : { moduleDir }) };
 }
 
 function checkProcess(value: unknown, bad: Bad, field = 'process'): VmRecord['process'] {
-  const obj = object(value, field, ['pid', 'startTime', 'scope'], bad);
+  const obj = object(value, field, ['pid', 'startTime', 'scope', 'taps'], bad);
   if (obj === undefined) return undefined;
+  const taps = obj.taps === undefined ? undefined : checkTaps(obj.taps, `${field}.taps`, bad);
   const pid = obj.pid;
   const pidOk = typeof pid === 'number' && Number.isSafeInteger(pid) && pid > 0;
   if (!pidOk) bad(`${field}.pid`, `must be a whole number > 0, got ${describe(pid)}`);
@@ -384,8 +389,16 @@ function checkProcess(value: unknown, bad: Bad, field = 'process'): VmRecord['pr
   const scope = obj.scope;
   const scopeOk = scope === null || (typeof scope === 'string' && scope !== '');
   if (!scopeOk) bad(`${field}.scope`, `must be a unit name or null, got ${describe(scope)}`);
-  if (!pidOk || startTime === undefined || !/^\d+$/.test(startTime) || !scopeOk) return undefined;
-  return { pid: pid as number, startTime, scope: scope as string | null };
+  if (!pidOk || startTime === undefined || !/^\d+$/.test(startTime) || !scopeOk || (obj.taps !== undefined && taps === undefined)) return undefined;
+  return { pid: pid as number, startTime, scope: scope as string | null, ...(taps === undefined ? {} : { taps }) };
+}
+
+function checkTaps(value: unknown, field: string, bad: Bad): string[] | undefined {
+  if (!Array.isArray(value) || !value.every((t) => typeof t === 'string' && TAP_NAME_RE.test(t))) {
+    bad(field, `must be a list of vmkeep TAP names, got ${describe(value)}`);
+    return undefined;
+  }
+  return value as string[];
 }
 
 function checkPaths(value: unknown, bad: Bad): VmRecord['paths'] | undefined {

@@ -8,6 +8,7 @@ import type { InstallationsConfig, RefreshStrategy } from '../upgrade/index.js';
 import type { DaemonEvent } from './model.js';
 import type { QemuPort, ScopePort } from './ports.js';
 import type { RecordStore, VmRecord } from './records.js';
+import type { NetPort, TapKeeper } from './taps.js';
 import type { VmEntry } from './vm-entry.js';
 
 export interface CoreOptions {
@@ -29,6 +30,9 @@ export interface CoreOptions {
   retryIntervalMs: number;
   /** How often each monitor is asked whether it still answers (0: never). */
   healthIntervalMs: number;
+  net: NetPort;
+  /** Makes and removes the VMs' TAP devices, one change at a time. */
+  taps: TapKeeper;
 }
 
 export interface LaunchArgs {
@@ -37,6 +41,10 @@ export interface LaunchArgs {
   paths: VmRecord['paths'];
   scope: string | null;
   incoming: boolean;
+  /** The TAP of each bridge NIC for this QEMU (tapsForNewQemu), made before it starts. */
+  taps: ReadonlyArray<string | undefined>;
+  /** false: user-mode NICs start without host forwards (a destination gets them at hand-over). */
+  withForwards: boolean;
   onSpawned: (proc: NonNullable<VmRecord['process']>, moduleDir: string | undefined) => Promise<void>;
 }
 

@@ -73,6 +73,7 @@ export function toView(entry: VmEntry): VmView {
   if (record.process) {
     view.pid = record.process.pid;
     if (record.process.scope) view.scope = record.process.scope;
+    if (record.process.taps) view.taps = record.process.taps;
   }
   const problems = [
     record.problem,

@@ -2,6 +2,7 @@ import { LaunchError } from './errors.js';
 import { SIMPLE_NAME_RE, UUID_RE } from './names.js';
 import { installationRunContext, QEMU_SANDBOX, type Installation } from './installation.js';
 import { memoryBackendOf, supportsCprTransfer } from './memory.js';
+import { nicArgs } from './nics.js';
 import { diskArguments, type DiskChain } from './disks.js';
 import type { InheritedFd } from './inherited-fds.js';
 import type { VmSpec } from './spec.js';
@@ -39,6 +40,10 @@ export interface BuildQemuCommandInput {
   incoming?: 'defer' | CprChannels;
   /** The installation's probed version: decides the options only newer QEMUs know. */
   version?: string;
+  /** The TAP device of each bridge NIC (index as in spec.nics), made by the caller. */
+  taps?: ReadonlyArray<string | undefined>;
+  /** false: user-mode NICs start without host forwards (a migration destination gets them at hand-over). */
+  withForwards?: boolean;
   /** Each disk's chain (recorded, or read just now), aligned with spec.disks. */
   diskChains?: readonly DiskChain[];
   /** The build has the seccomp sandbox (InstallationInfo.sandbox): QEMU_SANDBOX is applied. */
@@ -116,6 +121,7 @@ export function buildQemuCommand(input: BuildQemuCommandInput): QemuCommand {
   const inheritedFds: InheritedFd[] = [];
   argv.push(...diskArguments(spec.disks, input.diskChains ?? [], inheritedFds, spec.kernel === undefined));
   if (input.sandbox === true) argv.push('-sandbox', QEMU_SANDBOX);
+  if (spec.nics !== undefined) argv.push(...nicArgs(spec.nics, input.taps ?? [], input.withForwards ?? true));
   if (input.startPaused) argv.push('-S');
   if (input.incoming === 'defer') argv.push('-incoming', 'defer');
   else if (input.incoming !== undefined) {

@@ -24,6 +24,11 @@ export {
 export { spawnQemu, type SpawnOptions, type SpawnedQemu } from './spawn.js';
 export { launchVm, launchCprDestination, waitForProcessExit, QUIT_EXIT_TIMEOUT_MS, type LaunchVmOptions, type LaunchedVm, type PendingVm } from './launch.js';
 export {
+  NIC_MODES, NIC_LIMITS, MAC_PREFIX, TAP_NAME_RE, IFNAME_RE, withMacs, generateMac, tapName, tapsFor, freeTapSlot, netdevId,
+  hostfwdRule, forwardKey, nicArgs, parseNetdevHelp, probeNetdevs, nicsForForegroundRun,
+  type NicSpec, type NicMode, type BridgeNic, type UserNic, type HostForward, type TapSlot,
+} from './nics.js';
+export {
   readDiskChains, parseBackingChain, compareChains, chainChangedError, diskArguments, formatNodeName,
   type DiskLayer, type DiskChain, type ChainDifference, type ChainReadOptions,
 } from './disks.js';

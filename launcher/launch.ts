@@ -33,6 +33,10 @@ export interface LaunchVmOptions {
    */
   storageRoots?: readonly string[];
   qmpTimeoutMs?: number;
+  /** The TAP device of each bridge NIC, made (and later removed) by the caller. */
+  taps?: ReadonlyArray<string | undefined>;
+  /** false: user-mode NICs start without host forwards (added at a migration's hand-over). */
+  withForwards?: boolean;
 }
 
 async function chainsOf(options: Pick<LaunchVmOptions, 'spec' | 'diskChains'>): Promise<readonly DiskChain[]> {
@@ -73,6 +77,8 @@ export async function launchVm(options: LaunchVmOptions): Promise<LaunchedVm> {
     ...(options.incoming === undefined ? {} : { incoming: options.incoming }),
     version: options.info.version,
     ...(options.info.sandbox === undefined ? {} : { sandbox: options.info.sandbox }),
+    ...(options.taps === undefined ? {} : { taps: options.taps }),
+    ...(options.withForwards === undefined ? {} : { withForwards: options.withForwards }),
     diskChains: await chainsOf(options),
   });
   const spawned = await spawnQemu(command, {
@@ -141,6 +147,8 @@ export async function launchCprDestination(options: Omit<LaunchVmOptions, 'incom
     incoming: options.channels,
     version: options.info.version,
     ...(options.info.sandbox === undefined ? {} : { sandbox: options.info.sandbox }),
+    ...(options.taps === undefined ? {} : { taps: options.taps }),
+    ...(options.withForwards === undefined ? {} : { withForwards: options.withForwards }),
     diskChains: await chainsOf(options),
   });
   const spawned = await spawnQemu(command, {

@@ -1,5 +1,6 @@
 import { LaunchError, type SpecProblem } from './errors.js';
 import { describeValue, SIMPLE_NAME_RE, UUID_RE, VM_NAME_MAX_LENGTH, VM_NAME_RULE, vmNameProblem } from './names.js';
+import { checkNics, type NicSpec } from './nics.js';
 import { closest } from './similar.js';
 
 export type Accel = 'tcg' | 'kvm';
@@ -46,6 +47,8 @@ export interface VmSpec {
   memory?: { backend: MemoryBackend };
   /** The scope's CPUWeight= (systemd's default 100 when absent): a share against other VMs. */
   cpuWeight?: number;
+  /** Network interfaces (absent: none). Every NIC of a created VM has its MAC recorded. */
+  nics?: NicSpec[];
 }
 
 export const SPEC_DEFAULTS = {
@@ -70,7 +73,7 @@ export const SPEC_LIMITS = {
 } as const;
 
 const SPEC_FIELDS = [
-  'name', 'memoryMiB', 'vcpus', 'machine', 'accel', 'cpu', 'kernel', 'initrd', 'append', 'disks', 'uuid', 'memory', 'cpuWeight',
+  'name', 'memoryMiB', 'vcpus', 'machine', 'accel', 'cpu', 'kernel', 'initrd', 'append', 'disks', 'uuid', 'memory', 'cpuWeight', 'nics',
 ] as const;
 const MEMORY_FIELDS = ['backend'] as const;
 const DISK_FIELDS = ['path', 'format', 'readOnly', 'cache', 'discard'] as const;
@@ -110,6 +113,7 @@ export function validateSpec(input: unknown): VmSpec {
   const memory = checkMemory(input.memory, add);
   const cpuWeight = input.cpuWeight === undefined ? undefined
     : checkInteger(input.cpuWeight, 'cpuWeight', 100, SPEC_LIMITS.cpuWeight, 'CPU weight units', add);
+  const nics = checkNics(input.nics, add, (obj, known, prefix) => reportUnknownFields(obj, known, prefix, add));
 
   if (input.kernel === undefined) {
     if (input.initrd !== undefined) add('initrd', 'is given without a kernel', 'set "kernel" as well, or remove "initrd"');
@@ -137,6 +141,7 @@ export function validateSpec(input: unknown): VmSpec {
   if (uuid !== undefined) spec.uuid = uuid;
   if (memory !== undefined) spec.memory = memory;
   if (cpuWeight !== undefined) spec.cpuWeight = cpuWeight;
+  if (nics.length > 0) spec.nics = nics;
   return spec;
 }
 

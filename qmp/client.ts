@@ -370,6 +370,20 @@ export class QmpClient {
     await this.execute('migrate-incoming', { uri }, opts);
   }
 
+  /** Sends the guest's NICs' announcements now (gratuitous ARP/RARP), so switches learn where its MACs went. */
+  async announceSelf(opts?: ExecuteOptions): Promise<void> {
+    await this.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 }, opts);
+  }
+
+  /**
+   * One human-monitor command (for what QMP has no command of its own, e.g. hostfwd_add).
+   * Returns its output: those commands report failures only there.
+   */
+  async humanMonitorCommand(commandLine: string, opts?: ExecuteOptions): Promise<string> {
+    const output = await this.execute('human-monitor-command', { 'command-line': commandLine }, opts);
+    return typeof output === 'string' ? output : '';
+  }
+
   async migrateCancel(opts?: ExecuteOptions): Promise<void> {
     await this.execute('migrate_cancel', undefined, opts);
   }

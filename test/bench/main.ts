@@ -1,6 +1,6 @@
 // `npm run bench`: runs every benchmark on real QEMU and a private systemd, prints progress on
 // stderr and writes BENCHMARKS.md at the project root. Everything it starts is ended, even on
-// failure or Ctrl-C. BENCH_ONLY=qmp,run,scope,start,reattach,refresh,strategies,faults,disks runs a subset
+// failure or Ctrl-C. BENCH_ONLY=qmp,run,scope,start,reattach,refresh,strategies,faults,disks,nics runs a subset
 // and updates only those sections of BENCHMARKS.md.
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -11,6 +11,7 @@ import type { SystemdHost } from '../support/systemd-host.js';
 import { Cleanup, log, type Section } from './common.js';
 import { benchDiskRefresh } from './disk-refresh.js';
 import { benchFaults } from './faults.js';
+import { benchNics } from './nics.js';
 import { benchQmpRoundTrip } from './qmp-roundtrip.js';
 import { benchReattach } from './reattach.js';
 import { benchRefresh } from './refresh.js';
@@ -21,7 +22,7 @@ import { benchScopeCreation, benchStartWithScope, bootBenchHost } from './scopes
 
 // The whole bench should stay under about 6 minutes on a 2-core machine.
 const TOTAL_BUDGET_MS = 6 * 60_000;
-const ALL = ['qmp', 'run', 'scope', 'start', 'reattach', 'refresh', 'strategies', 'faults', 'disks'] as const;
+const ALL = ['qmp', 'run', 'scope', 'start', 'reattach', 'refresh', 'strategies', 'faults', 'disks', 'nics'] as const;
 type Name = (typeof ALL)[number];
 
 async function main(): Promise<number> {
@@ -82,6 +83,7 @@ async function main(): Promise<number> {
     if (wanted('strategies')) await attempt('7. Refresh strategies on a real upgrade (QEMU 7.2 -> 10.0, cpr-transfer)', () => benchStrategies({ guest, cleanup }));
     if (wanted('faults')) await attempt('8. Fault harness', () => benchFaults());
     if (wanted('disks')) await attempt('10. Refresh by live migration with a writing guest\'s disk', () => benchDiskRefresh({ guest, cleanup }));
+    if (wanted('nics')) await attempt('11. Network gap during a live refresh', () => benchNics({ guest, cleanup }));
   } finally {
     await cleanup.runAll();
   }

@@ -18,6 +18,8 @@
 #   for the checker), fsyncs each and then prints "GUEST WROTE n". The power button stops the
 #   writer and unmounts /data before powering off.
 #   Boot with: -append "console=ttyS0 quiet panic=-1" -serial file:LOG
+#   With "vmkeep_ip=ADDR/PREFIX" on the command line, the first virtio-net NIC gets that address
+#   and a TCP echo service on port 7 ("GUEST NET ADDR/PREFIX MAC" before READY).
 #
 # Idempotent: when the folder for the current kernel package version and this script's
 # content already holds both files, nothing is rebuilt.
@@ -132,6 +134,12 @@ add_module drivers/input/evdev
 for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci; do add_module "drivers/virtio/$m"; done
 add_module drivers/block/virtio_blk
 
+# Network (virtio-net over the virtio-pci modules above): the driver and its dependencies,
+# loaded by /init's network block.
+add_module net/core/failover
+add_module drivers/net/net_failover
+add_module drivers/net/virtio_net
+
 cat >"$root/etc/acpi/PWRF/00000080" <<'EOF'
 #!/bin/sh
 # The writer stops between two records; unmounting writes everything back and leaves the
@@ -195,6 +203,26 @@ if [ -n "$fill" ]; then
   i=0
   while [ "$i" -lt "$fill" ]; do cat /fill.1m; i=$((i + 1)); done >/fill.bin
   echo "GUEST FILLED $fill MiB"
+fi
+
+# "vmkeep_ip=ADDR/PREFIX": the first NIC (virtio-net) gets that static address and a TCP echo
+# service on port 7 (one process per connection), for tests of connections across refreshes.
+ip_cidr=$(sed -n 's/.*vmkeep_ip=\([0-9./]*\).*/\1/p' /proc/cmdline)
+if [ -n "$ip_cidr" ]; then
+  for m in failover net_failover virtio_net; do
+    insmod /lib/modules/$m.ko 2>/dev/null || grep -q "^$m " /proc/modules || echo "GUEST ERROR insmod $m"
+  done
+  waited=0
+  until [ -e /sys/class/net/eth0 ]; do
+    waited=$((waited + 1))
+    [ "$waited" -gt 200 ] && { echo "GUEST ERROR no eth0"; break; }
+    sleep 0.05
+  done
+  ip link set lo up
+  ip addr add "$ip_cidr" dev eth0
+  ip link set eth0 up
+  nc -ll -p 7 -e cat &
+  echo "GUEST NET $ip_cidr $(cat /sys/class/net/eth0/address)"
 fi
 
 # A first disk holding ext4 is mounted on /data. The virtio-blk probe is asynchronous: when

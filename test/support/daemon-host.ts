@@ -75,6 +75,8 @@ export interface DaemonHostOptions {
   unitFiles?: Record<string, string>;
   /** With guestsUnit: VMKEEP_SHUTDOWN_TIMEOUT, set by a drop-in as an administrator would (default 8). */
   guestsTimeoutSec?: number;
+  /** The network namespace (path) the host, so vmkeepd and its QEMUs, run in (see SystemdHost). */
+  netns?: string;
 }
 
 export class DaemonHost {
@@ -83,7 +85,7 @@ export class DaemonHost {
     readonly dir: string,
     readonly socket: string,
     readonly api: ApiClient,
-    private readonly bootOptions: { name: string; unitFiles: Record<string, string>; guestsTimeoutSec?: number },
+    private readonly bootOptions: { name: string; unitFiles: Record<string, string>; guestsTimeoutSec?: number; netns?: string },
   ) {}
 
   /** The private systemd now running (a new one after reboot()). */
@@ -91,8 +93,8 @@ export class DaemonHost {
     return this.current;
   }
 
-  private static async bootSystemd(options: { name: string; unitFiles: Record<string, string>; guestsTimeoutSec?: number }): Promise<SystemdHost> {
-    const host = await SystemdHost.boot({ name: options.name, unitFiles: options.unitFiles });
+  private static async bootSystemd(options: { name: string; unitFiles: Record<string, string>; guestsTimeoutSec?: number; netns?: string }): Promise<SystemdHost> {
+    const host = await SystemdHost.boot({ name: options.name, unitFiles: options.unitFiles, ...(options.netns === undefined ? {} : { netns: options.netns }) });
     try {
       if (options.unitFiles[GUESTS_UNIT] !== undefined) {
         const timeoutSec = options.guestsTimeoutSec ?? 8;
@@ -163,6 +165,7 @@ export class DaemonHost {
           ...(socketUnit === undefined ? {} : { [SOCKET_UNIT]: socketUnit }),
         },
         ...(options.guestsTimeoutSec === undefined ? {} : { guestsTimeoutSec: options.guestsTimeoutSec }),
+        ...(options.netns === undefined ? {} : { netns: options.netns }),
       };
       host = await DaemonHost.bootSystemd(bootOptions);
       const daemon = new DaemonHost(host, dir, socket, new ApiClient({ socketPath: socket, timeoutMs: 60_000 }), bootOptions);
@@ -239,6 +242,24 @@ export class DaemonHost {
   async setDaemonEnv(name: string, value: string | undefined): Promise<void> {
     if (value === undefined) await this.systemctl('unset-environment', name);
     else await this.systemctl('set-environment', `${name}=${value}`);
+  }
+
+  /**
+   * A crash at one step of a refresh: vmkeepd restarted with VMKEEP_TEST_CRASH_AT=step SIGKILLs
+   * itself there during a refresh of `vm`, then a clean vmkeepd starts (and settles it). Resolves
+   * with what the refresh request got (an error when the daemon died as asked).
+   */
+  async crashDuringRefresh(vm: string, step: string, strategy: 'migrate' | 'reboot'): Promise<unknown> {
+    let outcome: unknown;
+    await this.setDaemonEnv('VMKEEP_TEST_CRASH_AT', step);
+    try {
+      await this.restart();
+      outcome = await this.api.refresh(vm, { strategy }).then((ok) => ok, (e: unknown) => e);
+    } finally {
+      await this.setDaemonEnv('VMKEEP_TEST_CRASH_AT', undefined);
+    }
+    await this.restart();
+    return outcome;
   }
 
   /** The VM's record as the daemon last wrote it. */

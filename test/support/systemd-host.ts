@@ -38,6 +38,11 @@ export interface SystemdHostOptions {
    * would act on the host (wipe /tmp, rename network interfaces, change /dev).
    */
   extraUnitDirs?: string[];
+  /**
+   * A network namespace (a path like /run/netns/NAME) the whole host runs in: its services and
+   * the QEMUs they start see only that namespace's links (a test's bridge and TAPs).
+   */
+  netns?: string;
 }
 
 // Unit folders whose units must never be loaded by a private systemd sharing the host's files.
@@ -376,7 +381,10 @@ export class SystemdHost {
     const bootScript = join(projectRoot(), 'test', 'support', 'systemd-host', 'boot.sh');
     const started = performance.now();
     // `script` gives the private systemd a pty for /dev/console and copies it into consoleLog.
-    const script = spawn('script', ['-qfec', `'${bootScript}' start`, p.consoleLog], {
+    const scriptArgs = ['-qfec', `'${bootScript}' start`, p.consoleLog];
+    if (options.netns !== undefined && !existsSync(options.netns)) throw new Error(`network namespace ${options.netns} does not exist`);
+    // nsenter only switches the network namespace and then execs script (no fork): the PID is script's.
+    const script = spawn(options.netns === undefined ? 'script' : 'nsenter', options.netns === undefined ? scriptArgs : [`--net=${options.netns}`, '--', 'script', ...scriptArgs], {
       cwd: '/',
       detached: true,
       stdio: 'ignore',

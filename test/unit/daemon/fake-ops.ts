@@ -97,6 +97,7 @@ export class FakeDaemonOps implements DaemonOps {
       runtimeDir: '/run/vmkeep',
       startedAt: '2025-01-01T00:00:00.000Z',
       orphanScopes: [],
+      orphanTaps: [],
       damagedRecords: [],
     };
   }

@@ -170,11 +170,11 @@ describe('parseRecord', () => {
   });
 
   it('refuses a newer schema with RECORD_TOO_NEW and says what to do', () => {
-    const newer = { ...sample(), schema: 5, somethingNew: { x: 1 } };
+    const newer = { ...sample(), schema: 6, somethingNew: { x: 1 } };
     const err = caught(() => parseRecord(text(newer), '/state/vms/web.json'));
     expect(err.code).toBe('RECORD_TOO_NEW');
     expect(err.message).toMatch(
-      /^record \/state\/vms\/web\.json was written by a newer vmkeepd \(schema 5, this one reads up to 4\): upgrade vmkeep.*or restore/);
+      /^record \/state\/vms\/web\.json was written by a newer vmkeepd \(schema 6, this one reads up to 5\): upgrade vmkeep.*or restore/);
   });
 });
 
@@ -201,10 +201,10 @@ describe('schema upgrades', () => {
   });
 
   it('brings an older record up to the current schema', () => {
-    expect(RECORD_SCHEMA).toBe(4);
+    expect(RECORD_SCHEMA).toBe(5);
     const old = v0();
     const upgraded = upgradeRecord(old, upgrades, 'web.json');
-    expect(upgraded.schema).toBe(4);
+    expect(upgraded.schema).toBe(5);
     expect(upgraded.name).toBe('web');
     expect(old.schema).toBe(0); // the input is left as it was
     expect(parseRecord(text(v0()), 'web.json', upgrades)).toEqual(sample());
@@ -232,13 +232,22 @@ describe('schema upgrades', () => {
     expect(err.message).toContain('field "wanted" must be running or stopped');
   });
 
+  it('reads a schema 4 record (no NICs, no TAPs) as it was, and checks the new fields', () => {
+    expect(parseRecord(JSON.stringify({ ...JSON.parse(text(sample())), schema: 4 }), 'web.json')).toEqual(sample());
+    const proc = { pid: 42, startTime: '7', scope: 'vmkeep-web.scope' };
+    const withTaps = sample('web', { process: { ...proc, taps: ['vk525400123456a'] } });
+    expect(parseRecord(text(withTaps), 'web.json').process?.taps).toEqual(['vk525400123456a']);
+    const err = caught(() => parseRecord(text(sample('web', { process: { ...proc, taps: ['eth0'] } })), 'web.json'));
+    expect(err.message).toContain('field "process.taps" must be a list of vmkeep TAP names');
+  });
+
   it('leaves a current record untouched', () => {
     const raw = JSON.parse(text(sample())) as Record<string, unknown>;
     expect(upgradeRecord(raw, upgrades)).toBe(raw);
   });
 
   it('refuses a schema it has no upgrade for, and a failing upgrade, as RECORD_CORRUPT', () => {
-    expect(Object.keys(RECORD_UPGRADES)).toEqual(['1', '2', '3']);
+    expect(Object.keys(RECORD_UPGRADES)).toEqual(['1', '2', '3', '4']);
     const missing = caught(() => parseRecord(text(v0()), 'web.json'));
     expect(missing.code).toBe('RECORD_CORRUPT');
     expect(missing.message).toMatch(/no upgrade from schema 0 to 1/);
@@ -330,7 +339,7 @@ describe('RecordStore', () => {
     await store.put(sample('a'));
     const damaged: Record<string, string> = {
       'c.json': text(sample('c')).slice(0, 200),
-      'd.json': text({ ...sample('d'), schema: 5 }),
+      'd.json': text({ ...sample('d'), schema: 6 }),
       'e.json': text(sample('other')),
       'Bad Name.json': text(sample()),
     };
