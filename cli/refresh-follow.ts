@@ -1,5 +1,5 @@
 import type { Writable } from 'node:stream';
-import type { DaemonEvent, RefreshJobRequest } from '../daemon/index.js';
+import { DaemonError, type DaemonErrorCode, type DaemonEvent, type RefreshJob, type RefreshJobRequest } from '../daemon/index.js';
 import { formatJobSummary, formatRefreshEvent, progressBar } from './refresh-view.js';
 import { printable } from './table.js';
 import type { DaemonApi } from './vm-commands.js';
@@ -60,7 +60,7 @@ export async function followRefreshJob(api: DaemonApi, request: RefreshJobReques
     await Promise.race([open, stream]);
     const job = await api.startRefreshJob(request);
     if (io.json) io.stdout.write(`${JSON.stringify({ type: 'refresh-job', job })}\n`);
-    else io.stderr.write(`${printable(`vmkeep: refresh ${job.id}: ${job.vms.length} VM(s)${job.vms.length > 0 ? ` (${job.vms.join(', ')})` : ''}, ${job.parallel} at a time`)}\n`);
+    else io.stderr.write(`${printable(`vmkeep: refresh ${job.id}: ${job.vms.length} VM(s)${job.vms.length > 0 ? ` (${job.vms.join(', ')})` : ''}, ${request.parallel ?? 1} at a time`)}\n`);
     // Events keep arriving in `early` until jobId is set: the job's lines come after these.
     await reportSkipped(api, request, job.vms, io);
     jobId = job.id;
@@ -72,10 +72,15 @@ export async function followRefreshJob(api: DaemonApi, request: RefreshJobReques
       io.stderr.write(`${printable(`vmkeep: stopped following; refresh ${job.id} goes on in vmkeepd (vmkeep events shows it)`)}\n`);
       return EXIT_DETACHED;
     }
-    const final = await api.refreshJob(job.id);
-    if (io.json) io.stdout.write(`${JSON.stringify({ type: 'result', job: final })}\n`);
+    const done = await api.finished(job);
+    const final = done.result as RefreshJob | undefined;
+    if (final === undefined) {
+      // No per-VM results: the job ended before it ran (vmkeepd restarted meanwhile).
+      throw new DaemonError((done.error?.code ?? 'INTERNAL') as DaemonErrorCode, `refresh ${job.id} ${done.status}: ${done.error?.message ?? 'no result'}`);
+    }
+    if (io.json) io.stdout.write(`${JSON.stringify({ type: 'result', job: final, status: done.status })}\n`);
     else io.stdout.write(`${formatJobSummary(final)}\n`);
-    return final.results.every((r) => r.ok) ? 0 : 1;
+    return done.status === 'succeeded' && final.results.every((r) => r.ok) ? 0 : 1;
   } finally {
     offSignal();
     controller.abort();

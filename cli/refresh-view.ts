@@ -46,7 +46,9 @@ function refreshEventText(event: DaemonEvent): string | undefined {
     case 'failed':
       return `${count}${event.vm}: FAILED: ${event.message ?? 'unknown error'}`;
     case 'skipped':
-      return `${event.vm}: skipped (${event.message ?? 'stop on error'})`;
+      return `${event.vm}: skipped (${event.message ?? 'not attempted'})`;
+    case 'pause':
+      return event.message ?? 'pausing before the next batch';
     default:
       return undefined;
   }
@@ -61,7 +63,7 @@ export function outcomeLine(outcome: RefreshOutcome): string {
       return `${how} onto ${target(outcome)}${outcome.downtimeMs === undefined ? '' : `, guest paused ${outcome.downtimeMs} ms`}, ${seconds}${why}`;
     }
     case 'rebooted':
-      return `rebooted onto ${target(outcome)}, ${seconds}`;
+      return `rebooted onto ${target(outcome)}, ${seconds}${outcome.reason === undefined ? '' : ` (${outcome.reason})`}`;
     default:
       return outcome.message;
   }
@@ -82,7 +84,7 @@ export function formatJobSummary(job: RefreshJob): string {
   const ok = job.results.filter((r) => r.ok).length;
   const failed = job.results.filter((r) => !r.ok && !r.skipped);
   const skipped = job.results.filter((r) => r.skipped).length;
-  const lines = [`refresh ${job.id}: ${ok} of ${job.vms.length} VM(s) done${failed.length > 0 ? `, ${failed.length} failed` : ''}${skipped > 0 ? `, ${skipped} skipped` : ''}`];
+  const lines = [`refresh ${job.id}: ${ok} of ${job.vms.length} VM(s) done${failed.length > 0 ? `, ${failed.length} failed` : ''}${skipped > 0 ? `, ${skipped} not attempted` : ''}`];
   for (const r of failed) lines.push(`  ${r.vm}: ${r.error === undefined ? 'failed' : `[${r.error.code}] ${r.error.message}`}`);
   return lines.map(printable).join('\n');
 }

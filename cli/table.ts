@@ -1,4 +1,4 @@
-import type { DaemonEvent, VmView } from '../daemon/index.js';
+import type { DaemonEvent, Operation, VmView } from '../daemon/index.js';
 
 /** Control characters (terminal escapes) from a daemon or guest string are shown, not obeyed. */
 export function printable(text: string): string {
@@ -66,4 +66,18 @@ export function formatEvent(event: DaemonEvent): string {
   }
   const message = event.message === undefined ? '' : `: ${event.message}`;
   return printable(`${event.time}  ${event.vm ?? 'vmkeepd'}  ${what}${message}`);
+}
+
+export function formatOperations(ops: readonly Operation[]): string {
+  return formatTable(
+    ['ID', 'KIND', 'VMS', 'STATUS', 'PROGRESS', 'UPDATED'],
+    ops.map((op) => [op.id, op.kind, op.vms.join(',') || '-', op.status, op.progress === undefined ? '-' : `${op.progress.done}/${op.progress.total}`, op.updatedAt]),
+  );
+}
+
+/** One operation: its status line, then its error if it has one. */
+export function formatOperation(op: Operation): string {
+  const progress = op.progress === undefined ? '' : ` (${op.progress.done}/${op.progress.total} done${op.progress.failed > 0 ? `, ${op.progress.failed} failed` : ''})`;
+  const line = printable(`${op.id}: ${op.kind} of ${op.vms.join(', ') || 'no VM'}: ${op.status}${progress}`);
+  return op.error === undefined ? line : `${line}\n${printable(`[${op.error.code}] ${op.error.message}`)}`;
 }

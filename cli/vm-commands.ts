@@ -1,7 +1,7 @@
 import { StringDecoder } from 'node:string_decoder';
 import type { Argv } from 'yargs';
 import {
-  ApiClient, AUTOSTART_MODES, DEFAULT_STOP_TIMEOUT_SEC, openOfflineGuests, REFRESH_STRATEGIES, type OfflineGuests, type RefreshJobRequest, type RefreshStrategy, type AutostartMode, type VmSettings,
+  ApiClient, AUTOSTART_MODES, DEFAULT_STOP_TIMEOUT_SEC, openOfflineGuests, REFRESH_STRATEGIES, type EventFilter, type OfflineGuests, type Operation, type RefreshJobRequest, type RefreshStrategy, type AutostartMode, type VmSettings,
 } from '../daemon/index.js';
 import { isValidVmName } from '../launcher/index.js';
 import { ACPI_REPEAT_MS } from '../qmp/index.js';
@@ -13,7 +13,7 @@ import { readSpecJson } from './run.js';
 import { followConsole } from './console-follow.js';
 import { followRefreshJob } from './refresh-follow.js';
 import { formatUpgradeStatus } from './refresh-view.js';
-import { formatEvent, formatVmList, formatVmStatus, printable } from './table.js';
+import { formatEvent, formatOperation, formatOperations, formatVmList, formatVmStatus, printable } from './table.js';
 import { socketOption } from './options.js';
 
 const STRATEGIES = [...REFRESH_STRATEGIES];
@@ -22,8 +22,8 @@ const STRATEGIES = [...REFRESH_STRATEGIES];
 /** What the commands need of the control API; tests may hand in their own. */
 export type DaemonApi = Pick<
   ApiClient,
-  'list' | 'get' | 'set' | 'create' | 'start' | 'stop' | 'delete' | 'qmp' | 'console' | 'events' | 'refresh' | 'startRefreshJob' | 'refreshJob' | 'upgradeStatus'
-  | 'acceptDisks'
+  | 'list' | 'get' | 'set' | 'create' | 'start' | 'stop' | 'delete' | 'qmp' | 'console' | 'events' | 'refresh' | 'startRefreshJob' | 'upgradeStatus'
+  | 'acceptDisks' | 'beginStart' | 'beginStop' | 'operations' | 'operation' | 'cancelOperation' | 'finished'
 >;
 
 export interface VmCommandContext {
@@ -133,8 +133,9 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
     .command(
       'start <name>',
       'start a VM',
-      (y) => withName(y, env),
-      run(async (api, out, a: CommonArgs & { name: string }) => {
+      (y) => withName(y, env).option('async', ASYNC_OPTION),
+      run(async (api, out, a: CommonArgs & { name: string; async: boolean }) => {
+        if (a.async) return printOperation(out, await api.beginStart(a.name));
         const vm = await api.start(a.name);
         out.document(vm, `${vm.name}: ${vm.state}${vm.pid === undefined ? '' : `, pid ${vm.pid}`}`);
       }),
@@ -157,7 +158,9 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
             type: 'string',
             describe: "with --all: if vmkeepd does not answer, power the guests off straight from its records in DIR, under its lock (vmkeep-guests.service at host shutdown)",
           })
+          .option('async', ASYNC_OPTION)
           .check((a) => {
+            if (a.async && a.all) return '--async goes with one VM (stop --all waits for every guest)';
             if ((a.name !== undefined) === a.all) return 'name one VM or give --all (exactly one of them)';
             if (a.stateDir !== undefined && !a.all) return '--state-dir goes with --all';
             if (a.hostShutdown && !a.all) return '--host-shutdown goes with --all';
@@ -168,7 +171,7 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
           })
           .example('$0 stop web1', 'ACPI power-off of web1, waiting up to 60 s for the guest')
           .example('$0 stop --all --timeout 120', 'what vmkeep-guests.service runs at host shutdown'),
-      run(async (api, out, a: CommonArgs & { name?: string; all: boolean; timeout?: number; force: boolean; stateDir?: string; hostShutdown: boolean }) => {
+      run(async (api, out, a: CommonArgs & { name?: string; all: boolean; timeout?: number; force: boolean; stateDir?: string; hostShutdown: boolean; async: boolean }) => {
         if (a.name === undefined) {
           const timeoutSec = a.timeout ?? DEFAULT_STOP_TIMEOUT_SEC;
           try {
@@ -188,7 +191,9 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
           const timeoutSec = a.timeout ?? DEFAULT_STOP_TIMEOUT_SEC;
           io.stderr.write(`vmkeep: asking ${a.name} to power off (ACPI), pressing the button again every ${ACPI_REPEAT_MS / 1000} s until the guest acts (a booting guest misses the first press), for up to ${timeoutSec} s\n`);
         }
-        const vm = await api.stop(a.name, { ...(a.timeout === undefined ? {} : { timeoutSec: a.timeout }), ...(a.force ? { force: true } : {}) });
+        const stopOptions = { ...(a.timeout === undefined ? {} : { timeoutSec: a.timeout }), ...(a.force ? { force: true } : {}) };
+        if (a.async) return printOperation(out, await api.beginStop(a.name, stopOptions));
+        const vm = await api.stop(a.name, stopOptions);
         out.document(vm, `${vm.name}: ${vm.state}${vm.problem === undefined ? '' : ` (${vm.problem})`}`);
       }),
     )
@@ -306,19 +311,26 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
           .option('parallel', { type: 'number', default: 1, describe: 'VMs refreshed at the same time' })
           .option('timeout', { type: 'number', describe: 'seconds per VM for the migration, or for the guest to power off', defaultDescription: 'migrate 60, reboot 120' })
           .option('force', { type: 'boolean', default: false, describe: 'reboot: quit a guest that ignores ACPI (it loses unwritten data)' })
-          .option('stop-on-error', { type: 'boolean', default: false, describe: 'begin no further VM once one failed' })
+          .option('stop-on-error', { type: 'boolean', default: false, describe: 'begin no further VM once one failed (the same as --max-failures 1)' })
+          .option('max-failures', { type: 'number', describe: 'stop the job after N failed VMs: none is begun after that, the rest are reported not attempted' })
+          .option('batch-interval', { type: 'number', describe: 'seconds to pause between batches of --parallel VMs (each batch ends before the pause)', defaultDescription: 'no pause' })
+          .option('async', ASYNC_OPTION)
           .check((a) => {
             const chosen = [a.name !== undefined, a.all, a.stale].filter(Boolean).length;
             if (chosen !== 1) return 'name one VM, or give --all or --stale (exactly one of them)';
             if (a.name !== undefined && checkName(a.name) !== true) return checkName(a.name);
             if (!Number.isSafeInteger(a.parallel) || a.parallel < 1 || a.parallel > 64) return '--parallel must be a whole number from 1 to 64';
             if (a.timeout !== undefined && !(Number.isFinite(a.timeout) && a.timeout > 0)) return '--timeout must be a positive number of seconds';
+            if (a['max-failures'] !== undefined && !(Number.isSafeInteger(a['max-failures']) && a['max-failures'] >= 1)) return '--max-failures must be a whole number from 1';
+            if (a['batch-interval'] !== undefined && !(Number.isFinite(a['batch-interval']) && a['batch-interval'] >= 0)) return '--batch-interval must be a number of seconds, 0 or more';
             return true;
           })
           .example('$0 refresh web1 --strategy migrate', 'live-migrate web1 onto the current QEMU (the guest keeps running)')
           .example('$0 refresh web1 --strategy cpr', 'hand web1 over to the current QEMU without copying its RAM (QEMU >= 10.0 on both sides, memfd-shared RAM)')
           .example('$0 refresh --stale --parallel 2', "refresh every stale VM by its own policy, two at a time")
-          .example('$0 refresh --all --strategy reboot --stop-on-error', 'power-cycle every stale VM onto the new QEMU, halting at the first failure'),
+          .example('$0 refresh --all --strategy reboot --stop-on-error', 'power-cycle every stale VM onto the new QEMU, halting at the first failure')
+          .example('$0 refresh --stale --strategy migrate-or-reboot --parallel 2 --batch-interval 60 --max-failures 2 --json',
+            'two VMs at a time, a minute between batches, stop after two failures; reboot the VMs that cannot migrate'),
       run(async (api, out, a: CommonArgs & RefreshArgs) => {
         const request: RefreshJobRequest = {
           ...(a.name === undefined ? (a.all ? { all: true } : { stale: true }) : { vms: [a.name] }),
@@ -326,8 +338,11 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
           ...(a.timeout === undefined ? {} : { timeoutSec: a.timeout }),
           ...(a.force ? { force: true } : {}),
           ...(a.stopOnError ? { stopOnError: true } : {}),
+          ...(a.maxFailures === undefined ? {} : { maxFailures: a.maxFailures }),
+          ...(a.batchInterval === undefined ? {} : { batchIntervalSec: a.batchInterval }),
           parallel: a.parallel,
         };
+        if (a.async) return printOperation(out, await api.startRefreshJob(request));
         return followRefreshJob(api, request, { json: out.json, stdout: io.stdout, stderr: io.stderr, onSignal: io.onSignal });
       }),
     )
@@ -341,13 +356,56 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
       }),
     )
     .command(
+      'operations [id]',
+      'list the operations (long requests run in vmkeepd), show one, wait for it, or cancel it',
+      (y) =>
+        daemonOptions(y, env)
+          .positional('id', { type: 'string', describe: 'operation id (as --async or the API printed it)' })
+          .option('wait', { type: 'boolean', default: false, describe: 'wait until the operation finished; exit 0 only if it succeeded' })
+          .option('cancel', { type: 'boolean', default: false, describe: 'cancel it where it can stop safely (a rolling refresh, a live migration)' })
+          .check((a) => ((a.wait || a.cancel) && a.id === undefined ? '--wait and --cancel need an operation id' : true))
+          .example('$0 operations', 'every operation kept (running, and finished ones for 24 h)')
+          .example('$0 operations 5f0c...e1 --wait', 'wait for one, then show how it ended'),
+      run(async (api, out, a: CommonArgs & { id?: string; wait: boolean; cancel: boolean }) => {
+        if (a.id === undefined) {
+          const ops = await api.operations();
+          out.document(ops, ops.length === 0 ? 'no operations kept' : formatOperations(ops));
+          return;
+        }
+        let op = a.cancel ? await api.cancelOperation(a.id) : await api.operation(a.id);
+        if (a.wait) op = await api.finished(op);
+        out.document(op, formatOperation(op));
+        return a.wait && op.status !== 'succeeded' ? EXIT_FAILED : undefined;
+      }),
+    )
+    .command(
       'events',
       "stream vmkeepd's events, one per line, until Ctrl-C",
-      (y) => daemonOptions(y, env),
-      run(async (api, out) => {
-        await untilSignal((signal) => api.events((event) => out.line(out.json ? JSON.stringify(event) : formatEvent(event)), { signal }));
+      (y) =>
+        daemonOptions(y, env)
+          .option('type', { type: 'string', describe: `only these event types, comma-separated (${EVENT_FILTER_HINT})` })
+          .option('vm', { type: 'string', describe: 'only events about these VMs, comma-separated' }),
+      run(async (api, out, a: CommonArgs & { type?: string; vm?: string }) => {
+        const filter = {
+          ...(a.type === undefined ? {} : { type: a.type.split(',') as NonNullable<EventFilter['type']> }),
+          ...(a.vm === undefined ? {} : { vm: a.vm.split(',') }),
+        };
+        await untilSignal((signal) => api.events((event) => out.line(out.json ? JSON.stringify(event) : formatEvent(event)), { signal, filter }));
       }),
     );
+}
+
+const ASYNC_OPTION = {
+  type: 'boolean',
+  default: false,
+  describe: 'do not wait: print the operation id (with --json the operation) and return; follow it with vmkeep operations ID --wait',
+} as const;
+
+const EVENT_FILTER_HINT = 'vm, refresh, operation, daemon, vm-state, ...';
+
+/** --async: the operation's id for a shell (`op=$(vmkeep start web1 --async)`), or the operation as JSON. */
+function printOperation(out: Out, op: Operation): void {
+  out.document(op, op.id);
 }
 
 type StopResult =
@@ -433,6 +491,9 @@ interface RefreshArgs {
   timeout?: number;
   force: boolean;
   stopOnError: boolean;
+  maxFailures?: number;
+  batchInterval?: number;
+  async: boolean;
 }
 
 function parseArguments(text: string): Record<string, unknown> | undefined {

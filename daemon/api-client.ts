@@ -3,9 +3,16 @@ import { StringDecoder } from 'node:string_decoder';
 import { DaemonError, type DaemonErrorCode } from './errors.js';
 import { DEFAULT_MIGRATE_TIMEOUT_SEC, DEFAULT_REBOOT_TIMEOUT_SEC, DEFAULT_STOP_TIMEOUT_SEC } from './model.js';
 import type {
-  CreateOptions, DaemonEvent, DaemonInfo, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome, StopOptions,
+  CreateOptions, DaemonEvent, DaemonEventType, DaemonInfo, RefreshJobRequest, RefreshOptions, RefreshOutcome, StopOptions,
   DiskAcceptResult, UpgradeStatus, VmSettings, VmView,
 } from './model.js';
+import type { Operation } from './operation-state.js';
+
+/** Which events to receive (GET /1.0/events?type=...&vm=...); "vm" is every vm-* type. */
+export interface EventFilter {
+  type?: ReadonlyArray<DaemonEventType | 'vm'>;
+  vm?: readonly string[];
+}
 
 export interface ApiClientOptions {
   socketPath: string;
@@ -32,6 +39,8 @@ const DEFAULT_REFRESH_WAIT_SEC = Math.max(DEFAULT_MIGRATE_TIMEOUT_SEC, DEFAULT_R
 // No real answer comes near this; a bigger one is not the vmkeep API.
 const MAX_RESPONSE_BYTES = 64 * 1024 * 1024;
 const MAX_EVENT_LINE_BYTES = 1024 * 1024;
+/** Seconds each wait request asks vmkeepd to hold the answer; the client asks again until the end. */
+const WAIT_STEP_SEC = 30;
 
 interface Call {
   method: 'GET' | 'POST' | 'PATCH' | 'DELETE';
@@ -75,18 +84,61 @@ export class ApiClient {
   }
 
   /** Refreshes one VM and waits for the outcome (as long as its timeout allows, and then some). */
-  refresh(name: string, options: Omit<RefreshOptions, 'onStep'> = {}): Promise<RefreshOutcome> {
+  async refresh(name: string, options: Omit<RefreshOptions, 'onStep'> = {}): Promise<RefreshOutcome> {
     const waitMs = (options.timeoutSec ?? DEFAULT_REFRESH_WAIT_SEC) * 1000;
-    return this.json({ method: 'POST', path: `${vmPath(name)}/refresh`, body: options, timeoutMs: Math.max(this.slowTimeout(), waitMs + STOP_MARGIN_MS) });
+    return this.outcome<RefreshOutcome>(await this.beginRefresh(name, options), Math.max(this.slowTimeout(), waitMs + STOP_MARGIN_MS));
   }
 
-  /** Begins a rolling refresh; its progress comes on the event stream (type "refresh", its id). */
-  startRefreshJob(request: RefreshJobRequest): Promise<RefreshJob> {
+  /** Begins a refresh of one VM: its operation, without waiting. */
+  beginRefresh(name: string, options: Omit<RefreshOptions, 'onStep'> = {}): Promise<Operation> {
+    return this.json({ method: 'POST', path: `${vmPath(name)}/refresh`, body: options, timeoutMs: this.timeoutMs });
+  }
+
+  /** Begins a rolling refresh: its operation (the job's id); progress comes on the event stream (type "refresh"). */
+  startRefreshJob(request: RefreshJobRequest): Promise<Operation> {
     return this.json({ method: 'POST', path: '/1.0/refresh', body: request, timeoutMs: this.slowTimeout() });
   }
 
-  refreshJob(id: string): Promise<RefreshJob> {
-    return this.json({ method: 'GET', path: `/1.0/refresh/${encodeURIComponent(id)}`, timeoutMs: this.timeoutMs });
+  operations(): Promise<Operation[]> {
+    return this.json({ method: 'GET', path: '/1.0/operations', timeoutMs: this.timeoutMs });
+  }
+
+  operation(id: string): Promise<Operation> {
+    return this.json({ method: 'GET', path: operationPath(id), timeoutMs: this.timeoutMs });
+  }
+
+  /** The operation once finished, or as it is after `timeoutSec` (still running then). */
+  waitOperation(id: string, timeoutSec: number): Promise<Operation> {
+    return this.json({ method: 'GET', path: `${operationPath(id)}/wait?timeout=${timeoutSec}`, timeoutMs: timeoutSec * 1000 + this.timeoutMs });
+  }
+
+  /** Asks the operation to stop where that is safe; CONFLICT with the reason where it is not. */
+  cancelOperation(id: string): Promise<Operation> {
+    return this.json({ method: 'DELETE', path: operationPath(id), timeoutMs: this.timeoutMs });
+  }
+
+  /**
+   * Waits, a request at a time, until the operation finished (or `totalMs` passed: DAEMON_TIMEOUT).
+   * Resolves to it; a failed or cancelled one is not an error here.
+   */
+  async finished(op: Operation, totalMs = Number.POSITIVE_INFINITY): Promise<Operation> {
+    const deadline = Date.now() + totalMs;
+    let current = op;
+    while (current.status === 'pending' || current.status === 'running') {
+      const left = deadline - Date.now();
+      if (left <= 0) {
+        throw new DaemonError('DAEMON_TIMEOUT', `operation ${op.id} (${op.kind} of ${op.vms.join(', ')}) has not finished within ${Math.round(totalMs / 1000)} s; it goes on in vmkeepd: vmkeep operations ${op.id} --wait`);
+      }
+      current = await this.waitOperation(op.id, Math.max(1, Math.min(WAIT_STEP_SEC, Math.ceil(left / 1000))));
+    }
+    return current;
+  }
+
+  /** The result of a finished operation, or its error as a DaemonError. */
+  private async outcome<T>(op: Operation, totalMs: number): Promise<T> {
+    const done = await this.finished(op, totalMs);
+    if (done.status === 'succeeded') return done.result as T;
+    throw new DaemonError((done.error?.code ?? 'INTERNAL') as DaemonErrorCode, done.error?.message ?? `operation ${done.id} ${done.status}`);
   }
 
   upgradeStatus(): Promise<UpgradeStatus> {
@@ -98,19 +150,22 @@ export class ApiClient {
     return this.json({ method: 'POST', path: `${vmPath(name)}/disks/accept`, body: {}, timeoutMs: this.slowTimeout() });
   }
 
-  start(name: string): Promise<VmView> {
-    return this.json({ method: 'POST', path: `${vmPath(name)}/start`, body: {}, timeoutMs: this.slowTimeout() });
+  async start(name: string): Promise<VmView> {
+    return this.outcome<VmView>(await this.beginStart(name), this.slowTimeout());
+  }
+
+  beginStart(name: string): Promise<Operation> {
+    return this.json({ method: 'POST', path: `${vmPath(name)}/start`, body: {}, timeoutMs: this.timeoutMs });
   }
 
   /** Waits as long as the guest is given to power off, and then some. */
-  stop(name: string, options: StopOptions = {}): Promise<VmView> {
+  async stop(name: string, options: StopOptions = {}): Promise<VmView> {
     const waitMs = options.force ? 0 : (options.timeoutSec ?? DEFAULT_STOP_TIMEOUT_SEC) * 1000;
-    return this.json({
-      method: 'POST',
-      path: `${vmPath(name)}/stop`,
-      body: options,
-      timeoutMs: Math.max(this.timeoutMs, waitMs + STOP_MARGIN_MS),
-    });
+    return this.outcome<VmView>(await this.beginStop(name, options), Math.max(this.timeoutMs, waitMs + STOP_MARGIN_MS));
+  }
+
+  beginStop(name: string, options: StopOptions = {}): Promise<Operation> {
+    return this.json({ method: 'POST', path: `${vmPath(name)}/stop`, body: options, timeoutMs: this.timeoutMs });
   }
 
   /** Changes settings of an existing VM (autostart). */
@@ -155,11 +210,14 @@ export class ApiClient {
    * Delivers every daemon event until `signal` aborts (then resolves). If vmkeepd ends the
    * stream (it stopped or restarted), rejects with DAEMON_DOWN: subscribe again to go on.
    */
-  async events(onEvent: (event: DaemonEvent) => void, options: { signal?: AbortSignal; onOpen?: () => void } = {}): Promise<void> {
+  async events(onEvent: (event: DaemonEvent) => void, options: { signal?: AbortSignal; onOpen?: () => void; filter?: EventFilter } = {}): Promise<void> {
     const decoder = new StringDecoder('utf8');
     let pending = '';
+    const query = new URLSearchParams();
+    if (options.filter?.type !== undefined) query.set('type', options.filter.type.join(','));
+    if (options.filter?.vm !== undefined) query.set('vm', options.filter.vm.join(','));
     await this.stream(
-      '/1.0/events',
+      `/1.0/events${query.size > 0 ? `?${query.toString()}` : ''}`,
       true,
       (chunk) => {
         pending += decoder.write(chunk);
@@ -378,6 +436,10 @@ export class ApiClient {
       cause === undefined ? undefined : { cause },
     );
   }
+}
+
+function operationPath(id: string): string {
+  return `/1.0/operations/${encodeURIComponent(id)}`;
 }
 
 function vmPath(name: string): string {

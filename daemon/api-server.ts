@@ -10,7 +10,12 @@ import { QmpError, type QmpErrorCode } from '../qmp/index.js';
 import { parseStrategy, UpgradeError, type UpgradeErrorCode } from '../upgrade/index.js';
 import { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
 import { rotatedFiles } from './log-rotation.js';
-import { AUTOSTART_MODES, type AutostartMode, type CreateOptions, type DaemonOps, type RefreshJobRequest, type RefreshOptions, type StopOptions, type VmSettings } from './model.js';
+import { apiDescription, API_EXTENSIONS, API_VERSIONS } from './api-description.js';
+import { parseEventFilter } from './event-filter.js';
+import { METRICS_CONTENT_TYPE } from './metrics.js';
+import { AUTOSTART_MODES, type AutostartMode, type CreateOptions, type DaemonEvent, type DaemonOps, type RefreshJobRequest, type RefreshOptions, type StopOptions, type VmSettings } from './model.js';
+import type { Operation } from './operation-state.js';
+import type { Operations } from './operations.js';
 
 /** A day: longer waits are typos, and timers past 2^31 ms would fire at once. */
 const MAX_STOP_TIMEOUT_SEC = 86_400;
@@ -25,6 +30,8 @@ export interface ApiLogger {
 export interface ApiServerOptions {
   socketPath: string;
   ops: DaemonOps;
+  /** Where long requests (start, stop, refresh) run and are kept, followed by id. */
+  operations: Operations;
   /** Permission bits of the socket: default 0o600 (root only), or 0o660 when `group` is given. */
   mode?: number;
   /** gid that may use the socket: the socket is chowned to it. */
@@ -107,7 +114,8 @@ const UPGRADE_CODES: Record<UpgradeErrorCode, DaemonErrorCode> = {
 
 const silentLogger: ApiLogger = { debug() {}, warn() {}, error() {} };
 
-type Params = { name: string };
+/** Path parameters: ':name' a VM name (checked), ':id' an operation id (looked up as it is). */
+type Params = { name: string; id: string };
 type Handler = (req: IncomingMessage, res: ServerResponse, params: Params) => Promise<void>;
 
 interface Route {
@@ -118,6 +126,7 @@ interface Route {
 
 interface Context {
   ops: DaemonOps;
+  operations: Operations;
   logger: ApiLogger;
   /** Stoppers of the open streams, called when the server closes. */
   streams: Set<() => void>;
@@ -130,7 +139,7 @@ interface Context {
 export async function startApiServer(options: ApiServerOptions): Promise<ApiServer> {
   const { socketPath, ops } = options;
   const logger = options.logger ?? silentLogger;
-  const ctx: Context = { ops, logger, streams: new Set() };
+  const ctx: Context = { ops, operations: options.operations, logger, streams: new Set() };
   const routes = buildRoutes(ctx);
 
   const server = createServer((req, res) => {
@@ -250,10 +259,24 @@ function ignoreMissing(error: NodeJS.ErrnoException): void {
 
 // ---- routing --------------------------------------------------------------------------------
 
+/** Every route and method the server has, with `{name}` / `{id}` for parameters (the OpenAPI document's test reads it). */
+export function routeTable(): Array<{ method: string; path: string }> {
+  const routes = buildRoutes({ ops: undefined as never, operations: undefined as never, logger: silentLogger, streams: new Set() });
+  return routes.flatMap((route) => Object.keys(route.methods).map((method) => ({
+    method,
+    path: `/${route.segments.map((s) => (s.startsWith(':') ? `{${s.slice(1)}}` : s)).join('/')}`,
+  })));
+}
+
 function buildRoutes(ctx: Context): Route[] {
-  const { ops } = ctx;
+  const { ops, operations } = ctx;
   return [
-    { segments: ['1.0'], methods: { GET: async (_req, res) => sendJson(res, 200, ops.info()) } },
+    { segments: [''], methods: { GET: async (_req, res) => sendJson(res, 200, { apiVersions: API_VERSIONS }) } },
+    {
+      segments: ['1.0'],
+      methods: { GET: async (_req, res) => sendJson(res, 200, { ...ops.info(), apiVersion: '1.0', apiExtensions: API_EXTENSIONS }) },
+    },
+    { segments: ['1.0', 'openapi.json'], methods: { GET: async (_req, res) => sendJson(res, 200, apiDescription(ops.info().version)) } },
     {
       segments: ['1.0', 'vms'],
       methods: {
@@ -297,7 +320,8 @@ function buildRoutes(ctx: Context): Route[] {
       methods: {
         POST: async (req, res, { name }) => {
           checkFields(await readJsonObject(req, { required: false }), []);
-          sendJson(res, 200, await ops.start(name));
+          ops.admit('start', name);
+          sendOperation(res, operations.begin('start', [name], (context) => ops.start(name, context)));
         },
       },
     },
@@ -313,7 +337,8 @@ function buildRoutes(ctx: Context): Route[] {
           if (force !== undefined) stop.force = force;
           const hostShutdown = optionalBoolean(body, 'hostShutdown');
           if (hostShutdown !== undefined) stop.hostShutdown = hostShutdown;
-          sendJson(res, 200, await ops.stop(name, stop));
+          ops.admit('stop', name);
+          sendOperation(res, operations.begin('stop', [name], (context) => ops.stop(name, stop, context)));
         },
       },
     },
@@ -332,7 +357,9 @@ function buildRoutes(ctx: Context): Route[] {
         POST: async (req, res, { name }) => {
           const body = await readJsonObject(req, { required: false });
           checkFields(body, ['strategy', 'timeoutSec', 'force']);
-          sendJson(res, 200, await ops.refresh(name, refreshOptions(body)));
+          const options = refreshOptions(body);
+          ops.admit('refresh', name);
+          sendOperation(res, operations.begin('refresh', [name], (context) => ops.refresh(name, options, context)));
         },
       },
     },
@@ -341,7 +368,7 @@ function buildRoutes(ctx: Context): Route[] {
       methods: {
         POST: async (req, res) => {
           const body = await readJsonObject(req, { required: true });
-          checkFields(body, ['vms', 'all', 'stale', 'strategy', 'timeoutSec', 'force', 'parallel', 'stopOnError']);
+          checkFields(body, ['vms', 'all', 'stale', 'strategy', 'timeoutSec', 'force', 'parallel', 'stopOnError', 'batchIntervalSec', 'maxFailures']);
           const request: RefreshJobRequest = { ...refreshOptions(body) };
           if (body.vms !== undefined) {
             if (!Array.isArray(body.vms) || !body.vms.every((v) => typeof v === 'string')) throw invalid(`"vms" must be a list of VM names, got ${describeValue(body.vms)}`);
@@ -353,19 +380,38 @@ function buildRoutes(ctx: Context): Route[] {
           if (all !== undefined) request.all = all;
           if (stale !== undefined) request.stale = stale;
           if (stopOnError !== undefined) request.stopOnError = stopOnError;
-          if (body.parallel !== undefined) {
-            if (typeof body.parallel !== 'number') throw invalid(`"parallel" must be a number, got ${describeValue(body.parallel)}`);
-            request.parallel = body.parallel;
+          // Their ranges are the job's to check (refresh-jobs.ts).
+          for (const field of ['parallel', 'batchIntervalSec', 'maxFailures'] as const) {
+            const value = body[field];
+            if (value === undefined) continue;
+            if (typeof value !== 'number') throw invalid(`"${field}" must be a number, got ${describeValue(value)}`);
+            request[field] = value;
           }
-          sendJson(res, 202, await ops.startRefreshJob(request));
+          const plan = await ops.planRefreshJob(request);
+          sendOperation(res, operations.begin('rolling-refresh', plan.vms, (context) => ops.runRefreshJob(plan, context)));
+        },
+      },
+    },
+    { segments: ['1.0', 'operations'], methods: { GET: async (_req, res) => sendJson(res, 200, operations.list()) } },
+    {
+      segments: ['1.0', 'operations', ':id'],
+      methods: {
+        GET: async (_req, res, { id }) => sendJson(res, 200, operations.get(id)),
+        DELETE: async (_req, res, { id }) => {
+          const op = operations.get(id);
+          // A refresh's cancel depends on what its VM does now (only a migration can be undone).
+          const view = op.kind === 'refresh' && op.vms[0] !== undefined ? await ops.get(op.vms[0]).catch(() => undefined) : undefined;
+          const hold = view?.operation === undefined ? undefined : { kind: view.operation.kind, ...(view.operation.id ? { operation: view.operation.id } : {}), ...(view.operation.step ? { step: view.operation.step } : {}) };
+          sendJson(res, 202, operations.cancel(id, hold));
         },
       },
     },
     {
-      segments: ['1.0', 'refresh', ':name'],
-      methods: { GET: async (_req, res, { name }) => sendJson(res, 200, ops.refreshJob(name)) },
+      segments: ['1.0', 'operations', ':id', 'wait'],
+      methods: { GET: async (req, res, { id }) => waitOperation(ctx, req, res, id) },
     },
     { segments: ['1.0', 'upgrade-status'], methods: { GET: async (_req, res) => sendJson(res, 200, await ops.upgradeStatus()) } },
+    { segments: ['1.0', 'metrics'], methods: { GET: async (_req, res) => sendMetrics(res, await ops.metricsText()) } },
     {
       segments: ['1.0', 'vms', ':name', 'qmp'],
       methods: {
@@ -392,7 +438,7 @@ function buildRoutes(ctx: Context): Route[] {
         },
       },
     },
-    { segments: ['1.0', 'events'], methods: { GET: async (_req, res) => streamEvents(ctx, res) } },
+    { segments: ['1.0', 'events'], methods: { GET: async (req, res) => streamEvents(ctx, res, parseEventFilter(queryOf(req))) } },
   ];
 }
 
@@ -409,33 +455,35 @@ async function dispatch(routes: Route[], ctx: Context, req: IncomingMessage, res
     ctx.logger.debug({ method, path: rawPath, status: res.statusCode, ms: Math.round(performance.now() - started) }, 'api request');
   });
   try {
-    const { route, name } = matchRoute(routes, rawPath);
+    const { route, name, id } = matchRoute(routes, rawPath);
     const handler = route.methods[method];
     if (handler === undefined) {
       const allowed = Object.keys(route.methods);
       res.setHeader('Allow', allowed.join(', '));
       throw new DaemonError('METHOD_NOT_ALLOWED', `${method} is not allowed on ${rawPath}; use ${allowed.join(' or ')}`);
     }
-    await handler(req, res, { name: name ?? '' });
+    await handler(req, res, { name: name ?? '', id });
   } catch (error) {
     sendError(ctx, req, res, error);
   }
 }
 
-function matchRoute(routes: Route[], path: string): { route: Route; name: string | undefined } {
+function matchRoute(routes: Route[], path: string): { route: Route; name: string | undefined; id: string } {
   const segments = path.startsWith('/') ? path.split('/').slice(1) : [];
   // One trailing slash is forgiven (curl users type it); anything else must match exactly.
   if (segments.length > 1 && segments[segments.length - 1] === '') segments.pop();
   for (const route of routes) {
     if (route.segments.length !== segments.length) continue;
     let name: string | undefined;
+    let id = '';
     const matches = route.segments.every((expected, i) => {
       const actual = segments[i] ?? '';
-      if (expected !== ':name') return expected === actual;
-      name = actual;
+      if (expected === ':id') id = actual;
+      else if (expected === ':name') name = actual;
+      else return expected === actual;
       return actual !== '';
     });
-    if (matches) return { route, name: name === undefined ? undefined : decodeVmName(name) };
+    if (matches) return { route, name: name === undefined ? undefined : decodeVmName(name), id };
   }
   throw new DaemonError('NOT_FOUND', `no such API path: ${path.slice(0, 200) || '(empty)'}; the routes are: ${routeList(routes).join(', ')}`);
 }
@@ -443,7 +491,7 @@ function matchRoute(routes: Route[], path: string): { route: Route; name: string
 /** Every route with its methods, for a 404 that helps a curl user: made from the table itself. */
 function routeList(routes: Route[]): string[] {
   return routes.flatMap((route) => Object.keys(route.methods).map((method) =>
-    `${method} /${route.segments.map((s) => (s === ':name' ? 'NAME' : s)).join('/')}`));
+    `${method} /${route.segments.map((s) => (s.startsWith(':') ? s.slice(1).toUpperCase() : s)).join('/')}`));
 }
 
 /** A VM name from the URL, checked before any operation sees it. */
@@ -458,9 +506,12 @@ function decodeVmName(raw: string): string {
   return name;
 }
 
+function queryOf(req: IncomingMessage): URLSearchParams {
+  return new URLSearchParams((req.url ?? '').split('?').slice(1).join('?'));
+}
+
 function parseFollow(req: IncomingMessage): boolean {
-  const query = (req.url ?? '').split('?').slice(1).join('?');
-  const value = new URLSearchParams(query).get('follow');
+  const value = queryOf(req).get('follow');
   if (value === null || value === '0' || value === 'false') return false;
   if (value === '' || value === '1' || value === 'true') return true;
   throw invalid(`follow must be 1 or 0, got ${describeValue(value)}`);
@@ -564,10 +615,46 @@ function invalid(message: string): DaemonError {
 
 // ---- responses ------------------------------------------------------------------------------
 
-function sendJson(res: ServerResponse, status: number, value: unknown): void {
+function sendJson(res: ServerResponse, status: number, value: unknown, headers: Record<string, string> = {}): void {
   const body = `${JSON.stringify(value)}\n`;
-  res.writeHead(status, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), 'Cache-Control': 'no-store' });
+  res.writeHead(status, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), 'Cache-Control': 'no-store', ...headers });
   res.end(body);
+}
+
+/** A long request's answer: 202 with the operation and where to follow it. */
+function sendOperation(res: ServerResponse, op: Operation): void {
+  sendJson(res, 202, op, { Location: `${API_PREFIX}/operations/${op.id}` });
+}
+
+/** The longest wait one request may ask for; a client that wants longer asks again. */
+const MAX_WAIT_SEC = 3_600;
+const DEFAULT_WAIT_SEC = 60;
+
+/** Answers the operation once it finished, or as it is at the timeout; a closing server or a gone client ends the wait. */
+async function waitOperation(ctx: Context, req: IncomingMessage, res: ServerResponse, id: string): Promise<void> {
+  const raw = queryOf(req).get('timeout');
+  const timeoutSec = raw === null || raw === '' ? DEFAULT_WAIT_SEC : Number(raw);
+  if (!Number.isFinite(timeoutSec) || timeoutSec < 0 || timeoutSec > MAX_WAIT_SEC) {
+    throw invalid(`timeout must be a number of seconds from 0 to ${MAX_WAIT_SEC}, got ${describeValue(raw)}`);
+  }
+  ctx.operations.get(id);
+  const abort = new AbortController();
+  const stop = (): void => abort.abort();
+  ctx.streams.add(stop);
+  res.once('close', stop);
+  try {
+    const op = await ctx.operations.wait(id, timeoutSec * 1000, abort.signal);
+    if (!res.destroyed) sendJson(res, 200, op);
+  } finally {
+    ctx.streams.delete(stop);
+    res.off('close', stop);
+  }
+}
+
+/** The Prometheus text format, for a scraper (daemon/metrics.ts). */
+function sendMetrics(res: ServerResponse, text: string): void {
+  res.writeHead(200, { 'Content-Type': METRICS_CONTENT_TYPE, 'Content-Length': Buffer.byteLength(text), 'Cache-Control': 'no-store' });
+  res.end(text);
 }
 
 interface ApiErrorBody {
@@ -578,7 +665,7 @@ interface ApiErrorBody {
 }
 
 /** Turns what an operation threw into the API's error; only known error classes speak for themselves. */
-function toApiError(error: unknown): ApiErrorBody | undefined {
+export function toApiError(error: unknown): ApiErrorBody | undefined {
   if (error instanceof DaemonError) return { code: error.code, message: error.message };
   if (error instanceof LaunchError) {
     return error.problems.length > 0
@@ -669,10 +756,10 @@ function drained(res: ServerResponse): Promise<void> {
   });
 }
 
-async function streamEvents(ctx: Context, res: ServerResponse): Promise<void> {
+async function streamEvents(ctx: Context, res: ServerResponse, wanted: (event: DaemonEvent) => boolean): Promise<void> {
   // Subscribed before the headers go out: a client that has seen the 200 misses nothing.
   const unsubscribe = ctx.ops.subscribe((event) => {
-    writeStream(ctx, res, `${JSON.stringify(event)}\n`, 'events');
+    if (wanted(event)) writeStream(ctx, res, `${JSON.stringify(event)}\n`, 'events');
   });
   res.writeHead(200, { 'Content-Type': 'application/x-ndjson', 'Cache-Control': 'no-store' });
   res.flushHeaders();

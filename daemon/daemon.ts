@@ -4,7 +4,9 @@ import type { Logger } from './log.js';
 import { probeInstallation } from '../launcher/index.js';
 import type { InstallationsConfig, RefreshStrategy } from '../upgrade/index.js';
 import { ScopeManager, SCOPE_PREFIX } from '../scope-manager/index.js';
-import { startApiServer } from './api-server.js';
+import { startApiServer, toApiError } from './api-server.js';
+import { countDaemonStart } from './metrics.js';
+import { Operations, operationsDir } from './operations.js';
 import { acquireDaemonLock } from './lock.js';
 import { VmManager } from './manager.js';
 import type { ScopePort } from './ports.js';
@@ -121,11 +123,35 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       `reattached ${vms.length} VM(s)`,
     );
 
+    const operations = new Operations({
+      dir: operationsDir(options.stateDir),
+      emit: (event) => manager.emit(event),
+      toError: (error) => toApiError(error) ?? { code: 'INTERNAL', message: `failed unexpectedly (${(error as Error).message}); the details are in vmkeepd's log` },
+      logError: (fields, message) => logger.error(fields as Record<string, unknown>, message),
+    });
+    cleanups.push(() => operations.close());
+    // Operations a previous daemon left unfinished end as DAEMON_RESTARTED, saying where their
+    // VMs stand once reattached (a refresh settled by its crash recovery).
+    const interrupted = await operations.load();
+    if (interrupted.length > 0) {
+      logger.warn({ operations: interrupted.map((op) => op.id) }, `${interrupted.length} operation(s) were under way when the previous vmkeepd ended`);
+      // Not awaited: a slow reattach must not hold READY back.
+      void manager.reattachDone.then(async () => {
+        const vms = await manager.list();
+        for (const op of interrupted) {
+          const after = vms.filter((vm) => op.vms.includes(vm.name)).map((vm) =>
+            `${vm.name} ${vm.state} on "${vm.installation}"${vm.qemuVersion === undefined ? '' : ` (QEMU ${vm.qemuVersion})`}${vm.problem === undefined ? '' : ` (${vm.problem})`}`);
+          operations.explainRestart(op.id, `after the restart: ${after.join(', ') || 'its VMs are gone'}`);
+        }
+      }).catch((error: unknown) => logger.error({ err: error }, 'could not tell where the VMs of interrupted operations stand'));
+    }
+
     // Held by systemd (vmkeepd.socket) when it passed one: connections wait while we restart.
     const listenFd = takeControlSocket();
     const api = await startApiServer({
       socketPath: options.socketPath,
       ops: manager,
+      operations,
       logger,
       ...(options.socketGid === undefined ? {} : { group: options.socketGid }),
       ...(listenFd === undefined ? {} : { listenFd }),
@@ -136,7 +162,11 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
     // startupMs: since this process started (Node's time origin), for the start-up benchmark.
     logger.info({ socket: options.socketPath, stateDir: options.stateDir, startupMs: Math.round(performance.now()), socketActivated: listenFd !== undefined }, 'vmkeepd ready');
     await manager.afterReady();
-    await reportStale(manager, logger, options.refreshAtStart === true);
+    manager.metrics.daemonStarts = await countDaemonStart(options.stateDir).catch((error: unknown) => {
+      logger.warn({ err: error }, 'could not count this start in the state folder; the metric vmkeep_daemon_starts_total is left out');
+      return undefined;
+    });
+    await reportStale(manager, operations, logger, options.refreshAtStart === true);
     // After READY: the API serves (and shows each VM starting) while the boot's starts run.
     void manager.autostartAtBoot({
       stateDir: options.stateDir,
@@ -154,7 +184,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
 const READY_WAIT_MS = 1_000;
 
 /** Logs every stale VM; with refreshAtStart, begins the rolling refresh the policies ask for. */
-async function reportStale(manager: VmManager, logger: Logger, refresh: boolean): Promise<void> {
+async function reportStale(manager: VmManager, operations: Operations, logger: Logger, refresh: boolean): Promise<void> {
   try {
     const status = await manager.upgradeStatus();
     for (const vm of status.vms.filter((v) => v.stale || v.warnings !== undefined)) {
@@ -162,8 +192,9 @@ async function reportStale(manager: VmManager, logger: Logger, refresh: boolean)
       logger.warn({ vm: vm.name, reasons: vm.reasons, warnings: vm.warnings, policy: vm.policy }, what);
     }
     if (!refresh) return;
-    const job = await manager.startRefreshJob({ stale: true });
-    logger.info({ job: job.id, vms: job.vms }, `refresh at start: ${job.vms.length} stale VM(s) to move by their policy`);
+    const plan = await manager.planRefreshJob({ stale: true });
+    const op = operations.begin('rolling-refresh', plan.vms, (context) => manager.runRefreshJob(plan, context));
+    logger.info({ operation: op.id, vms: plan.vms }, `refresh at start: ${plan.vms.length} stale VM(s) to move by their policy (operation ${op.id})`);
   } catch (error) {
     logger.error({ err: error }, 'could not check the VMs for staleness at start');
   }

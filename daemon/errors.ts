@@ -28,6 +28,10 @@ export type DaemonErrorCode =
   /** An image another VM uses read-write (or a read-write image another VM uses at all). */
   | 'IMAGE_IN_USE'
   | 'INTERNAL'
+  /** An operation was cancelled (DELETE /1.0/operations/ID) before it finished. */
+  | 'CANCELLED'
+  /** An operation was under way when vmkeepd ended; the message says where its VMs stand now. */
+  | 'DAEMON_RESTARTED'
   // Requests the API cannot take: each has its own HTTP status so `status = HTTP_STATUS[code]` always.
   | 'METHOD_NOT_ALLOWED'
   | 'BODY_TOO_LARGE'
@@ -62,6 +66,8 @@ export const HTTP_STATUS: Record<DaemonErrorCode, number> = {
   DISK_REFUSED: 422,
   IMAGE_IN_USE: 409,
   INTERNAL: 500,
+  CANCELLED: 409,
+  DAEMON_RESTARTED: 500,
   METHOD_NOT_ALLOWED: 405,
   BODY_TOO_LARGE: 413,
   UNSUPPORTED_MEDIA_TYPE: 415,

@@ -24,9 +24,11 @@ export { classifyReattach, type ReattachObservation, type ReattachDecision, type
 export { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
 export { DEFAULT_STOP_TIMEOUT_SEC } from './model.js';
 export type {
-  CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, DiskAcceptResult, ExitInfo, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome,
+  CreateOptions, DaemonEvent, DaemonEventType, DaemonInfo, DaemonOps, DiskAcceptResult, ExitInfo, RefreshJob, RefreshJobPlan, RefreshJobRequest, RefreshOptions, RefreshOutcome,
   RefreshStep, StopOptions, UpgradeStatus, VmSettings, VmState, VmUpgradeStatus, VmView, AutostartMode,
 } from './model.js';
-export { AUTOSTART_MODES, DEFAULT_AUTOSTART } from './model.js';
-export { ApiClient, DEFAULT_SOCKET_PATH, type ApiClientOptions } from './api-client.js';
+export { AUTOSTART_MODES, DEFAULT_AUTOSTART, EVENT_TYPES } from './model.js';
+export type { OperationContext } from './operations.js';
+export { OPERATION_KINDS, OPERATION_STATUSES, type ApiOperationKind, type Operation, type OperationError, type OperationProgress, type OperationStatus } from './operation-state.js';
+export { ApiClient, DEFAULT_SOCKET_PATH, type ApiClientOptions, type EventFilter } from './api-client.js';
 export { REFRESH_STRATEGIES, type RefreshStrategy } from '../upgrade/index.js';

@@ -20,19 +20,21 @@ import { DaemonError } from './errors.js';
 import { DEFAULT_REBOOT_TIMEOUT_SEC, DEFAULT_STOP_TIMEOUT_SEC, MONITOR_GREETING_TIMEOUT_MS } from './model.js';
 import { AUTOSTART_MODES } from './model.js';
 import type {
-  CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, DiskAcceptResult, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome,
+  CreateOptions, DaemonEvent, DaemonInfo, DaemonOps, DiskAcceptResult, RefreshJob, RefreshJobPlan, RefreshJobRequest, RefreshOptions, RefreshOutcome,
   StopOptions, UpgradeStatus, VmSettings, VmView,
 } from './model.js';
 import { asDaemonDiskError, chainsForStart, refuseSharedImages } from './disks.js';
 import { autostartAtBoot, type AutostartOptions, type AutostartPlan } from './autostart.js';
 import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES, startLogRotation, type LogLimits } from './log-rotation.js';
-import { migrateNow } from './migration.js';
+import { migrateNow, MigrationRolledBack } from './migration.js';
 import { ModulePins } from './pins.js';
 import { realQemu, type QemuPort, type ScopePort } from './ports.js';
 import { reattachIsolated } from './reattach.js';
 import { RECORD_SCHEMA, type RecordStore, type VmRecord } from './records.js';
+import type { OperationContext, RunAs } from './operations.js';
 import { RefreshJobs } from './refresh-jobs.js';
-import { planRefresh } from './refresh-plan.js';
+import { planFallback, planRefresh } from './refresh-plan.js';
+import { DaemonMetrics, formatExposition } from './metrics.js';
 import { startHealthChecks, superviseMonitor } from './supervision.js';
 import { stalenessOf, upgradeStatus } from './upgrade-status.js';
 import type { CoreOptions, Launch, LaunchArgs, VmCore } from './vm-core.js';
@@ -86,6 +88,39 @@ function checkAutostart(value: unknown): void {
   }
 }
 
+/** The lock's view of the API operation a VM operation runs as: its id, and when it begins. */
+function operationOf(runAs: RunAs | undefined): { operation?: string; onRunning?: () => void } {
+  if (runAs === undefined) return {};
+  return runAs.onRunning === undefined ? { operation: runAs.id } : { operation: runAs.id, onRunning: runAs.onRunning };
+}
+
+/** How often a granted cancel asks QEMU to cancel the migration, until the refresh has settled. */
+const MIGRATE_CANCEL_RETRY_MS = 200;
+
+/**
+ * A cancel of a refresh (granted only while it migrates, operation-state.ts decideCancel):
+ * QEMU's migrate_cancel on the source, asked again until the refresh settles, since the
+ * migration may not have begun yet (destination still starting). The refresh's own failure
+ * path then rolls back; a migration that completed first goes forward and the refresh succeeds.
+ */
+function cancelMigrationOnAbort(entry: VmEntry, signal: AbortSignal, refreshing: Promise<unknown>, logger: Logger): void {
+  let timer: NodeJS.Timeout | undefined;
+  let settled = false;
+  const ask = (): void => {
+    if (settled) return;
+    if (entry.lock.current?.step === 'migrating') {
+      entry.qmp?.migrateCancel().catch((error: unknown) => logger.warn({ vm: entry.record.name, err: error }, 'migrate_cancel failed'));
+    }
+    timer = setTimeout(ask, MIGRATE_CANCEL_RETRY_MS);
+  };
+  signal.addEventListener('abort', ask, { once: true });
+  void refreshing.catch(() => undefined).finally(() => {
+    settled = true;
+    signal.removeEventListener('abort', ask);
+    if (timer !== undefined) clearTimeout(timer);
+  });
+}
+
 /** The unit whose stop powers every guest off at host shutdown (snap/vmkeep-guests.service). */
 const DEFAULT_GUESTS_UNIT = 'vmkeep-guests.service';
 
@@ -101,6 +136,7 @@ export class VmManager implements DaemonOps, VmCore {
   private readonly listeners = new Set<(event: DaemonEvent) => void>();
   private readonly jobs: RefreshJobs;
   private readonly pins: ModulePins;
+  readonly metrics = new DaemonMetrics();
   private orphanScopes: string[] = [];
   private closed = false;
   /** Settles once every VM's reattach has (after a bounded reattachAll, possibly later). */
@@ -125,7 +161,7 @@ export class VmManager implements DaemonOps, VmCore {
       names: () => [...this.vms.keys()].sort(),
       requireVm: (name) => void this.entry(name),
       upgradeStatus: () => this.upgradeStatus(),
-      refresh: (vm, options) => this.refresh(vm, options),
+      refresh: (vm, options, runAs) => this.refresh(vm, options, runAs),
       emit: (event) => this.emit(event),
       onJobDone: () => this.collectPins(),
       logError: (fields, message) => o.logger.error(fields as Record<string, unknown>, message),
@@ -155,10 +191,14 @@ export class VmManager implements DaemonOps, VmCore {
       this.options.logger.error({ vm: bad.name, file: bad.file, code: bad.error.code }, bad.error.message);
     }
     for (const record of records) this.vms.set(record.name, newEntry(record));
+    const began = performance.now();
     const all = Promise.all(records.map((record) => {
       const entry = this.entry(record.name);
       return entry.lock.run('reattach', () => reattachIsolated(this, entry));
-    })).then(() => this.findOrphanScopes());
+    })).then(() => {
+      this.metrics.startReattachSeconds = (performance.now() - began) / 1000;
+      return this.findOrphanScopes();
+    });
     this.reattachDone = all.catch(() => undefined);
     this.stopHealthChecks = startHealthChecks(this);
     const limits = this.managerOptions.logLimits ?? { maxBytes: DEFAULT_LOG_MAX_BYTES, keep: DEFAULT_LOG_KEEP };
@@ -223,6 +263,8 @@ export class VmManager implements DaemonOps, VmCore {
   }
 
   watch(entry: VmEntry, qmp: QmpClient): void {
+    const name = entry.record.name;
+    qmp.observeCommands((_command, seconds, error) => this.metrics.qmpCommand(name, seconds, error?.code === 'COMMAND_TIMEOUT'));
     superviseMonitor(this, entry, qmp);
   }
 
@@ -365,7 +407,13 @@ export class VmManager implements DaemonOps, VmCore {
     }
   }
 
-  async start(name: string): Promise<VmView> {
+  admit(kind: 'start' | 'stop' | 'refresh', name: string): void {
+    const entry = this.entry(name);
+    // A stop waits its turn (ARCHITECTURE.md, "Operations"); a start or refresh would be refused.
+    if (kind !== 'stop' && entry.lock.busyWithUser) throw entry.lock.busyError();
+  }
+
+  async start(name: string, runAs?: RunAs): Promise<VmView> {
     const entry = this.entry(name);
     return entry.lock.run('start', async () => {
       this.requireLive(entry);
@@ -379,7 +427,7 @@ export class VmManager implements DaemonOps, VmCore {
         const { code, message } = asDaemonError(error);
         throw new DaemonError(code, `${message}. ${name} stays recorded (state ${entry.record.state}): fix the cause and run vmkeep start ${name}, or vmkeep delete ${name}`, { cause: error });
       }
-    }, { refuseIfBusy: true }).then(() => toView(entry));
+    }, { refuseIfBusy: true, ...operationOf(runAs) }).then(() => toView(entry));
   }
 
   /** Starts the VM's QEMU on the installation now current for it. Runs inside the VM's lock. */
@@ -527,7 +575,7 @@ export class VmManager implements DaemonOps, VmCore {
     }, { refuseIfBusy: true });
   }
 
-  async stop(name: string, options: StopOptions = {}): Promise<VmView> {
+  async stop(name: string, options: StopOptions = {}, runAs?: RunAs): Promise<VmView> {
     const entry = this.entry(name);
     // Queued, never refused: a stop (host shutdown included) must happen once the VM is free.
     return entry.lock.run('stop', async () => {
@@ -552,7 +600,7 @@ export class VmManager implements DaemonOps, VmCore {
       entry.stopAsked = true;
       entry.hostShutdownStop = options.hostShutdown === true;
       await this.powerOff(entry, options.timeoutSec ?? DEFAULT_STOP_TIMEOUT_SEC, options.hostShutdown ? 'host shutdown' : 'stopped by request');
-    }).then(() => toView(entry));
+    }, operationOf(runAs)).then(() => toView(entry));
   }
 
   /**
@@ -648,15 +696,47 @@ export class VmManager implements DaemonOps, VmCore {
 
   // ---- refresh -------------------------------------------------------------------------------
 
-  async refresh(name: string, options: RefreshOptions = {}): Promise<RefreshOutcome> {
+  async refresh(name: string, options: RefreshOptions = {}, runAs?: RunAs): Promise<RefreshOutcome> {
     const entry = this.entry(name);
-    return entry.lock.run('refresh', () => {
+    // A refresh of its own (not one VM of a job, which reports its VMs itself) shows its steps
+    // and its end on the event stream too, under its operation's id.
+    const tag = { type: 'refresh' as const, vm: name, ...(runAs === undefined ? {} : { operation: runAs.id }) };
+    const own = options.onStep === undefined && runAs !== undefined;
+    const steps: RefreshOptions = own ? { ...options, onStep: (step, message) => this.emit({ ...tag, step, message }) } : options;
+    const strategy = options.strategy ?? this.policyOf(entry.record);
+    const refreshing = entry.lock.run('refresh', () => {
       this.requireLive(entry);
-      return this.refreshNow(entry, options);
-    }, { refuseIfBusy: true });
+      return this.refreshNow(entry, steps, runAs?.signal);
+    }, { refuseIfBusy: true, ...operationOf(runAs) });
+    if (runAs?.signal !== undefined) cancelMigrationOnAbort(entry, runAs.signal, refreshing, this.options.logger);
+    refreshing.then((outcome) => {
+      this.metrics.refreshes.inc({ strategy, outcome: outcome.result });
+      if (outcome.result === 'migrated' && outcome.downtimeMs !== undefined && outcome.migrationMs !== undefined) {
+        const mode = { mode: outcome.strategy };
+        this.metrics.migrationDowntime.observe(mode, outcome.downtimeMs / 1000);
+        this.metrics.migrationDuration.observe(mode, outcome.migrationMs / 1000);
+      }
+      if (own) this.emit({ ...tag, step: 'done', message: outcome.message, outcome });
+    }, (error: unknown) => {
+      const refused = error instanceof DaemonError && ['REFRESH_REFUSED', 'BUSY', 'CONFLICT', 'UNREACHABLE', 'INVALID_REQUEST'].includes(error.code);
+      this.metrics.refreshes.inc({ strategy, outcome: refused ? 'refused' : 'failed' });
+      if (own) this.emit({ ...tag, step: 'failed', message: (error as Error).message });
+    });
+    return refreshing;
   }
 
-  private async refreshNow(entry: VmEntry, options: RefreshOptions): Promise<RefreshOutcome> {
+  /** The Prometheus text of GET /1.0/metrics: the counters so far, the VM gauges as of now. */
+  async metricsText(): Promise<string> {
+    const vmsByState: Record<string, number> = {};
+    for (const entry of this.entries()) vmsByState[entry.record.state] = (vmsByState[entry.record.state] ?? 0) + 1;
+    if (this.damaged.size > 0) vmsByState.damaged = this.damaged.size;
+    const staleByInstallation: Record<string, number> = {};
+    for (const vm of (await this.upgradeStatus()).vms.filter((v) => v.stale)) staleByInstallation[vm.installation] = (staleByInstallation[vm.installation] ?? 0) + 1;
+    return formatExposition(this.metrics.families({ vmsByState, staleByInstallation }));
+  }
+
+  /** `cancel`: the operation's; once aborted, a failed migration falls back to nothing. */
+  private async refreshNow(entry: VmEntry, options: RefreshOptions, cancel?: AbortSignal): Promise<RefreshOutcome> {
     const began = performance.now();
     const { record } = entry;
     const name = record.name;
@@ -698,7 +778,7 @@ export class VmManager implements DaemonOps, VmCore {
       case 'migrate': {
         // auto and cpr hand the guest's RAM over where both QEMUs can, else copy it (auto only).
         let mode: 'migrate' | 'cpr' = 'migrate';
-        let why = '';
+        let why = plan.fallback === 'reboot' ? 'the live migration worked, no reboot needed' : '';
         if (strategy === 'auto' || strategy === 'cpr') {
           try {
             ({ strategy: mode, why } = chooseLiveStrategy(strategy, { vm: name, memoryBackend: memoryBackendOf(record.spec), runningVersion: status?.runningVersion, targetVersion: info.version }));
@@ -706,7 +786,33 @@ export class VmManager implements DaemonOps, VmCore {
             throw new DaemonError('REFRESH_REFUSED', (cause as Error).message, { cause });
           }
         }
-        const { downtimeMs, migrationMs, pid } = await migrateNow(this, entry, target, info, options, mode);
+        let moved: Awaited<ReturnType<typeof migrateNow>>;
+        try {
+          moved = await migrateNow(this, entry, target, info, options, mode);
+        } catch (cause) {
+          if (plan.fallback !== 'reboot') throw cause;
+          const after = entry.record;
+          const fallback = planFallback({
+            error: (cause as Error).message,
+            onOldQemu: cause instanceof MigrationRolledBack && after.state === 'running' && after.process?.pid === from?.pid
+              && after.refresh === undefined && after.retired === undefined,
+            destinationStarted: cause instanceof MigrationRolledBack && cause.destinationStarted,
+            cancelled: cancel?.aborted === true,
+          });
+          if (fallback.action === 'fail') {
+            throw fallback.why === undefined ? cause : new DaemonError(asDaemonError(cause).code, `${(cause as Error).message}. ${fallback.why}`, { cause });
+          }
+          options.onStep?.('powering-off', `${name}: ${fallback.reason}; rebooting it instead`);
+          try {
+            await this.rebootNow(entry, target, options);
+          } catch (failed) {
+            const code = failed instanceof DaemonError ? failed.code : 'REFRESH_FAILED';
+            throw new DaemonError(code, `${fallback.reason}, and the reboot failed too: ${(failed as Error).message}`, { cause: failed });
+          }
+          return outcome('rebooted', `${name} powered off and started on "${target.name}" (QEMU ${info.version}, pid ${entry.record.process?.pid}) because ${fallback.reason}`,
+            { ...fromField, strategy: 'reboot', to: { ...to, ...(entry.record.process ? { pid: entry.record.process.pid } : {}) }, reason: fallback.reason });
+        }
+        const { downtimeMs, migrationMs, pid } = moved;
         const how = mode === 'cpr' ? 'handed over live (cpr-transfer: RAM not copied)' : 'moved live';
         return outcome('migrated', `${name} ${how} onto "${target.name}" (QEMU ${info.version}, pid ${pid}); guest paused ${downtimeMs} ms${why === '' ? '' : ` (${mode}: ${why})`}`,
           { ...fromField, strategy: mode, to: { ...to, pid }, downtimeMs, migrationMs, ...(why === '' ? {} : { reason: why }) });
@@ -763,12 +869,12 @@ export class VmManager implements DaemonOps, VmCore {
     }
   }
 
-  startRefreshJob(request: RefreshJobRequest): Promise<RefreshJob> {
-    return this.jobs.start(request);
+  planRefreshJob(request: RefreshJobRequest): Promise<RefreshJobPlan> {
+    return this.jobs.plan(request);
   }
 
-  refreshJob(id: string): RefreshJob {
-    return this.jobs.get(id);
+  runRefreshJob(plan: RefreshJobPlan, context: OperationContext): Promise<RefreshJob> {
+    return this.jobs.run(plan, context);
   }
 
   upgradeStatus(): Promise<UpgradeStatus> {
@@ -920,7 +1026,11 @@ export class VmManager implements DaemonOps, VmCore {
   }
 
   emit(event: Omit<DaemonEvent, 'time'>): void {
-    const full: DaemonEvent = { ...event, time: new Date().toISOString() };
+    // Every deletion says so here: its per-VM series go with it.
+    if (event.type === 'vm-deleted' && event.vm !== undefined) this.metrics.forgetVm(event.vm);
+    // What an operation does to its VM happens under the VM's lock: the lock names the operation.
+    const operation = event.operation ?? (event.vm === undefined ? undefined : this.vms.get(event.vm)?.lock.current?.operation);
+    const full: DaemonEvent = { ...event, ...(operation === undefined ? {} : { operation }), time: new Date().toISOString() };
     for (const listener of this.listeners) {
       try {
         listener(full);

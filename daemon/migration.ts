@@ -16,6 +16,17 @@ import type { OtherQemu, VmRecord } from './records.js';
 import type { VmCore } from './vm-core.js';
 import { binaryOf, retiredOf, truncate, type VmEntry } from './vm-entry.js';
 
+/** A migration that failed and was rolled back: the guest runs on its old QEMU. */
+export class MigrationRolledBack extends DaemonError {
+  /** The new QEMU started and answered its monitor: it can run this VM, only the move failed. */
+  readonly destinationStarted: boolean;
+
+  constructor(message: string, destinationStarted: boolean, cause: unknown) {
+    super('REFRESH_FAILED', message, { cause });
+    this.destinationStarted = destinationStarted;
+  }
+}
+
 /**
  * Live migration (mode migrate: RAM copied; cpr: RAM handed over in a shared memfd) into a new
  * QEMU of the target installation, in its own new scope. Until the stream completes the source
@@ -85,9 +96,9 @@ export async function migrateNow(core: VmCore, entry: VmEntry, target: Installat
       if (destination === undefined && pending !== undefined) await endIdleQemu(qemu, undefined, entry.record.refresh?.destination, true);
       await rm(cprSocket, { force: true });
       await rollBackMigration(core, entry, destination, cause);
-      throw new DaemonError('REFRESH_FAILED',
+      throw new MigrationRolledBack(
         `${mode === 'cpr' ? 'cpr-transfer' : 'live migration'} of ${name} onto "${target.name}" failed: ${(cause as Error).message}. ${name} keeps running on its old QEMU (pid ${source.pid}); the new QEMU was removed (its log: ${entry.record.paths.stderrLog})`,
-        { cause });
+        destination !== undefined, cause);
     }
     if (way === 'unknown') {
       // Both stay, the record names both: the retry's reattach finishes or rolls back.

@@ -1,5 +1,7 @@
 import type { DiskChain, VmSpec } from '../launcher/index.js';
 import type { RefreshStrategy } from '../upgrade/index.js';
+import type { OperationContext, RunAs } from './operations.js';
+import type { OperationStatus } from './operation-state.js';
 
 /**
  * Where a VM stands, as the daemon reports it.
@@ -46,7 +48,7 @@ export interface VmView {
   problem?: string;
   lastExit?: ExitInfo;
   /** The operation that holds the VM now (a start, a refresh, the reattach after a restart). */
-  operation?: { kind: string; step?: string; since: string };
+  operation?: { kind: string; step?: string; since: string; id?: string };
   createdAt: string;
   updatedAt: string;
 }
@@ -63,14 +65,22 @@ export interface DaemonInfo {
   damagedRecords: Array<{ name: string; file: string; problem: string }>;
 }
 
+export const EVENT_TYPES = ['vm-state', 'vm-created', 'vm-deleted', 'vm-power', 'vm-autostart', 'daemon', 'refresh', 'operation'] as const;
+export type DaemonEventType = (typeof EVENT_TYPES)[number];
+
 /** A change the event stream carries, one JSON object per line. */
 export interface DaemonEvent {
-  type: 'vm-state' | 'vm-created' | 'vm-deleted' | 'vm-power' | 'vm-autostart' | 'daemon' | 'refresh';
+  type: DaemonEventType;
   vm?: string;
+  /** The operation that caused it, if one did (an API request answered 202). */
+  operation?: string;
+  /** operation events: its VMs and its status now. */
+  vms?: string[];
+  status?: OperationStatus;
   state?: VmState;
   previous?: VmState;
   message?: string;
-  /** refresh events: the job, the step (started, migrating, done, failed, skipped, job-done). */
+  /** refresh events: the rolling refresh's operation id, the step (started, migrating, done, failed, skipped, job-done). */
   job?: string;
   step?: RefreshStep;
   progress?: { done: number; total: number; failed: number };
@@ -78,7 +88,7 @@ export interface DaemonEvent {
   time: string;
 }
 
-export type RefreshStep = 'started' | 'migrating' | 'powering-off' | 'starting' | 'done' | 'failed' | 'skipped' | 'job-done';
+export type RefreshStep = 'started' | 'migrating' | 'powering-off' | 'starting' | 'done' | 'failed' | 'skipped' | 'pause' | 'job-done';
 
 export interface RefreshOptions {
   /** Default: the VM's own policy, else the daemon's. */
@@ -120,16 +130,32 @@ export interface RefreshJobRequest {
   parallel?: number;
   timeoutSec?: number;
   force?: boolean;
+  /** The same as maxFailures 1. */
   stopOnError?: boolean;
+  /** Seconds to pause between batches of `parallel` VMs (0 to MAX_BATCH_INTERVAL_SEC). */
+  batchIntervalSec?: number;
+  /** Stop the job after this many failed VMs: no new VM is begun, the rest are not attempted. */
+  maxFailures?: number;
 }
 
+/** A rolling refresh's VMs and how it will run them, decided before it begins. */
+export interface RefreshJobPlan {
+  vms: string[];
+  parallel: number;
+  /** 0: a new VM begins as soon as one ends. */
+  batchIntervalSec: number;
+  /** stopOnError is 1. */
+  maxFailures?: number;
+  options: Omit<RefreshOptions, 'onStep'>;
+}
+
+/** The result of a rolling refresh's operation (its `id` is the operation's). */
 export interface RefreshJob {
   id: string;
   vms: string[];
-  state: 'running' | 'done';
   parallel: number;
-  startedAt: string;
-  endedAt?: string;
+  batchIntervalSec?: number;
+  maxFailures?: number;
   results: Array<{ vm: string; ok: boolean; skipped?: boolean; outcome?: RefreshOutcome; error?: { code: string; message: string } }>;
 }
 
@@ -208,8 +234,14 @@ export interface DaemonOps {
   get(name: string): Promise<VmView>;
   /** Validates the spec; creates the record; starts the VM unless start is false. */
   create(spec: unknown, options?: CreateOptions): Promise<VmView>;
-  start(name: string): Promise<VmView>;
-  stop(name: string, options?: StopOptions): Promise<VmView>;
+  /**
+   * Refuses at once what an operation would only fail on: an unknown VM (NOT_FOUND), a start or
+   * refresh while another user operation holds the VM (BUSY).
+   */
+  admit(kind: 'start' | 'stop' | 'refresh', name: string): void;
+  /** `context`: the operation this runs as (its id marks the VM's lock and the events). */
+  start(name: string, runAs?: RunAs): Promise<VmView>;
+  stop(name: string, options?: StopOptions, runAs?: RunAs): Promise<VmView>;
   /** Changes settings of an existing VM (autostart). */
   set(name: string, settings: VmSettings): Promise<VmView>;
   /** Only a VM without a running QEMU can be deleted. */
@@ -219,13 +251,17 @@ export interface DaemonOps {
   /** Path of the VM's serial console log. */
   consolePath(name: string): Promise<string>;
   /** Moves one VM onto the current installation (or reports, or arms, per strategy). */
-  refresh(name: string, options?: RefreshOptions): Promise<RefreshOutcome>;
-  /** Begins a rolling refresh of many VMs; follow it on the event stream by its id. */
-  startRefreshJob(request: RefreshJobRequest): Promise<RefreshJob>;
-  refreshJob(id: string): RefreshJob;
+  /** With a context, a cancel of it cancels a live migration under way (rolled back). */
+  refresh(name: string, options?: RefreshOptions, runAs?: RunAs): Promise<RefreshOutcome>;
+  /** Checks a rolling refresh's request and resolves its VMs (INVALID_REQUEST, NOT_FOUND). */
+  planRefreshJob(request: RefreshJobRequest): Promise<RefreshJobPlan>;
+  /** Runs a planned rolling refresh as the operation `context`; a cancel begins no further VM. */
+  runRefreshJob(plan: RefreshJobPlan, context: OperationContext): Promise<RefreshJob>;
   upgradeStatus(): Promise<UpgradeStatus>;
   /** Records each disk's backing chain as it is now (after BACKING_CHAIN_CHANGED, once checked). */
   acceptDisks(name: string): Promise<DiskAcceptResult>;
+  /** GET /1.0/metrics: the Prometheus text format (daemon/metrics.ts). */
+  metricsText(): Promise<string>;
   /** Subscribes to state changes; returns the unsubscribe function. */
   subscribe(listener: (event: DaemonEvent) => void): () => void;
 }

@@ -28,6 +28,8 @@ export interface RunningOperation {
   /** A finer word for what it does now (e.g. "migrating"), for messages. */
   step?: string;
   since: string;
+  /** The API operation it runs as (operations.ts), if a request began it. */
+  operation?: string;
 }
 
 export class OperationLock {
@@ -56,13 +58,14 @@ export class OperationLock {
    * Runs `operation` after those queued before it. With `refuseIfBusy`, fails at once with BUSY
    * when a user operation runs or waits: two requests on one VM never silently pile up.
    */
-  run<T>(kind: OperationKind, operation: () => Promise<T>, options: { refuseIfBusy?: boolean } = {}): Promise<T> {
+  run<T>(kind: OperationKind, operation: () => Promise<T>, options: { refuseIfBusy?: boolean; operation?: string; onRunning?: () => void } = {}): Promise<T> {
     if (options.refuseIfBusy && this.busyWithUser) return Promise.reject(this.busyError());
-    const op: RunningOperation = { kind, since: new Date().toISOString() };
+    const op: RunningOperation = { kind, since: new Date().toISOString(), ...(options.operation === undefined ? {} : { operation: options.operation }) };
     this.held.push(op);
     const body = async (): Promise<T> => {
       // The queue order is the held order: this one is first now.
       op.since = new Date().toISOString();
+      options.onRunning?.();
       try {
         return await operation();
       } finally {
@@ -77,6 +80,7 @@ export class OperationLock {
   busyError(): DaemonError {
     const op = this.held.find((o) => USER_OPERATIONS.has(o.kind)) ?? this.held[0];
     const what = op === undefined ? 'busy' : `busy: ${op.step ?? DOING[op.kind]} ${this.vm} since ${op.since}`;
-    return new DaemonError('BUSY', `${what}; wait for it to finish (vmkeep events shows its end) and try again`);
+    const wait = op?.operation === undefined ? 'vmkeep events shows its end' : `vmkeep operations ${op.operation} --wait`;
+    return new DaemonError('BUSY', `${what}; wait for it to finish (${wait}) and try again`);
   }
 }

@@ -1,29 +1,29 @@
-// Rolling refreshes of many VMs, run inside vmkeepd and followed on the event stream by id.
-import { randomBytes } from 'node:crypto';
+// Rolling refreshes of many VMs, run inside vmkeepd as operations (operations.ts), followed on
+// the event stream by the operation's id.
 import { parseStrategy, runRolling } from '../upgrade/index.js';
-import { DaemonError } from './errors.js';
-import type { DaemonEvent, RefreshJob, RefreshJobRequest, RefreshOptions, RefreshOutcome, UpgradeStatus } from './model.js';
-
-const MAX_JOBS_KEPT = 100;
+import { DaemonError, type DaemonErrorCode } from './errors.js';
+import type { DaemonEvent, RefreshJob, RefreshJobPlan, RefreshJobRequest, RefreshOptions, RefreshOutcome, UpgradeStatus } from './model.js';
+import type { OperationContext, RunAs } from './operations.js';
 const MAX_PARALLEL = 64;
+/** A day: longer pauses are a schedule, not a batch interval. */
+const MAX_BATCH_INTERVAL_SEC = 86_400;
 
 export interface RefreshJobsDeps {
   /** Every VM name, sorted; throws NOT_FOUND for an unknown one when asked for it. */
   names(): string[];
   requireVm(name: string): void;
   upgradeStatus(): Promise<UpgradeStatus>;
-  refresh(vm: string, options: RefreshOptions): Promise<RefreshOutcome>;
+  refresh(vm: string, options: RefreshOptions, runAs: RunAs): Promise<RefreshOutcome>;
   emit(event: Omit<DaemonEvent, 'time'>): void;
   onJobDone(): Promise<void>;
   logError(fields: object, message: string): void;
 }
 
 export class RefreshJobs {
-  private readonly jobs = new Map<string, RefreshJob>();
-
   constructor(private readonly deps: RefreshJobsDeps) {}
 
-  async start(request: RefreshJobRequest): Promise<RefreshJob> {
+  /** Checks the request and resolves its VMs, before any operation begins. */
+  async plan(request: RefreshJobRequest): Promise<RefreshJobPlan> {
     const { deps } = this;
     const modes = [request.vms !== undefined, request.all === true, request.stale === true].filter(Boolean).length;
     if (modes !== 1) throw new DaemonError('INVALID_REQUEST', 'name the VMs to refresh: exactly one of "vms" (a list), "all": true or "stale": true');
@@ -31,6 +31,15 @@ export class RefreshJobs {
     if (!Number.isSafeInteger(parallel) || parallel < 1 || parallel > MAX_PARALLEL) {
       throw new DaemonError('INVALID_REQUEST', `parallel must be a whole number from 1 to ${MAX_PARALLEL}, got ${String(request.parallel)}`);
     }
+    const batchIntervalSec = request.batchIntervalSec ?? 0;
+    if (!Number.isFinite(batchIntervalSec) || batchIntervalSec < 0 || batchIntervalSec > MAX_BATCH_INTERVAL_SEC) {
+      throw new DaemonError('INVALID_REQUEST', `batchIntervalSec must be a number of seconds from 0 to ${MAX_BATCH_INTERVAL_SEC}, got ${String(request.batchIntervalSec)}`);
+    }
+    if (request.maxFailures !== undefined && (!Number.isSafeInteger(request.maxFailures) || request.maxFailures < 1)) {
+      throw new DaemonError('INVALID_REQUEST', `maxFailures must be a whole number from 1, got ${String(request.maxFailures)}`);
+    }
+    // stopOnError is maxFailures 1; with both, the stricter wins.
+    const maxFailures = request.stopOnError === true ? 1 : request.maxFailures;
     const strategy = request.strategy === undefined ? undefined : parseStrategy(request.strategy);
     let vms: string[];
     if (request.vms !== undefined) {
@@ -42,58 +51,68 @@ export class RefreshJobs {
       const status = await deps.upgradeStatus();
       vms = status.vms.filter((v) => v.stale && (strategy ?? v.policy) !== 'manual').map((v) => v.name);
     }
-    const job: RefreshJob = { id: `refresh-${randomBytes(4).toString('hex')}`, vms, state: 'running', parallel, startedAt: new Date().toISOString(), results: [] };
-    this.jobs.set(job.id, job);
-    const finished = [...this.jobs.values()].filter((j) => j.state === 'done');
-    for (const old of finished.slice(0, Math.max(0, this.jobs.size - MAX_JOBS_KEPT))) this.jobs.delete(old.id);
-    let failed = 0;
-    const options: RefreshOptions = {
+    const options: RefreshJobPlan['options'] = {
       ...(strategy === undefined ? {} : { strategy }),
       ...(request.timeoutSec === undefined ? {} : { timeoutSec: request.timeoutSec }),
       ...(request.force === undefined ? {} : { force: request.force }),
     };
-    void runRolling({
+    return { vms, parallel, batchIntervalSec, ...(maxFailures === undefined ? {} : { maxFailures }), options };
+  }
+
+  /**
+   * Runs the plan as the operation `context` (its id is the job's, on every event). A cancel
+   * begins no further VM: those in progress finish, the rest are reported skipped.
+   */
+  async run(plan: RefreshJobPlan, context: OperationContext): Promise<RefreshJob> {
+    const { deps } = this;
+    const { vms } = plan;
+    const id = context.id;
+    const tag = { type: 'refresh' as const, job: id, operation: id };
+    context.onRunning();
+    let failed = 0;
+    const results = await runRolling({
       vms,
-      parallel,
-      stopOnError: request.stopOnError === true,
-      refresh: (vm) => deps.refresh(vm, { ...options, onStep: (step, message) => deps.emit({ type: 'refresh', job: job.id, vm, step, message }) }),
-      onStart: (vm) => deps.emit({ type: 'refresh', job: job.id, vm, step: 'started', message: `refreshing ${vm}` }),
+      parallel: plan.parallel,
+      ...(plan.maxFailures === undefined ? {} : { maxFailures: plan.maxFailures }),
+      batchIntervalMs: plan.batchIntervalSec * 1000,
+      signal: context.signal,
+      onPause: (ms, remaining) => deps.emit({ ...tag, step: 'pause', message: `pausing ${ms / 1000} s before the next batch (${remaining} VM(s) to go)` }),
+      // The VM's lock and events carry the job's id; its cancel is not passed on: a migration in
+      // progress finishes, only the VMs not begun are left out.
+      refresh: (vm) => deps.refresh(vm, { ...plan.options, onStep: (step, message) => deps.emit({ ...tag, vm, step, message }) }, { id }),
+      onStart: (vm) => deps.emit({ ...tag, vm, step: 'started', message: `refreshing ${vm}` }),
       onEnd: (item, done, total) => {
         if (!item.ok) failed++;
+        context.progress({ done, total, failed });
         deps.emit({
-          type: 'refresh', job: job.id, vm: item.vm, step: item.ok ? 'done' : 'failed',
+          ...tag, vm: item.vm, step: item.ok ? 'done' : 'failed',
           message: item.ok ? (item.result as RefreshOutcome).message : (item.error as Error).message,
           progress: { done, total, failed },
           ...(item.ok ? { outcome: item.result as RefreshOutcome } : {}),
         });
       },
-    }).then(async (results) => {
-      job.results = results.map((r) => ({
+    });
+    const job: RefreshJob = {
+      id, vms, parallel: plan.parallel,
+      ...(plan.batchIntervalSec > 0 ? { batchIntervalSec: plan.batchIntervalSec } : {}),
+      ...(plan.maxFailures === undefined ? {} : { maxFailures: plan.maxFailures }),
+      results: results.map((r) => ({
         vm: r.vm, ok: r.ok,
         ...(r.skipped ? { skipped: true } : {}),
         ...(r.result ? { outcome: r.result } : {}),
         ...(r.error ? { error: { code: (r.error as { code?: string }).code ?? 'INTERNAL', message: r.error.message } } : {}),
-      }));
-      for (const r of results.filter((x) => x.skipped)) {
-        deps.emit({ type: 'refresh', job: job.id, vm: r.vm, step: 'skipped', message: `${r.vm} skipped: an earlier VM failed (--stop-on-error)` });
-      }
-      const ok = results.filter((r) => r.ok).length;
-      job.state = 'done';
-      job.endedAt = new Date().toISOString();
-      deps.emit({ type: 'refresh', job: job.id, step: 'job-done', progress: { done: results.length, total: vms.length, failed: results.length - ok }, message: `${ok} of ${vms.length} VM(s) refreshed` });
-      await deps.onJobDone();
-    }).catch((error: unknown) => {
-      deps.logError({ job: job.id, err: error }, 'a refresh job failed unexpectedly');
-    }).finally(() => {
-      job.state = 'done';
-      job.endedAt ??= new Date().toISOString();
-    });
-    return job;
-  }
-
-  get(id: string): RefreshJob {
-    const job = this.jobs.get(id);
-    if (!job) throw new DaemonError('NOT_FOUND', `no refresh job ${JSON.stringify(id.slice(0, 64))} (jobs are kept until vmkeepd restarts, the last ${MAX_JOBS_KEPT})`);
+      })),
+    };
+    const why = context.signal.aborted ? 'the job was cancelled' : `the job stopped after ${plan.maxFailures ?? 1} failed VM(s) (max failures)`;
+    for (const r of results.filter((x) => x.skipped)) deps.emit({ ...tag, vm: r.vm, step: 'skipped', message: `${r.vm} not attempted: ${why}` });
+    const ok = results.filter((r) => r.ok).length;
+    deps.emit({ ...tag, step: 'job-done', progress: { done: results.length, total: vms.length, failed: results.length - ok }, message: `${ok} of ${vms.length} VM(s) refreshed` });
+    await deps.onJobDone().catch((error: unknown) => deps.logError({ job: id, err: error }, 'collecting unused module pins after a refresh job failed'));
+    if (ok < results.length && !context.signal.aborted) {
+      const first = job.results.find((r) => !r.ok && !r.skipped);
+      throw Object.assign(new DaemonError((first?.error?.code ?? 'REFRESH_FAILED') as DaemonErrorCode,
+        `${results.length - ok} of ${vms.length} VM(s) not refreshed${first?.error ? `; ${first.vm}: ${first.error.message}` : ''}`), { result: job });
+    }
     return job;
   }
 }

@@ -81,6 +81,6 @@ export function toView(entry: VmEntry): VmView {
   if (problems.length > 0) view.problem = problems.join('; ');
   if (record.lastExit) view.lastExit = record.lastExit;
   const op = entry.lock.current;
-  if (op && op.kind !== 'supervise') view.operation = { kind: op.kind, ...(op.step ? { step: op.step } : {}), since: op.since };
+  if (op && op.kind !== 'supervise') view.operation = { kind: op.kind, ...(op.step ? { step: op.step } : {}), since: op.since, ...(op.operation ? { id: op.operation } : {}) };
   return view;
 }

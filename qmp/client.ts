@@ -124,6 +124,7 @@ export class QmpClient {
   private greetingInfo: QmpGreeting | undefined;
   private greetingWaiter: { resolve: (g: QmpGreeting) => void; reject: (e: QmpError) => void } | undefined;
   private oob = false;
+  private commandObserver: ((command: string, seconds: number, error?: QmpError) => void) | undefined;
   private reason: QmpError | undefined;
   private readonly closed: Promise<QmpError>;
   private resolveClosed!: (reason: QmpError) => void;
@@ -229,7 +230,31 @@ export class QmpClient {
    * INVALID_ARGUMENT, or the close reason's code if the connection ends first.
    */
   execute<T = unknown>(name: string, args?: object, opts: ExecuteOptions = {}): Promise<T> {
-    return this.send(name, args, opts, false) as Promise<T>;
+    const observer = this.commandObserver;
+    if (observer === undefined) return this.send(name, args, opts, false) as Promise<T>;
+    const began = performance.now();
+    const report = (error?: QmpError): void => {
+      try {
+        observer(name, (performance.now() - began) / 1000, error);
+      } catch (err) {
+        this.opts.onListenerError(err, 'event');
+      }
+    };
+    return this.send(name, args, opts, false).then((value) => {
+      report();
+      return value as T;
+    }, (error: QmpError) => {
+      report(error);
+      throw error;
+    });
+  }
+
+  /**
+   * Told of every command `execute` sends once it settles: its name, seconds taken, and the
+   * error if it failed (COMMAND_TIMEOUT when QEMU did not answer in time). One observer; for metrics.
+   */
+  observeCommands(observer: ((command: string, seconds: number, error?: QmpError) => void) | undefined): void {
+    this.commandObserver = observer;
   }
 
   /**

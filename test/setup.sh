@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # mmdebstrap and systemd-container (systemd-nspawn): the .deb test's fresh Debian root;
-# debian-archive-keyring: QEMU 10.0 from bookworm-backports for the upgrade tests.
-apt_packages=(qemu-system-x86 qemu-utils busybox-static dbus systemd util-linux iproute2 curl mmdebstrap systemd-container debian-archive-keyring)
+# debian-archive-keyring: QEMU 10.0 from bookworm-backports for the upgrade tests;
+# python3-prometheus-client: the Prometheus project's own parser, for the metrics test;
+# ansible-core: the fleet example's test (examples/ansible/).
+apt_packages=(qemu-system-x86 qemu-utils busybox-static dbus systemd util-linux iproute2 curl mmdebstrap systemd-container debian-archive-keyring python3-prometheus-client ansible-core)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -7,12 +7,15 @@ import { compareQemuVersions } from './version.js';
  * - auto: cpr where both QEMUs and the VM's memory allow it, else migrate
  * - cpr: cpr-transfer into a new QEMU, guest RAM handed over (not copied); the guest keeps running
  * - migrate: live migration into a new QEMU; the guest keeps running
+ * - migrate-or-reboot: migrate; when the migration is refused or fails and the guest is still on
+ *   its old QEMU, a reboot instead (the outcome says which and why)
  * - reboot: ACPI power-off, then a start on the current installation
  * - on-guest-shutdown: waits for the guest's own power-off or reboot, then starts on the current one
  * - manual: only reported
  */
-export type RefreshStrategy = 'auto' | 'cpr' | 'migrate' | 'reboot' | 'on-guest-shutdown' | 'manual';
-export const REFRESH_STRATEGIES: readonly RefreshStrategy[] = ['auto', 'cpr', 'migrate', 'reboot', 'on-guest-shutdown', 'manual'];
+export type RefreshStrategy = 'auto' | 'cpr' | 'migrate' | 'migrate-or-reboot' | 'reboot' | 'on-guest-shutdown' | 'manual';
+/** The one list of strategies; the snap's shell scripts carry a copy a unit test compares to it. */
+export const REFRESH_STRATEGIES: readonly RefreshStrategy[] = ['auto', 'cpr', 'migrate', 'migrate-or-reboot', 'reboot', 'on-guest-shutdown', 'manual'];
 
 /** Why cpr cannot move this VM, or undefined when it can. */
 export function cprBlocker(input: { memoryBackend: MemoryBackend; runningVersion: string | undefined; targetVersion: string }): string | undefined {
@@ -75,6 +78,8 @@ export function policyOutcome(stale: boolean, strategy: RefreshStrategy): string
       return 'hand over live (cpr-transfer, RAM not copied) onto the current installation on the next refresh';
     case 'migrate':
       return 'live-migrate onto the current installation on the next refresh';
+    case 'migrate-or-reboot':
+      return 'live-migrate onto the current installation on the next refresh; if the migration fails, power off (ACPI) and start on it';
     case 'reboot':
       return 'power off (ACPI) and start on the current installation on the next refresh';
     case 'on-guest-shutdown':

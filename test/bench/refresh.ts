@@ -74,7 +74,7 @@ async function timedRollingRefresh(api: ApiClient, parallel: number): Promise<{ 
     });
     await Promise.race([done, timeout]);
     const ms = performance.now() - t0;
-    return { ms, job: await api.refreshJob(started.id) };
+    return { ms, job: (await api.finished(started)).result as RefreshJob };
   } finally {
     clearTimeout(timer);
     abort.abort();

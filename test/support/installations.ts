@@ -87,12 +87,13 @@ export async function copiedInstallation(name: string, dir: string, from?: TestI
  * An installation whose binary answers the probes (-version, -machine help) like a real QEMU
  * (`base`, default the system's) and runs VMs with it, or fails to start them (`failStart`): a
  * broken build. `version` and `dropMachine` fake a probe that reports another version, or a
- * build without a machine type.
+ * build without a machine type; `refuseIncoming`, a build that starts VMs but refuses to take one
+ * by migration.
  */
 export async function fakeInstallation(
   name: string,
   dir: string,
-  options: { failStart?: boolean; version?: string; dropMachine?: string; base?: TestInstallation } = {},
+  options: { failStart?: boolean; version?: string; dropMachine?: string; base?: TestInstallation; refuseIncoming?: boolean } = {},
 ): Promise<TestInstallation> {
   const root = join(dir, name);
   await mkdir(root, { recursive: true });
@@ -107,6 +108,12 @@ export async function fakeInstallation(
     ? `  *"-machine help") exec ${real} "$@" ;;`
     : `  *"-machine help") ${real} "$@" | grep -v -e '${options.dropMachine}' ; exit 0 ;;`);
   lines.push('esac');
+  if (options.refuseIncoming) {
+    // As a migration's destination it gives the guest 64 MiB more RAM than the source has, so
+    // QEMU itself refuses the stream (RAM block length mismatch) and exits; plain starts work.
+    lines.push('case "$*" in', '  *"-incoming defer"*)', '    prev=', '    for a do', '      shift',
+      '      if [ "$prev" = -m ]; then set -- "$@" "$((a + 64))"; else set -- "$@" "$a"; fi', '      prev=$a', '    done ;;', 'esac');
+  }
   if (options.failStart) lines.push('echo "qemu-system-x86_64: this build is broken (simulated)" >&2', 'exit 1');
   else lines.push(`exec ${real} "$@"`);
   await writeFile(binary, `${lines.join('\n')}\n`, { mode: 0o755 });

@@ -2,7 +2,7 @@
 import { appendFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { beforeEach, describe, expect, it } from 'vitest';
-import { ApiClient } from '../../../daemon/index.js';
+import { ApiClient, DaemonError } from '../../../daemon/index.js';
 import { startApiServer } from '../../../daemon/api-server.js';
 import { FakeDaemonOps } from '../daemon/fake-ops.js';
 import { within } from '../qmp/fake-peer.js';
@@ -114,6 +114,40 @@ describe('changing VMs', () => {
   });
 });
 
+describe('operations', () => {
+  const FIRST = '00000000-0000-4000-8000-000000000001';
+
+  it('start --async prints the operation id and returns; operations ID --wait waits and shows how it ended', async () => {
+    ops.addVm('web1', 'stopped');
+    expect(await vmkeep(['start', 'web1', '--async'])).toMatchObject({ code: 0, stdout: `${FIRST}\n` });
+    const waited = await vmkeep(['operations', FIRST, '--wait']);
+    expect(waited).toMatchObject({ code: 0, stdout: `${FIRST}: start of web1: succeeded\n` });
+    const listed = await vmkeep(['operations']);
+    expect(listed.stdout).toMatch(new RegExp(`^ID +KIND +VMS +STATUS +PROGRESS +UPDATED\n${FIRST} +start +web1 +succeeded +- +\\S+\n$`));
+    expect(JSON.parse((await vmkeep(['operations', '--json'])).stdout)).toEqual([expect.objectContaining({ id: FIRST, kind: 'start', status: 'succeeded' })]);
+  });
+
+  it('stop --async --json prints the operation; a failed one makes operations --wait exit 1 with its error', async () => {
+    ops.addVm('web1', 'running');
+    ops.stopFailures.set('web1', new DaemonError('STOP_TIMEOUT', 'the guest did not power off within 5 s'));
+    const started = await vmkeep(['stop', 'web1', '--async', '--json']);
+    expect(JSON.parse(started.stdout)).toMatchObject({ id: FIRST, kind: 'stop', vms: ['web1'] });
+    const waited = await vmkeep(['operations', FIRST, '--wait']);
+    expect(waited.code).toBe(1);
+    expect(waited.stdout).toBe(`${FIRST}: stop of web1: failed\n[STOP_TIMEOUT] the guest did not power off within 5 s\n`);
+  });
+
+  it('--cancel of a stop: the reason, exit 1; --wait needs an id', async () => {
+    ops.addVm('web1', 'running');
+    ops.holdStops = new Promise(() => undefined);
+    await vmkeep(['stop', 'web1', '--async']);
+    const refused = await vmkeep(['operations', FIRST, '--cancel']);
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toContain('a stop cannot be cancelled');
+    expect((await vmkeep(['operations', '--wait'])).stderr).toContain('--wait and --cancel need an operation id');
+  });
+});
+
 describe('streams', () => {
   it('logs prints the console; logs -f follows it until Ctrl-C', async () => {
     ops.addVm('web1', 'running');
@@ -140,7 +174,7 @@ describe('streams', () => {
     await cli.server.close();
     await follow.stderr.until('vmkeepd went away');
     await appendFile(log, 'tick 1\n');
-    cli.server = await startApiServer({ socketPath, ops });
+    cli.server = await startApiServer({ socketPath, ops, operations: ops.operations });
     await follow.stdout.until('tick 1\n');
     await follow.stderr.until('vmkeepd is back');
     await appendFile(log, 'tick 2\n');
@@ -230,7 +264,7 @@ describe('errors and exit codes', () => {
     await new Promise<void>((resolve) => old.listen(join(dir, 'tmp.sock'), resolve));
     await rename(join(dir, 'tmp.sock'), socketPath);
     await new Promise<void>((resolve) => old.close(() => resolve()));
-    cli.server = await startApiServer({ socketPath: join(dir, 'other.sock'), ops });
+    cli.server = await startApiServer({ socketPath: join(dir, 'other.sock'), ops, operations: ops.operations });
     expect(await vmkeep(['list', '--json'])).toMatchObject({ code: 1, stdout: expect.stringContaining('"code":"DAEMON_DOWN"') });
   });
 

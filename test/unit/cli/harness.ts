@@ -68,7 +68,7 @@ export function useCliHarness(prefix: string): CliHarness {
     dir = await mkdtemp(join(tmpdir(), prefix));
     socketPath = join(dir, 'vmkeep.sock');
     ops = new FakeDaemonOps(dir);
-    server = await startApiServer({ socketPath, ops });
+    server = await startApiServer({ socketPath, ops, operations: ops.operations });
   });
   afterEach(async () => {
     await server?.close();

@@ -121,9 +121,9 @@ describe('formatRefreshEvent', () => {
     expect(formatRefreshEvent(event({ vm: 'web1', step: 'failed' }))).toBe('web1: FAILED: unknown error');
   });
 
-  it('skipped: the reason, else "stop on error"', () => {
+  it('skipped: the reason, else "not attempted"', () => {
     expect(formatRefreshEvent(event({ vm: 'db', step: 'skipped', message: 'web1 failed' }))).toBe('db: skipped (web1 failed)');
-    expect(formatRefreshEvent(event({ vm: 'db', step: 'skipped' }))).toBe('db: skipped (stop on error)');
+    expect(formatRefreshEvent(event({ vm: 'db', step: 'skipped' }))).toBe('db: skipped (not attempted)');
   });
 
   it('job-done and events without a refresh step print no line', () => {
@@ -149,7 +149,7 @@ describe('formatRefreshEvent', () => {
 });
 
 describe('formatJobSummary', () => {
-  const base: RefreshJob = { id: 'refresh-7', vms: [], state: 'done', parallel: 2, startedAt: TIME, endedAt: TIME, results: [] };
+  const base: RefreshJob = { id: 'refresh-7', vms: [], parallel: 2, results: [] };
 
   it('all done: one line, no failure or skip counts', () => {
     const job: RefreshJob = {
@@ -175,7 +175,7 @@ describe('formatJobSummary', () => {
       ],
     };
     expect(formatJobSummary(job)).toBe(
-      ['refresh refresh-7: 1 of 4 VM(s) done, 1 failed, 2 skipped', '  db: [REFRESH_FAILED] migration timed out; db runs as before'].join('\n'),
+      ['refresh refresh-7: 1 of 4 VM(s) done, 1 failed, 2 not attempted', '  db: [REFRESH_FAILED] migration timed out; db runs as before'].join('\n'),
     );
   });
 

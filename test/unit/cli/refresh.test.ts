@@ -55,10 +55,10 @@ describe('refresh of one VM', () => {
     ops.addVm('web1', 'running');
     const { code, stdout, stderr } = await vmkeep(['refresh', 'web1', '--strategy', 'migrate']);
     expect(code).toBe(0);
-    expect(stdout).toBe(['web1: refreshing', MIGRATED_WEB1, 'refresh refresh-1: 1 of 1 VM(s) done', ''].join('\n'));
+    expect(stdout).toBe(['web1: refreshing', MIGRATED_WEB1, 'refresh 00000000-0000-4000-8000-000000000001: 1 of 1 VM(s) done', ''].join('\n'));
     // Not a terminal: the header only, no progress bar.
-    expect(stderr).toBe('vmkeep: refresh refresh-1: 1 VM(s) (web1), 1 at a time\n');
-    expect(ops.calls.filter((c) => c.op === 'startRefreshJob').map((c) => c.args)).toEqual([[{ vms: ['web1'], strategy: 'migrate', parallel: 1 }]]);
+    expect(stderr).toBe('vmkeep: refresh 00000000-0000-4000-8000-000000000001: 1 VM(s) (web1), 1 at a time\n');
+    expect(ops.calls.filter((c) => c.op === 'planRefreshJob').map((c) => c.args)).toEqual([[{ vms: ['web1'], strategy: 'migrate', parallel: 1 }]]);
     expect(ops.vms.get('web1')).toMatchObject({ installation: 'new', qemuVersion: '7.2.22' });
     await subscriptionEnded();
   });
@@ -67,7 +67,7 @@ describe('refresh of one VM', () => {
     ops.addVm('web1', 'running');
     const { code } = await vmkeep(['refresh', '--stale', '--strategy', 'reboot', '--timeout', '30', '--force', '--stop-on-error']);
     expect(code).toBe(0);
-    expect(ops.calls.find((c) => c.op === 'startRefreshJob')?.args).toEqual([
+    expect(ops.calls.find((c) => c.op === 'planRefreshJob')?.args).toEqual([
       { stale: true, strategy: 'reboot', timeoutSec: 30, force: true, stopOnError: true, parallel: 1 },
     ]);
   });
@@ -78,20 +78,31 @@ describe('refresh of one VM', () => {
     holdJobs();
     const { code, stdout, stderr } = await vmkeep(['refresh', '--stale']);
     expect(code).toBe(0);
-    expect(stderr).toBe('vmkeep: refresh refresh-1: 0 VM(s), 1 at a time\n');
-    expect(stdout).toBe('refresh refresh-1: 0 of 0 VM(s) done\n');
+    expect(stderr).toBe('vmkeep: refresh 00000000-0000-4000-8000-000000000001: 0 VM(s), 1 at a time\n');
+    expect(stdout).toBe('refresh 00000000-0000-4000-8000-000000000001: 0 of 0 VM(s) done\n');
     await subscriptionEnded();
   });
 });
 
 describe('refresh --stale and the manual policy', () => {
+  it('passes --max-failures and --batch-interval to the job request, and refuses bad values with the fix', async () => {
+    ops.addVm('web1', 'running');
+    const { code } = await vmkeep(['refresh', '--stale', '--strategy', 'migrate-or-reboot', '--parallel', '2', '--max-failures', '3', '--batch-interval', '1.5']);
+    expect(code).toBe(0);
+    expect(ops.calls.find((c) => c.op === 'planRefreshJob')?.args).toEqual([
+      { stale: true, strategy: 'migrate-or-reboot', maxFailures: 3, batchIntervalSec: 1.5, parallel: 2 },
+    ]);
+    expect((await vmkeep(['refresh', '--stale', '--max-failures', '0'])).stderr).toContain('--max-failures must be a whole number from 1');
+    expect((await vmkeep(['refresh', '--stale', '--batch-interval', '-1'])).stderr).toContain('--batch-interval must be a number of seconds, 0 or more');
+  });
+
   it('names the stale VMs it skipped by their policy and how to include them', async () => {
     ops.addVm('web1', 'running');
     ops.addVm('db', 'running');
     const { code, stdout, stderr } = await vmkeep(['refresh', '--stale']);
     expect(code).toBe(0);
     expect(stderr).toContain('vmkeep: 2 stale VM(s) skipped by their policy: web1 (manual), db (manual); refresh them with --strategy migrate');
-    expect(stdout).toBe('refresh refresh-1: 0 of 0 VM(s) done\n');
+    expect(stdout).toBe('refresh 00000000-0000-4000-8000-000000000001: 0 of 0 VM(s) done\n');
   });
 
   it('--json: one "skipped" line with the VMs and their policies', async () => {
@@ -120,15 +131,15 @@ describe('refresh of many VMs', () => {
     const { code, stdout, stderr } = await vmkeep(['refresh', '--all', '--parallel', '2', '--json']);
     expect(code).toBe(0);
     expect(stderr).toBe('');
-    expect(ops.calls.find((c) => c.op === 'startRefreshJob')?.args).toEqual([{ all: true, parallel: 2 }]);
+    expect(ops.calls.find((c) => c.op === 'planRefreshJob')?.args).toEqual([{ all: true, parallel: 2 }]);
 
     const lines = jsonLines(stdout);
     const first = lines[0];
     const last = lines.at(-1);
     const events = lines.slice(1, -1);
-    expect(first).toMatchObject({ type: 'refresh-job', job: { id: 'refresh-1', vms: ['web1', 'db', 'app'], parallel: 2, state: 'running' } });
+    expect(first).toMatchObject({ type: 'refresh-job', job: { id: '00000000-0000-4000-8000-000000000001', kind: 'rolling-refresh', vms: ['web1', 'db', 'app'], status: 'running' } });
     expect(events.length).toBeGreaterThan(0);
-    for (const event of events) expect(event).toMatchObject({ type: 'refresh', job: 'refresh-1' });
+    for (const event of events) expect(event).toMatchObject({ type: 'refresh', job: '00000000-0000-4000-8000-000000000001' });
     expect(events.map((e) => [e.vm, e.step])).toEqual([
       ['web1', 'started'],
       ['web1', 'done'],
@@ -138,9 +149,9 @@ describe('refresh of many VMs', () => {
       ['app', 'done'],
       [undefined, 'job-done'],
     ]);
-    expect(last).toEqual({ type: 'result', job: JSON.parse(JSON.stringify(ops.jobs.get('refresh-1'))) });
-    const job = last?.job as { state: string; results: Array<{ vm: string; ok: boolean }> };
-    expect(job.state).toBe('done');
+    expect(last).toEqual({ type: 'result', status: 'succeeded', job: JSON.parse(JSON.stringify(ops.operations.get('00000000-0000-4000-8000-000000000001').result)) });
+    const job = last?.job as { parallel: number; results: Array<{ vm: string; ok: boolean }> };
+    expect(job.parallel).toBe(2);
     expect(job.results.map((r) => r.vm).sort()).toEqual(['app', 'db', 'web1']);
     expect(job.results.every((r) => r.ok)).toBe(true);
     await subscriptionEnded();
@@ -159,7 +170,7 @@ describe('refresh of many VMs', () => {
         `[1/2] web1: FAILED: ${message}`,
         'db: refreshing',
         '[2/2] db: migrated onto new (QEMU 7.2.22), guest paused 12 ms, 0.5 s',
-        'refresh refresh-1: 1 of 2 VM(s) done, 1 failed',
+        'refresh 00000000-0000-4000-8000-000000000001: 1 of 2 VM(s) done, 1 failed',
         `  web1: [REFRESH_FAILED] ${message}`,
         '',
       ].join('\n'),
@@ -181,7 +192,7 @@ describe('refresh of many VMs', () => {
   });
 
   it('a job the daemon refuses: its error, exit 1, and the subscription is closed', async () => {
-    ops.failNext.set('startRefreshJob', new DaemonError('NOT_FOUND', 'no VM named "ghost"; see vmkeep list'));
+    ops.failNext.set('planRefreshJob', new DaemonError('NOT_FOUND', 'no VM named "ghost"; see vmkeep list'));
     const { code, stdout, stderr } = await vmkeep(['refresh', 'ghost']);
     expect(code).toBe(1);
     expect(stdout).toBe('');
@@ -201,21 +212,21 @@ describe('following the job', () => {
     releaseJobs();
     expect(await run.exit).toBe(0);
     const lines = jsonLines(run.stdout.text);
-    expect(lines.filter((l) => l.type !== 'refresh-job' && l.type !== 'result').every((l) => l.type === 'refresh' && l.job === 'refresh-1')).toBe(true);
+    expect(lines.filter((l) => l.type !== 'refresh-job' && l.type !== 'result').every((l) => l.type === 'refresh' && l.job === '00000000-0000-4000-8000-000000000001')).toBe(true);
     expect(run.stdout.text).not.toContain('intruder');
     // Had the other job's end been taken for this one's, the result would have been read too early.
-    expect(lines.at(-1)).toMatchObject({ type: 'result', job: { state: 'done', results: [{ vm: 'web1', ok: true }] } });
+    expect(lines.at(-1)).toMatchObject({ type: 'result', status: 'succeeded', job: { results: [{ vm: 'web1', ok: true }] } });
   });
 
   it('events of another job are not shown in human output either', async () => {
     ops.addVm('web1', 'running');
     holdJobs();
     const run = start(['refresh', 'web1', '--strategy', 'migrate']);
-    await run.stderr.until('vmkeep: refresh refresh-1:');
+    await run.stderr.until('vmkeep: refresh 00000000-0000-4000-8000-000000000001:');
     emitForeignJob();
     releaseJobs();
     expect(await run.exit).toBe(0);
-    expect(run.stdout.text).toBe(['web1: refreshing', MIGRATED_WEB1, 'refresh refresh-1: 1 of 1 VM(s) done', ''].join('\n'));
+    expect(run.stdout.text).toBe(['web1: refreshing', MIGRATED_WEB1, 'refresh 00000000-0000-4000-8000-000000000001: 1 of 1 VM(s) done', ''].join('\n'));
   });
 
   it('events that come before the job is answered are kept for it, and other jobs\' dropped', async () => {
@@ -232,7 +243,7 @@ describe('following the job', () => {
           return (onEvent: (event: DaemonEvent) => void, options: Parameters<ApiClient['events']>[1]) =>
             target.events((event) => {
               onEvent(event);
-              if (event.job === 'refresh-1' && event.step === 'job-done') sawJobDone();
+              if (event.job === '00000000-0000-4000-8000-000000000001' && event.step === 'job-done') sawJobDone();
             }, options);
         }
         if (prop === 'startRefreshJob') {
@@ -250,7 +261,7 @@ describe('following the job', () => {
     });
     const { code, stdout } = await vmkeep(['refresh', 'web1', '--strategy', 'migrate'], { io: { createApiClient: () => api } });
     expect(code).toBe(0);
-    expect(stdout).toBe(['web1: refreshing', MIGRATED_WEB1, 'refresh refresh-1: 1 of 1 VM(s) done', ''].join('\n'));
+    expect(stdout).toBe(['web1: refreshing', MIGRATED_WEB1, 'refresh 00000000-0000-4000-8000-000000000001: 1 of 1 VM(s) done', ''].join('\n'));
   });
 
   it('on a terminal, a progress bar on stderr, cleared at the end; stdout keeps only lines', async () => {
@@ -270,12 +281,11 @@ describe('following the job', () => {
     ops.addVm('web1', 'running');
     holdJobs();
     const run = start(['refresh', 'web1', '--strategy', 'migrate']);
-    await run.stderr.until('vmkeep: refresh refresh-1:');
+    await run.stderr.until('vmkeep: refresh 00000000-0000-4000-8000-000000000001:');
     run.signal();
     expect(await run.exit).toBe(130);
-    expect(run.stderr.text).toContain('vmkeep: stopped following; refresh refresh-1 goes on in vmkeepd (vmkeep events shows it)\n');
+    expect(run.stderr.text).toContain('vmkeep: stopped following; refresh 00000000-0000-4000-8000-000000000001 goes on in vmkeepd (vmkeep events shows it)\n');
     expect(run.stdout.text).toBe('');
-    expect(ops.calls.some((c) => c.op === 'refreshJob')).toBe(false);
     await subscriptionEnded();
   });
 
@@ -283,7 +293,7 @@ describe('following the job', () => {
     ops.addVm('web1', 'running');
     holdJobs();
     const run = start(['refresh', 'web1', '--strategy', 'migrate']);
-    await run.stderr.until('vmkeep: refresh refresh-1:');
+    await run.stderr.until('vmkeep: refresh 00000000-0000-4000-8000-000000000001:');
     await cli.server.close();
     expect(await run.exit).toBe(1);
     expect(run.stderr.text).toContain('vmkeep: error [DAEMON_DOWN]: vmkeepd ended the stream GET /1.0/events');
@@ -299,10 +309,10 @@ describe('usage errors', () => {
     [['refresh', '--all', '--parallel', '65'], '--parallel must be a whole number from 1 to 64'],
     [['refresh', '--all', '--parallel', '1.5'], '--parallel must be a whole number from 1 to 64'],
     [['refresh', '--all', '--parallel', 'two'], '--parallel must be a whole number from 1 to 64'],
-    [['refresh', 'web1', '--strategy', 'bogus'], 'Given: "bogus", Choices: "auto", "cpr", "migrate", "reboot", "on-guest-shutdown", "manual"'],
+    [['refresh', 'web1', '--strategy', 'bogus'], 'Given: "bogus", Choices: "auto", "cpr", "migrate", "migrate-or-reboot", "reboot", "on-guest-shutdown", "manual"'],
     [['refresh', 'web1', '--timeout', '0'], '--timeout must be a positive number of seconds'],
     [['refresh', 'Web/1'], '"Web/1" is not a valid VM name'],
-    [['create', 'vm.json', '--policy', 'sometimes'], 'Given: "sometimes", Choices: "auto", "cpr", "migrate", "reboot", "on-guest-shutdown", "manual"'],
+    [['create', 'vm.json', '--policy', 'sometimes'], 'Given: "sometimes", Choices: "auto", "cpr", "migrate", "migrate-or-reboot", "reboot", "on-guest-shutdown", "manual"'],
   ])('%j exits 2 with a helpful message and asks nothing of the daemon', async (args, message) => {
     const { code, stdout, stderr } = await vmkeep(args);
     expect(code).toBe(2);

@@ -22,7 +22,7 @@ beforeEach(async () => {
   dir = await mkdtemp(join(tmpdir(), 'vmkeep-client-'));
   socketPath = join(dir, 'api.sock');
   ops = new FakeDaemonOps(dir);
-  server = await startApiServer({ socketPath, ops });
+  server = await startApiServer({ socketPath, ops, operations: ops.operations });
   client = new ApiClient({ socketPath });
 });
 

@@ -30,7 +30,7 @@ beforeEach(async () => {
   socketPath = join(dir, 'api.sock');
   ops = new FakeDaemonOps(dir);
   logged = [];
-  server = await startApiServer({ socketPath, ops, logger });
+  server = await startApiServer({ socketPath, ops, logger, operations: ops.operations });
 });
 
 afterEach(async () => {
@@ -77,6 +77,15 @@ function call(method: string, path: string, body?: unknown, headers: Record<stri
   );
 }
 
+/** A 202's operation, followed at its Location until it finished. */
+async function finished(accepted: Reply): Promise<any> {
+  expect(accepted.status, accepted.text).toBe(202);
+  expect(accepted.headers.location).toBe(`/1.0/operations/${accepted.json.id}`);
+  const done = await call('GET', `${accepted.headers.location}/wait?timeout=2`);
+  expect(done.status).toBe(200);
+  return done.json;
+}
+
 /** Opens a streaming GET; resolves once the headers arrived, with the body collected as it comes. */
 async function openStream(path: string) {
   let received = '';
@@ -113,6 +122,14 @@ async function openStream(path: string) {
 }
 
 describe('routes', () => {
+  it('GET /1.0/metrics answers the Prometheus text format with its media type; POST is refused', async () => {
+    const reply = await call('GET', '/1.0/metrics');
+    expect(reply.status).toBe(200);
+    expect(reply.headers['content-type']).toBe('text/plain; version=0.0.4; charset=utf-8');
+    expect(reply.text).toBe('# HELP vmkeep_vms VMs by state.\n# TYPE vmkeep_vms gauge\nvmkeep_vms{state="running"} 1\n');
+    expect((await call('POST', '/1.0/metrics', {})).status).toBe(405);
+  });
+
   it('GET /1.0 answers the daemon info', async () => {
     const reply = await call('GET', '/1.0');
     expect(reply.status).toBe(200);
@@ -148,10 +165,9 @@ describe('routes', () => {
 
   it('start, stop (with its options) and delete', async () => {
     ops.addVm('web1', 'stopped');
-    expect((await call('POST', '/1.0/vms/web1/start')).json.state).toBe('running');
-    const stopped = await call('POST', '/1.0/vms/web1/stop', { timeoutSec: 5, force: true });
-    expect(stopped.status).toBe(200);
-    expect(stopped.json.state).toBe('stopped');
+    expect((await finished(await call('POST', '/1.0/vms/web1/start'))).result.state).toBe('running');
+    const stopped = await finished(await call('POST', '/1.0/vms/web1/stop', { timeoutSec: 5, force: true }));
+    expect(stopped).toMatchObject({ kind: 'stop', vms: ['web1'], status: 'succeeded', result: { state: 'stopped' } });
     expect(ops.calls.find((c) => c.op === 'stop')?.args).toEqual(['web1', { timeoutSec: 5, force: true }]);
     const deleted = await call('DELETE', '/1.0/vms/web1');
     expect(deleted).toMatchObject({ status: 200, json: { deleted: 'web1' } });
@@ -184,15 +200,75 @@ describe('routes', () => {
   });
 });
 
+describe('discovery and operations', () => {
+  it('GET / lists the API versions; GET /1.0 names the extensions; the OpenAPI document is served', async () => {
+    expect(await call('GET', '/')).toMatchObject({ status: 200, json: { apiVersions: ['/1.0'] } });
+    expect((await call('GET', '/1.0')).json).toMatchObject({ apiVersion: '1.0', apiExtensions: expect.arrayContaining(['operations', 'events_filter', 'openapi']) });
+    const doc = await call('GET', '/1.0/openapi.json');
+    expect(doc.status).toBe(200);
+    expect(doc.json).toMatchObject({ openapi: '3.0.3', info: { version: '0.1.0-test' } });
+  });
+
+  it('refresh of one VM: 202, listed, its outcome as the result; wait with a short timeout answers it still running', async () => {
+    ops.addVm('web1', 'running');
+    ops.holdStops = new Promise(() => undefined);
+    const stopping = await call('POST', '/1.0/vms/web1/stop');
+    expect(stopping.status).toBe(202);
+    const early = await call('GET', `/1.0/operations/${stopping.json.id}/wait?timeout=0.1`);
+    expect(early).toMatchObject({ status: 200, json: { id: stopping.json.id, status: 'running' } });
+    // A stop cannot be cancelled: 409 with the reason, and it goes on.
+    const refused = await call('DELETE', `/1.0/operations/${stopping.json.id}`);
+    expect(refused).toMatchObject({ status: 409, json: { error: { code: 'CONFLICT', message: expect.stringContaining('a stop cannot be cancelled') } } });
+    ops.addVm('db', 'running');
+    const refreshed = await finished(await call('POST', '/1.0/vms/db/refresh', { strategy: 'migrate' }));
+    expect(refreshed).toMatchObject({ kind: 'refresh', vms: ['db'], status: 'succeeded', result: { result: 'migrated' } });
+    const list = await call('GET', '/1.0/operations');
+    expect(list.json.map((o: { kind: string; status: string }) => [o.kind, o.status])).toEqual([['stop', 'running'], ['refresh', 'succeeded']]);
+    expect((await call('GET', '/1.0/operations/00000000-0000-4000-8000-000000000099')).status).toBe(404);
+    expect((await call('GET', `/1.0/operations/${stopping.json.id}/wait?timeout=-1`)).status).toBe(400);
+  });
+
+  it('a rolling refresh: 202 with Location; a cancel begins no further VM and it ends cancelled', async () => {
+    ops.addVm('a', 'running');
+    ops.addVm('b', 'running');
+    let release!: () => void;
+    ops.holdJobs = new Promise((resolve) => (release = resolve));
+    const accepted = await call('POST', '/1.0/refresh', { vms: ['a', 'b'], strategy: 'migrate' });
+    expect(accepted).toMatchObject({ status: 202, json: { kind: 'rolling-refresh', vms: ['a', 'b'], status: 'running' } });
+    expect(accepted.headers.location).toBe(`/1.0/operations/${accepted.json.id}`);
+    const cancel = await call('DELETE', accepted.headers.location as string);
+    expect(cancel).toMatchObject({ status: 202, json: { cancelRequested: true } });
+    release();
+    const done = await call('GET', `${accepted.headers.location}/wait?timeout=3`);
+    expect(done.json).toMatchObject({ status: 'cancelled', error: { code: 'CANCELLED' }, result: { results: [{ vm: 'a', skipped: true }, { vm: 'b', skipped: true }] } });
+  });
+
+  it('GET /1.0/events?type=...&vm=...: only those events, each carrying its operation', async () => {
+    ops.addVm('web1', 'stopped');
+    ops.addVm('db', 'stopped');
+    const stream = await openStream('/1.0/events?type=operation&vm=web1');
+    const started = await finished(await call('POST', '/1.0/vms/web1/start'));
+    await finished(await call('POST', '/1.0/vms/db/start'));
+    await stream.until('"status":"succeeded"');
+    const lines = stream.text.trim().split('\n').map((l) => JSON.parse(l));
+    expect(lines.map((e) => [e.type, e.operation, e.status])).toEqual([
+      ['operation', started.id, 'pending'], ['operation', started.id, 'running'], ['operation', started.id, 'succeeded'],
+    ]);
+    expect(await call('GET', '/1.0/events?type=nope')).toMatchObject({ status: 400, json: { error: { message: expect.stringContaining('unknown event type "nope"') } } });
+  });
+});
+
 describe('errors', () => {
   it('a DaemonError keeps its code and gets its HTTP status', async () => {
     const missing = await call('GET', '/1.0/vms/nope');
     expect(missing).toMatchObject({ status: 404, json: { error: { code: 'NOT_FOUND', message: expect.stringContaining('nope') } } });
     ops.addVm('web1', 'running');
-    const conflict = await call('POST', '/1.0/vms/web1/start');
-    expect(conflict).toMatchObject({ status: 409, json: { error: { code: 'CONFLICT' } } });
+    // Failures of a long request are its operation's: failed, with the code and message.
+    expect(await finished(await call('POST', '/1.0/vms/web1/start'))).toMatchObject({ status: 'failed', error: { code: 'CONFLICT' } });
     ops.failNext.set('stop', new DaemonError('STOP_TIMEOUT', 'the guest did not power off within 5 s'));
-    expect(await call('POST', '/1.0/vms/web1/stop')).toMatchObject({ status: 504, json: { error: { code: 'STOP_TIMEOUT' } } });
+    expect(await finished(await call('POST', '/1.0/vms/web1/stop'))).toMatchObject({ status: 'failed', error: { code: 'STOP_TIMEOUT' } });
+    // An unknown VM is refused at once: no operation begins.
+    expect(await call('POST', '/1.0/vms/ghost/start')).toMatchObject({ status: 404, json: { error: { code: 'NOT_FOUND' } } });
   });
 
   it('a LaunchError INVALID_SPEC is 400 INVALID_SPEC with its message and every problem', async () => {
@@ -206,9 +282,9 @@ describe('errors', () => {
   it('other LaunchErrors and QmpErrors map onto the API codes', async () => {
     ops.addVm('web1', 'stopped');
     ops.failNext.set('start', new LaunchError('QEMU_EXITED', 'QEMU exited with status 1: could not open disk'));
-    expect(await call('POST', '/1.0/vms/web1/start')).toMatchObject({
-      status: 500,
-      json: { error: { code: 'START_FAILED', message: 'QEMU exited with status 1: could not open disk' } },
+    expect(await finished(await call('POST', '/1.0/vms/web1/start'))).toMatchObject({
+      status: 'failed',
+      error: { code: 'START_FAILED', message: 'QEMU exited with status 1: could not open disk' },
     });
     ops.failNext.set('qmp', new QmpError('COMMAND_FAILED', 'QEMU refused nope: The command nope has not been found', { qmpClass: 'CommandNotFound' }));
     expect(await call('POST', '/1.0/vms/web1/qmp', { execute: 'nope' })).toMatchObject({ status: 502, json: { error: { code: 'QMP_FAILED' } } });
@@ -386,7 +462,7 @@ describe('the socket file', () => {
     expect((await stat(socketPath)).mode & 0o777).toBe(0o600);
     const groupPath = join(dir, 'group.sock');
     const gid = process.getgid!();
-    const grouped = await startApiServer({ socketPath: groupPath, ops, group: gid });
+    const grouped = await startApiServer({ socketPath: groupPath, ops, group: gid, operations: ops.operations });
     cleanups.push(() => grouped.close());
     const info = await stat(groupPath);
     expect(info.mode & 0o777).toBe(0o660);
@@ -402,14 +478,14 @@ describe('the socket file', () => {
     await new Promise<void>((resolve) => old.close(() => resolve()));
     expect((await lstat(stalePath)).isSocket()).toBe(true);
 
-    const fresh = await startApiServer({ socketPath: stalePath, ops });
+    const fresh = await startApiServer({ socketPath: stalePath, ops, operations: ops.operations });
     cleanups.push(() => fresh.close());
     socketPath = stalePath;
     expect((await call('GET', '/1.0')).status).toBe(200);
   });
 
   it('a socket something answers on is never taken over', async () => {
-    await expect(startApiServer({ socketPath, ops })).rejects.toMatchObject({
+    await expect(startApiServer({ socketPath, ops, operations: ops.operations })).rejects.toMatchObject({
       code: 'SOCKET_IN_USE',
       message: expect.stringContaining('another process answers'),
     });
@@ -419,7 +495,7 @@ describe('the socket file', () => {
   it('a file that is not a socket is left alone', async () => {
     const filePath = join(dir, 'notes.txt');
     await writeFile(filePath, 'keep me');
-    await expect(startApiServer({ socketPath: filePath, ops })).rejects.toMatchObject({ code: 'SOCKET_IN_USE' });
+    await expect(startApiServer({ socketPath: filePath, ops, operations: ops.operations })).rejects.toMatchObject({ code: 'SOCKET_IN_USE' });
     expect(await readFile(filePath, 'utf8')).toBe('keep me');
   });
 });

@@ -1,8 +1,10 @@
 // An in-memory DaemonOps: what the control API translates to, without QEMU or systemd.
 import { join } from 'node:path';
 import { validateSpec } from '../../../launcher/index.js';
+import { toApiError } from '../../../daemon/api-server.js';
+import { Operations, type RunAs } from '../../../daemon/operations.js';
 import {
-  DaemonError, type CreateOptions, type DaemonEvent, type DaemonInfo, type DaemonOps, type DiskAcceptResult, type RefreshJob, type RefreshJobRequest,
+  DaemonError, type CreateOptions, type DaemonEvent, type DaemonInfo, type DaemonOps, type DiskAcceptResult, type OperationContext, type RefreshJob, type RefreshJobPlan, type RefreshJobRequest,
   type RefreshOptions, type RefreshOutcome, type StopOptions, type UpgradeStatus, type VmSettings, type VmView,
 } from '../../../daemon/index.js';
 
@@ -12,6 +14,11 @@ export interface FakeCall {
 }
 
 type Listener = (event: DaemonEvent) => void;
+
+/** The id of the n-th operation a FakeDaemonOps begins (a valid UUID). */
+export function fakeOperationId(n: number): string {
+  return `00000000-0000-4000-8000-${String(n).padStart(12, '0')}`;
+}
 
 export class FakeDaemonOps implements DaemonOps {
   /** Every operation the API asked for, in order. */
@@ -29,8 +36,21 @@ export class FakeDaemonOps implements DaemonOps {
   private readonly countWaiters: Array<{ count: number; resolve: () => void }> = [];
   private nextPid = 4000;
 
+  private operationCount = 0;
+  /** The operations the API runs these through, recorded in `consoleDir/operations`. */
+  readonly operations: Operations;
+
   /** Console logs live in `consoleDir/NAME.log` (created by the test when it needs one). */
-  constructor(readonly consoleDir: string) {}
+  constructor(readonly consoleDir: string) {
+    this.operations = new Operations({
+      dir: join(consoleDir, 'operations'),
+      emit: (event) => this.emit(event),
+      toError: (error) => toApiError(error) ?? { code: 'INTERNAL', message: String(error) },
+      logError: () => undefined,
+      // Fixed ids in order, so tests can name them: FAKE_OPERATION_ID(1) is the first.
+      newId: () => fakeOperationId(++this.operationCount),
+    });
+  }
 
   get listenerCount(): number {
     return this.listeners.size;
@@ -101,15 +121,23 @@ export class FakeDaemonOps implements DaemonOps {
     return vm;
   }
 
-  async start(name: string): Promise<VmView> {
+  admit(kind: 'start' | 'stop' | 'refresh', name: string): void {
+    this.record('admit', [kind, name]);
+    this.vm(name);
+  }
+
+  /** As the VM lock would, the operation is told it began (pending -> running) once it is called. */
+  async start(name: string, runAs?: RunAs): Promise<VmView> {
     this.record('start', [name]);
+    runAs?.onRunning?.();
     const vm = this.vm(name);
     if (vm.state === 'running') throw new DaemonError('CONFLICT', `${name} is already running; stop it first (vmkeep stop ${name})`);
     return this.addVm(name, 'running', { spec: vm.spec });
   }
 
-  async stop(name: string, options: StopOptions = {}): Promise<VmView> {
+  async stop(name: string, options: StopOptions = {}, runAs?: RunAs): Promise<VmView> {
     this.record('stop', [name, options]);
+    runAs?.onRunning?.();
     const vm = this.vm(name);
     if (this.holdStops !== undefined) await this.holdStops;
     if (this.stopFailures.has(name)) throw this.stopFailures.get(name);
@@ -147,8 +175,9 @@ export class FakeDaemonOps implements DaemonOps {
   }
 
   /** Every running VM counts as stale; a refresh "migrates" it at once. */
-  async refresh(name: string, options: RefreshOptions = {}): Promise<RefreshOutcome> {
+  async refresh(name: string, options: RefreshOptions = {}, runAs?: RunAs): Promise<RefreshOutcome> {
     this.record('refresh', [name, options]);
+    runAs?.onRunning?.();
     const vm = this.vm(name);
     const strategy = options.strategy ?? 'manual';
     if (vm.state !== 'running' || strategy === 'manual') {
@@ -161,48 +190,58 @@ export class FakeDaemonOps implements DaemonOps {
     };
   }
 
-  readonly jobs = new Map<string, RefreshJob>();
   /** While set, a job begun from now on waits for it before its first VM: lets a test act while the job runs. */
   holdJobs: Promise<void> | undefined;
 
-  /** Runs the refreshes one by one right away and emits the events a real job would. */
-  async startRefreshJob(request: RefreshJobRequest): Promise<RefreshJob> {
-    this.record('startRefreshJob', [request]);
+  async planRefreshJob(request: RefreshJobRequest): Promise<RefreshJobPlan> {
+    this.record('planRefreshJob', [request]);
     // As vmkeepd: --stale without a strategy leaves out the VMs whose policy is manual (all of them here).
     const vms = request.stale === true && request.strategy === undefined
       ? []
       : (request.vms ?? [...this.vms.keys()].filter((n) => request.all || this.vms.get(n)?.state === 'running'));
-    const job: RefreshJob = { id: `refresh-${this.jobs.size + 1}`, vms, state: 'running', parallel: request.parallel ?? 1, startedAt: '2025-01-01T00:00:00.000Z', results: [] };
-    this.jobs.set(job.id, job);
-    const hold = this.holdJobs;
-    setImmediate(() => {
-      void (async () => {
-        if (hold !== undefined) await hold;
-        let failed = 0;
-        for (const [i, vm] of vms.entries()) {
-          this.emit({ type: 'refresh', job: job.id, vm, step: 'started' });
-          try {
-            const outcome = await this.refresh(vm, request.strategy === undefined ? {} : { strategy: request.strategy });
-            job.results.push({ vm, ok: true, outcome });
-            this.emit({ type: 'refresh', job: job.id, vm, step: 'done', outcome, progress: { done: i + 1, total: vms.length, failed } });
-          } catch (error) {
-            failed++;
-            job.results.push({ vm, ok: false, error: { code: (error as DaemonError).code ?? 'INTERNAL', message: (error as Error).message } });
-            this.emit({ type: 'refresh', job: job.id, vm, step: 'failed', message: (error as Error).message, progress: { done: i + 1, total: vms.length, failed } });
-          }
-        }
-        job.state = 'done';
-        this.emit({ type: 'refresh', job: job.id, step: 'job-done', progress: { done: vms.length, total: vms.length, failed } });
-      })();
-    });
-    return { ...job, results: [] };
+    for (const vm of vms) this.vm(vm);
+    const maxFailures = request.stopOnError === true ? 1 : request.maxFailures;
+    return {
+      vms, parallel: request.parallel ?? 1, batchIntervalSec: request.batchIntervalSec ?? 0,
+      ...(maxFailures === undefined ? {} : { maxFailures }),
+      options: request.strategy === undefined ? {} : { strategy: request.strategy },
+    };
   }
 
-  refreshJob(id: string): RefreshJob {
-    this.record('refreshJob', [id]);
-    const job = this.jobs.get(id);
-    if (!job) throw new DaemonError('NOT_FOUND', `no refresh job ${JSON.stringify(id)}`);
+  /** Runs the refreshes one by one and emits the events a real job would; a cancel begins no further VM. */
+  async runRefreshJob(plan: RefreshJobPlan, context: OperationContext): Promise<RefreshJob> {
+    this.record('runRefreshJob', [plan]);
+    context.onRunning();
+    const job: RefreshJob = { id: context.id, vms: plan.vms, parallel: plan.parallel, results: [] };
+    const tag = { type: 'refresh' as const, job: job.id, operation: job.id };
+    const hold = this.holdJobs;
+    await new Promise((resolve) => setImmediate(resolve));
+    // As vmkeepd: a job of no VM ends at once.
+    if (hold !== undefined && plan.vms.length > 0) await hold;
+    let failed = 0;
+    for (const [i, vm] of plan.vms.entries()) {
+      if (context.signal.aborted) {
+        job.results.push({ vm, ok: false, skipped: true });
+        continue;
+      }
+      this.emit({ ...tag, vm, step: 'started' });
+      try {
+        const outcome = await this.refresh(vm, plan.options);
+        job.results.push({ vm, ok: true, outcome });
+        this.emit({ ...tag, vm, step: 'done', outcome, progress: { done: i + 1, total: plan.vms.length, failed } });
+      } catch (error) {
+        failed++;
+        job.results.push({ vm, ok: false, error: { code: (error as DaemonError).code ?? 'INTERNAL', message: (error as Error).message } });
+        this.emit({ ...tag, vm, step: 'failed', message: (error as Error).message, progress: { done: i + 1, total: plan.vms.length, failed } });
+      }
+    }
+    this.emit({ ...tag, step: 'job-done', progress: { done: plan.vms.length, total: plan.vms.length, failed } });
     return job;
+  }
+
+  async metricsText(): Promise<string> {
+    this.record('metricsText', []);
+    return '# HELP vmkeep_vms VMs by state.\n# TYPE vmkeep_vms gauge\nvmkeep_vms{state="running"} 1\n';
   }
 
   async upgradeStatus(): Promise<UpgradeStatus> {

@@ -240,6 +240,11 @@ describe('the monitor', () => {
     const unreachable = nextEvent(w, (e) => e.vm === 'hung' && e.state === 'unreachable', 'hung to be unreachable');
     w.host.of('hung')[0]?.sigstop();
     await unreachable;
+    // The health check's unanswered command is a timeout of that VM alone, in the metrics.
+    const metrics = await w.manager.metricsText();
+    expect(metrics).toMatch(/^vmkeep_qmp_timeouts_total\{vm="hung"\} [1-9]\d*$/m);
+    expect(metrics).not.toMatch(/vmkeep_qmp_timeouts_total\{vm="fine"\}/);
+    expect(metrics).toMatch(/^vmkeep_qmp_command_duration_seconds_count\{vm="fine"\} [1-9]\d*$/m);
     const began = Date.now();
     const status = await w.manager.upgradeStatus();
     expect(Date.now() - began).toBeLessThan(500);
@@ -264,6 +269,10 @@ describe('refresh by migration', () => {
     const { w, before } = await staleWorld();
     const outcome = await w.manager.refresh('web', { strategy: 'migrate' });
     expect(outcome).toMatchObject({ result: 'migrated', from: { installation: 'a', pid: before.pid }, to: { installation: 'b' } });
+    const metrics = await w.manager.metricsText();
+    expect(metrics).toMatch(/^vmkeep_refreshes_total\{strategy="migrate",outcome="migrated"\} 1$/m);
+    expect(metrics).toMatch(/^vmkeep_migration_downtime_seconds_count\{mode="migrate"\} 1$/m);
+    expect(metrics).toMatch(/^vmkeep_migration_duration_seconds_count\{mode="migrate"\} 1$/m);
     const after = await w.manager.get('web');
     expect(after).toMatchObject({ state: 'running', installation: 'b' });
     expect(after.pid).not.toBe(before.pid);
@@ -291,6 +300,34 @@ describe('refresh by migration', () => {
     expect(error.message).toMatch(/keeps running on its old QEMU/);
     expect(w.host.of('web').map((q) => q.pid)).toEqual([before.pid]);
     expect((await w.manager.get('web')).state).toBe('running');
+  });
+
+  it('migrate-or-reboot: a failed migration falls back to a reboot onto the current installation, and says why', async () => {
+    const { w, before } = await staleWorld();
+    w.host.failMigrations = true;
+    const steps: string[] = [];
+    const outcome = await w.manager.refresh('web', { strategy: 'migrate-or-reboot', onStep: (step, message) => steps.push(`${step}: ${message}`) });
+    expect(outcome).toMatchObject({ result: 'rebooted', strategy: 'reboot', from: { installation: 'a', pid: before.pid }, to: { installation: 'b' } });
+    expect(outcome.reason).toMatch(/^the live migration failed \(live migration of web onto "b" failed: .*keeps running on its old QEMU/);
+    expect(steps.join('\n')).toMatch(/powering-off: web: the live migration failed .*; rebooting it instead/);
+    const after = await w.manager.get('web');
+    expect(after).toMatchObject({ state: 'running', installation: 'b' });
+    expect(w.host.of('web').map((q) => q.pid)).toEqual([after.pid]);
+  });
+
+  it('migrate-or-reboot: a migration that works needs no reboot', async () => {
+    const { w } = await staleWorld();
+    const outcome = await w.manager.refresh('web', { strategy: 'migrate-or-reboot' });
+    expect(outcome).toMatchObject({ result: 'migrated', strategy: 'migrate', reason: 'the live migration worked, no reboot needed' });
+  });
+
+  it('migrate-or-reboot: a new QEMU that cannot start is no reason to power the guest off', async () => {
+    const { w, before } = await staleWorld();
+    w.host.failLaunches = 1;
+    const error = await failure(w.manager.refresh('web', { strategy: 'migrate-or-reboot' }));
+    expect(error.code).toBe('REFRESH_FAILED');
+    expect(error.message).toMatch(/keeps running on its old QEMU.*No reboot either: the new QEMU did not start/s);
+    expect(await w.manager.get('web')).toMatchObject({ state: 'running', installation: 'a', pid: before.pid });
   });
 
   it('manual policy reports, on-guest-shutdown arms, and a VM without QEMU is current', async () => {

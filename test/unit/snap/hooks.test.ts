@@ -5,8 +5,8 @@ import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { main } from '../../../cli/index.js';
-import { parseInstallationsConfig } from '../../../upgrade/index.js';
-import { makeSandbox, type Sandbox } from './sandbox.js';
+import { parseInstallationsConfig, REFRESH_STRATEGIES } from '../../../upgrade/index.js';
+import { makeSandbox, SNAP_DIR, type Sandbox } from './sandbox.js';
 
 let box: Sandbox;
 
@@ -19,9 +19,24 @@ afterEach(async () => {
 });
 
 const STRATEGY_ERROR = (got: string) =>
-  `vmkeep: refresh.strategy must be one of manual, migrate, reboot, on-guest-shutdown, cpr, auto; got ${got}. Fix: snap set vmkeep refresh.strategy=migrate`;
+  `vmkeep: refresh.strategy must be one of manual, migrate, migrate-or-reboot, reboot, on-guest-shutdown, cpr, auto; got ${got}. Fix: snap set vmkeep refresh.strategy=migrate`;
 const TIMEOUT_ERROR = (got: string) =>
   `vmkeep: shutdown.timeout must be a whole number of seconds from 1 to 1500; got ${got}. Fix: snap set vmkeep shutdown.timeout=60`;
+
+describe('the strategy names in the shell scripts', () => {
+  // bash cannot import upgrade/policy.ts: its copies are held to the one list here.
+  it('are REFRESH_STRATEGIES in the configure hook and the launcher', async () => {
+    const hook = await readFile(join(SNAP_DIR, 'hooks/configure'), 'utf8');
+    const launcher = await readFile(join(SNAP_DIR, 'local/vmkeepd-launch'), 'utf8');
+    const inHook = /^STRATEGIES=\(([^)]*)\)$/m.exec(hook)?.[1]?.split(' ');
+    const inLauncher = /^\s*(manual \|[^)]*)\) ;;$/m.exec(launcher)?.[1]?.split(' | ');
+    const messages = [...hook.matchAll(/one of ([a-z, -]+);/g), ...launcher.matchAll(/one of ([a-z, -]+);/g)].map((m) => m[1]?.split(', ').sort());
+    const expected = [...REFRESH_STRATEGIES].sort();
+    expect(inHook?.sort()).toEqual(expected);
+    expect(inLauncher?.sort()).toEqual(expected);
+    expect(messages).toEqual([expected, expected]);
+  });
+});
 
 describe('configure hook', () => {
   it.each<Record<string, string>>([
@@ -169,7 +184,7 @@ describe('vmkeepd launcher', () => {
     await box.setOptions({ 'refresh.strategy': 'yolo' });
     const result = await box.run('local/vmkeepd-launch');
     expect(result.exitCode).toBe(0);
-    expect(result.stderr).toContain('refresh.strategy=yolo is not one of manual, migrate, reboot, on-guest-shutdown, cpr, auto; starting with manual');
+    expect(result.stderr).toContain('refresh.strategy=yolo is not one of manual, migrate, migrate-or-reboot, reboot, on-guest-shutdown, cpr, auto; starting with manual');
     const [argv] = await box.nodeCalls();
     expect(argv?.[argv.indexOf('--refresh-policy') + 1]).toBe('manual');
   });

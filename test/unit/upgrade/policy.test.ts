@@ -24,14 +24,14 @@ function thrown(fn: () => unknown): UpgradeError {
 describe('parseStrategy', () => {
   it('accepts every known strategy', () => {
     for (const s of REFRESH_STRATEGIES) expect(parseStrategy(s)).toBe(s);
-    expect(REFRESH_STRATEGIES).toEqual(['auto', 'cpr', 'migrate', 'reboot', 'on-guest-shutdown', 'manual']);
+    expect(REFRESH_STRATEGIES).toEqual(['auto', 'cpr', 'migrate', 'migrate-or-reboot', 'reboot', 'on-guest-shutdown', 'manual']);
   });
 
   it('refuses anything else with BAD_STRATEGY, naming the value, the field and the choices', () => {
     for (const value of ['Migrate', 'kill', '', undefined, 3, null, ['migrate']]) {
       const err = thrown(() => parseStrategy(value, '--strategy'));
       expect(err.code).toBe('BAD_STRATEGY');
-      expect(err.message).toContain(`--strategy ${JSON.stringify(value)} is not one of auto, cpr, migrate, reboot, on-guest-shutdown, manual`);
+      expect(err.message).toContain(`--strategy ${JSON.stringify(value)} is not one of auto, cpr, migrate, migrate-or-reboot, reboot, on-guest-shutdown, manual`);
     }
   });
 });
@@ -94,6 +94,7 @@ describe('policyOutcome', () => {
     for (const o of outcomes) expect(o).not.toContain('current)');
     expect(policyOutcome(true, 'migrate')).toMatch(/live-migrate/);
     expect(policyOutcome(true, 'reboot')).toMatch(/power off \(ACPI\)/);
+    expect(policyOutcome(true, 'migrate-or-reboot')).toMatch(/live-migrate .*if the migration fails, power off \(ACPI\)/);
     expect(policyOutcome(true, 'on-guest-shutdown')).toMatch(/when the guest next powers off/);
     expect(policyOutcome(true, 'manual')).toMatch(/by hand/);
   });

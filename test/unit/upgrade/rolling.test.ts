@@ -71,7 +71,7 @@ describe('runRolling', () => {
   it('never runs more than `parallel` refreshes at once and keeps the given order in its results', async () => {
     const hand = new HandRefresh();
     const vms = ['a', 'b', 'c', 'd', 'e'];
-    const run = runRolling({ vms, parallel: 2, stopOnError: false, refresh: hand.refresh });
+    const run = runRolling({ vms, parallel: 2, refresh: hand.refresh });
 
     await hand.startedAtLeast(2);
     await settle();
@@ -99,7 +99,7 @@ describe('runRolling', () => {
   it('runs one at a time with parallel 1, and treats parallel below 1 as 1', async () => {
     for (const parallel of [1, 0, -3, 1.9]) {
       const hand = new HandRefresh();
-      const run = runRolling({ vms: ['a', 'b', 'c'], parallel, stopOnError: false, refresh: hand.refresh });
+      const run = runRolling({ vms: ['a', 'b', 'c'], parallel, refresh: hand.refresh });
       for (const [i, vm] of ['a', 'b', 'c'].entries()) {
         await hand.startedAtLeast(i + 1);
         await settle();
@@ -113,19 +113,19 @@ describe('runRolling', () => {
 
   it('starts them all at once when parallel exceeds the number of VMs', async () => {
     const hand = new HandRefresh();
-    const run = runRolling({ vms: ['a', 'b', 'c'], parallel: 10, stopOnError: false, refresh: hand.refresh });
+    const run = runRolling({ vms: ['a', 'b', 'c'], parallel: 10, refresh: hand.refresh });
     await hand.startedAtLeast(3);
     for (const vm of ['c', 'a', 'b']) hand.finish(vm);
     expect((await within(run, 2000, 'runRolling to resolve')).map((r) => r.vm)).toEqual(['a', 'b', 'c']);
   });
 
   it('resolves with [] for no VMs', async () => {
-    expect(await runRolling({ vms: [], parallel: 2, stopOnError: true, refresh: () => Promise.resolve(1) })).toEqual([]);
+    expect(await runRolling({ vms: [], parallel: 2, maxFailures: 1, refresh: () => Promise.resolve(1) })).toEqual([]);
   });
 
-  it('goes on after a failure when stopOnError is false', async () => {
+  it('goes on after a failure without maxFailures', async () => {
     const hand = new HandRefresh();
-    const run = runRolling({ vms: ['a', 'b', 'c', 'd'], parallel: 2, stopOnError: false, refresh: hand.refresh });
+    const run = runRolling({ vms: ['a', 'b', 'c', 'd'], parallel: 2, refresh: hand.refresh });
     await hand.startedAtLeast(2);
     const boom = new Error('migration of b failed');
     hand.fail('b', boom);
@@ -148,7 +148,6 @@ describe('runRolling', () => {
     const results = await runRolling({
       vms: ['a', 'b'],
       parallel: 1,
-      stopOnError: false,
       refresh: (vm) => {
         if (vm === 'a') throw new Error('bad a');
         return Promise.resolve(vm);
@@ -158,11 +157,11 @@ describe('runRolling', () => {
     expect(results[1]).toEqual({ vm: 'b', ok: true, result: 'b' });
   });
 
-  it('with stopOnError, begins no new VM after a failure, lets those in flight finish, and skips the rest', async () => {
+  it('with maxFailures 1, begins no new VM after a failure, lets those in flight finish, and skips the rest', async () => {
     const hand = new HandRefresh();
     const ends: RollingItemResult<string>[] = [];
     const run = runRolling({
-      vms: ['a', 'b', 'c', 'd', 'e'], parallel: 2, stopOnError: true, refresh: hand.refresh, onEnd: (item) => ends.push(item),
+      vms: ['a', 'b', 'c', 'd', 'e'], parallel: 2, maxFailures: 1, refresh: hand.refresh, onEnd: (item) => ends.push(item),
     });
     await hand.startedAtLeast(2);
     hand.fail('b', new Error('b broke'));
@@ -184,7 +183,6 @@ describe('runRolling', () => {
     const results = await runRolling({
       vms: ['a', 'b', 'c'],
       parallel: 2,
-      stopOnError: false,
       refresh: (vm) => (vm === 'b' ? Promise.reject(new Error('no')) : Promise.resolve(vm)),
       onStart: (vm) => log.push(`start ${vm}`),
       onEnd: (item, done, total) => {
@@ -200,5 +198,53 @@ describe('runRolling', () => {
     }
     expect(log).toContain('end b false');
     expect(counts).toEqual([[1, 3], [2, 3], [3, 3]]);
+  });
+
+  it('with maxFailures 2, stops after the second failure: the rest are not attempted', async () => {
+    const results = await runRolling({
+      vms: ['a', 'b', 'c', 'd', 'e'], parallel: 1, maxFailures: 2,
+      refresh: (vm) => (vm === 'a' || vm === 'c' ? Promise.reject(new Error(`${vm} broke`)) : Promise.resolve(vm)),
+    });
+    expect(results.map((r) => [r.vm, r.ok, r.skipped ?? false])).toEqual([
+      ['a', false, false], ['b', true, false], ['c', false, false], ['d', false, true], ['e', false, true],
+    ]);
+  });
+
+  it('with a batch interval, runs batches of `parallel`, each ended before the pause, and no pause after the last', async () => {
+    const log: string[] = [];
+    const results = await runRolling({
+      vms: ['a', 'b', 'c', 'd', 'e'], parallel: 2, batchIntervalMs: 30_000,
+      refresh: async (vm) => {
+        log.push(`start ${vm}`);
+        await Promise.resolve();
+        log.push(`end ${vm}`);
+        return vm;
+      },
+      onPause: (ms, remaining) => log.push(`pause ${ms} (${remaining} to go)`),
+      sleep: async (ms) => {
+        log.push(`sleep ${ms}`);
+      },
+    });
+    expect(results.every((r) => r.ok)).toBe(true);
+    expect(log).toEqual([
+      'start a', 'start b', 'end a', 'end b', 'pause 30000 (3 to go)', 'sleep 30000',
+      'start c', 'start d', 'end c', 'end d', 'pause 30000 (1 to go)', 'sleep 30000',
+      'start e', 'end e',
+    ]);
+  });
+
+  it('with a batch interval, a batch that reaches maxFailures ends the job without another pause', async () => {
+    const sleeps: number[] = [];
+    const results = await runRolling({
+      vms: ['a', 'b', 'c', 'd'], parallel: 2, batchIntervalMs: 1000, maxFailures: 1,
+      refresh: (vm) => (vm === 'b' ? Promise.reject(new Error('b broke')) : Promise.resolve(vm)),
+      sleep: async (ms) => {
+        sleeps.push(ms);
+      },
+    });
+    expect(sleeps).toEqual([]);
+    expect(results.map((r) => [r.vm, r.ok, r.skipped ?? false])).toEqual([
+      ['a', true, false], ['b', false, false], ['c', false, true], ['d', false, true],
+    ]);
   });
 });
