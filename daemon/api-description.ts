@@ -136,7 +136,7 @@ export const ROUTE_DOCS: Readonly<Record<string, RouteDoc>> = {
     summary: 'create a VM (and start it unless start is false); answers once it runs',
     body: obj({ spec: ref('VmSpec'), start: bool('default true'), channel: str('installations channel'), policy: { type: 'string', enum: [...REFRESH_STRATEGIES] }, autostart: { type: 'string', enum: [...AUTOSTART_MODES] } }, ['spec']),
     ok: { status: 201, schema: ref('Vm') },
-    errors: [...REQUEST_ERRORS, 'INVALID_SPEC', 'EXISTS', 'SPEC_REJECTED', 'START_FAILED', 'STATE_IO'],
+    errors: [...REQUEST_ERRORS, 'INVALID_SPEC', 'EXISTS', 'DISK_REFUSED', 'IMAGE_IN_USE', 'SPEC_REJECTED', 'START_FAILED', 'STATE_IO'],
   },
   'GET /1.0/vms/{name}': { summary: 'one VM', parameters: [NAME_PARAM], ok: { status: 200, schema: ref('Vm') }, errors: ['INVALID_REQUEST', 'NOT_FOUND'] },
   'PATCH /1.0/vms/{name}': {
@@ -146,6 +146,15 @@ export const ROUTE_DOCS: Readonly<Record<string, RouteDoc>> = {
   'DELETE /1.0/vms/{name}': {
     summary: 'delete a VM that has no QEMU (a running one is CONFLICT: stop it first)', parameters: [NAME_PARAM],
     ok: { status: 200, schema: obj({ deleted: str() }, ['deleted']) }, errors: ['INVALID_REQUEST', 'NOT_FOUND', 'CONFLICT', 'BUSY', 'STATE_IO'],
+  },
+  'POST /1.0/vms/{name}/disks/accept': {
+    summary: "record each disk's backing chain as it is now, after BACKING_CHAIN_CHANGED and a check by the operator",
+    parameters: [NAME_PARAM], body: obj({}),
+    ok: {
+      status: 200,
+      schema: obj({ vm: str(), previous: { type: 'array', nullable: true, items: { type: 'array', items: { type: 'object' } } }, disks: { type: 'array', items: { type: 'array', items: { type: 'object' } } } }, ['vm', 'previous', 'disks']),
+    },
+    errors: [...REQUEST_ERRORS, 'NOT_FOUND', 'BUSY', 'DISK_REFUSED', 'IMAGE_IN_USE', 'STATE_IO'],
   },
   'POST /1.0/vms/{name}/start': {
     summary: 'start a VM: an operation (its result: the VM)', parameters: [NAME_PARAM], body: obj({}),
@@ -169,18 +178,6 @@ export const ROUTE_DOCS: Readonly<Record<string, RouteDoc>> = {
       maxFailures: int('stop the job after this many failed VMs; the rest are not attempted'),
     }),
     ok: ACCEPTED, errors: [...REQUEST_ERRORS, 'NOT_FOUND'],
-  },
-  'POST /1.0/vms/{name}/disks/accept': {
-    summary: "record each disk's backing chain as it is now (after BACKING_CHAIN_CHANGED, once an operator checked it)", parameters: [NAME_PARAM], body: obj({}),
-    ok: {
-      status: 200,
-      schema: obj({
-        vm: str(),
-        previous: { type: 'array', nullable: true, items: { type: 'object', additionalProperties: true }, description: 'the chains recorded before' },
-        disks: { type: 'array', items: { type: 'object', additionalProperties: true }, description: 'per disk, its layers top first: path, format, size, device + inode' },
-      }, ['vm', 'previous', 'disks']),
-    },
-    errors: ['INVALID_REQUEST', 'NOT_FOUND', 'BUSY', 'CONFLICT', 'DISK_REFUSED', 'IMAGE_IN_USE', 'STATE_IO'],
   },
   'GET /1.0/operations': { summary: 'the operations kept (running ones, finished ones for 24 h, the last 1000)', ok: { status: 200, schema: { type: 'array', items: ref('Operation') } }, errors: [] },
   'GET /1.0/operations/{id}': { summary: 'one operation', parameters: [ID_PARAM], ok: { status: 200, schema: ref('Operation') }, errors: ['NOT_FOUND'] },

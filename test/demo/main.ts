@@ -4,14 +4,17 @@
 // upgrade, 7.2 -> 10.0: the VMs go stale, one moves live onto the new QEMU, one reboots onto it.
 // Then a rebuild of 10.0 is installed: a VM created on 10.0 (RAM in a shared memfd) is handed
 // over by cpr-transfer without copying its RAM, the others migrate (`--strategy auto` says why).
-// Leaves nothing behind.
+// Every VM has a qcow2 disk its guest writes fsynced records to; at the end every record a guest
+// acknowledged is found on its disk. Leaves nothing behind.
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { readExe } from '../../launcher/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
 import { backportsInstallation, copiedInstallation, systemInstallation, writeInstallations } from '../support/installations.js';
+import { makeOverlayOnRaw, qemuImg, requireDiskTools } from '../support/disk-images.js';
 import { countTicks, ensureGuestImage, waitForSerial } from '../support/guest.js';
+import { checkImage, lastWrote } from '../support/records-check.js';
 import { showVmkeep } from './cli.js';
 
 function say(text: string): void {
@@ -28,8 +31,17 @@ async function daemonPid(host: DaemonHost): Promise<string> {
 }
 
 async function main(): Promise<void> {
+  requireDiskTools();
   const guest = await ensureGuestImage();
   const dir = await mkdtemp(join(tmpdir(), 'vmkeep-demo-'));
+  // One raw base holding an empty ext4, shared read-only below each VM's own qcow2 overlay.
+  const { base, overlay: webDisk } = makeOverlayOnRaw(dir, 64, 'web');
+  const disks = new Map([['web', webDisk]]);
+  for (const name of ['db', 'app']) {
+    disks.set(name, join(dir, `${name}.qcow2`));
+    qemuImg('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'raw', join(dir, `${name}.qcow2`));
+  }
+  const disk = (name: string) => [{ path: disks.get(name) as string, format: 'qcow2' }];
   const a = systemInstallation('qemu-a');
   const installations = join(dir, 'installations.json');
   await writeInstallations(installations, [a], a.name);
@@ -38,12 +50,16 @@ async function main(): Promise<void> {
   try {
     process.stdout.write(`vmkeepd is up, pid ${await daemonPid(host)}; control socket ${host.socket}\n`);
     process.stdout.write('(every PID shown is as seen inside the private systemd\'s pid namespace, as vmkeep list shows them)\n');
-    say('creating two VMs; each QEMU goes into its own scope, outside the daemon\'s cgroup');
+    say('creating two VMs, each with a qcow2 overlay over a shared raw base; each QEMU goes into its own scope, outside the daemon\'s cgroup');
     for (const name of ['web', 'db']) {
-      await host.api.create({ name, kernel: guest.kernel, initrd: guest.initrd, append: guest.append, memoryMiB: 128 });
+      await host.api.create({ name, kernel: guest.kernel, initrd: guest.initrd, append: guest.append, memoryMiB: 128, disks: disk(name) });
     }
     for (const name of ['web', 'db']) await waitForSerial(host.serialLog(name), 'GUEST TICK 2', 90_000);
     await vmkeep(host, 'list');
+    const nodes = await host.api.qmp('web', 'query-named-block-nodes', { flat: true }) as Array<{ 'node-name': string; file: string; ro: boolean }>;
+    process.stdout.write('web\'s disk as QEMU sees it (vmkeepd opened every file and passed it as a descriptor; the base read-only):\n');
+    for (const n of nodes.filter((x) => x['node-name'].endsWith('-file'))) process.stdout.write(`  ${n['node-name']}: ${n.file}${n.ro ? ' (read-only)' : ''}\n`);
+    process.stdout.write(`the guests write fsynced records to their disks: web has acknowledged ${lastWrote(host.serialLog('web'))} so far\n`);
     const before = await host.api.list();
     const ticks = before.map((vm) => countTicks(host.serialLog(vm.name)));
 
@@ -95,7 +111,7 @@ async function main(): Promise<void> {
     await vmkeep(host, 'upgrade-status');
 
     say('a VM created on QEMU 10.0 gets its RAM in a shared memfd (memory.backend memfd-shared, the default where cpr-transfer works)');
-    await host.api.create({ name: 'app', kernel: guest.kernel, initrd: guest.initrd, append: `${guest.append} vmkeep.fill_mib=64`, memoryMiB: 256 });
+    await host.api.create({ name: 'app', kernel: guest.kernel, initrd: guest.initrd, append: `${guest.append} vmkeep.fill_mib=64`, memoryMiB: 256, disks: disk('app') });
     await waitForSerial(host.serialLog('app'), 'GUEST READY', 90_000);
     process.stdout.write(`app: memory ${JSON.stringify((await host.api.get('app')).spec.memory)}; web: memory ${JSON.stringify((await host.api.get('web')).spec.memory)} (created on 7.2)\n`);
 
@@ -111,10 +127,16 @@ async function main(): Promise<void> {
     if (appBoots !== 1) throw new Error('app rebooted during its cpr refresh');
     await vmkeep(host, 'list');
 
-    say('stopping the VMs gracefully (ACPI power-off)');
+    say('stopping the VMs gracefully (ACPI power-off), then checking each disk: every record its guest acknowledged must be there');
     await vmkeep(host, 'stop', '--all');
     await vmkeep(host, 'list');
-    say('done: both VMs survived a restart and a SIGKILL of vmkeepd, moved from QEMU 7.2 onto 10.0, and onto its rebuild (app by cpr-transfer)');
+    for (const [name, image] of disks) {
+      const printed = lastWrote(host.serialLog(name));
+      const verdict = checkImage(image, 'qcow2', printed);
+      process.stdout.write(`${name}: ${printed} records acknowledged${verdict.ok ? ', all on its disk, e2fsck clean' : `: ${verdict.problems.join('; ')}`}\n`);
+      if (!verdict.ok) throw new Error(`${name} lost acknowledged writes`);
+    }
+    say('done: both VMs survived a restart and a SIGKILL of vmkeepd, moved from QEMU 7.2 onto 10.0, and onto its rebuild (app by cpr-transfer), without losing a write');
   } finally {
     await host.shutdown();
     await rm(dir, { recursive: true, force: true });

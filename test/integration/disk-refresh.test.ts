@@ -56,10 +56,13 @@ async function makeCurrent(name: string): Promise<void> {
   await host.restart();
 }
 
-/** Waits until the console shows at least `n` more acknowledged records than now. */
+/**
+ * Waits until the console shows at least `n` more acknowledged records than now. 60 s, well
+ * inside the test's own timeout, so a guest whose writes stalled fails with this message.
+ */
 function moreWrites(name: string, n: number): Promise<number> {
   const log = host.serialLog(name);
-  return waitForWrote(log, lastWrote(log) + n);
+  return waitForWrote(log, lastWrote(log) + n, 60_000);
 }
 
 /** Exactly one QEMU of the VM has its image open read-write, the one its record names. */
