@@ -6,7 +6,7 @@
 // Then `snap set vmkeep refresh.strategy=migrate` and a refresh: the new vmkeepd moves the VM by
 // itself. The negative control is a refresh with a snap whose vmkeepd keeps its QEMUs in the
 // service's own cgroup (--no-scope).
-import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, readdir, readFile, rm, writeFile, type FileHandle } from 'node:fs/promises';
 import { existsSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -241,10 +241,18 @@ describe('the snap under a real snapd', () => {
     expect(reverted.vms.filter((v) => v.stale)).toEqual([]);
 
     // 6. snap remove: the remove hook powers every guest off by ACPI; nothing is killed.
-    await b.snapd.snap(['remove', 'vmkeep'], { timeoutMs: 180_000 });
-    for (const [name, q] of after) {
-      expect(await readFile(b.serialLog(name), 'utf8'), `${name} was powered off by ACPI`).toContain('GUEST POWEROFF');
-      await waitFor(`${name}'s QEMU (PID ${q.pid}) to exit after the guest powered off`, 20_000, () => (isSameProcess(q.pid, q.startTime) ? undefined : true));
+    // snapd deletes $SNAP_COMMON, the consoles' folder with it: each console is held open
+    // beforehand and read through that descriptor afterwards.
+    const consoles = new Map<string, FileHandle>();
+    try {
+      for (const name of after.keys()) consoles.set(name, await open(b.serialLog(name), 'r'));
+      await b.snapd.snap(['remove', 'vmkeep'], { timeoutMs: 180_000 });
+      for (const [name, q] of after) {
+        expect(await consoles.get(name)?.readFile('utf8'), `${name} was powered off by ACPI`).toContain('GUEST POWEROFF');
+        await waitFor(`${name}'s QEMU (PID ${q.pid}) to exit after the guest powered off`, 20_000, () => (isSameProcess(q.pid, q.startTime) ? undefined : true));
+      }
+    } finally {
+      for (const handle of consoles.values()) await handle.close();
     }
     expect((await b.snapd.host.exec('systemctl', ['list-units', '--no-legend', 'vmkeep-*.scope'])).stdout.trim()).toBe('');
     } finally {
