@@ -112,13 +112,14 @@ describe('launcher on the real QEMU', () => {
     expect(started).toEqual([]);
   });
 
-  it('fails with QEMU_EXITED for a disk QEMU cannot open, and removes the socket the dead QEMU left', async () => {
+  it('refuses disks whose chains vmkeep has not read and recorded: no QEMU starts', async () => {
+    // vmkeep opens every image itself, layer by recorded layer (disks.test.ts); a QEMU never
+    // gets a path to open.
     const spec = guestSpec({ disks: [{ path: join(dir, 'missing.img'), format: 'raw' }] });
     const error = await startError(spec);
-    expect(error.code).toBe('QEMU_EXITED');
-    expect(error.message).toContain(`Could not open '${join(dir, 'missing.img')}'`);
-    // The dead QEMU's socket is removed, so a corrected retry can start at once.
-    expect(existsSync(vmPaths().qmpSocket)).toBe(false);
+    expect(error.code).toBe('INVALID_SPEC');
+    expect(error.message).toMatch(/recorded chains/);
+    expect(started).toEqual([]);
   });
 
   it('does not count a start as done while QEMU is still initialising behind its bound socket', async () => {
@@ -142,6 +143,8 @@ describe('launcher on the real QEMU', () => {
     expect((error as LaunchError).code).toBe('QEMU_EXITED');
     // QEMU's own complaint about the kernel it could not load.
     expect((error as LaunchError).message).toMatch(/qemu: .*kernel/);
+    // The dead QEMU's socket is removed, so a corrected retry can start at once.
+    expect(existsSync(vmPaths().qmpSocket)).toBe(false);
   });
 
   it('ends the paused QEMU and fails with SCOPE_FAILED when it cannot be placed in its scope', async () => {
