@@ -1,6 +1,7 @@
-import { join, resolve } from 'node:path';
+import { stat } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
 import type { Logger } from './log.js';
-import { probeInstallation, secureFolder } from '../launcher/index.js';
+import { probeInstallation, qemuFolderModes, secureFolder, type QemuUser } from '../launcher/index.js';
 import type { InstallationsConfig, RefreshStrategy } from '../upgrade/index.js';
 import { MachineRegistry, ScopeManager, SCOPE_PREFIX } from '../scope-manager/index.js';
 import { DaemonError } from './errors.js';
@@ -29,6 +30,8 @@ export interface DaemonOptions {
   operator?: { gid: number; socketPath: string };
   /** Folders the operators' disk images must be in. */
   storageRoots?: readonly string[];
+  /** The user every QEMU runs as (ARCHITECTURE.md, invariant 11); absent: vmkeepd's own. */
+  qemuUser?: QemuUser;
   /** Slice of the VM scopes. */
   slice: string;
   /** false: --no-scope, every QEMU stays in the daemon's cgroup and dies with it. */
@@ -105,13 +108,14 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       slice: options.slice,
       installations: options.installations,
       defaultPolicy: options.defaultPolicy ?? 'manual',
-      pinRoot: join(options.stateDir, 'modules'),
+      pinRoot: pinRootOf(options),
       ...(options.crashAt === undefined ? {} : { crashAt: options.crashAt }),
       ...(options.guestsUnit === undefined ? {} : { guestsUnit: options.guestsUnit }),
       probe: (installation) => probeInstallation(installation, { cacheDir }),
       runtimeDir: options.runtimeDir,
       ...(options.logDir === undefined ? {} : { logDir: options.logDir }),
       storageRoots: (options.storageRoots ?? []).map((root) => resolve(root)),
+      ...(options.qemuUser === undefined ? {} : { qemuUser: options.qemuUser }),
       logger,
       ...(options.logMaxBytes === undefined && options.logKeep === undefined ? {} : {
         logLimits: { maxBytes: options.logMaxBytes ?? DEFAULT_LOG_MAX_BYTES, keep: options.logKeep ?? DEFAULT_LOG_KEEP },
@@ -253,13 +257,42 @@ async function secureFolders(options: DaemonOptions, logger: Logger): Promise<vo
     throw new DaemonError('START_FAILED', `--socket-group (gid ${options.socketGid}) and --operator-group (gid ${options.operator.gid}) differ, and the runtime folder can let only one group reach its sockets; fix: give one of them, or the same group`);
   }
   const gid = options.socketGid ?? options.operator?.gid;
+  const qemu = qemuFolderModes(options.qemuUser);
+  // QEMU's user passes through the state and runtime folders (never lists them) to its pinned
+  // modules and its VM's folder, which only its group may enter (ARCHITECTURE.md, invariant 11).
+  const pass = qemu.pass.gid === undefined ? 0 : 0o011;
   const wanted: Array<[string, { mode: number; gid?: number }]> = [
-    [options.stateDir, { mode: 0o700 }],
-    [options.runtimeDir, gid === undefined ? { mode: 0o700 } : { mode: 0o750, gid }],
+    [options.stateDir, { mode: 0o700 | pass }],
+    [options.runtimeDir, gid === undefined ? { mode: 0o700 | pass } : { mode: 0o750 | (pass & 0o001), gid }],
+    [pinRootOf(options), qemu.pass],
   ];
   for (const [path, want] of wanted) {
     const changed = await secureFolder(path, want);
-    if (changed !== undefined) logger.warn({ path }, `tightened ${changed}`);
+    if (changed !== undefined) logger.warn({ path }, `set ${changed}`);
+  }
+  if (options.qemuUser !== undefined && pass !== 0) {
+    for (const folder of [options.stateDir, options.runtimeDir]) await refuseUnreachable(folder, options.qemuUser);
+  }
+}
+
+function pinRootOf(options: Pick<DaemonOptions, 'stateDir'>): string {
+  return join(options.stateDir, 'modules');
+}
+
+/**
+ * Refuses to start when QEMU's user could not pass through a parent of `folder` (a 0700 parent
+ * of --state-dir or --runtime-dir): every VM start would fail later with a less clear error.
+ */
+async function refuseUnreachable(folder: string, user: QemuUser): Promise<void> {
+  for (let dir = dirname(resolve(folder)); ; dir = dirname(dir)) {
+    const st = await stat(dir);
+    const passes = (st.mode & 0o001) !== 0 || (st.uid === user.uid && (st.mode & 0o100) !== 0) || (st.gid === user.gid && (st.mode & 0o010) !== 0);
+    if (!passes) {
+      throw new DaemonError('START_FAILED',
+        `QEMU's user ${user.name} (uid ${user.uid}) cannot pass through ${dir} (mode 0${(st.mode & 0o777).toString(8)}) to reach ${folder}; ` +
+        `fix: chmod o+x ${dir}, or choose a folder under a passable parent`);
+    }
+    if (dir === dirname(dir)) return;
   }
 }
 

@@ -7,10 +7,10 @@ import { closeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import type { Logger } from './log.js';
 import {
-  checkSpecFiles, isValidVmName, LaunchError, memoryBackendOf, openOwnFile, ownVmFolder, QUIT_EXIT_TIMEOUT_MS, realRoots,
+  checkSpecFiles, isValidVmName, LaunchError, memoryBackendOf, openOwnFile, ownVmFolder, qemuFolderModes, QUIT_EXIT_TIMEOUT_MS, realRoots,
   removeStaleSocket, removeVmFolder, resolveMachineType, resolveWithinRoots, scopeLimits, secureFolder, validateSpec,
   validateSpecAndFiles, withinRoots, withMemoryDefault,
-  type DiskChain, type Installation, type InstallationInfo, type LaunchedVm, type ScopeLimits, type VmSpec,
+  type DiskChain, type Installation, type InstallationInfo, type LaunchedVm, type QemuUser, type ScopeLimits, type VmSpec,
 } from '../launcher/index.js';
 import { isQmpError, powerDownGuest, type QmpClient } from '../qmp/index.js';
 import { scopeUnitName } from '../scope-manager/index.js';
@@ -71,6 +71,8 @@ export interface VmManagerOptions {
   logDir?: string;
   /** --storage-root folders, absolute (ARCHITECTURE.md, invariant 11). */
   storageRoots?: readonly string[];
+  /** The user every QEMU runs as (ARCHITECTURE.md, invariant 11); absent: vmkeepd's own. */
+  qemuUser?: QemuUser;
   logger: Logger;
   info: Omit<DaemonInfo, 'orphanScopes' | 'damagedRecords'>;
   /** How long a reattach waits for a QMP greeting before calling the VM unreachable. */
@@ -175,6 +177,7 @@ export class VmManager implements DaemonOps, VmCore {
       defaultPolicy: o.defaultPolicy, pinRoot: o.pinRoot, guestsUnit: o.guestsUnit ?? DEFAULT_GUESTS_UNIT,
       ...(o.crashAt === undefined ? {} : { crashAt: o.crashAt }),
       probe: o.probe, runtimeDir: o.runtimeDir, logger: o.logger, storageRoots: o.storageRoots ?? [],
+      ...(o.qemuUser === undefined ? {} : { qemuUser: o.qemuUser }),
       greetingTimeoutMs: o.greetingTimeoutMs ?? MONITOR_GREETING_TIMEOUT_MS,
       retryIntervalMs: o.retryIntervalMs ?? 5_000,
       healthIntervalMs: o.healthIntervalMs ?? 5_000,
@@ -510,14 +513,19 @@ export class VmManager implements DaemonOps, VmCore {
     // Derived, not read from the record: the files removed here are always ours.
     const paths = this.vmPaths(name);
     // Nothing planted in the VM's folder is followed (ARCHITECTURE.md, invariant 11).
-    const tightened = await secureFolder(dirname(this.vmDir(name)), { mode: 0o700 });
+    // QEMU's user makes its sockets in the VM's folder (ARCHITECTURE.md, invariant 11).
+    const qemuModes = qemuFolderModes(this.options.qemuUser);
+    const tightened = await secureFolder(dirname(this.vmDir(name)), qemuModes.pass);
     if (tightened !== undefined) this.options.logger.warn({ vm: name }, `tightened ${tightened}`);
-    await ownVmFolder(this.vmDir(name));
+    await ownVmFolder(this.vmDir(name), qemuModes.own);
     // Leftovers of the previous QEMU: its socket would be taken for the new one's.
     await removeStaleSocket(paths.qmpSocket);
     // Guest output can be secret: the VM's log folder is root's only, made as its runtime folder.
-    await secureFolder(dirname(this.logDirOf(name)), { mode: 0o700 });
-    await ownVmFolder(this.logDirOf(name));
+    // (With no --log-dir the logs are in the VM's folder: QEMU writes the serial log through a
+    // descriptor vmkeepd opened, so its user needs no access to the files.)
+    const separateLogs = this.managerOptions.logDir !== undefined;
+    await secureFolder(dirname(this.logDirOf(name)), separateLogs ? { mode: 0o700 } : qemuModes.pass);
+    await ownVmFolder(this.logDirOf(name), separateLogs ? { mode: 0o700 } : qemuModes.own);
     // The last run's logs become NAME.1 (the live files start empty): kept across restarts and reboots.
     for (const log of [paths.serialLog, paths.stderrLog]) await rotateIfLarge(log, { ...this.logLimits, maxBytes: 0 });
     closeSync(openOwnFile(paths.serialLog, 'truncate'));
@@ -596,6 +604,7 @@ export class VmManager implements DaemonOps, VmCore {
     return this.pins.whileLaunching(args.installation, args.info, async (pinned) => {
       const vm = await start({
         ...(storageRoots === undefined ? {} : { storageRoots }),
+        ...(this.options.qemuUser === undefined ? {} : { runAs: this.options.qemuUser }),
         spec: record.spec,
         diskChains,
         uuid: record.uuid,
