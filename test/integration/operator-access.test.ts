@@ -46,7 +46,7 @@ beforeAll(async () => {
   });
   operatorSocket = join(dir, 'run', 'vmkeep-operator.sock');
   await host.api.create({ name: 'h2', kernel: guest.kernel, initrd: guest.initrd, append: guest.append, memoryMiB: 128 });
-  await waitForSerial(join(dir, 'run', 'vms', 'h2', 'serial.log'), 'GUEST READY', 60_000);
+  await waitForSerial(join(dir, 'log', 'h2', 'serial.log'), 'GUEST READY', 60_000);
 });
 
 afterAll(async () => {

@@ -30,6 +30,8 @@ function spec(name: string): Record<string, unknown> {
 }
 
 const vmDir = (name: string): string => join(host.dir, 'run', 'vms', name);
+// The test daemon keeps each VM's logs in --log-dir DIR/log/NAME.
+const logDir = (name: string): string => join(host.dir, 'log', name);
 
 /** A file outside vmkeepd's folders with known content and mtime. */
 async function victim(name: string): Promise<{ path: string; unchanged(): Promise<void> }> {
@@ -54,28 +56,28 @@ async function refusedCreate(name: string, path: string): Promise<void> {
 }
 
 describe('planted links and files under the runtime folder', () => {
-  it('the runtime folders are 0700 and owned by root', async () => {
+  it('the runtime folders are root\'s, 0711: QEMU\'s user passes through them, nobody lists or writes them', async () => {
     for (const path of [join(host.dir, 'run'), join(host.dir, 'state')]) {
       const st = await lstat(path);
       expect(st.isDirectory(), path).toBe(true);
       expect(st.uid, path).toBe(0);
-      expect((st.mode & 0o777).toString(8), path).toBe('700');
+      expect((st.mode & 0o777).toString(8), path).toBe('711');
     }
   });
 
   it('serial.log is a symlink: the create fails naming it, the target is untouched', async () => {
     const target = await victim('serial-target');
-    await mkdir(vmDir('ser'), { recursive: true, mode: 0o700 });
-    await symlink(target.path, join(vmDir('ser'), 'serial.log'));
-    await refusedCreate('ser', join(vmDir('ser'), 'serial.log'));
+    await mkdir(logDir('ser'), { recursive: true, mode: 0o700 });
+    await symlink(target.path, join(logDir('ser'), 'serial.log'));
+    await refusedCreate('ser', join(logDir('ser'), 'serial.log'));
     await target.unchanged();
   });
 
   it('qemu.log is a symlink: the create fails naming it, the target is untouched', async () => {
     const target = await victim('qemulog-target');
-    await mkdir(vmDir('qlog'), { recursive: true, mode: 0o700 });
-    await symlink(target.path, join(vmDir('qlog'), 'qemu.log'));
-    await refusedCreate('qlog', join(vmDir('qlog'), 'qemu.log'));
+    await mkdir(logDir('qlog'), { recursive: true, mode: 0o700 });
+    await symlink(target.path, join(logDir('qlog'), 'qemu.log'));
+    await refusedCreate('qlog', join(logDir('qlog'), 'qemu.log'));
     await target.unchanged();
   });
 
@@ -103,11 +105,11 @@ describe('planted links and files under the runtime folder', () => {
   it('the console of a VM whose serial.log is a symlink is refused, not read through the link', async () => {
     const target = await victim('console-target');
     await host.api.create(spec('con'), { start: false });
-    await mkdir(vmDir('con'), { recursive: true, mode: 0o700 });
-    await symlink(target.path, join(vmDir('con'), 'serial.log'));
+    await mkdir(logDir('con'), { recursive: true, mode: 0o700 });
+    await symlink(target.path, join(logDir('con'), 'serial.log'));
     const text = await readConsole('con').catch((e: unknown) => e);
     expect(text, 'the console was served through the planted link').toBeInstanceOf(DaemonError);
-    expect((text as DaemonError).message).toContain(join(vmDir('con'), 'serial.log'));
+    expect((text as DaemonError).message).toContain(join(logDir('con'), 'serial.log'));
     await host.api.delete('con');
   });
 });

@@ -30,7 +30,7 @@ afterAll(async () => {
 
 async function runningVm(name: string, extra: Record<string, unknown> = {}): Promise<number> {
   await host.api.create({ name, kernel: guest.kernel, initrd: guest.initrd, append: guest.append, memoryMiB: 128, ...extra });
-  await waitForSerial(join(host.dir, 'run', 'vms', name, 'serial.log'), 'GUEST READY', 60_000);
+  await waitForSerial(join(host.dir, 'log', name, 'serial.log'), 'GUEST READY', 60_000);
   const pids = qemuPidsOf(name, host.dir);
   expect(pids, `one QEMU of ${name}`).toHaveLength(1);
   return pids[0] as number;
