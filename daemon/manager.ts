@@ -360,7 +360,7 @@ export class VmManager implements DaemonOps, VmCore {
 
   async create(input: unknown, options: CreateOptions = {}): Promise<VmView> {
     // Every problem at once: the files a spec names are checked even when other fields are wrong.
-    let spec = options.caller?.level === 'operator' ? await this.admitOperatorSpec(input) : await validateSpecAndFiles(input);
+    let spec = options.caller?.level === 'operator' ? await this.admitOperatorSpec(input) : await validateSpecAndFiles(input, this.options.qemuUser);
     this.refuseExisting(spec.name);
     // Read once and recorded: from now on the record, not the image headers, names the files.
     const disks = await this.readChains(spec);

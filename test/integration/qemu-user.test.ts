@@ -4,7 +4,8 @@
 // /root (0700) fails with QEMU's own "Permission denied". Negative control: with
 // `--qemu-user root --allow-qemu-root` the same blockdev-add opens the file.
 import { execFileSync } from 'node:child_process';
-import { readFileSync, statSync, writeFileSync, rmSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonHost } from '../support/daemon-host.js';
@@ -78,6 +79,19 @@ describe('QEMU as the unprivileged vmkeep-qemu (the default)', () => {
     expect({ uid: folder.uid, gid: folder.gid, mode: folder.mode & 0o777 }).toEqual({ uid: 0, gid, mode: 0o770 });
     const serial = statSync(join(host.dir, 'log', 'qu1', 'serial.log'));
     expect({ uid: serial.uid, mode: serial.mode & 0o077 }).toEqual({ uid: 0, mode: 0 });
+  });
+
+  it('a kernel QEMU\'s user cannot read is refused at create, naming the folder and the fix', async () => {
+    const hidden = mkdtempSync(join(tmpdir(), 'vk-kernel-'));
+    try {
+      copyFileSync(guest.kernel, join(hidden, 'vmlinuz'));
+      const error = await host.api.create({ name: 'qk', kernel: join(hidden, 'vmlinuz'), initrd: guest.initrd, memoryMiB: 128 }).then(() => undefined, (e: unknown) => e);
+      expect(String(error)).toContain(`cannot be read by QEMU's user ${QEMU_USER}: it cannot pass through ${hidden}`);
+      expect(String(error)).toContain('chmod o+r');
+      expect((await host.api.list()).map((v) => v.name)).not.toContain('qk');
+    } finally {
+      rmSync(hidden, { recursive: true, force: true });
+    }
   });
 
   it('a blockdev-add of a file in /root fails with QEMU\'s own "Permission denied"', async () => {
