@@ -93,13 +93,13 @@ export function vmkeepdOptions(env: NodeJS.ProcessEnv) {
     'operator-socket': { type: 'string', describe: 'path of the operator socket (default: vmkeep-operator.sock next to --socket)' },
     'qemu-user': {
       type: 'string',
-      default: env.VMKEEP_QEMU_USER ?? DEFAULT_QEMU_USER,
+      default: DEFAULT_QEMU_USER,
       describe: 'system user every QEMU runs as, with its own groups (kvm for /dev/kvm); root only with --allow-qemu-root (env VMKEEP_QEMU_USER)',
     },
     'allow-qemu-root': {
       type: 'boolean',
-      default: env.VMKEEP_ALLOW_QEMU_ROOT === 'yes',
-      describe: 'let --qemu-user be root: a QEMU escape is then a root shell (env VMKEEP_ALLOW_QEMU_ROOT=yes)',
+      default: false,
+      describe: 'let --qemu-user be root: a QEMU escape is then a root shell (env VMKEEP_ALLOW_QEMU_ROOT=true)',
     },
     'storage-root': {
       type: 'string',

@@ -17,7 +17,8 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 describe('--qemu-user', () => {
   it('defaults to vmkeep-qemu, or VMKEEP_QEMU_USER; root is allowed only with the flag', () => {
     expect(parseOptions(vmkeepdOptions({}), [], {}, 'VMKEEP').values).toMatchObject({ qemuUser: 'vmkeep-qemu', allowQemuRoot: false });
-    expect(parseOptions(vmkeepdOptions({ VMKEEP_QEMU_USER: 'root', VMKEEP_ALLOW_QEMU_ROOT: 'yes' }), [], {}, 'VMKEEP').values)
+    const env = { VMKEEP_QEMU_USER: 'root', VMKEEP_ALLOW_QEMU_ROOT: 'true' };
+    expect(parseOptions(vmkeepdOptions(env), [], env, 'VMKEEP').values)
       .toMatchObject({ qemuUser: 'root', allowQemuRoot: true });
   });
 
