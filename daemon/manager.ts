@@ -513,11 +513,7 @@ export class VmManager implements DaemonOps, VmCore {
     // Derived, not read from the record: the files removed here are always ours.
     const paths = this.vmPaths(name);
     // Nothing planted in the VM's folder is followed (ARCHITECTURE.md, invariant 11).
-    // QEMU's user makes its sockets in the VM's folder (ARCHITECTURE.md, invariant 11).
-    const qemuModes = qemuFolderModes(this.options.qemuUser);
-    const tightened = await secureFolder(dirname(this.vmDir(name)), qemuModes.pass);
-    if (tightened !== undefined) this.options.logger.warn({ vm: name }, `tightened ${tightened}`);
-    await ownVmFolder(this.vmDir(name), qemuModes.own);
+    const qemuModes = await this.qemuVmFolder(name);
     // Leftovers of the previous QEMU: its socket would be taken for the new one's.
     await removeStaleSocket(paths.qmpSocket);
     // Guest output can be secret: the VM's log folder is root's only, made as its runtime folder.
@@ -595,6 +591,9 @@ export class VmManager implements DaemonOps, VmCore {
     const { qemu, scopes } = this.options;
     const start: Launch<T | LaunchedVm> = launch ?? ((options) => qemu.launch(options));
     const storageRoots = await this.confinementOf(record.spec);
+    // Again for a migration's destination: the VM may have been started by a vmkeepd that ran
+    // QEMU as root, in a folder only root could enter.
+    await this.qemuVmFolder(record.name);
     if (args.info.sandbox === false) {
       this.options.logger.warn({ vm: record.name, installation: args.installation.name },
         `${args.installation.binary} has no seccomp sandbox (-sandbox refused): ${record.name} runs without it; install a QEMU built with seccomp (Debian's is)`);
@@ -1023,6 +1022,18 @@ export class VmManager implements DaemonOps, VmCore {
 
   vmDir(name: string): string {
     return join(this.options.runtimeDir, 'vms', name);
+  }
+
+  /**
+   * The VM's folder, where QEMU's user makes its QMP and migration sockets, and the VMs' folder
+   * it passes through, as qemuFolderModes says (ARCHITECTURE.md, invariant 11). Returns the modes.
+   */
+  private async qemuVmFolder(name: string): Promise<ReturnType<typeof qemuFolderModes>> {
+    const modes = qemuFolderModes(this.options.qemuUser);
+    const changed = await secureFolder(dirname(this.vmDir(name)), modes.pass);
+    if (changed !== undefined) this.options.logger.warn({ vm: name }, `set ${changed}`);
+    await ownVmFolder(this.vmDir(name), modes.own);
+    return modes;
   }
 
   /** Where the VM's logs go from its next start on (a running QEMU keeps writing where its record says). */
