@@ -1,7 +1,6 @@
-import { stat } from 'node:fs/promises';
-import { dirname, join, resolve } from 'node:path';
+import { join, resolve } from 'node:path';
 import type { Logger } from './log.js';
-import { probeInstallation, qemuFolderModes, secureFolder, type QemuUser } from '../launcher/index.js';
+import { deniedTo, probeInstallation, qemuFolderModes, secureFolder, type QemuUser } from '../launcher/index.js';
 import type { InstallationsConfig, RefreshStrategy } from '../upgrade/index.js';
 import { MachineRegistry, ScopeManager, SCOPE_PREFIX } from '../scope-manager/index.js';
 import { DaemonError } from './errors.js';
@@ -270,8 +269,14 @@ async function secureFolders(options: DaemonOptions, logger: Logger): Promise<vo
     const changed = await secureFolder(path, want);
     if (changed !== undefined) logger.warn({ path }, `set ${changed}`);
   }
+  // Every start would fail later, less clearly, when QEMU's user cannot reach them.
   if (options.qemuUser !== undefined && pass !== 0) {
-    for (const folder of [options.stateDir, options.runtimeDir]) await refuseUnreachable(folder, options.qemuUser);
+    for (const folder of [options.stateDir, options.runtimeDir]) {
+      const denied = await deniedTo(folder, options.qemuUser, 'pass');
+      if (denied !== undefined) {
+        throw new DaemonError('START_FAILED', `QEMU's user ${options.qemuUser.name} cannot reach ${folder}: ${denied}; fix: chmod o+x that folder, or choose a folder under passable ones`);
+      }
+    }
   }
 }
 
@@ -279,22 +284,6 @@ function pinRootOf(options: Pick<DaemonOptions, 'stateDir'>): string {
   return join(options.stateDir, 'modules');
 }
 
-/**
- * Refuses to start when QEMU's user could not pass through a parent of `folder` (a 0700 parent
- * of --state-dir or --runtime-dir): every VM start would fail later with a less clear error.
- */
-async function refuseUnreachable(folder: string, user: QemuUser): Promise<void> {
-  for (let dir = dirname(resolve(folder)); ; dir = dirname(dir)) {
-    const st = await stat(dir);
-    const passes = (st.mode & 0o001) !== 0 || (st.uid === user.uid && (st.mode & 0o100) !== 0) || (st.gid === user.gid && (st.mode & 0o010) !== 0);
-    if (!passes) {
-      throw new DaemonError('START_FAILED',
-        `QEMU's user ${user.name} (uid ${user.uid}) cannot pass through ${dir} (mode 0${(st.mode & 0o777).toString(8)}) to reach ${folder}; ` +
-        `fix: chmod o+x ${dir}, or choose a folder under a passable parent`);
-    }
-    if (dir === dirname(dir)) return;
-  }
-}
 
 /** The longest vmkeepd waits for its VMs' reattach before it serves the API and reports ready. */
 const READY_WAIT_MS = 1_000;

@@ -1,6 +1,6 @@
 import { constants } from 'node:fs';
 import { access, open, stat } from 'node:fs/promises';
-import { dirname, isAbsolute } from 'node:path';
+import { dirname, isAbsolute, resolve } from 'node:path';
 import { LaunchError, type SpecProblem } from './errors.js';
 import type { QemuUser } from './spawn.js';
 import { formatSpecProblems, validateSpec, type VmSpec } from './spec.js';
@@ -78,7 +78,7 @@ async function fileProblems(spec: NamedFiles, qemuUser: QemuUser | undefined): P
       continue;
     }
     // QEMU opens -kernel and -initrd by path itself, as its unprivileged user.
-    const denied = byQemu && qemuUser !== undefined && qemuUser.uid !== 0 ? await deniedTo(path, qemuUser) : undefined;
+    const denied = byQemu && qemuUser !== undefined && qemuUser.uid !== 0 ? await deniedTo(path, qemuUser, 'read') : undefined;
     if (denied !== undefined) {
       const fix = `make it readable by ${qemuUser?.name} (chmod o+r ${path}, and o+x on its folders) or move it to a folder that is`;
       problems.push({ field, message: `${path} cannot be read by QEMU's user ${qemuUser?.name}: ${denied}; fix: ${fix}`, fix });
@@ -88,21 +88,22 @@ async function fileProblems(spec: NamedFiles, qemuUser: QemuUser | undefined): P
 }
 
 /**
- * Why `user` could not open `path` for reading (a folder on the way it cannot pass, or the file
- * it cannot read), judged on the mode bits by its uid and primary gid; undefined when it can.
- * A file readable only through another of the user's groups is reported too: name it in the fix.
+ * Why `user` could not read `path`, or pass through it (a folder): a folder on the way it cannot
+ * pass, or the file it cannot read; judged on the mode bits by its uid and primary gid (a file
+ * only another of its groups may read is reported too). undefined when it can.
  */
-async function deniedTo(path: string, user: QemuUser): Promise<string | undefined> {
+export async function deniedTo(path: string, user: QemuUser, want: 'read' | 'pass'): Promise<string | undefined> {
   const allows = (st: { uid: number; gid: number; mode: number }, bit: number): boolean =>
     ((st.uid === user.uid ? st.mode >> 6 : st.gid === user.gid ? st.mode >> 3 : st.mode) & bit) !== 0;
   const folders: string[] = [];
-  for (let dir = dirname(path); ; dir = dirname(dir)) {
+  for (let dir = dirname(resolve(path)); ; dir = dirname(dir)) {
     folders.unshift(dir);
     if (dir === dirname(dir)) break;
   }
   for (const dir of folders) {
     if (!allows(await stat(dir), 0o1)) return `it cannot pass through ${dir}`;
   }
+  if (want === 'pass') return allows(await stat(path), 0o1) ? undefined : `it cannot pass through ${path}`;
   return allows(await stat(path), 0o4) ? undefined : 'it may not read the file';
 }
 

@@ -5,7 +5,7 @@ export {
   MEMORY_BACKENDS, DISK_CACHES, type VmSpec, type DiskSpec, type DiskFormat, type DiskCache, type Accel, type MemoryBackend,
 } from './spec.js';
 export { supportsCprTransfer, withMemoryDefault, memoryBackendOf } from './memory.js';
-export { checkSpecFiles, validateSpecAndFiles } from './files.js';
+export { checkSpecFiles, validateSpecAndFiles, deniedTo } from './files.js';
 export {
   secureFolder, ownVmFolder, qemuFolderModes, removeVmFolder, removeStaleSocket, openOwnFile, openOwnFileHandle, readOwnFile, copyOwnFile, type OwnFileUse,
 } from './safe-files.js';

@@ -1,13 +1,13 @@
 // --qemu-user: resolved from the passwd file (Node has no getpwnam), root refused without
 // --allow-qemu-root; and the command that starts QEMU as that user (setpriv, the user's groups).
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { resolveQemuUser } from '../../../cli/daemon-command.js';
 import { vmkeepdOptions } from '../../../cli/options.js';
 import { parseOptions } from '../../../cli/small-args.js';
-import { commandAs } from '../../../launcher/index.js';
+import { commandAs, deniedTo } from '../../../launcher/index.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'vk-passwd-'));
 const passwd = join(dir, 'passwd');
@@ -31,6 +31,25 @@ describe('--qemu-user', () => {
     expect(() => resolveQemuUser('nobody-here', false, passwd)).toThrow(/no such user .*useradd --system/);
     expect(() => resolveQemuUser('root', false, passwd)).toThrow(/--allow-qemu-root/);
     expect(resolveQemuUser('root', true, passwd)).toEqual({ name: 'root', uid: 0, gid: 0 });
+  });
+});
+
+describe('deniedTo (what QEMU\'s user may reach, by the mode bits)', () => {
+  const user = { name: 'vmkeep-qemu', uid: 999, gid: 995 };
+  it('names the folder it cannot pass, then the file it cannot read', async () => {
+    const folder = join(dir, 'hidden');
+    const file = join(folder, 'vmlinuz');
+    chmodSync(dir, 0o711);
+    mkdirSync(folder, { mode: 0o700 });
+    chmodSync(folder, 0o700);
+    writeFileSync(file, 'k', { mode: 0o600 });
+    expect(await deniedTo(file, user, 'read')).toBe(`it cannot pass through ${folder}`);
+    expect(await deniedTo(folder, user, 'pass')).toBe(`it cannot pass through ${folder}`);
+    chmodSync(folder, 0o711);
+    expect(await deniedTo(file, user, 'read')).toBe('it may not read the file');
+    expect(await deniedTo(folder, user, 'pass')).toBeUndefined();
+    chmodSync(file, 0o644);
+    expect(await deniedTo(file, user, 'read')).toBeUndefined();
   });
 });
 
