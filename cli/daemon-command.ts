@@ -1,10 +1,10 @@
 import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { createLogger, isLogLevel, OPERATOR_SOCKET_NAME, startDaemon, type DaemonOptions } from '../daemon/index.js';
-import type { Installation } from '../launcher/index.js';
+import type { Installation, QemuUser } from '../launcher/index.js';
 import { loadInstallationsConfig, parseStrategy, singleInstallation } from '../upgrade/index.js';
 import { CliError } from './errors.js';
-import { installationFrom } from './options.js';
+import { DEFAULT_QEMU_USER, installationFrom } from './options.js';
 
 export interface DaemonCommandArgs {
   stateDir: string;
@@ -15,6 +15,8 @@ export interface DaemonCommandArgs {
   operatorGroup?: string;
   operatorSocket?: string;
   storageRoots?: string[];
+  qemuUser: string;
+  allowQemuRoot: boolean;
   slice: string;
   scope: boolean;
   busAddress?: string;
@@ -44,6 +46,8 @@ export interface ParsedDaemonOptions {
   operatorGroup?: string | undefined;
   operatorSocket?: string | undefined;
   storageRoot?: string[] | undefined;
+  qemuUser: string;
+  allowQemuRoot: boolean;
   slice: string;
   scope: boolean;
   busAddress?: string | undefined;
@@ -84,6 +88,8 @@ export function daemonCommandArgs(a: ParsedDaemonOptions, env: NodeJS.ProcessEnv
       ...(a.operatorGroup === undefined ? {} : { operatorGroup: a.operatorGroup }),
       ...(a.operatorSocket === undefined ? {} : { operatorSocket: a.operatorSocket }),
       ...(a.storageRoot === undefined ? {} : { storageRoots: a.storageRoot }),
+      qemuUser: a.qemuUser,
+      allowQemuRoot: a.allowQemuRoot,
       ...(a.busAddress === undefined ? {} : { busAddress: a.busAddress }),
       refreshPolicy: a.refreshPolicy,
       refreshAtStart: a.refreshAtStart,
@@ -113,6 +119,26 @@ function resolveGroup(option: string, group: string, groupFile = '/etc/group'): 
   throw new CliError('USAGE', `--${option} ${group}: no such group in ${groupFile}; create it (groupadd ${group}) or give a numeric gid`);
 }
 
+/** A user name or number as its uid and primary gid (reads /etc/passwd: Node has no getpwnam). */
+export function resolveQemuUser(user: string, allowRoot: boolean, passwdFile = '/etc/passwd'): QemuUser {
+  let found: QemuUser | undefined;
+  for (const line of readFileSync(passwdFile, 'utf8').split('\n')) {
+    const [name, , uid, gid] = line.split(':');
+    if (name === undefined || uid === undefined || gid === undefined || !/^\d+$/.test(uid) || !/^\d+$/.test(gid)) continue;
+    if (name === user || uid === user) {
+      found = { name, uid: Number(uid), gid: Number(gid) };
+      break;
+    }
+  }
+  if (found === undefined) {
+    throw new CliError('USAGE', `--qemu-user ${user}: no such user in ${passwdFile}; create it (useradd --system --no-create-home --shell /usr/sbin/nologin ${user}) or name another`);
+  }
+  if (found.uid === 0 && !allowRoot) {
+    throw new CliError('USAGE', `--qemu-user ${user} is root: a QEMU escape would be a root shell; fix: use an unprivileged user (default ${DEFAULT_QEMU_USER}), or add --allow-qemu-root if you must`);
+  }
+  return found;
+}
+
 /** Runs vmkeepd in the foreground until SIGINT/SIGTERM; resolves to the exit code. */
 export async function runDaemonCommand(
   args: DaemonCommandArgs,
@@ -124,6 +150,8 @@ export async function runDaemonCommand(
   if (!isLogLevel(args.logLevel)) throw new CliError('USAGE', `--log-level ${args.logLevel}: not a log level`);
   // JSON lines on stderr: journald keeps them.
   const logger = createLogger({ name: 'vmkeepd', level: args.logLevel });
+  const qemuUser = resolveQemuUser(args.qemuUser, args.allowQemuRoot);
+  if (qemuUser.uid === 0) logger.warn({ qemuUser: qemuUser.name }, 'QEMU runs as root (--allow-qemu-root): a guest that escapes QEMU owns the host; use an unprivileged --qemu-user');
   const options: DaemonOptions = {
     installations: typeof installations === 'string' ? await loadInstallationsConfig(installations) : singleInstallation(installations),
     defaultPolicy: parseStrategy(args.refreshPolicy, '--refresh-policy'),
@@ -152,6 +180,7 @@ export async function runDaemonCommand(
     }),
     ...(args.operatorSocket !== undefined && args.operatorGroup === undefined ? usage('--operator-socket needs --operator-group GROUP (the group that may use it)') : {}),
     storageRoots: args.storageRoots ?? [],
+    qemuUser,
   };
   // Listening from before the start: READY=1 goes out before startDaemon resolves (the staleness
   // report follows it), and a SIGTERM in between must close the daemon, not end it mid-way.

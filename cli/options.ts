@@ -22,6 +22,9 @@ export interface OptionSpec {
 export type OptionTable = Record<string, OptionSpec>;
 
 /** Where the QEMU comes from: `vmkeep run` and the daemon. */
+/** The system user vmkeepd runs QEMU as unless told otherwise (packaging and test setup create it). */
+export const DEFAULT_QEMU_USER = 'vmkeep-qemu';
+
 export const INSTALLATION_OPTIONS = {
   qemu: {
     type: 'string',
@@ -88,6 +91,16 @@ export function vmkeepdOptions(env: NodeJS.ProcessEnv) {
       describe: 'group allowed to use the operator socket: create, start, stop, refresh and read; disks only under --storage-root, read-only QMP queries',
     },
     'operator-socket': { type: 'string', describe: 'path of the operator socket (default: vmkeep-operator.sock next to --socket)' },
+    'qemu-user': {
+      type: 'string',
+      default: DEFAULT_QEMU_USER,
+      describe: 'system user every QEMU runs as, with its own groups (kvm for /dev/kvm); root only with --allow-qemu-root (env VMKEEP_QEMU_USER)',
+    },
+    'allow-qemu-root': {
+      type: 'boolean',
+      default: false,
+      describe: 'let --qemu-user be root: a QEMU escape is then a root shell (env VMKEEP_ALLOW_QEMU_ROOT=true)',
+    },
     'storage-root': {
       type: 'string',
       array: true,

@@ -1,6 +1,6 @@
 import { join, resolve } from 'node:path';
 import type { Logger } from './log.js';
-import { probeInstallation, secureFolder } from '../launcher/index.js';
+import { deniedTo, probeInstallation, qemuFolderModes, secureFolder, type QemuUser } from '../launcher/index.js';
 import type { InstallationsConfig, RefreshStrategy } from '../upgrade/index.js';
 import { MachineRegistry, ScopeManager, SCOPE_PREFIX } from '../scope-manager/index.js';
 import { DaemonError } from './errors.js';
@@ -29,6 +29,8 @@ export interface DaemonOptions {
   operator?: { gid: number; socketPath: string };
   /** Folders the operators' disk images must be in. */
   storageRoots?: readonly string[];
+  /** The user every QEMU runs as (ARCHITECTURE.md, invariant 11); absent: vmkeepd's own. */
+  qemuUser?: QemuUser;
   /** Slice of the VM scopes. */
   slice: string;
   /** false: --no-scope, every QEMU stays in the daemon's cgroup and dies with it. */
@@ -105,13 +107,14 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       slice: options.slice,
       installations: options.installations,
       defaultPolicy: options.defaultPolicy ?? 'manual',
-      pinRoot: join(options.stateDir, 'modules'),
+      pinRoot: pinRootOf(options),
       ...(options.crashAt === undefined ? {} : { crashAt: options.crashAt }),
       ...(options.guestsUnit === undefined ? {} : { guestsUnit: options.guestsUnit }),
       probe: (installation) => probeInstallation(installation, { cacheDir }),
       runtimeDir: options.runtimeDir,
       ...(options.logDir === undefined ? {} : { logDir: options.logDir }),
       storageRoots: (options.storageRoots ?? []).map((root) => resolve(root)),
+      ...(options.qemuUser === undefined ? {} : { qemuUser: options.qemuUser }),
       logger,
       ...(options.logMaxBytes === undefined && options.logKeep === undefined ? {} : {
         logLimits: { maxBytes: options.logMaxBytes ?? DEFAULT_LOG_MAX_BYTES, keep: options.logKeep ?? DEFAULT_LOG_KEEP },
@@ -253,15 +256,34 @@ async function secureFolders(options: DaemonOptions, logger: Logger): Promise<vo
     throw new DaemonError('START_FAILED', `--socket-group (gid ${options.socketGid}) and --operator-group (gid ${options.operator.gid}) differ, and the runtime folder can let only one group reach its sockets; fix: give one of them, or the same group`);
   }
   const gid = options.socketGid ?? options.operator?.gid;
+  const qemu = qemuFolderModes(options.qemuUser);
+  // QEMU's user passes through the state and runtime folders (never lists them) to its pinned
+  // modules and its VM's folder, which only its group may enter (ARCHITECTURE.md, invariant 11).
+  const pass = qemu.pass.gid === undefined ? 0 : 0o011;
   const wanted: Array<[string, { mode: number; gid?: number }]> = [
-    [options.stateDir, { mode: 0o700 }],
-    [options.runtimeDir, gid === undefined ? { mode: 0o700 } : { mode: 0o750, gid }],
+    [options.stateDir, { mode: 0o700 | pass }],
+    [options.runtimeDir, gid === undefined ? { mode: 0o700 | pass } : { mode: 0o750 | (pass & 0o001), gid }],
+    [pinRootOf(options), qemu.pass],
   ];
   for (const [path, want] of wanted) {
     const changed = await secureFolder(path, want);
-    if (changed !== undefined) logger.warn({ path }, `tightened ${changed}`);
+    if (changed !== undefined) logger.warn({ path }, `set ${changed}`);
+  }
+  // Every start would fail later, less clearly, when QEMU's user cannot reach them.
+  if (options.qemuUser !== undefined && pass !== 0) {
+    for (const folder of [options.stateDir, options.runtimeDir]) {
+      const denied = await deniedTo(folder, options.qemuUser, 'pass');
+      if (denied !== undefined) {
+        throw new DaemonError('START_FAILED', `QEMU's user ${options.qemuUser.name} cannot reach ${folder}: ${denied}; fix: chmod o+x that folder, or choose a folder under passable ones`);
+      }
+    }
   }
 }
+
+function pinRootOf(options: Pick<DaemonOptions, 'stateDir'>): string {
+  return join(options.stateDir, 'modules');
+}
+
 
 /** The longest vmkeepd waits for its VMs' reattach before it serves the API and reports ready. */
 const READY_WAIT_MS = 1_000;

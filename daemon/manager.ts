@@ -7,10 +7,10 @@ import { closeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import type { Logger } from './log.js';
 import {
-  checkSpecFiles, isValidVmName, LaunchError, memoryBackendOf, openOwnFile, ownVmFolder, probeNetdevs, QUIT_EXIT_TIMEOUT_MS, realRoots,
+  checkSpecFiles, isValidVmName, LaunchError, memoryBackendOf, openOwnFile, ownVmFolder, probeNetdevs, qemuFolderModes, QUIT_EXIT_TIMEOUT_MS, realRoots,
   removeStaleSocket, removeVmFolder, resolveMachineType, resolveWithinRoots, scopeLimits, secureFolder, validateSpec,
   validateSpecAndFiles, withinRoots, withMacs, withMemoryDefault,
-  type DiskChain, type Installation, type InstallationInfo, type LaunchedVm, type ScopeLimits, type VmSpec,
+  type DiskChain, type Installation, type InstallationInfo, type LaunchedVm, type QemuUser, type ScopeLimits, type VmSpec,
 } from '../launcher/index.js';
 import { isQmpError, powerDownGuest, type QmpClient } from '../qmp/index.js';
 import { scopeUnitName } from '../scope-manager/index.js';
@@ -74,6 +74,8 @@ export interface VmManagerOptions {
   logDir?: string;
   /** --storage-root folders, absolute (ARCHITECTURE.md, invariant 11). */
   storageRoots?: readonly string[];
+  /** The user every QEMU runs as (ARCHITECTURE.md, invariant 11); absent: vmkeepd's own. */
+  qemuUser?: QemuUser;
   logger: Logger;
   info: Omit<DaemonInfo, 'orphanScopes' | 'orphanTaps' | 'damagedRecords'>;
   /** How long a reattach waits for a QMP greeting before calling the VM unreachable. */
@@ -179,11 +181,12 @@ export class VmManager implements DaemonOps, VmCore {
       defaultPolicy: o.defaultPolicy, pinRoot: o.pinRoot, guestsUnit: o.guestsUnit ?? DEFAULT_GUESTS_UNIT,
       ...(o.crashAt === undefined ? {} : { crashAt: o.crashAt }),
       probe: o.probe, runtimeDir: o.runtimeDir, logger: o.logger, storageRoots: o.storageRoots ?? [],
+      ...(o.qemuUser === undefined ? {} : { qemuUser: o.qemuUser }),
       greetingTimeoutMs: o.greetingTimeoutMs ?? MONITOR_GREETING_TIMEOUT_MS,
       retryIntervalMs: o.retryIntervalMs ?? 5_000,
       healthIntervalMs: o.healthIntervalMs ?? 5_000,
       net: o.net ?? realNet,
-      taps: new TapKeeper(o.net ?? realNet, o.logger),
+      taps: new TapKeeper(o.net ?? realNet, o.logger, o.qemuUser),
     };
     this.pins = new ModulePins(o.pinRoot, o.logger);
     this.machines = o.machines === undefined ? null : new MachineSync(o.machines, o.logger);
@@ -377,7 +380,7 @@ export class VmManager implements DaemonOps, VmCore {
 
   async create(input: unknown, options: CreateOptions = {}): Promise<VmView> {
     // Every problem at once: the files a spec names are checked even when other fields are wrong.
-    let spec = options.caller?.level === 'operator' ? await this.admitOperatorSpec(input) : await validateSpecAndFiles(input);
+    let spec = options.caller?.level === 'operator' ? await this.admitOperatorSpec(input) : await validateSpecAndFiles(input, this.options.qemuUser);
     this.refuseExisting(spec.name);
     // Read once and recorded: from now on the record, not the image headers, names the files.
     const disks = await this.readChains(spec);
@@ -545,14 +548,15 @@ export class VmManager implements DaemonOps, VmCore {
     // Derived, not read from the record: the files removed here are always ours.
     const paths = this.vmPaths(name);
     // Nothing planted in the VM's folder is followed (ARCHITECTURE.md, invariant 11).
-    const tightened = await secureFolder(dirname(this.vmDir(name)), { mode: 0o700 });
-    if (tightened !== undefined) this.options.logger.warn({ vm: name }, `tightened ${tightened}`);
-    await ownVmFolder(this.vmDir(name));
+    const qemuModes = await this.qemuVmFolder(name);
     // Leftovers of the previous QEMU: its socket would be taken for the new one's.
     await removeStaleSocket(paths.qmpSocket);
     // Guest output can be secret: the VM's log folder is root's only, made as its runtime folder.
-    await secureFolder(dirname(this.logDirOf(name)), { mode: 0o700 });
-    await ownVmFolder(this.logDirOf(name));
+    // (With no --log-dir the logs are in the VM's folder: QEMU writes the serial log through a
+    // descriptor vmkeepd opened, so its user needs no access to the files.)
+    const separateLogs = this.managerOptions.logDir !== undefined;
+    await secureFolder(dirname(this.logDirOf(name)), separateLogs ? { mode: 0o700 } : qemuModes.pass);
+    await ownVmFolder(this.logDirOf(name), separateLogs ? { mode: 0o700 } : qemuModes.own);
     // The last run's logs become NAME.1 (the live files start empty): kept across restarts and reboots.
     for (const log of [paths.serialLog, paths.stderrLog]) await rotateIfLarge(log, { ...this.logLimits, maxBytes: 0 });
     closeSync(openOwnFile(paths.serialLog, 'truncate'));
@@ -622,6 +626,9 @@ export class VmManager implements DaemonOps, VmCore {
     const { qemu, scopes } = this.options;
     const start: Launch<T | LaunchedVm> = launch ?? ((options) => qemu.launch(options));
     const storageRoots = await this.confinementOf(record.spec);
+    // Again for a migration's destination: the VM may have been started by a vmkeepd that ran
+    // QEMU as root, in a folder only root could enter.
+    await this.qemuVmFolder(record.name);
     if (args.info.sandbox === false) {
       this.options.logger.warn({ vm: record.name, installation: args.installation.name },
         `${args.installation.binary} has no seccomp sandbox (-sandbox refused): ${record.name} runs without it; install a QEMU built with seccomp (Debian's is)`);
@@ -637,6 +644,7 @@ export class VmManager implements DaemonOps, VmCore {
     return this.pins.whileLaunching(args.installation, args.info, async (pinned) => {
       const vm = await start({
         ...(storageRoots === undefined ? {} : { storageRoots }),
+        ...(this.options.qemuUser === undefined ? {} : { runAs: this.options.qemuUser }),
         spec: record.spec,
         diskChains,
         uuid: record.uuid,
@@ -1061,6 +1069,18 @@ export class VmManager implements DaemonOps, VmCore {
 
   vmDir(name: string): string {
     return join(this.options.runtimeDir, 'vms', name);
+  }
+
+  /**
+   * The VM's folder, where QEMU's user makes its QMP and migration sockets, and the VMs' folder
+   * it passes through, as qemuFolderModes says (ARCHITECTURE.md, invariant 11). Returns the modes.
+   */
+  private async qemuVmFolder(name: string): Promise<ReturnType<typeof qemuFolderModes>> {
+    const modes = qemuFolderModes(this.options.qemuUser);
+    const changed = await secureFolder(dirname(this.vmDir(name)), modes.pass);
+    if (changed !== undefined) this.options.logger.warn({ vm: name }, `set ${changed}`);
+    await ownVmFolder(this.vmDir(name), modes.own);
+    return modes;
   }
 
   /** Where the VM's logs go from its next start on (a running QEMU keeps writing where its record says). */

@@ -14,11 +14,20 @@ import type { VmRecord } from './records.js';
  * Read over netlink (`ip -j`), not /sys/class/net: /sys shows the namespace of whoever mounted
  * it, which need not be vmkeepd's.
  */
+/** Who may open a TAP: QEMU's unprivileged user (ARCHITECTURE.md, invariant 11). */
+export interface TapOwner {
+  uid: number;
+  gid: number;
+}
+
 export interface NetPort {
   /** Every link: its name and kind (`bridge`, `tun`, ...; undefined for a plain device). */
   links(): Promise<Array<{ name: string; kind: string | undefined }>>;
-  /** Makes the persistent TAP `name` (kept if it exists), attaches it to `bridge`, brings it up. */
-  addTap(name: string, bridge: string): Promise<void>;
+  /**
+   * Makes the persistent TAP `name` (kept if it exists), attaches it to `bridge`, brings it up.
+   * `owner`: the uid/gid QEMU runs as, which may then open it without CAP_NET_ADMIN.
+   */
+  addTap(name: string, bridge: string, owner?: TapOwner): Promise<void>;
   /** Removes the TAP `name`; a missing one is fine. */
   removeTap(name: string): Promise<void>;
 }
@@ -44,12 +53,13 @@ export const realNet: NetPort = {
     return (JSON.parse(listed.stdout) as Array<{ ifname: string; linkinfo?: { info_kind?: string } }>)
       .map((l) => ({ name: l.ifname, kind: l.linkinfo?.info_kind }));
   },
-  async addTap(name, bridge) {
+  async addTap(name, bridge, owner) {
     if (!(await linkExists(name))) {
       // Persistent: it outlives the QEMU that opens it (and a restart of vmkeepd); owned by
-      // root, which QEMU runs as (ARCHITECTURE.md, invariant 11: not yet least privilege).
-      const made = await ip(['tuntap', 'add', 'dev', name, 'mode', 'tap']);
-      if (!made.ok) throw new Error(`ip tuntap add dev ${name} mode tap failed: ${made.stderr}`);
+      // QEMU's user, which opens it by name without CAP_NET_ADMIN (ARCHITECTURE.md, invariant 11).
+      const args = ['tuntap', 'add', 'dev', name, 'mode', 'tap', ...(owner === undefined ? [] : ['user', String(owner.uid), 'group', String(owner.gid)])];
+      const made = await ip(args);
+      if (!made.ok) throw new Error(`ip ${args.join(' ')} failed: ${made.stderr}`);
     }
     const attached = await ip(['link', 'set', 'dev', name, 'master', bridge, 'up']);
     if (!attached.ok) throw new Error(`ip link set dev ${name} master ${bridge} up failed: ${attached.stderr}`);
@@ -142,7 +152,7 @@ export function orphanTaps(links: readonly string[], claimed: ReadonlySet<string
 export class TapKeeper {
   private queue: Promise<void> = Promise.resolve();
 
-  constructor(private readonly net: NetPort, private readonly logger: Logger) {}
+  constructor(private readonly net: NetPort, private readonly logger: Logger, private readonly owner?: TapOwner) {}
 
   /** Makes the TAPs of a new QEMU, each attached to its NIC's bridge; undoes them all on failure. */
   make(vm: string, nics: readonly NicSpec[], taps: ReadonlyArray<string | undefined>): Promise<void> {
@@ -158,7 +168,7 @@ export class TapKeeper {
             throw new Error(`bridge ${nic.bridge} of ${vm}'s nics[${i}] does not exist (any more); fix: create it, then start ${vm} again`);
           }
           made.push(tap);
-          await this.net.addTap(tap, nic.bridge);
+          await this.net.addTap(tap, nic.bridge, this.owner);
         }
       } catch (error) {
         for (const tap of made) await this.net.removeTap(tap).catch(() => undefined);

@@ -2,7 +2,7 @@
 // status) may ask of it. The manager implements it; the parts import only this type, so the
 // dependencies inside daemon/ point one way (ARCHITECTURE.md, "daemon/").
 import type { Logger } from './log.js';
-import type { Installation, InstallationInfo, LaunchedVm, LaunchVmOptions } from '../launcher/index.js';
+import type { Installation, InstallationInfo, LaunchedVm, LaunchVmOptions, QemuUser } from '../launcher/index.js';
 import type { QmpClient } from '../qmp/index.js';
 import type { InstallationsConfig, RefreshStrategy } from '../upgrade/index.js';
 import type { DaemonEvent } from './model.js';
@@ -25,6 +25,8 @@ export interface CoreOptions {
   runtimeDir: string;
   /** --storage-root folders, absolute, as configured (ARCHITECTURE.md, invariant 11). */
   storageRoots?: readonly string[];
+  /** The user every QEMU runs as (ARCHITECTURE.md, invariant 11); absent: vmkeepd's own. */
+  qemuUser?: QemuUser;
   logger: Logger;
   greetingTimeoutMs: number;
   retryIntervalMs: number;

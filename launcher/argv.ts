@@ -4,7 +4,7 @@ import { installationRunContext, QEMU_SANDBOX, type Installation } from './insta
 import { memoryBackendOf, supportsCprTransfer } from './memory.js';
 import { nicArgs } from './nics.js';
 import { diskArguments, type DiskChain } from './disks.js';
-import type { InheritedFd } from './inherited-fds.js';
+import { inheritFd, type InheritedFd } from './inherited-fds.js';
 import type { VmSpec } from './spec.js';
 
 /** The two listening sockets of a cpr-transfer destination: the cpr state first, then the stream. */
@@ -83,6 +83,21 @@ function memoryMachineOptions(input: BuildQemuCommandInput): string {
   return `,memory-backend=${RAM_ID}${aux}`;
 }
 
+/**
+ * The serial console: QEMU writes to a descriptor vmkeepd opened on the log (an fdset QEMU's
+ * file chardev opens), never to the path, which its unprivileged user could not open.
+ */
+function serialArguments(serialLog: string, inherited: InheritedFd[]): string[] {
+  const fd = inheritFd(inherited, { kind: 'log', path: serialLog, what: 'serial console log' });
+  return [
+    '-add-fd', `fd=${fd},set=${fd},opaque=serial0`,
+    // Appended, not truncated: a migration's destination writes on where its source stopped
+    // (the caller empties the file before a fresh start).
+    '-chardev', `file,id=serial0,path=/dev/fdset/${fd},append=on`,
+    '-serial', 'chardev:serial0',
+  ];
+}
+
 /** The exact QEMU command line for a VM. Pure: same input, same command. */
 export function buildQemuCommand(input: BuildQemuCommandInput): QemuCommand {
   const { spec, installation, machineType, paths } = input;
@@ -93,6 +108,7 @@ export function buildQemuCommand(input: BuildQemuCommandInput): QemuCommand {
     throw new LaunchError('INVALID_SPEC', `machine: ${JSON.stringify(machineType)} is not a machine type; fix: pass the result of resolveMachineType()`);
   }
   const { firmwareArgs, env } = installationRunContext(installation);
+  const inheritedFds: InheritedFd[] = [];
 
   const argv = [
     '-name', `guest=${spec.name}`,
@@ -109,16 +125,12 @@ export function buildQemuCommand(input: BuildQemuCommandInput): QemuCommand {
     '-m', String(spec.memoryMiB),
     '-smp', String(spec.vcpus),
     '-qmp', `unix:${escapeQemuOptValue(paths.qmpSocket)},server=on,wait=off`,
-    // Appended, not truncated: a migration's destination writes on where its source stopped
-    // (the caller empties the file before a fresh start).
-    '-chardev', `file,id=serial0,path=${escapeQemuOptValue(paths.serialLog)},append=on`,
-    '-serial', 'chardev:serial0',
+    ...serialArguments(paths.serialLog, inheritedFds),
     ...firmwareArgs,
   ];
   if (spec.kernel !== undefined) argv.push('-kernel', spec.kernel);
   if (spec.initrd !== undefined) argv.push('-initrd', spec.initrd);
   if (spec.append !== undefined) argv.push('-append', spec.append);
-  const inheritedFds: InheritedFd[] = [];
   argv.push(...diskArguments(spec.disks, input.diskChains ?? [], inheritedFds, spec.kernel === undefined));
   if (input.sandbox === true) argv.push('-sandbox', QEMU_SANDBOX);
   if (spec.nics !== undefined) argv.push(...nicArgs(spec.nics, input.taps ?? [], input.withForwards ?? true));

@@ -1,7 +1,8 @@
 import { constants } from 'node:fs';
 import { access, open, stat } from 'node:fs/promises';
-import { isAbsolute } from 'node:path';
+import { dirname, isAbsolute, resolve } from 'node:path';
 import { LaunchError, type SpecProblem } from './errors.js';
+import type { QemuUser } from './spawn.js';
 import { formatSpecProblems, validateSpec, type VmSpec } from './spec.js';
 
 /**
@@ -9,8 +10,8 @@ import { formatSpecProblems, validateSpec, type VmSpec } from './spec.js';
  * read-only must also be writable), so a start fails with our message instead of QEMU's.
  * Reports every missing file at once with LaunchError('FILE_NOT_FOUND').
  */
-export async function checkSpecFiles(spec: VmSpec): Promise<void> {
-  const problems = await fileProblems(spec);
+export async function checkSpecFiles(spec: VmSpec, qemuUser?: QemuUser): Promise<void> {
+  const problems = await fileProblems(spec, qemuUser);
   if (problems.length > 0) {
     throw new LaunchError('FILE_NOT_FOUND',
       `VM "${spec.name}" cannot start, files are missing or inaccessible:\n${problems.map((p) => `  ${p.field}: ${p.message}`).join('\n')}\n` +
@@ -23,7 +24,7 @@ export async function checkSpecFiles(spec: VmSpec): Promise<void> {
  * other fields are wrong, and every problem comes in one INVALID_SPEC error (files alone keep
  * FILE_NOT_FOUND), so a user fixes everything in one go.
  */
-export async function validateSpecAndFiles(input: unknown): Promise<VmSpec> {
+export async function validateSpecAndFiles(input: unknown, qemuUser?: QemuUser): Promise<VmSpec> {
   let spec: VmSpec | undefined;
   let invalid: LaunchError | undefined;
   try {
@@ -33,10 +34,10 @@ export async function validateSpecAndFiles(input: unknown): Promise<VmSpec> {
     invalid = error;
   }
   if (spec !== undefined) {
-    await checkSpecFiles(spec);
+    await checkSpecFiles(spec, qemuUser);
     return spec;
   }
-  const problems = [...(invalid as LaunchError).problems, ...(await fileProblems(namedFiles(input)))];
+  const problems = [...(invalid as LaunchError).problems, ...(await fileProblems(namedFiles(input), qemuUser))];
   throw new LaunchError('INVALID_SPEC', formatSpecProblems(problems), { problems });
 }
 
@@ -62,19 +63,48 @@ function namedFiles(input: unknown): NamedFiles {
   };
 }
 
-async function fileProblems(spec: NamedFiles): Promise<SpecProblem[]> {
-  const wanted: { field: string; path: string; write: boolean; kernel?: boolean }[] = [];
-  if (spec.kernel !== undefined) wanted.push({ field: 'kernel', path: spec.kernel, write: false, kernel: true });
-  if (spec.initrd !== undefined) wanted.push({ field: 'initrd', path: spec.initrd, write: false });
+async function fileProblems(spec: NamedFiles, qemuUser: QemuUser | undefined): Promise<SpecProblem[]> {
+  const wanted: { field: string; path: string; write: boolean; kernel?: boolean; byQemu?: boolean }[] = [];
+  if (spec.kernel !== undefined) wanted.push({ field: 'kernel', path: spec.kernel, write: false, kernel: true, byQemu: true });
+  if (spec.initrd !== undefined) wanted.push({ field: 'initrd', path: spec.initrd, write: false, byQemu: true });
   spec.disks.forEach((d, i) => {
     if (d !== undefined) wanted.push({ field: `disks[${i}].path`, path: d.path, write: !d.readOnly });
   });
   const problems: SpecProblem[] = [];
-  for (const { field, path, write, kernel } of wanted) {
+  for (const { field, path, write, kernel, byQemu } of wanted) {
     const problem = (await fileProblem(path, write)) ?? (kernel ? await kernelProblem(path) : undefined);
-    if (problem !== undefined) problems.push({ field, message: `${path} ${problem}`, fix: 'create the file or correct the path' });
+    if (problem !== undefined) {
+      problems.push({ field, message: `${path} ${problem}`, fix: 'create the file or correct the path' });
+      continue;
+    }
+    // QEMU opens -kernel and -initrd by path itself, as its unprivileged user.
+    const denied = byQemu && qemuUser !== undefined && qemuUser.uid !== 0 ? await deniedTo(path, qemuUser, 'read') : undefined;
+    if (denied !== undefined) {
+      const fix = `make it readable by ${qemuUser?.name} (chmod o+r ${path}, and o+x on its folders) or move it to a folder that is`;
+      problems.push({ field, message: `${path} cannot be read by QEMU's user ${qemuUser?.name}: ${denied}; fix: ${fix}`, fix });
+    }
   }
   return problems;
+}
+
+/**
+ * Why `user` could not read `path`, or pass through it (a folder): a folder on the way it cannot
+ * pass, or the file it cannot read; judged on the mode bits by its uid and primary gid (a file
+ * only another of its groups may read is reported too). undefined when it can.
+ */
+export async function deniedTo(path: string, user: QemuUser, want: 'read' | 'pass'): Promise<string | undefined> {
+  const allows = (st: { uid: number; gid: number; mode: number }, bit: number): boolean =>
+    ((st.uid === user.uid ? st.mode >> 6 : st.gid === user.gid ? st.mode >> 3 : st.mode) & bit) !== 0;
+  const folders: string[] = [];
+  for (let dir = dirname(resolve(path)); ; dir = dirname(dir)) {
+    folders.unshift(dir);
+    if (dir === dirname(dir)) break;
+  }
+  for (const dir of folders) {
+    if (!allows(await stat(dir), 0o1)) return `it cannot pass through ${dir}`;
+  }
+  if (want === 'pass') return allows(await stat(path), 0o1) ? undefined : `it cannot pass through ${path}`;
+  return allows(await stat(path), 0o4) ? undefined : 'it may not read the file';
 }
 
 async function fileProblem(path: string, write: boolean): Promise<string | undefined> {

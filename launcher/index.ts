@@ -5,9 +5,9 @@ export {
   MEMORY_BACKENDS, DISK_CACHES, type VmSpec, type DiskSpec, type DiskFormat, type DiskCache, type Accel, type MemoryBackend,
 } from './spec.js';
 export { supportsCprTransfer, withMemoryDefault, memoryBackendOf } from './memory.js';
-export { checkSpecFiles, validateSpecAndFiles } from './files.js';
+export { checkSpecFiles, validateSpecAndFiles, deniedTo } from './files.js';
 export {
-  secureFolder, ownVmFolder, removeVmFolder, removeStaleSocket, openOwnFile, openOwnFileHandle, readOwnFile, copyOwnFile, type OwnFileUse,
+  secureFolder, ownVmFolder, qemuFolderModes, removeVmFolder, removeStaleSocket, openOwnFile, openOwnFileHandle, readOwnFile, copyOwnFile, type OwnFileUse,
 } from './safe-files.js';
 export { withinRoots, realRoots, resolveWithinRoots } from './storage-roots.js';
 export {
@@ -21,7 +21,7 @@ export { parseProcStat, readProcessIdentity, isSameProcess, readExe, type Proces
 export {
   hashFile, hashRunningBinary, readRunningExe, cachedContentHash, rememberContentHash, type FileStatKey,
 } from './content.js';
-export { spawnQemu, type SpawnOptions, type SpawnedQemu } from './spawn.js';
+export { spawnQemu, commandAs, type SpawnOptions, type SpawnedQemu, type QemuUser } from './spawn.js';
 export { launchVm, launchCprDestination, waitForProcessExit, QUIT_EXIT_TIMEOUT_MS, type LaunchVmOptions, type LaunchedVm, type PendingVm } from './launch.js';
 export {
   NIC_MODES, NIC_LIMITS, MAC_PREFIX, TAP_NAME_RE, IFNAME_RE, withMacs, generateMac, tapName, tapsFor, freeTapSlot, netdevId,

@@ -3,6 +3,7 @@
 // opens each one and spawn's stdio array maps it into the child: entry N becomes fd N there.
 import { closeSync, constants, fstatSync, openSync } from 'node:fs';
 import { LaunchError } from './errors.js';
+import { openOwnFile } from './safe-files.js';
 
 /** The first descriptor number after stdin, stdout and stderr. */
 export const FIRST_INHERITED_FD = 3;
@@ -20,7 +21,17 @@ export interface InheritedFile {
   what: string;
 }
 
-export type InheritedSource = InheritedFile;
+/**
+ * A log of vmkeepd's own QEMU appends to (the serial console): opened like every file vmkeepd
+ * writes (safe-files.ts), so QEMU's unprivileged user needs no access to the file or its folder.
+ */
+export interface InheritedLog {
+  kind: 'log';
+  path: string;
+  what: string;
+}
+
+export type InheritedSource = InheritedFile | InheritedLog;
 
 export interface InheritedFd {
   /** The descriptor's number inside QEMU. */
@@ -74,6 +85,7 @@ export function stdioWithInherited(base: Array<'ignore' | number>, list: readonl
 }
 
 function openSource(source: InheritedSource): number {
+  if (source.kind === 'log') return openOwnFile(source.path, 'append', 0o640);
   const flags = (source.access === 'read-write' ? constants.O_RDWR : constants.O_RDONLY)
     | (source.direct ? constants.O_DIRECT : 0)
     // A planted device or FIFO must not block or act on open.

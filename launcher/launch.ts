@@ -4,7 +4,7 @@ import { readDiskChains, type DiskChain } from './disks.js';
 import { LaunchError } from './errors.js';
 import { resolveMachineType, type Installation, type InstallationInfo } from './installation.js';
 import { isSameProcess } from './process.js';
-import { spawnQemu } from './spawn.js';
+import { spawnQemu, type QemuUser } from './spawn.js';
 import type { VmSpec } from './spec.js';
 
 export interface LaunchVmOptions {
@@ -32,6 +32,8 @@ export interface LaunchVmOptions {
    * descriptors (a VM of the roots, ARCHITECTURE.md invariant 11). Absent: no such rule.
    */
   storageRoots?: readonly string[];
+  /** The user QEMU runs as (absent: vmkeepd's own). */
+  runAs?: QemuUser;
   qmpTimeoutMs?: number;
   /** The TAP device of each bridge NIC, made (and later removed) by the caller. */
   taps?: ReadonlyArray<string | undefined>;
@@ -86,6 +88,7 @@ export async function launchVm(options: LaunchVmOptions): Promise<LaunchedVm> {
     readyPath: options.paths.qmpSocket,
     ...(options.placeInScope === undefined ? {} : { placeInScope: options.placeInScope }),
     ...(options.storageRoots === undefined ? {} : { storageRoots: options.storageRoots }),
+    ...(options.runAs === undefined ? {} : { runAs: options.runAs }),
   });
 
   let qmp: QmpClient;
@@ -157,6 +160,7 @@ export async function launchCprDestination(options: Omit<LaunchVmOptions, 'incom
     readyWhen: 'listening',
     ...(options.placeInScope === undefined ? {} : { placeInScope: options.placeInScope }),
     ...(options.storageRoots === undefined ? {} : { storageRoots: options.storageRoots }),
+    ...(options.runAs === undefined ? {} : { runAs: options.runAs }),
   });
   return { spec: options.spec, pid: spawned.pid, startTime: spawned.startTime, machineType, command, channels: options.channels };
 }

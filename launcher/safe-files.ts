@@ -49,18 +49,34 @@ function octal(mode: number): string {
 }
 
 /**
+ * How a folder QEMU needs is kept when QEMU runs as `user` (ARCHITECTURE.md, invariant 11):
+ * `pass` (the VMs' folder, the pinned modules) only lets the user's group through, `own` (a
+ * VM's folder) also lets it make its sockets there. As root, or as vmkeepd's user, root's only.
+ */
+export function qemuFolderModes(user: { uid: number; gid: number } | undefined): { pass: { mode: number; gid?: number }; own: { mode: number; gid?: number } } {
+  if (user === undefined || user.uid === ourUid()) return { pass: { mode: 0o700 }, own: { mode: 0o700 } };
+  return { pass: { mode: 0o710, gid: user.gid }, own: { mode: 0o770, gid: user.gid } };
+}
+
+/**
  * A VM's own folder: made with an exclusive mkdir; one that exists must be a real folder of
  * ours (a stopped VM's folder from its last run), never a link.
  */
-export async function ownVmFolder(path: string, mode = 0o700): Promise<void> {
+export async function ownVmFolder(path: string, access: { mode: number; gid?: number } = { mode: 0o700 }): Promise<void> {
+  let made = true;
   try {
-    await mkdir(path, { mode });
-    return;
+    await mkdir(path, { mode: access.mode });
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
+    made = false;
   }
-  const problem = folderProblem(await lstat(path));
-  if (problem !== undefined) throw unsafe(path, problem, `remove ${path} (it is not vmkeepd's), then try again`);
+  if (!made) {
+    const problem = folderProblem(await lstat(path));
+    if (problem !== undefined) throw unsafe(path, problem, `remove ${path} (it is not vmkeepd's), then try again`);
+  }
+  // Checked above to be a real folder of ours: the group (QEMU's) and mode are set on it, not through a link.
+  if (access.gid !== undefined) await chown(path, ourUid(), access.gid);
+  if (access.gid !== undefined || !made) await chmod(path, access.mode);
 }
 
 /** Removes a VM's folder, unless it is not ours (then it is left for the administrator). */

@@ -10,7 +10,27 @@ import { readProcessIdentity } from './process.js';
 import { openOwnFile } from './safe-files.js';
 import { descriptorWithinRoots } from './storage-roots.js';
 
+/** The unprivileged user QEMU runs as (ARCHITECTURE.md, invariant 11): uid and primary gid from its passwd entry. */
+export interface QemuUser {
+  name: string;
+  uid: number;
+  gid: number;
+}
+
+/**
+ * The program and arguments that start `command` as `user`: setpriv (util-linux) switches uid
+ * and gid and takes the user's own supplementary groups (kvm for /dev/kvm) before exec, so QEMU
+ * starts unprivileged and never calls setuid itself (its sandbox's elevateprivileges=deny would
+ * kill it for that). Node's spawn uid/gid would clear the groups (no kvm). Pure.
+ */
+export function commandAs(command: Pick<QemuCommand, 'binary' | 'argv'>, user: QemuUser | undefined): { file: string; args: string[] } {
+  if (user === undefined || user.uid === 0) return { file: command.binary, args: command.argv };
+  return { file: 'setpriv', args: ['--reuid', String(user.uid), '--regid', String(user.gid), '--init-groups', '--', command.binary, ...command.argv] };
+}
+
 export interface SpawnOptions {
+  /** Run QEMU as this user (absent: as vmkeepd's own user, as `vmkeep run` does). */
+  runAs?: QemuUser;
   /** QEMU's stdout and stderr are appended here: the only record of why a start failed. */
   stderrLog: string;
   /**
@@ -91,7 +111,8 @@ export async function spawnQemu(command: QemuCommand, options: SpawnOptions): Pr
   const logStart = fstatSync(logFd).size;
   let child: ChildProcess;
   try {
-    child = spawn(command.binary, command.argv, {
+    const { file, args } = commandAs(command, options.runAs);
+    child = spawn(file, args, {
       detached: true,
       stdio: stdioWithInherited(['ignore', logFd, logFd], command.inheritedFds ?? [], inherited),
       env: qemuEnvironment(command.env),
@@ -303,6 +324,7 @@ function delay(ms: number): Promise<void> {
 /** Closes everything and refuses when a passed file is not in the storage roots (by its descriptor). */
 function refuseOutsideRoots(command: QemuCommand, opened: readonly number[], roots: readonly string[]): void {
   (command.inheritedFds ?? []).forEach(({ source }, i) => {
+    if (source.kind !== 'file') return;
     const { inside, path } = descriptorWithinRoots(opened[i] as number, roots);
     if (!inside) {
       closeFds(opened);

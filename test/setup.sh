@@ -86,6 +86,16 @@ if [ ${#snap_missing[@]} -gt 0 ]; then
   fi
 fi
 
+# The system user vmkeepd runs QEMU as (its default --qemu-user), as the .deb makes it; in the
+# kvm group for /dev/kvm.
+if ! getent passwd vmkeep-qemu >/dev/null; then
+  log "creating the system user vmkeep-qemu"
+  useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin vmkeep-qemu
+fi
+if getent group kvm >/dev/null && ! id -nG vmkeep-qemu | grep -qw kvm; then
+  usermod --append --groups kvm vmkeep-qemu
+fi
+
 # npm ci only when the lock file changed since the last install.
 stamp=node_modules/.vmkeep-lock-stamp
 if [ ! -f "$stamp" ] || ! cmp -s package-lock.json "$stamp"; then

@@ -4,7 +4,7 @@
 // JOURNAL_STREAM the lines are plain JSON.
 import { spawn } from 'node:child_process';
 import { closeSync, fstatSync, openSync } from 'node:fs';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { chmod, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -21,6 +21,8 @@ afterEach(async () => {
 /** Runs vmkeepd --no-scope (it logs a warning) until ready, stops it, returns its stderr lines. */
 async function daemonLines(journal: boolean): Promise<string[]> {
   const dir = await mkdtemp(join(tmpdir(), 'vk-journal-'));
+  // QEMU's user must pass through it to the state and runtime folders (vmkeepd checks at start).
+  await chmod(dir, 0o711);
   dirs.push(dir);
   const logFile = join(dir, 'stderr');
   const fd = openSync(logFile, 'w');

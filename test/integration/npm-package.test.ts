@@ -4,7 +4,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { existsSync, readFileSync } from 'node:fs';
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
@@ -22,6 +22,8 @@ let daemon: ChildProcess | undefined;
 beforeAll(async () => {
   requireQemu();
   work = await mkdtemp(join(tmpdir(), 'vk-npm-'));
+  // QEMU's user must pass through it to the state and runtime folders (vmkeepd checks at start).
+  await chmod(work, 0o711);
   prefix = join(work, 'prefix');
 });
 

@@ -1,9 +1,9 @@
 // vmkeepd as a systemd service inside a private systemd: the set-up of the daemon's
 // integration tests and of the demo. The daemon's folders live under /tmp (shared with the
 // host), so the test talks to its control socket and reads serial logs from outside.
-import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { ApiClient, type VmView } from '../../daemon/index.js';
 import { isSameProcess, readProcessIdentity } from '../../launcher/index.js';
 import { requireQemu } from './guest.js';
@@ -131,6 +131,10 @@ export class DaemonHost {
     requireQemu();
     requireSystemdHostPrereqs();
     const dir = options.dir ?? (await mkdtemp(join(tmpdir(), 'vk-')));
+    // QEMU's user passes through (never lists) the test's folders to its VM's folder and pinned
+    // modules, as it does through / and /var on a real host.
+    await mkdir(dir, { recursive: true });
+    for (let d = dir; dirname(d) !== d && d.startsWith(`${tmpdir()}/`); d = dirname(d)) await chmod(d, 0o711);
     const socket = join(dir, 'run', 'vmkeep.sock');
     const args = [
       VMKEEPD,

@@ -3,10 +3,11 @@
 // snapctl, and the service unit shaped like the one snapd generates for apps.vmkeepd. A
 // "refresh" is done the way snapd does it: stop the unit, kill what remains in its cgroup,
 // switch `current`, start the unit.
-import { chmod, copyFile, cp, mkdir, readlink, rename, symlink, writeFile } from 'node:fs/promises';
+import { chmod, copyFile, cp, mkdir, readFile, readlink, rename, symlink, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { copyQemuAsBuild, SYSTEM_FIRMWARE_DIRS, SYSTEM_MODULE_DIR } from './installations.js';
+import { parse } from 'yaml';
 import { projectRoot } from './paths.js';
 
 export const SNAP_UNIT = 'snap.vmkeep.vmkeepd.service';
@@ -85,13 +86,16 @@ esac
  */
 async function writeSnapRun(layout: SnapLayout, fakeBin: string, extraArgs: string[]): Promise<string> {
   const path = join(layout.root, 'snap-run-vmkeepd');
+  // The app's own environment, which snapd sets too (snap/snapcraft.yaml apps.vmkeepd.environment).
+  const snapcraft = parse(await readFile(join(projectRoot(), 'snap', 'snapcraft.yaml'), 'utf8')) as { apps: { vmkeepd: { environment?: Record<string, string> } } };
+  const appEnv = Object.entries(snapcraft.apps.vmkeepd.environment ?? {}).map(([k, v]) => `export ${k}='${v}'\n`).join('');
   await writeFile(path, `#!/bin/bash
 set -euo pipefail
 rev=$(readlink '${layout.snapDir}/current')
 export SNAP='${layout.snapDir}'/$rev SNAP_REVISION=$rev SNAP_NAME=vmkeep SNAP_COMMON='${layout.common}'
 export SNAP_DATA='${join(layout.root, 'var', 'snap', 'vmkeep')}'/$rev
 export PATH=$SNAP/bin:'${fakeBin}':$PATH
-exec "$SNAP/bin/vmkeepd-launch" ${extraArgs.map((a) => `'${a}'`).join(' ')}
+${appEnv}exec "$SNAP/bin/vmkeepd-launch" ${extraArgs.map((a) => `'${a}'`).join(' ')}
 `, { mode: 0o755 });
   return path;
 }

@@ -23,14 +23,15 @@ describe('buildQemuCommand', () => {
         '-m', '256',
         '-smp', '1',
         '-qmp', 'unix:/run/vmkeep/vm1/qmp.sock,server=on,wait=off',
-        '-chardev', 'file,id=serial0,path=/var/log/vmkeep/vm1.serial,append=on',
+        '-add-fd', 'fd=3,set=3,opaque=serial0',
+        '-chardev', 'file,id=serial0,path=/dev/fdset/3,append=on',
         '-serial', 'chardev:serial0',
         '-kernel', '/g/vmlinuz',
         '-initrd', '/g/initramfs.gz',
         '-append', 'console=ttyS0 quiet panic=-1',
       ],
       env: {},
-      inheritedFds: [],
+      inheritedFds: [{ childFd: 3, source: { kind: 'log', path: '/var/log/vmkeep/vm1.serial', what: 'serial console log' } }],
     });
   });
 
@@ -58,19 +59,20 @@ describe('buildQemuCommand', () => {
         '-m', '2048',
         '-smp', '2',
         '-qmp', 'unix:/run/vmkeep/vm1/qmp.sock,server=on,wait=off',
-        '-chardev', 'file,id=serial0,path=/var/log/vmkeep/vm1.serial,append=on',
+        '-add-fd', 'fd=3,set=3,opaque=serial0',
+        '-chardev', 'file,id=serial0,path=/dev/fdset/3,append=on',
         '-serial', 'chardev:serial0',
         '-L', '/snap/vmkeep/12/usr/share/qemu',
         '-L', '/snap/vmkeep/12/usr/share/seabios',
-        '-add-fd', 'fd=3,set=3,opaque=disk0-layer1:/vm/base.raw',
-        '-blockdev', '{"driver":"file","node-name":"disk0-layer1-file","filename":"/dev/fdset/3","read-only":true,"cache":{"direct":false,"no-flush":false},"discard":"ignore"}',
+        '-add-fd', 'fd=4,set=4,opaque=disk0-layer1:/vm/base.raw',
+        '-blockdev', '{"driver":"file","node-name":"disk0-layer1-file","filename":"/dev/fdset/4","read-only":true,"cache":{"direct":false,"no-flush":false},"discard":"ignore"}',
         '-blockdev', '{"driver":"raw","node-name":"disk0-layer1","file":"disk0-layer1-file","read-only":true,"cache":{"direct":false,"no-flush":false},"discard":"ignore"}',
-        '-add-fd', 'fd=4,set=4,opaque=disk0:/vm/root.qcow2',
-        '-blockdev', '{"driver":"file","node-name":"disk0-file","filename":"/dev/fdset/4","read-only":false,"cache":{"direct":false,"no-flush":false},"discard":"ignore"}',
+        '-add-fd', 'fd=5,set=5,opaque=disk0:/vm/root.qcow2',
+        '-blockdev', '{"driver":"file","node-name":"disk0-file","filename":"/dev/fdset/5","read-only":false,"cache":{"direct":false,"no-flush":false},"discard":"ignore"}',
         '-blockdev', '{"driver":"qcow2","node-name":"disk0","file":"disk0-file","read-only":false,"cache":{"direct":false,"no-flush":false},"discard":"ignore","backing":"disk0-layer1"}',
         '-device', 'virtio-blk-pci,id=virtio-disk0,drive=disk0,bootindex=0',
-        '-add-fd', 'fd=5,set=5,opaque=disk1:/vm/seed.img',
-        '-blockdev', '{"driver":"file","node-name":"disk1-file","filename":"/dev/fdset/5","read-only":true,"cache":{"direct":false,"no-flush":false},"discard":"ignore"}',
+        '-add-fd', 'fd=6,set=6,opaque=disk1:/vm/seed.img',
+        '-blockdev', '{"driver":"file","node-name":"disk1-file","filename":"/dev/fdset/6","read-only":true,"cache":{"direct":false,"no-flush":false},"discard":"ignore"}',
         '-blockdev', '{"driver":"raw","node-name":"disk1","file":"disk1-file","read-only":true,"cache":{"direct":false,"no-flush":false},"discard":"ignore"}',
         '-device', 'virtio-blk-pci,id=virtio-disk1,drive=disk1,bootindex=1',
         '-S',
@@ -78,15 +80,16 @@ describe('buildQemuCommand', () => {
       ],
       env: { QEMU_MODULE_DIR: '/snap/vmkeep/12/usr/lib/qemu' },
       inheritedFds: [
-        { childFd: 3, source: { kind: 'file', path: '/vm/base.raw', access: 'read-only', direct: false, identity: { dev: 1, ino: 12 }, what: 'disks[0] layer 1' } },
-        { childFd: 4, source: { kind: 'file', path: '/vm/root.qcow2', access: 'read-write', direct: false, identity: { dev: 1, ino: 11 }, what: 'disks[0]' } },
-        { childFd: 5, source: { kind: 'file', path: '/vm/seed.img', access: 'read-only', direct: false, identity: { dev: 1, ino: 13 }, what: 'disks[1]' } },
+        { childFd: 3, source: { kind: 'log', path: '/var/log/vmkeep/vm1.serial', what: 'serial console log' } },
+        { childFd: 4, source: { kind: 'file', path: '/vm/base.raw', access: 'read-only', direct: false, identity: { dev: 1, ino: 12 }, what: 'disks[0] layer 1' } },
+        { childFd: 5, source: { kind: 'file', path: '/vm/root.qcow2', access: 'read-write', direct: false, identity: { dev: 1, ino: 11 }, what: 'disks[0]' } },
+        { childFd: 6, source: { kind: 'file', path: '/vm/seed.img', access: 'read-only', direct: false, identity: { dev: 1, ino: 13 }, what: 'disks[1]' } },
       ],
     });
   });
 
   it('escapes commas where QEMU parses option lists, and only there', () => {
-    // Checked against QEMU 7.2: -qmp unix:, -chardev path= and -add-fd opaque= split on ",";
+    // Checked against QEMU 7.2: -qmp unix:, -add-fd opaque= split on ",";
     // -kernel, -initrd and -L take the path verbatim; -blockdev is JSON.
     const spec = validateSpec({ name: 'c', kernel: '/a,b/k', initrd: '/a,b/i', disks: [{ path: '/a,b/d,,.img', format: 'raw' }] });
     const { argv } = buildQemuCommand({
@@ -96,10 +99,11 @@ describe('buildQemuCommand', () => {
     });
     const after = (flag: string): string | undefined => argv[argv.indexOf(flag) + 1];
     expect(after('-qmp')).toBe('unix:/run/a,,b/qmp.sock,server=on,wait=off');
-    expect(after('-add-fd')).toBe('fd=3,set=3,opaque=disk0:/a,,b/d,,,,.img');
+    expect(after('-add-fd')).toBe('fd=3,set=3,opaque=serial0');
+    expect(argv).toContain('fd=4,set=4,opaque=disk0:/a,,b/d,,,,.img');
     // With a kernel, the disk is not a boot device.
     expect(after('-device')).toBe('virtio-blk-pci,id=virtio-disk0,drive=disk0');
-    expect(after('-chardev')).toBe('file,id=serial0,path=/log/a,,b.serial,append=on');
+    expect(after('-chardev')).toBe('file,id=serial0,path=/dev/fdset/3,append=on');
     expect(after('-kernel')).toBe('/a,b/k');
     expect(after('-initrd')).toBe('/a,b/i');
     expect(after('-L')).toBe('/fw,1');
