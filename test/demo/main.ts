@@ -136,7 +136,7 @@ async function main(): Promise<void> {
       process.stdout.write(`${name}: ${printed} records acknowledged${verdict.ok ? ', all on its disk, e2fsck clean' : `: ${verdict.problems.join('; ')}`}\n`);
       if (!verdict.ok) throw new Error(`${name} lost acknowledged writes`);
     }
-    say('done: both VMs survived a restart and a SIGKILL of vmkeepd, moved from QEMU 7.2 onto 10.0, and onto its rebuild (app by cpr-transfer), without losing a write');
+    say('done: every VM survived a restart and a SIGKILL of vmkeepd, moved from QEMU 7.2 onto 10.0, and onto its rebuild (app by cpr-transfer), without losing a write');
   } finally {
     await host.shutdown();
     await rm(dir, { recursive: true, force: true });
