@@ -1,6 +1,6 @@
 // A fake snap environment for the snap's shell scripts: SNAP, SNAP_COMMON and the revision folders
 // in a temp folder, and fakes of `snapctl` and `node` first on PATH.
-import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
@@ -45,6 +45,17 @@ esac
 exit 0
 `;
 
+// systemctl: every call logged; `is-active` answers FAKE_SOCKET_STATE (default active).
+const FAKE_SYSTEMCTL = `#!/bin/bash
+dir=\${FAKE_DIR:?}
+printf '%s\\n' "$*" >>"$dir/systemctl.log"
+case $1 in
+  is-active) [[ \${FAKE_SOCKET_STATE:-active} == active ]] ;;
+  start) exit "\${FAKE_SYSTEMCTL_STATUS:-0}" ;;
+  *) echo "fake systemctl: unknown command $1" >&2; exit 2 ;;
+esac
+`;
+
 export interface Sandbox {
   root: string;
   /** Folder of the revisions: $SNAP is revisions/<revision>. */
@@ -58,6 +69,7 @@ export interface Sandbox {
   setOptions(options: Record<string, string>): Promise<void>;
   options(): Promise<Record<string, string>>;
   snapctlCalls(): Promise<string[]>;
+  systemctlCalls(): Promise<string[]>;
   /** argv of every node invocation, in order. */
   nodeCalls(): Promise<string[][]>;
   /** Makes revisions/<rev> an installed revision with its QEMU binary. */
@@ -75,6 +87,10 @@ export async function makeSandbox(revision = '12'): Promise<Sandbox> {
   await Promise.all([mkdir(snap, { recursive: true }), mkdir(common, { recursive: true }), mkdir(bin, { recursive: true })]);
   await writeFile(join(bin, 'snapctl'), FAKE_SNAPCTL, { mode: 0o755 });
   await writeFile(join(bin, 'node'), FAKE_NODE, { mode: 0o755 });
+  await writeFile(join(bin, 'systemctl'), FAKE_SYSTEMCTL, { mode: 0o755 });
+  // The snap's own scripts the hooks call, where the launcher part puts them ($SNAP/bin).
+  await mkdir(join(snap, 'bin'));
+  await symlink(join(SNAP_DIR, 'local', 'vmkeepd-wake'), join(snap, 'bin', 'vmkeepd-wake'));
   const store = join(fakeDir, 'options');
 
   const readLines = async (file: string): Promise<string[]> => {
@@ -119,6 +135,7 @@ export async function makeSandbox(revision = '12'): Promise<Sandbox> {
       return Object.fromEntries((await readLines(store)).map((line) => [line.slice(0, line.indexOf('=')), line.slice(line.indexOf('=') + 1)]));
     },
     snapctlCalls: () => readLines(`${store}.calls`),
+    systemctlCalls: () => readLines(join(fakeDir, 'systemctl.log')),
     async nodeCalls() {
       return (await readLines(join(fakeDir, 'node.log'))).map((line) => line.split('\x1f'));
     },
