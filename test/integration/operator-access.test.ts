@@ -225,11 +225,14 @@ describe('the operator socket, used by a non-root member of the operator group',
       nics: [{ mode: 'bridge', bridge: ADMIN_BRIDGE }, { mode: 'user', hostForward: [{ protocol: 'tcp', host: ':2223', guest: 22 }] }],
     }, { start: false });
     expect(await listed()).toContain('adminnet');
+    await host.api.delete('adminnet');
   });
 
   it('an operator cancels only its own operations (403, own-operations); the admin cancels anything', async () => {
-    // A rolling refresh that pauses after its first VM: cancellable until it ends.
-    const job = { vms: ['h2', 'adminnet'], parallel: 1, batchIntervalSec: 600 };
+    // A rolling refresh that pauses after its first VM: cancellable until it ends (the second
+    // VM, stopped, is never reached).
+    await host.api.create({ name: 'second', kernel: guest.kernel, initrd: guest.initrd, memoryMiB: 64 }, { start: false });
+    const job = { vms: ['h2', 'second'], parallel: 1, batchIntervalSec: 600 };
     const paused = (id: string) => waitFor(`operation ${id} to pause after its first VM`, 60_000, async () => {
       const op = await host.api.operation(id);
       expect(op.status).toBe('running');
@@ -261,7 +264,7 @@ describe('the operator socket, used by a non-root member of the operator group',
     const log = await host.consoleTail(400);
     expect(log).toContain(`DELETE /1.0/operations/${mine.id} by uid ${otherUid} (operator): 403`);
     expect(log).toContain(`DELETE /1.0/operations/${mine.id} by uid ${uid} (operator): 202`);
-    await host.api.delete('adminnet');
+    await host.api.delete('second');
   });
 
   // (A shell command through migrate exec: no longer runs even there: QEMU's sandbox ends the
