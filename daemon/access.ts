@@ -44,6 +44,15 @@ export function checkRoute(level: AccessLevel, method: string, route: string): v
 }
 
 /**
+ * Refuses a stop's options the level may not give: only vmkeep-guests.service, on the admin
+ * socket, says the host is shutting down (the VM then stays wanted running for the next boot).
+ */
+export function checkStop(level: AccessLevel, options: { hostShutdown?: boolean }): void {
+  if (level === 'admin' || options.hostShutdown !== true) return;
+  throw forbidden('admin-only', '"hostShutdown" is for the admin socket only (vmkeep-guests.service, as the host shuts down); an operator\'s stop is a plain stop: leave it out');
+}
+
+/**
  * The QMP commands an operator may send: queries that read and change nothing. Not every
  * query-*: a new QEMU may add one that reveals more, so the list is explicit.
  */

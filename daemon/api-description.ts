@@ -167,8 +167,8 @@ export const ROUTE_DOCS: Readonly<Record<string, RouteDoc>> = {
   },
   'POST /1.0/vms/{name}/stop': {
     summary: 'ACPI power-off (or quit with force): an operation, queued behind the one holding the VM; cannot be cancelled', parameters: [NAME_PARAM],
-    body: obj({ timeoutSec: { type: 'number' }, force: bool('quit QEMU at once'), hostShutdown: bool('the host is shutting down: the VM stays wanted running') }),
-    ok: ACCEPTED, errors: [...REQUEST_ERRORS, 'NOT_FOUND'],
+    body: obj({ timeoutSec: { type: 'number' }, force: bool('quit QEMU at once'), hostShutdown: bool('the host is shutting down: the VM stays wanted running (admin socket only)') }),
+    ok: ACCEPTED, errors: [...REQUEST_ERRORS, 'FORBIDDEN', 'NOT_FOUND'],
   },
   'POST /1.0/vms/{name}/refresh': {
     summary: 'move one VM onto its current installation: an operation (its result: a RefreshOutcome); a live migration can be cancelled', parameters: [NAME_PARAM],

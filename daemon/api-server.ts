@@ -10,7 +10,7 @@ import {
 } from '../launcher/index.js';
 import { QmpError, type QmpErrorCode } from '../qmp/index.js';
 import { parseStrategy, UpgradeError, type UpgradeErrorCode } from '../upgrade/index.js';
-import { checkCancel, checkQmp, checkRoute, starterOf, type AccessLevel, type Caller } from './access.js';
+import { checkCancel, checkQmp, checkRoute, checkStop, starterOf, type AccessLevel, type Caller } from './access.js';
 import { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
 import { rotatedFiles } from './log-rotation.js';
 import { apiDescription, API_EXTENSIONS, API_VERSIONS } from './api-description.js';
@@ -368,6 +368,7 @@ function buildRoutes(ctx: Context): Route[] {
           if (force !== undefined) stop.force = force;
           const hostShutdown = optionalBoolean(body, 'hostShutdown');
           if (hostShutdown !== undefined) stop.hostShutdown = hostShutdown;
+          checkStop(ctx.level, stop);
           const by = starterOf(await caller);
           ops.admit('stop', name);
           sendOperation(res, operations.begin('stop', [name], (context) => ops.stop(name, stop, context), by));

@@ -167,9 +167,12 @@ describe('the operator socket, used by a non-root member of the operator group',
     expect(await listed()).not.toContain('backed');
   });
 
-  it('a kernel path is refused (403, no-kernel-path); delete is admin-only', async () => {
+  it('a kernel path is refused (403, no-kernel-path); delete and a host shutdown\'s stop are admin-only', async () => {
     refused(asMember(operatorSocket, 'POST', '/1.0/vms', { spec: { name: 'kern', kernel: guest.kernel } }), 'no-kernel-path');
     refused(asMember(operatorSocket, 'DELETE', '/1.0/vms/h2'), 'admin-only');
+    // A stop claiming the host shuts down would keep h2 wanted running for the next boot.
+    refused(asMember(operatorSocket, 'POST', '/1.0/vms/h2/stop', { hostShutdown: true, timeoutSec: 5 }), 'admin-only');
+    expect((await host.api.operations()).filter((op) => op.kind === 'stop' && op.vms.includes('h2'))).toEqual([]);
     await stillRunning('h2');
   });
 

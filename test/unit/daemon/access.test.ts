@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { checkCancel, checkOperatorSpec, checkQmp, checkRoute, OPERATOR_QMP_COMMANDS, starterOf } from '../../../daemon/access.js';
+import { checkCancel, checkOperatorSpec, checkQmp, checkRoute, checkStop, OPERATOR_QMP_COMMANDS, starterOf } from '../../../daemon/access.js';
 import { DaemonError } from '../../../daemon/errors.js';
 import { parsePeerCredentials } from '../../../daemon/peer-cred.js';
 import { validateSpec, withinRoots } from '../../../launcher/index.js';
@@ -29,6 +29,13 @@ describe('access rules', () => {
     }
     refusal(() => checkRoute('operator', 'DELETE', '/1.0/vms/:name'), 'admin-only');
     refusal(() => checkRoute('operator', 'PATCH', '/1.0/vms/:name'), 'admin-only');
+  });
+
+  it('only the admin says a stop is the host\'s shutdown', () => {
+    checkStop('admin', { hostShutdown: true });
+    checkStop('operator', { hostShutdown: false });
+    checkStop('operator', {});
+    refusal(() => checkStop('operator', { hostShutdown: true }), 'admin-only');
   });
 
   it('an operator may send only the listed read-only queries; the root-equivalent commands say why', () => {
