@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { createLogger, isLogLevel, OPERATOR_SOCKET_NAME, startDaemon, type DaemonOptions } from '../daemon/index.js';
-import type { Installation, QemuUser } from '../launcher/index.js';
+import { IFNAME_RE, type Installation, type QemuUser } from '../launcher/index.js';
 import { loadInstallationsConfig, parseStrategy, singleInstallation } from '../upgrade/index.js';
 import { CliError } from './errors.js';
 import { DEFAULT_QEMU_USER, installationFrom } from './options.js';
@@ -15,6 +15,7 @@ export interface DaemonCommandArgs {
   operatorGroup?: string;
   operatorSocket?: string;
   storageRoots?: string[];
+  operatorBridges?: string[];
   qemuUser: string;
   allowQemuRoot: boolean;
   slice: string;
@@ -46,6 +47,7 @@ export interface ParsedDaemonOptions {
   operatorGroup?: string | undefined;
   operatorSocket?: string | undefined;
   storageRoot?: string[] | undefined;
+  operatorBridge?: string[] | undefined;
   qemuUser: string;
   allowQemuRoot: boolean;
   slice: string;
@@ -88,6 +90,7 @@ export function daemonCommandArgs(a: ParsedDaemonOptions, env: NodeJS.ProcessEnv
       ...(a.operatorGroup === undefined ? {} : { operatorGroup: a.operatorGroup }),
       ...(a.operatorSocket === undefined ? {} : { operatorSocket: a.operatorSocket }),
       ...(a.storageRoot === undefined ? {} : { storageRoots: a.storageRoot }),
+      ...(a.operatorBridge === undefined ? {} : { operatorBridges: a.operatorBridge.map(bridgeName) }),
       qemuUser: a.qemuUser,
       allowQemuRoot: a.allowQemuRoot,
       ...(a.busAddress === undefined ? {} : { busAddress: a.busAddress }),
@@ -107,6 +110,11 @@ export function daemonCommandArgs(a: ParsedDaemonOptions, env: NodeJS.ProcessEnv
 
 function usage(message: string): never {
   throw new CliError('USAGE', message);
+}
+
+function bridgeName(name: string): string {
+  if (IFNAME_RE.test(name)) return name;
+  return usage(`--operator-bridge ${JSON.stringify(name)} is not a network interface name; name a Linux bridge, e.g. br0 (\`ip -br link show type bridge\` lists them)`);
 }
 
 /** A group name or number as a gid (reads /etc/group: Node has no getgrnam). */
@@ -180,6 +188,7 @@ export async function runDaemonCommand(
     }),
     ...(args.operatorSocket !== undefined && args.operatorGroup === undefined ? usage('--operator-socket needs --operator-group GROUP (the group that may use it)') : {}),
     storageRoots: args.storageRoots ?? [],
+    operatorBridges: args.operatorBridges ?? [],
     qemuUser,
   };
   // Listening from before the start: READY=1 goes out before startDaemon resolves (the staleness

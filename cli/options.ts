@@ -88,7 +88,7 @@ export function vmkeepdOptions(env: NodeJS.ProcessEnv) {
     'socket-group': { type: 'string', describe: 'group allowed to use the control socket (mode 0660): root-equivalent, see --operator-group' },
     'operator-group': {
       type: 'string',
-      describe: 'group allowed to use the operator socket: create, start, stop, refresh and read; disks only under --storage-root, read-only QMP queries',
+      describe: 'group allowed to use the operator socket: create, start, stop, refresh and read; disks only under --storage-root, bridges only --operator-bridge, read-only QMP queries',
     },
     'operator-socket': { type: 'string', describe: 'path of the operator socket (default: vmkeep-operator.sock next to --socket)' },
     'qemu-user': {
@@ -105,6 +105,11 @@ export function vmkeepdOptions(env: NodeJS.ProcessEnv) {
       type: 'string',
       array: true,
       describe: 'folder the operators\' disk images must be in (repeatable); a path is resolved without following links out of it',
+    },
+    'operator-bridge': {
+      type: 'string',
+      array: true,
+      describe: 'Linux bridge the operators\' VMs may join (repeatable; default: none, user-mode NICs only)',
     },
     slice: { type: 'string', default: 'vmkeep.slice', describe: 'systemd slice of the VM scopes, e.g. machine.slice' },
     scope: {

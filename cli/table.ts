@@ -82,8 +82,13 @@ export function formatEvent(event: DaemonEvent): string {
 
 export function formatOperations(ops: readonly Operation[]): string {
   return formatTable(
-    ['ID', 'KIND', 'VMS', 'STATUS', 'PROGRESS', 'UPDATED'],
-    ops.map((op) => [op.id, op.kind, op.vms.join(',') || '-', op.status, op.progress === undefined ? '-' : `${op.progress.done}/${op.progress.total}`, op.updatedAt]),
+    ['ID', 'KIND', 'VMS', 'STATUS', 'PROGRESS', 'BY', 'UPDATED'],
+    ops.map((op) => [
+      op.id, op.kind, op.vms.join(',') || '-', op.status, op.progress === undefined ? '-' : `${op.progress.done}/${op.progress.total}`,
+      // Who began it: an operator may cancel only its own (README, "Security").
+      op.startedBy === undefined ? '-' : op.startedBy.uid === undefined ? op.startedBy.level : `uid ${op.startedBy.uid}`,
+      op.updatedAt,
+    ]),
   );
 }
 

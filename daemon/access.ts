@@ -2,10 +2,11 @@
 // the admin socket (root, 0600) may do everything; the operator socket (0660, the operator
 // group) may create, start, stop, refresh and read, with the rules below. Each refusal names
 // its rule. Pure: the API server and the manager ask, they do not decide.
-import type { VmSpec } from '../launcher/index.js';
+import { forwardHost, type VmSpec } from '../launcher/index.js';
 import { DaemonError } from './errors.js';
 
-export type AccessLevel = 'admin' | 'operator';
+export const ACCESS_LEVELS = ['admin', 'operator'] as const;
+export type AccessLevel = (typeof ACCESS_LEVELS)[number];
 
 /** Who called: the socket's level and the peer's credentials (SO_PEERCRED), when known. */
 export interface Caller {
@@ -19,7 +20,8 @@ export interface Caller {
 export const OPERATOR_SOCKET_NAME = 'vmkeep-operator.sock';
 
 /** The rules, by the name a refusal carries. */
-export type AccessRule = 'admin-only' | 'qmp-read-only' | 'storage-root' | 'no-kernel-path';
+export type AccessRule =
+  | 'admin-only' | 'qmp-read-only' | 'storage-root' | 'no-kernel-path' | 'own-operations' | 'operator-bridge' | 'operator-forward';
 
 /** A 403 naming the rule that refused. */
 export function forbidden(rule: AccessRule, message: string): DaemonError {
@@ -39,6 +41,15 @@ const OPERATOR_ROUTES: ReadonlySet<string> = new Set([
 export function checkRoute(level: AccessLevel, method: string, route: string): void {
   if (level === 'admin' || OPERATOR_ROUTES.has(`${method} ${route}`)) return;
   throw forbidden('admin-only', `${method} ${route} is for the admin socket only; operators may create, start, stop, refresh and read VMs`);
+}
+
+/**
+ * Refuses a stop's options the level may not give: only vmkeep-guests.service, on the admin
+ * socket, says the host is shutting down (the VM then stays wanted running for the next boot).
+ */
+export function checkStop(level: AccessLevel, options: { hostShutdown?: boolean }): void {
+  if (level === 'admin' || options.hostShutdown !== true) return;
+  throw forbidden('admin-only', '"hostShutdown" is for the admin socket only (vmkeep-guests.service, as the host shuts down); an operator\'s stop is a plain stop: leave it out');
 }
 
 /**
@@ -70,17 +81,71 @@ export function checkQmp(level: AccessLevel, command: string): void {
     `${command} is not among the read-only queries operators may send (${OPERATOR_QMP_COMMANDS.join(', ')})${why === undefined ? '' : `: ${why}`}`);
 }
 
+/** What vmkeepd's flags let operators use. */
+export interface OperatorPolicy {
+  /** --storage-root folders: an operator's disks must be inside one. */
+  storageRoots: readonly string[];
+  /** --operator-bridge names: the only bridges an operator's NICs may join. */
+  bridges: readonly string[];
+}
+
+/** The lowest host port an operator's user-mode NIC may forward: below it are the host's services' ports. */
+export const OPERATOR_MIN_HOST_PORT = 1024;
+
 /**
- * The paths of an operator's spec that must be inside the storage roots, and the kernel and
- * initrd, which QEMU opens by path itself (so an operator's VM boots from its disks).
+ * An operator's spec: no kernel or initrd (QEMU opens them by path itself, so an operator's VM
+ * boots from its disks); disks only with storage roots (the paths are checked by the manager,
+ * links resolved); bridge NICs only on the --operator-bridge bridges; user-mode forwards only
+ * from an unprivileged port on a loopback address (not every address: that would open the guest
+ * to the network, past what the administrator chose to bridge).
  */
-export function checkOperatorSpec(spec: VmSpec, roots: readonly string[]): void {
+export function checkOperatorSpec(spec: VmSpec, policy: OperatorPolicy): void {
   for (const field of ['kernel', 'initrd'] as const) {
     if (spec[field] !== undefined) {
       throw forbidden('no-kernel-path', `"${field}" is for the admin socket only (QEMU opens it by path); an operator's VM boots from its disks`);
     }
   }
-  if (spec.disks.length > 0 && roots.length === 0) {
+  if (spec.disks.length > 0 && policy.storageRoots.length === 0) {
     throw forbidden('storage-root', 'vmkeepd has no --storage-root, so operators may not name disk images; ask the administrator to add one');
   }
+  for (const [i, nic] of (spec.nics ?? []).entries()) {
+    if (nic.mode === 'bridge') {
+      if (policy.bridges.includes(nic.bridge)) continue;
+      const allowed = policy.bridges.length === 0 ? 'vmkeepd allows operators no bridge' : `operators may use ${policy.bridges.join(', ')}`;
+      throw forbidden('operator-bridge', `nics[${i}].bridge ${nic.bridge} is not for operators (${allowed}); use a user-mode NIC, or ask the administrator to run vmkeepd --operator-bridge ${nic.bridge}`);
+    }
+    for (const [j, forward] of nic.hostForward.entries()) {
+      const { address, port } = forwardHost(forward);
+      if (address.split('.')[0] === '127' && port >= OPERATOR_MIN_HOST_PORT) continue;
+      throw forbidden('operator-forward', `nics[${i}].hostForward[${j}].host ${JSON.stringify(forward.host)} is not for operators: they may forward a host port from ${OPERATOR_MIN_HOST_PORT} to 65535 on a loopback address, e.g. "127.0.0.1:${Math.max(port, OPERATOR_MIN_HOST_PORT)}"`);
+    }
+  }
+}
+
+/**
+ * Who began an operation, as recorded in it. Absent: vmkeepd itself (--refresh-at-start), or a
+ * record written before vmkeepd recorded it.
+ */
+export interface OperationStarter {
+  level: AccessLevel;
+  /** The caller's uid (SO_PEERCRED), when it could be read. */
+  uid?: number;
+}
+
+export function starterOf(caller: Caller): OperationStarter {
+  return { level: caller.level, ...(caller.uid === undefined ? {} : { uid: caller.uid }) };
+}
+
+/**
+ * Refuses a cancel the caller may not ask: the admin cancels anything; an operator only what
+ * it began itself (same level and uid, so one whose uid is unknown cancels nothing).
+ */
+export function checkCancel(caller: Caller, startedBy: OperationStarter | undefined): void {
+  if (caller.level === 'admin') return;
+  if (startedBy?.level === caller.level && startedBy.uid !== undefined && startedBy.uid === caller.uid) return;
+  const by = startedBy === undefined ? 'vmkeepd itself (or a vmkeepd too old to record who)'
+    : startedBy.level === 'admin' ? 'the admin'
+      : startedBy.uid === undefined ? 'an operator whose uid is unknown' : `uid ${startedBy.uid} (${startedBy.level})`;
+  const you = caller.uid === undefined ? 'your uid could not be read, so no operation is known to be yours' : `you are uid ${caller.uid}`;
+  throw forbidden('own-operations', `operators may cancel only the operations they began; this one was begun by ${by}, ${you}; ask the administrator to cancel it`);
 }

@@ -1,6 +1,7 @@
 // The control API described: versions, extensions and the OpenAPI 3 document served at
 // GET /1.0/openapi.json. Kept next to the routing table (api-server.ts); a unit test checks
 // both ways that every route is described and every description has a route.
+import { ACCESS_LEVELS } from './access.js';
 import { HTTP_STATUS, type DaemonErrorCode } from './errors.js';
 import { EVENT_FILTER_TYPES } from './event-filter.js';
 import { AUTOSTART_MODES, EVENT_TYPES } from './model.js';
@@ -13,7 +14,7 @@ export const API_VERSIONS = ['/1.0'] as const;
  * Features added to /1.0 since it was first released, by name: a client checks
  * GET /1.0's apiExtensions before it uses one. Only ever appended to.
  */
-export const API_EXTENSIONS: readonly string[] = ['operations', 'events_filter', 'openapi', 'metrics', 'refresh_migrate_or_reboot', 'refresh_batches', 'disks'];
+export const API_EXTENSIONS: readonly string[] = ['operations', 'events_filter', 'openapi', 'metrics', 'refresh_migrate_or_reboot', 'refresh_batches', 'disks', 'operation_started_by'];
 
 type Schema = Record<string, unknown>;
 const ref = (name: string): Schema => ({ $ref: `#/components/schemas/${name}` });
@@ -44,6 +45,10 @@ const SCHEMAS: Record<string, Schema> = {
     result: { description: 'start/stop: the VM; refresh: a RefreshOutcome; rolling-refresh: a RefreshJob' },
     error: ref('OperationError'),
     cancelRequested: bool('a cancel was granted; it stops at its next safe point'),
+    startedBy: obj({
+      level: { type: 'string', enum: [...ACCESS_LEVELS], description: 'the socket it was asked on' },
+      uid: int('the caller\'s uid (SO_PEERCRED), when it could be read'),
+    }, ['level'], { description: 'who began it: an operator may cancel only its own (same level and uid); absent: vmkeepd itself, or a record from before the field' }),
   }, ['id', 'kind', 'vms', 'status', 'createdAt', 'updatedAt']),
   VmSpec: obj({
     name: str('1 to 63 characters: lowercase letters, digits, "_", "." and "-"'),
@@ -136,16 +141,16 @@ export const ROUTE_DOCS: Readonly<Record<string, RouteDoc>> = {
     summary: 'create a VM (and start it unless start is false); answers once it runs',
     body: obj({ spec: ref('VmSpec'), start: bool('default true'), channel: str('installations channel'), policy: { type: 'string', enum: [...REFRESH_STRATEGIES] }, autostart: { type: 'string', enum: [...AUTOSTART_MODES] } }, ['spec']),
     ok: { status: 201, schema: ref('Vm') },
-    errors: [...REQUEST_ERRORS, 'INVALID_SPEC', 'EXISTS', 'DISK_REFUSED', 'IMAGE_IN_USE', 'SPEC_REJECTED', 'START_FAILED', 'STATE_IO'],
+    errors: [...REQUEST_ERRORS, 'FORBIDDEN', 'INVALID_SPEC', 'EXISTS', 'DISK_REFUSED', 'IMAGE_IN_USE', 'SPEC_REJECTED', 'START_FAILED', 'STATE_IO'],
   },
   'GET /1.0/vms/{name}': { summary: 'one VM', parameters: [NAME_PARAM], ok: { status: 200, schema: ref('Vm') }, errors: ['INVALID_REQUEST', 'NOT_FOUND'] },
   'PATCH /1.0/vms/{name}': {
     summary: "change a VM's settings", parameters: [NAME_PARAM], body: obj({ autostart: { type: 'string', enum: [...AUTOSTART_MODES] } }),
-    ok: { status: 200, schema: ref('Vm') }, errors: [...REQUEST_ERRORS, 'NOT_FOUND', 'STATE_IO'],
+    ok: { status: 200, schema: ref('Vm') }, errors: [...REQUEST_ERRORS, 'FORBIDDEN', 'NOT_FOUND', 'STATE_IO'],
   },
   'DELETE /1.0/vms/{name}': {
     summary: 'delete a VM that has no QEMU (a running one is CONFLICT: stop it first)', parameters: [NAME_PARAM],
-    ok: { status: 200, schema: obj({ deleted: str() }, ['deleted']) }, errors: ['INVALID_REQUEST', 'NOT_FOUND', 'CONFLICT', 'BUSY', 'STATE_IO'],
+    ok: { status: 200, schema: obj({ deleted: str() }, ['deleted']) }, errors: ['INVALID_REQUEST', 'FORBIDDEN', 'NOT_FOUND', 'CONFLICT', 'BUSY', 'STATE_IO'],
   },
   'POST /1.0/vms/{name}/disks/accept': {
     summary: "record each disk's backing chain as it is now, after BACKING_CHAIN_CHANGED and a check by the operator",
@@ -154,7 +159,7 @@ export const ROUTE_DOCS: Readonly<Record<string, RouteDoc>> = {
       status: 200,
       schema: obj({ vm: str(), previous: { type: 'array', nullable: true, items: { type: 'array', items: { type: 'object' } } }, disks: { type: 'array', items: { type: 'array', items: { type: 'object' } } } }, ['vm', 'previous', 'disks']),
     },
-    errors: [...REQUEST_ERRORS, 'NOT_FOUND', 'BUSY', 'DISK_REFUSED', 'IMAGE_IN_USE', 'STATE_IO'],
+    errors: [...REQUEST_ERRORS, 'FORBIDDEN', 'NOT_FOUND', 'BUSY', 'DISK_REFUSED', 'IMAGE_IN_USE', 'STATE_IO'],
   },
   'POST /1.0/vms/{name}/start': {
     summary: 'start a VM: an operation (its result: the VM)', parameters: [NAME_PARAM], body: obj({}),
@@ -162,8 +167,8 @@ export const ROUTE_DOCS: Readonly<Record<string, RouteDoc>> = {
   },
   'POST /1.0/vms/{name}/stop': {
     summary: 'ACPI power-off (or quit with force): an operation, queued behind the one holding the VM; cannot be cancelled', parameters: [NAME_PARAM],
-    body: obj({ timeoutSec: { type: 'number' }, force: bool('quit QEMU at once'), hostShutdown: bool('the host is shutting down: the VM stays wanted running') }),
-    ok: ACCEPTED, errors: [...REQUEST_ERRORS, 'NOT_FOUND'],
+    body: obj({ timeoutSec: { type: 'number' }, force: bool('quit QEMU at once'), hostShutdown: bool('the host is shutting down: the VM stays wanted running (admin socket only)') }),
+    ok: ACCEPTED, errors: [...REQUEST_ERRORS, 'FORBIDDEN', 'NOT_FOUND'],
   },
   'POST /1.0/vms/{name}/refresh': {
     summary: 'move one VM onto its current installation: an operation (its result: a RefreshOutcome); a live migration can be cancelled', parameters: [NAME_PARAM],
@@ -182,8 +187,8 @@ export const ROUTE_DOCS: Readonly<Record<string, RouteDoc>> = {
   'GET /1.0/operations': { summary: 'the operations kept (running ones, finished ones for 24 h, the last 1000)', ok: { status: 200, schema: { type: 'array', items: ref('Operation') } }, errors: [] },
   'GET /1.0/operations/{id}': { summary: 'one operation', parameters: [ID_PARAM], ok: { status: 200, schema: ref('Operation') }, errors: ['NOT_FOUND'] },
   'DELETE /1.0/operations/{id}': {
-    summary: 'cancel an operation where it can stop safely (rolling refresh, live migration); CONFLICT with the reason otherwise', parameters: [ID_PARAM],
-    ok: { status: 202, schema: ref('Operation'), description: 'the cancel was granted; wait for the operation to see how it ended' }, errors: ['NOT_FOUND', 'CONFLICT'],
+    summary: 'cancel an operation where it can stop safely (rolling refresh, live migration); CONFLICT with the reason otherwise; an operator only its own (FORBIDDEN, rule own-operations)', parameters: [ID_PARAM],
+    ok: { status: 202, schema: ref('Operation'), description: 'the cancel was granted; wait for the operation to see how it ended' }, errors: ['FORBIDDEN', 'NOT_FOUND', 'CONFLICT'],
   },
   'GET /1.0/operations/{id}/wait': {
     summary: 'the operation once it finished, or as it is after timeout seconds (still running then)',
@@ -198,7 +203,7 @@ export const ROUTE_DOCS: Readonly<Record<string, RouteDoc>> = {
   'POST /1.0/vms/{name}/qmp': {
     summary: "one QMP command on the VM's monitor (operator pass-through)", parameters: [NAME_PARAM],
     body: obj({ execute: str('QMP command'), arguments: { type: 'object' } }, ['execute']),
-    ok: { status: 200, schema: obj({ return: {} }, ['return']) }, errors: [...REQUEST_ERRORS, 'NOT_FOUND', 'UNREACHABLE', 'QMP_FAILED'],
+    ok: { status: 200, schema: obj({ return: {} }, ['return']) }, errors: [...REQUEST_ERRORS, 'FORBIDDEN', 'NOT_FOUND', 'UNREACHABLE', 'QMP_FAILED'],
   },
   'GET /1.0/vms/{name}/console': {
     summary: "the VM's serial console log (follow=1: keep streaming)",

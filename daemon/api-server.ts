@@ -10,7 +10,7 @@ import {
 } from '../launcher/index.js';
 import { QmpError, type QmpErrorCode } from '../qmp/index.js';
 import { parseStrategy, UpgradeError, type UpgradeErrorCode } from '../upgrade/index.js';
-import { checkQmp, checkRoute, type AccessLevel } from './access.js';
+import { checkCancel, checkQmp, checkRoute, checkStop, starterOf, type AccessLevel, type Caller } from './access.js';
 import { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
 import { rotatedFiles } from './log-rotation.js';
 import { apiDescription, API_EXTENSIONS, API_VERSIONS } from './api-description.js';
@@ -125,8 +125,11 @@ const UPGRADE_CODES: Record<UpgradeErrorCode, DaemonErrorCode> = {
 
 const silentLogger: ApiLogger = { debug() {}, info() {}, warn() {}, error() {} };
 
-/** Path parameters: ':name' a VM name (checked), ':id' an operation id (looked up as it is). */
-type Params = { name: string; id: string };
+/**
+ * Path parameters: ':name' a VM name (checked), ':id' an operation id (looked up as it is); and
+ * who calls: the socket's level with the peer's credentials (awaited only where a rule needs them).
+ */
+type Params = { name: string; id: string; caller: Promise<Caller> };
 type Handler = (req: IncomingMessage, res: ServerResponse, params: Params) => Promise<void>;
 
 interface Route {
@@ -345,17 +348,18 @@ function buildRoutes(ctx: Context): Route[] {
     {
       segments: ['1.0', 'vms', ':name', 'start'],
       methods: {
-        POST: async (req, res, { name }) => {
+        POST: async (req, res, { name, caller }) => {
           checkFields(await readJsonObject(req, { required: false }), []);
+          const by = starterOf(await caller);
           ops.admit('start', name);
-          sendOperation(res, operations.begin('start', [name], (context) => ops.start(name, context)));
+          sendOperation(res, operations.begin('start', [name], (context) => ops.start(name, context), by));
         },
       },
     },
     {
       segments: ['1.0', 'vms', ':name', 'stop'],
       methods: {
-        POST: async (req, res, { name }) => {
+        POST: async (req, res, { name, caller }) => {
           const body = await readJsonObject(req, { required: false });
           checkFields(body, ['timeoutSec', 'force', 'hostShutdown']);
           const stop: StopOptions = {};
@@ -364,8 +368,10 @@ function buildRoutes(ctx: Context): Route[] {
           if (force !== undefined) stop.force = force;
           const hostShutdown = optionalBoolean(body, 'hostShutdown');
           if (hostShutdown !== undefined) stop.hostShutdown = hostShutdown;
+          checkStop(ctx.level, stop);
+          const by = starterOf(await caller);
           ops.admit('stop', name);
-          sendOperation(res, operations.begin('stop', [name], (context) => ops.stop(name, stop, context)));
+          sendOperation(res, operations.begin('stop', [name], (context) => ops.stop(name, stop, context), by));
         },
       },
     },
@@ -381,19 +387,20 @@ function buildRoutes(ctx: Context): Route[] {
     {
       segments: ['1.0', 'vms', ':name', 'refresh'],
       methods: {
-        POST: async (req, res, { name }) => {
+        POST: async (req, res, { name, caller }) => {
           const body = await readJsonObject(req, { required: false });
           checkFields(body, ['strategy', 'timeoutSec', 'force']);
           const options = refreshOptions(body);
+          const by = starterOf(await caller);
           ops.admit('refresh', name);
-          sendOperation(res, operations.begin('refresh', [name], (context) => ops.refresh(name, options, context)));
+          sendOperation(res, operations.begin('refresh', [name], (context) => ops.refresh(name, options, context), by));
         },
       },
     },
     {
       segments: ['1.0', 'refresh'],
       methods: {
-        POST: async (req, res) => {
+        POST: async (req, res, { caller }) => {
           const body = await readJsonObject(req, { required: true });
           checkFields(body, ['vms', 'all', 'stale', 'strategy', 'timeoutSec', 'force', 'parallel', 'stopOnError', 'batchIntervalSec', 'maxFailures']);
           const request: RefreshJobRequest = { ...refreshOptions(body) };
@@ -414,8 +421,9 @@ function buildRoutes(ctx: Context): Route[] {
             if (typeof value !== 'number') throw invalid(`"${field}" must be a number, got ${describeValue(value)}`);
             request[field] = value;
           }
+          const by = starterOf(await caller);
           const plan = await ops.planRefreshJob(request);
-          sendOperation(res, operations.begin('rolling-refresh', plan.vms, (context) => ops.runRefreshJob(plan, context)));
+          sendOperation(res, operations.begin('rolling-refresh', plan.vms, (context) => ops.runRefreshJob(plan, context), by));
         },
       },
     },
@@ -424,8 +432,9 @@ function buildRoutes(ctx: Context): Route[] {
       segments: ['1.0', 'operations', ':id'],
       methods: {
         GET: async (_req, res, { id }) => sendJson(res, 200, operations.get(id)),
-        DELETE: async (_req, res, { id }) => {
+        DELETE: async (_req, res, { id, caller }) => {
           const op = operations.get(id);
+          checkCancel(await caller, op.startedBy);
           // A refresh's cancel depends on what its VM does now (only a migration can be undone).
           const view = op.kind === 'refresh' && op.vms[0] !== undefined ? await ops.get(op.vms[0]).catch(() => undefined) : undefined;
           const hold = view?.operation === undefined ? undefined : { kind: view.operation.kind, ...(view.operation.id ? { operation: view.operation.id } : {}), ...(view.operation.step ? { step: view.operation.step } : {}) };
@@ -496,7 +505,8 @@ async function dispatch(routes: Route[], ctx: Context, req: IncomingMessage, res
       throw new DaemonError('METHOD_NOT_ALLOWED', `${method} is not allowed on ${rawPath}; use ${allowed.join(' or ')}`);
     }
     checkRoute(ctx.level, method, `/${route.segments.join('/')}`);
-    await handler(req, res, { name: name ?? '', id });
+    const caller = peer.then((creds): Caller => ({ level: ctx.level, ...creds }));
+    await handler(req, res, { name: name ?? '', id, caller });
   } catch (error) {
     sendError(ctx, req, res, error);
   }

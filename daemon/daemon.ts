@@ -29,6 +29,8 @@ export interface DaemonOptions {
   operator?: { gid: number; socketPath: string };
   /** Folders the operators' disk images must be in. */
   storageRoots?: readonly string[];
+  /** Bridges the operators' VMs may join (--operator-bridge; default none). */
+  operatorBridges?: readonly string[];
   /** The user every QEMU runs as (ARCHITECTURE.md, invariant 11); absent: vmkeepd's own. */
   qemuUser?: QemuUser;
   /** Slice of the VM scopes. */
@@ -114,6 +116,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       runtimeDir: options.runtimeDir,
       ...(options.logDir === undefined ? {} : { logDir: options.logDir }),
       storageRoots: (options.storageRoots ?? []).map((root) => resolve(root)),
+      operatorBridges: options.operatorBridges ?? [],
       ...(options.qemuUser === undefined ? {} : { qemuUser: options.qemuUser }),
       logger,
       ...(options.logMaxBytes === undefined && options.logKeep === undefined ? {} : {
@@ -197,7 +200,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       if (options.socketGid === options.operator.gid) {
         logger.warn({ gid: options.socketGid }, 'the operator group may also use the admin socket (--socket-group): it is root-equivalent');
       }
-      logger.info({ socket: options.operator.socketPath, gid: options.operator.gid, storageRoots: options.storageRoots ?? [] }, 'operator socket ready');
+      logger.info({ socket: options.operator.socketPath, gid: options.operator.gid, storageRoots: options.storageRoots ?? [], bridges: options.operatorBridges ?? [] }, 'operator socket ready');
     }
     let idle: Promise<void> = new Promise<void>(() => undefined);
     if (options.idleExitSec !== undefined && passed.control === undefined) {

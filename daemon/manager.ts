@@ -74,6 +74,8 @@ export interface VmManagerOptions {
   logDir?: string;
   /** --storage-root folders, absolute (ARCHITECTURE.md, invariant 11). */
   storageRoots?: readonly string[];
+  /** --operator-bridge names: the bridges operators' NICs may join. */
+  operatorBridges?: readonly string[];
   /** The user every QEMU runs as (ARCHITECTURE.md, invariant 11); absent: vmkeepd's own. */
   qemuUser?: QemuUser;
   logger: Logger;
@@ -450,7 +452,7 @@ export class VmManager implements DaemonOps, VmCore {
   private async admitOperatorSpec(input: unknown): Promise<VmSpec> {
     const spec = validateSpec(input);
     const roots = this.options.storageRoots ?? [];
-    checkOperatorSpec(spec, roots);
+    checkOperatorSpec(spec, { storageRoots: roots, bridges: this.managerOptions.operatorBridges ?? [] });
     const real = await realRoots(roots);
     for (const [i, disk] of spec.disks.entries()) {
       if (!withinRoots(disk.path, roots) || (await resolveWithinRoots(disk.path, real)) === undefined) {

@@ -1,6 +1,7 @@
 // What an operation (a long request run in the background, followed by its id) is, and the
 // pure rules over it: status transitions, how a run ends, what a cancel may do, which finished
 // operations are kept, and how one a daemon restart cut off ended (ARCHITECTURE.md, "Operations").
+import type { OperationStarter } from './access.js';
 
 export const OPERATION_STATUSES = ['pending', 'running', 'succeeded', 'failed', 'cancelled'] as const;
 export type OperationStatus = (typeof OPERATION_STATUSES)[number];
@@ -36,6 +37,8 @@ export interface Operation {
   error?: OperationError;
   /** A cancel was asked and accepted; the operation stops at its next safe point. */
   cancelRequested?: boolean;
+  /** Who began it (an operator may cancel only its own, access.ts); absent: vmkeepd itself, or an older record. */
+  startedBy?: OperationStarter;
 }
 
 const NEXT: Record<OperationStatus, readonly OperationStatus[]> = {

@@ -4,6 +4,7 @@
 // "Operations"). The rules are in operation-state.ts; this file keeps them and writes them.
 import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
+import { ACCESS_LEVELS, type OperationStarter } from './access.js';
 import { DaemonError } from './errors.js';
 import type { DaemonEvent } from './model.js';
 import {
@@ -101,11 +102,15 @@ export class Operations {
   /**
    * Begins `run` now and answers its operation: pending until `run` calls onRunning (it got
    * the VM's lock), then running. `run` gets the id and a signal that a granted cancel aborts;
-   * what it returns is the result, what it throws the error.
+   * what it returns is the result, what it throws the error. `startedBy`: the API's caller
+   * (absent when vmkeepd begins it itself).
    */
-  begin(kind: ApiOperationKind, vms: string[], run: (context: OperationContext) => Promise<unknown>): Operation {
+  begin(kind: ApiOperationKind, vms: string[], run: (context: OperationContext) => Promise<unknown>, startedBy?: OperationStarter): Operation {
     const stamp = this.stamp();
-    const pending: Operation = { id: (this.options.newId ?? randomUUID)(), kind, vms, status: 'pending', createdAt: stamp, updatedAt: stamp };
+    const pending: Operation = {
+      id: (this.options.newId ?? randomUUID)(), kind, vms, status: 'pending', createdAt: stamp, updatedAt: stamp,
+      ...(startedBy === undefined ? {} : { startedBy }),
+    };
     const abort = new AbortController();
     this.aborts.set(pending.id, abort);
     const running = this.put(pending);
@@ -262,8 +267,16 @@ export function parseOperation(text: string, file: string): Operation {
     typeof op !== 'object' || op === null || typeof op.id !== 'string' || !OPERATION_ID_RE.test(op.id) || `${op.id}.json` !== file
     || !(OPERATION_KINDS as readonly unknown[]).includes(op.kind) || !(OPERATION_STATUSES as readonly unknown[]).includes(op.status)
     || !Array.isArray(op.vms) || typeof op.createdAt !== 'string' || typeof op.updatedAt !== 'string'
+    || (op.startedBy !== undefined && !isStarter(op.startedBy))
   ) {
     throw new Error(`${file}: not an operation record`);
   }
   return op as Operation;
+}
+
+/** A recorded `startedBy` (records from before it have none, and are read all the same). */
+function isStarter(value: unknown): value is OperationStarter {
+  if (typeof value !== 'object' || value === null) return false;
+  const { level, uid } = value as Record<string, unknown>;
+  return (ACCESS_LEVELS as readonly unknown[]).includes(level) && (uid === undefined || (Number.isSafeInteger(uid) && (uid as number) >= 0));
 }

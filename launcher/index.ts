@@ -25,7 +25,7 @@ export { spawnQemu, commandAs, type SpawnOptions, type SpawnedQemu, type QemuUse
 export { launchVm, launchCprDestination, waitForProcessExit, QUIT_EXIT_TIMEOUT_MS, type LaunchVmOptions, type LaunchedVm, type PendingVm } from './launch.js';
 export {
   NIC_MODES, NIC_LIMITS, MAC_PREFIX, TAP_NAME_RE, IFNAME_RE, withMacs, generateMac, tapName, tapsFor, freeTapSlot, netdevId,
-  hostfwdRule, forwardKey, nicArgs, parseNetdevHelp, probeNetdevs, nicsForForegroundRun,
+  hostfwdRule, forwardHost, forwardKey, nicArgs, parseNetdevHelp, probeNetdevs, nicsForForegroundRun,
   type NicSpec, type NicMode, type BridgeNic, type UserNic, type HostForward, type TapSlot,
 } from './nics.js';
 export {

@@ -169,9 +169,15 @@ function validPort(port: number): boolean {
   return Number.isInteger(port) && port >= 1 && port <= 65535;
 }
 
+/** A checked forward's host side: its address ('' for every address) and port. */
+export function forwardHost(forward: HostForward): { address: string; port: number } {
+  const cut = forward.host.lastIndexOf(':');
+  return { address: forward.host.slice(0, cut), port: Number(forward.host.slice(cut + 1)) };
+}
+
 /** Two forwards collide when they take the same protocol and port (any address overlaps 0.0.0.0). */
 export function forwardKey(forward: HostForward): string {
-  return `${forward.protocol}:${forward.host.slice(forward.host.lastIndexOf(':') + 1)}`;
+  return `${forward.protocol}:${forwardHost(forward).port}`;
 }
 
 /** A MAC with the 52:54:00 prefix that none of `taken` has. `random` is swapped in tests. */

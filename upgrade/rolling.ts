@@ -29,8 +29,8 @@ export interface RollingOptions<R> {
   onEnd?: (item: RollingItemResult<R>, done: number, total: number) => void;
   /** Called before each pause, with the VMs still to go. */
   onPause?: (ms: number, remaining: number) => void;
-  /** How a pause waits; tests pass their own clock. */
-  sleep?: (ms: number) => Promise<void>;
+  /** How a pause waits (ended early once the signal aborts); tests pass their own clock. */
+  sleep?: (ms: number, signal?: AbortSignal) => Promise<void>;
 }
 
 /**
@@ -63,11 +63,14 @@ export async function runRolling<R>(options: RollingOptions<R>): Promise<Rolling
   };
   const interval = options.batchIntervalMs ?? 0;
   if (interval > 0) {
-    const sleep = options.sleep ?? ((ms: number) => delay(ms));
+    // A cancel ends the pause too: the job then ends at once, not after the interval (up to a day).
+    const sleep = options.sleep ?? ((ms: number, signal?: AbortSignal) => delay(ms, undefined, signal === undefined ? {} : { signal }).catch((error: unknown) => {
+      if ((error as Error).name !== 'AbortError') throw error;
+    }));
     for (let first = 0; first < vms.length && !halted(); first += parallel) {
       if (first > 0) {
         options.onPause?.(interval, vms.length - first);
-        await sleep(interval);
+        await sleep(interval, options.signal);
         if (halted()) break;
       }
       await Promise.all(vms.slice(first, first + parallel).map((_, i) => one(first + i)));

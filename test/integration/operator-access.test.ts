@@ -3,6 +3,9 @@
 // attack the issue found is refused with 403 naming its rule, and nothing is created or written.
 // Negative control: the same member through the admin socket (shared with the group by
 // --socket-group, root-equivalent as documented) has vmkeepd open /etc/shadow as a VM's disk.
+// vmkeepd runs in a network namespace of the test's own (NetLab) with two bridges: br0, given
+// to operators with --operator-bridge, and an admin's bridge that is not. A second member of the
+// group attacks the first one's operations.
 import { execFileSync } from 'node:child_process';
 import { chmod, mkdir, stat, symlink, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
@@ -11,6 +14,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Operation } from '../../daemon/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
 import { ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
+import { LAB_BRIDGE, NetLab } from '../support/net-lab.js';
+import { waitFor } from '../support/systemd-host.js';
 
 for (const [tool, pkg] of [['setpriv', 'util-linux'], ['curl', 'curl'], ['useradd', 'passwd'], ['qemu-img', 'qemu-utils']] as const) {
   try {
@@ -21,8 +26,14 @@ for (const [tool, pkg] of [['setpriv', 'util-linux'], ['curl', 'curl'], ['userad
 }
 
 const account = `vkop${process.pid % 100000}`;
+/** A second member of the operator group, for attacks on the first one's operations. */
+const other = `${account}b`;
+/** A bridge of the admin's that operators are not given. */
+const ADMIN_BRIDGE = 'bradmin';
 let uid: number;
+let otherUid: number;
 let gid: number;
+let lab: NetLab;
 let guest: GuestImage;
 let host: DaemonHost;
 let roots: string;
@@ -32,7 +43,9 @@ beforeAll(async () => {
   guest = await ensureGuestImage();
   execFileSync('groupadd', [account]);
   execFileSync('useradd', ['-M', '-N', '-g', account, '-s', '/usr/sbin/nologin', account]);
+  execFileSync('useradd', ['-M', '-N', '-g', account, '-s', '/usr/sbin/nologin', other]);
   uid = Number(execFileSync('id', ['-u', account], { encoding: 'utf8' }).trim());
+  otherUid = Number(execFileSync('id', ['-u', other], { encoding: 'utf8' }).trim());
   gid = Number(execFileSync('id', ['-g', account], { encoding: 'utf8' }).trim());
   const dir = execFileSync('mktemp', ['-d', '/tmp/vk-op-XXXXXX'], { encoding: 'utf8' }).trim();
   // The member reaches the sockets through the runtime folder (0750, its group); the test
@@ -40,10 +53,14 @@ beforeAll(async () => {
   await chmod(dir, 0o711);
   roots = join(dir, 'images');
   await mkdir(roots, { mode: 0o755 });
+  lab = await NetLab.create(`vk-opa-${process.pid}`);
+  await lab.ip('link', 'add', ADMIN_BRIDGE, 'type', 'bridge');
+  await lab.ip('link', 'set', ADMIN_BRIDGE, 'up');
   host = await DaemonHost.boot({
     name: `opa-${process.pid}`,
     dir,
-    args: ['--operator-group', account, '--socket-group', account, '--storage-root', roots],
+    args: ['--operator-group', account, '--socket-group', account, '--storage-root', roots, '--operator-bridge', LAB_BRIDGE],
+    netns: lab.path,
   });
   operatorSocket = join(dir, 'run', 'vmkeep-operator.sock');
   await host.api.create({ name: 'h2', kernel: guest.kernel, initrd: guest.initrd, append: guest.append, memoryMiB: 128 });
@@ -52,10 +69,14 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await host?.shutdown();
-  try {
-    execFileSync('userdel', [account]);
-  } catch {
-    // not made
+  // After the host: its QEMUs held the namespace's TAPs.
+  await lab?.destroy();
+  for (const name of [other, account]) {
+    try {
+      execFileSync('userdel', [name]);
+    } catch {
+      // not made
+    }
   }
   try {
     execFileSync('groupdel', [account]);
@@ -66,8 +87,12 @@ afterAll(async () => {
 
 /** A request as the operator group's member: curl under its uid and gid, no other groups. */
 function asMember(socket: string, method: string, path: string, body?: unknown): { status: number; json: any } {
+  return asUid(uid, socket, method, path, body);
+}
+
+function asUid(who: number, socket: string, method: string, path: string, body?: unknown): { status: number; json: any } {
   const out = execFileSync('setpriv', [
-    '--reuid', String(uid), '--regid', String(gid), '--clear-groups', '--',
+    '--reuid', String(who), '--regid', String(gid), '--clear-groups', '--',
     'curl', '-sS', '--unix-socket', socket, '-X', method, '-w', '\n%{http_code}',
     ...(body === undefined ? [] : ['-H', 'Content-Type: application/json', '--data-binary', JSON.stringify(body)]),
     `http://vmkeep${path}`,
@@ -142,9 +167,12 @@ describe('the operator socket, used by a non-root member of the operator group',
     expect(await listed()).not.toContain('backed');
   });
 
-  it('a kernel path is refused (403, no-kernel-path); delete is admin-only', async () => {
+  it('a kernel path is refused (403, no-kernel-path); delete and a host shutdown\'s stop are admin-only', async () => {
     refused(asMember(operatorSocket, 'POST', '/1.0/vms', { spec: { name: 'kern', kernel: guest.kernel } }), 'no-kernel-path');
     refused(asMember(operatorSocket, 'DELETE', '/1.0/vms/h2'), 'admin-only');
+    // A stop claiming the host shuts down would keep h2 wanted running for the next boot.
+    refused(asMember(operatorSocket, 'POST', '/1.0/vms/h2/stop', { hostShutdown: true, timeoutSec: 5 }), 'admin-only');
+    expect((await host.api.operations()).filter((op) => op.kind === 'stop' && op.vms.includes('h2'))).toEqual([]);
     await stillRunning('h2');
   });
 
@@ -162,6 +190,84 @@ describe('the operator socket, used by a non-root member of the operator group',
     const log = await host.consoleTail(400);
     expect(log).toContain(`POST /1.0/vms by uid ${uid} (operator): 201`);
     expect(log).toContain(`POST /1.0/vms/h2/qmp by uid ${uid} (operator): 403`);
+  });
+
+  it('a bridge NIC on a bridge operators are not given is refused (403, operator-bridge, naming the flag); on br0 it works', async () => {
+    const image = join(roots, 'netted.raw');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'raw', image, '4M']);
+    const spec = (nics: unknown[]) => ({ spec: { name: 'netted', memoryMiB: 64, disks: [{ path: image, format: 'raw' }], nics } });
+    const reply = asMember(operatorSocket, 'POST', '/1.0/vms', spec([{ mode: 'bridge', bridge: ADMIN_BRIDGE }]));
+    refused(reply, 'operator-bridge');
+    expect(reply.json.error.message).toContain(`operators may use ${LAB_BRIDGE}`);
+    expect(reply.json.error.message).toContain(`vmkeepd --operator-bridge ${ADMIN_BRIDGE}`);
+    expect(await listed()).not.toContain('netted');
+    expect((await lab.links()).filter((l) => l.master === ADMIN_BRIDGE)).toEqual([]);
+
+    const created = asMember(operatorSocket, 'POST', '/1.0/vms', spec([{ mode: 'bridge', bridge: LAB_BRIDGE }, { mode: 'user', hostForward: [{ protocol: 'tcp', host: '127.0.0.1:2222', guest: 22 }] }]));
+    expect(created.status, JSON.stringify(created.json)).toBe(201);
+    expect(created.json.state).toBe('running');
+    expect((await lab.links()).filter((l) => l.master === LAB_BRIDGE && /^vk[0-9a-f]{12}a$/.test(l.name))).toHaveLength(1);
+    await host.api.stop('netted', { force: true });
+    await host.api.delete('netted');
+  });
+
+  it('a forward from every address or from a privileged port is refused (403, operator-forward); the admin is not held to it', async () => {
+    const image = join(roots, 'fwd.raw');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'raw', image, '4M']);
+    for (const forward of [':2223', '0.0.0.0:2223', '10.77.0.1:2223', '127.0.0.1:80', '127.0.0.1:1023']) {
+      const reply = asMember(operatorSocket, 'POST', '/1.0/vms', {
+        spec: { name: 'fwd', memoryMiB: 64, disks: [{ path: image, format: 'raw' }], nics: [{ mode: 'user', hostForward: [{ protocol: 'tcp', host: forward, guest: 22 }] }] },
+      });
+      refused(reply, 'operator-forward');
+      expect(reply.json.error.message).toContain('a host port from 1024 to 65535 on a loopback address');
+    }
+    expect(await listed()).not.toContain('fwd');
+    // The admin names both, its own bridge and every address (recorded, not started).
+    await host.api.create({
+      name: 'adminnet', kernel: guest.kernel, initrd: guest.initrd, memoryMiB: 64,
+      nics: [{ mode: 'bridge', bridge: ADMIN_BRIDGE }, { mode: 'user', hostForward: [{ protocol: 'tcp', host: ':2223', guest: 22 }] }],
+    }, { start: false });
+    expect(await listed()).toContain('adminnet');
+    await host.api.delete('adminnet');
+  });
+
+  it('an operator cancels only its own operations (403, own-operations); the admin cancels anything', async () => {
+    // A rolling refresh that pauses after its first VM: cancellable until it ends (the second
+    // VM, stopped, is never reached).
+    await host.api.create({ name: 'second', kernel: guest.kernel, initrd: guest.initrd, memoryMiB: 64 }, { start: false });
+    const job = { vms: ['h2', 'second'], parallel: 1, batchIntervalSec: 600 };
+    const paused = (id: string) => waitFor(`operation ${id} to pause after its first VM`, 60_000, async () => {
+      const op = await host.api.operation(id);
+      expect(op.status).toBe('running');
+      return op.progress?.done === 1 ? op : undefined;
+    });
+
+    const admins = await host.api.startRefreshJob(job);
+    expect(admins.startedBy).toEqual({ level: 'admin' });
+    await paused(admins.id);
+    refused(asMember(operatorSocket, 'DELETE', `/1.0/operations/${admins.id}`), 'own-operations');
+    refused(asUid(otherUid, operatorSocket, 'DELETE', `/1.0/operations/${admins.id}`), 'own-operations');
+    expect((await host.api.operation(admins.id)).cancelRequested).toBeUndefined();
+
+    const begun = asMember(operatorSocket, 'POST', '/1.0/refresh', job);
+    expect(begun.status, JSON.stringify(begun.json)).toBe(202);
+    const mine = begun.json as Operation;
+    expect(mine.startedBy).toEqual({ level: 'operator', uid });
+    await paused(mine.id);
+    const stolen = asUid(otherUid, operatorSocket, 'DELETE', `/1.0/operations/${mine.id}`);
+    refused(stolen, 'own-operations');
+    expect(stolen.json.error.message).toContain(`begun by uid ${uid} (operator), you are uid ${otherUid}`);
+    expect((await host.api.operation(mine.id)).cancelRequested).toBeUndefined();
+
+    // Granted: the member its own, the admin anyone's.
+    const cancelled = asMember(operatorSocket, 'DELETE', `/1.0/operations/${mine.id}`);
+    expect(cancelled.status, JSON.stringify(cancelled.json)).toBe(202);
+    expect((await host.api.cancelOperation(admins.id)).cancelRequested).toBe(true);
+    for (const op of [mine, admins]) expect((await host.api.finished(op, 60_000)).status).toBe('cancelled');
+    const log = await host.consoleTail(400);
+    expect(log).toContain(`DELETE /1.0/operations/${mine.id} by uid ${otherUid} (operator): 403`);
+    expect(log).toContain(`DELETE /1.0/operations/${mine.id} by uid ${uid} (operator): 202`);
+    await host.api.delete('second');
   });
 
   // (A shell command through migrate exec: no longer runs even there: QEMU's sandbox ends the

@@ -123,7 +123,7 @@ describe('operations', () => {
     const waited = await vmkeep(['operations', FIRST, '--wait']);
     expect(waited).toMatchObject({ code: 0, stdout: `${FIRST}: start of web1: succeeded\n` });
     const listed = await vmkeep(['operations']);
-    expect(listed.stdout).toMatch(new RegExp(`^ID +KIND +VMS +STATUS +PROGRESS +UPDATED\n${FIRST} +start +web1 +succeeded +- +\\S+\n$`));
+    expect(listed.stdout).toMatch(new RegExp(`^ID +KIND +VMS +STATUS +PROGRESS +BY +UPDATED\n${FIRST} +start +web1 +succeeded +- +admin +\\S+\n$`));
     expect(JSON.parse((await vmkeep(['operations', '--json'])).stdout)).toEqual([expect.objectContaining({ id: FIRST, kind: 'start', status: 'succeeded' })]);
   });
 

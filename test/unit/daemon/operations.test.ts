@@ -285,6 +285,33 @@ describe('the registry (operations.ts) on a real folder', () => {
     expect(JSON.parse(before).operation.status).toBe('running');
   });
 
+  it('who began it is recorded and read back; a record from before the field is read as begun by vmkeepd; a wrong one is skipped', async () => {
+    const first = registry();
+    await first.load();
+    const mine = first.begin('start', ['web1'], async () => 'ok', { level: 'operator', uid: 1001 });
+    const own = first.begin('rolling-refresh', [], async () => 'ok');
+    expect(mine.startedBy).toEqual({ level: 'operator', uid: 1001 });
+    expect(own.startedBy).toBeUndefined();
+    await first.wait(mine.id, 60_000);
+    await first.wait(own.id, 60_000);
+    await first.flush();
+    expect(JSON.parse(await readFile(join(dir, `${mine.id}.json`), 'utf8')).operation.startedBy).toEqual({ level: 'operator', uid: 1001 });
+    // As an older vmkeepd wrote it: no startedBy.
+    const older = '33333333-3333-4333-8333-333333333333';
+    await writeFile(join(dir, `${older}.json`), JSON.stringify({ schema: OPERATION_SCHEMA, operation: op({ id: older, status: 'succeeded' }) }));
+    const forged = '44444444-4444-4444-8444-444444444444';
+    for (const startedBy of [{ level: 'root' }, { level: 'operator', uid: -1 }, 'admin']) {
+      await writeFile(join(dir, `${forged}.json`), JSON.stringify({ schema: OPERATION_SCHEMA, operation: op({ id: forged, status: 'succeeded', startedBy: startedBy as never }) }));
+      const next = registry();
+      await next.load();
+      expect(next.get(mine.id).startedBy).toEqual({ level: 'operator', uid: 1001 });
+      expect(next.get(older)).toMatchObject({ status: 'succeeded' });
+      expect(next.get(older).startedBy).toBeUndefined();
+      expect(() => next.get(forged)).toThrow(/no operation/);
+    }
+    expect(errors.filter((e) => e.includes(forged))).toHaveLength(3);
+  });
+
   it('records it cannot read are skipped with a log line, not fatal; a newer schema is not listed', async () => {
     await writeFile(join(dir, `${ID}.json`), JSON.stringify({ schema: OPERATION_SCHEMA + 1, operation: op() }));
     await writeFile(join(dir, '22222222-2222-4222-8222-222222222222.json'), '{ broken');

@@ -233,6 +233,16 @@ describe('runRolling', () => {
     ]);
   });
 
+  it('with a batch interval, a cancel during the pause ends the job at once, the rest skipped (real timers: it would wait an hour)', async () => {
+    const abort = new AbortController();
+    const results = await runRolling({
+      vms: ['a', 'b'], parallel: 1, batchIntervalMs: 3_600_000, signal: abort.signal,
+      refresh: async (vm) => vm,
+      onPause: () => setImmediate(() => abort.abort()),
+    });
+    expect(results.map((r) => [r.vm, r.ok, r.skipped ?? false])).toEqual([['a', true, false], ['b', false, true]]);
+  });
+
   it('with a batch interval, a batch that reaches maxFailures ends the job without another pause', async () => {
     const sleeps: number[] = [];
     const results = await runRolling({
