@@ -94,14 +94,23 @@ export function journalSink(options: JournalSinkOptions): { write(line: string):
   const socketPath = options.socketPath ?? JOURNAL_SOCKET;
   /** Lines handed to the helper that it has not acknowledged yet, oldest first. */
   const unacknowledged: string[] = [];
-  let helper: ChildProcess | undefined = spawn(perl, ['-e', HELPER, socketPath], { stdio: ['pipe', 'pipe', 'pipe'] });
-  let helperErrors = '';
+  let helper: ChildProcess | undefined;
+  let failed = false;
   const fail = (reason: string): void => {
-    if (helper === undefined) return;
+    if (failed) return;
+    failed = true;
     helper = undefined;
     for (const line of unacknowledged.splice(0)) options.fallback(line);
     options.onFallback(reason);
   };
+  try {
+    helper = spawn(perl, ['-e', HELPER, socketPath], { stdio: ['pipe', 'pipe', 'pipe'] });
+  } catch (error) {
+    // Node throws at once for some failures (others come as an 'error' event below).
+    queueMicrotask(() => fail(`cannot run ${perl}: ${(error as Error).message}`));
+    return { write: options.fallback };
+  }
+  let helperErrors = '';
   const started = helper;
   started.once('error', (error) => fail(`cannot run ${perl}: ${error.message}`));
   // 'close' comes after the helper's stdout ended: every acknowledgement it wrote was counted.
@@ -111,11 +120,9 @@ export function journalSink(options: JournalSinkOptions): { write(line: string):
   started.stdin?.on('error', () => undefined);
   started.unref();
   for (const stream of [started.stdin, started.stdout, started.stderr]) (stream as unknown as { unref?: () => void } | null)?.unref?.();
-  // A helper that could not even be spawned (no perl) has no PID: stderr from the first line on.
-  if (started.pid === undefined) {
-    helper = undefined;
-    queueMicrotask(() => options.onFallback(`cannot run ${perl}`));
-  }
+  // A helper that could not be spawned (no perl) has no PID: stderr from the first line on; its
+  // 'error' event, next, says why.
+  if (started.pid === undefined) helper = undefined;
   return {
     write(line) {
       if (helper?.stdin == null) {
