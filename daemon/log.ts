@@ -1,7 +1,8 @@
 // vmkeepd's logger: pino, one JSON object per line on stderr (journald keeps them), written
-// synchronously so nothing is lost at a crash; under systemd with a journal, structured entries
-// through the journal's own socket (journal-native.ts). The interface below is all the daemon
-// uses, so a test can pass its own `write`.
+// synchronously so nothing is lost at a crash; under systemd with journald, structured entries
+// through the journal's own socket (journal-native.ts: each line goes into the helper's pipe at
+// once while the pipe has room, and the helper outlives a crash). The interface below is all
+// the daemon uses, so a test can pass its own `write`.
 import { existsSync } from 'node:fs';
 import { pino } from 'pino';
 import { JOURNAL_SOCKET, journalSink } from './journal-native.js';
