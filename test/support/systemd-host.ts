@@ -418,6 +418,9 @@ export class SystemdHost {
       }
       if (/[:\n]/.test(dir)) throw new Error(`unit folder ${JSON.stringify(dir)} cannot go in a unit path`);
     }
+    if (options.journald === true && (!existsSync('/lib/systemd/systemd-journald') || !onPath('journalctl'))) {
+      throw new Error('a private systemd with journald needs /lib/systemd/systemd-journald and journalctl; install with: apt-get install -y systemd');
+    }
     // A host of the same name left behind by a crashed run is removed first.
     await SystemdHost.cleanup(name);
 
