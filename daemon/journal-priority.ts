@@ -15,10 +15,18 @@ export function syslogPriority(pinoLevel: number): number {
 
 const LEVEL_RE = /^\{"level":(\d+)/;
 
-/** One pino JSON line with its `<N>` prefix (info when the level cannot be read). */
-export function withPriority(line: string): string {
+/**
+ * A pino line's syslog priority, from the level pino writes first (a logged field also named
+ * `level` does not change it); info when the line has none.
+ */
+export function linePriority(line: string): number {
   const level = LEVEL_RE.exec(line)?.[1];
-  return `<${syslogPriority(level === undefined ? 30 : Number(level))}>${line}`;
+  return syslogPriority(level === undefined ? 30 : Number(level));
+}
+
+/** One pino JSON line with its `<N>` prefix. */
+export function withPriority(line: string): string {
+  return `<${linePriority(line)}>${line}`;
 }
 
 /** JOURNAL_STREAM is "DEV:INODE" of the journal's stream; it must be the very fd we write to. */
@@ -30,13 +38,4 @@ export function isJournalStream(fd: number, journalStream = process.env.JOURNAL_
   } catch {
     return false;
   }
-}
-
-/**
- * A pino destination writing to `fd` synchronously, every line with its `<N>` prefix when `fd`
- * is the journal's stream. pino writes one whole line per call.
- */
-export function journalDestination<T extends { write(text: string): unknown }>(destination: T, fd: number): T | { write(text: string): unknown } {
-  if (!isJournalStream(fd)) return destination;
-  return { write: (text: string) => destination.write(withPriority(text)) };
 }

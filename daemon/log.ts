@@ -1,8 +1,12 @@
 // vmkeepd's logger: pino, one JSON object per line on stderr (journald keeps them), written
-// synchronously so nothing is lost at a crash. The interface below is all the daemon uses, so a
-// test can pass its own `write`.
+// synchronously so nothing is lost at a crash; under systemd with journald, structured entries
+// through the journal's own socket (journal-native.ts: each line goes into the helper's pipe at
+// once while the pipe has room, and the helper outlives a crash). The interface below is all
+// the daemon uses, so a test can pass its own `write`.
+import { existsSync } from 'node:fs';
 import { pino } from 'pino';
-import { journalDestination } from './journal-priority.js';
+import { JOURNAL_SOCKET, journalSink } from './journal-native.js';
+import { isJournalStream, withPriority } from './journal-priority.js';
 
 export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
@@ -34,9 +38,24 @@ export function isLogLevel(value: string): value is LogLevel {
   return (LOG_LEVELS as readonly string[]).includes(value);
 }
 
+/**
+ * stderr, each line with its syslog priority when stderr is the journal's stream (journalctl
+ * -p); and when journald's socket is there too, its native protocol, stderr being the fallback.
+ */
+function stderrDestination(identifier: string, warn: (reason: string) => void): { write(line: string): unknown } {
+  const stderr = pino.destination({ fd: 2, sync: true });
+  if (!isJournalStream(2)) return stderr;
+  const prefixed = (line: string): unknown => stderr.write(withPriority(line));
+  if (!existsSync(JOURNAL_SOCKET)) return { write: prefixed };
+  return journalSink({ identifier, fallback: prefixed, onFallback: warn });
+}
+
 export function createLogger(options: LoggerOptions): Logger {
-  // Each line carries its syslog priority when stderr is the journal's stream (journalctl -p).
-  const destination = options.write === undefined ? journalDestination(pino.destination({ fd: 2, sync: true }), 2) : { write: options.write };
+  let logger: Logger | undefined;
+  const destination = options.write === undefined
+    ? stderrDestination(options.name, (reason) => logger?.warn({ reason }, `log lines go to stderr, without their journal fields (VM=...): ${reason}`))
+    : { write: options.write };
   // An error's cause is kept as an object of its own (the default folds it into the message).
-  return pino({ name: options.name, level: options.level, serializers: { err: pino.stdSerializers.errWithCause } }, destination);
+  logger = pino({ name: options.name, level: options.level, serializers: { err: pino.stdSerializers.errWithCause } }, destination);
+  return logger;
 }

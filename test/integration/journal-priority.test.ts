@@ -1,7 +1,9 @@
 // vmkeepd's own lines carry their journald priority when its stderr is the journal's stream
-// (JOURNAL_STREAM = that stream's DEV:INODE, as systemd sets it): a real vmkeepd process,
-// its stderr a file standing in for the journal's stream. Negative control: without
-// JOURNAL_STREAM the lines are plain JSON.
+// (JOURNAL_STREAM = that stream's DEV:INODE, as systemd sets it) and journald's native socket is
+// not there (journal-fields.test.ts tests that socket): a real vmkeepd process, its stderr a file
+// standing in for the journal's stream, in a mount namespace where /run/systemd/journal is empty
+// even on a host running journald. Negative control: without JOURNAL_STREAM the lines are plain
+// JSON.
 import { spawn } from 'node:child_process';
 import { closeSync, fstatSync, openSync } from 'node:fs';
 import { chmod, mkdtemp, readFile, rm } from 'node:fs/promises';
@@ -13,6 +15,7 @@ import { waitFor } from '../support/systemd-host.js';
 
 const VMKEEPD = join(projectRoot(), 'dist', 'cli', 'vmkeepd.js');
 const dirs: string[] = [];
+const HIDE_JOURNAL_SOCKET = '[ ! -d /run/systemd/journal ] || mount -t tmpfs none /run/systemd/journal || exit 1; exec "$@"';
 
 afterEach(async () => {
   for (const dir of dirs.splice(0)) await rm(dir, { recursive: true, force: true });
@@ -30,7 +33,7 @@ async function daemonLines(journal: boolean): Promise<string[]> {
   const env: NodeJS.ProcessEnv = { ...process.env };
   delete env.JOURNAL_STREAM;
   if (journal) env.JOURNAL_STREAM = `${dev}:${ino}`;
-  const child = spawn(process.execPath, [VMKEEPD, '--no-scope', '--state-dir', join(dir, 'state'), '--runtime-dir', join(dir, 'run'), '--socket', join(dir, 'run', 'vmkeep.sock')],
+  const child = spawn('unshare', ['--mount', '--propagation', 'private', 'sh', '-c', HIDE_JOURNAL_SOCKET, 'sh', process.execPath, VMKEEPD, '--no-scope', '--state-dir', join(dir, 'state'), '--runtime-dir', join(dir, 'run'), '--socket', join(dir, 'run', 'vmkeep.sock')],
     { stdio: ['ignore', 'ignore', fd], env });
   closeSync(fd);
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));

@@ -77,6 +77,16 @@ export interface DaemonHostOptions {
   guestsTimeoutSec?: number;
   /** The network namespace (path) the host, so vmkeepd and its QEMUs, run in (see SystemdHost). */
   netns?: string;
+  /** A real journald in the private systemd, vmkeepd's stderr connected to it (as on a real host). */
+  journald?: boolean;
+}
+
+interface BootOptions {
+  name: string;
+  unitFiles: Record<string, string>;
+  guestsTimeoutSec?: number;
+  netns?: string;
+  journald?: boolean;
 }
 
 export class DaemonHost {
@@ -85,7 +95,7 @@ export class DaemonHost {
     readonly dir: string,
     readonly socket: string,
     readonly api: ApiClient,
-    private readonly bootOptions: { name: string; unitFiles: Record<string, string>; guestsTimeoutSec?: number; netns?: string },
+    private readonly bootOptions: BootOptions,
   ) {}
 
   /** The private systemd now running (a new one after reboot()). */
@@ -93,21 +103,29 @@ export class DaemonHost {
     return this.current;
   }
 
-  private static async bootSystemd(options: { name: string; unitFiles: Record<string, string>; guestsTimeoutSec?: number; netns?: string }): Promise<SystemdHost> {
-    const host = await SystemdHost.boot({ name: options.name, unitFiles: options.unitFiles, ...(options.netns === undefined ? {} : { netns: options.netns }) });
+  private static async bootSystemd(options: BootOptions): Promise<SystemdHost> {
+    const host = await SystemdHost.boot({
+      name: options.name, unitFiles: options.unitFiles, journald: options.journald === true, ...(options.netns === undefined ? {} : { netns: options.netns }),
+    });
     try {
+      if (options.journald === true) await DaemonHost.dropIn(host, DAEMON_UNIT, 'test-journal.conf', '[Service]\nStandardError=journal\n');
       if (options.unitFiles[GUESTS_UNIT] !== undefined) {
         const timeoutSec = options.guestsTimeoutSec ?? 8;
-        const dropIns = join(host.unitDir, `${GUESTS_UNIT}.d`);
-        await mkdir(dropIns, { recursive: true });
-        await writeFile(join(dropIns, 'test-timeout.conf'), `[Service]\nEnvironment=VMKEEP_SHUTDOWN_TIMEOUT=${timeoutSec}\nTimeoutStopSec=${timeoutSec + 20}\n`);
-        await host.systemctl('daemon-reload');
+        await DaemonHost.dropIn(host, GUESTS_UNIT, 'test-timeout.conf', `[Service]\nEnvironment=VMKEEP_SHUTDOWN_TIMEOUT=${timeoutSec}\nTimeoutStopSec=${timeoutSec + 20}\n`);
       }
       return host;
     } catch (error) {
       await host.shutdown();
       throw error;
     }
+  }
+
+  /** Writes a drop-in for a unit of the private systemd and reloads it. */
+  static async dropIn(host: SystemdHost, unit: string, file: string, text: string): Promise<void> {
+    const dir = join(host.unitDir, `${unit}.d`);
+    await mkdir(dir, { recursive: true });
+    await writeFile(join(dir, file), text);
+    await host.systemctl('daemon-reload');
   }
 
   /**
@@ -170,6 +188,7 @@ export class DaemonHost {
         },
         ...(options.guestsTimeoutSec === undefined ? {} : { guestsTimeoutSec: options.guestsTimeoutSec }),
         ...(options.netns === undefined ? {} : { netns: options.netns }),
+        journald: options.journald === true,
       };
       host = await DaemonHost.bootSystemd(bootOptions);
       const daemon = new DaemonHost(host, dir, socket, new ApiClient({ socketPath: socket, timeoutMs: 60_000 }), bootOptions);

@@ -43,6 +43,11 @@ export interface SystemdHostOptions {
    * the QEMUs they start see only that namespace's links (a test's bridge and TAPs).
    */
   netns?: string;
+  /**
+   * Also run a real systemd-journald (volatile, in the private /run), from units of our own
+   * (never the distribution's: see extraUnitDirs); read it with exec('journalctl', ...).
+   */
+  journald?: boolean;
 }
 
 // Unit folders whose units must never be loaded by a private systemd sharing the host's files.
@@ -230,7 +235,55 @@ const STUB_TARGETS = [
   'network', 'network-online', 'nss-lookup', 'multi-user', 'shutdown',
 ];
 
-function baseUnits(): Record<string, string> {
+/** A journald kept in the private /run: nothing reaches the host's kernel log, syslog or console. */
+const JOURNALD_CONF = [
+  '[Journal]',
+  'Storage=volatile',
+  'ReadKMsg=no',
+  'ForwardToSyslog=no',
+  'ForwardToKMsg=no',
+  'ForwardToConsole=no',
+  'ForwardToWall=no',
+  // Tests count lines: none may be dropped by the rate limit.
+  'RateLimitBurst=0',
+  'RuntimeMaxUse=16M',
+  '',
+].join('\n');
+
+function journaldUnits(): Record<string, string> {
+  return {
+    'systemd-journald.socket': [
+      '[Unit]',
+      'Description=journald sockets of the private test host',
+      'DefaultDependencies=no',
+      '[Socket]',
+      'ListenStream=/run/systemd/journal/stdout',
+      'ListenDatagram=/run/systemd/journal/socket',
+      'SocketMode=0666',
+      'PassCredentials=yes',
+      'PassSecurity=yes',
+      'ReceiveBuffer=8M',
+      'Service=systemd-journald.service',
+      '',
+    ].join('\n'),
+    'systemd-journald.service': [
+      '[Unit]',
+      'Description=journald of the private test host',
+      'DefaultDependencies=no',
+      'Requires=systemd-journald.socket',
+      'After=systemd-journald.socket',
+      '[Service]',
+      'Type=notify',
+      'Sockets=systemd-journald.socket',
+      // Its own messages on the console log, never on the host's kernel log.
+      'Environment=SYSTEMD_LOG_TARGET=console',
+      'ExecStart=/lib/systemd/systemd-journald',
+      '',
+    ].join('\n'),
+  };
+}
+
+function baseUnits(journald: boolean): Record<string, string> {
   const units: Record<string, string> = {};
   // Empty targets so that default dependencies of services, scopes and slices resolve.
   for (const t of STUB_TARGETS) {
@@ -240,9 +293,10 @@ function baseUnits(): Record<string, string> {
     '[Unit]',
     'Description=vmkeep private test host',
     'DefaultDependencies=no',
-    'Wants=dbus.socket dbus.service',
+    `Wants=dbus.socket dbus.service${journald ? ' systemd-journald.socket systemd-journald.service' : ''}`,
     '',
   ].join('\n');
+  if (journald) Object.assign(units, journaldUnits());
   units['dbus.socket'] = [
     '[Unit]',
     'Description=D-Bus system bus socket',
@@ -364,6 +418,9 @@ export class SystemdHost {
       }
       if (/[:\n]/.test(dir)) throw new Error(`unit folder ${JSON.stringify(dir)} cannot go in a unit path`);
     }
+    if (options.journald === true && (!existsSync('/lib/systemd/systemd-journald') || !onPath('journalctl'))) {
+      throw new Error('a private systemd with journald needs /lib/systemd/systemd-journald and journalctl; install with: apt-get install -y systemd');
+    }
     // A host of the same name left behind by a crashed run is removed first.
     await SystemdHost.cleanup(name);
 
@@ -372,7 +429,11 @@ export class SystemdHost {
     await writeFile(join(p.runDir, 'vmkeep-boot-id'), `${randomUUID()}\n`);
     await mkdir(join(p.runDir, 'systemd', 'system.conf.d'), { recursive: true });
     await writeFile(join(p.runDir, 'systemd', 'system.conf.d', 'vmkeep-testhost.conf'), MANAGER_CONF);
-    for (const [unit, text] of Object.entries({ ...baseUnits(), ...options.unitFiles })) {
+    if (options.journald === true) {
+      await mkdir(join(p.runDir, 'systemd', 'journald.conf.d'), { recursive: true });
+      await writeFile(join(p.runDir, 'systemd', 'journald.conf.d', 'vmkeep-testhost.conf'), JOURNALD_CONF);
+    }
+    for (const [unit, text] of Object.entries({ ...baseUnits(options.journald === true), ...options.unitFiles })) {
       checkUnitName(unit);
       await writeFile(join(p.unitDir, unit), text);
     }
