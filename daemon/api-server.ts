@@ -165,7 +165,7 @@ export async function startApiServer(options: ApiServerOptions): Promise<ApiServ
   // The admin socket is root's alone (0600); an operator is told apart by its uid.
   if (ctx.level !== 'admin') server.on('connection', (socket: Socket) => {
     peers.set(socket, peerCredentials(socket).catch((error: Error) => {
-      logger.warn({ err: error, level: ctx.level }, 'the caller\'s uid could not be read (SO_PEERCRED); its requests are logged with the access level only');
+      logger.warn({ err: error, access: ctx.level }, 'the caller\'s uid could not be read (SO_PEERCRED); its requests are logged with the access level only');
       return undefined;
     }));
   });
@@ -490,7 +490,7 @@ async function dispatch(routes: Route[], ctx: Context, req: IncomingMessage, res
   const [rawPath = ''] = (req.url ?? '').split('?', 1);
   res.once('finish', () => {
     void peer.then((creds) => {
-      const fields = { method, path: rawPath, status: res.statusCode, ms: Math.round(performance.now() - started), level: ctx.level, ...creds };
+      const fields = { method, path: rawPath, status: res.statusCode, ms: Math.round(performance.now() - started), access: ctx.level, ...creds };
       // Who did what: every change and every refusal, with the caller's uid from the kernel.
       if (method !== 'GET' || res.statusCode === 403) ctx.logger.info(fields, `${method} ${rawPath} by ${creds === undefined ? 'an unknown uid' : `uid ${creds.uid}`} (${ctx.level}): ${res.statusCode}`);
       else ctx.logger.debug(fields, 'api request');
