@@ -224,11 +224,12 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
         watch.stop();
       });
     }
+    // startupMs: since this process started (Node's time origin), for the start-up benchmark.
+    // Logged before READY=1: whoever waits for READY (systemctl start) finds the line written.
+    logger.info({ socket: options.socketPath, stateDir: options.stateDir, startupMs: Math.round(performance.now()), socketActivated: passed.control !== undefined }, 'vmkeepd ready');
     notifier.send('READY=1', `STATUS=${statusText({ states: vms.map((v) => v.state), jobs: [] })}`);
     // Kept up to date from here on: `systemctl status vmkeepd` shows it.
     cleanups.push(startStatusUpdates(manager, (text) => notifier.send(`STATUS=${text}`)));
-    // startupMs: since this process started (Node's time origin), for the start-up benchmark.
-    logger.info({ socket: options.socketPath, stateDir: options.stateDir, startupMs: Math.round(performance.now()), socketActivated: passed.control !== undefined }, 'vmkeepd ready');
     await manager.afterReady();
     manager.metrics.daemonStarts = await countDaemonStart(options.stateDir).catch((error: unknown) => {
       logger.warn({ err: error }, 'could not count this start in the state folder; the metric vmkeep_daemon_starts_total is left out');
