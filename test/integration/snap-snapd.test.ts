@@ -319,12 +319,14 @@ describe('the snap under a real snapd', () => {
       await createVms(b, ['back', 'off']);
       expect(await b.vmkeep(['set', 'off', 'autostart=never'])).toContain('off: autostart=never');
 
-      // 1. Requests back to back while snapd restarts vmkeepd 3 times and it is SIGKILLed once
+      // 1. Requests back to back while snapd restarts vmkeepd twice and it is SIGKILLed once
       // (restart-condition: on-failure brings it back): the socket unit holds every connection.
+      // Four starts in all: snapd's unit keeps systemd's start limit (5 in 10 s), which a fifth
+      // quick start would hit, failing the service and its socket.
       let done = false;
       const client = runClient(controlSocket(b.snapd), () => done);
       try {
-        for (let i = 0; i < 3; i++) {
+        for (let i = 0; i < 2; i++) {
           const pid = await b.mainPid(DAEMON_UNIT);
           await b.snapd.snap(['restart', 'vmkeep.vmkeepd']);
           expect(await daemonStarted(b, `after snap restart ${i + 1}`)).not.toBe(pid);
@@ -334,12 +336,15 @@ describe('the snap under a real snapd', () => {
         await waitFor(`${DAEMON_UNIT} restarted after its SIGKILL`, 60_000, async () => {
           const now = await b.mainPid(DAEMON_UNIT);
           return now !== pid && now > 0 && (await b.snapd.host.exec('systemctl', ['is-active', DAEMON_UNIT])).stdout.trim() === 'active' ? true : undefined;
+        }).catch(async (error: unknown) => {
+          const status = await b.snapd.host.exec('systemctl', ['status', '--no-pager', '--lines=20', DAEMON_UNIT, SOCKET_UNIT]);
+          throw new Error(`${(error as Error).message}\n${status.stdout}`, { cause: error });
         });
       } finally {
         done = true;
       }
       const tally = await client;
-      process.stdout.write(`snap socket unit, 3 snap restarts + 1 SIGKILL: ${tally.ok} requests, refused ${tally.refused}, cut ${tally.cut}, failed ${tally.failed}, longest wait ${Math.round(tally.longestWaitMs)} ms\n`);
+      process.stdout.write(`snap socket unit, 2 snap restarts + 1 SIGKILL: ${tally.ok} requests, refused ${tally.refused}, cut ${tally.cut}, failed ${tally.failed}, longest wait ${Math.round(tally.longestWaitMs)} ms\n`);
       expect(tally.errors).toEqual([]);
       expect(tally.refused).toBe(0);
       expect(tally.failed).toBe(0);
