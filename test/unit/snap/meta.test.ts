@@ -44,6 +44,7 @@ describe('snap.yaml from snapcraft.yaml', () => {
         { from: 'vmkeep', to: 'bin/vmkeep' },
         { from: 'vmkeep-guests', to: 'bin/vmkeep-guests' },
         { from: 'vmkeep-completion.bash', to: 'bin/vmkeep-completion.bash' },
+        { from: 'vmkeep-strategies.bash', to: 'bin/vmkeep-strategies.bash' },
       ],
     });
     expect(plan.qemu.packages).toContain('qemu-system-x86');
