@@ -173,17 +173,33 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
       run(async (api, out, a: CommonArgs & { name?: string; all: boolean; timeout?: number; force: boolean; stateDir?: string; hostShutdown: boolean; async: boolean }) => {
         if (a.name === undefined) {
           const timeoutSec = a.timeout ?? DEFAULT_STOP_TIMEOUT_SEC;
-          try {
-            return await stopAll(api, out, io, timeoutSec, a.hostShutdown);
-          } catch (error) {
-            if (a.stateDir === undefined || (error as { code?: unknown }).code !== 'DAEMON_DOWN') throw error;
-            io.stderr.write(`vmkeep: vmkeepd does not answer; powering the guests off straight from the records in ${a.stateDir}\n`);
-            const offline = await openOfflineGuests(a.stateDir);
+          if (a.stateDir === undefined) return await stopAll(api, out, io, timeoutSec, a.hostShutdown);
+          // The records first, under vmkeepd's lock; only a vmkeepd that holds it is asked. The
+          // control socket may be held by a socket unit, and a connection to it would start a
+          // vmkeepd: one systemd refuses at host shutdown, one that must not run while a snap is
+          // removed (ARCHITECTURE.md, invariant 12).
+          const stateDir = a.stateDir;
+          const offlineStop = async (): Promise<number> => {
+            const offline = await openOfflineGuests(stateDir);
+            io.stderr.write(`vmkeep: no vmkeepd runs on ${stateDir}; powering the guests off straight from its records\n`);
             try {
               return await stopAll(offline, out, io, timeoutSec, a.hostShutdown);
             } finally {
               await offline.close();
             }
+          };
+          const codeOf = (error: unknown): unknown => (error as { code?: unknown }).code;
+          try {
+            return await offlineStop();
+          } catch (error) {
+            if (codeOf(error) !== 'LOCKED') throw error;
+          }
+          try {
+            return await stopAll(api, out, io, timeoutSec, a.hostShutdown);
+          } catch (error) {
+            // The vmkeepd that held the lock ended in between: its records are free now.
+            if (codeOf(error) !== 'DAEMON_DOWN') throw error;
+            return await offlineStop();
           }
         }
         if (!out.json && !a.force) {

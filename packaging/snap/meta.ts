@@ -40,7 +40,7 @@ const CONSUMED = ['platforms', 'parts', 'apps', 'hooks'];
 // apps.<name> keys snapd reads from snap.yaml with the same meaning.
 const APP_KEYS = [
   'command', 'daemon', 'stop-command', 'start-timeout', 'stop-timeout', 'restart-condition', 'restart-delay', 'refresh-mode',
-  'stop-mode', 'after', 'before', 'completer', 'environment',
+  'stop-mode', 'after', 'before', 'completer', 'environment', 'sockets', 'plugs',
 ];
 const HOOK_KEYS = ['environment'];
 const PARTS: Record<string, { plugin: string; keys: string[] }> = {
@@ -73,7 +73,8 @@ function strings(where: string, value: unknown): string[] {
 
 /** The plan for a snapcraft.yaml text; `version` overrides its version (test revisions). */
 export function planSnapBuild(snapcraftYaml: string, options: { version?: string } = {}): SnapBuildPlan {
-  const doc = parseDocument(snapcraftYaml, { uniqueKeys: true });
+  // YAML 1.1, as snapcraft and snapd read it: socket-mode 0600 is octal there (decimal 600 in 1.2).
+  const doc = parseDocument(snapcraftYaml, { uniqueKeys: true, version: '1.1' });
   if (doc.errors.length > 0) throw new SnapMetaError(`snapcraft.yaml does not parse: ${doc.errors[0]?.message ?? ''}`);
   const top = only('snapcraft.yaml', doc.toJS() as unknown, [...COPIED, ...CONSUMED]);
 

@@ -38,7 +38,8 @@ async function main(): Promise<void> {
     lab = await NetLab.create(`vk-updemo-${process.pid}`);
     host = await SystemdHost.boot({ name: `updemo-${process.pid}`, unitFiles: { [SNAP_UNIT]: await prepareSnapUnit(layout) }, netns: lab.path });
     await host.systemctl('start', SNAP_UNIT);
-    const socket = join(host.runDir, 'vmkeep', 'vmkeep.sock');
+    // The snap's control socket, $SNAP_COMMON/vmkeep.sock (snap/local/vmkeepd-launch).
+    const socket = join(layout.common, 'vmkeep.sock');
     const serial = (vm: string): string => join(host?.runDir ?? '', 'vmkeep', 'vms', vm, 'serial.log');
     const api = new ApiClient({ socketPath: socket, timeoutMs: 60_000 });
     const vmkeep = (...args: string[]): Promise<string> => showVmkeep(socket, ...args);

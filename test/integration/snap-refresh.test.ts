@@ -49,9 +49,8 @@ async function bootSnapHost(name: string, extraArgs: string[] = []): Promise<Sna
   const host = await SystemdHost.boot({ name, unitFiles: { [SNAP_UNIT]: unit } });
   cleanups.push(() => host.shutdown());
   await host.systemctl('start', SNAP_UNIT);
-  // The launcher keeps the runtime folder at /run/vmkeep: inside, /run is host.runDir.
-  const run = join(host.runDir, 'vmkeep');
-  const api = new ApiClient({ socketPath: join(run, 'vmkeep.sock'), timeoutMs: 60_000 });
+  // The launcher's control socket, $SNAP_COMMON/vmkeep.sock (vmkeepd binds it: no socket unit here).
+  const api = new ApiClient({ socketPath: join(layout.common, 'vmkeep.sock'), timeoutMs: 60_000 });
   return { layout, host, api, serialLog: (vm) => join(layout.common, 'log', vm, 'serial.log') };
 }
 

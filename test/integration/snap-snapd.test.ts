@@ -4,8 +4,12 @@
 // to x3 with every VM still on x1, which snapd then discards (refresh.retain); `vmkeep refresh
 // --stale` onto the current QEMU; `snap revert`; `snap remove` powering every guest off by ACPI.
 // Then `snap set vmkeep refresh.strategy=migrate` and a refresh: the new vmkeepd moves the VM by
-// itself. The negative control is a refresh with a snap whose vmkeepd keeps its QEMUs in the
-// service's own cgroup (--no-scope).
+// itself (started by the configure hook: snapd starts only its socket). snapd's socket unit: no
+// refused connection across `snap restart` and a SIGKILL (the refusals at a refresh, when snapd
+// stops the socket, are the client's negative control); then a host reboot, after which the
+// guests service starts vmkeepd and it starts the VMs again. The negative control of survival
+// is a refresh with a snap whose vmkeepd keeps its QEMUs in the service's own cgroup (--no-scope).
+import { randomUUID } from 'node:crypto';
 import { mkdtemp, open, readdir, readFile, rm, writeFile, type FileHandle } from 'node:fs/promises';
 import { existsSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -18,11 +22,13 @@ import { countTicks, ensureGuestImage, requireQemu, waitForSerial, type GuestIma
 import { backportsQemuRoot } from '../support/installations.js';
 import { projectRoot } from '../support/paths.js';
 import { requireSnapd, SnapdHost } from '../support/snapd-host.js';
+import { runClient } from '../support/socket-client.js';
 import { requireSystemdHostPrereqs, waitFor } from '../support/systemd-host.js';
 import { waitForVm } from '../support/vm-wait.js';
 
 const DAEMON_UNIT = 'snap.vmkeep.vmkeepd.service';
 const GUESTS_UNIT = 'snap.vmkeep.guests.service';
+const SOCKET_UNIT = 'snap.vmkeep.vmkeepd.control.socket';
 // Host paths snapd would write without the scratch binds; none may change.
 const WATCHED = ['/etc/systemd/system', '/etc/udev/rules.d', '/etc/modules-load.d', '/usr/share/bash-completion/completions', '/snap', '/var/snap', '/var/lib/snapd', '/var/cache/snapd'];
 
@@ -89,11 +95,25 @@ interface Booted {
   qemus(names: string[]): Promise<Map<string, { pid: number; startTime: string }>>;
 }
 
+/** The control socket snapd's socket unit holds, $SNAP_COMMON/vmkeep.sock, as seen from outside. */
+function controlSocket(snapd: SnapdHost): string {
+  return join(snapd.scratch, 'fs', 'var_snap', 'vmkeep', 'common', 'vmkeep.sock');
+}
+
+/**
+ * vmkeepd started by the snap itself (bin/vmkeepd-wake, from the configure hook or the guests
+ * service), with no client connecting: only systemd is asked. Its MainPID once it is up.
+ */
+async function daemonStarted(b: Booted, why: string): Promise<number> {
+  await waitFor(`${DAEMON_UNIT} to be active (${why}), with no client connecting`, 120_000, async () =>
+    (await b.snapd.host.exec('systemctl', ['is-active', DAEMON_UNIT])).stdout.trim() === 'active' ? true : undefined);
+  return b.mainPid(DAEMON_UNIT);
+}
+
 async function bootSnapd(name: string): Promise<Booted> {
   const snapd = await SnapdHost.boot(name);
   await snapd.installStandIns('core24');
-  const run = join(snapd.host.runDir, 'vmkeep');
-  const api = new ApiClient({ socketPath: join(run, 'vmkeep.sock'), timeoutMs: 60_000 });
+  const api = new ApiClient({ socketPath: controlSocket(snapd), timeoutMs: 60_000 });
   const booted: Booted = {
     snapd,
     api,
@@ -158,13 +178,15 @@ describe('the snap under a real snapd', () => {
 
     // 1. install x1: both services active, 3 VMs through /snap/bin/vmkeep.
     await b.snapd.snap(['install', '--dangerous', '--classic', snaps.x1]);
+    // snapd holds the control socket and starts only it; the configure hook starts vmkeepd.
+    expect((await b.snapd.host.systemctl('is-active', SOCKET_UNIT)).trim()).toBe('active');
+    const daemonPid = await daemonStarted(b, 'after the install');
     const services = (await b.snapd.snap(['services', 'vmkeep'])).stdout;
-    expect(services).toMatch(/^vmkeep\.vmkeepd\s+enabled\s+active/m);
+    expect(services).toMatch(/^vmkeep\.vmkeepd\s+enabled\s+active\s+socket-activated/m);
     expect(services).toMatch(/^vmkeep\.guests\s+enabled\s+active/m);
     await createVms(b, names);
     expect(await b.vmkeep(['list'])).toMatch(/a1[\s\S]*a2[\s\S]*a3/);
     const before = await b.qemus(names);
-    const daemonPid = await b.mainPid(DAEMON_UNIT);
     const guestsSince = await b.snapd.host.systemctl('show', '--property=ActiveEnterTimestampMonotonic', '--value', GUESTS_UNIT);
     for (const v of (await b.api.upgradeStatus()).vms) expect(v).toMatchObject({ installation: 'rev-x1', stale: false });
 
@@ -176,8 +198,8 @@ describe('the snap under a real snapd', () => {
     expect(tasks).toMatch(/Done .*Run configure hook of "vmkeep" snap/);
     expect(tasks).toMatch(/Done .*Stop snap "vmkeep" services/);
     expect(tasks).toMatch(/Done .*Start snap "vmkeep" .*services/);
+    const newDaemonPid = await daemonStarted(b, 'after the refresh');
     expect(await b.vmkeep(['--version'])).toContain('0.1.0+qemu10');
-    const newDaemonPid = await b.mainPid(DAEMON_UNIT);
     expect(newDaemonPid).not.toBe(daemonPid);
     expect(newDaemonPid).toBeGreaterThan(0);
     expect(await b.snapd.host.systemctl('show', '--property=ActiveEnterTimestampMonotonic', '--value', GUESTS_UNIT)).toBe(guestsSince);
@@ -271,11 +293,89 @@ describe('the snap under a real snapd', () => {
       await b.snapd.snap(['set', 'vmkeep', 'refresh.strategy=migrate']);
       expect(isSameProcess(q.pid, q.startTime)).toBe(true);
       await b.snapd.snap(['install', '--dangerous', '--classic', snaps.x2]);
+      // Started by the configure hook: no client connects before it has moved the VM.
+      await daemonStarted(b, 'after the refresh');
+      const record = join(b.snapd.scratch, 'fs', 'var_snap', 'vmkeep', 'common', 'state', 'vms', 'm1.json');
+      await waitFor('m1 moved onto rev-x2 (its record names it), before any client connects', 120_000, async () => {
+        const text = await readFile(record, 'utf8').catch(() => '{}');
+        return (JSON.parse(text) as { installation?: { name?: string } }).installation?.name === 'rev-x2' ? true : undefined;
+      });
       const vm = await waitForVm(b.api, 'm1', (v) => v.state === 'running' && v.installation === 'rev-x2', 'moved onto rev-x2 by the new vmkeepd (--refresh-at-start)');
       expect(vm.pid).not.toBe(undefined);
       expect(isSameProcess(q.pid, q.startTime), "m1's x1 QEMU is gone after the live migration").toBe(false);
       expect((await readFile(b.serialLog('m1'), 'utf8')).match(/GUEST READY/g)).toHaveLength(1);
       await ticksGoOn(b, ['m1']);
+    } finally {
+      await b.snapd.shutdown();
+    }
+  }, 600_000);
+
+  it("snapd's socket unit: no refusal across restarts and a SIGKILL of vmkeepd (refusals at a refresh); a host reboot brings the VMs back (the guests service starts vmkeepd)", async () => {
+    const b = await bootSnapd(`snapdsk-${process.pid}`);
+    cleanups.push(() => b.snapd.shutdown());
+    try {
+      await b.snapd.snap(['install', '--dangerous', '--classic', snaps.x1]);
+      await daemonStarted(b, 'after the install');
+      await createVms(b, ['back', 'off']);
+      expect(await b.vmkeep(['set', 'off', 'autostart=never'])).toContain('off: autostart=never');
+
+      // 1. Requests back to back while snapd restarts vmkeepd 3 times and it is SIGKILLed once
+      // (restart-condition: on-failure brings it back): the socket unit holds every connection.
+      let done = false;
+      const client = runClient(controlSocket(b.snapd), () => done);
+      try {
+        for (let i = 0; i < 3; i++) {
+          const pid = await b.mainPid(DAEMON_UNIT);
+          await b.snapd.snap(['restart', 'vmkeep.vmkeepd']);
+          expect(await daemonStarted(b, `after snap restart ${i + 1}`)).not.toBe(pid);
+        }
+        const pid = await b.mainPid(DAEMON_UNIT);
+        await b.snapd.host.systemctl('kill', '--signal=SIGKILL', DAEMON_UNIT);
+        await waitFor(`${DAEMON_UNIT} restarted after its SIGKILL`, 60_000, async () => {
+          const now = await b.mainPid(DAEMON_UNIT);
+          return now !== pid && now > 0 && (await b.snapd.host.exec('systemctl', ['is-active', DAEMON_UNIT])).stdout.trim() === 'active' ? true : undefined;
+        });
+      } finally {
+        done = true;
+      }
+      const tally = await client;
+      process.stdout.write(`snap socket unit, 3 snap restarts + 1 SIGKILL: ${tally.ok} requests, refused ${tally.refused}, cut ${tally.cut}, failed ${tally.failed}, longest wait ${Math.round(tally.longestWaitMs)} ms\n`);
+      expect(tally.errors).toEqual([]);
+      expect(tally.refused).toBe(0);
+      expect(tally.failed).toBe(0);
+      expect(tally.ok).toBeGreaterThan(0);
+
+      // Negative control, and the one gap: at a refresh snapd stops the socket unit with the
+      // service (and starts the new revision's): the same client sees those refusals.
+      done = false;
+      const refreshing = runClient(controlSocket(b.snapd), () => done);
+      try {
+        await b.snapd.snap(['install', '--dangerous', '--classic', snaps.x2]);
+        await daemonStarted(b, 'after the refresh');
+      } finally {
+        done = true;
+      }
+      const atRefresh = await refreshing;
+      process.stdout.write(`snap socket unit, a refresh: ${atRefresh.ok} requests, refused ${atRefresh.refused}, cut ${atRefresh.cut}, failed ${atRefresh.failed}, longest wait ${Math.round(atRefresh.longestWaitMs)} ms\n`);
+      expect(atRefresh.refused).toBeGreaterThan(0);
+      expect(atRefresh.failed).toBe(0);
+
+      // 2. A host reboot: the guests service powers the guests off, vmkeepd stops, a new boot ID.
+      await b.snapd.host.systemctl('stop', GUESTS_UNIT);
+      await b.snapd.host.systemctl('stop', DAEMON_UNIT);
+      for (const name of ['back', 'off']) expect(await readFile(b.serialLog(name), 'utf8')).toContain('GUEST POWEROFF');
+      await writeFile(join(b.snapd.host.runDir, 'vmkeep-boot-id'), `${randomUUID()}\n`);
+      // At boot systemd starts the socket (enabled) but never vmkeepd itself: its unit is static.
+      expect((await b.snapd.host.exec('systemctl', ['is-enabled', DAEMON_UNIT])).stdout.trim()).toBe('static');
+      expect((await b.snapd.host.exec('systemctl', ['is-active', DAEMON_UNIT])).stdout.trim()).toBe('inactive');
+      // The guests service (enabled: started at every boot) starts it: it starts `back` again
+      // (autostart last-state: running when the host went down), not `off` (autostart never).
+      await b.snapd.host.systemctl('start', GUESTS_UNIT);
+      await daemonStarted(b, 'by the guests service at boot');
+      // Running first: by then its console log of the last boot has been moved to serial.log.1.
+      await waitForVm(b.api, 'back', (v) => v.state === 'running', 'running again after the reboot');
+      await waitForSerial(b.serialLog('back'), 'GUEST READY', 120_000);
+      expect((await b.api.get('off')).state).toBe('stopped');
     } finally {
       await b.snapd.shutdown();
     }

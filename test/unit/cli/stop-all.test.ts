@@ -29,7 +29,7 @@ describe('stop --all', () => {
     const down = join(dir, 'nobody.sock');
     const { code, stderr } = await vmkeep(['stop', '--all', '--timeout', '5', '--state-dir', stateDir], down);
     expect(code).toBe(0);
-    expect(stderr).toContain(`vmkeepd does not answer; powering the guests off straight from the records in ${stateDir}`);
+    expect(stderr).toContain(`no vmkeepd runs on ${stateDir}; powering the guests off straight from its records`);
     expect(stderr).toContain('no VM has a running QEMU; nothing to power off');
     // Without --state-dir the same is an error: nothing may be done behind a daemon's back.
     expect((await vmkeep(['stop', '--all', '--timeout', '5'], down)).code).toBe(1);

@@ -96,6 +96,35 @@ describe('configure hook', () => {
   });
 });
 
+describe('vmkeepd-wake (the configure hook and the guests service at boot)', () => {
+  const START = 'start --no-block snap.vmkeep.vmkeepd.service';
+
+  it('the configure hook starts vmkeepd without waiting for it: snapd started only its socket', async () => {
+    const result = await box.run('hooks/configure');
+    expect(result).toMatchObject({ exitCode: 0, stderr: '' });
+    expect(await box.systemctlCalls()).toEqual(['is-active --quiet snap.vmkeep.vmkeepd.control.socket', START]);
+  });
+
+  it('the guests service starts vmkeepd at boot, and exits 0', async () => {
+    const result = await box.run('local/vmkeep-guests');
+    expect(result).toMatchObject({ exitCode: 0, stderr: '' });
+    expect(await box.systemctlCalls()).toContain(START);
+  });
+
+  it('leaves vmkeepd stopped when its socket was stopped on purpose, saying how to start it', async () => {
+    const result = await box.run('hooks/configure', { FAKE_SOCKET_STATE: 'inactive' });
+    expect(result.exitCode).toBe(0);
+    expect(result.stderr).toContain('vmkeepd left stopped. Start both with: snap start vmkeep.vmkeepd');
+    expect(await box.systemctlCalls()).not.toContain(START);
+  });
+
+  it('never fails its caller: a refused start is said, the guests service still comes up', async () => {
+    const result = await box.run('local/vmkeep-guests', { FAKE_SYSTEMCTL_STATUS: '1' });
+    expect(result.exitCode).toBe(0);
+    expect(result.stderr).toContain('it starts at the first connection to its socket');
+  });
+});
+
 describe('install hook', () => {
   it('sets the defaults when the options are unset', async () => {
     const result = await box.run('hooks/install');
@@ -172,7 +201,7 @@ describe('vmkeepd launcher', () => {
         '--state-dir', join(box.common, 'state'),
         '--runtime-dir', '/run/vmkeep',
         '--log-dir', join(box.common, 'log'),
-        '--socket', '/run/vmkeep/vmkeep.sock',
+        '--socket', join(box.common, 'vmkeep.sock'),
         '--installations', join(box.common, 'installations.json'),
         '--refresh-policy', 'reboot',
         '--refresh-at-start',
@@ -256,7 +285,7 @@ describe('remove hook', () => {
     'stop', '--all',
     '--timeout', timeout,
     '--state-dir', join(box.common, 'state'),
-    '--socket', '/run/vmkeep/vmkeep.sock',
+    '--socket', join(box.common, 'vmkeep.sock'),
   ];
 
   async function addRecords(...names: string[]): Promise<void> {

@@ -17,8 +17,9 @@ function withChange(change: (y: Record<string, any>) => void): string {
 describe('snap.yaml from snapcraft.yaml', () => {
   it('carries the identity, confinement, environment and every app as snapd reads them', () => {
     const plan = planSnapBuild(source);
-    const meta = parse(plan.snapYaml) as Record<string, any>;
-    const craft = parse(source) as Record<string, any>;
+    // YAML 1.1 on both sides, as snapcraft and snapd read them.
+    const meta = parse(plan.snapYaml, { version: '1.1' }) as Record<string, any>;
+    const craft = parse(source, { version: '1.1' }) as Record<string, any>;
     for (const key of ['name', 'version', 'summary', 'description', 'base', 'grade', 'confinement', 'license', 'environment']) {
       expect(meta[key], key).toEqual(craft[key]);
     }
@@ -26,6 +27,8 @@ describe('snap.yaml from snapcraft.yaml', () => {
     expect(meta.apps).toEqual(craft.apps);
     expect(meta.apps.vmkeepd).toMatchObject({ command: 'bin/vmkeepd-launch', daemon: 'notify', 'stop-mode': 'sigterm-all' });
     expect(meta.apps.guests['refresh-mode']).toBe('endure');
+    // 0600 is octal for snapd (YAML 1.1), not decimal 600.
+    expect(meta.apps.vmkeepd.sockets.control['socket-mode']).toBe(0o600);
     // Build-only keys never reach snap.yaml.
     expect(Object.keys(meta)).not.toContain('parts');
     expect(Object.keys(meta)).not.toContain('platforms');
@@ -43,6 +46,7 @@ describe('snap.yaml from snapcraft.yaml', () => {
         { from: 'vmkeepd-launch', to: 'bin/vmkeepd-launch' },
         { from: 'vmkeep', to: 'bin/vmkeep' },
         { from: 'vmkeep-guests', to: 'bin/vmkeep-guests' },
+        { from: 'vmkeepd-wake', to: 'bin/vmkeepd-wake' },
         { from: 'vmkeep-completion.bash', to: 'bin/vmkeep-completion.bash' },
         { from: 'vmkeep-strategies.bash', to: 'bin/vmkeep-strategies.bash' },
       ],
@@ -54,7 +58,7 @@ describe('snap.yaml from snapcraft.yaml', () => {
 
   it.each<[string, (y: Record<string, any>) => void, RegExp]>([
     ['a top-level key', (y) => (y.layout = { '/usr/share/x': { bind: '$SNAP/x' } }), /snapcraft\.yaml: layout not understood/],
-    ['an app key', (y) => (y.apps.vmkeepd.plugs = ['kvm']), /apps\.vmkeepd: plugs not understood/],
+    ['an app key', (y) => (y.apps.vmkeepd.aliases = ['vk']), /apps\.vmkeepd: aliases not understood/],
     ['a hook key', (y) => (y.hooks = { configure: { plugs: ['network'] } }), /hooks\.configure: plugs not understood/],
     ['a part', (y) => (y.parts.extra = { plugin: 'nil' }), /parts: extra not understood/],
     ['a part key', (y) => (y.parts.qemu['stage-snaps'] = ['x']), /parts\.qemu: stage-snaps not understood/],

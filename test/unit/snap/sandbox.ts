@@ -1,6 +1,6 @@
 // A fake snap environment for the snap's shell scripts: SNAP, SNAP_COMMON and the revision folders
 // in a temp folder, the launcher part's files in $SNAP as the snap build puts them, and fakes of
-// `snapctl` and `node` first on PATH.
+// `snapctl`, `node` and `systemctl` first on PATH.
 import { chmod, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -47,6 +47,17 @@ esac
 exit 0
 `;
 
+// systemctl: every call logged; `is-active` answers FAKE_SOCKET_STATE (default active).
+const FAKE_SYSTEMCTL = `#!/bin/bash
+dir=\${FAKE_DIR:?}
+printf '%s\\n' "$*" >>"$dir/systemctl.log"
+case $1 in
+  is-active) [[ \${FAKE_SOCKET_STATE:-active} == active ]] ;;
+  start) exit "\${FAKE_SYSTEMCTL_STATUS:-0}" ;;
+  *) echo "fake systemctl: unknown command $1" >&2; exit 2 ;;
+esac
+`;
+
 export interface Sandbox {
   root: string;
   /** Folder of the revisions: $SNAP is revisions/<revision>. */
@@ -60,6 +71,7 @@ export interface Sandbox {
   setOptions(options: Record<string, string>): Promise<void>;
   options(): Promise<Record<string, string>>;
   snapctlCalls(): Promise<string[]>;
+  systemctlCalls(): Promise<string[]>;
   /** argv of every node invocation, in order. */
   nodeCalls(): Promise<string[][]>;
   /** Makes revisions/<rev> an installed revision with its QEMU binary. */
@@ -75,7 +87,7 @@ export async function makeSandbox(revision = '12'): Promise<Sandbox> {
   const fakeDir = join(root, 'fake');
   const bin = join(fakeDir, 'bin');
   await Promise.all([mkdir(snap, { recursive: true }), mkdir(common, { recursive: true }), mkdir(bin, { recursive: true })]);
-  // What the scripts source from $SNAP (bin/vmkeep-strategies.bash) is the repo's file.
+  // The snap's own files the scripts source or call from $SNAP/bin are the repo's.
   const { launcher } = planSnapBuild(await readFile(join(SNAP_DIR, 'snapcraft.yaml'), 'utf8'));
   for (const { from, to } of launcher.files) {
     await mkdir(dirname(join(snap, to)), { recursive: true });
@@ -83,6 +95,7 @@ export async function makeSandbox(revision = '12'): Promise<Sandbox> {
   }
   await writeFile(join(bin, 'snapctl'), FAKE_SNAPCTL, { mode: 0o755 });
   await writeFile(join(bin, 'node'), FAKE_NODE, { mode: 0o755 });
+  await writeFile(join(bin, 'systemctl'), FAKE_SYSTEMCTL, { mode: 0o755 });
   const store = join(fakeDir, 'options');
 
   const readLines = async (file: string): Promise<string[]> => {
@@ -127,6 +140,7 @@ export async function makeSandbox(revision = '12'): Promise<Sandbox> {
       return Object.fromEntries((await readLines(store)).map((line) => [line.slice(0, line.indexOf('=')), line.slice(line.indexOf('=') + 1)]));
     },
     snapctlCalls: () => readLines(`${store}.calls`),
+    systemctlCalls: () => readLines(join(fakeDir, 'systemctl.log')),
     async nodeCalls() {
       return (await readLines(join(fakeDir, 'node.log'))).map((line) => line.split('\x1f'));
     },

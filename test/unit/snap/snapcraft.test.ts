@@ -191,10 +191,23 @@ describe('snap/snapcraft.yaml against the snapcraft schema', () => {
     }
   });
 
-  it('lets classic confinement stand alone: no plugs that would not be enforced', () => {
+  it('lets classic confinement stand alone: no plugs that would not be enforced, but network-bind where snapd requires it (sockets)', () => {
     expect(yaml.confinement).toBe('classic');
     expect(yaml).not.toHaveProperty(['plugs']);
-    for (const [name, app] of Object.entries(apps)) expect(obj(app, name), `apps.${name}`).not.toHaveProperty(['plugs']);
+    for (const [name, app] of Object.entries(apps)) {
+      const a = obj(app, name);
+      if (a.sockets === undefined) expect(a, `apps.${name}`).not.toHaveProperty(['plugs']);
+      else expect(a.plugs, `apps.${name}`).toEqual(['network-bind']);
+    }
+  });
+
+  it("has snapd hold the control socket where the snap's CLI, launcher and hooks look for it", async () => {
+    const sockets = obj(obj(apps.vmkeepd, 'apps.vmkeepd').sockets, 'apps.vmkeepd.sockets');
+    expect(Object.keys(sockets)).toEqual(['control']);
+    const control = obj(sockets.control, 'sockets.control');
+    expect(control['listen-stream']).toBe('$SNAP_COMMON/vmkeep.sock');
+    const files = ['snap/local/vmkeep', 'snap/local/vmkeepd-launch', 'snap/local/vmkeep-guests', 'snap/hooks/remove'];
+    for (const file of files) expect(await readFile(join(REPO, file), 'utf8'), file).toContain('$SNAP_COMMON/vmkeep.sock');
   });
 });
 
