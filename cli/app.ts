@@ -4,7 +4,7 @@ import { reportError } from './errors.js';
 import { EXIT_FAILED, EXIT_USAGE } from './exit-codes.js';
 import { createReporter } from './output.js';
 import { addVmCommands, type DaemonApi } from './vm-commands.js';
-import { defaultCacheDir, installationFrom, INSTALLATION_OPTIONS, JSON_OPTION, vmkeepdOptions } from './options.js';
+import { checkTimeout, defaultCacheDir, installationFrom, INSTALLATION_OPTIONS, JSON_OPTION, vmkeepdOptions } from './options.js';
 import { VERSION } from './version.js';
 import { formatVersion, versionReport, versionRequest } from './version-command.js';
 
@@ -65,7 +65,7 @@ export async function main(givenArgv: string[], io: CliIo): Promise<number> {
             describe: "keep the VM's socket, console and QEMU log here (default: a temporary folder, removed at the end)",
           })
           // A returned message (not a throw) is what yargs treats as a usage error: exit 2.
-          .check((a) => (Number.isFinite(a.timeout) && a.timeout > 0 ? true : '--timeout must be a positive number of seconds'))
+          .check((a) => checkTimeout(a.timeout))
           .example('$0 run vm.json', 'boot the VM described in vm.json and show its console')
           .example('$0 run vm.json --json', 'the same, with progress and console lines as JSON'),
       async (a) => {

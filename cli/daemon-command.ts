@@ -9,7 +9,7 @@ import { DEFAULT_QEMU_USER, installationFrom } from './options.js';
 export interface DaemonCommandArgs {
   stateDir: string;
   runtimeDir: string;
-  logDir?: string;
+  logDir: string;
   socket: string;
   socketGroup?: string;
   operatorGroup?: string;
@@ -173,7 +173,7 @@ export async function runDaemonCommand(
     ...(args.idleExit === undefined ? {} : { idleExitSec: args.idleExit }),
     stateDir: args.stateDir,
     runtimeDir: args.runtimeDir,
-    ...(args.logDir === undefined ? {} : { logDir: args.logDir }),
+    logDir: args.logDir,
     socketPath: args.socket,
     slice: args.slice,
     useScopes: args.scope,

@@ -21,10 +21,10 @@ export interface OptionSpec {
 
 export type OptionTable = Record<string, OptionSpec>;
 
-/** Where the QEMU comes from: `vmkeep run` and the daemon. */
 /** The system user vmkeepd runs QEMU as unless told otherwise (packaging and test setup create it). */
 export const DEFAULT_QEMU_USER = 'vmkeep-qemu';
 
+/** Where the QEMU comes from: `vmkeep run` and the daemon. */
 export const INSTALLATION_OPTIONS = {
   qemu: {
     type: 'string',
@@ -203,4 +203,9 @@ export function installationFrom(
     firmwareDirs: a.firmwareDir ?? [],
     ...(moduleDir === undefined ? {} : { moduleDir }),
   };
+}
+
+/** The rule for --timeout of run, stop and refresh; a returned message is a usage error to yargs. */
+export function checkTimeout(seconds: number | undefined): true | string {
+  return seconds === undefined || (Number.isFinite(seconds) && seconds > 0) ? true : '--timeout must be a positive number of seconds';
 }

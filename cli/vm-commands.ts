@@ -1,7 +1,7 @@
 import { StringDecoder } from 'node:string_decoder';
 import type { Argv } from 'yargs';
 import {
-  ApiClient, AUTOSTART_MODES, DEFAULT_STOP_TIMEOUT_SEC, openOfflineGuests, REFRESH_STRATEGIES, type EventFilter, type OfflineGuests, type Operation, type RefreshJobRequest, type RefreshStrategy, type AutostartMode, type VmSettings,
+  ApiClient, AUTOSTART_MODES, DEFAULT_MIGRATE_TIMEOUT_SEC, DEFAULT_REBOOT_TIMEOUT_SEC, DEFAULT_STOP_TIMEOUT_SEC, openOfflineGuests, REFRESH_STRATEGIES, type EventFilter, type OfflineGuests, type Operation, type RefreshJobRequest, type RefreshStrategy, type AutostartMode, type VmSettings,
 } from '../daemon/index.js';
 import { isValidVmName } from '../launcher/index.js';
 import { ACPI_REPEAT_MS } from '../qmp/index.js';
@@ -14,10 +14,9 @@ import { followConsole } from './console-follow.js';
 import { followRefreshJob } from './refresh-follow.js';
 import { formatUpgradeStatus } from './refresh-view.js';
 import { formatEvent, formatOperation, formatOperations, formatVmList, formatVmStatus, printable } from './table.js';
-import { socketOption } from './options.js';
+import { checkTimeout, socketOption } from './options.js';
 
 const STRATEGIES = [...REFRESH_STRATEGIES];
-/** vmkeepd's own default for a stop; `stop --all` passes it explicitly so its messages can name it. */
 
 /** What the commands need of the control API; tests may hand in their own. */
 export type DaemonApi = Pick<
@@ -147,7 +146,7 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
         daemonOptions(y, env)
           .positional('name', { type: 'string', describe: 'VM name (or --all)' })
           .option('all', { type: 'boolean', default: false, describe: 'power off every VM that has a QEMU, all at once; guests still running at the end are named' })
-          .option('timeout', { type: 'number', describe: 'seconds the guest gets to power off', defaultDescription: "the daemon's, 60" })
+          .option('timeout', { type: 'number', describe: 'seconds the guest gets to power off', defaultDescription: `the daemon's, ${DEFAULT_STOP_TIMEOUT_SEC}` })
           .option('force', { type: 'boolean', default: false, describe: 'quit QEMU at once: the guest loses what it had not written to disk' })
           .option('host-shutdown', {
             type: 'boolean',
@@ -167,9 +166,9 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
             if (a.name !== undefined && checkName(a.name) !== true) return checkName(a.name);
             // ARCHITECTURE.md invariant 3: powering every guest off never hard-kills one.
             if (a.all && a.force) return '--all never forces a guest off; quit one that ignores ACPI with: vmkeep stop NAME --force';
-            return a.timeout === undefined || (Number.isFinite(a.timeout) && a.timeout > 0) ? true : '--timeout must be a positive number of seconds';
+            return checkTimeout(a.timeout);
           })
-          .example('$0 stop web1', 'ACPI power-off of web1, waiting up to 60 s for the guest')
+          .example('$0 stop web1', `ACPI power-off of web1, waiting up to ${DEFAULT_STOP_TIMEOUT_SEC} s for the guest`)
           .example('$0 stop --all --timeout 120', 'what vmkeep-guests.service runs at host shutdown'),
       run(async (api, out, a: CommonArgs & { name?: string; all: boolean; timeout?: number; force: boolean; stateDir?: string; hostShutdown: boolean; async: boolean }) => {
         if (a.name === undefined) {
@@ -325,7 +324,7 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
           .option('stale', { type: 'boolean', default: false, describe: 'every stale VM whose strategy is not manual' })
           .option('strategy', { type: 'string', choices: STRATEGIES, describe: 'how to move each VM', defaultDescription: "each VM's policy" })
           .option('parallel', { type: 'number', default: 1, describe: 'VMs refreshed at the same time' })
-          .option('timeout', { type: 'number', describe: 'seconds per VM for the migration, or for the guest to power off', defaultDescription: 'migrate 60, reboot 120' })
+          .option('timeout', { type: 'number', describe: 'seconds per VM for the migration, or for the guest to power off', defaultDescription: `migrate ${DEFAULT_MIGRATE_TIMEOUT_SEC}, reboot ${DEFAULT_REBOOT_TIMEOUT_SEC}` })
           .option('force', { type: 'boolean', default: false, describe: 'reboot: quit a guest that ignores ACPI (it loses unwritten data)' })
           .option('stop-on-error', { type: 'boolean', default: false, describe: 'begin no further VM once one failed (the same as --max-failures 1)' })
           .option('max-failures', { type: 'number', describe: 'stop the job after N failed VMs: none is begun after that, the rest are reported not attempted' })
@@ -336,7 +335,7 @@ export function addVmCommands<T extends { json: boolean }>(parser: Argv<T>, ctx:
             if (chosen !== 1) return 'name one VM, or give --all or --stale (exactly one of them)';
             if (a.name !== undefined && checkName(a.name) !== true) return checkName(a.name);
             if (!Number.isSafeInteger(a.parallel) || a.parallel < 1 || a.parallel > 64) return '--parallel must be a whole number from 1 to 64';
-            if (a.timeout !== undefined && !(Number.isFinite(a.timeout) && a.timeout > 0)) return '--timeout must be a positive number of seconds';
+            if (checkTimeout(a.timeout) !== true) return checkTimeout(a.timeout);
             if (a['max-failures'] !== undefined && !(Number.isSafeInteger(a['max-failures']) && a['max-failures'] >= 1)) return '--max-failures must be a whole number from 1';
             if (a['batch-interval'] !== undefined && !(Number.isFinite(a['batch-interval']) && a['batch-interval'] >= 0)) return '--batch-interval must be a number of seconds, 0 or more';
             return true;

@@ -6,7 +6,7 @@ import { connect, Server as NetServer, type Socket } from 'node:net';
 import { dirname } from 'node:path';
 import type { Duplex } from 'node:stream';
 import {
-  describeValue, isValidVmName, LaunchError, openOwnFileHandle, readOwnFile, VM_NAME_RULE, type LaunchErrorCode, type SpecProblem,
+  describeValue, ignoreMissing, isValidVmName, LaunchError, openOwnFileHandle, readOwnFile, VM_NAME_RULE, type LaunchErrorCode, type SpecProblem,
 } from '../launcher/index.js';
 import { QmpError, type QmpErrorCode } from '../qmp/index.js';
 import { parseStrategy, UpgradeError, type UpgradeErrorCode } from '../upgrade/index.js';
@@ -280,10 +280,6 @@ function listenError(error: NodeJS.ErrnoException, path: string): Error {
     return new DaemonError('PERMISSION_DENIED', `cannot create the socket ${path}: ${error.message}; run vmkeepd as root or choose a socket path it may write`, { cause: error });
   }
   return error;
-}
-
-function ignoreMissing(error: NodeJS.ErrnoException): void {
-  if (error.code !== 'ENOENT') throw error;
 }
 
 // ---- routing --------------------------------------------------------------------------------

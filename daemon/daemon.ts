@@ -20,8 +20,8 @@ import { watchIdle, type IdleWatch } from './idle-exit.js';
 export interface DaemonOptions {
   stateDir: string;
   runtimeDir: string;
-  /** Each VM's serial console and QEMU logs, in LOG_DIR/NAME/ (default: with its socket, in the runtime folder). */
-  logDir?: string;
+  /** Each VM's serial console and QEMU logs, in LOG_DIR/NAME/. */
+  logDir: string;
   socketPath: string;
   /** gid that may use the control socket (mode 0660, root-equivalent); default: root only (0600). */
   socketGid?: number;
@@ -114,7 +114,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       ...(options.guestsUnit === undefined ? {} : { guestsUnit: options.guestsUnit }),
       probe: (installation) => probeInstallation(installation, { cacheDir }),
       runtimeDir: options.runtimeDir,
-      ...(options.logDir === undefined ? {} : { logDir: options.logDir }),
+      logDir: options.logDir,
       storageRoots: (options.storageRoots ?? []).map((root) => resolve(root)),
       operatorBridges: options.operatorBridges ?? [],
       ...(options.qemuUser === undefined ? {} : { qemuUser: options.qemuUser }),

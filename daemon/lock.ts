@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import { mkdir, readdir, readFile, realpath, unlink } from 'node:fs/promises';
 import { createServer, type Server } from 'node:net';
 import { join } from 'node:path';
-import { isSameProcess, readProcessIdentity } from '../launcher/index.js';
+import { ignoreMissing, isSameProcess, readProcessIdentity } from '../launcher/index.js';
 import { DaemonError } from './errors.js';
 import { tempFileTarget, writeFileAtomic } from './records.js';
 
@@ -94,9 +94,7 @@ export async function acquireDaemonLock(stateDir: string): Promise<DaemonLock> {
       try {
         const current = await readPidFile(pidFile);
         if (current !== null && current.pid === process.pid && current.startTime === me.startTime) {
-          await unlink(pidFile).catch((err: unknown) => {
-            if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-          });
+          await unlink(pidFile).catch(ignoreMissing);
         }
       } finally {
         await closeServer(server);

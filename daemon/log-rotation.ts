@@ -6,7 +6,7 @@
 // The copy and the truncation never follow a link planted in the VM's folder (invariant 11).
 import { lstat, readdir, rename, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { copyOwnFile, openOwnFileHandle } from '../launcher/index.js';
+import { copyOwnFile, ignoreMissing, openOwnFileHandle } from '../launcher/index.js';
 
 export const DEFAULT_LOG_MAX_BYTES = 2 * 1024 * 1024;
 export const DEFAULT_LOG_KEEP = 3;
@@ -54,10 +54,6 @@ export async function rotatedFiles(path: string): Promise<string[]> {
     .filter((n): n is number => n !== undefined && n >= 1)
     .sort((a, b) => b - a)
     .map((n) => join(dirname(path), `${base}.${n}`));
-}
-
-function ignoreMissing(error: NodeJS.ErrnoException): void {
-  if (error.code !== 'ENOENT') throw error;
 }
 
 /**

@@ -70,8 +70,8 @@ export interface VmManagerOptions {
   /** Probes the installation (cached by binary identity). */
   probe: (installation: Installation) => Promise<InstallationInfo>;
   runtimeDir: string;
-  /** Each VM's serial console and QEMU logs go in LOG_DIR/NAME/ (default: its runtime folder). */
-  logDir?: string;
+  /** Each VM's serial console and QEMU logs go in LOG_DIR/NAME/. */
+  logDir: string;
   /** --storage-root folders, absolute (ARCHITECTURE.md, invariant 11). */
   storageRoots?: readonly string[];
   /** --operator-bridge names: the bridges operators' NICs may join. */
@@ -550,15 +550,13 @@ export class VmManager implements DaemonOps, VmCore {
     // Derived, not read from the record: the files removed here are always ours.
     const paths = this.vmPaths(name);
     // Nothing planted in the VM's folder is followed (ARCHITECTURE.md, invariant 11).
-    const qemuModes = await this.qemuVmFolder(name);
+    await this.qemuVmFolder(name);
     // Leftovers of the previous QEMU: its socket would be taken for the new one's.
     await removeStaleSocket(paths.qmpSocket);
     // Guest output can be secret: the VM's log folder is root's only, made as its runtime folder.
-    // (With no --log-dir the logs are in the VM's folder: QEMU writes the serial log through a
-    // descriptor vmkeepd opened, so its user needs no access to the files.)
-    const separateLogs = this.managerOptions.logDir !== undefined;
-    await secureFolder(dirname(this.logDirOf(name)), separateLogs ? { mode: 0o700 } : qemuModes.pass);
-    await ownVmFolder(this.logDirOf(name), separateLogs ? { mode: 0o700 } : qemuModes.own);
+    // QEMU writes its logs through descriptors vmkeepd opened, so its user needs no access.
+    await secureFolder(dirname(this.logDirOf(name)), { mode: 0o700 });
+    await ownVmFolder(this.logDirOf(name), { mode: 0o700 });
     // The last run's logs become NAME.1 (the live files start empty): kept across restarts and reboots.
     for (const log of [paths.serialLog, paths.stderrLog]) await rotateIfLarge(log, { ...this.logLimits, maxBytes: 0 });
     closeSync(openOwnFile(paths.serialLog, 'truncate'));
@@ -1075,20 +1073,18 @@ export class VmManager implements DaemonOps, VmCore {
 
   /**
    * The VM's folder, where QEMU's user makes its QMP and migration sockets, and the VMs' folder
-   * it passes through, as qemuFolderModes says (ARCHITECTURE.md, invariant 11). Returns the modes.
+   * it passes through, as qemuFolderModes says (ARCHITECTURE.md, invariant 11).
    */
-  private async qemuVmFolder(name: string): Promise<ReturnType<typeof qemuFolderModes>> {
+  private async qemuVmFolder(name: string): Promise<void> {
     const modes = qemuFolderModes(this.options.qemuUser);
     const changed = await secureFolder(dirname(this.vmDir(name)), modes.pass);
     if (changed !== undefined) this.options.logger.warn({ vm: name }, `set ${changed}`);
     await ownVmFolder(this.vmDir(name), modes.own);
-    return modes;
   }
 
   /** Where the VM's logs go from its next start on (a running QEMU keeps writing where its record says). */
   private logDirOf(name: string): string {
-    const root = this.managerOptions.logDir;
-    return root === undefined ? this.vmDir(name) : join(root, name);
+    return join(this.managerOptions.logDir, name);
   }
 
   private vmPaths(name: string): VmRecord['paths'] {

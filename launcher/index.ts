@@ -7,7 +7,7 @@ export {
 export { supportsCprTransfer, withMemoryDefault, memoryBackendOf } from './memory.js';
 export { checkSpecFiles, validateSpecAndFiles, deniedTo } from './files.js';
 export {
-  secureFolder, ownVmFolder, qemuFolderModes, removeVmFolder, removeStaleSocket, openOwnFile, openOwnFileHandle, readOwnFile, copyOwnFile, type OwnFileUse,
+  secureFolder, ownVmFolder, qemuFolderModes, removeVmFolder, removeStaleSocket, ignoreMissing, openOwnFile, openOwnFileHandle, readOwnFile, copyOwnFile, type OwnFileUse,
 } from './safe-files.js';
 export { withinRoots, realRoots, resolveWithinRoots } from './storage-roots.js';
 export {

@@ -90,6 +90,11 @@ export async function removeVmFolder(path: string): Promise<void> {
   await rm(path, { recursive: true, force: true });
 }
 
+/** For `.catch()` of a removal or rename: a file already gone is fine, any other error is not. */
+export function ignoreMissing(error: NodeJS.ErrnoException): void {
+  if (error.code !== 'ENOENT') throw error;
+}
+
 /** Removes a socket left by an earlier QEMU; anything else at `path` is refused. */
 export async function removeStaleSocket(path: string): Promise<void> {
   const st = await lstat(path).catch((error: NodeJS.ErrnoException) => {
@@ -98,9 +103,7 @@ export async function removeStaleSocket(path: string): Promise<void> {
   });
   if (st === undefined) return;
   if (!st.isSocket()) throw unsafe(path, st.isSymbolicLink() ? 'is a symbolic link' : 'is not a socket', `remove ${path}, then try again`);
-  await unlink(path).catch((error: NodeJS.ErrnoException) => {
-    if (error.code !== 'ENOENT') throw error;
-  });
+  await unlink(path).catch(ignoreMissing);
 }
 
 export type OwnFileUse = 'truncate' | 'append' | 'read' | 'create-new';

@@ -120,7 +120,8 @@ export interface MigrationCapabilityStatus {
 // Replies that vmkeep bases decisions on are checked at run time: a hostile or broken peer
 // must produce a clear error, not a value that merely claims to have the right type.
 
-function isRecord(value: unknown): value is Record<string, unknown> {
+/** A JSON object (not null, not an array): what every QMP message and most replies must be. */
+export function isRecord(value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null && !Array.isArray(value);
 }
 

@@ -1,4 +1,4 @@
-import { isVersionInfo, parseVersionInfo, type QmpEvent, type QmpGreeting } from './commands.js';
+import { isRecord, isVersionInfo, parseVersionInfo, type QmpEvent, type QmpGreeting } from './commands.js';
 import { QmpError } from './errors.js';
 
 /** One decoded line from QEMU. `id` is whatever the peer echoed (undefined if absent). */
@@ -9,10 +9,6 @@ export type QmpMessage =
   | { kind: 'event'; event: QmpEvent };
 
 const EXCERPT_CHARS = 80;
-
-function isRecord(value: unknown): value is Record<string, unknown> {
-  return typeof value === 'object' && value !== null && !Array.isArray(value);
-}
 
 /** A short, printable piece of hostile input for an error message; never the whole line. */
 function excerpt(text: string): string {

@@ -7,46 +7,53 @@ cd "$(dirname "$0")/.."
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
+# The packages among "$@" that dpkg does not list as installed, one per line.
+missing_packages() {
+  local p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"
+  done
+}
+
+# Installing needs root: without it, stops with the command that installs "$@".
+require_root_for() {
+  if [ "$(id -u)" -ne 0 ]; then
+    log "missing apt packages: $*; run as root or: sudo apt-get install --no-install-recommends $*"
+    exit 1
+  fi
+}
+
+# apt-get install of "$@" (plus pinned versions), without recommends or questions.
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
 # mmdebstrap and systemd-container (systemd-nspawn): the .deb test's fresh Debian root;
 # debian-archive-keyring: QEMU 10.0 from bookworm-backports for the upgrade tests;
 # python3-prometheus-client: the Prometheus project's own parser, for the metrics test;
 # ansible-core: the fleet example's test (examples/ansible/).
 apt_packages=(qemu-system-x86 qemu-utils busybox-static dbus systemd util-linux iproute2 curl mmdebstrap systemd-container debian-archive-keyring python3-prometheus-client ansible-core)
-missing=()
-for p in "${apt_packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
+mapfile -t missing < <(missing_packages "${apt_packages[@]}")
 if [ ${#missing[@]} -gt 0 ]; then
-  if [ "$(id -u)" -ne 0 ]; then
-    log "missing apt packages: ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}"
-    exit 1
-  fi
+  require_root_for "${missing[@]}"
   log "installing apt packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt_install "${missing[@]}"
 fi
 
 # The container tests: podman, and mmdebstrap (with uidmap) for the image's Debian root. apt
 # would upgrade login and passwd with them: they are held at the installed versions.
 oci_packages=(podman mmdebstrap uidmap)
-oci_missing=()
-for p in "${oci_packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || oci_missing+=("$p")
-done
+mapfile -t oci_missing < <(missing_packages "${oci_packages[@]}")
 if [ ${#oci_missing[@]} -gt 0 ]; then
-  if [ "$(id -u)" -ne 0 ]; then
-    log "missing apt packages: ${oci_missing[*]}; run as root or: sudo apt-get install --no-install-recommends ${oci_missing[*]}"
-    exit 1
-  fi
+  require_root_for "${oci_missing[@]}"
   log "installing apt packages: ${oci_missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
   pins=()
   for p in login passwd; do
     v=$(dpkg-query -W -f='${Version}' "$p" 2>/dev/null) && pins+=("$p=$v")
   done
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${oci_missing[@]}" "${pins[@]}" >/dev/null
+  apt_install "${oci_missing[@]}" "${pins[@]}"
 fi
 
 # A real snapd for the snap test (run only inside the test's private systemd). Its package
@@ -54,17 +61,10 @@ fi
 # place for the install alone. squashfuse must stay absent (snapd would think it runs in a
 # container and use fuse mounts).
 snap_packages=(snapd squashfs-tools)
-snap_missing=()
-for p in "${snap_packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || snap_missing+=("$p")
-done
+mapfile -t snap_missing < <(missing_packages "${snap_packages[@]}")
 if [ ${#snap_missing[@]} -gt 0 ]; then
-  if [ "$(id -u)" -ne 0 ]; then
-    log "missing apt packages: ${snap_missing[*]}; run as root or: sudo apt-get install --no-install-recommends ${snap_missing[*]}"
-    exit 1
-  fi
+  require_root_for "${snap_missing[@]}"
   log "installing apt packages: ${snap_missing[*]} (no service started)"
-  export DEBIAN_FRONTEND=noninteractive
   own_policy=no
   if [ -e /usr/sbin/policy-rc.d ]; then
     # One already there (container images ship one exiting 101) must refuse starts too.
@@ -78,8 +78,7 @@ if [ ${#snap_missing[@]} -gt 0 ]; then
     own_policy=yes
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${snap_missing[@]}" >/dev/null
+  apt_install "${snap_missing[@]}"
   if [ $own_policy = yes ]; then
     rm -f /usr/sbin/policy-rc.d
     trap - EXIT

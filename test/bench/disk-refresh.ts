@@ -3,16 +3,13 @@
 // installations a <-> b as in benchmark 6). The disk's image is passed as descriptors; the guest
 // appends fsynced records (test/guest/build-guest.sh), so its write rate is read off its console.
 import { readFileSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { DaemonHost } from '../support/daemon-host.js';
 import { makeOverlayOnRaw, requireDiskTools } from '../support/disk-images.js';
 import { waitForSerial, type GuestImage } from '../support/guest.js';
-import { copiedInstallation, systemInstallation, writeInstallations } from '../support/installations.js';
+import { copiedInstallation, systemInstallation } from '../support/installations.js';
 import { checkImage, lastWrote, waitForWrote } from '../support/records-check.js';
 import { log, met, type Cleanup, type Row, type Section } from './common.js';
 import { formatMs, median, percentile } from './stats.js';
+import { bootUpgradeHost } from './upgrade-host.js';
 
 const TITLE = '10. Refresh by live migration with a writing guest\'s disk';
 const ROUNDS = 5;
@@ -39,17 +36,10 @@ async function writeRate(serialLog: string, ms: number): Promise<number> {
 
 export async function benchDiskRefresh(ctx: { guest: GuestImage; cleanup: Cleanup }): Promise<Section> {
   requireDiskTools();
-  const dir = await mkdtemp(join(tmpdir(), 'vk-bench-disk-'));
-  const removeDir = ctx.cleanup.add(`disk bench folder ${dir}`, () => rm(dir, { recursive: true, force: true }));
-  const a = systemInstallation('a');
-  const b = await copiedInstallation('b', dir);
-  const installationsFile = join(dir, 'installations.json');
-  await writeInstallations(installationsFile, [a, b], 'a');
-  const daemon = await DaemonHost.boot({ name: `benchd-${process.pid}`, dir: join(dir, 'daemon'), args: ['--installations', installationsFile] });
-  const endHost = ctx.cleanup.add(`vmkeepd host ${daemon.host.name}`, () => daemon.shutdown());
-  const { api } = daemon;
+  const host = await bootUpgradeHost(ctx.cleanup, 'disk', async (dir) => [systemInstallation('a'), await copiedInstallation('b', dir)]);
+  const { daemon, api } = host;
 
-  const { overlay } = makeOverlayOnRaw(dir, DISK_MIB, 'bench');
+  const { overlay } = makeOverlayOnRaw(host.dir, DISK_MIB, 'bench');
   const base = { kernel: ctx.guest.kernel, initrd: ctx.guest.initrd, append: ctx.guest.append, memoryMiB: MEMORY_MIB };
   await api.create({ name: 'disk', ...base, disks: [{ path: overlay, format: 'qcow2' }] });
   await api.create({ name: 'nodisk', ...base });
@@ -57,13 +47,10 @@ export async function benchDiskRefresh(ctx: { guest: GuestImage; cleanup: Cleanu
   const diskLog = daemon.serialLog('disk');
   await waitForWrote(diskLog, 20, 180_000);
 
-  let current = 'a';
   const samples = new Map<string, Sample[]>([['disk', []], ['nodisk', []]]);
   const rates = { before: [] as number[], during: [] as number[], after: [] as number[] };
   for (let round = 0; round < ROUNDS; round++) {
-    current = current === 'a' ? 'b' : 'a';
-    await writeInstallations(installationsFile, [a, b], current);
-    await daemon.restart();
+    await host.makeCurrent(host.current === 'a' ? 'b' : 'a');
     // The two VMs alternate which goes first, so neither always follows the daemon's restart.
     const order = round % 2 === 0 ? ['disk', 'nodisk'] : ['nodisk', 'disk'];
     for (const name of order) {
@@ -93,8 +80,7 @@ export async function benchDiskRefresh(ctx: { guest: GuestImage; cleanup: Cleanu
   const printed = lastWrote(diskLog);
   const verdict = checkImage(overlay, 'qcow2', printed);
   if (!verdict.ok) throw new Error(`the disk VM lost records across the migrations: ${verdict.problems.join('; ')}`);
-  await endHost();
-  await removeDir();
+  await host.end();
 
   const of = (name: string, key: keyof Sample): number[] => (samples.get(name) ?? []).map((s) => s[key]).filter((ms) => key !== 'downtimeMs' || ms > 0);
   const rows: Row[] = [];

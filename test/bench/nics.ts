@@ -3,15 +3,13 @@
 // one connection to its echo service with a numbered line every 10 ms, and repeated migrate
 // refreshes (the current installation switched a <-> c before each, with a restart of vmkeepd,
 // not timed). Measured per migration: the longest time without an echo, and QEMU's downtime.
-import { mkdtemp, rm } from 'node:fs/promises';
-import { availableParallelism, loadavg, tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { DaemonHost } from '../support/daemon-host.js';
+import { availableParallelism, loadavg } from 'node:os';
 import { waitForSerial, type GuestImage } from '../support/guest.js';
-import { copiedInstallation, systemInstallation, writeInstallations } from '../support/installations.js';
+import { copiedInstallation, systemInstallation } from '../support/installations.js';
 import { EchoSession, LAB_BRIDGE, NetLab } from '../support/net-lab.js';
 import { log, met, type Cleanup, type Section } from './common.js';
 import { formatMs, median, percentile } from './stats.js';
+import { bootUpgradeHost } from './upgrade-host.js';
 
 const TITLE = '11. Network gap during a live refresh';
 const MIGRATIONS = 12;
@@ -19,16 +17,10 @@ const TARGET_GAP_MS = 100;
 const GUEST_IP = '10.77.0.21';
 
 export async function benchNics(ctx: { guest: GuestImage; cleanup: Cleanup }): Promise<Section> {
-  const dir = await mkdtemp(join(tmpdir(), 'vk-bench-nics-'));
-  const removeDir = ctx.cleanup.add(`nics bench folder ${dir}`, () => rm(dir, { recursive: true, force: true }));
   const lab = await NetLab.create(`vk-bench-nics-${process.pid}`);
   const removeLab = ctx.cleanup.add(`network namespace ${lab.name}`, () => lab.destroy());
-  const installations = [systemInstallation('a'), await copiedInstallation('c', dir)];
-  const installationsFile = join(dir, 'installations.json');
-  let current = 'a';
-  await writeInstallations(installationsFile, installations, current);
-  const daemon = await DaemonHost.boot({ name: `benchn-${process.pid}`, dir: join(dir, 'daemon'), args: ['--installations', installationsFile], netns: lab.path });
-  const endHost = ctx.cleanup.add(`vmkeepd host ${daemon.host.name}`, () => daemon.shutdown());
+  const host = await bootUpgradeHost(ctx.cleanup, 'nics', async (dir) => [systemInstallation('a'), await copiedInstallation('c', dir)], { netns: lab.path });
+  const { daemon } = host;
   await daemon.api.create({
     name: 'net1', kernel: ctx.guest.kernel, initrd: ctx.guest.initrd, append: `${ctx.guest.append} vmkeep_ip=${GUEST_IP}/24`, memoryMiB: 128,
     nics: [{ mode: 'bridge', bridge: LAB_BRIDGE }],
@@ -41,9 +33,7 @@ export async function benchNics(ctx: { guest: GuestImage; cleanup: Cleanup }): P
   try {
     await session.waitForEchoes(20, 30_000, 'echoes before the first refresh');
     for (let i = 0; i < MIGRATIONS; i++) {
-      current = current === 'a' ? 'c' : 'a';
-      await writeInstallations(installationsFile, installations, current);
-      await daemon.restart();
+      await host.makeCurrent(host.current === 'a' ? 'c' : 'a');
       await session.waitForEchoes(10, 30_000, `echoes before refresh ${i + 1}`);
       const label = `m${i}`;
       session.mark(label);
@@ -63,9 +53,8 @@ export async function benchNics(ctx: { guest: GuestImage; cleanup: Cleanup }): P
     if (report.closed || report.wrong.length > 0 || report.echoed !== report.sent) {
       throw new Error(`the connection did not survive intact: closed ${report.closed}, ${report.sent} sent, ${report.echoed} echoed, wrong ${JSON.stringify(report.wrong)}`);
     }
-    await endHost();
+    await host.end();
     await removeLab();
-    await removeDir();
   }
   log(`nics: median gap ${formatMs(median(gaps))}, median downtime ${formatMs(median(downtimes))}`);
   return {

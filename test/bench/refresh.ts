@@ -2,15 +2,12 @@
 // private systemd with two installations, "a" (the system QEMU) and "b" (a copy at another path
 // with its own modules), as in test/integration/upgrade-e2e.test.ts. Each "upgrade" switches the
 // current installation a <-> b and restarts the service (not timed): every VM is then stale.
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import type { ApiClient, DaemonEvent, RefreshJob } from '../../daemon/index.js';
-import { DaemonHost } from '../support/daemon-host.js';
 import { waitForSerial, type GuestImage } from '../support/guest.js';
-import { copiedInstallation, systemInstallation, writeInstallations, type TestInstallation } from '../support/installations.js';
+import { copiedInstallation, systemInstallation } from '../support/installations.js';
 import { log, met, type Cleanup, type Row, type Section } from './common.js';
 import { formatMs, median, percentile } from './stats.js';
+import { bootUpgradeHost } from './upgrade-host.js';
 
 const TITLE = '6. Refresh by live migration';
 const VMS = 10;
@@ -24,13 +21,6 @@ const JOB_TIMEOUT_MS = 180_000;
 const TARGET_DOWNTIME_MS = 50;
 const TARGET_TOTAL_MS = 1500;
 const TARGET_ROLLING_P2_MS = 10_000;
-
-interface Upgrader {
-  /** The installation now current, which every VM runs after a complete refresh. */
-  current: string;
-  /** The package upgrade: the other installation becomes current, the service restarts. */
-  flip(): Promise<void>;
-}
 
 /** Runs one rolling refresh of all VMs; the wall time is from the request to its job-done event. */
 async function timedRollingRefresh(api: ApiClient, parallel: number): Promise<{ ms: number; job: RefreshJob }> {
@@ -96,25 +86,10 @@ function fmtList(samples: readonly number[]): string {
 }
 
 export async function benchRefresh(ctx: { guest: GuestImage; cleanup: Cleanup }): Promise<Section> {
-  const dir = await mkdtemp(join(tmpdir(), 'vk-bench-refresh-'));
-  const removeDir = ctx.cleanup.add(`refresh bench folder ${dir}`, () => rm(dir, { recursive: true, force: true }));
-  const a: TestInstallation = systemInstallation('a');
-  const b = await copiedInstallation('b', dir);
-  const installationsFile = join(dir, 'installations.json');
-  await writeInstallations(installationsFile, [a, b], 'a');
-  const daemon = await DaemonHost.boot({ name: `benchr-${process.pid}`, dir: join(dir, 'daemon'), args: ['--installations', installationsFile] });
-  // Shutting the private systemd down kills its whole pid namespace: every QEMU created here.
-  const endHost = ctx.cleanup.add(`vmkeepd host ${daemon.host.name}`, () => daemon.shutdown());
-  const { api } = daemon;
-
-  const upgrader: Upgrader = {
-    current: 'a',
-    async flip() {
-      this.current = this.current === 'a' ? 'b' : 'a';
-      await writeInstallations(installationsFile, [a, b], this.current);
-      await daemon.restart();
-    },
-  };
+  const upgrader = await bootUpgradeHost(ctx.cleanup, 'refresh', async (dir) => [systemInstallation('a'), await copiedInstallation('b', dir)]);
+  const { daemon, api } = upgrader;
+  /** The package upgrade: the other installation becomes current, which every VM runs after a complete refresh. */
+  const flip = (): Promise<void> => upgrader.makeCurrent(upgrader.current === 'a' ? 'b' : 'a');
 
   // All guests boot at once, once, and are reused by every measurement.
   const names = Array.from({ length: VMS }, (_, i) => `m${i}`);
@@ -130,7 +105,7 @@ export async function benchRefresh(ctx: { guest: GuestImage; cleanup: Cleanup })
   const downtimeMs: number[] = [];
   let zeroDowntimes = 0;
   for (let round = 0; round < SINGLE_ROUNDS; round++) {
-    await upgrader.flip();
+    await flip();
     for (const name of names) {
       const t0 = performance.now();
       const outcome = await api.refresh(name, { strategy: 'migrate' });
@@ -155,7 +130,7 @@ export async function benchRefresh(ctx: { guest: GuestImage; cleanup: Cleanup })
   for (let r = 0; r < ROLLING_REPEATS; r++) order.push(1, 2);
   const perRun: string[] = [];
   for (const parallel of order) {
-    await upgrader.flip();
+    await flip();
     const { ms, job } = await timedRollingRefresh(api, parallel);
     const bad = job.results.filter((x) => !x.ok || x.outcome?.result !== 'migrated');
     // Not job.state: the results are filled in before job-done, the state may follow later.
@@ -168,8 +143,7 @@ export async function benchRefresh(ctx: { guest: GuestImage; cleanup: Cleanup })
     log(`refresh: rolling ${VMS} VMs at parallel ${parallel}: ${formatMs(ms)}`);
   }
   // Done: the guests stop taking CPU from what runs next (on failure, the registry ends them).
-  await endHost();
-  await removeDir();
+  await upgrader.end();
   const p1 = rolling.get(1) ?? [];
   const p2 = rolling.get(2) ?? [];
   const ratio = median(p1) / median(p2);

@@ -4,16 +4,13 @@
 // same guest size: migrate 7.2 -> 10.0, migrate 10.0 -> 10.0, cpr 10.0 -> 10.0 (and cpr with a
 // bigger guest), each with its total time, the guest's downtime and the extra host memory the
 // refresh took (peak of the summed Pss of the VM's QEMUs, over the value before it).
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import type { ApiClient, RefreshOutcome } from '../../daemon/index.js';
-import { DaemonHost } from '../support/daemon-host.js';
 import { waitForSerial, type GuestImage } from '../support/guest.js';
-import { backportsInstallation, copiedInstallation, systemInstallation, writeInstallations } from '../support/installations.js';
+import { backportsInstallation, copiedInstallation, systemInstallation } from '../support/installations.js';
 import { peakMemoryGrowth } from '../support/qemu-procs.js';
 import { log, met, type Cleanup, type Row, type Section } from './common.js';
 import { formatMs, median } from './stats.js';
+import { bootUpgradeHost } from './upgrade-host.js';
 
 const TITLE = '7. Refresh strategies on a real upgrade (QEMU 7.2 -> 10.0, cpr-transfer)';
 /** Samples per strategy; the machine is shared, so the runs stay short. */
@@ -61,21 +58,11 @@ function rowsOf(label: string, samples: Sample[], ramMiB: number, targets: { tot
 }
 
 export async function benchStrategies(ctx: { guest: GuestImage; cleanup: Cleanup }): Promise<Section> {
-  const dir = await mkdtemp(join(tmpdir(), 'vk-bench-strategies-'));
-  const removeDir = ctx.cleanup.add(`strategies bench folder ${dir}`, () => rm(dir, { recursive: true, force: true }));
-  const a = systemInstallation('a');
-  const b = await backportsInstallation('b');
-  const b2 = await copiedInstallation('b2', dir, b);
-  const installations = [a, b, b2];
-  const installationsFile = join(dir, 'installations.json');
-  await writeInstallations(installationsFile, installations, 'a');
-  const daemon = await DaemonHost.boot({ name: `benchs-${process.pid}`, dir: join(dir, 'daemon'), args: ['--installations', installationsFile] });
-  const endHost = ctx.cleanup.add(`vmkeepd host ${daemon.host.name}`, () => daemon.shutdown());
-  const { api } = daemon;
-  const makeCurrent = async (name: string): Promise<void> => {
-    await writeInstallations(installationsFile, installations, name);
-    await daemon.restart();
-  };
+  const host = await bootUpgradeHost(ctx.cleanup, 'strategies', async (dir) => {
+    const b = await backportsInstallation('b');
+    return [systemInstallation('a'), b, await copiedInstallation('b2', dir, b)];
+  });
+  const { daemon, api } = host;
   const spec = (name: string, ramMiB = RAM_MIB): Record<string, unknown> => ({
     name, kernel: ctx.guest.kernel, initrd: ctx.guest.initrd, append: `${ctx.guest.append} vmkeep.fill_mib=${FILL_MIB}`, memoryMiB: ramMiB,
   });
@@ -84,7 +71,7 @@ export async function benchStrategies(ctx: { guest: GuestImage; cleanup: Cleanup
   const old = Array.from({ length: SAMPLES }, (_, i) => `old${i}`);
   const bootStart = performance.now();
   await Promise.all(old.map((name) => api.create(spec(name))));
-  await makeCurrent('b');
+  await host.makeCurrent('b');
   await Promise.all([api.create(spec('mig')), api.create(spec('cpr')), api.create(spec('big', BIG_RAM_MIB))]);
   const all = [...old, 'mig', 'cpr', 'big'];
   await Promise.all(all.map((name) => waitForSerial(daemon.serialLog(name), 'GUEST READY', BOOT_TIMEOUT_MS)));
@@ -102,10 +89,9 @@ export async function benchStrategies(ctx: { guest: GuestImage; cleanup: Cleanup
   const migrate10: Sample[] = [];
   const cpr10: Sample[] = [];
   const cprBig: Sample[] = [];
-  let current = 'b';
   for (let round = 0; round < SAMPLES; round++) {
-    current = current === 'b' ? 'b2' : 'b';
-    await makeCurrent(current);
+    const current = host.current === 'b' ? 'b2' : 'b';
+    await host.makeCurrent(current);
     const order = round % 2 === 0 ? (['mig', 'cpr'] as const) : (['cpr', 'mig'] as const);
     for (const name of order) (name === 'mig' ? migrate10 : cpr10).push(await refreshMeasured(api, daemon.dir, name, name === 'mig' ? 'migrate' : 'cpr', current));
     cprBig.push(await refreshMeasured(api, daemon.dir, 'big', 'cpr', current));
@@ -113,8 +99,7 @@ export async function benchStrategies(ctx: { guest: GuestImage; cleanup: Cleanup
   }
   const running = (await api.list()).filter((vm) => vm.state === 'running').length;
   if (running !== all.length) throw new Error(`after the refreshes ${running} of ${all.length} VMs run`);
-  await endHost();
-  await removeDir();
+  await host.end();
 
   const fmt = (samples: Sample[]): string => samples.map((s) => `${s.outcome.migrationMs}/${s.outcome.downtimeMs}/${s.extraMiB.toFixed(0)}`).join(', ');
   const rows: Row[] = [

@@ -3,7 +3,7 @@
 // file at qmp.sock. Each create fails naming the path, the link's target is untouched, nothing
 // stays recorded. The console of a VM whose serial.log is a link is refused, not read through.
 import { lstat, mkdir, readFile, stat, symlink, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonError } from '../../daemon/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
@@ -55,6 +55,30 @@ async function refusedCreate(name: string, path: string): Promise<void> {
   expect((await host.api.list()).map((v) => v.name)).not.toContain(name);
 }
 
+/** The VM's log `file` is a link to a file outside: its create is refused and the file left as it was. */
+async function refusedThroughLinkedLog(name: string, file: 'serial.log' | 'qemu.log'): Promise<void> {
+  const target = await victim(`${name}-${file}-target`);
+  await mkdir(logDir(name), { recursive: true, mode: 0o700 });
+  await symlink(target.path, join(logDir(name), file));
+  await refusedCreate(name, join(logDir(name), file));
+  await target.unchanged();
+}
+
+/**
+ * The VM's folder at `folderOf(name)` is a link to a folder outside holding `files`: its create
+ * is refused, the files are left as they were and so is the link.
+ */
+async function refusedThroughLinkedFolder(name: string, folderOf: (name: string) => string, files: Record<string, string>): Promise<void> {
+  const folder = join(outside, `${name}-target`);
+  await mkdir(folder);
+  for (const [file, content] of Object.entries(files)) await writeFile(join(folder, file), content);
+  await mkdir(dirname(folderOf(name)), { recursive: true, mode: 0o700 });
+  await symlink(folder, folderOf(name));
+  await refusedCreate(name, folderOf(name));
+  for (const [file, content] of Object.entries(files)) expect(await readFile(join(folder, file), 'utf8'), `${file} in the link's target`).toBe(content);
+  expect((await lstat(folderOf(name))).isSymbolicLink(), 'the planted link is left for the administrator').toBe(true);
+}
+
 describe('planted links and files under the runtime folder', () => {
   it('the runtime folders are root\'s, 0711: QEMU\'s user passes through them, nobody lists or writes them', async () => {
     for (const path of [join(host.dir, 'run'), join(host.dir, 'state')]) {
@@ -66,43 +90,19 @@ describe('planted links and files under the runtime folder', () => {
   });
 
   it('serial.log is a symlink: the create fails naming it, the target is untouched', async () => {
-    const target = await victim('serial-target');
-    await mkdir(logDir('ser'), { recursive: true, mode: 0o700 });
-    await symlink(target.path, join(logDir('ser'), 'serial.log'));
-    await refusedCreate('ser', join(logDir('ser'), 'serial.log'));
-    await target.unchanged();
+    await refusedThroughLinkedLog('ser', 'serial.log');
   });
 
   it('qemu.log is a symlink: the create fails naming it, the target is untouched', async () => {
-    const target = await victim('qemulog-target');
-    await mkdir(logDir('qlog'), { recursive: true, mode: 0o700 });
-    await symlink(target.path, join(logDir('qlog'), 'qemu.log'));
-    await refusedCreate('qlog', join(logDir('qlog'), 'qemu.log'));
-    await target.unchanged();
+    await refusedThroughLinkedLog('qlog', 'qemu.log');
   });
 
   it('the VM folder is a symlink: the create fails naming it, nothing in the target folder is removed or written', async () => {
-    const folder = join(outside, 'folder-target');
-    await mkdir(folder);
-    await writeFile(join(folder, 'qmp.sock'), 'not a socket\n');
-    await writeFile(join(folder, 'serial.log'), 'precious log\n');
-    await mkdir(join(host.dir, 'run', 'vms'), { recursive: true, mode: 0o700 });
-    await symlink(folder, vmDir('dirlink'));
-    await refusedCreate('dirlink', vmDir('dirlink'));
-    expect(await readFile(join(folder, 'qmp.sock'), 'utf8')).toBe('not a socket\n');
-    expect(await readFile(join(folder, 'serial.log'), 'utf8')).toBe('precious log\n');
-    expect((await lstat(vmDir('dirlink'))).isSymbolicLink(), 'the planted link is left for the administrator').toBe(true);
+    await refusedThroughLinkedFolder('dirlink', vmDir, { 'qmp.sock': 'not a socket\n', 'serial.log': 'precious log\n' });
   });
 
   it('the log folder is a symlink: the create fails naming it, nothing in the target folder is written', async () => {
-    const folder = join(outside, 'log-folder-target');
-    await mkdir(folder);
-    await writeFile(join(folder, 'serial.log'), 'precious log\n');
-    await mkdir(join(host.dir, 'log'), { recursive: true, mode: 0o700 });
-    await symlink(folder, logDir('loglink'));
-    await refusedCreate('loglink', logDir('loglink'));
-    expect(await readFile(join(folder, 'serial.log'), 'utf8')).toBe('precious log\n');
-    expect((await lstat(logDir('loglink'))).isSymbolicLink(), 'the planted link is left for the administrator').toBe(true);
+    await refusedThroughLinkedFolder('loglink', logDir, { 'serial.log': 'precious log\n' });
   });
 
   // The failed create then removes the VM's folder with what was planted in it: rm unlinks a

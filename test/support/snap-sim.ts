@@ -5,7 +5,8 @@
 // switch `current`, start the unit.
 import { chmod, copyFile, cp, mkdir, readFile, readlink, rename, symlink, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
+import { planSnapBuild } from '../../packaging/snap/meta.js';
 import { copyQemuAsBuild, SYSTEM_FIRMWARE_DIRS, SYSTEM_MODULE_DIR } from './installations.js';
 import { parse } from 'yaml';
 import { projectRoot } from './paths.js';
@@ -47,8 +48,13 @@ export async function installRevision(layout: SnapLayout, rev: string, qemuRoot?
     await symlink(own !== undefined && existsSync(own) ? own : dir, join(snap, dir));
   }
   await symlink(process.execPath, join(snap, 'bin', 'node'));
-  await copyFile(join(projectRoot(), 'snap', 'local', 'vmkeepd-launch'), join(snap, 'bin', 'vmkeepd-launch'));
-  await chmod(join(snap, 'bin', 'vmkeepd-launch'), 0o755);
+  // The launcher part's files (bin/vmkeepd-launch and what it sources), where the snap build puts them.
+  const { launcher } = planSnapBuild(await readFile(join(projectRoot(), 'snap', 'snapcraft.yaml'), 'utf8'));
+  for (const { from, to } of launcher.files) {
+    await mkdir(dirname(join(snap, to)), { recursive: true });
+    await copyFile(join(projectRoot(), launcher.source, from), join(snap, to));
+    await chmod(join(snap, to), 0o755);
+  }
   await symlink(projectRoot(), join(snap, 'lib', 'vmkeep'));
 }
 

@@ -135,6 +135,7 @@ export async function openWorld(options: { healthIntervalMs?: number; retryInter
         pinRoot: join(dir, 'state', 'modules'),
         probe,
         runtimeDir: join(dir, 'run'),
+        logDir: join(dir, 'log'),
         logger: pino({ level: 'silent' }),
         info: { version: 'test', pid: process.pid, stateDir: join(dir, 'state'), runtimeDir: join(dir, 'run'), startedAt: new Date().toISOString() },
         greetingTimeoutMs: 200,

@@ -48,6 +48,7 @@ describe('snap.yaml from snapcraft.yaml', () => {
         { from: 'vmkeep-guests', to: 'bin/vmkeep-guests' },
         { from: 'vmkeepd-wake', to: 'bin/vmkeepd-wake' },
         { from: 'vmkeep-completion.bash', to: 'bin/vmkeep-completion.bash' },
+        { from: 'vmkeep-strategies.bash', to: 'bin/vmkeep-strategies.bash' },
       ],
     });
     expect(plan.qemu.packages).toContain('qemu-system-x86');

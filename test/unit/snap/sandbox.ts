@@ -1,9 +1,11 @@
 // A fake snap environment for the snap's shell scripts: SNAP, SNAP_COMMON and the revision folders
-// in a temp folder, and fakes of `snapctl` and `node` first on PATH.
+// in a temp folder, the launcher part's files in $SNAP as the snap build puts them, and fakes of
+// `snapctl`, `node` and `systemctl` first on PATH.
 import { chmod, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { execa } from 'execa';
+import { planSnapBuild } from '../../../packaging/snap/meta.js';
 import { projectRoot } from '../../support/paths.js';
 
 export const REPO = projectRoot();
@@ -85,12 +87,15 @@ export async function makeSandbox(revision = '12'): Promise<Sandbox> {
   const fakeDir = join(root, 'fake');
   const bin = join(fakeDir, 'bin');
   await Promise.all([mkdir(snap, { recursive: true }), mkdir(common, { recursive: true }), mkdir(bin, { recursive: true })]);
+  // The snap's own files the scripts source or call from $SNAP/bin are the repo's.
+  const { launcher } = planSnapBuild(await readFile(join(SNAP_DIR, 'snapcraft.yaml'), 'utf8'));
+  for (const { from, to } of launcher.files) {
+    await mkdir(dirname(join(snap, to)), { recursive: true });
+    await symlink(join(REPO, launcher.source, from), join(snap, to));
+  }
   await writeFile(join(bin, 'snapctl'), FAKE_SNAPCTL, { mode: 0o755 });
   await writeFile(join(bin, 'node'), FAKE_NODE, { mode: 0o755 });
   await writeFile(join(bin, 'systemctl'), FAKE_SYSTEMCTL, { mode: 0o755 });
-  // The snap's own scripts the hooks call, where the launcher part puts them ($SNAP/bin).
-  await mkdir(join(snap, 'bin'));
-  await symlink(join(SNAP_DIR, 'local', 'vmkeepd-wake'), join(snap, 'bin', 'vmkeepd-wake'));
   const store = join(fakeDir, 'options');
 
   const readLines = async (file: string): Promise<string[]> => {
