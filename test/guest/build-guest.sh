@@ -147,6 +147,10 @@ cat >"$root/etc/acpi/PWRF/00000080" <<'EOF'
 if [ -f /run/writer.pid ]; then kill "$(cat /run/writer.pid)" 2>/dev/null; while kill -0 "$(cat /run/writer.pid)" 2>/dev/null; do sleep 0.01; done; fi
 if grep -q ' /data ' /proc/mounts; then umount /data || { sync; echo "GUEST DISK UNMOUNT FAILED"; }; fi
 echo "GUEST POWEROFF" >/dev/console
+# The line leaves the serial port before the power goes: stty sets its (unchanged) mode with
+# TCSADRAIN, which waits until the port has sent everything. Without it a starved TCG vCPU
+# powered off with the line still in the UART's buffer.
+stty -F /dev/console opost 2>/dev/null
 poweroff -f
 EOF
 chmod 755 "$root/etc/acpi/PWRF/00000080"
