@@ -153,7 +153,11 @@ describe('refresh by cpr-transfer', () => {
       `migrate: +${mig.growthMiB.toFixed(1)} MiB over ${mig.baseMiB.toFixed(1)} MiB, ${mig.result.totalMs} ms (downtime ${mig.result.downtimeMs} ms)`;
     console.log(report);
     expect(mig.growthMiB, report).toBeGreaterThan(FILL_MIB * 0.9);
-    expect(cpr.growthMiB, report).toBeLessThan(FILL_MIB * 0.5);
+    // Both destinations are new QEMUs with the same overhead of their own (TCG's code buffer,
+    // libraries: about 40-50 MiB here, more on a loaded host); what the migration holds on top
+    // of the cpr is the guest's RAM a second time.
+    expect(mig.growthMiB - cpr.growthMiB, report).toBeGreaterThan(FILL_MIB * 0.9);
+    expect(cpr.growthMiB, report).toBeLessThan(FILL_MIB);
   });
 
   it('auto picks cpr where both QEMUs and the RAM allow it, and says why', async () => {
