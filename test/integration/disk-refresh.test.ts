@@ -3,6 +3,9 @@
 // SIGKILLed mid-migration; every record the console acknowledged is on the disk afterwards
 // (test/support/records-check.ts, shown to detect loss in disks.test.ts). A backing chain
 // changed behind vmkeep's back stops the start until an operator accepts it.
+// Under TCG on a loaded host, a live migration from QEMU 7.2 can itself corrupt the guest's
+// kernel (seen with bare QEMU, without vmkeep, 7.2 -> 7.2 as well): the messages of the sequence
+// and boot checks carry the guest kernel's BUG/panic lines, so such a failure says so.
 import { constants, readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -12,7 +15,7 @@ import { DaemonError, type VmView } from '../../daemon/index.js';
 import { readExe } from '../../launcher/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
 import { makeExt4Raw, makeOverlayOnRaw, O_ACCMODE, openFilesUnder, qemuImg, requireDiskTools } from '../support/disk-images.js';
-import { ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
+import { ensureGuestImage, kernelTrouble, waitForSerial, type GuestImage } from '../support/guest.js';
 import { backportsInstallation, copiedInstallation, systemInstallation, writeInstallations, type TestInstallation } from '../support/installations.js';
 import { describePids, qemuPidsOf } from '../support/qemu-procs.js';
 import { checkImage, lastWrote, waitForWrote, wroteSequence } from '../support/records-check.js';
@@ -62,7 +65,9 @@ async function makeCurrent(name: string): Promise<void> {
  */
 function moreWrites(name: string, n: number): Promise<number> {
   const log = host.serialLog(name);
-  return waitForWrote(log, lastWrote(log) + n, 60_000);
+  return waitForWrote(log, lastWrote(log) + n, 60_000).catch((error: unknown) => {
+    throw new Error(`${(error as Error).message}; ${trouble(name)}`, { cause: error });
+  });
 }
 
 /** Exactly one QEMU of the VM has its image open read-write, the one its record names. */
@@ -86,6 +91,11 @@ function boots(name: string): number {
   return (readFileSync(host.serialLog(name), 'utf8').match(/GUEST READY/g) ?? []).length;
 }
 
+/** What the guest's kernel printed of a crash, for the message of a failed expectation. */
+function trouble(name: string): string {
+  return kernelTrouble(readFileSync(host.serialLog(name), 'utf8'));
+}
+
 describe('a writing guest through refreshes', () => {
   it('refresh by migration (7.2 -> 10.0) while the guest writes: no gap, no second boot, the destination has the image through an fdset', async () => {
     const before = await moreWrites('mover', 20);
@@ -102,9 +112,9 @@ describe('a writing guest through refreshes', () => {
 
     await moreWrites('mover', 20);
     const sequence = wroteSequence(host.serialLog('mover'));
-    expect(sequence.every((n, i) => n === i + 1), 'GUEST WROTE 1, 2, 3, ... without a gap or restart').toBe(true);
+    expect(sequence.every((n, i) => n === i + 1), `GUEST WROTE 1, 2, 3, ... without a gap or restart; ${trouble('mover')}`).toBe(true);
     expect(sequence.at(-1)).toBeGreaterThan(before);
-    expect(boots('mover')).toBe(1);
+    expect(boots('mover'), trouble('mover')).toBe(1);
     await stopAndCheck('mover');
   });
 
@@ -163,8 +173,8 @@ describe('vmkeepd SIGKILLed at each step of a migration of a writing guest', () 
     oneWriter('crashy', vm);
     await moreWrites('crashy', 10);
     const sequence = wroteSequence(host.serialLog('crashy'));
-    expect(sequence.every((n, i) => n === i + 1), 'no gap, no restart of the sequence').toBe(true);
-    expect(boots('crashy')).toBe(1);
+    expect(sequence.every((n, i) => n === i + 1), `no gap, no restart of the sequence; ${trouble('crashy')}`).toBe(true);
+    expect(boots('crashy'), trouble('crashy')).toBe(1);
   });
 
   it('afterwards every acknowledged record is on the disk', async () => {
