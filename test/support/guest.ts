@@ -95,6 +95,11 @@ export function countTicks(logPath: string): number {
 // The guest kernel's own account of a crash (BUG, Oops, panic, NULL dereference) and where it was.
 const KERNEL_TROUBLE_RE = /(?:\bBUG\b|Oops|Kernel panic|RIP:|general protection fault)/;
 
+/** The guest's kernel printed a BUG, an Oops or a panic (pure). */
+export function kernelCrashed(text: string): boolean {
+  return text.split(/\r?\n/).some((line) => KERNEL_TROUBLE_RE.test(line));
+}
+
 /**
  * The guest kernel's crash lines in a serial console text (pure), at most `max`: put into an
  * assertion's message, a second boot or a stalled writer says why (a crash and a reboot by
