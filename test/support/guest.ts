@@ -91,3 +91,21 @@ export function countTicks(logPath: string): number {
   for (const m of text.matchAll(/GUEST TICK (\d+)/g)) highest = Math.max(highest, Number(m[1]));
   return highest;
 }
+
+// The guest kernel's own account of a crash (BUG, Oops, panic, NULL dereference) and where it was.
+const KERNEL_TROUBLE_RE = /(?:\bBUG\b|Oops|Kernel panic|RIP:|general protection fault)/;
+
+/** The guest's kernel printed a BUG, an Oops or a panic (pure). */
+export function kernelCrashed(text: string): boolean {
+  return text.split(/\r?\n/).some((line) => KERNEL_TROUBLE_RE.test(line));
+}
+
+/**
+ * The guest kernel's crash lines in a serial console text (pure), at most `max`: put into an
+ * assertion's message, a second boot or a stalled writer says why (a crash and a reboot by
+ * panic=-1, or an oops that left the writer stuck) instead of only that it happened.
+ */
+export function kernelTrouble(text: string, max = 8): string {
+  const lines = text.split(/\r?\n/).filter((line) => KERNEL_TROUBLE_RE.test(line));
+  return lines.length === 0 ? 'no kernel BUG, Oops or panic on the console' : `guest kernel: ${lines.slice(0, max).join(' | ')}`;
+}
