@@ -40,7 +40,8 @@ async function main(): Promise<void> {
     await host.systemctl('start', SNAP_UNIT);
     // The snap's control socket, $SNAP_COMMON/vmkeep.sock (snap/local/vmkeepd-launch).
     const socket = join(layout.common, 'vmkeep.sock');
-    const serial = (vm: string): string => join(host?.runDir ?? '', 'vmkeep', 'vms', vm, 'serial.log');
+    // The launcher's --log-dir: $SNAP_COMMON/log/NAME/.
+    const serial = (vm: string): string => join(layout.common, 'log', vm, 'serial.log');
     const api = new ApiClient({ socketPath: socket, timeoutMs: 60_000 });
     const vmkeep = (...args: string[]): Promise<string> => showVmkeep(socket, ...args);
     const daemonPid = async (): Promise<string> => ((await host?.systemctl('show', '--property=MainPID', '--value', SNAP_UNIT)) ?? '').trim();
