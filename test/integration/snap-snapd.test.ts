@@ -95,9 +95,14 @@ interface Booted {
   qemus(names: string[]): Promise<Map<string, { pid: number; startTime: string }>>;
 }
 
-/** The control socket snapd's socket unit holds, $SNAP_COMMON/vmkeep.sock, as seen from outside. */
+/** The snap's $SNAP_COMMON (/var/snap/vmkeep/common inside), as seen from outside: a scratch folder. */
+function snapCommon(snapd: SnapdHost, ...parts: string[]): string {
+  return join(snapd.scratch, 'fs', 'var_snap', 'vmkeep', 'common', ...parts);
+}
+
+/** The control socket snapd's socket unit holds, $SNAP_COMMON/vmkeep.sock. */
 function controlSocket(snapd: SnapdHost): string {
-  return join(snapd.scratch, 'fs', 'var_snap', 'vmkeep', 'common', 'vmkeep.sock');
+  return snapCommon(snapd, 'vmkeep.sock');
 }
 
 /**
@@ -118,7 +123,7 @@ async function bootSnapd(name: string): Promise<Booted> {
     snapd,
     api,
     // $SNAP_COMMON/log: /var/snap is a scratch folder of the snapd host.
-    serialLog: (vm) => join(snapd.scratch, 'fs', 'var_snap', 'vmkeep', 'common', 'log', vm, 'serial.log'),
+    serialLog: (vm) => snapCommon(snapd, 'log', vm, 'serial.log'),
     vmkeep: async (args, timeoutMs = 120_000) => (await snapd.run('/snap/bin/vmkeep', args, { timeoutMs })).stdout,
     mainPid: async (unit) => Number((await snapd.host.systemctl('show', '--property=MainPID', '--value', unit)).trim()),
     qemus: async (names) => {
@@ -295,7 +300,7 @@ describe('the snap under a real snapd', () => {
       await b.snapd.snap(['install', '--dangerous', '--classic', snaps.x2]);
       // Started by the configure hook: no client connects before it has moved the VM.
       await daemonStarted(b, 'after the refresh');
-      const record = join(b.snapd.scratch, 'fs', 'var_snap', 'vmkeep', 'common', 'state', 'vms', 'm1.json');
+      const record = snapCommon(b.snapd, 'state', 'vms', 'm1.json');
       await waitFor('m1 moved onto rev-x2 (its record names it), before any client connects', 120_000, async () => {
         const text = await readFile(record, 'utf8').catch(() => '{}');
         return (JSON.parse(text) as { installation?: { name?: string } }).installation?.name === 'rev-x2' ? true : undefined;
