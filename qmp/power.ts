@@ -47,9 +47,10 @@ export async function powerDownGuest(qmp: QmpClient, options: PowerDownOptions):
       }
       presses++;
       options.onPress?.(presses);
-      const wait = Math.min(repeat, deadline - Date.now());
-      if (off || wait <= 0) break;
-      const timer = new Promise<'again'>((resolve) => setTimeout(() => resolve('again'), wait).unref());
+      // No press once the next one would fall at the deadline: it could not be acted on in time,
+      // and a timer firing a millisecond early would otherwise add one (pressed at 0, 2, 4 and 5 s).
+      if (off || deadline - Date.now() <= repeat) break;
+      const timer = new Promise<'again'>((resolve) => setTimeout(() => resolve('again'), repeat).unref());
       if ((await Promise.race([shutdown.then(() => 'off' as const, () => 'off' as const), timer])) === 'off') break;
     }
     await shutdown;

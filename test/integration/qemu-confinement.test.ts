@@ -9,7 +9,7 @@ import { spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { QEMU_MEMORY_OVERHEAD_MIB, scopeLimits, TCG_CODE_BUFFER_MIB } from '../../launcher/index.js';
+import { QEMU_MEMORY_OVERHEAD_MIB, readProcessIdentity, scopeLimits, TCG_CODE_BUFFER_MIB } from '../../launcher/index.js';
 import { connectQmp } from '../../qmp/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
 import { ensureGuestImage, requireQemu, waitForSerial, type GuestImage } from '../support/guest.js';
@@ -52,7 +52,11 @@ describe('QEMU under its seccomp sandbox', () => {
     const pid = await runningVm('sbx2');
     const marker = join(host.dir, 'exec-marker');
     await host.api.qmp('sbx2', 'migrate', { uri: `exec:id > ${marker}` }).catch(() => undefined);
-    await waitFor(`QEMU ${pid} ended by its seccomp filter`, 30_000, () => (existsSync(`/proc/${pid}`) && !readFileSync(`/proc/${pid}/stat`, 'utf8').includes(') Z ') ? undefined : true));
+    await waitFor(`QEMU ${pid} ended by its seccomp filter`, 30_000, () => {
+      // Gone, or a zombie not yet reaped: read once, so a reap between two reads is no error.
+      const state = readProcessIdentity(pid)?.state;
+      return state === undefined || state === 'Z' || state === 'X' ? true : undefined;
+    });
     expect(existsSync(marker), `${marker} was written: the shell command ran`).toBe(false);
   });
 
