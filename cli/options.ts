@@ -6,6 +6,7 @@ import { homedir } from 'node:os';
 import { delimiter, dirname, isAbsolute, join, resolve } from 'node:path';
 import { DEFAULT_SOCKET_PATH, LOG_LEVELS, REFRESH_STRATEGIES } from '../daemon/index.js';
 import type { Installation } from '../launcher/index.js';
+import { DEFAULT_SLICE } from '../scope-manager/index.js';
 import { CliError } from './errors.js';
 
 export interface OptionSpec {
@@ -111,7 +112,7 @@ export function vmkeepdOptions(env: NodeJS.ProcessEnv) {
       array: true,
       describe: 'Linux bridge the operators\' VMs may join (repeatable; default: none, user-mode NICs only)',
     },
-    slice: { type: 'string', default: 'vmkeep.slice', describe: 'systemd slice of the VM scopes, e.g. machine.slice' },
+    slice: { type: 'string', default: DEFAULT_SLICE, describe: 'systemd slice of the VM scopes, e.g. machine.slice' },
     scope: {
       type: 'boolean',
       default: true,

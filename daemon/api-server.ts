@@ -8,7 +8,7 @@ import type { Duplex } from 'node:stream';
 import {
   describeValue, ignoreMissing, isValidVmName, LaunchError, openOwnFileHandle, readOwnFile, VM_NAME_RULE, type LaunchErrorCode, type SpecProblem,
 } from '../launcher/index.js';
-import { QmpError, type QmpErrorCode } from '../qmp/index.js';
+import { isRecord, QmpError, type QmpErrorCode } from '../qmp/index.js';
 import { parseStrategy, UpgradeError, type UpgradeErrorCode } from '../upgrade/index.js';
 import { checkCancel, checkQmp, checkRoute, checkStop, starterOf, type AccessLevel, type Caller } from './access.js';
 import { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
@@ -453,7 +453,7 @@ function buildRoutes(ctx: Context): Route[] {
           if (typeof body.execute !== 'string' || body.execute === '') {
             throw invalid('the body needs "execute": the QMP command name, e.g. {"execute": "query-status"}');
           }
-          if (body.arguments !== undefined && !isPlainObject(body.arguments)) {
+          if (body.arguments !== undefined && !isRecord(body.arguments)) {
             throw invalid('"arguments" must be a JSON object, e.g. {"execute": "human-monitor-command", "arguments": {"command-line": "info mtree"}}');
           }
           checkQmp(ctx.level, body.execute);
@@ -580,7 +580,7 @@ async function readJsonObject(req: IncomingMessage, { required }: { required: bo
   } catch (error) {
     throw invalid(`the body is not valid JSON (${(error as Error).message}); send a JSON object`);
   }
-  if (!isPlainObject(parsed)) throw invalid(`the body must be a JSON object, got ${Array.isArray(parsed) ? 'an array' : parsed === null ? 'null' : typeof parsed}`);
+  if (!isRecord(parsed)) throw invalid(`the body must be a JSON object, got ${Array.isArray(parsed) ? 'an array' : parsed === null ? 'null' : typeof parsed}`);
   return parsed;
 }
 
@@ -645,9 +645,6 @@ function optionalBoolean(body: Record<string, unknown>, field: string): boolean 
   throw invalid(`"${field}" must be true or false, got ${describeValue(value)}`);
 }
 
-function isPlainObject(value: unknown): value is Record<string, unknown> {
-  return typeof value === 'object' && value !== null && !Array.isArray(value);
-}
 
 function invalid(message: string): DaemonError {
   return new DaemonError('INVALID_REQUEST', message);

@@ -4,6 +4,7 @@
 // "Operations"). The rules are in operation-state.ts; this file keeps them and writes them.
 import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
+import { isLowercaseUuid } from '../launcher/index.js';
 import { ACCESS_LEVELS, type OperationStarter } from './access.js';
 import { DaemonError } from './errors.js';
 import type { DaemonEvent } from './model.js';
@@ -16,8 +17,6 @@ import { nodeRecordFs, tempFileTarget, writeFileAtomic, type RecordFs } from './
 /** Schema of an operation's file; a newer one is left alone and not listed. */
 export const OPERATION_SCHEMA = 1;
 const MAX_FILE_BYTES = 1024 * 1024;
-/** The id rule: what randomUUID makes. Checked before an id names a file. */
-export const OPERATION_ID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
 /** What a VM operation runs as: the operation's id (marks the VM's lock and the events) and its cancel. */
 export interface RunAs {
@@ -162,7 +161,7 @@ export class Operations {
   }
 
   get(id: string): Operation {
-    const op = OPERATION_ID_RE.test(id) ? this.ops.get(id) : undefined;
+    const op = isLowercaseUuid(id) ? this.ops.get(id) : undefined;
     if (op === undefined) {
       throw new DaemonError('NOT_FOUND', `no operation ${JSON.stringify(id.slice(0, 64))}: finished operations are kept ${Math.round(this.retention.maxAgeMs / 3_600_000)} h (the last ${this.retention.maxCount}); list them with GET /1.0/operations`);
     }
@@ -264,7 +263,7 @@ export function parseOperation(text: string, file: string): Operation {
   }
   const op = raw.operation;
   if (
-    typeof op !== 'object' || op === null || typeof op.id !== 'string' || !OPERATION_ID_RE.test(op.id) || `${op.id}.json` !== file
+    typeof op !== 'object' || op === null || typeof op.id !== 'string' || !isLowercaseUuid(op.id) || `${op.id}.json` !== file
     || !(OPERATION_KINDS as readonly unknown[]).includes(op.kind) || !(OPERATION_STATUSES as readonly unknown[]).includes(op.status)
     || !Array.isArray(op.vms) || typeof op.createdAt !== 'string' || typeof op.updatedAt !== 'string'
     || (op.startedBy !== undefined && !isStarter(op.startedBy))

@@ -3,9 +3,10 @@ import { constants } from 'node:fs';
 import { chmod, mkdir, open, readdir, rename, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import {
-  describeValue, SIMPLE_NAME_RE, TAP_NAME_RE, UUID_RE, VM_NAME_RULE,
+  describeValue, isLowercaseUuid, SIMPLE_NAME_RE, TAP_NAME_RE, VM_NAME_RULE,
   isValidVmName, LaunchError, validateSpec, type BinaryIdentity, type DiskChain, type DiskLayer, type Installation, type VmSpec,
 } from '../launcher/index.js';
+import { isRecord } from '../qmp/index.js';
 import { DEFAULT_CHANNEL, REFRESH_STRATEGIES, type RefreshStrategy } from '../upgrade/index.js';
 import { DaemonError } from './errors.js';
 import { AUTOSTART_MODES, type AutostartMode, type ExitInfo, type VmState } from './model.js';
@@ -149,7 +150,7 @@ export function parseRecord(text: string, fileName: string, upgrades: RecordUpgr
  * that no upgrade leads from (RECORD_CORRUPT).
  */
 export function upgradeRecord(raw: unknown, upgrades: RecordUpgrades, fileName = 'record'): Obj {
-  if (!isObj(raw)) throw corrupt(fileName, [`must hold a JSON object, holds ${describe(raw)}`]);
+  if (!isRecord(raw)) throw corrupt(fileName, [`must hold a JSON object, holds ${describe(raw)}`]);
   const schema = raw.schema;
   if (typeof schema !== 'number' || !Number.isSafeInteger(schema) || schema < 0) {
     throw corrupt(fileName, [`field "schema" must be a whole number >= 0, got ${describe(schema)}`]);
@@ -172,7 +173,7 @@ export function upgradeRecord(raw: unknown, upgrades: RecordUpgrades, fileName =
     } catch (err) {
       throw corrupt(fileName, [`could not be upgraded from schema ${from} to ${from + 1} (${(err as Error).message})`], err);
     }
-    if (!isObj(next)) throw corrupt(fileName, [`the upgrade from schema ${from} returned ${describe(next)}`]);
+    if (!isRecord(next)) throw corrupt(fileName, [`the upgrade from schema ${from} returned ${describe(next)}`]);
     current = { ...next, schema: from + 1 };
   }
   return current;
@@ -211,7 +212,7 @@ function checkRecord(raw: Obj, expectedName: string, problems: string[]): VmReco
     else if (name !== expectedName) bad('name', `is ${JSON.stringify(name)} but the file is named ${expectedName}.json`);
   }
   const uuid = str(raw.uuid, 'uuid', bad);
-  if (uuid !== undefined && !(UUID_RE.test(uuid) && uuid === uuid.toLowerCase())) bad('uuid', `${JSON.stringify(uuid)} is not a lowercase UUID`);
+  if (uuid !== undefined && !isLowercaseUuid(uuid)) bad('uuid', `${JSON.stringify(uuid)} is not a lowercase UUID`);
 
   const spec = checkSpec(raw.spec, bad);
   if (spec !== undefined && name !== undefined && spec.name !== name) {
@@ -276,7 +277,7 @@ function checkRecord(raw: Obj, expectedName: string, problems: string[]): VmReco
 type Bad = (field: string, message: string) => void;
 
 function checkSpec(value: unknown, bad: Bad): VmSpec | undefined {
-  if (!isObj(value)) {
+  if (!isRecord(value)) {
     bad('spec', `must be an object, got ${describe(value)}`);
     return undefined;
   }
@@ -420,7 +421,7 @@ function checkExit(value: unknown, bad: Bad): ExitInfo | undefined {
 }
 
 function object(value: unknown, field: string, known: readonly string[], bad: Bad): Obj | undefined {
-  if (!isObj(value)) {
+  if (!isRecord(value)) {
     bad(field, `must be an object, got ${describe(value)}`);
     return undefined;
   }
@@ -460,9 +461,6 @@ function timestamp(value: unknown, field: string, bad: Bad): string | undefined 
   return s;
 }
 
-function isObj(value: unknown): value is Obj {
-  return typeof value === 'object' && value !== null && !Array.isArray(value);
-}
 
 function describe(value: unknown): string {
   if (value === undefined) return 'nothing';

@@ -1,5 +1,5 @@
 export { LaunchError, type LaunchErrorCode, type SpecProblem } from './errors.js';
-export { isValidVmName, vmNameProblem, machineNameProblem, describeValue, VM_NAME_RULE, SIMPLE_NAME_RE, UUID_RE } from './names.js';
+export { isValidVmName, vmNameProblem, machineNameProblem, describeValue, VM_NAME_RULE, SIMPLE_NAME_RE, UUID_RE, isLowercaseUuid } from './names.js';
 export {
   validateSpec, formatSpecProblems, SPEC_DEFAULTS, SPEC_LIMITS,
   MEMORY_BACKENDS, DISK_CACHES, type VmSpec, type DiskSpec, type DiskFormat, type DiskCache, type Accel, type MemoryBackend,

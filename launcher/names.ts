@@ -5,6 +5,11 @@
 export const SIMPLE_NAME_RE = /^[a-z0-9][a-z0-9._-]{0,63}$/;
 export const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
+/** A UUID as vmkeep writes it (randomUUID, records): lowercase, so one id names one file. */
+export function isLowercaseUuid(value: string): boolean {
+  return UUID_RE.test(value) && value === value.toLowerCase();
+}
+
 export const VM_NAME_MAX_LENGTH = 63;
 export const VM_NAME_RULE =
   '1 to 63 characters: lowercase letters, digits, "_", "." and "-", starting with a letter or digit, without ".."';

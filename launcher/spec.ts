@@ -1,3 +1,4 @@
+import { isRecord } from '../qmp/index.js';
 import { LaunchError, type SpecProblem } from './errors.js';
 import { describeValue, SIMPLE_NAME_RE, UUID_RE, VM_NAME_MAX_LENGTH, VM_NAME_RULE, vmNameProblem } from './names.js';
 import { checkNics, type NicSpec } from './nics.js';
@@ -158,9 +159,6 @@ function invalid(problems: SpecProblem[]): LaunchError {
   return new LaunchError('INVALID_SPEC', formatSpecProblems(problems), { problems });
 }
 
-function isRecord(value: unknown): value is Record<string, unknown> {
-  return typeof value === 'object' && value !== null && !Array.isArray(value);
-}
 
 function reportUnknownFields(obj: Record<string, unknown>, known: readonly string[], prefix: string, add: Add): void {
   for (const key of Object.keys(obj)) {

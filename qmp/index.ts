@@ -16,6 +16,7 @@ export {
   type QmpEventListener,
   type WaitForEventOptions,
 } from './client.js';
+export { isRecord } from './commands.js';
 export { connectQmp, DEFAULT_CONNECT_TIMEOUT_MS, type ConnectQmpOptions } from './connect.js';
 export type {
   MigrationCapabilityStatus,

@@ -1,5 +1,6 @@
 import { readFile } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
+import { isRecord } from '../qmp/index.js';
 import { SIMPLE_NAME_RE, type Installation } from '../launcher/index.js';
 import { UpgradeError } from './errors.js';
 
@@ -30,7 +31,7 @@ export function parseInstallationsConfig(text: string, file: string): Installati
     throw bad(file, [`is not JSON (${(cause as Error).message})`], cause);
   }
   const problems: string[] = [];
-  if (!isObj(raw)) throw bad(file, ['must hold an object {"installations": [...], "current": {...}}']);
+  if (!isRecord(raw)) throw bad(file, ['must hold an object {"installations": [...], "current": {...}}']);
   for (const key of Object.keys(raw)) {
     if (key !== 'installations' && key !== 'current') problems.push(`unknown field "${key}" (known: installations, current)`);
   }
@@ -46,7 +47,7 @@ export function parseInstallationsConfig(text: string, file: string): Installati
     });
   }
   const current: Record<string, string> = {};
-  if (!isObj(raw.current)) {
+  if (!isRecord(raw.current)) {
     problems.push(`"current" must map a channel to an installation name, e.g. {"${DEFAULT_CHANNEL}": "${installations[0]?.name ?? 'qemu'}"}`);
   } else {
     for (const [channel, name] of Object.entries(raw.current)) {
@@ -62,7 +63,7 @@ export function parseInstallationsConfig(text: string, file: string): Installati
 }
 
 function checkInstallation(value: unknown, at: string, problems: string[]): Installation | undefined {
-  if (!isObj(value)) {
+  if (!isRecord(value)) {
     problems.push(`${at} must be an object {name, binary, moduleDir?, firmwareDirs?}`);
     return undefined;
   }
@@ -116,9 +117,6 @@ function absolute(value: unknown): value is string {
   return typeof value === 'string' && isAbsolute(value) && !value.includes('\0');
 }
 
-function isObj(value: unknown): value is Record<string, unknown> {
-  return typeof value === 'object' && value !== null && !Array.isArray(value);
-}
 
 function bad(file: string, problems: string[], cause?: unknown): UpgradeError {
   return new UpgradeError('BAD_CONFIG',
