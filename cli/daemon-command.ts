@@ -20,6 +20,7 @@ export interface DaemonCommandArgs {
   allowQemuRoot: boolean;
   slice: string;
   scope: boolean;
+  tapRepair: boolean;
   busAddress?: string;
   logLevel: string;
   refreshPolicy: string;
@@ -52,6 +53,7 @@ export interface ParsedDaemonOptions {
   allowQemuRoot: boolean;
   slice: string;
   scope: boolean;
+  tapRepair: boolean;
   busAddress?: string | undefined;
   installations?: string | undefined;
   refreshAtStart: boolean;
@@ -85,6 +87,7 @@ export function daemonCommandArgs(a: ParsedDaemonOptions, env: NodeJS.ProcessEnv
       socket: a.socket,
       slice: a.slice,
       scope: a.scope,
+      tapRepair: a.tapRepair,
       logLevel: a.logLevel,
       ...(a.socketGroup === undefined ? {} : { socketGroup: a.socketGroup }),
       ...(a.operatorGroup === undefined ? {} : { operatorGroup: a.operatorGroup }),
@@ -164,6 +167,7 @@ export async function runDaemonCommand(
     installations: typeof installations === 'string' ? await loadInstallationsConfig(installations) : singleInstallation(installations),
     defaultPolicy: parseStrategy(args.refreshPolicy, '--refresh-policy'),
     refreshAtStart: args.refreshAtStart,
+    tapRepair: args.tapRepair,
     ...(args.guestsUnit === undefined ? {} : { guestsUnit: args.guestsUnit }),
     ...(args.crashAt === undefined ? {} : { crashAt: args.crashAt }),
     ...(args.autostartParallel === undefined ? {} : { autostartParallel: args.autostartParallel }),

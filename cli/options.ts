@@ -118,6 +118,11 @@ export function vmkeepdOptions(env: NodeJS.ProcessEnv) {
       default: true,
       describe: "put each QEMU in its own systemd scope; --no-scope keeps them in the daemon's cgroup, where they DIE with the daemon service",
     },
+    'tap-repair': {
+      type: 'boolean',
+      default: true,
+      describe: "put a running VM's TAP back on its bridge when the host's network was reconfigured (bridge made again, port detached); --no-tap-repair only reports it",
+    },
     'bus-address': { type: 'string', describe: 'D-Bus address of the system bus (default DBUS_SYSTEM_BUS_ADDRESS or the standard socket)' },
     installations: {
       type: 'string',

@@ -34,7 +34,10 @@ export function formatVmStatus(vm: VmView): string {
     ['machine', vm.machineType || undefined],
     ['memory', `${vm.spec.memoryMiB} MiB`],
     ['vcpus', String(vm.spec.vcpus)],
-    ...(vm.spec.nics ?? []).map((nic, i): [string, string] => [`nic ${i}`, describeNic(nic, vm.taps)]),
+    ...(vm.spec.nics ?? []).flatMap((nic, i): Array<[string, string]> => [
+      [`nic ${i}`, describeNic(nic, vm.taps)],
+      ...(vm.nicProblems ?? []).filter((p) => p.nic === i).map((p): [string, string] => [`nic ${i} problem`, `${p.message}; fix: ${p.fix}`]),
+    ]),
     ['uuid', vm.uuid],
     ['autostart', vm.autostart],
     ['last exit', vm.lastExit === undefined ? undefined : `${vm.lastExit.reason} at ${vm.lastExit.at}`],

@@ -53,6 +53,8 @@ export interface DaemonOptions {
   autostartDelaySec?: number;
   /** With a socket from systemd: exit after this long with no QEMU, no operation and no client. */
   idleExitSec?: number;
+  /** false: running VMs' TAPs found off their bridges are reported, not put back (--no-tap-repair). */
+  tapRepair?: boolean;
   /** Bounds of each VM's serial and QEMU logs. */
   logMaxBytes?: number;
   logKeep?: number;
@@ -118,6 +120,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       storageRoots: (options.storageRoots ?? []).map((root) => resolve(root)),
       operatorBridges: options.operatorBridges ?? [],
       ...(options.qemuUser === undefined ? {} : { qemuUser: options.qemuUser }),
+      ...(options.tapRepair === undefined ? {} : { tapRepair: options.tapRepair }),
       logger,
       ...(options.logMaxBytes === undefined && options.logKeep === undefined ? {} : {
         logLimits: { maxBytes: options.logMaxBytes ?? DEFAULT_LOG_MAX_BYTES, keep: options.logKeep ?? DEFAULT_LOG_KEEP },
@@ -135,6 +138,8 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
     // A VM whose monitor is slow to answer (held by another client, a hung QEMU) goes on
     // reattaching after READY in its own lock; it does not keep every request waiting.
     await manager.reattachAll(READY_WAIT_MS);
+    // Ended by manager.close() above (ARCHITECTURE.md, "Networking").
+    manager.watchLinks();
     const vms = await manager.list();
     logger.info(
       { vms: vms.length, ms: Math.round(performance.now() - started), states: countStates(vms.map((v) => v.state)) },

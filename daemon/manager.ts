@@ -33,6 +33,7 @@ import { MachineSync } from './machines.js';
 import { migrateNow, MigrationRolledBack } from './migration.js';
 import { ModulePins } from './pins.js';
 import { realQemu, type MachinePort, type QemuPort, type ScopePort } from './ports.js';
+import { NicRepair } from './nic-repair.js';
 import { reattachIsolated } from './reattach.js';
 import { bridgesOf, nicHostProblems, orphanTaps, realNet, refuseNicHostProblems, TapKeeper, tapList, tapsClaimed, tapsForNewQemu, tapsReleased, type NetPort } from './taps.js';
 import { RECORD_SCHEMA, type RecordStore, type VmRecord } from './records.js';
@@ -88,6 +89,8 @@ export interface VmManagerOptions {
   healthIntervalMs?: number;
   /** Bounds of each VM's serial and QEMU logs (default 2 MiB, 3 rotated files kept). */
   logLimits?: LogLimits;
+  /** Put running VMs' TAPs back on their bridges (default); false: only report (--no-tap-repair). */
+  tapRepair?: boolean;
 }
 
 /** A failure as the API reports it: ours keep their code, anything else (the file system) is a start failure. */
@@ -169,6 +172,7 @@ export class VmManager implements DaemonOps, VmCore {
   private orphanScopes: string[] = [];
   private readonly machines: MachineSync | null;
   private orphanTaps: string[] = [];
+  private readonly nicRepair: NicRepair;
   private closed = false;
   /** Settles once every VM's reattach has (after a bounded reattachAll, possibly later). */
   reattachDone: Promise<void> = Promise.resolve();
@@ -190,6 +194,10 @@ export class VmManager implements DaemonOps, VmCore {
       net: o.net ?? realNet,
       taps: new TapKeeper(o.net ?? realNet, o.logger, o.qemuUser),
     };
+    this.nicRepair = new NicRepair({
+      entries: () => this.entries(), net: this.options.net, taps: this.options.taps, logger: o.logger,
+      emit: (event) => this.emit(event), isClosed: () => this.closed,
+    }, o.tapRepair !== false);
     this.pins = new ModulePins(o.pinRoot, o.logger);
     this.machines = o.machines === undefined ? null : new MachineSync(o.machines, o.logger);
     this.jobs = new RefreshJobs({
@@ -238,7 +246,9 @@ export class VmManager implements DaemonOps, VmCore {
     })).then(() => {
       this.metrics.startReattachSeconds = (performance.now() - began) / 1000;
       return this.findOrphanScopes();
-    }).then(() => this.findOrphanTaps());
+    }).then(() => this.findOrphanTaps())
+      // A network restart while vmkeepd was away left TAPs off their bridges (ARCHITECTURE.md, "Networking").
+      .then(() => this.nicRepair.check('reattach'));
     this.reattachDone = all.catch(() => undefined);
     this.stopHealthChecks = startHealthChecks(this);
     this.stopLogRotation = startLogRotation(
@@ -889,6 +899,9 @@ export class VmManager implements DaemonOps, VmCore {
       ({ vm: name, strategy, result, totalMs: Math.round(performance.now() - began), message, ...extra });
     this.refuseWhileMigrating(entry);
     const status = record.process ? await stalenessOf(this, entry, target, info, true) : undefined;
+    // A TAP deleted under the QEMU: a new QEMU (its own TAP) is the mend, even onto the same installation.
+    if (record.process) await this.nicRepair.check(`refresh of ${name}`);
+    const cutOff = (entry.nicProblems ?? []).filter((p) => p.problem === 'tap-gone').map((p) => `nics[${p.nic}]: ${p.message}`);
     let targetRefusal: string | undefined;
     try {
       checkRefreshTarget({ vm: name, runningVersion: status?.runningVersion, machineType: record.machineType, target: { name: target.name, info } });
@@ -897,7 +910,7 @@ export class VmManager implements DaemonOps, VmCore {
     }
     const plan = planRefresh({
       vm: name, strategy, state: record.state, hasProcess: record.process !== undefined,
-      stale: status?.stale === true, reasons: status?.reasons ?? [],
+      stale: status?.stale === true, reasons: status?.reasons ?? [], cutOff,
       monitorAnswers: entry.qmp !== undefined && entry.hung !== true,
       ...(record.problem === undefined ? {} : { problem: record.problem }),
       target: { installation: target.name, version: info.version },
@@ -1043,6 +1056,12 @@ export class VmManager implements DaemonOps, VmCore {
     return this.collectPins();
   }
 
+  /** From now until close(), every change of the host's links is followed by a check of the running VMs' TAPs. */
+  watchLinks(): void {
+    this.nicRepair.start();
+  }
+
+
   private collectPins(): Promise<void> {
     return this.pins.collect(() => ({ records: this.entries().map((e) => e.record), damagedRecords: this.damaged.size }));
   }
@@ -1063,6 +1082,7 @@ export class VmManager implements DaemonOps, VmCore {
       if (entry.retryTimer) clearTimeout(entry.retryTimer);
       this.detach(entry);
     }
+    await this.nicRepair.close();
   }
 
   // ---- helpers -------------------------------------------------------------------------------

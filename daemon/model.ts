@@ -47,6 +47,8 @@ export interface VmView {
   scope?: string;
   /** The TAP devices its running QEMU opened (bridge NICs). */
   taps?: string[];
+  /** Bridge NICs cut off from their bridge, as vmkeepd last saw the host's links (nic-repair.ts). */
+  nicProblems?: NicProblem[];
   /** Why the daemon cannot talk to this VM (state unreachable), or what failed last. */
   problem?: string;
   lastExit?: ExitInfo;
@@ -54,6 +56,20 @@ export interface VmView {
   operation?: { kind: string; step?: string; since: string; id?: string };
   createdAt: string;
   updatedAt: string;
+}
+
+/**
+ * A bridge NIC of a running VM whose TAP is not where it belongs. `detached`: off its bridge or
+ * down and not (yet) put back; `bridge-missing`: the bridge is gone (put back once it exists);
+ * `tap-gone`: the TAP was deleted under the QEMU (only a new QEMU helps).
+ */
+export interface NicProblem {
+  nic: number;
+  tap: string;
+  bridge: string;
+  problem: 'detached' | 'bridge-missing' | 'tap-gone';
+  message: string;
+  fix: string;
 }
 
 export interface DaemonInfo {
@@ -70,7 +86,7 @@ export interface DaemonInfo {
   damagedRecords: Array<{ name: string; file: string; problem: string }>;
 }
 
-export const EVENT_TYPES = ['vm-state', 'vm-created', 'vm-deleted', 'vm-power', 'vm-autostart', 'daemon', 'refresh', 'operation'] as const;
+export const EVENT_TYPES = ['vm-state', 'vm-created', 'vm-deleted', 'vm-power', 'vm-autostart', 'vm-network', 'daemon', 'refresh', 'operation'] as const;
 export type DaemonEventType = (typeof EVENT_TYPES)[number];
 
 /** A change the event stream carries, one JSON object per line. */

@@ -2,6 +2,7 @@
 // and the TAP devices vmkeepd makes for bridge NICs. A TAP's life follows its QEMU, not the
 // daemon's: it is removed only once no record names it, which happens only after its QEMU is
 // gone (ARCHITECTURE.md, "Networking").
+import { spawn, type ChildProcess } from 'node:child_process';
 import {
   forwardKey, formatSpecProblems, freeTapSlot, LaunchError, TAP_NAME_RE, tapsFor,
   type NicSpec, type SpecProblem, type VmSpec,
@@ -20,17 +21,48 @@ export interface TapOwner {
   gid: number;
 }
 
+/** One link of the host, as `ip -j -d link show` gives it. */
+export interface HostLink {
+  name: string;
+  /** `bridge`, `tun`, ...; undefined for a plain device. */
+  kind: string | undefined;
+  /** The bridge it is attached to, if any. */
+  master?: string | undefined;
+  /** Administratively up (the UP flag), whatever its carrier. */
+  up?: boolean;
+}
+
+/** A running watch of the host's links (`ip monitor link`). */
+export interface LinkWatch {
+  /** Ends it (the child process included); resolves once it is gone. */
+  close(): Promise<void>;
+}
+
 export interface NetPort {
-  /** Every link: its name and kind (`bridge`, `tun`, ...; undefined for a plain device). */
-  links(): Promise<Array<{ name: string; kind: string | undefined }>>;
+  /** Every link of the namespace. */
+  links(): Promise<HostLink[]>;
   /**
    * Makes the persistent TAP `name` (kept if it exists), attaches it to `bridge`, brings it up.
    * `owner`: the uid/gid QEMU runs as, which may then open it without CAP_NET_ADMIN.
    */
   addTap(name: string, bridge: string, owner?: TapOwner): Promise<void>;
+  /** Attaches the existing TAP `name` to `bridge` and brings it up; never makes one. */
+  attachTap(name: string, bridge: string): Promise<void>;
   /** Removes the TAP `name`; a missing one is fine. */
   removeTap(name: string): Promise<void>;
+  /**
+   * Calls `onChange` whenever a link changes (one call per change: the caller debounces), and
+   * once after each restart of the watch, whose gap may have hidden changes. `onProblem`: the
+   * watch ended by itself or could not start (it is started again).
+   */
+  watchLinks(onChange: () => void, onProblem: (message: string) => void): LinkWatch;
 }
+
+/**
+ * A dead `ip monitor` is started again after 1 s, doubled at each death in a row up to 60 s (a
+ * host without `ip` must not spin); one that ran a minute counts as healthy again.
+ */
+export const LINK_WATCH_RESTART_MS = { first: 1_000, max: 60_000, healthy: 60_000 } as const;
 
 /** Runs `ip` (iproute2): Node has no ioctl, and iproute2 is on every host that has bridges. */
 async function ip(args: string[]): Promise<{ ok: boolean; stdout: string; stderr: string }> {
@@ -50,8 +82,8 @@ export const realNet: NetPort = {
   async links() {
     const listed = await ip(['-j', '-d', 'link', 'show']);
     if (!listed.ok) throw new Error(`ip -j -d link show failed: ${listed.stderr}`);
-    return (JSON.parse(listed.stdout) as Array<{ ifname: string; linkinfo?: { info_kind?: string } }>)
-      .map((l) => ({ name: l.ifname, kind: l.linkinfo?.info_kind }));
+    return (JSON.parse(listed.stdout) as Array<{ ifname: string; master?: string; flags?: string[]; linkinfo?: { info_kind?: string } }>)
+      .map((l) => ({ name: l.ifname, kind: l.linkinfo?.info_kind, master: l.master, up: (l.flags ?? []).includes('UP') }));
   },
   async addTap(name, bridge, owner) {
     if (!(await linkExists(name))) {
@@ -61,6 +93,9 @@ export const realNet: NetPort = {
       const made = await ip(args);
       if (!made.ok) throw new Error(`ip ${args.join(' ')} failed: ${made.stderr}`);
     }
+    await realNet.attachTap(name, bridge);
+  },
+  async attachTap(name, bridge) {
     const attached = await ip(['link', 'set', 'dev', name, 'master', bridge, 'up']);
     if (!attached.ok) throw new Error(`ip link set dev ${name} master ${bridge} up failed: ${attached.stderr}`);
   },
@@ -68,7 +103,56 @@ export const realNet: NetPort = {
     const removed = await ip(['link', 'del', 'dev', name]);
     if (!removed.ok && (await linkExists(name))) throw new Error(`ip link del dev ${name} failed: ${removed.stderr}`);
   },
+  watchLinks(onChange, onProblem) {
+    return watchWithIpMonitor(onChange, onProblem);
+  },
 };
+
+/**
+ * A long-lived `ip monitor link` (netlink events of vmkeepd's namespace: one line, or a few, per
+ * change), started again LINK_WATCH_RESTART_MS after it ends, until closed. Under systemd a
+ * vmkeepd that dies takes it along (the service's control group); elsewhere it ends at its next
+ * write into the closed pipe.
+ */
+function watchWithIpMonitor(onChange: () => void, onProblem: (message: string) => void): LinkWatch {
+  let child: ChildProcess | undefined;
+  let closed = false;
+  let timer: NodeJS.Timeout | undefined;
+  let delay: number = LINK_WATCH_RESTART_MS.first;
+  const start = (): void => {
+    timer = undefined;
+    if (closed) return;
+    const began = performance.now();
+    const proc = spawn('ip', ['monitor', 'link'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    child = proc;
+    let stderr = '';
+    proc.stdout?.setEncoding('utf8').on('data', () => onChange());
+    proc.stderr?.setEncoding('utf8').on('data', (text: string) => { stderr = (stderr + text).slice(-500); });
+    proc.once('error', (error) => onProblem(`cannot run ip monitor link (${error.message}); fix: install iproute2`));
+    proc.once('close', (code, signal) => {
+      child = undefined;
+      if (closed) return;
+      if (performance.now() - began >= LINK_WATCH_RESTART_MS.healthy) delay = LINK_WATCH_RESTART_MS.first;
+      onProblem(`ip monitor link ended (${signal ?? `exit ${String(code)}`}${stderr.trim() === '' ? '' : `: ${stderr.trim()}`}); started again in ${delay} ms`);
+      timer = setTimeout(start, delay);
+      delay = Math.min(delay * 2, LINK_WATCH_RESTART_MS.max);
+    });
+    // Changes while no monitor listened are not replayed: look once now.
+    proc.once('spawn', () => onChange());
+  };
+  start();
+  return {
+    async close() {
+      closed = true;
+      clearTimeout(timer);
+      const proc = child;
+      if (proc === undefined || proc.exitCode !== null || proc.signalCode !== null) return;
+      const gone = new Promise<void>((resolve) => proc.once('close', () => resolve()));
+      proc.kill('SIGTERM');
+      await gone;
+    },
+  };
+}
 
 /**
  * What is wrong with a new VM's NICs on this host: a bridge that does not exist, a MAC another
@@ -185,6 +269,11 @@ export class TapKeeper {
         await this.net.removeTap(tap).catch((error: unknown) => this.logger.warn({ vm, tap, err: error }, `could not remove TAP ${tap}; it stays and is reported`));
       }
     });
+  }
+
+  /** Runs `work` between the queued changes (a repair of TAPs sees no half-made or half-removed one). */
+  exclusive(work: () => Promise<void>): Promise<void> {
+    return this.enqueue(work);
   }
 
   private enqueue(work: () => Promise<void>): Promise<void> {

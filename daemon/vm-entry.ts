@@ -1,7 +1,7 @@
 // One VM in the daemon's memory, and the small pure helpers every part of the manager shares.
 import type { ExeInfo, InstallationInfo } from '../launcher/index.js';
 import type { QmpClient } from '../qmp/index.js';
-import { DEFAULT_AUTOSTART, type VmState, type VmView } from './model.js';
+import { DEFAULT_AUTOSTART, type NicProblem, type VmState, type VmView } from './model.js';
 import { OperationLock } from './operation-lock.js';
 import type { QemuPort } from './ports.js';
 import type { OtherQemu, VmRecord } from './records.js';
@@ -24,6 +24,8 @@ export interface VmEntry {
   unsaved?: string;
   /** The monitor did not answer the last health check. */
   hung?: boolean;
+  /** Its bridge NICs' problems as the last look at the host's links found them (nic-repair.ts). */
+  nicProblems?: NicProblem[];
 }
 
 export function newEntry(record: VmRecord): VmEntry {
@@ -74,6 +76,10 @@ export function toView(entry: VmEntry): VmView {
     view.pid = record.process.pid;
     if (record.process.scope) view.scope = record.process.scope;
     if (record.process.taps) view.taps = record.process.taps;
+    // Only this QEMU's TAPs: a problem of a QEMU a refresh replaced is no longer true.
+    const taps = record.process.taps ?? [];
+    const nicProblems = (entry.nicProblems ?? []).filter((p) => taps.includes(p.tap));
+    if (nicProblems.length > 0) view.nicProblems = nicProblems;
   }
   const problems = [
     record.problem,

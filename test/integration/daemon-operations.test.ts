@@ -11,7 +11,7 @@ import type { DaemonEvent, Operation, RefreshJob } from '../../daemon/index.js';
 import { readExe } from '../../launcher/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
 import { countTicks, ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
-import { waitForVm } from '../support/vm-wait.js';
+import { subscribeEvents, waitForVm } from '../support/vm-wait.js';
 import { copiedInstallation, systemInstallation, writeInstallations, type TestInstallation } from '../support/installations.js';
 
 let guest: GuestImage;
@@ -81,32 +81,6 @@ async function waited(id: string, timeoutSec = 180): Promise<Operation> {
   return reply.json as Operation;
 }
 
-/** Collects events (filtered by the daemon) from subscription on; `until` resolves on the first matching one. */
-async function subscribe(filter: { type?: Array<DaemonEvent['type'] | 'vm'>; vm?: string[] }) {
-  const events: DaemonEvent[] = [];
-  const waiters: Array<{ test: (e: DaemonEvent) => boolean; resolve: () => void }> = [];
-  const abort = new AbortController();
-  let opened!: () => void;
-  const open = new Promise<void>((resolve) => (opened = resolve));
-  const stream = host.api.events((event) => {
-    events.push(event);
-    for (const w of waiters.splice(0)) (w.test(event) ? w.resolve() : waiters.push(w));
-  }, { signal: abort.signal, onOpen: opened, filter });
-  stream.catch(() => undefined);
-  await Promise.race([open, stream]);
-  return {
-    events,
-    until(test: (e: DaemonEvent) => boolean, what: string, timeoutMs = 120_000): Promise<void> {
-      if (events.some(test)) return Promise.resolve();
-      return new Promise<void>((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`no event ${what} within ${timeoutMs} ms; got ${JSON.stringify(events.slice(-5))}`)), timeoutMs);
-        waiters.push({ test, resolve: () => { clearTimeout(timer); resolve(); } });
-      });
-    },
-    close: () => abort.abort(),
-  };
-}
-
 describe('long requests are operations', () => {
   it('start: 202 with Location; waiting on it answers it succeeded with the VM; it is listed', async () => {
     const op = await accepted('POST', '/1.0/vms/op1/start');
@@ -122,7 +96,7 @@ describe('long requests are operations', () => {
   it('refresh of one VM: an operation whose events, filtered by type and VM, carry its id', async () => {
     await writeInstallations(installationsFile, [a, c], 'c');
     await host.restart();
-    const events = await subscribe({ type: ['refresh', 'vm'], vm: ['op1'] });
+    const events = await subscribeEvents(host.api, { type: ['refresh', 'vm'], vm: ['op1'] });
     try {
       const op = await accepted('POST', '/1.0/vms/op1/refresh', { strategy: 'migrate' });
       const done = await waited(op.id);
@@ -145,7 +119,7 @@ describe('long requests are operations', () => {
   }, 300_000);
 
   it('a rolling refresh cancelled while its first VM migrates: that VM finishes, no further VM is begun', async () => {
-    const events = await subscribe({ type: ['refresh'] });
+    const events = await subscribeEvents(host.api, { type: ['refresh'] });
     let job: Operation;
     try {
       job = await accepted('POST', '/1.0/refresh', { vms: ROLLING, strategy: 'migrate', parallel: 1 });

@@ -2,7 +2,7 @@
 // an address (the "host side"), in which the private systemd, vmkeepd and its QEMUs run. Clients
 // reach the guests through a small TCP pipe run in that namespace, driven from the test process.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { run } from './systemd-host.js';
 
 export const LAB_BRIDGE = 'br0';
@@ -30,16 +30,39 @@ export class NetLab {
     await must(run('ip', ['netns', 'add', name], 10_000), `ip netns add ${name}`);
     try {
       await lab.ip('link', 'set', 'lo', 'up');
-      await lab.ip('link', 'add', LAB_BRIDGE, 'type', 'bridge');
-      // No STP delay: a port forwards as soon as it is up (a migration's new TAP included).
-      await lab.ip('link', 'set', LAB_BRIDGE, 'type', 'bridge', 'forward_delay', '0', 'stp_state', '0');
-      await lab.ip('addr', 'add', `${LAB_HOST_IP}/24`, 'dev', LAB_BRIDGE);
-      await lab.ip('link', 'set', LAB_BRIDGE, 'up');
+      await lab.addBridge();
     } catch (error) {
       await lab.destroy();
       throw error;
     }
     return lab;
+  }
+
+  /** Makes br0 with its address and brings it up (as a network configuration does at a network restart). */
+  async addBridge(): Promise<void> {
+    await this.ip('link', 'add', LAB_BRIDGE, 'type', 'bridge');
+    // No STP delay: a port forwards as soon as it is up (a migration's new TAP included).
+    await this.ip('link', 'set', LAB_BRIDGE, 'type', 'bridge', 'forward_delay', '0', 'stp_state', '0');
+    await this.ip('addr', 'add', `${LAB_HOST_IP}/24`, 'dev', LAB_BRIDGE);
+    await this.ip('link', 'set', LAB_BRIDGE, 'up');
+  }
+
+  /** Deletes br0: its ports (the TAPs) are left on no bridge. */
+  async deleteBridge(): Promise<void> {
+    await this.ip('link', 'del', LAB_BRIDGE);
+  }
+
+  /** Host PIDs of the processes in this namespace whose command line is exactly `argv`. */
+  processes(argv: readonly string[]): number[] {
+    const ns = statSync(this.path).ino;
+    const want = `${argv.join('\0')}\0`;
+    return readdirSync('/proc').filter((d) => /^\d+$/.test(d)).map(Number).filter((pid) => {
+      try {
+        return readFileSync(`/proc/${pid}/cmdline`, 'utf8') === want && statSync(`/proc/${pid}/ns/net`).ino === ns;
+      } catch {
+        return false; // gone meanwhile
+      }
+    });
   }
 
   /** `ip ARGS` inside the namespace; throws with its stderr. */

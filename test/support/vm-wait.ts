@@ -1,5 +1,5 @@
 // Waiting on what vmkeepd reports, by its event stream: no polling, no sleeps.
-import type { ApiClient, VmView } from '../../daemon/index.js';
+import type { ApiClient, DaemonEvent, VmView } from '../../daemon/index.js';
 
 /**
  * Resolves with the VM's view once `predicate` holds: checked now and after every event about
@@ -38,4 +38,30 @@ export async function waitForVm(
   } finally {
     controller.abort();
   }
+}
+
+/** Collects events (filtered by the daemon) from subscription on; `until` resolves on the first matching one. */
+export async function subscribeEvents(api: ApiClient, filter: { type?: Array<DaemonEvent['type'] | 'vm'>; vm?: string[] }) {
+  const events: DaemonEvent[] = [];
+  const waiters: Array<{ test: (e: DaemonEvent) => boolean; resolve: () => void }> = [];
+  const abort = new AbortController();
+  let opened!: () => void;
+  const open = new Promise<void>((resolve) => (opened = resolve));
+  const stream = api.events((event) => {
+    events.push(event);
+    for (const w of waiters.splice(0)) (w.test(event) ? w.resolve() : waiters.push(w));
+  }, { signal: abort.signal, onOpen: opened, filter });
+  stream.catch(() => undefined);
+  await Promise.race([open, stream]);
+  return {
+    events,
+    until(test: (e: DaemonEvent) => boolean, what: string, timeoutMs = 120_000): Promise<void> {
+      if (events.some(test)) return Promise.resolve();
+      return new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`no event ${what} within ${timeoutMs} ms; got ${JSON.stringify(events.slice(-5))}`)), timeoutMs);
+        waiters.push({ test, resolve: () => { clearTimeout(timer); resolve(); } });
+      });
+    },
+    close: () => abort.abort(),
+  };
 }

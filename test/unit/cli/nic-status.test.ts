@@ -19,5 +19,10 @@ describe('vmkeep status of a VM with NICs', () => {
     const text = formatVmStatus(view);
     expect(text).toMatch(/^nic 0: +bridge br0, mac 52:54:00:00:00:01, tap vk525400000001b$/m);
     expect(text).toMatch(/^nic 1: +user, mac 52:54:00:00:00:02, forwards tcp 127\.0\.0\.1:2222 -> 22$/m);
+    expect(text).not.toContain('problem');
+    const cut = formatVmStatus({
+      ...view, nicProblems: [{ nic: 0, tap: 'vk525400000001b', bridge: 'br0', problem: 'tap-gone', message: 'TAP vk525400000001b was deleted', fix: 'vmkeep refresh web --strategy migrate' }],
+    });
+    expect(cut).toMatch(/^nic 0: +bridge br0, mac 52:54:00:00:00:01, tap vk525400000001b\nnic 0 problem: +TAP vk525400000001b was deleted; fix: vmkeep refresh web --strategy migrate$/m);
   });
 });

@@ -67,7 +67,9 @@ describe('TAP bookkeeping', () => {
         log.push(`add ${name} ${bridge}`);
         if (bridge === 'br1') throw new Error('boom');
       },
+      attachTap: async () => { throw new Error('not used'); },
       removeTap: async (name) => { log.push(`del ${name}`); },
+      watchLinks: () => ({ close: async () => undefined }),
     };
     const keeper = new TapKeeper(net, createLogger({ name: 'test', level: 'fatal', write: () => undefined }));
     const nics: NicSpec[] = [{ mode: 'bridge', bridge: 'br0', mac: '52:54:00:00:00:01' }, { mode: 'bridge', bridge: 'br1', mac: '52:54:00:00:00:02' }];
