@@ -899,9 +899,6 @@ export class VmManager implements DaemonOps, VmCore {
       ({ vm: name, strategy, result, totalMs: Math.round(performance.now() - began), message, ...extra });
     this.refuseWhileMigrating(entry);
     const status = record.process ? await stalenessOf(this, entry, target, info, true) : undefined;
-    // A TAP deleted under the QEMU: a new QEMU (its own TAP) is the mend, even onto the same installation.
-    if (record.process) await this.nicRepair.check(`refresh of ${name}`);
-    const cutOff = (entry.nicProblems ?? []).filter((p) => p.problem === 'tap-gone').map((p) => `nics[${p.nic}]: ${p.message}`);
     let targetRefusal: string | undefined;
     try {
       checkRefreshTarget({ vm: name, runningVersion: status?.runningVersion, machineType: record.machineType, target: { name: target.name, info } });
@@ -910,7 +907,7 @@ export class VmManager implements DaemonOps, VmCore {
     }
     const plan = planRefresh({
       vm: name, strategy, state: record.state, hasProcess: record.process !== undefined,
-      stale: status?.stale === true, reasons: status?.reasons ?? [], cutOff,
+      stale: status?.stale === true, reasons: status?.reasons ?? [],
       monitorAnswers: entry.qmp !== undefined && entry.hung !== true,
       ...(record.problem === undefined ? {} : { problem: record.problem }),
       target: { installation: target.name, version: info.version },

@@ -81,7 +81,7 @@ export function nicProblemOf(d: TapDecision, failure?: string): NicProblem | und
     case 'tap-gone':
       return {
         ...base, problem: 'tap-gone', message: `TAP ${d.tap} was deleted under the running QEMU: the guest's NIC is cut off and cannot be mended in place`,
-        fix: `vmkeep refresh ${d.vm} --strategy migrate (a live migration: the new QEMU gets a new TAP, the guest keeps running), or vmkeep stop ${d.vm} && vmkeep start ${d.vm}`,
+        fix: `vmkeep stop ${d.vm} && vmkeep start ${d.vm} (the guest restarts; its new QEMU gets a new TAP)`,
       };
   }
 }

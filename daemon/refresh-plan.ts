@@ -11,8 +11,6 @@ export interface RefreshFacts {
   hasProcess: boolean;
   stale: boolean;
   reasons: readonly string[];
-  /** NICs cut off in a way only a new QEMU mends (a TAP deleted under it): a reason to move even when current. */
-  cutOff?: readonly string[];
   /** The monitor is connected and answered its last health check. */
   monitorAnswers: boolean;
   problem?: string;
@@ -37,13 +35,11 @@ export function planRefresh(f: RefreshFacts): RefreshPlan {
   if (!f.hasProcess) {
     return { action: 'nothing', result: 'current', message: `${f.vm} has no running QEMU (${f.state}); its next start uses ${on}` };
   }
-  const cutOff = f.cutOff ?? [];
-  if (!f.stale && cutOff.length === 0) return { action: 'nothing', result: 'current', message: `${f.vm} already runs the current ${on}` };
+  if (!f.stale) return { action: 'nothing', result: 'current', message: `${f.vm} already runs the current ${on}` };
   if (f.strategy === 'manual') {
-    const why = [...(f.stale ? [`is stale (${f.reasons.join('; ')})`] : []), ...(cutOff.length > 0 ? [`needs a new QEMU (${cutOff.join('; ')})`] : [])];
     return {
       action: 'nothing', result: 'reported',
-      message: `${f.vm} ${why.join(' and ')}; its policy is manual, so nothing was done: vmkeep refresh ${f.vm} --strategy migrate|reboot`,
+      message: `${f.vm} is stale (${f.reasons.join('; ')}); its policy is manual, so nothing was done: vmkeep refresh ${f.vm} --strategy migrate|reboot`,
     };
   }
   if (f.strategy === 'on-guest-shutdown') {

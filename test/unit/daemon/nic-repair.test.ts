@@ -41,7 +41,7 @@ describe('planTapRepairs', () => {
 
   it('says the fix of each problem, and none for a TAP that was put back', () => {
     const [gone] = planTapRepairs([{ vm: 'web', taps: [web] }], [bridge]);
-    expect(nicProblemOf(gone!)).toMatchObject({ problem: 'tap-gone', fix: 'vmkeep refresh web --strategy migrate (a live migration: the new QEMU gets a new TAP, the guest keeps running), or vmkeep stop web && vmkeep start web' });
+    expect(nicProblemOf(gone!)).toMatchObject({ problem: 'tap-gone', fix: 'vmkeep stop web && vmkeep start web (the guest restarts; its new QEMU gets a new TAP)' });
     const [off] = planTapRepairs([{ vm: 'web', taps: [web] }], [bridge, { ...onBridge, master: undefined }]);
     expect(nicProblemOf(off!)).toBeUndefined();
     expect(nicProblemOf(off!, 'repair is off')).toMatchObject({ problem: 'detached', fix: `ip link set dev ${TAP} master br0 up` });

@@ -8,22 +8,6 @@ const FACTS: RefreshFacts = {
   reasons: ['runs installation "a"'], monitorAnswers: true, target: { installation: 'b', version: '10.0.2' },
 };
 
-describe('planRefresh of a VM whose TAP was deleted under its QEMU', () => {
-  const cutOff = ['nics[0]: TAP vk525400000001a was deleted under the running QEMU'];
-
-  it('moves it even when it runs the current installation (a new QEMU gets a new TAP)', () => {
-    expect(planRefresh({ ...FACTS, stale: false, reasons: [], strategy: 'migrate', cutOff })).toEqual({ action: 'migrate' });
-    expect(planRefresh({ ...FACTS, stale: false, reasons: [], strategy: 'reboot', cutOff })).toEqual({ action: 'reboot' });
-    expect(planRefresh({ ...FACTS, stale: false, reasons: [], strategy: 'migrate', cutOff: [] })).toMatchObject({ action: 'nothing', result: 'current' });
-  });
-
-  it('under the manual policy only reports, saying why and how', () => {
-    const plan = planRefresh({ ...FACTS, stale: false, reasons: [], strategy: 'manual', cutOff });
-    expect(plan).toMatchObject({ action: 'nothing', result: 'reported' });
-    expect((plan as { message: string }).message).toBe(`web1 needs a new QEMU (${cutOff[0]}); its policy is manual, so nothing was done: vmkeep refresh web1 --strategy migrate|reboot`);
-  });
-});
-
 describe('planRefresh with migrate-or-reboot', () => {
   it('a running stale guest migrates, with a reboot as its fallback', () => {
     expect(planRefresh(FACTS)).toEqual({ action: 'migrate', fallback: 'reboot' });
