@@ -1058,7 +1058,6 @@ export class VmManager implements DaemonOps, VmCore {
     this.nicRepair.start();
   }
 
-
   private collectPins(): Promise<void> {
     return this.pins.collect(() => ({ records: this.entries().map((e) => e.record), damagedRecords: this.damaged.size }));
   }

@@ -62,7 +62,7 @@ export interface NetPort {
  * A dead `ip monitor` is started again after 1 s, doubled at each death in a row up to 60 s (a
  * host without `ip` must not spin); one that ran a minute counts as healthy again.
  */
-export const LINK_WATCH_RESTART_MS = { first: 1_000, max: 60_000, healthy: 60_000 } as const;
+const LINK_WATCH_RESTART_MS = { first: 1_000, max: 60_000, healthy: 60_000 } as const;
 
 /** Runs `ip` (iproute2): Node has no ioctl, and iproute2 is on every host that has bridges. */
 async function ip(args: string[]): Promise<{ ok: boolean; stdout: string; stderr: string }> {

@@ -30,6 +30,9 @@ describe('vmkeepd options', () => {
   });
 
   it('takes a boolean value as --flag=false or as the next word', () => {
+    expect(parse([]).values.tapRepair).toBe(true);
+    expect(parse(['--no-tap-repair']).values.tapRepair).toBe(false);
+    expect(parse([], { VMKEEP_TAP_REPAIR: 'false' }).values.tapRepair).toBe(false);
     expect(parse(['--scope=false']).values.scope).toBe(false);
     expect(parse(['--scope', 'false', '--refresh-at-start', 'true']).values).toMatchObject({ scope: false, refreshAtStart: true });
   });
