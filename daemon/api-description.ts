@@ -14,7 +14,7 @@ export const API_VERSIONS = ['/1.0'] as const;
  * Features added to /1.0 since it was first released, by name: a client checks
  * GET /1.0's apiExtensions before it uses one. Only ever appended to.
  */
-export const API_EXTENSIONS: readonly string[] = ['operations', 'events_filter', 'openapi', 'metrics', 'refresh_migrate_or_reboot', 'refresh_batches', 'disks', 'operation_started_by'];
+export const API_EXTENSIONS: readonly string[] = ['operations', 'events_filter', 'openapi', 'metrics', 'refresh_migrate_or_reboot', 'refresh_batches', 'disks', 'operation_started_by', 'nic_problems'];
 
 type Schema = Record<string, unknown>;
 const ref = (name: string): Schema => ({ $ref: `#/components/schemas/${name}` });
@@ -76,6 +76,13 @@ const SCHEMAS: Record<string, Schema> = {
     refreshing: str(),
     pid: int(),
     scope: str(),
+    taps: { type: 'array', items: str(), description: 'the TAP devices its running QEMU opened (bridge NICs)' },
+    nicProblems: {
+      type: 'array', description: 'bridge NICs cut off from their bridge, with the fix (README, "Network restarts")',
+      items: obj({
+        nic: int(), tap: str(), bridge: str(), problem: { type: 'string', enum: ['detached', 'bridge-missing', 'tap-gone'] }, message: str(), fix: str(),
+      }, ['nic', 'tap', 'bridge', 'problem', 'message', 'fix']),
+    },
     problem: str(),
     lastExit: obj({ reason: str(), at: str() }),
     operation: obj({ kind: str(), step: str(), since: str(), id: str('the API operation, when a request began it') }),
