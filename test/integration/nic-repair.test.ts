@@ -8,12 +8,14 @@ import { readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { DaemonEvent } from '../../daemon/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
 import { ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
 import { systemInstallation, writeInstallations } from '../support/installations.js';
 import { EchoSession, LAB_BRIDGE, NetLab } from '../support/net-lab.js';
+import { projectRoot } from '../support/paths.js';
 import { qemuPidsOf } from '../support/qemu-procs.js';
 import { waitFor } from '../support/systemd-host.js';
 import { subscribeEvents, waitForVm } from '../support/vm-wait.js';
@@ -22,6 +24,7 @@ const VM = 'net1';
 const IP = '10.77.0.21';
 const ECHO_PORT = 7;
 const IP_MONITOR = ['ip', 'monitor', 'link'];
+const CLI = join(projectRoot(), 'dist', 'cli', 'main.js');
 
 let guest: GuestImage;
 let dir: string;
@@ -149,6 +152,8 @@ describe('negative control', () => {
       expect(await masterOf(t)).toBeUndefined();
       const vm = await host.api.get(VM);
       expect(vm.nicProblems).toEqual([expect.objectContaining({ nic: 0, tap: t, bridge: LAB_BRIDGE, problem: 'detached', fix: `ip link set dev ${t} master ${LAB_BRIDGE} up` })]);
+      const status = await execa(process.execPath, [CLI, 'status', VM, '--socket', host.socket], { reject: false });
+      expect(status.stdout).toMatch(new RegExp(`^nic 0 problem: +TAP ${t} is on no bridge, not on ${LAB_BRIDGE}: .*; fix: ip link set dev ${t} master ${LAB_BRIDGE} up$`, 'm'));
     } finally {
       events.close();
       await session.stop();
@@ -185,6 +190,8 @@ describe('a TAP deleted under the running QEMU', () => {
     }
     const vm = await host.api.get(VM);
     expect(vm.nicProblems).toEqual([expect.objectContaining({ problem: 'tap-gone', tap: t, fix: `vmkeep stop ${VM} && vmkeep start ${VM} (the guest restarts; its new QEMU gets a new TAP)` })]);
+    const json = JSON.parse((await execa(process.execPath, [CLI, 'status', VM, '--json', '--socket', host.socket])).stdout) as { nicProblems?: unknown };
+    expect(json.nicProblems).toEqual(vm.nicProblems);
     const cutOff = EchoSession.open(lab, IP, ECHO_PORT);
     try {
       await expect(cutOff.waitForEchoes(1, 3_000, 'an echo with the TAP gone')).rejects.toThrow(/not seen within|closed/);
