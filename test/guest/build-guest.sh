@@ -19,7 +19,9 @@
 #   writer and unmounts /data before powering off.
 #   Boot with: -append "console=ttyS0 quiet panic=-1" -serial file:LOG
 #   With "vmkeep_ip=ADDR/PREFIX" on the command line, the first virtio-net NIC gets that address
-#   and a TCP echo service on port 7 ("GUEST NET ADDR/PREFIX MAC" before READY).
+#   and a TCP echo service on port 7 ("GUEST NET ADDR/PREFIX MAC" before READY). With
+#   "vmkeep.connect=ADDR:PORT" as well, the guest connects there once a second and prints
+#   what came back ("GUEST CONNECT n ADDR:PORT GOT line" or "... FAILED").
 #
 # Idempotent: when the folder for the current kernel package version and this script's
 # content already holds both files, nothing is rebuilt.
@@ -227,6 +229,21 @@ if [ -n "$ip_cidr" ]; then
   ip link set eth0 up
   nc -ll -p 7 -e cat &
   echo "GUEST NET $ip_cidr $(cat /sys/class/net/eth0/address)"
+  # "vmkeep.connect=ADDR:PORT": what the guest's network reaches, e.g. the host's loopback
+  # through QEMU's user-mode network (10.0.2.2). Attempt n prints its first line read, or FAILED
+  # (refused, timed out after 2 s, or closed without a line).
+  connect_to=$(sed -n 's/.*vmkeep\.connect=\([0-9.]*:[0-9]*\).*/\1/p' /proc/cmdline)
+  if [ -n "$connect_to" ]; then
+    (
+      n=0
+      while true; do
+        n=$((n + 1))
+        got=$(nc -w 2 "${connect_to%:*}" "${connect_to#*:}" </dev/null 2>/dev/null | head -n 1)
+        if [ -n "$got" ]; then echo "GUEST CONNECT $n $connect_to GOT $got"; else echo "GUEST CONNECT $n $connect_to FAILED"; fi
+        sleep 1
+      done
+    ) &
+  fi
 fi
 
 # A first disk holding ext4 is mounted on /data. The virtio-blk probe is asynchronous: when
