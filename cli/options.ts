@@ -115,7 +115,7 @@ export function vmkeepdOptions(env: NodeJS.ProcessEnv) {
       type: 'string',
       choices: OPERATOR_USER_NETS,
       default: 'restricted',
-      describe: 'what the guest on an operator\'s user-mode NIC reaches: restricted, only its host forwards (QEMU\'s restrict=on); open, the host\'s loopback services at 10.0.2.2 and every network the host reaches, as the admin\'s NICs do',
+      describe: 'what the guest on an operator\'s user-mode NIC reaches: restricted, only its host forwards (QEMU\'s restrict=on); open, the host\'s loopback services at 10.0.2.2 and fec0::2 and every network the host reaches, as the admin\'s NICs do',
     },
     slice: { type: 'string', default: 'vmkeep.slice', describe: 'systemd slice of the VM scopes, e.g. machine.slice' },
     scope: {

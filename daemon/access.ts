@@ -85,8 +85,8 @@ export function checkQmp(level: AccessLevel, command: string): void {
 /**
  * What an operator's user-mode NICs reach (--operator-user-net). `restricted`: nothing but
  * what the host forwards bring in, since QEMU's user-mode network otherwise hands the guest the
- * host's loopback at 10.0.2.2 (services bound on 127.0.0.1 only, which the operator cannot
- * reach) and every network the host reaches. `open`: as the admin's NICs.
+ * host's loopback at 10.0.2.2 and fec0::2 (services bound on 127.0.0.1 or ::1 only, which the
+ * operator cannot reach) and every network the host reaches. `open`: as the admin's NICs.
  */
 export const OPERATOR_USER_NETS = ['restricted', 'open'] as const;
 export type OperatorUserNet = (typeof OPERATOR_USER_NETS)[number];
@@ -134,7 +134,7 @@ export function checkOperatorSpec(spec: VmSpec, policy: OperatorPolicy): VmSpec 
       throw forbidden('operator-forward', `nics[${i}].hostForward[${j}].host ${JSON.stringify(forward.host)} is not for operators: they may forward a host port from ${OPERATOR_MIN_HOST_PORT} to 65535 on a loopback address, e.g. "127.0.0.1:${Math.max(port, OPERATOR_MIN_HOST_PORT)}"`);
     }
     if (nic.restrict === false && policy.userNet === 'restricted') {
-      throw forbidden('operator-user-net', `nics[${i}].restrict false is not for operators: their user-mode NICs are restricted (the guest reaches neither the host's loopback at 10.0.2.2 nor beyond; host forwards still work); leave "restrict" out, or ask the administrator to run vmkeepd --operator-user-net open`);
+      throw forbidden('operator-user-net', `nics[${i}].restrict false is not for operators: their user-mode NICs are restricted (the guest reaches neither the host's loopback at 10.0.2.2 and fec0::2 nor beyond; host forwards still work); leave "restrict" out, or ask the administrator to run vmkeepd --operator-user-net open`);
     }
   }
   if (policy.userNet === 'open' || spec.nics === undefined) return spec;

@@ -31,8 +31,8 @@ export interface UserNic {
   mode: 'user';
   hostForward: HostForward[];
   /**
-   * QEMU's `restrict=on`: the guest reaches neither the host (10.0.2.2 is the host's loopback)
-   * nor beyond it; the host forwards still work. Absent: not restricted. Operators' NICs get it
+   * QEMU's `restrict=on`: the guest reaches neither the host (10.0.2.2 and fec0::2 are the
+   * host's loopback) nor beyond it; the host forwards still work. Absent: not restricted. Operators' NICs get it
    * at create (daemon/access.ts) and keep it in the record.
    */
   restrict?: boolean;

@@ -3,7 +3,7 @@
 // TCP connection lives through a live refresh, restarts and SIGKILLs of vmkeepd; a reboot
 // refresh drops it (documented); user-mode forwards move at the hand-over, and a restricted
 // user-mode NIC stays restricted on the destination (its guest keeps failing to reach a service
-// on the host's loopback; operator-access.test.ts has the unrestricted guest reaching it); a
+// on the host's loopback, IPv4 and IPv6; operator-access.test.ts has the unrestricted guest reaching it); a
 // crash at each step of a migration leaves exactly one TAP; a destination TAP off the bridge
 // breaks the connection (negative control).
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonError, type VmView } from '../../daemon/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
-import { ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
+import { connectAttempts, ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
 import { copiedInstallation, fakeInstallation, systemInstallation, writeInstallations, type TestInstallation } from '../support/installations.js';
 import { EchoSession, LAB_BRIDGE, LoopbackService, NetLab } from '../support/net-lab.js';
 import { qemuPidsOf } from '../support/qemu-procs.js';
@@ -22,8 +22,9 @@ import { waitForVm } from '../support/vm-wait.js';
 const ECHO_PORT = 7;
 const IPS: Record<string, string> = { echo1: '10.77.0.11', crash: '10.77.0.13' };
 const FORWARD = '127.0.0.1:2222';
-/** A service on the host's loopback only, which user1's guest tries (10.0.2.2) once a second. */
+/** A service on the host's loopback only, which user1's guest tries (10.0.2.2, fec0::2) once a second. */
 const LOOPBACK_PORT = 5432;
+const LOOPBACK_TARGETS = [`10.0.2.2:${LOOPBACK_PORT}`, `fec0::2:${LOOPBACK_PORT}`];
 
 let guest: GuestImage;
 let dir: string;
@@ -46,7 +47,7 @@ beforeAll(async () => {
     host.api.create(bridgeSpec('echo1')),
     host.api.create(bridgeSpec('crash')),
     host.api.create({
-      ...baseSpec('user1', '10.0.2.15', `vmkeep.connect=10.0.2.2:${LOOPBACK_PORT}`),
+      ...baseSpec('user1', '10.0.2.15', `vmkeep.connect=${LOOPBACK_TARGETS.join(',')}`),
       nics: [{ mode: 'user', restrict: true, hostForward: [{ protocol: 'tcp', host: FORWARD, guest: ECHO_PORT }] }],
     }),
   ]);
@@ -99,12 +100,6 @@ async function expectOneTap(name: string): Promise<void> {
     throw new Error(`${(error as Error).message}: ${JSON.stringify(await tapsOf(name))}`);
   });
   expect(taps.map((t) => [t.name, t.master])).toEqual([[named?.[0], LAB_BRIDGE]]);
-}
-
-/** The guest's attempts at 10.0.2.2 in its serial log: number and what it got ("FAILED", or "GOT line"). */
-async function connectAttempts(name: string): Promise<Array<{ n: number; got: string }>> {
-  const text = await readFile(host.serialLog(name), 'utf8');
-  return [...text.matchAll(/GUEST CONNECT (\d+) \S+ (.*)/g)].map((m) => ({ n: Number(m[1]), got: (m[2] ?? '').trim() }));
 }
 
 async function settled(name: string): Promise<VmView> {
@@ -243,10 +238,12 @@ describe('a user-mode NIC', () => {
 
     // Restricted on the destination too: the guest's attempts at the host's loopback (two more
     // after the refresh) still fail, and the record's restrict is in its QEMU's argv.
-    const last = Math.max(0, ...(await connectAttempts('user1')).map((a) => a.n));
-    await waitForSerial(host.serialLog('user1'), `GUEST CONNECT ${last + 2} `, 60_000);
-    const attempts = await connectAttempts('user1');
-    expect(attempts.length).toBeGreaterThan(2);
+    const log = host.serialLog('user1');
+    await waitForSerial(log, 'GUEST NET6 ', 60_000);
+    const last = Math.max(0, ...(await connectAttempts(log)).map((a) => a.n));
+    await waitForSerial(log, `GUEST CONNECT ${last + 2} ${LOOPBACK_TARGETS.at(-1) ?? ''} `, 60_000);
+    const attempts = await connectAttempts(log);
+    expect(attempts.length).toBeGreaterThan(4);
     expect(attempts.filter((a) => a.got !== 'FAILED'), 'a restricted guest reached the host\'s loopback').toEqual([]);
     expect(service.connections).toBe(0);
     const [pid] = qemuPidsOf('user1', host.dir);

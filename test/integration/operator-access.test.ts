@@ -6,8 +6,9 @@
 // vmkeepd runs in a network namespace of the test's own (NetLab) with two bridges: br0, given
 // to operators with --operator-bridge, and an admin's bridge that is not. A second member of the
 // group attacks the first one's operations. The member's VM boots the tiny guest from a disk in
-// the storage root and, on a user-mode NIC, tries the host's loopback (10.0.2.2 in the guest),
-// where a service of the host's own listens; the admin's same guest reaches it (negative control).
+// the storage root and, on a user-mode NIC, tries the host's loopback (10.0.2.2 and fec0::2 in
+// the guest), where a service of the host's own listens; the admin's same guest reaches it
+// (negative control).
 import { execFileSync } from 'node:child_process';
 import { chmod, mkdir, readFile, stat, symlink, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
@@ -15,7 +16,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Operation } from '../../daemon/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
-import { ensureGuestImage, makeBootDisk, waitForSerial, type GuestImage } from '../support/guest.js';
+import { connectAttempts, ensureGuestImage, makeBootDisk, waitForSerial, type GuestImage } from '../support/guest.js';
 import { EchoSession, LAB_BRIDGE, LoopbackService, NetLab } from '../support/net-lab.js';
 import { qemuPidsOf } from '../support/qemu-procs.js';
 import { waitFor } from '../support/systemd-host.js';
@@ -273,10 +274,12 @@ describe('the operator socket, used by a non-root member of the operator group',
     await host.api.delete('second');
   });
 
-  describe('a user-mode NIC: the guest and the host\'s loopback (10.0.2.2 in the guest)', () => {
-    /** A service the host binds on 127.0.0.1 only, as a database or an admin API would be. */
+  describe('a user-mode NIC: the guest and the host\'s loopback (10.0.2.2 and fec0::2 in the guest)', () => {
+    /** A service the host binds on 127.0.0.1 and ::1 only, as a database or an admin API would be. */
     const SECRET_PORT = 5432;
     const SECRET = 'host-only-secret';
+    /** The host's loopback as QEMU's user-mode network shows it to the guest, IPv4 and IPv6. */
+    const TARGETS = [`10.0.2.2:${SECRET_PORT}`, `fec0::2:${SECRET_PORT}`];
     const ECHO_PORT = 7;
     let service: LoopbackService;
 
@@ -287,10 +290,10 @@ describe('the operator socket, used by a non-root member of the operator group',
       await service?.stop();
     });
 
-    /** A disk in the storage root booting the tiny guest, which tries 10.0.2.2:SECRET_PORT once a second. */
+    /** A disk in the storage root booting the tiny guest, which tries TARGETS once a second. */
     async function snoopingDisk(name: string): Promise<string> {
       const disk = join(roots, `${name}.raw`);
-      await makeBootDisk(disk, guest, `${guest.append} vmkeep_ip=10.0.2.15/24 vmkeep.connect=10.0.2.2:${SECRET_PORT}`);
+      await makeBootDisk(disk, guest, `${guest.append} vmkeep_ip=10.0.2.15/24 vmkeep.connect=${TARGETS.join(',')}`);
       return disk;
     }
 
@@ -299,10 +302,16 @@ describe('the operator socket, used by a non-root member of the operator group',
       nics: [{ mode: 'user', hostForward: [{ protocol: 'tcp', host: forward, guest: ECHO_PORT }], ...nic }],
     });
 
-    /** The guest's attempts 1 to 3, once the third one is over. */
+    /**
+     * What the guest's attempts got ("target result"), once it has its IPv6 address (SLAAC) and
+     * has made two more rounds at both targets.
+     */
     async function attempts(name: string): Promise<string[]> {
-      await waitForSerial(host.serialLog(name), `GUEST CONNECT 3 10.0.2.2:${SECRET_PORT}`, 180_000);
-      return [...(await readFile(host.serialLog(name), 'utf8')).matchAll(/GUEST CONNECT [123] \S+ (.*)/g)].map((m) => (m[1] ?? '').trim());
+      const log = host.serialLog(name);
+      await waitForSerial(log, 'GUEST NET6 ', 180_000);
+      const before = Math.max(0, ...(await connectAttempts(log)).map((a) => a.n));
+      await waitForSerial(log, `GUEST CONNECT ${before + 2} ${TARGETS.at(-1) ?? ''} `, 120_000);
+      return (await connectAttempts(log)).map((a) => `${a.target} ${a.got}`);
     }
 
     async function forwardAnswers(port: number): Promise<void> {
@@ -325,7 +334,9 @@ describe('the operator socket, used by a non-root member of the operator group',
       const created = asMember(operatorSocket, 'POST', '/1.0/vms', { spec: spec('snoop', disk, '127.0.0.1:2224') });
       expect(created.status, JSON.stringify(created.json)).toBe(201);
       try {
-        expect(await attempts('snoop'), 'the guest of an operator reached a service bound on the host\'s 127.0.0.1').toEqual(['FAILED', 'FAILED', 'FAILED']);
+        const tried = await attempts('snoop');
+        expect(tried.filter((a) => !a.endsWith(' FAILED')), 'the guest of an operator reached a service bound on the host\'s loopback').toEqual([]);
+        for (const target of TARGETS) expect(tried.filter((a) => a.startsWith(`${target} `)).length).toBeGreaterThanOrEqual(2);
         expect(service.connections).toBe(0);
         await forwardAnswers(2224);
         expect((await host.record('snoop')).spec.nics[0].restrict).toBe(true);
@@ -349,8 +360,10 @@ describe('the operator socket, used by a non-root member of the operator group',
       const disk = await snoopingDisk('snoopadmin');
       await host.api.create(spec('snoopadmin', disk, '127.0.0.1:2226'));
       try {
-        expect(await attempts('snoopadmin')).toContain(`GOT ${SECRET}`);
-        expect(service.connections).toBeGreaterThan(0);
+        for (const target of TARGETS) {
+          await waitForSerial(host.serialLog('snoopadmin'), `${target} GOT ${SECRET}`, 180_000);
+        }
+        expect(service.connections).toBeGreaterThanOrEqual(2);
         expect((await host.record('snoopadmin')).spec.nics[0].restrict).toBeUndefined();
         await forwardAnswers(2226);
       } finally {

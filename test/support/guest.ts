@@ -67,6 +67,19 @@ export async function makeBootDisk(path: string, image: GuestImage, append: stri
   execFileSync('mcopy', ['-i', path, image.initrd, '::initrd.gz']);
 }
 
+/** One of the guest's attempts ("vmkeep.connect"): its number, the target, what it got ("FAILED" or "GOT line"). */
+export interface ConnectAttempt {
+  n: number;
+  target: string;
+  got: string;
+}
+
+/** The guest's connection attempts in its serial log so far, in order. */
+export async function connectAttempts(logPath: string): Promise<ConnectAttempt[]> {
+  const text = await readFile(logPath, 'utf8');
+  return [...text.matchAll(/GUEST CONNECT (\d+) (\S+) (.*)/g)].map((m) => ({ n: Number(m[1]), target: m[2] ?? '', got: (m[3] ?? '').trim() }));
+}
+
 /** The absolute path of qemu-system-x86_64; integration tests fail (never skip) without it. */
 export function requireQemu(): string {
   const dirs = (process.env.PATH ?? '').split(delimiter).concat(['/usr/bin', '/usr/local/bin']);

@@ -203,17 +203,19 @@ export class EchoSession {
   }
 }
 
-/** Answers every connection with one line and closes it; says when it listens and each accept. */
+/** Answers every connection with one line and closes it; says when it listens on every address and each accept. */
 const LINE_SERVICE = [
-  "const [host, port, line] = process.argv.slice(1);",
-  "const server = require('node:net').createServer((c) => { console.log('ACCEPTED'); c.on('error', () => undefined); c.end(line + '\\n'); });",
-  "server.listen(Number(port), host, () => console.log('LISTENING'));",
+  "const [hosts, port, line] = process.argv.slice(1); const all = hosts.split(','); let listening = 0;",
+  "for (const host of all) {",
+  "  const server = require('node:net').createServer((c) => { console.log('ACCEPTED'); c.on('error', () => undefined); c.end(line + '\\n'); });",
+  "  server.listen(Number(port), host, () => { listening += 1; if (listening === all.length) console.log('LISTENING'); });",
+  "}",
 ].join(' ');
 
 /**
- * A service the host keeps to itself (a database, an admin API): a TCP listener on the
- * namespace's loopback only, answering each connection with `line`. Counts the connections it
- * accepted, so a test tells "reached" from "not reached" on the host's side too.
+ * A service the host keeps to itself (a database, an admin API): TCP listeners on the
+ * namespace's loopback only (127.0.0.1 and ::1), answering each connection with `line`. Counts
+ * the connections it accepted, so a test tells "reached" from "not reached" on the host's side too.
  */
 export class LoopbackService {
   private accepted = 0;
@@ -221,7 +223,7 @@ export class LoopbackService {
   private constructor(private readonly server: ChildProcess, private readonly exited: Promise<void>) {}
 
   static async start(lab: NetLab, port: number, line: string, timeoutMs = 30_000): Promise<LoopbackService> {
-    const server = lab.spawnNode(LINE_SERVICE, ['127.0.0.1', String(port), line]);
+    const server = lab.spawnNode(LINE_SERVICE, ['127.0.0.1,::1', String(port), line]);
     const exited = new Promise<void>((resolve) => server.once('exit', () => resolve()));
     const service = new LoopbackService(server, exited);
     let stderr = '';

@@ -89,7 +89,7 @@ describe('access rules', () => {
     const asked = validateSpec({ name: 'a', disks, nics: [{ mode: 'user' }, { mode: 'user', restrict: false }] });
     expect(checkOperatorSpec(asked, open).nics?.map((n) => (n.mode === 'user' ? n.restrict : 'bridge'))).toEqual([undefined, false]);
     refusal(() => checkOperatorSpec(asked, policy), 'operator-user-net');
-    expect(() => checkOperatorSpec(asked, policy)).toThrow('nics[1].restrict false is not for operators: their user-mode NICs are restricted (the guest reaches neither the host\'s loopback at 10.0.2.2 nor beyond; host forwards still work); leave "restrict" out, or ask the administrator to run vmkeepd --operator-user-net open');
+    expect(() => checkOperatorSpec(asked, policy)).toThrow('nics[1].restrict false is not for operators: their user-mode NICs are restricted (the guest reaches neither the host\'s loopback at 10.0.2.2 and fec0::2 nor beyond; host forwards still work); leave "restrict" out, or ask the administrator to run vmkeepd --operator-user-net open');
   });
 
   it('an operator cancels only what it began (same level and uid); the admin cancels anything', () => {
