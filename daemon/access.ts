@@ -90,6 +90,7 @@ export function checkQmp(level: AccessLevel, command: string): void {
  */
 export const OPERATOR_USER_NETS = ['restricted', 'open'] as const;
 export type OperatorUserNet = (typeof OPERATOR_USER_NETS)[number];
+export const DEFAULT_OPERATOR_USER_NET: OperatorUserNet = 'restricted';
 
 /** What vmkeepd's flags let operators use. */
 export interface OperatorPolicy {
