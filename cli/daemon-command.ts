@@ -1,6 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { createLogger, isLogLevel, OPERATOR_SOCKET_NAME, startDaemon, type DaemonOptions } from '../daemon/index.js';
+import { createLogger, isLogLevel, OPERATOR_SOCKET_NAME, startDaemon, type DaemonOptions, type OperatorUserNet } from '../daemon/index.js';
 import { IFNAME_RE, type Installation, type QemuUser } from '../launcher/index.js';
 import { loadInstallationsConfig, parseStrategy, singleInstallation } from '../upgrade/index.js';
 import { CliError } from './errors.js';
@@ -16,6 +16,7 @@ export interface DaemonCommandArgs {
   operatorSocket?: string;
   storageRoots?: string[];
   operatorBridges?: string[];
+  operatorUserNet: OperatorUserNet;
   qemuUser: string;
   allowQemuRoot: boolean;
   slice: string;
@@ -49,6 +50,8 @@ export interface ParsedDaemonOptions {
   operatorSocket?: string | undefined;
   storageRoot?: string[] | undefined;
   operatorBridge?: string[] | undefined;
+  /** One of OPERATOR_USER_NETS: the parser checks the choices. */
+  operatorUserNet: string;
   qemuUser: string;
   allowQemuRoot: boolean;
   slice: string;
@@ -94,6 +97,7 @@ export function daemonCommandArgs(a: ParsedDaemonOptions, env: NodeJS.ProcessEnv
       ...(a.operatorSocket === undefined ? {} : { operatorSocket: a.operatorSocket }),
       ...(a.storageRoot === undefined ? {} : { storageRoots: a.storageRoot }),
       ...(a.operatorBridge === undefined ? {} : { operatorBridges: a.operatorBridge.map(bridgeName) }),
+      operatorUserNet: a.operatorUserNet as OperatorUserNet,
       qemuUser: a.qemuUser,
       allowQemuRoot: a.allowQemuRoot,
       ...(a.busAddress === undefined ? {} : { busAddress: a.busAddress }),
@@ -193,6 +197,7 @@ export async function runDaemonCommand(
     ...(args.operatorSocket !== undefined && args.operatorGroup === undefined ? usage('--operator-socket needs --operator-group GROUP (the group that may use it)') : {}),
     storageRoots: args.storageRoots ?? [],
     operatorBridges: args.operatorBridges ?? [],
+    operatorUserNet: args.operatorUserNet,
     qemuUser,
   };
   // Listening from before the start: READY=1 goes out before startDaemon resolves (the staleness

@@ -4,7 +4,7 @@
 import { accessSync, constants, existsSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { delimiter, dirname, isAbsolute, join, resolve } from 'node:path';
-import { DEFAULT_SOCKET_PATH, LOG_LEVELS, REFRESH_STRATEGIES } from '../daemon/index.js';
+import { DEFAULT_OPERATOR_USER_NET, DEFAULT_SOCKET_PATH, LOG_LEVELS, OPERATOR_USER_NETS, REFRESH_STRATEGIES } from '../daemon/index.js';
 import type { Installation } from '../launcher/index.js';
 import { DEFAULT_SLICE } from '../scope-manager/index.js';
 import { CliError } from './errors.js';
@@ -111,6 +111,12 @@ export function vmkeepdOptions(env: NodeJS.ProcessEnv) {
       type: 'string',
       array: true,
       describe: 'Linux bridge the operators\' VMs may join (repeatable; default: none, user-mode NICs only)',
+    },
+    'operator-user-net': {
+      type: 'string',
+      choices: OPERATOR_USER_NETS,
+      default: DEFAULT_OPERATOR_USER_NET,
+      describe: 'what the guest on an operator\'s user-mode NIC reaches: restricted, only its host forwards (QEMU\'s restrict=on); open, the host\'s loopback services at 10.0.2.2 and fec0::2 and every network the host reaches, as the admin\'s NICs do',
     },
     slice: { type: 'string', default: DEFAULT_SLICE, describe: 'systemd slice of the VM scopes, e.g. machine.slice' },
     scope: {

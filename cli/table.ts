@@ -49,12 +49,12 @@ export function formatVmStatus(vm: VmView): string {
   return present.map(([key, value]) => `${`${key}:`.padEnd(width)} ${printable(value)}`).join('\n');
 }
 
-/** `bridge br0, mac 52:54:00:..., tap vk...` or `user, mac ..., forwards tcp 127.0.0.1:2222 -> 22`. */
+/** `bridge br0, mac 52:54:00:..., tap vk...` or `user, mac ..., restricted, forwards tcp 127.0.0.1:2222 -> 22`. */
 function describeNic(nic: NonNullable<VmView['spec']['nics']>[number], taps: readonly string[] | undefined): string {
   const mac = `mac ${nic.mac ?? '?'}`;
   if (nic.mode === 'user') {
     const forwards = nic.hostForward.map((f) => `${f.protocol} ${f.host} -> ${f.guest}`).join(', ');
-    return `user, ${mac}${forwards === '' ? '' : `, forwards ${forwards}`}`;
+    return `user, ${mac}${nic.restrict === true ? ', restricted' : ''}${forwards === '' ? '' : `, forwards ${forwards}`}`;
   }
   const tap = taps?.find((t) => t.startsWith(`vk${(nic.mac ?? '').replaceAll(':', '')}`));
   return `bridge ${nic.bridge}, ${mac}${tap === undefined ? '' : `, tap ${tap}`}`;

@@ -21,7 +21,8 @@ export const OPERATOR_SOCKET_NAME = 'vmkeep-operator.sock';
 
 /** The rules, by the name a refusal carries. */
 export type AccessRule =
-  | 'admin-only' | 'qmp-read-only' | 'storage-root' | 'no-kernel-path' | 'own-operations' | 'operator-bridge' | 'operator-forward';
+  | 'admin-only' | 'qmp-read-only' | 'storage-root' | 'no-kernel-path' | 'own-operations' | 'operator-bridge' | 'operator-forward'
+  | 'operator-user-net';
 
 /** A 403 naming the rule that refused. */
 export function forbidden(rule: AccessRule, message: string): DaemonError {
@@ -81,25 +82,39 @@ export function checkQmp(level: AccessLevel, command: string): void {
     `${command} is not among the read-only queries operators may send (${OPERATOR_QMP_COMMANDS.join(', ')})${why === undefined ? '' : `: ${why}`}`);
 }
 
+/**
+ * What an operator's user-mode NICs reach (--operator-user-net). `restricted`: nothing but
+ * what the host forwards bring in, since QEMU's user-mode network otherwise hands the guest the
+ * host's loopback at 10.0.2.2 and fec0::2 (services bound on 127.0.0.1 or ::1 only, which the
+ * operator cannot reach) and every network the host reaches. `open`: as the admin's NICs.
+ */
+export const OPERATOR_USER_NETS = ['restricted', 'open'] as const;
+export type OperatorUserNet = (typeof OPERATOR_USER_NETS)[number];
+export const DEFAULT_OPERATOR_USER_NET: OperatorUserNet = 'restricted';
+
 /** What vmkeepd's flags let operators use. */
 export interface OperatorPolicy {
   /** --storage-root folders: an operator's disks must be inside one. */
   storageRoots: readonly string[];
   /** --operator-bridge names: the only bridges an operator's NICs may join. */
   bridges: readonly string[];
+  /** --operator-user-net. */
+  userNet: OperatorUserNet;
 }
 
 /** The lowest host port an operator's user-mode NIC may forward: below it are the host's services' ports. */
 export const OPERATOR_MIN_HOST_PORT = 1024;
 
 /**
- * An operator's spec: no kernel or initrd (QEMU opens them by path itself, so an operator's VM
- * boots from its disks); disks only with storage roots (the paths are checked by the manager,
- * links resolved); bridge NICs only on the --operator-bridge bridges; user-mode forwards only
- * from an unprivileged port on a loopback address (not every address: that would open the guest
- * to the network, past what the administrator chose to bridge).
+ * An operator's spec, checked and returned as the operator gets it: no kernel or initrd (QEMU
+ * opens them by path itself, so an operator's VM boots from its disks); disks only with storage
+ * roots (the paths are checked by the manager, links resolved); bridge NICs only on the
+ * --operator-bridge bridges; user-mode forwards only from an unprivileged port on a loopback
+ * address (not every address: that would open the guest to the network, past what the
+ * administrator chose to bridge); user-mode NICs restricted unless --operator-user-net open
+ * (set here, so the record carries it to every QEMU of the VM: restarts, refreshes, migrations).
  */
-export function checkOperatorSpec(spec: VmSpec, policy: OperatorPolicy): void {
+export function checkOperatorSpec(spec: VmSpec, policy: OperatorPolicy): VmSpec {
   for (const field of ['kernel', 'initrd'] as const) {
     if (spec[field] !== undefined) {
       throw forbidden('no-kernel-path', `"${field}" is for the admin socket only (QEMU opens it by path); an operator's VM boots from its disks`);
@@ -119,7 +134,12 @@ export function checkOperatorSpec(spec: VmSpec, policy: OperatorPolicy): void {
       if (address.split('.')[0] === '127' && port >= OPERATOR_MIN_HOST_PORT) continue;
       throw forbidden('operator-forward', `nics[${i}].hostForward[${j}].host ${JSON.stringify(forward.host)} is not for operators: they may forward a host port from ${OPERATOR_MIN_HOST_PORT} to 65535 on a loopback address, e.g. "127.0.0.1:${Math.max(port, OPERATOR_MIN_HOST_PORT)}"`);
     }
+    if (nic.restrict === false && policy.userNet === 'restricted') {
+      throw forbidden('operator-user-net', `nics[${i}].restrict false is not for operators: their user-mode NICs are restricted (the guest reaches neither the host's loopback at 10.0.2.2 and fec0::2 nor beyond; host forwards still work); leave "restrict" out, or ask the administrator to run vmkeepd --operator-user-net open`);
+    }
   }
+  if (policy.userNet === 'open' || spec.nics === undefined) return spec;
+  return { ...spec, nics: spec.nics.map((nic) => (nic.mode === 'user' ? { ...nic, restrict: true } : nic)) };
 }
 
 /**

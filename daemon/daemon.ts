@@ -10,6 +10,7 @@ import { Operations, operationsDir } from './operations.js';
 import { acquireDaemonLock } from './lock.js';
 import { VmManager } from './manager.js';
 import type { MachinePort, ScopePort } from './ports.js';
+import { DEFAULT_OPERATOR_USER_NET, type OperatorUserNet } from './access.js';
 import { startNotifier, type Notifier } from './notify.js';
 import { recordsDir, RecordStore } from './records.js';
 import { DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES } from './log-rotation.js';
@@ -31,6 +32,8 @@ export interface DaemonOptions {
   storageRoots?: readonly string[];
   /** Bridges the operators' VMs may join (--operator-bridge; default none). */
   operatorBridges?: readonly string[];
+  /** What operators' user-mode NICs reach (--operator-user-net). */
+  operatorUserNet?: OperatorUserNet;
   /** The user every QEMU runs as (ARCHITECTURE.md, invariant 11); absent: vmkeepd's own. */
   qemuUser?: QemuUser;
   /** Slice of the VM scopes. */
@@ -119,6 +122,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       logDir: options.logDir,
       storageRoots: (options.storageRoots ?? []).map((root) => resolve(root)),
       operatorBridges: options.operatorBridges ?? [],
+      operatorUserNet: options.operatorUserNet ?? DEFAULT_OPERATOR_USER_NET,
       ...(options.qemuUser === undefined ? {} : { qemuUser: options.qemuUser }),
       ...(options.tapRepair === undefined ? {} : { tapRepair: options.tapRepair }),
       logger,
@@ -205,7 +209,7 @@ export async function startDaemon(options: DaemonOptions, logger: Logger): Promi
       if (options.socketGid === options.operator.gid) {
         logger.warn({ gid: options.socketGid }, 'the operator group may also use the admin socket (--socket-group): it is root-equivalent');
       }
-      logger.info({ socket: options.operator.socketPath, gid: options.operator.gid, storageRoots: options.storageRoots ?? [], bridges: options.operatorBridges ?? [] }, 'operator socket ready');
+      logger.info({ socket: options.operator.socketPath, gid: options.operator.gid, storageRoots: options.storageRoots ?? [], bridges: options.operatorBridges ?? [], userNet: options.operatorUserNet ?? DEFAULT_OPERATOR_USER_NET }, 'operator socket ready');
     }
     let idle: Promise<void> = new Promise<void>(() => undefined);
     if (options.idleExitSec !== undefined && passed.control === undefined) {

@@ -22,7 +22,7 @@ export async function openOfflineGuests(stateDir: string): Promise<import('./off
 export type { ScopePort, VmManagerOptions } from './manager.js';
 export { classifyReattach, type ReattachObservation, type ReattachDecision, type ReattachAction } from './reattach.js';
 export { DaemonError, HTTP_STATUS, type DaemonErrorCode } from './errors.js';
-export { OPERATOR_SOCKET_NAME, OPERATOR_QMP_COMMANDS, type AccessLevel, type Caller } from './access.js';
+export { OPERATOR_SOCKET_NAME, OPERATOR_QMP_COMMANDS, OPERATOR_USER_NETS, DEFAULT_OPERATOR_USER_NET, type AccessLevel, type Caller, type OperatorUserNet } from './access.js';
 export { DEFAULT_MIGRATE_TIMEOUT_SEC, DEFAULT_REBOOT_TIMEOUT_SEC, DEFAULT_STOP_TIMEOUT_SEC } from './model.js';
 export type {
   CreateOptions, DaemonEvent, DaemonEventType, DaemonInfo, DaemonOps, DiskAcceptResult, ExitInfo, RefreshJob, RefreshJobPlan, RefreshJobRequest, RefreshOptions, RefreshOutcome,

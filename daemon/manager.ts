@@ -18,7 +18,7 @@ import {
   checkRefreshTarget, chooseLiveStrategy, currentInstallation, DEFAULT_CHANNEL, parseStrategy,
   type InstallationsConfig, type RefreshStrategy,
 } from '../upgrade/index.js';
-import { checkOperatorSpec, forbidden } from './access.js';
+import { checkOperatorSpec, DEFAULT_OPERATOR_USER_NET, forbidden, type OperatorUserNet } from './access.js';
 import { DaemonError } from './errors.js';
 import { DEFAULT_REBOOT_TIMEOUT_SEC, DEFAULT_STOP_TIMEOUT_SEC, MONITOR_GREETING_TIMEOUT_MS } from './model.js';
 import { AUTOSTART_MODES } from './model.js';
@@ -77,6 +77,8 @@ export interface VmManagerOptions {
   storageRoots?: readonly string[];
   /** --operator-bridge names: the bridges operators' NICs may join. */
   operatorBridges?: readonly string[];
+  /** --operator-user-net: what operators' user-mode NICs reach. */
+  operatorUserNet?: OperatorUserNet;
   /** The user every QEMU runs as (ARCHITECTURE.md, invariant 11); absent: vmkeepd's own. */
   qemuUser?: QemuUser;
   logger: Logger;
@@ -456,13 +458,15 @@ export class VmManager implements DaemonOps, VmCore {
 
   /**
    * An operator's spec: valid, no kernel or initrd path, every disk named inside a storage root
-   * and resolving inside one (a link out of the root is outside). Checked before the files are
-   * looked at, so an operator learns nothing of paths outside the roots.
+   * and resolving inside one (a link out of the root is outside), user-mode NICs restricted
+   * unless --operator-user-net open (access.ts decides; the record keeps it). Checked before the
+   * files are looked at, so an operator learns nothing of paths outside the roots.
    */
   private async admitOperatorSpec(input: unknown): Promise<VmSpec> {
-    const spec = validateSpec(input);
     const roots = this.options.storageRoots ?? [];
-    checkOperatorSpec(spec, { storageRoots: roots, bridges: this.managerOptions.operatorBridges ?? [] });
+    const spec = checkOperatorSpec(validateSpec(input), {
+      storageRoots: roots, bridges: this.managerOptions.operatorBridges ?? [], userNet: this.managerOptions.operatorUserNet ?? DEFAULT_OPERATOR_USER_NET,
+    });
     const real = await realRoots(roots);
     for (const [i, disk] of spec.disks.entries()) {
       if (!withinRoots(disk.path, roots) || (await resolveWithinRoots(disk.path, real)) === undefined) {

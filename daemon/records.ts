@@ -16,7 +16,7 @@ import { AUTOSTART_MODES, type AutostartMode, type ExitInfo, type VmState } from
  * field) bumps it and adds an entry to RECORD_UPGRADES, so older daemons refuse what they
  * cannot fully read instead of silently dropping fields on their next write.
  */
-export const RECORD_SCHEMA = 5;
+export const RECORD_SCHEMA = 6;
 
 /** A record is a spec plus a few paths (well under 1 MiB); a larger file is not one of ours. */
 const RECORD_MAX_BYTES = 4 * 1024 * 1024;
@@ -104,6 +104,9 @@ export const RECORD_UPGRADES: RecordUpgrades = {
   3: (raw) => raw,
   // Schema 5 (NICs): optional spec.nics and the TAPs of each QEMU; older records have neither.
   4: (raw) => raw,
+  // Schema 6 (restricted user-mode NICs): optional spec.nics[].restrict; absent reads as not
+  // restricted, as those QEMUs ran. An older daemon must refuse it, not start the NIC open.
+  5: (raw) => raw,
 };
 
 /** Where the records of a state folder live. */

@@ -30,6 +30,12 @@ export interface BridgeNic {
 export interface UserNic {
   mode: 'user';
   hostForward: HostForward[];
+  /**
+   * QEMU's `restrict=on`: the guest reaches neither the host (10.0.2.2 and fec0::2 are the
+   * host's loopback) nor beyond it; the host forwards still work. Absent: not restricted. Operators' NICs get it
+   * at create (daemon/access.ts) and keep it in the record.
+   */
+  restrict?: boolean;
   mac?: string;
 }
 
@@ -50,7 +56,7 @@ export const MAC_PREFIX = '52:54:00';
 export const TAP_NAME_RE = /^vk[0-9a-f]{12}[ab]$/;
 export type TapSlot = 'a' | 'b';
 
-const NIC_FIELDS: Record<NicMode, readonly string[]> = { bridge: ['mode', 'bridge', 'mac'], user: ['mode', 'hostForward', 'mac'] };
+const NIC_FIELDS: Record<NicMode, readonly string[]> = { bridge: ['mode', 'bridge', 'mac'], user: ['mode', 'hostForward', 'restrict', 'mac'] };
 const FORWARD_FIELDS = ['protocol', 'host', 'guest'] as const;
 const HOST_RE = /^((?:\d{1,3}\.){3}\d{1,3})?:(\d{1,5})$/;
 const NIC_EXAMPLE = '{ "mode": "bridge", "bridge": "br0" } or { "mode": "user", "hostForward": [{ "protocol": "tcp", "host": "127.0.0.1:2222", "guest": 22 }] }';
@@ -102,7 +108,13 @@ export function checkNics(value: unknown, add: Add, reportUnknown: (obj: Record<
       return;
     }
     const hostForward = checkForwards(nic.hostForward, `${field}.hostForward`, add, reportUnknown, ports);
-    if (hostForward !== undefined) nics.push({ mode, hostForward, ...(mac === undefined ? {} : { mac }) });
+    const restrict = nic.restrict;
+    if (restrict !== undefined && typeof restrict !== 'boolean') {
+      add(`${field}.restrict`, `must be true or false, got ${describeValue(restrict)}`,
+        'true: the guest reaches neither the host nor beyond it, only the host forwards reach the guest; false or absent: it reaches both');
+      return;
+    }
+    if (hostForward !== undefined) nics.push({ mode, hostForward, ...(restrict === undefined ? {} : { restrict }), ...(mac === undefined ? {} : { mac }) });
   });
   return nics;
 }
@@ -246,7 +258,8 @@ export function nicArgs(nics: readonly NicSpec[], taps: ReadonlyArray<string | u
       argv.push('-netdev', `tap,id=${id},ifname=${tap},script=no,downscript=no`);
     } else {
       const forwards = withForwards ? nic.hostForward.map((f) => `,hostfwd=${hostfwdRule(f)}`).join('') : '';
-      argv.push('-netdev', `user,id=${id}${forwards}`);
+      // Every QEMU of the VM, a migration's destination included: restrict is the record's.
+      argv.push('-netdev', `user,id=${id}${nic.restrict === true ? ',restrict=on' : ''}${forwards}`);
     }
     if (nic.mac === undefined) throw new Error(`NIC ${i} has no MAC: records get one at create`);
     argv.push('-device', `virtio-net-pci,netdev=${id},mac=${nic.mac}`);

@@ -33,8 +33,9 @@ apt_install() {
 # mmdebstrap and systemd-container (systemd-nspawn): the .deb test's fresh Debian root;
 # debian-archive-keyring: QEMU 10.0 from bookworm-backports for the upgrade tests;
 # python3-prometheus-client: the Prometheus project's own parser, for the metrics test;
-# ansible-core: the fleet example's test (examples/ansible/).
-apt_packages=(qemu-system-x86 qemu-utils busybox-static dbus systemd util-linux iproute2 curl mmdebstrap systemd-container debian-archive-keyring python3-prometheus-client ansible-core)
+# ansible-core: the fleet example's test (examples/ansible/);
+# syslinux and mtools: a disk the tiny guest boots from, for VMs without a kernel path (an operator's).
+apt_packages=(qemu-system-x86 qemu-utils busybox-static dbus systemd util-linux iproute2 curl mmdebstrap systemd-container debian-archive-keyring python3-prometheus-client ansible-core syslinux mtools)
 mapfile -t missing < <(missing_packages "${apt_packages[@]}")
 if [ ${#missing[@]} -gt 0 ]; then
   require_root_for "${missing[@]}"

@@ -19,7 +19,10 @@
 #   writer and unmounts /data before powering off.
 #   Boot with: -append "console=ttyS0 quiet panic=-1" -serial file:LOG
 #   With "vmkeep_ip=ADDR/PREFIX" on the command line, the first virtio-net NIC gets that address
-#   and a TCP echo service on port 7 ("GUEST NET ADDR/PREFIX MAC" before READY).
+#   and a TCP echo service on port 7 ("GUEST NET ADDR/PREFIX MAC" before READY). With
+#   "vmkeep.connect=ADDR:PORT[,ADDR:PORT...]" (IPv4 or IPv6) as well, the guest connects to each
+#   once a second and prints what came back ("GUEST CONNECT n ADDR:PORT GOT line" or "...
+#   FAILED"), and "GUEST NET6 ADDR" (in hex) once it has an IPv6 address beyond its link (SLAAC).
 #
 # Idempotent: when the folder for the current kernel package version and this script's
 # content already holds both files, nothing is rebuilt.
@@ -227,6 +230,30 @@ if [ -n "$ip_cidr" ]; then
   ip link set eth0 up
   nc -ll -p 7 -e cat &
   echo "GUEST NET $ip_cidr $(cat /sys/class/net/eth0/address)"
+  # "vmkeep.connect=ADDR:PORT,...": what the guest's network reaches, e.g. the host's loopback
+  # through QEMU's user-mode network (10.0.2.2, fec0::2). Attempt n prints, for each target, its
+  # first line read, or FAILED (refused, timed out after 2 s, or closed without a line).
+  connect_to=$(sed -n 's/.*vmkeep\.connect=\([0-9a-f.:,]*\).*/\1/p' /proc/cmdline)
+  if [ -n "$connect_to" ]; then
+    (
+      n=0
+      net6=
+      while true; do
+        n=$((n + 1))
+        if [ -z "$net6" ]; then
+          # /proc/net/if_inet6: address in hex, index, prefix length, scope, flags, name. Not
+          # link (20) or host (10) scope: slirp's prefix fec0::/64 is site scope (40).
+          net6=$(awk '$4 != "20" && $4 != "10" && $6 == "eth0" { print $1; exit }' /proc/net/if_inet6)
+          [ -n "$net6" ] && echo "GUEST NET6 $net6"
+        fi
+        for target in $(echo "$connect_to" | tr ',' ' '); do
+          got=$(nc -w 2 "${target%:*}" "${target##*:}" </dev/null 2>/dev/null | head -n 1)
+          if [ -n "$got" ]; then echo "GUEST CONNECT $n $target GOT $got"; else echo "GUEST CONNECT $n $target FAILED"; fi
+        done
+        sleep 1
+      done
+    ) &
+  fi
 fi
 
 # A first disk holding ext4 is mounted on /data. The virtio-blk probe is asynchronous: when

@@ -1,18 +1,21 @@
 // NICs for real: a bridge with an address in a network namespace of the test's own, vmkeepd
 // and its QEMUs in that namespace, the tiny guest with virtio-net and a TCP echo service. One
 // TCP connection lives through a live refresh, restarts and SIGKILLs of vmkeepd; a reboot
-// refresh drops it (documented); user-mode forwards move at the hand-over; a crash at each
-// step of a migration leaves exactly one TAP; a destination TAP off the bridge breaks the
-// connection (negative control, with vmkeepd's repair of detached TAPs off: --no-tap-repair).
-import { mkdtemp, rm } from 'node:fs/promises';
+// refresh drops it (documented); user-mode forwards move at the hand-over, and a restricted
+// user-mode NIC stays restricted on the destination (its guest keeps failing to reach a service
+// on the host's loopback, IPv4 and IPv6; operator-access.test.ts has the unrestricted guest reaching it); a
+// crash at each step of a migration leaves exactly one TAP; a destination TAP off the bridge
+// breaks the connection (negative control, with vmkeepd's repair of detached TAPs off:
+// --no-tap-repair).
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonError, type VmView } from '../../daemon/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
-import { ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
+import { connectAttempts, ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
 import { copiedInstallation, fakeInstallation, systemInstallation, writeInstallations, type TestInstallation } from '../support/installations.js';
-import { EchoSession, LAB_BRIDGE, NetLab } from '../support/net-lab.js';
+import { EchoSession, LAB_BRIDGE, LoopbackService, NetLab } from '../support/net-lab.js';
 import { qemuPidsOf } from '../support/qemu-procs.js';
 import { waitFor } from '../support/systemd-host.js';
 import { waitForVm } from '../support/vm-wait.js';
@@ -20,6 +23,9 @@ import { waitForVm } from '../support/vm-wait.js';
 const ECHO_PORT = 7;
 const IPS: Record<string, string> = { echo1: '10.77.0.11', crash: '10.77.0.13' };
 const FORWARD = '127.0.0.1:2222';
+/** A service on the host's loopback only, which user1's guest tries (10.0.2.2, fec0::2) once a second. */
+const LOOPBACK_PORT = 5432;
+const LOOPBACK_TARGETS = [`10.0.2.2:${LOOPBACK_PORT}`, `fec0::2:${LOOPBACK_PORT}`];
 
 let guest: GuestImage;
 let dir: string;
@@ -27,11 +33,13 @@ let lab: NetLab;
 let host: DaemonHost;
 let installationsFile: string;
 let all: TestInstallation[];
+let service: LoopbackService;
 
 beforeAll(async () => {
   guest = await ensureGuestImage();
   dir = await mkdtemp(join(tmpdir(), 'vk-nics-'));
   lab = await NetLab.create(`vk-nics-${process.pid}`);
+  service = await LoopbackService.start(lab, LOOPBACK_PORT, 'host-only');
   all = [systemInstallation('a'), await copiedInstallation('c', dir), await fakeInstallation('broken', dir, { failStart: true })];
   installationsFile = join(dir, 'installations.json');
   await writeInstallations(installationsFile, all, 'a');
@@ -40,8 +48,8 @@ beforeAll(async () => {
     host.api.create(bridgeSpec('echo1')),
     host.api.create(bridgeSpec('crash')),
     host.api.create({
-      ...baseSpec('user1', '10.0.2.15'),
-      nics: [{ mode: 'user', hostForward: [{ protocol: 'tcp', host: FORWARD, guest: ECHO_PORT }] }],
+      ...baseSpec('user1', '10.0.2.15', `vmkeep.connect=${LOOPBACK_TARGETS.join(',')}`),
+      nics: [{ mode: 'user', restrict: true, hostForward: [{ protocol: 'tcp', host: FORWARD, guest: ECHO_PORT }] }],
     }),
   ]);
   for (const name of ['echo1', 'crash', 'user1']) await waitForSerial(host.serialLog(name), 'GUEST READY', 120_000);
@@ -49,13 +57,14 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await host?.shutdown();
+  await service?.stop();
   // After the host: its QEMUs held the namespace's TAPs.
   await lab?.destroy();
   if (dir) await rm(dir, { recursive: true, force: true });
 });
 
-function baseSpec(name: string, ip: string): Record<string, unknown> {
-  return { name, kernel: guest.kernel, initrd: guest.initrd, append: `${guest.append} vmkeep_ip=${ip}/24`, memoryMiB: 128 };
+function baseSpec(name: string, ip: string, append = ''): Record<string, unknown> {
+  return { name, kernel: guest.kernel, initrd: guest.initrd, append: `${guest.append} vmkeep_ip=${ip}/24 ${append}`.trimEnd(), memoryMiB: 128 };
 }
 
 function bridgeSpec(name: string): Record<string, unknown> {
@@ -196,7 +205,7 @@ describe('a user-mode NIC', () => {
     }
   }
 
-  it('its forwarded port answers before and after a live refresh (moved at the hand-over); the window it does not is measured', async () => {
+  it('its forwarded port answers before and after a live refresh (moved at the hand-over), restricted on both QEMUs; the window it does not is measured', async () => {
     await waitFor('the forwarded port to answer', 60_000, async () => ((await answers()) ? true : undefined));
     await makeStale('user1');
     let refreshing = true;
@@ -227,6 +236,20 @@ describe('a user-mode NIC', () => {
     }
     const failed = probes.filter((p) => !p.ok).length;
     console.log(`NIC: user-mode forwarded port did not answer for at most ${window.toFixed(0)} ms (${failed} of ${probes.length} probes failed) during a ${(performance.now() - started).toFixed(0)} ms refresh`);
+
+    // Restricted on the destination too: the guest's attempts at the host's loopback (two more
+    // after the refresh) still fail, and the record's restrict is in its QEMU's argv.
+    const log = host.serialLog('user1');
+    await waitForSerial(log, 'GUEST NET6 ', 60_000);
+    const last = Math.max(0, ...(await connectAttempts(log)).map((a) => a.n));
+    await waitForSerial(log, `GUEST CONNECT ${last + 2} ${LOOPBACK_TARGETS.at(-1) ?? ''} `, 60_000);
+    const attempts = await connectAttempts(log);
+    expect(attempts.length).toBeGreaterThan(4);
+    expect(attempts.filter((a) => a.got !== 'FAILED'), 'a restricted guest reached the host\'s loopback').toEqual([]);
+    expect(service.connections).toBe(0);
+    const [pid] = qemuPidsOf('user1', host.dir);
+    const argv = (await readFile(`/proc/${String(pid)}/cmdline`, 'utf8')).split('\0');
+    expect(argv.find((a) => a.startsWith('user,'))).toMatch(/,restrict=on(,|$)/);
   });
 });
 

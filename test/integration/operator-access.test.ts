@@ -5,16 +5,20 @@
 // --socket-group, root-equivalent as documented) has vmkeepd open /etc/shadow as a VM's disk.
 // vmkeepd runs in a network namespace of the test's own (NetLab) with two bridges: br0, given
 // to operators with --operator-bridge, and an admin's bridge that is not. A second member of the
-// group attacks the first one's operations.
+// group attacks the first one's operations. The member's VM boots the tiny guest from a disk in
+// the storage root and, on a user-mode NIC, tries the host's loopback (10.0.2.2 and fec0::2 in
+// the guest), where a service of the host's own listens; the admin's same guest reaches it
+// (negative control).
 import { execFileSync } from 'node:child_process';
-import { chmod, mkdir, stat, symlink, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readFile, stat, symlink, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Operation } from '../../daemon/index.js';
 import { DaemonHost } from '../support/daemon-host.js';
-import { ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
-import { LAB_BRIDGE, NetLab } from '../support/net-lab.js';
+import { connectAttempts, ensureGuestImage, makeBootDisk, waitForSerial, type GuestImage } from '../support/guest.js';
+import { EchoSession, LAB_BRIDGE, LoopbackService, NetLab } from '../support/net-lab.js';
+import { qemuPidsOf } from '../support/qemu-procs.js';
 import { waitFor } from '../support/systemd-host.js';
 
 for (const [tool, pkg] of [['setpriv', 'util-linux'], ['curl', 'curl'], ['useradd', 'passwd'], ['qemu-img', 'qemu-utils']] as const) {
@@ -268,6 +272,105 @@ describe('the operator socket, used by a non-root member of the operator group',
     expect(log).toContain(`DELETE /1.0/operations/${mine.id} by uid ${otherUid} (operator): 403`);
     expect(log).toContain(`DELETE /1.0/operations/${mine.id} by uid ${uid} (operator): 202`);
     await host.api.delete('second');
+  });
+
+  describe('a user-mode NIC: the guest and the host\'s loopback (10.0.2.2 and fec0::2 in the guest)', () => {
+    /** A service the host binds on 127.0.0.1 and ::1 only, as a database or an admin API would be. */
+    const SECRET_PORT = 5432;
+    const SECRET = 'host-only-secret';
+    /** The host's loopback as QEMU's user-mode network shows it to the guest, IPv4 and IPv6. */
+    const TARGETS = [`10.0.2.2:${SECRET_PORT}`, `fec0::2:${SECRET_PORT}`];
+    const ECHO_PORT = 7;
+    let service: LoopbackService;
+
+    beforeAll(async () => {
+      service = await LoopbackService.start(lab, SECRET_PORT, SECRET);
+    });
+    afterAll(async () => {
+      await service?.stop();
+    });
+
+    /** A disk in the storage root booting the tiny guest, which tries TARGETS once a second. */
+    async function snoopingDisk(name: string): Promise<string> {
+      const disk = join(roots, `${name}.raw`);
+      await makeBootDisk(disk, guest, `${guest.append} vmkeep_ip=10.0.2.15/24 vmkeep.connect=${TARGETS.join(',')}`);
+      return disk;
+    }
+
+    const spec = (name: string, disk: string, forward: string, nic: Record<string, unknown> = {}) => ({
+      name, memoryMiB: 128, disks: [{ path: disk, format: 'raw' }],
+      nics: [{ mode: 'user', hostForward: [{ protocol: 'tcp', host: forward, guest: ECHO_PORT }], ...nic }],
+    });
+
+    /**
+     * What the guest's attempts got ("target result"), once it has its IPv6 address (SLAAC) and
+     * has made two more rounds at both targets.
+     */
+    async function attempts(name: string): Promise<string[]> {
+      const log = host.serialLog(name);
+      await waitForSerial(log, 'GUEST NET6 ', 180_000);
+      const before = Math.max(0, ...(await connectAttempts(log)).map((a) => a.n));
+      await waitForSerial(log, `GUEST CONNECT ${before + 2} ${TARGETS.at(-1) ?? ''} `, 120_000);
+      return (await connectAttempts(log)).map((a) => `${a.target} ${a.got}`);
+    }
+
+    async function forwardAnswers(port: number): Promise<void> {
+      const session = EchoSession.open(lab, '127.0.0.1', port);
+      try {
+        await session.waitForEchoes(5, 30_000, `echoes through the host forward 127.0.0.1:${port}`);
+      } finally {
+        await session.stop();
+      }
+    }
+
+    async function qemuArgs(name: string): Promise<string[]> {
+      const pids = qemuPidsOf(name, host.dir);
+      expect(pids, `one QEMU of ${name}`).toHaveLength(1);
+      return (await readFile(`/proc/${String(pids[0])}/cmdline`, 'utf8')).split('\0');
+    }
+
+    it('the member\'s guest cannot reach it (restricted, recorded, kept across a restart); its host forward still answers', async () => {
+      const disk = await snoopingDisk('snoop');
+      const created = asMember(operatorSocket, 'POST', '/1.0/vms', { spec: spec('snoop', disk, '127.0.0.1:2224') });
+      expect(created.status, JSON.stringify(created.json)).toBe(201);
+      try {
+        const tried = await attempts('snoop');
+        expect(tried.filter((a) => !a.endsWith(' FAILED')), 'the guest of an operator reached a service bound on the host\'s loopback').toEqual([]);
+        for (const target of TARGETS) expect(tried.filter((a) => a.startsWith(`${target} `)).length).toBeGreaterThanOrEqual(2);
+        expect(service.connections).toBe(0);
+        await forwardAnswers(2224);
+        expect((await host.record('snoop')).spec.nics[0].restrict).toBe(true);
+        expect((await qemuArgs('snoop')).find((a) => a.startsWith('user,'))).toMatch(/,restrict=on(,|$)/);
+        // The record, not the request, says so: a restarted vmkeepd reattaches it as it was.
+        await host.restart();
+        expect((await host.record('snoop')).spec.nics[0].restrict).toBe(true);
+        await stillRunning('snoop');
+        // The member may not ask for an open NIC itself.
+        const open = asMember(operatorSocket, 'POST', '/1.0/vms', { spec: spec('open', disk, '127.0.0.1:2225', { restrict: false }) });
+        refused(open, 'operator-user-net');
+        expect(open.json.error.message).toContain('--operator-user-net open');
+        expect(await listed()).not.toContain('open');
+      } finally {
+        await host.api.stop('snoop', { force: true });
+        await host.api.delete('snoop');
+      }
+    });
+
+    it('negative control: the admin\'s same guest reaches it (so the check can fail)', async () => {
+      const disk = await snoopingDisk('snoopadmin');
+      await host.api.create(spec('snoopadmin', disk, '127.0.0.1:2226'));
+      try {
+        for (const target of TARGETS) {
+          await waitForSerial(host.serialLog('snoopadmin'), `${target} GOT ${SECRET}`, 180_000);
+        }
+        expect(service.connections).toBeGreaterThanOrEqual(2);
+        expect((await host.record('snoopadmin')).spec.nics[0].restrict).toBeUndefined();
+        await forwardAnswers(2226);
+      } finally {
+        await host.api.stop('snoopadmin', { force: true });
+        await host.api.delete('snoopadmin');
+      }
+    });
   });
 
   // (A shell command through migrate exec: no longer runs even there: QEMU's sandbox ends the

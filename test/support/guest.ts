@@ -1,6 +1,7 @@
 // The tiny test guest (see test/guest/build-guest.sh) and helpers to watch its serial console.
+import { execFileSync } from 'node:child_process';
 import { accessSync, constants, readFileSync } from 'node:fs';
-import { readFile, stat } from 'node:fs/promises';
+import { readFile, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { delimiter, join } from 'node:path';
 import { execa } from 'execa';
 import { projectRoot } from './paths.js';
@@ -35,6 +36,48 @@ async function buildGuest(): Promise<GuestImage> {
     throw new Error(`building the test guest with ${BUILD_SCRIPT} failed (exit ${String(result.exitCode)}):\n${result.stderr}`);
   }
   return { kernel: join(dir, 'vmlinuz'), initrd: join(dir, 'initramfs.gz'), append: GUEST_APPEND };
+}
+
+/**
+ * A raw disk image at `path` that boots the tiny guest by itself (SYSLINUX on a FAT file
+ * system holding the kernel and initrd), with `append` as its kernel command line: for VMs
+ * without a kernel path, such as an operator's. Fails (never skips) without the tools.
+ */
+export async function makeBootDisk(path: string, image: GuestImage, append: string): Promise<void> {
+  for (const [tool, pkg] of [['syslinux', 'syslinux'], ['mformat', 'mtools'], ['mcopy', 'mtools']] as const) {
+    try {
+      execFileSync('sh', ['-c', `command -v ${tool}`], { stdio: 'ignore' });
+    } catch {
+      throw new Error(`${tool} is missing: apt-get install ${pkg}`);
+    }
+  }
+  // Room for the kernel (~14 MiB) and the initrd; sparse.
+  await writeFile(path, '');
+  await truncate(path, 48 * 1024 * 1024);
+  execFileSync('mformat', ['-i', path, '::']);
+  execFileSync('syslinux', ['--install', path]);
+  const config = `${path}.syslinux.cfg`;
+  await writeFile(config, ['DEFAULT guest', 'PROMPT 0', 'TIMEOUT 0', 'LABEL guest', '  KERNEL vmlinuz', '  INITRD initrd.gz', `  APPEND ${append}`, ''].join('\n'));
+  try {
+    execFileSync('mcopy', ['-i', path, config, '::syslinux.cfg']);
+  } finally {
+    await rm(config, { force: true });
+  }
+  execFileSync('mcopy', ['-i', path, image.kernel, '::vmlinuz']);
+  execFileSync('mcopy', ['-i', path, image.initrd, '::initrd.gz']);
+}
+
+/** One of the guest's attempts ("vmkeep.connect"): its number, the target, what it got ("FAILED" or "GOT line"). */
+export interface ConnectAttempt {
+  n: number;
+  target: string;
+  got: string;
+}
+
+/** The guest's connection attempts in its serial log so far, in order. */
+export async function connectAttempts(logPath: string): Promise<ConnectAttempt[]> {
+  const text = await readFile(logPath, 'utf8');
+  return [...text.matchAll(/GUEST CONNECT (\d+) (\S+) (.*)/g)].map((m) => ({ n: Number(m[1]), target: m[2] ?? '', got: (m[3] ?? '').trim() }));
 }
 
 /** The absolute path of qemu-system-x86_64; integration tests fail (never skip) without it. */

@@ -225,3 +225,60 @@ export class EchoSession {
     return { sent: this.sent, echoed: this.echoed, wrong: [...this.wrong], closed: closedBefore, gaps: new Map(this.gaps) };
   }
 }
+
+/** Answers every connection with one line and closes it; says when it listens on every address and each accept. */
+const LINE_SERVICE = [
+  "const [hosts, port, line] = process.argv.slice(1); const all = hosts.split(','); let listening = 0;",
+  "for (const host of all) {",
+  "  const server = require('node:net').createServer((c) => { console.log('ACCEPTED'); c.on('error', () => undefined); c.end(line + '\\n'); });",
+  "  server.listen(Number(port), host, () => { listening += 1; if (listening === all.length) console.log('LISTENING'); });",
+  "}",
+].join(' ');
+
+/**
+ * A service the host keeps to itself (a database, an admin API): TCP listeners on the
+ * namespace's loopback only (127.0.0.1 and ::1), answering each connection with `line`. Counts
+ * the connections it accepted, so a test tells "reached" from "not reached" on the host's side too.
+ */
+export class LoopbackService {
+  private accepted = 0;
+
+  private constructor(private readonly server: ChildProcess, private readonly exited: Promise<void>) {}
+
+  static async start(lab: NetLab, port: number, line: string, timeoutMs = 30_000): Promise<LoopbackService> {
+    const server = lab.spawnNode(LINE_SERVICE, ['127.0.0.1,::1', String(port), line]);
+    const exited = new Promise<void>((resolve) => server.once('exit', () => resolve()));
+    const service = new LoopbackService(server, exited);
+    let stderr = '';
+    server.stderr?.setEncoding('utf8');
+    server.stderr?.on('data', (chunk: string) => { stderr += chunk; });
+    server.stdout?.setEncoding('utf8');
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`the loopback service on port ${port} did not listen within ${timeoutMs} ms: ${stderr}`)), timeoutMs);
+      void exited.then(() => { clearTimeout(timer); reject(new Error(`the loopback service on port ${port} exited: ${stderr}`)); });
+      let buffer = '';
+      server.stdout?.on('data', (chunk: string) => {
+        const lines = (buffer + chunk).split('\n');
+        buffer = lines.pop() ?? '';
+        for (const word of lines) {
+          if (word === 'LISTENING') { clearTimeout(timer); resolve(); }
+          if (word === 'ACCEPTED') service.accepted += 1;
+        }
+      });
+    }).catch(async (error: unknown) => {
+      await service.stop();
+      throw error;
+    });
+    return service;
+  }
+
+  /** Connections accepted so far. */
+  get connections(): number {
+    return this.accepted;
+  }
+
+  async stop(): Promise<void> {
+    if (this.server.exitCode === null && this.server.signalCode === null) this.server.kill('SIGKILL');
+    await this.exited;
+  }
+}

@@ -46,7 +46,7 @@ describe('access rules', () => {
     }
   });
 
-  const policy = { storageRoots: ['/srv'], bridges: ['br-ops'] };
+  const policy = { storageRoots: ['/srv'], bridges: ['br-ops'], userNet: 'restricted' as const };
   const disks = [{ path: '/srv/a.raw', format: 'raw' }];
 
   it('an operator spec names no kernel or initrd, and disks only when there are storage roots', () => {
@@ -69,6 +69,27 @@ describe('access rules', () => {
       refusal(() => checkOperatorSpec(forwarding('127.0.0.1:2222', host), policy), 'operator-forward');
     }
     expect(() => checkOperatorSpec(forwarding(':80'), policy)).toThrow('nics[0].hostForward[0].host ":80" is not for operators: they may forward a host port from 1024 to 65535 on a loopback address, e.g. "127.0.0.1:1024"');
+  });
+
+  it('an operator\'s user-mode NICs are restricted (the record keeps it); with --operator-user-net open they are as asked', () => {
+    const spec = validateSpec({
+      name: 'a', disks,
+      nics: [{ mode: 'user', hostForward: [{ protocol: 'tcp', host: '127.0.0.1:2222', guest: 22 }] }, { mode: 'bridge', bridge: 'br-ops' }, { mode: 'user', restrict: true }],
+    });
+    const restricted = checkOperatorSpec(spec, policy);
+    expect(restricted.nics).toEqual([
+      { mode: 'user', hostForward: [{ protocol: 'tcp', host: '127.0.0.1:2222', guest: 22 }], restrict: true },
+      { mode: 'bridge', bridge: 'br-ops' },
+      { mode: 'user', hostForward: [], restrict: true },
+    ]);
+    expect(spec.nics?.[0]).not.toHaveProperty('restrict'); // the input is left as it was
+    expect(checkOperatorSpec(validateSpec({ name: 'a', disks }), policy).nics).toBeUndefined();
+    const open = { ...policy, userNet: 'open' as const };
+    expect(checkOperatorSpec(spec, open)).toEqual(spec);
+    const asked = validateSpec({ name: 'a', disks, nics: [{ mode: 'user' }, { mode: 'user', restrict: false }] });
+    expect(checkOperatorSpec(asked, open).nics?.map((n) => (n.mode === 'user' ? n.restrict : 'bridge'))).toEqual([undefined, false]);
+    refusal(() => checkOperatorSpec(asked, policy), 'operator-user-net');
+    expect(() => checkOperatorSpec(asked, policy)).toThrow('nics[1].restrict false is not for operators: their user-mode NICs are restricted (the guest reaches neither the host\'s loopback at 10.0.2.2 and fec0::2 nor beyond; host forwards still work); leave "restrict" out, or ask the administrator to run vmkeepd --operator-user-net open');
   });
 
   it('an operator cancels only what it began (same level and uid); the admin cancels anything', () => {

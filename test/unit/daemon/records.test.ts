@@ -170,11 +170,11 @@ describe('parseRecord', () => {
   });
 
   it('refuses a newer schema with RECORD_TOO_NEW and says what to do', () => {
-    const newer = { ...sample(), schema: 6, somethingNew: { x: 1 } };
+    const newer = { ...sample(), schema: RECORD_SCHEMA + 1, somethingNew: { x: 1 } };
     const err = caught(() => parseRecord(text(newer), '/state/vms/web.json'));
     expect(err.code).toBe('RECORD_TOO_NEW');
     expect(err.message).toMatch(
-      /^record \/state\/vms\/web\.json was written by a newer vmkeepd \(schema 6, this one reads up to 5\): upgrade vmkeep.*or restore/);
+      /^record \/state\/vms\/web\.json was written by a newer vmkeepd \(schema 7, this one reads up to 6\): upgrade vmkeep.*or restore/);
   });
 });
 
@@ -201,10 +201,10 @@ describe('schema upgrades', () => {
   });
 
   it('brings an older record up to the current schema', () => {
-    expect(RECORD_SCHEMA).toBe(5);
+    expect(RECORD_SCHEMA).toBe(6);
     const old = v0();
     const upgraded = upgradeRecord(old, upgrades, 'web.json');
-    expect(upgraded.schema).toBe(5);
+    expect(upgraded.schema).toBe(6);
     expect(upgraded.name).toBe('web');
     expect(old.schema).toBe(0); // the input is left as it was
     expect(parseRecord(text(v0()), 'web.json', upgrades)).toEqual(sample());
@@ -222,6 +222,16 @@ describe('schema upgrades', () => {
     const bad = { ...JSON.parse(text(sample('web', { spec, disks }))), disks: [[{ path: 'rel', format: 'vmdk', virtualSize: 1, dev: 1, ino: -1 }], []] };
     const message = caught(() => parseRecord(JSON.stringify(bad), 'web.json')).message;
     for (const field of ['"disks" has 2 chains for 1 disks', '"disks[0][0].path"', '"disks[0][0].format"', '"disks[0][0].ino"', '"disks[1]"']) expect(message).toContain(field);
+  });
+
+  it('reads a schema 5 record\'s user-mode NIC as not restricted, as it ran; keeps a recorded restrict', () => {
+    const nic = { mode: 'user', hostForward: [{ protocol: 'tcp', host: '127.0.0.1:2222', guest: 22 }], mac: '52:54:00:00:00:01' };
+    const open = sample('web', { spec: validateSpec({ name: 'web', kernel: '/boot/vmlinuz', nics: [nic] }) });
+    const read = parseRecord(JSON.stringify({ ...JSON.parse(text(open)), schema: 5 }), 'web.json');
+    expect(read).toEqual(open);
+    expect(read.spec.nics?.[0]).not.toHaveProperty('restrict');
+    const restricted = sample('web', { spec: validateSpec({ name: 'web', kernel: '/boot/vmlinuz', nics: [{ ...nic, restrict: true }] }) });
+    expect(parseRecord(text(restricted), 'web.json').spec.nics?.[0]).toMatchObject({ restrict: true });
   });
 
   it('reads a schema 2 record (no autostart, no wanted) as it was, and checks the new fields', () => {
@@ -247,7 +257,7 @@ describe('schema upgrades', () => {
   });
 
   it('refuses a schema it has no upgrade for, and a failing upgrade, as RECORD_CORRUPT', () => {
-    expect(Object.keys(RECORD_UPGRADES)).toEqual(['1', '2', '3', '4']);
+    expect(Object.keys(RECORD_UPGRADES)).toEqual(['1', '2', '3', '4', '5']);
     const missing = caught(() => parseRecord(text(v0()), 'web.json'));
     expect(missing.code).toBe('RECORD_CORRUPT');
     expect(missing.message).toMatch(/no upgrade from schema 0 to 1/);
@@ -339,7 +349,7 @@ describe('RecordStore', () => {
     await store.put(sample('a'));
     const damaged: Record<string, string> = {
       'c.json': text(sample('c')).slice(0, 200),
-      'd.json': text({ ...sample('d'), schema: 6 }),
+      'd.json': text({ ...sample('d'), schema: RECORD_SCHEMA + 1 }),
       'e.json': text(sample('other')),
       'Bad Name.json': text(sample()),
     };

@@ -33,6 +33,11 @@ describe('nics in the spec', () => {
     expect(validateSpec({ ...base, nics: [] }).nics).toBeUndefined();
   });
 
+  it('keeps a user-mode NIC\'s restrict as given, absent when not given', () => {
+    const spec = validateSpec({ ...base, nics: [{ mode: 'user', restrict: true }, { mode: 'user', restrict: false }, { mode: 'user' }] });
+    expect(spec.nics).toEqual([{ mode: 'user', hostForward: [], restrict: true }, { mode: 'user', hostForward: [], restrict: false }, { mode: 'user', hostForward: [] }]);
+  });
+
   it('names every bad field with its fix', () => {
     const problems = problemsOf({
       ...base,
@@ -46,10 +51,12 @@ describe('nics in the spec', () => {
         { mode: 'user', hostForward: [{ protocol: 'tcp', host: ':80', guest: 81 }] },
         { mode: 'bridge', bridge: 'br0', mac: '52:54:00:00:00:01' },
         { mode: 'bridge', bridge: 'br0', mac: '52:54:00:00:00:01' },
+        { mode: 'user', restrict: 'on' },
+        { mode: 'bridge', bridge: 'br0', restrict: true },
       ],
     });
     expect(problems).toEqual([
-      ['nics', 'has 9 entries, the limit is 8'],
+      ['nics', 'has 11 entries, the limit is 8'],
       ['nics[0].bridge', 'is required'],
       ['nics[1].bridge', 'the string "a-name-longer-than-15" is not a network interface name'],
       ['nics[2].mac', '01:00:5e:00:00:01 is a multicast address'],
@@ -61,6 +68,8 @@ describe('nics in the spec', () => {
       ['nics[5].hostForward[1].extra', 'is not a known field'],
       ['nics[6].hostForward[0].host', 'tcp port 80 is already forwarded by nics[5].hostForward[1]'],
       ['nics[8].mac', 'is the same as nics[7].mac'],
+      ['nics[9].restrict', 'must be true or false, got the string "on"'],
+      ['nics[10].restrict', 'is not a known field'],
     ]);
   });
 });
@@ -117,6 +126,17 @@ describe('NIC arguments', () => {
   it('starts a migration destination\'s user-mode NICs without their forwards (the source still holds the ports)', () => {
     expect(build(false)).toContain('user,id=net1');
     expect(build(false).join(' ')).not.toContain('hostfwd');
+    expect(build(true).join(' ')).not.toContain('restrict');
+  });
+
+  it('gives a restricted user-mode NIC restrict=on in every QEMU of the VM, a migration\'s destination included', () => {
+    const restricted = (withForwards: boolean): string[] => buildQemuCommand({
+      spec: validateSpec({ ...base, nics: [{ mode: 'user', restrict: true, mac: '52:54:00:00:00:02', hostForward: [{ protocol: 'tcp', host: '127.0.0.1:2222', guest: 22 }] }] }),
+      uuid: '123e4567-e89b-12d3-a456-426614174000', installation, machineType: 'pc-q35-7.2',
+      paths: { qmpSocket: '/run/q.sock', serialLog: '/var/s.log' }, startPaused: true, taps: [undefined], withForwards,
+    }).argv;
+    expect(restricted(true)).toContain('user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22');
+    expect(restricted(false)).toContain('user,id=net0,restrict=on');
   });
 });
 
