@@ -109,6 +109,17 @@ export const RECORD_UPGRADES: RecordUpgrades = {
   5: (raw) => raw,
 };
 
+/**
+ * The schema a record is written with: the lowest whose readers understand every field it holds,
+ * so a downgrade (a snap revert, an older .deb) keeps every VM that uses nothing newer
+ * (ARCHITECTURE.md, invariant 6). Pure.
+ */
+export function schemaToWrite(record: Pick<VmRecord, 'spec'>): number {
+  // Schema 6 only adds spec.nics[].restrict; an older daemon must refuse a record with it,
+  // not start the NIC open.
+  return (record.spec.nics ?? []).some((nic) => nic.mode === 'user' && nic.restrict !== undefined) ? 6 : 5;
+}
+
 /** Where the records of a state folder live. */
 export function recordsDir(stateDir: string): string {
   return join(stateDir, 'vms');
@@ -694,10 +705,10 @@ export class RecordStore {
    * not read back is refused (INTERNAL) and nothing is written.
    */
   async put(record: VmRecord): Promise<void> {
-    const text = `${JSON.stringify(record, null, 2)}\n`;
+    const text = `${JSON.stringify({ ...record, schema: schemaToWrite(record) }, null, 2)}\n`;
     const problems: string[] = [];
     const name = typeof record.name === 'string' ? record.name : '';
-    checkRecord(JSON.parse(text) as Obj, name, problems);
+    checkRecord(upgradeRecord(JSON.parse(text), RECORD_UPGRADES, `${name}.json`), name, problems);
     if (problems.length > 0) {
       throw new DaemonError('INTERNAL', `refusing to write the record of VM ${JSON.stringify(name)}, it would not read back: `
         + `${problems.join('; ')}. This is a bug in vmkeepd; nothing was written`);

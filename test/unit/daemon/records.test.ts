@@ -283,6 +283,22 @@ describe('tempFileTarget', () => {
 });
 
 describe('RecordStore', () => {
+  it('writes the lowest schema that holds the record: 5 unless a user-mode NIC says restrict', async () => {
+    const store = new RecordStore(join(dir, 'vms'));
+    await store.init();
+    const schemaOnDisk = (name: string) => (JSON.parse(readFileSync(store.fileOf(name), 'utf8')) as { schema: number }).schema;
+    const nics = (restrict?: boolean) => [{ mode: 'user', hostForward: [], ...(restrict === undefined ? {} : { restrict }) }];
+    const spec = (name: string, restrict?: boolean) => validateSpec({ name, kernel: '/boot/vmlinuz', memoryMiB: 256, nics: nics(restrict) });
+    await store.put(sample('open', { spec: spec('open') }));
+    await store.put(sample('shut', { spec: spec('shut', true) }));
+    await store.put(sample('said', { spec: spec('said', false) }));
+    // A release that reads up to schema 5 (before restrict) still reads "open"; "shut" and
+    // "said" it must refuse rather than start their NICs without knowing the field.
+    expect([schemaOnDisk('open'), schemaOnDisk('shut'), schemaOnDisk('said')]).toEqual([5, 6, 6]);
+    expect(await store.get('open')).toEqual(sample('open', { spec: spec('open') }));
+    expect(await store.get('shut')).toEqual(sample('shut', { spec: spec('shut', true) }));
+  });
+
   it('round-trips records through real files with private modes', async () => {
     const store = new RecordStore(join(dir, 'vms'));
     expect(await store.init()).toEqual([]);
