@@ -4,15 +4,14 @@
 // remains in its cgroup, switch `current`, start the unit. The VMs survive, are stale (on rev 11's
 // QEMU), and --refresh-at-start moves them by the snap option refresh.strategy. The negative
 // control runs the same refresh with a vmkeepd that keeps its QEMUs in its own cgroup.
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ApiClient } from '../../daemon/index.js';
 import { isSameProcess, readExe, readProcessIdentity } from '../../launcher/index.js';
 import { countTicks, ensureGuestImage, requireQemu, waitForSerial, type GuestImage } from '../support/guest.js';
 import {
-  currentRevision, installRevision, prepareSnapUnit, snapLayout, snapSet, SNAP_UNIT, switchCurrent, type SnapLayout,
+  currentRevision, installRevision, makeSnapRoot, prepareSnapUnit, snapLayout, snapSet, SNAP_UNIT, switchCurrent, type SnapLayout,
 } from '../support/snap-sim.js';
 import { requireSystemdHostPrereqs, SystemdHost } from '../support/systemd-host.js';
 import { waitForVm } from '../support/vm-wait.js';
@@ -39,7 +38,7 @@ interface SnapHost {
 
 /** Revisions 11 and 12 installed, `current` -> 11, the service started in a private systemd. */
 async function bootSnapHost(name: string, extraArgs: string[] = []): Promise<SnapHost> {
-  const root = await mkdtemp(join(tmpdir(), 'vk-snap-'));
+  const root = await makeSnapRoot('vk-snap-');
   cleanups.push(() => rm(root, { recursive: true, force: true }));
   const layout = snapLayout(root);
   await installRevision(layout, '11');
