@@ -88,22 +88,29 @@ export interface ScopeProcess {
 }
 
 /**
- * Every live process of every VM scope (`vmkeep-NAME.scope`, in any slice) under a cgroup tree
- * (a private systemd's root, seen from the host: host PIDs), by VM name: what runs for the VMs,
- * whatever vmkeepd says.
+ * Every live process of every VM scope (`vmkeep-NAME.scope`, and `vmkeep-NAME:GENERATION.scope`
+ * of a QEMU that came by live migration; in any slice) under a cgroup tree (a private systemd's
+ * root, seen from the host: host PIDs), by VM name: what runs for the VMs, whatever vmkeepd says.
  */
 export function scopeProcesses(cgroupRoot: string): Map<string, ScopeProcess[]> {
   const found = new Map<string, ScopeProcess[]>();
   const walk = (dir: string): void => {
     for (const entry of readdirSync(dir, { withFileTypes: true })) {
       if (!entry.isDirectory()) continue;
-      const vm = /^vmkeep-(.+)\.scope$/.exec(entry.name)?.[1];
+      const vm = /^vmkeep-([^:]+)(:[^:]+)?\.scope$/.exec(entry.name)?.[1];
       if (vm === undefined) {
         walk(join(dir, entry.name));
         continue;
       }
-      const procs: ScopeProcess[] = [];
-      for (const line of readFileSync(join(dir, entry.name, 'cgroup.procs'), 'utf8').split('\n')) {
+      const procs = found.get(vm) ?? [];
+      let listed: string;
+      try {
+        listed = readFileSync(join(dir, entry.name, 'cgroup.procs'), 'utf8');
+      } catch {
+        // the scope went with its last process (a migration's source that quit) since readdir
+        continue;
+      }
+      for (const line of listed.split('\n')) {
         const pid = Number(line);
         if (line === '' || readProcessIdentity(pid)?.state === 'Z') continue;
         try {
