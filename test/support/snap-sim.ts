@@ -11,6 +11,7 @@ import { planSnapBuild } from '../../packaging/snap/meta.js';
 import { copyQemuAsBuild, SYSTEM_FIRMWARE_DIRS, SYSTEM_MODULE_DIR } from './installations.js';
 import { parse } from 'yaml';
 import { projectRoot } from './paths.js';
+import { SNAP_DAEMON } from './snapd-host.js';
 
 export const SNAP_UNIT = 'snap.vmkeep.vmkeepd.service';
 
@@ -29,8 +30,8 @@ export interface SnapLayout {
  * $SNAP_COMMON/state. snapd would create that user; here test/setup.sh has.
  */
 export async function makeSnapRoot(prefix: string): Promise<string> {
-  if (!readFileSync('/etc/passwd', 'utf8').split('\n').some((line) => line.startsWith('snap_daemon:'))) {
-    throw new Error("the system user snap_daemon, the snap's QEMU user, is missing: run bash test/setup.sh (it makes it as snapd does, uid 584788)");
+  if (!readFileSync('/etc/passwd', 'utf8').split('\n').some((line) => line.startsWith(`${SNAP_DAEMON.name}:x:${SNAP_DAEMON.uid}:`))) {
+    throw new Error(`the system user ${SNAP_DAEMON.name} (uid ${SNAP_DAEMON.uid}), the snap's QEMU user, is missing: run bash test/setup.sh (it makes it as snapd does)`);
   }
   const root = await mkdtemp(join(tmpdir(), prefix));
   await chmod(root, 0o755);
