@@ -96,6 +96,17 @@ if getent group kvm >/dev/null && ! id -nG vmkeep-qemu | grep -qw kvm; then
   usermod --append --groups kvm vmkeep-qemu
 fi
 
+# snapd's snap_daemon, which the snap's QEMU runs as (snap/snapcraft.yaml, system-usernames):
+# the simulated snap (test/support/snap-sim.ts) has no snapd to create it, so it is made here as
+# snapd makes it (uid and gid 584788); --no-log-init: no lastlog entry at that uid's offset.
+if ! getent group snap_daemon >/dev/null; then
+  groupadd --system --gid 584788 snap_daemon
+fi
+if ! getent passwd snap_daemon >/dev/null; then
+  log "creating the system user snap_daemon"
+  useradd --system --uid 584788 --gid 584788 --no-create-home --home-dir /nonexistent --shell /usr/bin/false --no-log-init snap_daemon
+fi
+
 # npm ci only when the lock file changed since the last install.
 stamp=node_modules/.vmkeep-lock-stamp
 if [ ! -f "$stamp" ] || ! cmp -s package-lock.json "$stamp"; then

@@ -34,7 +34,7 @@ export interface SnapBuildPlan {
 type Obj = Record<string, unknown>;
 
 // Top-level keys copied into snap.yaml as they are.
-const COPIED = ['name', 'title', 'version', 'summary', 'description', 'license', 'base', 'grade', 'confinement', 'environment'];
+const COPIED = ['name', 'title', 'version', 'summary', 'description', 'license', 'base', 'grade', 'confinement', 'system-usernames', 'environment'];
 // Top-level keys the build consumes itself.
 const CONSUMED = ['platforms', 'parts', 'apps', 'hooks'];
 // apps.<name> keys snapd reads from snap.yaml with the same meaning.

@@ -5,15 +5,14 @@
 // TCP connection to a guest's echo service carries a line every 10 ms through the snap refresh
 // and the live refresh, and none is lost. Runs in a private systemd (in a network namespace of
 // its own) with the snap's own launcher and a unit shaped like snapd's. Leaves nothing behind.
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ApiClient } from '../../daemon/index.js';
 import { isSameProcess, readExe, readProcessIdentity } from '../../launcher/index.js';
 import { ensureGuestImage, waitForSerial } from '../support/guest.js';
 import { backportsQemuRoot } from '../support/installations.js';
 import { EchoSession, LAB_BRIDGE, NetLab } from '../support/net-lab.js';
-import { installRevision, prepareSnapUnit, snapLayout, SNAP_UNIT, switchCurrent } from '../support/snap-sim.js';
+import { installRevision, makeSnapRoot, prepareSnapUnit, snapLayout, SNAP_UNIT, switchCurrent } from '../support/snap-sim.js';
 import { SystemdHost } from '../support/systemd-host.js';
 import { showVmkeep } from './cli.js';
 const VMS = ['web', 'db', 'cache'];
@@ -25,7 +24,7 @@ function say(text: string): void {
 
 async function main(): Promise<void> {
   const guest = await ensureGuestImage();
-  const root = await mkdtemp(join(tmpdir(), 'vmkeep-upgrade-demo-'));
+  const root = await makeSnapRoot('vmkeep-upgrade-demo-');
   const layout = snapLayout(root);
   let host: SystemdHost | undefined;
   let lab: NetLab | undefined;

@@ -4,13 +4,13 @@
 // /root (0700) fails with QEMU's own "Permission denied". Negative control: with
 // `--qemu-user root --allow-qemu-root` the same blockdev-add opens the file.
 import { execFileSync } from 'node:child_process';
-import { copyFileSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonHost } from '../support/daemon-host.js';
 import { ensureGuestImage, waitForSerial, type GuestImage } from '../support/guest.js';
-import { qemuPidsOf } from '../support/qemu-procs.js';
+import { credentials, qemuPidsOf } from '../support/qemu-procs.js';
 
 const QEMU_USER = 'vmkeep-qemu';
 // A file QEMU's user must not be able to open: /root is root's only.
@@ -22,13 +22,6 @@ function qemuUserIds(): { uid: number; gid: number } {
   } catch (error) {
     throw new Error(`the system user ${QEMU_USER} is missing: run bash test/setup.sh (useradd --system --user-group --no-create-home --shell /usr/sbin/nologin ${QEMU_USER})`, { cause: error });
   }
-}
-
-/** The Uid, Gid and Groups lines of /proc/PID/status, as numbers. */
-function credentials(pid: number): { uids: number[]; gids: number[]; groups: number[]; seccomp: string | undefined } {
-  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
-  const numbers = (key: string): number[] => (status.match(new RegExp(`^${key}:\\s*(.*)$`, 'm'))?.[1] ?? '').trim().split(/\s+/).filter((s) => s !== '').map(Number);
-  return { uids: numbers('Uid'), gids: numbers('Gid'), groups: numbers('Groups'), seccomp: status.match(/^Seccomp:\s+(\d+)$/m)?.[1] };
 }
 
 let guest: GuestImage;

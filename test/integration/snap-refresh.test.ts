@@ -4,16 +4,17 @@
 // remains in its cgroup, switch `current`, start the unit. The VMs survive, are stale (on rev 11's
 // QEMU), and --refresh-at-start moves them by the snap option refresh.strategy. The negative
 // control runs the same refresh with a vmkeepd that keeps its QEMUs in its own cgroup.
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ApiClient } from '../../daemon/index.js';
 import { isSameProcess, readExe, readProcessIdentity } from '../../launcher/index.js';
 import { countTicks, ensureGuestImage, requireQemu, waitForSerial, type GuestImage } from '../support/guest.js';
 import {
-  currentRevision, installRevision, prepareSnapUnit, snapLayout, snapSet, SNAP_UNIT, switchCurrent, type SnapLayout,
+  currentRevision, installRevision, makeSnapRoot, prepareSnapUnit, snapLayout, snapSet, SNAP_UNIT, switchCurrent, type SnapLayout,
 } from '../support/snap-sim.js';
+import { scopeProcesses } from '../support/qemu-procs.js';
+import { SNAP_DAEMON } from '../support/snapd-host.js';
 import { requireSystemdHostPrereqs, SystemdHost } from '../support/systemd-host.js';
 import { waitForVm } from '../support/vm-wait.js';
 
@@ -39,7 +40,7 @@ interface SnapHost {
 
 /** Revisions 11 and 12 installed, `current` -> 11, the service started in a private systemd. */
 async function bootSnapHost(name: string, extraArgs: string[] = []): Promise<SnapHost> {
-  const root = await mkdtemp(join(tmpdir(), 'vk-snap-'));
+  const root = await makeSnapRoot('vk-snap-');
   cleanups.push(() => rm(root, { recursive: true, force: true }));
   const layout = snapLayout(root);
   await installRevision(layout, '11');
@@ -75,6 +76,17 @@ async function createVms(snap: SnapHost, names: string[]): Promise<Map<string, {
   return pids;
 }
 
+/** Every process of the VM scopes runs as snap_daemon (apps.vmkeepd.environment in snapcraft.yaml), each VM has one. */
+function expectQemusAsSnapDaemon(snap: SnapHost, names: string[]): void {
+  const scopes = scopeProcesses(snap.host.cgroupDir);
+  const { uid } = SNAP_DAEMON;
+  for (const name of names) {
+    const procs = scopes.get(name) ?? [];
+    expect(procs.length, `${name}'s scope holds its QEMU`).toBeGreaterThan(0);
+    for (const p of procs) expect({ name, uids: p.uids }).toEqual({ name, uids: [uid, uid, uid, uid] });
+  }
+}
+
 describe('a snap refresh, the way snapd does it', () => {
   it('VMs survive, are stale on the old revision, and the configured strategy moves them', async () => {
     const snap = await bootSnapHost(`snap-${process.pid}`);
@@ -82,6 +94,7 @@ describe('a snap refresh, the way snapd does it', () => {
     const rev11 = join(snap.layout.revision('11'), 'usr', 'bin', 'qemu-system-x86_64');
     const rev12 = join(snap.layout.revision('12'), 'usr', 'bin', 'qemu-system-x86_64');
     for (const { pid } of before.values()) expect(readExe(pid)?.path).toBe(rev11);
+    expectQemusAsSnapDaemon(snap, [...before.keys()]);
     // The launcher names the snap's guests service, so at host shutdown each scope stops after it.
     expect(await snap.host.systemctl('show', '--property=Before', '--value', 'vmkeep-s1.scope')).toContain('snap.vmkeep.guests.service');
 
@@ -109,6 +122,7 @@ describe('a snap refresh, the way snapd does it', () => {
       expect((await readFile(snap.serialLog(name), 'utf8')).match(/GUEST READY/g)).toHaveLength(1);
     }
     expect((await snap.api.upgradeStatus()).vms.filter((v) => v.stale)).toEqual([]);
+    expectQemusAsSnapDaemon(snap, [...before.keys()]);
   });
 
   it('negative control: with the QEMUs in the service cgroup (--no-scope), the same refresh kills them', async () => {

@@ -9,8 +9,13 @@
 // stops the socket, are the client's negative control); then a host reboot, after which the
 // guests service starts vmkeepd and it starts the VMs again. The negative control of survival
 // is a refresh with a snap whose vmkeepd keeps its QEMUs in the service's own cgroup (--no-scope).
-import { randomUUID } from 'node:crypto';
-import { mkdtemp, open, readdir, readFile, rm, writeFile, type FileHandle } from 'node:fs/promises';
+// Least privilege: snapd creates snap_daemon for the snap (system-usernames, classic as it is) and
+// every process of every VM scope runs as it, read from /proc/PID/status, after the install, each
+// refresh (x1's QEMUs, then the live migration off the discarded x1), the revert, restarts, a
+// SIGKILL of vmkeepd and a host reboot. Attacks: such a QEMU cannot open /etc/shadow (raw QMP),
+// and a kernel in a folder only root can pass is refused at create, naming the fix.
+import { createHash, randomUUID } from 'node:crypto';
+import { copyFile, mkdtemp, open, readdir, readFile, rm, writeFile, type FileHandle } from 'node:fs/promises';
 import { existsSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -21,7 +26,8 @@ import { isSameProcess, readProcessIdentity } from '../../launcher/index.js';
 import { countTicks, ensureGuestImage, requireQemu, waitForSerial, type GuestImage } from '../support/guest.js';
 import { backportsQemuRoot } from '../support/installations.js';
 import { projectRoot } from '../support/paths.js';
-import { requireSnapd, SnapdHost } from '../support/snapd-host.js';
+import { scopeProcesses } from '../support/qemu-procs.js';
+import { requireSnapd, SNAP_DAEMON, SnapdHost } from '../support/snapd-host.js';
 import { runClient } from '../support/socket-client.js';
 import { requireSystemdHostPrereqs, waitFor } from '../support/systemd-host.js';
 import { waitForVm } from '../support/vm-wait.js';
@@ -31,6 +37,8 @@ const GUESTS_UNIT = 'snap.vmkeep.guests.service';
 const SOCKET_UNIT = 'snap.vmkeep.vmkeepd.control.socket';
 // Host paths snapd would write without the scratch binds; none may change.
 const WATCHED = ['/etc/systemd/system', '/etc/udev/rules.d', '/etc/modules-load.d', '/usr/share/bash-completion/completions', '/snap', '/var/snap', '/var/lib/snapd', '/var/cache/snapd'];
+// What useradd, groupadd and usermod write for snap_daemon, compared by content.
+const WATCHED_FILES = ['/etc/passwd', '/etc/group', '/etc/shadow', '/etc/gshadow', '/var/log/lastlog', '/var/log/faillog'];
 
 let guest: GuestImage;
 let work: string;
@@ -41,6 +49,9 @@ async function listing(): Promise<string> {
   const parts: string[] = [];
   for (const dir of WATCHED) {
     parts.push(`${dir}: ${existsSync(dir) ? (await readdir(dir, { recursive: true })).sort().join(' ') : '(absent)'}`);
+  }
+  for (const file of WATCHED_FILES) {
+    parts.push(`${file}: ${existsSync(file) ? createHash('sha256').update(await readFile(file)).digest('hex') : '(absent)'}`);
   }
   return parts.join('\n');
 }
@@ -157,6 +168,25 @@ async function lastChangeTasks(b: Booted): Promise<string> {
   return (await b.snapd.snap(['tasks', id])).stdout;
 }
 
+/**
+ * Every process of every VM scope runs as snap_daemon (uid and gid: real, effective, saved, fs)
+ * and is a QEMU; each of `names` has one there (snap/snapcraft.yaml, system-usernames).
+ */
+function expectQemusAsSnapDaemon(b: Booted, names: string[], when: string): void {
+  const scopes = scopeProcesses(b.snapd.host.cgroupDir);
+  for (const name of names) expect(scopes.get(name)?.length ?? 0, `${name}'s scope holds its QEMU ${when}`).toBeGreaterThan(0);
+  const { uid, gid } = SNAP_DAEMON;
+  let count = 0;
+  for (const [vm, procs] of scopes) {
+    for (const p of procs) {
+      expect({ vm, pid: p.pid, qemu: p.exe?.endsWith('/usr/bin/qemu-system-x86_64'), uids: p.uids, gids: p.gids }, `${vm}'s scope (${p.exe ?? '?'}) ${when}`)
+        .toEqual({ vm, pid: p.pid, qemu: true, uids: [uid, uid, uid, uid], gids: [gid, gid, gid, gid] });
+      count++;
+    }
+  }
+  process.stdout.write(`QEMU's user ${when}: ${count} process(es) in ${scopes.size} VM scope(s), every one snap_daemon (uid ${uid})\n`);
+}
+
 async function ticksGoOn(b: Booted, names: string[]): Promise<void> {
   for (const name of names) {
     const n = countTicks(b.serialLog(name));
@@ -191,6 +221,23 @@ describe('the snap under a real snapd', () => {
     expect(services).toMatch(/^vmkeep\.guests\s+enabled\s+active/m);
     await createVms(b, names);
     expect(await b.vmkeep(['list'])).toMatch(/a1[\s\S]*a2[\s\S]*a3/);
+    // snapd made QEMU's user (the scratch /etc began without it), the configure hook put it in
+    // the kvm group, and every QEMU runs as it.
+    expect((await b.snapd.host.exec('getent', ['passwd', SNAP_DAEMON.name])).stdout.trim()).toBe(`${SNAP_DAEMON.name}:x:${SNAP_DAEMON.uid}:${SNAP_DAEMON.gid}::/nonexistent:/usr/bin/false`);
+    expect((await b.snapd.host.exec('id', ['-nG', SNAP_DAEMON.name])).stdout.trim().split(' ')).toContain('kvm');
+    expectQemusAsSnapDaemon(b, names, 'after the install');
+    // Attacks. QEMU as root could open /etc/shadow (qemu-user.test.ts, its negative control);
+    // as snap_daemon it cannot, even told to by the admin's raw QMP.
+    await expect(b.api.qmp('a1', 'blockdev-add', { driver: 'file', 'node-name': 'shadow', filename: '/etc/shadow', 'read-only': true })).rejects.toThrow(/Permission denied/);
+    // A kernel only root can reach (work is 0700) is refused at create, naming the fix.
+    const hiddenKernel = join(work, 'vmlinuz-root-only');
+    await copyFile(guest.kernel, hiddenKernel);
+    const hiddenSpec = join(work, 'hidden.json');
+    await writeFile(hiddenSpec, JSON.stringify({ name: 'hidden', kernel: hiddenKernel, initrd: guest.initrd, append: guest.append, memoryMiB: 128 }));
+    const refused = await b.vmkeep(['create', hiddenSpec]).then(() => 'created', (error: unknown) => String(error));
+    expect(refused).toContain(`${hiddenKernel} cannot be read by QEMU's user snap_daemon: it cannot pass through ${work}`);
+    expect(refused).toContain(`chmod o+r ${hiddenKernel}`);
+    expect(await b.vmkeep(['list'])).not.toContain('hidden');
     const before = await b.qemus(names);
     const guestsSince = await b.snapd.host.systemctl('show', '--property=ActiveEnterTimestampMonotonic', '--value', GUESTS_UNIT);
     for (const v of (await b.api.upgradeStatus()).vms) expect(v).toMatchObject({ installation: 'rev-x1', stale: false });
@@ -217,6 +264,7 @@ describe('the snap under a real snapd', () => {
       expect(status.vms.find((v) => v.name === name)).toMatchObject({ state: 'running', installation: 'rev-x1', stale: true });
     }
     expect(await b.vmkeep(['upgrade-status'])).toMatch(/rev-x1/);
+    expectQemusAsSnapDaemon(b, names, "after the refresh to x2 (x1's QEMUs)");
 
     // 4. a second refresh, x2 -> x3, with every VM still on x1: snapd keeps 2 revisions
     // (refresh.retain) and discards x1 under the running QEMUs. vmkeep holds nothing: each VM
@@ -253,6 +301,8 @@ describe('the snap under a real snapd', () => {
     }
     await ticksGoOn(b, names);
     expect((await b.api.upgradeStatus()).vms.filter((v) => v.stale)).toEqual([]);
+    // Both ends of each migration ran as snap_daemon: x1's QEMU with its pinned modules, x3's.
+    expectQemusAsSnapDaemon(b, names, 'after the live migration from the discarded x1 onto x3');
 
     // 5. snap revert: vmkeepd back on x2 (only the configure hook runs), the VMs untouched.
     const x3DaemonPid = await b.mainPid(DAEMON_UNIT);
@@ -266,6 +316,7 @@ describe('the snap under a real snapd', () => {
     expect(reverted.channels[0]).toMatchObject({ installation: 'rev-x2' });
     // x3's QEMU is x2's build: nothing to move back.
     expect(reverted.vms.filter((v) => v.stale)).toEqual([]);
+    expectQemusAsSnapDaemon(b, names, 'after the revert');
 
     // 6. snap remove: the remove hook powers every guest off by ACPI; nothing is killed.
     // snapd deletes $SNAP_COMMON, the consoles' folder with it: each console is held open
@@ -307,9 +358,11 @@ describe('the snap under a real snapd', () => {
       });
       const vm = await waitForVm(b.api, 'm1', (v) => v.state === 'running' && v.installation === 'rev-x2', 'moved onto rev-x2 by the new vmkeepd (--refresh-at-start)');
       expect(vm.pid).not.toBe(undefined);
-      expect(isSameProcess(q.pid, q.startTime), "m1's x1 QEMU is gone after the live migration").toBe(false);
+      // The record names the new QEMU (and the old one as retired) before vmkeepd quits the old one.
+      await waitFor(`m1's x1 QEMU (PID ${q.pid}) to be quit after the live migration`, 30_000, () => (isSameProcess(q.pid, q.startTime) ? undefined : true));
       expect((await readFile(b.serialLog('m1'), 'utf8')).match(/GUEST READY/g)).toHaveLength(1);
       await ticksGoOn(b, ['m1']);
+      expectQemusAsSnapDaemon(b, ['m1'], 'after the refresh that moved m1 by itself');
     } finally {
       await b.snapd.shutdown();
     }
@@ -354,6 +407,7 @@ describe('the snap under a real snapd', () => {
       expect(tally.refused).toBe(0);
       expect(tally.failed).toBe(0);
       expect(tally.ok).toBeGreaterThan(0);
+      expectQemusAsSnapDaemon(b, ['back', 'off'], 'after 2 snap restarts and a SIGKILL of vmkeepd');
 
       // Negative control, and the one gap: at a refresh snapd stops the socket unit with the
       // service (and starts the new revision's): the same client sees those refusals.
@@ -386,6 +440,7 @@ describe('the snap under a real snapd', () => {
       await waitForVm(b.api, 'back', (v) => v.state === 'running', 'running again after the reboot');
       await waitForSerial(b.serialLog('back'), 'GUEST READY', 120_000);
       expect((await b.api.get('off')).state).toBe('stopped');
+      expectQemusAsSnapDaemon(b, ['back'], 'after the host reboot');
     } finally {
       await b.snapd.shutdown();
     }

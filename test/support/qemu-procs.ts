@@ -2,7 +2,8 @@
 // and their memory: what tests and the bench use to check "one QEMU per VM" and to measure the
 // host memory a refresh takes.
 import { readdirSync, readFileSync } from 'node:fs';
-import { readProcessIdentity } from '../../launcher/index.js';
+import { join } from 'node:path';
+import { readExe, readProcessIdentity } from '../../launcher/index.js';
 
 /**
  * Host PIDs of the live (not zombie) QEMUs started for VM `name` (`-name guest=NAME`) whose
@@ -69,4 +70,58 @@ export async function peakMemoryGrowth<T>(name: string, dir: string, work: () =>
     running = false;
     await sampler;
   }
+}
+
+/** The Uid, Gid and Groups lines of /proc/PID/status as numbers (real, effective, saved, fs), and the seccomp mode. */
+export function credentials(pid: number): { uids: number[]; gids: number[]; groups: number[]; seccomp: string | undefined } {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const numbers = (key: string): number[] => (status.match(new RegExp(`^${key}:\\s*(.*)$`, 'm'))?.[1] ?? '').trim().split(/\s+/).filter((s) => s !== '').map(Number);
+  return { uids: numbers('Uid'), gids: numbers('Gid'), groups: numbers('Groups'), seccomp: status.match(/^Seccomp:\s+(\d+)$/m)?.[1] };
+}
+
+export interface ScopeProcess {
+  pid: number;
+  /** /proc/PID/exe as the process's own mount namespace names it. */
+  exe: string | undefined;
+  uids: number[];
+  gids: number[];
+}
+
+/**
+ * Every live process of every VM scope (`vmkeep-NAME.scope`, and `vmkeep-NAME:GENERATION.scope`
+ * of a QEMU that came by live migration; in any slice) under a cgroup tree (a private systemd's
+ * root, seen from the host: host PIDs), by VM name: what runs for the VMs, whatever vmkeepd says.
+ */
+export function scopeProcesses(cgroupRoot: string): Map<string, ScopeProcess[]> {
+  const found = new Map<string, ScopeProcess[]>();
+  const walk = (dir: string): void => {
+    for (const entry of readdirSync(dir, { withFileTypes: true })) {
+      if (!entry.isDirectory()) continue;
+      const vm = /^vmkeep-([^:]+)(:[^:]+)?\.scope$/.exec(entry.name)?.[1];
+      if (vm === undefined) {
+        walk(join(dir, entry.name));
+        continue;
+      }
+      const procs = found.get(vm) ?? [];
+      let listed: string;
+      try {
+        listed = readFileSync(join(dir, entry.name, 'cgroup.procs'), 'utf8');
+      } catch {
+        // the scope went with its last process (a migration's source that quit) since readdir
+        continue;
+      }
+      for (const line of listed.split('\n')) {
+        const pid = Number(line);
+        if (line === '' || readProcessIdentity(pid)?.state === 'Z') continue;
+        try {
+          procs.push({ pid, exe: readExe(pid)?.path, ...credentials(pid) });
+        } catch {
+          // exited between the two reads
+        }
+      }
+      found.set(vm, procs);
+    }
+  };
+  walk(cgroupRoot);
+  return found;
 }

@@ -3,13 +3,15 @@
 // snapctl, and the service unit shaped like the one snapd generates for apps.vmkeepd. A
 // "refresh" is done the way snapd does it: stop the unit, kill what remains in its cgroup,
 // switch `current`, start the unit.
-import { chmod, copyFile, cp, mkdir, readFile, readlink, rename, symlink, writeFile } from 'node:fs/promises';
-import { existsSync } from 'node:fs';
+import { chmod, copyFile, cp, mkdir, mkdtemp, readFile, readlink, rename, symlink, writeFile } from 'node:fs/promises';
+import { existsSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { planSnapBuild } from '../../packaging/snap/meta.js';
 import { copyQemuAsBuild, SYSTEM_FIRMWARE_DIRS, SYSTEM_MODULE_DIR } from './installations.js';
 import { parse } from 'yaml';
 import { projectRoot } from './paths.js';
+import { SNAP_DAEMON } from './snapd-host.js';
 
 export const SNAP_UNIT = 'snap.vmkeep.vmkeepd.service';
 
@@ -20,6 +22,20 @@ export interface SnapLayout {
   common: string;
   /** The folder of a revision, i.e. its $SNAP. */
   revision(rev: string): string;
+}
+
+/**
+ * A new folder for a layout, passable by everyone as / is: the snap's QEMU runs as snap_daemon
+ * (snap/snapcraft.yaml, system-usernames) and passes through it to /snap/vmkeep/REV and to
+ * $SNAP_COMMON/state. snapd would create that user; here test/setup.sh has.
+ */
+export async function makeSnapRoot(prefix: string): Promise<string> {
+  if (!readFileSync('/etc/passwd', 'utf8').split('\n').some((line) => line.startsWith(`${SNAP_DAEMON.name}:x:${SNAP_DAEMON.uid}:`))) {
+    throw new Error(`the system user ${SNAP_DAEMON.name} (uid ${SNAP_DAEMON.uid}), the snap's QEMU user, is missing: run bash test/setup.sh (it makes it as snapd does)`);
+  }
+  const root = await mkdtemp(join(tmpdir(), prefix));
+  await chmod(root, 0o755);
+  return root;
 }
 
 export function snapLayout(root: string): SnapLayout {

@@ -18,12 +18,20 @@ import { SystemdHost, waitFor, type ExecOptions, type ExecResult } from './syste
 const SNAP_COMMAND_TIMEOUT_MS = 240_000;
 
 // Host paths snapd writes (classic snaps, no interfaces), each replaced by a scratch folder.
+// /etc comes first, a copy of the host's (the others inside it are bound over that copy): a snap
+// that declares system-usernames makes snapd run groupadd and useradd, which replace
+// /etc/{passwd,group,shadow,gshadow} by rename (a bind over the file alone would fail with
+// EBUSY) and write /var/log/{lastlog,faillog} at the new uid's offset.
 const SNAPD_WRITES = [
-  '/var/lib/snapd', '/snap', '/var/snap', '/var/cache/snapd', '/etc/systemd/system', '/etc/udev/rules.d',
+  '/etc', '/var/log', '/var/lib/snapd', '/snap', '/var/snap', '/var/cache/snapd', '/etc/systemd/system', '/etc/udev/rules.d',
   '/etc/modules-load.d', '/root', '/usr/share/bash-completion/completions',
 ];
 // What the package installs in /var/lib/snapd, copied into the scratch one as snapd's skeleton.
 const SNAPD_SKELETON = '/var/lib/snapd';
+/** The system user snapd creates for a snap that declares `system-usernames: snap_daemon: shared`. */
+export const SNAP_DAEMON = { name: 'snap_daemon', uid: 584788, gid: 584788 };
+// The account files the scratch /etc starts from without snap_daemon, so snapd itself must make it.
+const ACCOUNT_FILES = ['passwd', 'group', 'shadow', 'gshadow'];
 
 export function requireSnapd(): void {
   const missing = ['/usr/lib/snapd/snapd', '/usr/bin/snap', '/usr/bin/mksquashfs', '/usr/bin/unsquashfs', '/lib/systemd/system/snapd.service']
@@ -33,6 +41,19 @@ export function requireSnapd(): void {
   }
   if (existsSync('/usr/bin/squashfuse')) {
     throw new Error('squashfuse is installed: snapd then believes it runs in a container and mounts snaps with fuse; apt-get remove squashfuse');
+  }
+}
+
+/** A copy of the host's /etc (modes and owners kept) whose account files name no snap_daemon. */
+async function copyEtcWithoutSnapDaemon(dir: string): Promise<void> {
+  await execa('cp', ['-a', '--', '/etc/.', dir]);
+  for (const file of ACCOUNT_FILES) {
+    const path = join(dir, file);
+    if (!existsSync(path)) continue;
+    const lines = (await readFile(path, 'utf8')).split('\n');
+    const kept = lines.filter((line) => !line.startsWith(`${SNAP_DAEMON.name}:`));
+    // writeFile keeps the copy's mode and owner (shadow stays 0640 root:shadow).
+    if (kept.length !== lines.length) await writeFile(path, kept.join('\n'));
   }
 }
 
@@ -54,6 +75,7 @@ export class SnapdHost {
         const dir = join(scratch, 'fs', inside.slice(1).replaceAll('/', '_'));
         await mkdir(dir, { recursive: true });
         if (inside === SNAPD_SKELETON) await cp(SNAPD_SKELETON, dir, { recursive: true });
+        if (inside === '/etc') await copyEtcWithoutSnapDaemon(dir);
         binds.push({ host: dir, inside });
       }
       const stub = join(scratch, 'udevadm');

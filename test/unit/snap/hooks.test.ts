@@ -96,6 +96,26 @@ describe('configure hook', () => {
   });
 });
 
+describe('configure hook: QEMU\'s user snap_daemon in the kvm group', () => {
+  it('adds snap_daemon to the kvm group when it is not in it', async () => {
+    const result = await box.run('hooks/configure', { FAKE_SNAP_DAEMON_GROUPS: 'snap_daemon' });
+    expect(result).toMatchObject({ exitCode: 0, stderr: '' });
+    expect(await box.usermodCalls()).toEqual(['--append --groups kvm snap_daemon']);
+  });
+
+  it('changes nothing when snap_daemon is in it already, or the host has no kvm group', async () => {
+    expect(await box.run('hooks/configure')).toMatchObject({ exitCode: 0, stderr: '' });
+    expect(await box.run('hooks/configure', { FAKE_KVM_GROUP: 'no', FAKE_SNAP_DAEMON_GROUPS: 'snap_daemon' })).toMatchObject({ exitCode: 0, stderr: '' });
+    expect(await box.usermodCalls()).toEqual([]);
+  });
+
+  it('a failing usermod is reported with the fix and refuses nothing (only KVM is lost)', async () => {
+    const result = await box.run('hooks/configure', { FAKE_SNAP_DAEMON_GROUPS: 'snap_daemon', FAKE_USERMOD_STATUS: '1' });
+    expect(result.exitCode).toBe(0);
+    expect(result.stderr).toContain('Fix: usermod --append --groups kvm snap_daemon');
+  });
+});
+
 describe('vmkeepd-wake (the configure hook and the guests service at boot)', () => {
   const START = 'start --no-block snap.vmkeep.vmkeepd.service';
 

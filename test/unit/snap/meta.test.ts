@@ -20,13 +20,15 @@ describe('snap.yaml from snapcraft.yaml', () => {
     // YAML 1.1 on both sides, as snapcraft and snapd read them.
     const meta = parse(plan.snapYaml, { version: '1.1' }) as Record<string, any>;
     const craft = parse(source, { version: '1.1' }) as Record<string, any>;
-    for (const key of ['name', 'version', 'summary', 'description', 'base', 'grade', 'confinement', 'license', 'environment']) {
+    for (const key of ['name', 'version', 'summary', 'description', 'base', 'grade', 'confinement', 'license', 'system-usernames', 'environment']) {
       expect(meta[key], key).toEqual(craft[key]);
     }
     expect(meta.architectures).toEqual(['amd64']);
     expect(meta.apps).toEqual(craft.apps);
     expect(meta.apps.vmkeepd).toMatchObject({ command: 'bin/vmkeepd-launch', daemon: 'notify', 'stop-mode': 'sigterm-all' });
     expect(meta.apps.guests['refresh-mode']).toBe('endure');
+    // snapd creates QEMU's user from snap.yaml's system-usernames, not snapcraft.yaml's.
+    expect(meta['system-usernames']).toEqual({ snap_daemon: 'shared' });
     // 0600 is octal for snapd (YAML 1.1), not decimal 600.
     expect(meta.apps.vmkeepd.sockets.control['socket-mode']).toBe(0o600);
     // Build-only keys never reach snap.yaml.

@@ -1,6 +1,6 @@
 // A fake snap environment for the snap's shell scripts: SNAP, SNAP_COMMON and the revision folders
 // in a temp folder, the launcher part's files in $SNAP as the snap build puts them, and fakes of
-// `snapctl`, `node` and `systemctl` first on PATH.
+// `snapctl`, `node`, `systemctl` and the account tools (`getent`, `id`, `usermod`) first on PATH.
 import { chmod, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -58,6 +58,21 @@ case $1 in
 esac
 `;
 
+// The host's accounts, as the configure hook sees them: a kvm group unless FAKE_KVM_GROUP=no,
+// snap_daemon's groups FAKE_SNAP_DAEMON_GROUPS (default: already in kvm); usermod logs its
+// arguments and exits FAKE_USERMOD_STATUS. No script of the sandbox may change the host's accounts.
+const FAKE_GETENT = `#!/bin/bash
+[[ $1 == group && $2 == kvm && \${FAKE_KVM_GROUP:-yes} == yes ]] && echo 'kvm:x:108:'
+`;
+const FAKE_ID = `#!/bin/bash
+[[ $* == '-nG snap_daemon' ]] || { echo "fake id: $*" >&2; exit 2; }
+echo "\${FAKE_SNAP_DAEMON_GROUPS-snap_daemon kvm}"
+`;
+const FAKE_USERMOD = `#!/bin/bash
+printf '%s\\n' "$*" >>"\${FAKE_DIR:?}/usermod.log"
+exit "\${FAKE_USERMOD_STATUS:-0}"
+`;
+
 export interface Sandbox {
   root: string;
   /** Folder of the revisions: $SNAP is revisions/<revision>. */
@@ -72,6 +87,7 @@ export interface Sandbox {
   options(): Promise<Record<string, string>>;
   snapctlCalls(): Promise<string[]>;
   systemctlCalls(): Promise<string[]>;
+  usermodCalls(): Promise<string[]>;
   /** argv of every node invocation, in order. */
   nodeCalls(): Promise<string[][]>;
   /** Makes revisions/<rev> an installed revision with its QEMU binary. */
@@ -96,6 +112,9 @@ export async function makeSandbox(revision = '12'): Promise<Sandbox> {
   await writeFile(join(bin, 'snapctl'), FAKE_SNAPCTL, { mode: 0o755 });
   await writeFile(join(bin, 'node'), FAKE_NODE, { mode: 0o755 });
   await writeFile(join(bin, 'systemctl'), FAKE_SYSTEMCTL, { mode: 0o755 });
+  await writeFile(join(bin, 'getent'), FAKE_GETENT, { mode: 0o755 });
+  await writeFile(join(bin, 'id'), FAKE_ID, { mode: 0o755 });
+  await writeFile(join(bin, 'usermod'), FAKE_USERMOD, { mode: 0o755 });
   const store = join(fakeDir, 'options');
 
   const readLines = async (file: string): Promise<string[]> => {
@@ -141,6 +160,7 @@ export async function makeSandbox(revision = '12'): Promise<Sandbox> {
     },
     snapctlCalls: () => readLines(`${store}.calls`),
     systemctlCalls: () => readLines(join(fakeDir, 'systemctl.log')),
+    usermodCalls: () => readLines(join(fakeDir, 'usermod.log')),
     async nodeCalls() {
       return (await readLines(join(fakeDir, 'node.log'))).map((line) => line.split('\x1f'));
     },

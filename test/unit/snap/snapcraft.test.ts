@@ -219,6 +219,14 @@ describe('the choices the snap depends on', () => {
     expect(await readFile(join(SNAP_DIR, 'vmkeepd.service'), 'utf8')).toMatch(/^Type=notify$/m);
   });
 
+  it("runs every QEMU as snap_daemon, the system user it asks snapd for (system-usernames), never as root", () => {
+    const env = obj(daemon.environment, 'apps.vmkeepd.environment');
+    expect(env.VMKEEP_QEMU_USER).toBe('snap_daemon');
+    expect(env).not.toHaveProperty(['VMKEEP_ALLOW_QEMU_ROOT']);
+    // shared: the only scope snapd supports; snap_daemon: one of the names it creates for any snap.
+    expect(yaml['system-usernames']).toEqual({ snap_daemon: 'shared' });
+  });
+
   it('restarts vmkeepd on refresh so the new revision runs (never endure)', () => {
     expect(daemon['refresh-mode'] ?? 'restart').toBe('restart');
   });
