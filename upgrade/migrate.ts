@@ -68,9 +68,10 @@ export async function migrateLive(options: LiveMigrationOptions): Promise<Migrat
   let stoppedAt: number | undefined;
   const start = async (): Promise<void> => {
     if (options.pauseGuest === true && (await source.queryStatus()).status === 'running') {
-      await source.stop();
-      stoppedAt = performance.now();
+      // Told before the stop is asked: a stop whose answer is lost may still have paused the guest.
       options.onGuestStopped?.();
+      stoppedAt = performance.now();
+      await source.stop();
     }
     await source.migrate(uri);
   };

@@ -139,8 +139,8 @@ describe('migrateLive', () => {
     src.peer.reply(status.id, { status: 'running', running: true });
     const stop = await src.peer.nextCommand('stop on the source');
     expect(stop.execute).toBe('stop');
-    src.peer.reply(stop.id);
     const stoppedAt = performance.now();
+    src.peer.reply(stop.id);
     const migrate = await src.peer.nextCommand('migrate on the source');
     expect(migrate.execute).toBe('migrate');
     expect(stopped).toBe(1);
