@@ -117,7 +117,7 @@ def round_(i, variant):
                       'trouble': trouble[:4]}), flush=True)
     dst.kill(); src.wait(); dst.wait()
     if not crash: shutil.rmtree(d)
-    return {'variant': variant, 'crash': crash, 'pause_ms': down}
+    return {'variant': variant, 'crash': crash, 'pause_ms': round(down)}
 
 os.makedirs(OUT, exist_ok=True)
 if not os.path.exists(f'{OUT}/base.raw'):
