@@ -15,7 +15,7 @@ import {
 import { isQmpError, powerDownGuest, type QmpClient } from '../qmp/index.js';
 import { scopeUnitName } from '../scope-manager/index.js';
 import {
-  checkRefreshTarget, chooseLiveStrategy, currentInstallation, DEFAULT_CHANNEL, parseStrategy,
+  checkRefreshTarget, chooseLiveStrategy, currentInstallation, pausedCopyReason, DEFAULT_CHANNEL, parseStrategy,
   type InstallationsConfig, type RefreshStrategy,
 } from '../upgrade/index.js';
 import { checkOperatorSpec, DEFAULT_OPERATOR_USER_NET, forbidden, type OperatorUserNet } from './access.js';
@@ -942,9 +942,11 @@ export class VmManager implements DaemonOps, VmCore {
             throw new DaemonError('REFRESH_REFUSED', (cause as Error).message, { cause });
           }
         }
+        // cpr copies no RAM (and needs 10.0 on both sides): only a copy may have to stop the guest.
+        const pausedCopy = mode === 'migrate' ? pausedCopyReason({ accel: record.spec.accel, runningVersion: status?.runningVersion }) : undefined;
         let moved: Awaited<ReturnType<typeof migrateNow>>;
         try {
-          moved = await migrateNow(this, entry, target, info, options, mode);
+          moved = await migrateNow(this, entry, target, info, options, mode, pausedCopy);
         } catch (cause) {
           if (plan.fallback !== 'reboot') throw cause;
           const after = entry.record;
@@ -969,9 +971,10 @@ export class VmManager implements DaemonOps, VmCore {
             { ...fromField, strategy: 'reboot', to: { ...to, ...(entry.record.process ? { pid: entry.record.process.pid } : {}) }, reason: fallback.reason });
         }
         const { downtimeMs, migrationMs, pid } = moved;
-        const how = mode === 'cpr' ? 'handed over live (cpr-transfer: RAM not copied)' : 'moved live';
-        return outcome('migrated', `${name} ${how} onto "${target.name}" (QEMU ${info.version}, pid ${pid}); guest paused ${downtimeMs} ms${why === '' ? '' : ` (${mode}: ${why})`}`,
-          { ...fromField, strategy: mode, to: { ...to, pid }, downtimeMs, migrationMs, ...(why === '' ? {} : { reason: why }) });
+        const how = mode === 'cpr' ? 'handed over live (cpr-transfer: RAM not copied)' : pausedCopy === undefined ? 'moved live' : 'moved (paused for the whole copy)';
+        const reason = [why, pausedCopy].filter((r) => r !== undefined && r !== '').join('; ');
+        return outcome('migrated', `${name} ${how} onto "${target.name}" (QEMU ${info.version}, pid ${pid}); guest paused ${downtimeMs} ms${reason === '' ? '' : ` (${mode}: ${reason})`}`,
+          { ...fromField, strategy: mode, to: { ...to, pid }, downtimeMs, migrationMs, ...(reason === '' ? {} : { reason }) });
       }
       case 'reboot':
         await this.rebootNow(entry, target, options);

@@ -8,7 +8,7 @@ import { existsSync } from 'node:fs';
 import { hostfwdRule, netdevId, QUIT_EXIT_TIMEOUT_MS, type Installation, type InstallationInfo, type LaunchedVm } from '../launcher/index.js';
 import type { QmpClient } from '../qmp/index.js';
 import { scopeUnitName } from '../scope-manager/index.js';
-import { cprTransfer, decideMigration, migrateLive, pinModuleDir, type MigrationResult } from '../upgrade/index.js';
+import { cprTransfer, decideMigration, migrateLive, pausedCopyReason, pinModuleDir, type MigrationResult } from '../upgrade/index.js';
 import { DaemonError } from './errors.js';
 import { DEFAULT_MIGRATE_TIMEOUT_SEC, type RefreshOptions } from './model.js';
 import type { QemuPort } from './ports.js';
@@ -32,8 +32,12 @@ export class MigrationRolledBack extends DaemonError {
  * Live migration (mode migrate: RAM copied; cpr: RAM handed over in a shared memfd) into a new
  * QEMU of the target installation, in its own new scope. Until the stream completes the source
  * holds the guest and any failure rolls back to it; once it completed the refresh only goes forward.
+ * `pausedCopy` (pausedCopyReason): why the guest is stopped for the whole copy instead of only
+ * its last part; it is resumed on whichever QEMU keeps it.
  */
-export async function migrateNow(core: VmCore, entry: VmEntry, target: Installation, info: InstallationInfo, options: RefreshOptions, mode: 'migrate' | 'cpr' = 'migrate'): Promise<{ downtimeMs: number; migrationMs: number; pid: number }> {
+export async function migrateNow(
+  core: VmCore, entry: VmEntry, target: Installation, info: InstallationInfo, options: RefreshOptions, mode: 'migrate' | 'cpr' = 'migrate', pausedCopy?: string,
+): Promise<{ downtimeMs: number; migrationMs: number; pid: number }> {
   const name = entry.record.name;
   const { qemu } = core.options;
   const source = entry.record.process as NonNullable<VmRecord['process']>;
@@ -52,6 +56,7 @@ export async function migrateNow(core: VmCore, entry: VmEntry, target: Installat
   let pending: { pid: number; startTime: string } | undefined;
   let moduleDir: string | undefined;
   let result: MigrationResult | undefined;
+  let guestStopped = false;
   try {
     const args = {
       installation: target, info, scope, incoming: true,
@@ -87,8 +92,12 @@ export async function migrateNow(core: VmCore, entry: VmEntry, target: Installat
       dest = launched.vm;
       moduleDir = launched.moduleDir;
       core.crashPoint('migrate:destination-ready');
-      options.onStep?.('migrating', `migrating ${name} to pid ${dest.pid}`);
-      result = await migrateLive({ source: sourceQmp, destination: dest.qmp, socketPath: streamSocket, timeoutMs, onStatus });
+      if (pausedCopy !== undefined) core.options.logger.info({ vm: name, why: pausedCopy }, 'migrating with the guest paused for the whole copy');
+      options.onStep?.('migrating', `migrating ${name} to pid ${dest.pid}${pausedCopy === undefined ? '' : `, paused for the whole copy: ${pausedCopy}`}`);
+      result = await migrateLive({
+        source: sourceQmp, destination: dest.qmp, socketPath: streamSocket, timeoutMs, onStatus,
+        pauseGuest: pausedCopy !== undefined, onGuestStopped: () => { guestStopped = true; },
+      });
     }
   } catch (cause) {
     // Which QEMU holds the guest decides, never the error. A cpr destination without a monitor
@@ -100,6 +109,7 @@ export async function migrateNow(core: VmCore, entry: VmEntry, target: Installat
       if (destination === undefined && pending !== undefined) await endIdleQemu(qemu, undefined, entry.record.refresh?.destination, true);
       await rm(cprSocket, { force: true });
       await rollBackMigration(core, entry, destination, cause);
+      if (guestStopped) await resumeForCopy(core, entry, sourceQmp, 'its old QEMU');
       throw new MigrationRolledBack(
         `${mode === 'cpr' ? 'cpr-transfer' : 'live migration'} of ${name} onto "${target.name}" failed: ${(cause as Error).message}. ${name} keeps running on its old QEMU (pid ${source.pid}); the new QEMU was removed (its log: ${entry.record.paths.stderrLog})`,
         destination !== undefined, cause);
@@ -115,6 +125,7 @@ export async function migrateNow(core: VmCore, entry: VmEntry, target: Installat
         { cause });
     }
     core.options.logger.warn({ vm: name, err: cause }, 'the migration reported an error after the guest was handed over; going forward');
+    if (guestStopped) await resumeForCopy(core, entry, (dest as unknown as LaunchedVm).qmp, 'its new QEMU');
   }
   core.crashPoint(`${mode}:completed`);
   const destination = dest as unknown as LaunchedVm;
@@ -187,6 +198,21 @@ async function handOverNetwork(core: VmCore, entry: VmEntry, source: QmpClient |
   }
 }
 
+/**
+ * Resumes a guest that a migration stopped for its whole copy (pausedCopyReason) on the QEMU
+ * that keeps it; the record follows its STOP and RESUME events, in order, once the refresh lets
+ * go of the VM. A failure is logged and shown as the VM's problem: the guest is whole, only
+ * paused (`vmkeep qmp NAME cont` resumes it).
+ */
+async function resumeForCopy(core: VmCore, entry: VmEntry, qmp: QmpClient, where: string): Promise<void> {
+  try {
+    if ((await qmp.queryStatus()).status === 'paused') await qmp.cont();
+  } catch (error) {
+    core.options.logger.warn({ vm: entry.record.name, err: error }, `a guest paused for a migration's copy could not be resumed on ${where}`);
+    await core.observe(entry, { ...entry.record, state: 'paused', problem: truncate(`paused for a migration's copy and not resumed on ${where}: ${(error as Error).message}; fix: vmkeep qmp ${entry.record.name} cont`) });
+  }
+}
+
 /** The destination never ran the guest: quit it (or end it if its monitor is gone), forget it. */
 async function rollBackMigration(core: VmCore, entry: VmEntry, dest: LaunchedVm | undefined, cause: unknown): Promise<void> {
   const recorded = entry.record.refresh?.destination;
@@ -241,6 +267,13 @@ export async function recoverMigration(core: VmCore, entry: VmEntry): Promise<vo
     try {
       way = await decideMigration(sourceQmp, destQmp);
       if (way === 'forward') await handOverNetwork(core, entry, sourceQmp, destQmp);
+      // A copy that stopped the guest (pausedCopyReason of this VM) leaves it paused on the side
+      // that keeps it: it is resumed there. (A guest paused by hand before such a refresh is
+      // resumed too: the record cannot tell the two apart.)
+      if (pausedCopyReason({ accel: entry.record.spec.accel, runningVersion: entry.record.binary?.version }) !== undefined) {
+        if (way === 'back' && sourceQmp !== undefined) await resumeForCopy(core, entry, sourceQmp, 'its old QEMU');
+        if (way === 'forward') await resumeForCopy(core, entry, destQmp, 'its new QEMU');
+      }
     } finally {
       sourceQmp?.close();
     }

@@ -8,7 +8,7 @@ export {
 } from './config.js';
 export { assessStaleness, type Staleness, type StalenessInput } from './staleness.js';
 export {
-  parseStrategy, checkRefreshTarget, policyOutcome, cprBlocker, chooseLiveStrategy, REFRESH_STRATEGIES, type RefreshStrategy,
+  parseStrategy, checkRefreshTarget, policyOutcome, cprBlocker, chooseLiveStrategy, pausedCopyReason, TCG_LIVE_COPY_SOUND_FROM, REFRESH_STRATEGIES, type RefreshStrategy,
 } from './policy.js';
 export { pinModuleDir, collectPinnedModules, pinnedModuleDirName } from './modules.js';
 export { migrateLive, cprTransfer, decideMigration, type LiveMigrationOptions, type CprTransferOptions, type MigrationResult } from './migrate.js';

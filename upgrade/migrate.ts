@@ -16,6 +16,13 @@ export interface LiveMigrationOptions {
   downtimeLimitMs?: number;
   /** Told each MIGRATION status the source reports (setup, active, completed, ...). */
   onStatus?: (status: string) => void;
+  /**
+   * Stop a running guest before the copy and resume it on the destination after (the pause is
+   * the whole copy): a live copy from some QEMUs is not sound (pausedCopyReason).
+   */
+  pauseGuest?: boolean;
+  /** Told when the guest was stopped for the copy: if the source keeps it, the caller resumes it. */
+  onGuestStopped?: () => void;
 }
 
 export interface MigrationResult {
@@ -58,7 +65,21 @@ export async function migrateLive(options: LiveMigrationOptions): Promise<Migrat
     throw new UpgradeError('MIGRATION_FAILED', `the migration could not be set up: ${(cause as Error).message}; nothing was sent, the VM keeps running on its old QEMU`, { cause });
   }
 
-  return awaitMigration(source, () => source.migrate(uri), options);
+  let stoppedAt: number | undefined;
+  const start = async (): Promise<void> => {
+    if (options.pauseGuest === true && (await source.queryStatus()).status === 'running') {
+      // Told before the stop is asked: a stop whose answer is lost may still have paused the guest.
+      options.onGuestStopped?.();
+      stoppedAt = performance.now();
+      await source.stop();
+    }
+    await source.migrate(uri);
+  };
+  const result = await awaitMigration(source, start, options);
+  if (stoppedAt === undefined) return result;
+  // A stopped guest stays paused on the destination until told: the pause ends here.
+  await destination.cont();
+  return { ...result, downtimeMs: Math.round(performance.now() - stoppedAt) };
 }
 
 /**

@@ -1,4 +1,4 @@
-import { supportsCprTransfer, type InstallationInfo, type MemoryBackend } from '../launcher/index.js';
+import { supportsCprTransfer, type Accel, type InstallationInfo, type MemoryBackend } from '../launcher/index.js';
 import { UpgradeError } from './errors.js';
 import { compareQemuVersions } from './version.js';
 
@@ -37,6 +37,26 @@ export function chooseLiveStrategy(requested: 'auto' | 'cpr', input: Parameters<
     throw new UpgradeError('CPR_UNAVAILABLE', `${input.vm} cannot be refreshed by cpr: ${blocker}; use --strategy migrate (copies its RAM) or auto (picks what works)`);
   }
   return { strategy: 'migrate', why: `cpr is not possible: ${blocker}` };
+}
+
+/**
+ * The oldest source QEMU whose live copy under TCG was measured sound. From QEMU 7.2 under TCG on
+ * a loaded host, a live copy sometimes leaves the destination a guest whose kernel memory is
+ * stale (a BUG, then a panic); with the guest stopped for the copy it never did (BENCHMARKS.md,
+ * "Migration from QEMU 7.2 under TCG"). Versions between 7.2 and 10.0 were not measured.
+ */
+export const TCG_LIVE_COPY_SOUND_FROM = '10.0.0';
+
+/**
+ * Why a migration must stop the guest for the whole RAM copy (the pause becomes the copy's
+ * length, ~0.2-1 s for 128 MiB on one host), or undefined when it may copy live. Pure.
+ * An unknown running version counts as old: a crashed guest costs more than a longer pause.
+ */
+export function pausedCopyReason(input: { accel: Accel; runningVersion: string | undefined }): string | undefined {
+  if (input.accel !== 'tcg') return undefined;
+  if (input.runningVersion !== undefined && compareQemuVersions(input.runningVersion, TCG_LIVE_COPY_SOUND_FROM) >= 0) return undefined;
+  const running = input.runningVersion === undefined ? 'a QEMU of unknown version' : `QEMU ${input.runningVersion}`;
+  return `it runs ${running} under TCG, whose live copy can corrupt the guest's memory (sound from ${TCG_LIVE_COPY_SOUND_FROM}): the guest is paused for the whole RAM copy`;
 }
 
 export function parseStrategy(value: unknown, what = 'strategy'): RefreshStrategy {

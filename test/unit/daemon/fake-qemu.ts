@@ -129,6 +129,8 @@ export class FakeQemu {
         if (target === undefined || this.host.failMigrations) {
           return { reply: { error: { class: 'GenericError', desc: `Failed to connect to '${uri}'` }, id: cmd.id } };
         }
+        // As QEMU: the destination runs the guest only if the source ran it (a stopped one waits for cont).
+        const wasRunning = this.status === 'running';
         return ok({}, () => {
           this.migration = { status: 'active', target };
           this.event('MIGRATION', { status: 'active' });
@@ -136,8 +138,8 @@ export class FakeQemu {
             if (!this.alive || !target.alive || this.migration.status !== 'active') return;
             this.migration = { status: 'completed', target };
             this.status = 'postmigrate';
-            target.status = 'running';
-            target.event('RESUME');
+            target.status = wasRunning ? 'running' : 'paused';
+            if (wasRunning) target.event('RESUME');
             this.event('MIGRATION', { status: 'completed' });
           });
         });

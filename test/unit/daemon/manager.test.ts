@@ -34,6 +34,15 @@ function nextEvent(w: World, predicate: (e: DaemonEvent) => boolean, what: strin
   }), 5_000, what);
 }
 
+/** Resolves once `vm` was seen paused and then running again (a paused copy's STOP and RESUME). */
+function pausedThenRunning(w: World, vm: string): Promise<unknown> {
+  let paused = false;
+  return nextEvent(w, (e) => {
+    if (e.vm === vm && e.state === 'paused') paused = true;
+    return paused && e.vm === vm && e.state === 'running';
+  }, `${vm} to be paused for the copy and then running again`);
+}
+
 describe('start and stop', () => {
   it('create starts the VM paused in its scope, then running; the record on disk says so', async () => {
     const w = await open();
@@ -297,10 +306,13 @@ describe('refresh by migration', () => {
   it('a migration the source refuses: the destination is removed, the source runs on', async () => {
     const { w, before } = await staleWorld();
     w.host.failMigrations = true;
+    // From 7.2 under TCG the copy stopped the guest first: its STOP and RESUME settle after the refresh.
+    const resumed = pausedThenRunning(w, 'web');
     const error = await failure(w.manager.refresh('web', { strategy: 'migrate' }));
     expect(error.code).toBe('REFRESH_FAILED');
     expect(error.message).toMatch(/keeps running on its old QEMU/);
     expect(w.host.of('web').map((q) => q.pid)).toEqual([before.pid]);
+    await resumed;
     expect((await w.manager.get('web')).state).toBe('running');
   });
 
@@ -320,7 +332,41 @@ describe('refresh by migration', () => {
   it('migrate-or-reboot: a migration that works needs no reboot', async () => {
     const { w } = await staleWorld();
     const outcome = await w.manager.refresh('web', { strategy: 'migrate-or-reboot' });
-    expect(outcome).toMatchObject({ result: 'migrated', strategy: 'migrate', reason: 'the live migration worked, no reboot needed' });
+    expect(outcome).toMatchObject({ result: 'migrated', strategy: 'migrate' });
+    expect(outcome.reason).toMatch(/^the live migration worked, no reboot needed; /);
+  });
+
+  it('from QEMU 7.2 under TCG the guest is stopped for the whole copy and resumed on the new QEMU; the outcome and the progress say why', async () => {
+    const { w } = await staleWorld();
+    const steps: string[] = [];
+    const outcome = await w.manager.refresh('web', { strategy: 'migrate', onStep: (step, message) => steps.push(`${step}: ${message}`) });
+    expect(outcome.message).toMatch(/^web moved \(paused for the whole copy\) onto "b" .*guest paused \d+ ms \(migrate: it runs QEMU 7\.2\.22 under TCG/);
+    expect(outcome.reason).toMatch(/the guest is paused for the whole RAM copy$/);
+    expect(steps.join('\n')).toMatch(/migrating: migrating web to pid \d+, paused for the whole copy: it runs QEMU 7\.2\.22 under TCG/);
+    const after = await w.manager.get('web');
+    expect(after).toMatchObject({ state: 'running', installation: 'b' });
+    expect(w.host.of('web').map((q) => q.status)).toEqual(['running']);
+  });
+
+  it('under KVM the same move stays live (negative control of the paused copy)', async () => {
+    const w = await open();
+    await w.manager.create({ ...w.spec('web'), accel: 'kvm' });
+    w.current = 'b';
+    await w.restart();
+    const outcome = await w.manager.refresh('web', { strategy: 'migrate' });
+    expect(outcome.message).toMatch(/^web moved live onto "b"/);
+    expect(outcome).not.toHaveProperty('reason');
+  });
+
+  it('a paused copy that fails resumes the guest on its old QEMU', async () => {
+    const { w, before } = await staleWorld();
+    w.host.failMigrations = true;
+    const resumed = pausedThenRunning(w, 'web');
+    const error = await failure(w.manager.refresh('web', { strategy: 'migrate' }));
+    expect(error.message).toMatch(/keeps running on its old QEMU/);
+    expect(w.host.of('web').map((q) => [q.pid, q.status])).toEqual([[before.pid, 'running']]);
+    await resumed;
+    expect((await w.manager.get('web')).state).toBe('running');
   });
 
   it('migrate-or-reboot: a new QEMU that cannot start is no reason to power the guest off', async () => {

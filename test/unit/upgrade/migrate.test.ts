@@ -48,6 +48,15 @@ async function start(options: Partial<LiveMigrationOptions> = {}) {
 
 /** Answers the set-up commands and the migrate command, checking each one's name and arguments. */
 async function handshake(src: FakeQmpPeer, dst: FakeQmpPeer, bandwidth = 4 * 1024 * 1024 * 1024, refuseMode = false): Promise<void> {
+  await setUp(src, dst, bandwidth, refuseMode);
+  const migrate = await src.nextCommand('migrate on the source');
+  expect(migrate.execute).toBe('migrate');
+  expect(migrate.arguments).toEqual({ uri: URI });
+  src.reply(migrate.id);
+}
+
+/** The set-up commands, up to migrate-incoming on the destination. */
+async function setUp(src: FakeQmpPeer, dst: FakeQmpPeer, bandwidth = 4 * 1024 * 1024 * 1024, refuseMode = false): Promise<void> {
   await normalMode(src, refuseMode);
   const caps = await src.nextCommand('migrate-set-capabilities on the source');
   expect(caps.execute).toBe('migrate-set-capabilities');
@@ -61,10 +70,6 @@ async function handshake(src: FakeQmpPeer, dst: FakeQmpPeer, bandwidth = 4 * 102
   expect(incoming.execute).toBe('migrate-incoming');
   expect(incoming.arguments).toEqual({ uri: URI });
   dst.reply(incoming.id);
-  const migrate = await src.nextCommand('migrate on the source');
-  expect(migrate.execute).toBe('migrate');
-  expect(migrate.arguments).toEqual({ uri: URI });
-  src.reply(migrate.id);
 }
 
 /** The first command: the source's migration mode set back to normal (a 7.2 refuses it: no matter). */
@@ -123,6 +128,51 @@ describe('migrateLive', () => {
     const second = await src.peer.nextCommand('query-migrate asked again');
     src.peer.reply(second.id, { status: 'completed', downtime: 5, 'total-time': 300 });
     expect(await within(outcome, 2000, 'migrateLive to resolve')).toEqual({ ok: true, value: { downtimeMs: 5, totalMs: 300 } });
+  });
+
+  it('pauseGuest: stops a running guest before the copy, resumes it on the destination, and the pause is the whole copy', async () => {
+    let stopped = 0;
+    const { src, dst, outcome } = await start({ pauseGuest: true, onGuestStopped: () => { stopped += 1; } });
+    await setUp(src.peer, dst.peer);
+    const status = await src.peer.nextCommand('query-status on the source');
+    expect(status.execute).toBe('query-status');
+    src.peer.reply(status.id, { status: 'running', running: true });
+    const stop = await src.peer.nextCommand('stop on the source');
+    expect(stop.execute).toBe('stop');
+    const stoppedAt = performance.now();
+    src.peer.reply(stop.id);
+    const migrate = await src.peer.nextCommand('migrate on the source');
+    expect(migrate.execute).toBe('migrate');
+    expect(stopped).toBe(1);
+    src.peer.reply(migrate.id);
+    src.peer.event('MIGRATION', { status: 'completed' });
+    const query = await src.peer.nextCommand('query-migrate on the source');
+    src.peer.reply(query.id, { status: 'completed', downtime: 3, 'total-time': 700 });
+    const cont = await dst.peer.nextCommand('cont on the destination');
+    expect(cont.execute).toBe('cont');
+    const pausedAtLeast = Math.floor(performance.now() - stoppedAt);
+    dst.peer.reply(cont.id);
+    const settled = await within(outcome, 2000, 'migrateLive to resolve');
+    if (!settled.ok) throw settled.error;
+    // Measured from the stop to the resume, not QEMU's figure for the last part only.
+    expect(settled.value.totalMs).toBe(700);
+    expect(settled.value.downtimeMs).toBeGreaterThanOrEqual(pausedAtLeast - 1);
+  });
+
+  it('pauseGuest: a guest that was already paused is neither stopped nor resumed', async () => {
+    let stopped = 0;
+    const { src, dst, outcome } = await start({ pauseGuest: true, onGuestStopped: () => { stopped += 1; } });
+    await setUp(src.peer, dst.peer);
+    const status = await src.peer.nextCommand('query-status on the source');
+    src.peer.reply(status.id, { status: 'paused', running: false });
+    const migrate = await src.peer.nextCommand('migrate on the source');
+    expect(migrate.execute).toBe('migrate');
+    src.peer.reply(migrate.id);
+    src.peer.event('MIGRATION', { status: 'completed' });
+    const query = await src.peer.nextCommand('query-migrate on the source');
+    src.peer.reply(query.id, { status: 'completed', downtime: 3, 'total-time': 700 });
+    expect(await within(outcome, 2000, 'migrateLive to resolve')).toEqual({ ok: true, value: { downtimeMs: 3, totalMs: 700 } });
+    expect(stopped).toBe(0);
   });
 
   it('passes a chosen bandwidth cap', async () => {

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import type { InstallationInfo, MachineType } from '../../../launcher/index.js';
 import {
-  checkRefreshTarget, chooseLiveStrategy, cprBlocker, parseStrategy, policyOutcome, REFRESH_STRATEGIES, UpgradeError,
+  checkRefreshTarget, chooseLiveStrategy, cprBlocker, parseStrategy, pausedCopyReason, policyOutcome, REFRESH_STRATEGIES, TCG_LIVE_COPY_SOUND_FROM, UpgradeError,
 } from '../../../upgrade/index.js';
 
 function info(version: string, names: string[]): InstallationInfo {
@@ -80,6 +80,27 @@ describe('checkRefreshTarget', () => {
   it('checks the version before the machine type', () => {
     const target = { name: 'old', info: info('7.0.0', ['pc-q35-7.0']) };
     expect(thrown(() => checkRefreshTarget({ ...base, target, runningVersion: '8.2.2' })).code).toBe('OLDER_TARGET');
+  });
+});
+
+describe('pausedCopyReason', () => {
+  it('stops the guest for the whole copy from a QEMU older than 10.0 under TCG, saying why', () => {
+    const why = pausedCopyReason({ accel: 'tcg', runningVersion: '7.2.22' });
+    expect(why).toContain('QEMU 7.2.22 under TCG');
+    expect(why).toContain('paused for the whole RAM copy');
+    expect(pausedCopyReason({ accel: 'tcg', runningVersion: '9.2.4 (Debian 1:9.2.4)' })).toBeDefined();
+  });
+
+  it('copies live from 10.0 on, and under KVM whatever the version', () => {
+    expect(TCG_LIVE_COPY_SOUND_FROM).toBe('10.0.0');
+    expect(pausedCopyReason({ accel: 'tcg', runningVersion: '10.0.2' })).toBeUndefined();
+    expect(pausedCopyReason({ accel: 'tcg', runningVersion: '10.1.0' })).toBeUndefined();
+    expect(pausedCopyReason({ accel: 'kvm', runningVersion: '7.2.22' })).toBeUndefined();
+    expect(pausedCopyReason({ accel: 'kvm', runningVersion: undefined })).toBeUndefined();
+  });
+
+  it('counts an unknown running version as old under TCG', () => {
+    expect(pausedCopyReason({ accel: 'tcg', runningVersion: undefined })).toContain('a QEMU of unknown version');
   });
 });
 
