@@ -42,8 +42,8 @@ export function chooseLiveStrategy(requested: 'auto' | 'cpr', input: Parameters<
 /**
  * The oldest source QEMU whose live copy under TCG was measured sound. From QEMU 7.2 under TCG on
  * a loaded host, a live copy sometimes leaves the destination a guest whose kernel memory is
- * stale (a BUG, then a panic); with the guest stopped for the copy it never did (BENCHMARKS.md,
- * "Migration from QEMU 7.2 under TCG"). Versions between 7.2 and 10.0 were not measured.
+ * stale (a BUG, then a panic); with the guest stopped for the copy it never did (ARCHITECTURE.md,
+ * "Paused copy"). Versions between 7.2 and 10.0 were not measured.
  */
 export const TCG_LIVE_COPY_SOUND_FROM = '10.0.0';
 
