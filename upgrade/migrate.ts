@@ -60,12 +60,23 @@ export async function migrateLive(options: LiveMigrationOptions): Promise<Migrat
       // bound makes it iterate a little longer while the guest runs, for a shorter pause.
       'downtime-limit': options.downtimeLimitMs ?? DEFAULT_DOWNTIME_LIMIT_MS,
     });
+    // A paused copy resumes the guest on the destination once the destination says it has
+    // loaded the stream (its own `completed`), which it reports only with events on.
+    if (options.pauseGuest === true) await destination.migrateSetCapabilities([{ capability: 'events', state: true }]);
     await destination.migrateIncoming(uri);
   } catch (cause) {
     throw new UpgradeError('MIGRATION_FAILED', `the migration could not be set up: ${(cause as Error).message}; nothing was sent, the VM keeps running on its old QEMU`, { cause });
   }
 
   let stoppedAt: number | undefined;
+  // Waited on before the destination's `cont`: one that arrives while the destination still
+  // loads the stream is lost (QEMU then takes the run state the source sent, paused), and its
+  // `completed` comes only after it has set that state.
+  const abortLoaded = new AbortController();
+  const loaded = options.pauseGuest === true
+    ? destination.waitForEvent(QMP_EVENT.MIGRATION, { timeoutMs, signal: abortLoaded.signal, predicate: (event) => migrationStatus(event) === 'completed' })
+    : undefined;
+  loaded?.catch(() => undefined);
   const start = async (): Promise<void> => {
     if (options.pauseGuest === true && (await source.queryStatus()).status === 'running') {
       // Told before the stop is asked: a stop whose answer is lost may still have paused the guest.
@@ -75,11 +86,18 @@ export async function migrateLive(options: LiveMigrationOptions): Promise<Migrat
     }
     await source.migrate(uri);
   };
-  const result = await awaitMigration(source, start, options);
-  if (stoppedAt === undefined) return result;
-  // A stopped guest stays paused on the destination until told: the pause ends here.
-  await destination.cont();
-  return { ...result, downtimeMs: Math.round(performance.now() - stoppedAt) };
+  try {
+    const result = await awaitMigration(source, start, options);
+    if (stoppedAt === undefined) return result;
+    // A stopped guest stays paused on the destination until told: the pause ends here.
+    await loaded?.catch((cause: unknown) => {
+      throw new UpgradeError('MIGRATION_FAILED', `the new QEMU did not report the guest's state loaded after the copy: ${(cause as Error).message}`, { cause });
+    });
+    await destination.cont();
+    return { ...result, downtimeMs: Math.round(performance.now() - stoppedAt) };
+  } finally {
+    abortLoaded.abort();
+  }
 }
 
 /**

@@ -140,6 +140,8 @@ export class FakeQemu {
             this.status = 'postmigrate';
             target.status = wasRunning ? 'running' : 'paused';
             if (wasRunning) target.event('RESUME');
+            // The destination reports its own end once its run state is set (QEMU with events on).
+            target.event('MIGRATION', { status: 'completed' });
             this.event('MIGRATION', { status: 'completed' });
           });
         });
