@@ -206,7 +206,9 @@ async function handOverNetwork(core: VmCore, entry: VmEntry, source: QmpClient |
  */
 async function resumeForCopy(core: VmCore, entry: VmEntry, qmp: QmpClient, where: string): Promise<void> {
   try {
-    if ((await qmp.queryStatus()).status === 'paused') await qmp.cont();
+    // After a failed paused copy QEMU leaves the source in postmigrate, not paused; cont runs it from either.
+    const { status } = await qmp.queryStatus();
+    if (status === 'paused' || status === 'postmigrate') await qmp.cont();
   } catch (error) {
     core.options.logger.warn({ vm: entry.record.name, err: error }, `a guest paused for a migration's copy could not be resumed on ${where}`);
     await core.observe(entry, { ...entry.record, state: 'paused', problem: truncate(`paused for a migration's copy and not resumed on ${where}: ${(error as Error).message}; fix: vmkeep qmp ${entry.record.name} cont`) });

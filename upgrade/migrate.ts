@@ -260,6 +260,18 @@ export async function decideMigration(source: QmpClient | undefined, dest: QmpCl
       const { status: sourceState } = await poll(() => source.queryStatus(), (s) => s.status !== 'finish-migrate', SETTLE_WAIT_MS, SETTLE_POLL_MS);
       if (sourceState === 'finish-migrate') return 'unknown';
       if (sourceState === 'postmigrate') {
+        // QEMU also leaves a source in postmigrate when its own migration failed or was cancelled
+        // while the guest was stopped (a paused copy). It still holds the guest then if the
+        // destination never took it: still loading, or gone as a failed incoming goes.
+        if (info.status === 'failed' || info.status === 'cancelled') {
+          if (dest === 'no-monitor') return 'back';
+          try {
+            return (await dest.queryStatus()).status === 'inmigrate' ? 'back' : 'unknown';
+          } catch (error) {
+            if (isQmpError(error) && error.code === 'CLOSED') return 'back';
+            throw error;
+          }
+        }
         if (dest === 'no-monitor') return 'unknown';
         const { status } = await poll(() => dest.queryStatus(), (s) => s.status !== 'inmigrate', SETTLE_WAIT_MS, SETTLE_POLL_MS);
         return status === 'inmigrate' ? 'unknown' : 'forward';

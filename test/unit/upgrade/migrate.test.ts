@@ -318,6 +318,25 @@ describe('decideMigration', () => {
     await expectNoMoreCommands(dst.client, dst.peer, 'destination');
   });
 
+  it('a paused copy cancelled: QEMU leaves the source in postmigrate, yet it holds the guest while the destination loads', async () => {
+    const src = await pair();
+    const dst = await pair();
+    const result = decide(src.client, dst.client);
+    await answer(src.peer, 'query-migrate', { status: 'cancelled' }, 'source');
+    await answer(src.peer, 'query-status', POSTMIGRATE, 'source');
+    await answer(dst.peer, 'query-status', INMIGRATE, 'destination');
+    expect(await result()).toBe('back');
+    // The same with the destination gone (a failed incoming ends its QEMU).
+    const gone = await pair();
+    const again = decide(src.client, gone.client);
+    await answer(src.peer, 'query-migrate', { status: 'failed' }, 'source');
+    await answer(src.peer, 'query-status', POSTMIGRATE, 'source');
+    const closing = gone.peer.nextCommand('query-status on the destination');
+    gone.peer.destroy();
+    await closing.catch(() => undefined);
+    expect(await again()).toBe('back');
+  });
+
   it('still goes back when migrate_cancel itself fails but the migration settles cancelled', async () => {
     const src = await pair();
     const dst = await pair();
